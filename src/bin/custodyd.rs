@@ -1,0 +1,97 @@
+//! custodyd: the appliance.
+//!
+//! ```text
+//! custodyd run --config FILE        serve (the default command)
+//! custodyd check-config FILE        report every problem in a configuration file
+//! custodyd version
+//! ```
+
+use anyhow::Context;
+use std::path::PathBuf;
+
+const USAGE: &str = "usage:
+  custodyd run --config FILE     start the appliance
+  custodyd check-config FILE     check a configuration file and report every problem
+  custodyd version               print the version";
+
+fn main() {
+    match real_main() {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("custodyd: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}
+
+fn real_main() -> anyhow::Result<i32> {
+    use lexopt::prelude::*;
+    let mut parser = lexopt::Parser::from_env();
+    let mut command: Option<String> = None;
+    let mut config: Option<PathBuf> = None;
+    let mut positional: Vec<PathBuf> = Vec::new();
+    while let Some(arg) = parser.next()? {
+        match arg {
+            Long("config") | Short('c') => config = Some(parser.value()?.into()),
+            Long("help") | Short('h') => {
+                println!("{USAGE}");
+                return Ok(0);
+            }
+            Value(v) if command.is_none() => command = Some(v.string()?),
+            Value(v) => positional.push(v.into()),
+            _ => return Err(arg.unexpected().into()),
+        }
+    }
+    match command.as_deref().unwrap_or("run") {
+        "version" => {
+            println!("custodyd {}", env!("CARGO_PKG_VERSION"));
+            Ok(0)
+        }
+        "check-config" => {
+            let file = positional
+                .first()
+                .cloned()
+                .or(config)
+                .context("check-config needs a FILE")?;
+            match custody::config::load(&file) {
+                Ok(c) => {
+                    println!(
+                        "{}: ok (listen {}, {} cores, store {}, seal dev)",
+                        file.display(),
+                        c.server.listen,
+                        c.server.cores,
+                        c.store.sqlite_path.display()
+                    );
+                    Ok(0)
+                }
+                Err(e) => {
+                    eprint!("{e}");
+                    Ok(2)
+                }
+            }
+        }
+        "run" => {
+            let file = config
+                .or_else(|| positional.first().cloned())
+                .context("run needs --config FILE")?;
+            let config = match custody::config::load(&file) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprint!("{e}");
+                    return Ok(2);
+                }
+            };
+            tracing_subscriber::fmt()
+                .with_max_level(config.server.log_level)
+                .with_writer(std::io::stderr)
+                .with_target(false)
+                .init();
+            custody::server::run(config).context("custodyd stopped")?;
+            Ok(0)
+        }
+        other => {
+            eprintln!("unknown command {other:?}\n{USAGE}");
+            Ok(2)
+        }
+    }
+}

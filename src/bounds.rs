@@ -1,0 +1,48 @@
+//! Hard bounds: the ceilings that no configuration may exceed, in one place.
+//!
+//! The configurable limits live in [`crate::config::Limits`] and are checked against these
+//! caps at start-up; the protocol's fixed sizes live in [`crate::wire`]. Units come last in
+//! each name (TigerBeetle style): `_bytes`, `_ms`, `_us`, `_count`.
+
+/// Largest frame body any configuration may allow (1 MiB). Requests are tiny; this cap
+/// only keeps a misconfiguration from turning the read buffer into a memory sink.
+pub const FRAME_BODY_BYTES_CAP: u32 = 1 << 20;
+
+/// Largest number of pipelined requests a single connection may have in flight.
+pub const INFLIGHT_PER_CONNECTION_CAP: u32 = 65_536;
+
+/// Largest number of connections one core may hold.
+pub const CONNECTIONS_PER_CORE_CAP: u32 = 65_536;
+
+/// Largest depth of a cross-core channel (messages per ordered pair of cores).
+pub const CROSS_CORE_QUEUE_DEPTH_CAP: u32 = 65_536;
+
+/// Largest number of audit records in one commit batch.
+pub const COMMIT_BATCH_RECORDS_CAP: u32 = 65_536;
+
+/// Largest group-commit delay (how long a shard may hold a batch open waiting for more).
+pub const COMMIT_BATCH_DELAY_US_CAP: u64 = 100_000;
+
+/// Largest number of requests a shard may hold waiting for their batch to commit.
+pub const PENDING_PER_SHARD_CAP: u32 = 1 << 20;
+
+/// Largest number of assets the appliance keeps in its shards' registries.
+pub const ASSETS_CAP: u64 = 100_000_000;
+
+/// Most executors (cores) the appliance runs; the shard id is a `u16` on the wire.
+pub const CORES_CAP: usize = 1024;
+
+/// Longest textual derivation path accepted (`m/44'/2147483647'/…` is 55 bytes).
+pub const PATH_TEXT_BYTES_MAX: usize = 64;
+
+/// Longest region name accepted on the wire and in the config.
+pub const REGION_TEXT_BYTES_MAX: usize = 32;
+
+/// Longest requester identity recorded in the audit log.
+pub const IDENTITY_TEXT_BYTES_MAX: usize = 256;
+
+/// Longest error message carried in an error reply.
+pub const ERROR_MESSAGE_BYTES_MAX: usize = 512;
+
+/// Batches the store's commit thread folds into one transaction.
+pub const STORE_BATCHES_PER_TRANSACTION_MAX: usize = 64;

@@ -1,0 +1,243 @@
+//! The Rust client library (tokio): one mutual-TLS connection, pipelined requests, replies
+//! matched by request id in whatever order they come back.
+//!
+//! `custody` (the CLI) and `custody-load` (the load harness) are built on it. Many calls
+//! may be in flight on one [`Client`] at once; each call writes its frame through a
+//! writer task (which batches whatever is queued into one TLS write) and awaits its reply.
+
+use crate::wire::{
+    self, AssetInfo, DeriveBody, Derived, HelloInfo, Opcode, Refusal, Reply, Request,
+};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{mpsc, oneshot};
+use uuid::Uuid;
+use zeroize::Zeroize;
+
+/// Largest reply body the client accepts.
+const CLIENT_MAX_BODY_BYTES: u32 = 64 * 1024;
+
+/// Errors of the client layer.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    #[error("connect to {addr}: {source}")]
+    Connect {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("tls: {0}")]
+    Tls(#[from] crate::tls::TlsError),
+    #[error("TLS handshake with {addr}: {source}")]
+    Handshake {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("the connection is closed")]
+    Closed,
+    #[error("protocol error from the appliance: {0}")]
+    Protocol(#[from] wire::WireError),
+    #[error("unexpected reply to {0:?}")]
+    UnexpectedReply(Opcode),
+    #[error("refused: {0}")]
+    Refused(Refusal),
+}
+
+impl ClientError {
+    /// The appliance's status, when the appliance refused the request.
+    pub fn status(&self) -> Option<wire::Status> {
+        match self {
+            ClientError::Refused(r) => Some(r.status),
+            _ => None,
+        }
+    }
+}
+
+/// Where the appliance is and how to prove who we are.
+#[derive(Clone, Debug)]
+pub struct ClientConfig {
+    pub addr: SocketAddr,
+    /// Name the server certificate must carry (e.g. "localhost").
+    pub server_name: String,
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+type Waiters = Arc<Mutex<HashMap<u64, (Opcode, oneshot::Sender<Result<Reply, ClientError>>)>>>;
+
+/// A pipelined connection to the appliance. Cheap to share behind an `Arc`.
+pub struct Client {
+    frames: mpsc::UnboundedSender<Vec<u8>>,
+    waiters: Waiters,
+    next_id: AtomicU64,
+}
+
+impl Client {
+    /// Connects and completes the TLS handshake. Must be called inside a tokio runtime.
+    pub async fn connect(config: &ClientConfig) -> Result<Client, ClientError> {
+        let tls = crate::tls::client_config(&config.ca, &config.cert, &config.key)?;
+        Self::connect_with(config.addr, &config.server_name, tls).await
+    }
+
+    /// Connects with a ready rustls configuration.
+    pub async fn connect_with(
+        addr: SocketAddr,
+        server_name: &str,
+        tls: Arc<rustls::ClientConfig>,
+    ) -> Result<Client, ClientError> {
+        let tcp = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|source| ClientError::Connect { addr, source })?;
+        let _ = tcp.set_nodelay(true);
+        let name = rustls_pki_types::ServerName::try_from(server_name.to_owned()).map_err(|e| {
+            ClientError::Handshake {
+                addr,
+                source: std::io::Error::new(std::io::ErrorKind::InvalidInput, e),
+            }
+        })?;
+        let stream = tokio_rustls::TlsConnector::from(tls)
+            .connect(name, tcp)
+            .await
+            .map_err(|source| ClientError::Handshake { addr, source })?;
+        let (mut reader, mut writer) = tokio::io::split(stream);
+        let (frames, mut outgoing) = mpsc::unbounded_channel::<Vec<u8>>();
+        let waiters: Waiters = Arc::default();
+
+        tokio::spawn(async move {
+            let mut batch = Vec::with_capacity(16 * 1024);
+            while let Some(frame) = outgoing.recv().await {
+                batch.extend_from_slice(&frame);
+                while let Ok(more) = outgoing.try_recv() {
+                    batch.extend_from_slice(&more);
+                    if batch.len() > 64 * 1024 {
+                        break;
+                    }
+                }
+                if writer.write_all(&batch).await.is_err() || writer.flush().await.is_err() {
+                    break;
+                }
+                batch.clear();
+            }
+            let _ = writer.shutdown().await;
+        });
+
+        let reader_waiters = waiters.clone();
+        tokio::spawn(async move {
+            let mut buf: Vec<u8> = Vec::with_capacity(16 * 1024);
+            let outcome: Result<(), ClientError> = async {
+                loop {
+                    let mut chunk = [0u8; 16 * 1024];
+                    let n = reader.read(&mut chunk).await.map_err(|_| ClientError::Closed)?;
+                    if n == 0 {
+                        return Err(ClientError::Closed);
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    chunk.zeroize();
+                    let mut start = 0;
+                    while let Some(frame) = wire::decode_frame(&buf[start..], CLIENT_MAX_BODY_BYTES)? {
+                        let id = frame.header.request_id;
+                        let waiter = lock(&reader_waiters).remove(&id);
+                        if let Some((op, tx)) = waiter {
+                            let reply = if frame.header.opcode == op as u8 | wire::REPLY_BIT {
+                                Reply::decode(op, frame.body).map_err(ClientError::from)
+                            } else if frame.header.opcode & wire::REPLY_BIT != 0 {
+                                // A framing error answered with the header's opcode.
+                                match Reply::decode(Opcode::Hello, frame.body) {
+                                    Ok(Reply::Refused(r)) => Ok(Reply::Refused(r)),
+                                    _ => Err(ClientError::UnexpectedReply(op)),
+                                }
+                            } else {
+                                Err(ClientError::UnexpectedReply(op))
+                            };
+                            let _ = tx.send(reply);
+                        } else if let Ok(Reply::Refused(r)) = Reply::decode(Opcode::Hello, frame.body) {
+                            // A connection-level refusal (request id unknown to us).
+                            tracing::warn!(status = %r.status, message = %r.message, "appliance refused the connection");
+                        }
+                        start += frame.consumed;
+                    }
+                    buf[..start].zeroize();
+                    buf.drain(..start);
+                }
+            }
+            .await;
+            let _ = outcome;
+            // Fail whatever is still waiting: the connection is gone.
+            for (_, (_, tx)) in lock(&reader_waiters).drain() {
+                let _ = tx.send(Err(ClientError::Closed));
+            }
+        });
+
+        Ok(Client {
+            frames,
+            waiters,
+            next_id: AtomicU64::new(1),
+        })
+    }
+
+    /// Sends a request and awaits its reply (a refusal is `Ok(Reply::Refused)`).
+    pub async fn call(&self, request: &Request) -> Result<Reply, ClientError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        lock(&self.waiters).insert(id, (request.opcode(), tx));
+        let mut frame = Vec::with_capacity(64);
+        request.encode(id, &mut frame);
+        if self.frames.send(frame).is_err() {
+            lock(&self.waiters).remove(&id);
+            return Err(ClientError::Closed);
+        }
+        rx.await.map_err(|_| ClientError::Closed)?
+    }
+
+    /// Sends raw bytes as they are (tests of malformed input use this).
+    pub fn send_raw(&self, bytes: Vec<u8>) -> Result<(), ClientError> {
+        self.frames.send(bytes).map_err(|_| ClientError::Closed)
+    }
+
+    pub async fn hello(&self) -> Result<HelloInfo, ClientError> {
+        match self.call(&Request::Hello).await? {
+            Reply::Hello(h) => Ok(h),
+            Reply::Refused(r) => Err(ClientError::Refused(r)),
+            _ => Err(ClientError::UnexpectedReply(Opcode::Hello)),
+        }
+    }
+
+    pub async fn register(&self, asset: Uuid) -> Result<AssetInfo, ClientError> {
+        asset_reply(
+            self.call(&Request::Register { asset }).await?,
+            Opcode::Register,
+        )
+    }
+
+    pub async fn status(&self, asset: Uuid) -> Result<AssetInfo, ClientError> {
+        asset_reply(self.call(&Request::Status { asset }).await?, Opcode::Status)
+    }
+
+    pub async fn derive(&self, body: DeriveBody) -> Result<Derived, ClientError> {
+        match self.call(&Request::Derive(body)).await? {
+            Reply::Derived(d) => Ok(d),
+            Reply::Refused(r) => Err(ClientError::Refused(r)),
+            _ => Err(ClientError::UnexpectedReply(Opcode::Derive)),
+        }
+    }
+}
+
+fn asset_reply(reply: Reply, op: Opcode) -> Result<AssetInfo, ClientError> {
+    match reply {
+        Reply::Asset(a) => Ok(a),
+        Reply::Refused(r) => Err(ClientError::Refused(r)),
+        _ => Err(ClientError::UnexpectedReply(op)),
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}

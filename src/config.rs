@@ -1,0 +1,691 @@
+//! Configuration: read in two stages, every problem reported with its key.
+//!
+//! Stage one parses the TOML as written (syntax only). Stage two resolves each key to a
+//! typed value (defaults filled in, ranges and the caps of [`crate::bounds`] checked,
+//! paths made absolute against the config file's directory) and checks the values against
+//! each other. Unknown keys are problems too, so a typo never silently falls back to a
+//! default. `appliance/custody.toml` documents every key and its default; the
+//! [`KEYS`] table below is the single place each one is defined.
+
+use crate::bounds;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// One problem with the configuration, tied to its key (`section.key`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigProblem {
+    pub key: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for ConfigProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
+/// All the problems found; never empty.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError {
+    pub file: String,
+    pub problems: Vec<ConfigProblem>,
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "{}: {} problem(s)", self.file, self.problems.len())?;
+        for p in &self.problems {
+            writeln!(f, "  {p}")?;
+        }
+        Ok(())
+    }
+}
+
+/// How a client certificate names its holder.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IdentitySource {
+    /// The subject's common name.
+    CommonName,
+    /// The first DNS or URI subject alternative name.
+    SubjectAltName,
+}
+
+/// Where the root seed comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SealConfig {
+    /// A plain seed file: for development and demos only, never production.
+    Dev { seed_file: PathBuf },
+}
+
+/// The resolved configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub server: Server,
+    pub tls: Tls,
+    pub store: StoreConfig,
+    pub seal: SealConfig,
+    pub limits: Limits,
+    pub policy: Policy,
+}
+
+#[derive(Clone, Debug)]
+pub struct Server {
+    pub listen: SocketAddr,
+    /// Executors to run, one per core; resolved from 0 ("all") to the online core count.
+    pub cores: usize,
+    pub state_dir: PathBuf,
+    pub log_level: tracing::Level,
+}
+
+#[derive(Clone, Debug)]
+pub struct Tls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: PathBuf,
+    pub require_client_cert: bool,
+    pub identity: IdentitySource,
+    pub handshake_timeout: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub struct StoreConfig {
+    pub sqlite_path: PathBuf,
+    pub commit_batch_records_max: usize,
+    pub commit_batch_delay: Duration,
+    pub commit_timeout: Duration,
+    pub commit_queue_depth: usize,
+}
+
+#[derive(Clone, Debug)]
+pub struct Limits {
+    pub max_frame_body_bytes: u32,
+    pub max_inflight_per_connection: u32,
+    pub max_connections_per_core: u32,
+    pub cross_core_queue_depth: u32,
+    pub max_pending_per_shard: u32,
+    pub max_assets_per_shard: u64,
+}
+
+#[derive(Clone, Debug)]
+pub struct Policy {
+    pub regions: Vec<String>,
+}
+
+/// A key of the configuration: where it lives, its default, and what it means.
+pub struct KeyDoc {
+    pub key: &'static str,
+    pub default: &'static str,
+    pub doc: &'static str,
+}
+
+/// Every key, its default and its meaning: the reference config is checked against this.
+pub const KEYS: &[KeyDoc] = &[
+    KeyDoc { key: "server.listen", default: "\"127.0.0.1:7443\"", doc: "address every core listens on (SO_REUSEPORT)" },
+    KeyDoc { key: "server.cores", default: "0", doc: "executors to run, one per core; 0 = every online core" },
+    KeyDoc { key: "server.state_dir", default: "\"/var/lib/custody\"", doc: "directory for the store and the lock file" },
+    KeyDoc { key: "server.log_level", default: "\"info\"", doc: "error, warn, info, debug or trace" },
+    KeyDoc { key: "tls.cert", default: "(required)", doc: "server certificate chain, PEM" },
+    KeyDoc { key: "tls.key", default: "(required)", doc: "server private key, PEM (PKCS#8, SEC1 or PKCS#1)" },
+    KeyDoc { key: "tls.client_ca", default: "(required)", doc: "CA bundle that client certificates must chain to, PEM" },
+    KeyDoc { key: "tls.require_client_cert", default: "true", doc: "mutual TLS; false only for local experiments" },
+    KeyDoc { key: "tls.identity", default: "\"cn\"", doc: "requester identity: \"cn\" (subject CN) or \"san\" (first DNS/URI SAN)" },
+    KeyDoc { key: "tls.handshake_timeout_ms", default: "5000", doc: "a handshake slower than this is dropped" },
+    KeyDoc { key: "store.backend", default: "\"sqlite\"", doc: "the store: \"sqlite\" (embedded)" },
+    KeyDoc { key: "store.sqlite_path", default: "\"custody.db\"", doc: "SQLite file, relative to server.state_dir" },
+    KeyDoc { key: "store.commit_batch_records_max", default: "512", doc: "audit records per group commit, at most" },
+    KeyDoc { key: "store.commit_batch_delay_us", default: "0", doc: "how long a shard holds a batch open for more records; 0 = commit as soon as the previous batch is durable" },
+    KeyDoc { key: "store.commit_timeout_ms", default: "2000", doc: "a commit slower than this fails its requests with STORE_UNAVAILABLE" },
+    KeyDoc { key: "store.commit_queue_depth", default: "0", doc: "batches waiting for the store's commit thread; 0 = 2 per core" },
+    KeyDoc { key: "seal.provider", default: "\"dev\"", doc: "where the root seed comes from: \"dev\" (a plain seed file, NOT for production)" },
+    KeyDoc { key: "seal.dev_seed_file", default: "\"dev-seed.bin\"", doc: "dev provider: 32-byte seed file (mode 0600), relative to server.state_dir" },
+    KeyDoc { key: "limits.max_frame_body_bytes", default: "16384", doc: "largest frame body accepted; larger frames close the connection" },
+    KeyDoc { key: "limits.max_inflight_per_connection", default: "1024", doc: "pipelined requests per connection; more are answered BUSY" },
+    KeyDoc { key: "limits.max_connections_per_core", default: "4096", doc: "connections each core accepts; more are closed at once" },
+    KeyDoc { key: "limits.cross_core_queue_depth", default: "4096", doc: "messages per channel between two cores; a full channel answers BUSY" },
+    KeyDoc { key: "limits.max_pending_per_shard", default: "16384", doc: "requests a shard holds waiting for their commit; more are answered BUSY" },
+    KeyDoc { key: "limits.max_assets_per_shard", default: "1000000", doc: "assets each shard's registry holds" },
+    KeyDoc { key: "policy.regions", default: "[\"US-EAST\", \"EU-WEST\", \"APAC\"]", doc: "compliance regions a derivation may name" },
+];
+
+/// Stage one: the file as written.
+pub fn parse(text: &str, file: &str) -> Result<toml::Table, ConfigError> {
+    text.parse::<toml::Table>().map_err(|e| ConfigError {
+        file: file.to_owned(),
+        problems: vec![ConfigProblem {
+            key: "(syntax)".into(),
+            message: e.to_string().trim().replace('\n', " "),
+        }],
+    })
+}
+
+/// Reads and resolves a configuration file.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        file: file.clone(),
+        problems: vec![ConfigProblem {
+            key: "(file)".into(),
+            message: format!("cannot read: {e}"),
+        }],
+    })?;
+    let base = path
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    let base = if base.as_os_str().is_empty() {
+        PathBuf::from(".")
+    } else {
+        base
+    };
+    resolve(&parse(&text, &file)?, &base, &file)
+}
+
+/// Stage two: typed values, defaults, ranges, and checks across keys.
+pub fn resolve(table: &toml::Table, base_dir: &Path, file: &str) -> Result<Config, ConfigError> {
+    let mut r = Resolver {
+        table,
+        problems: Vec::new(),
+        used: Vec::new(),
+    };
+    let listen =
+        r.string("server.listen", "127.0.0.1:7443")
+            .and_then(|s| match s.parse::<SocketAddr>() {
+                Ok(a) => Some(a),
+                Err(e) => r.problem("server.listen", format!("{s:?} is not IP:port ({e})")),
+            });
+    let online = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let cores = r
+        .int("server.cores", 0, 0, bounds::CORES_CAP as i64)
+        .map(|n| if n == 0 { online } else { n as usize });
+    let state_dir = r
+        .string("server.state_dir", "/var/lib/custody")
+        .map(|s| absolute(base_dir, &s));
+    let log_level =
+        r.string("server.log_level", "info")
+            .and_then(|s| match s.parse::<tracing::Level>() {
+                Ok(l) => Some(l),
+                Err(_) => r.problem(
+                    "server.log_level",
+                    format!("{s:?} is not one of error, warn, info, debug, trace"),
+                ),
+            });
+
+    let cert = r.required_path("tls.cert", base_dir);
+    let key = r.required_path("tls.key", base_dir);
+    let client_ca = r.required_path("tls.client_ca", base_dir);
+    let require_client_cert = r.bool("tls.require_client_cert", true);
+    let identity = r
+        .string("tls.identity", "cn")
+        .and_then(|s| match s.as_str() {
+            "cn" => Some(IdentitySource::CommonName),
+            "san" => Some(IdentitySource::SubjectAltName),
+            _ => r.problem("tls.identity", format!("{s:?} is not \"cn\" or \"san\"")),
+        });
+    let handshake_timeout = r
+        .int("tls.handshake_timeout_ms", 5000, 10, 120_000)
+        .map(|ms| Duration::from_millis(ms as u64));
+
+    if let Some(backend) = r.string("store.backend", "sqlite") {
+        if backend != "sqlite" {
+            r.problem::<()>(
+                "store.backend",
+                format!("{backend:?} is not a store this build has (\"sqlite\")"),
+            );
+        }
+    }
+    let sqlite_path = r.string("store.sqlite_path", "custody.db");
+    let batch_max = r.int(
+        "store.commit_batch_records_max",
+        512,
+        1,
+        i64::from(bounds::COMMIT_BATCH_RECORDS_CAP),
+    );
+    let batch_delay = r
+        .int(
+            "store.commit_batch_delay_us",
+            0,
+            0,
+            bounds::COMMIT_BATCH_DELAY_US_CAP as i64,
+        )
+        .map(|us| Duration::from_micros(us as u64));
+    let commit_timeout = r
+        .int("store.commit_timeout_ms", 2000, 1, 600_000)
+        .map(|ms| Duration::from_millis(ms as u64));
+    let queue_depth = r.int("store.commit_queue_depth", 0, 0, 65_536);
+
+    let seal_provider = r.string("seal.provider", "dev");
+    let dev_seed_file = r.string("seal.dev_seed_file", "dev-seed.bin");
+    if let Some(p) = &seal_provider {
+        if p != "dev" {
+            r.problem::<()>(
+                "seal.provider",
+                format!("{p:?} is not a seal provider this build has (\"dev\")"),
+            );
+        }
+    }
+
+    let max_frame = r.int(
+        "limits.max_frame_body_bytes",
+        16_384,
+        256,
+        i64::from(bounds::FRAME_BODY_BYTES_CAP),
+    );
+    let max_inflight = r.int(
+        "limits.max_inflight_per_connection",
+        1024,
+        1,
+        i64::from(bounds::INFLIGHT_PER_CONNECTION_CAP),
+    );
+    let max_conns = r.int(
+        "limits.max_connections_per_core",
+        4096,
+        1,
+        i64::from(bounds::CONNECTIONS_PER_CORE_CAP),
+    );
+    let cross_depth = r.int(
+        "limits.cross_core_queue_depth",
+        4096,
+        1,
+        i64::from(bounds::CROSS_CORE_QUEUE_DEPTH_CAP),
+    );
+    let pending_max = r.int(
+        "limits.max_pending_per_shard",
+        16_384,
+        1,
+        i64::from(bounds::PENDING_PER_SHARD_CAP),
+    );
+    let assets_max = r.int(
+        "limits.max_assets_per_shard",
+        1_000_000,
+        1,
+        bounds::ASSETS_CAP as i64,
+    );
+
+    let regions = r.string_list("policy.regions", &["US-EAST", "EU-WEST", "APAC"]);
+    if let Some(list) = &regions {
+        if list.is_empty() || list.len() > 255 {
+            r.problem::<()>(
+                "policy.regions",
+                "must name between 1 and 255 regions".into(),
+            );
+        }
+        for (i, name) in list.iter().enumerate() {
+            let ok = !name.is_empty()
+                && name.len() <= bounds::REGION_TEXT_BYTES_MAX
+                && name.bytes().all(|b| (0x21..=0x7e).contains(&b));
+            if !ok {
+                r.problem::<()>(
+                    "policy.regions",
+                    format!(
+                        "{name:?}: a region is 1-{} printable ASCII characters without spaces",
+                        bounds::REGION_TEXT_BYTES_MAX
+                    ),
+                );
+            }
+            if list[..i].contains(name) {
+                r.problem::<()>("policy.regions", format!("{name:?} is listed twice"));
+            }
+        }
+    }
+
+    r.unknown_keys();
+
+    // Cross-key checks, only when the keys involved resolved.
+    if let (Some(batch), Some(pending)) = (batch_max, pending_max) {
+        if batch > pending {
+            r.problem::<()>(
+                "store.commit_batch_records_max",
+                format!("{batch} exceeds limits.max_pending_per_shard ({pending}): batches could never fill"),
+            );
+        }
+    }
+    if let (Some(timeout), Some(delay)) = (commit_timeout, batch_delay) {
+        if delay >= timeout {
+            r.problem::<()>(
+                "store.commit_batch_delay_us",
+                "must be shorter than store.commit_timeout_ms".into(),
+            );
+        }
+    }
+    if let (Some(false), Some(_)) = (require_client_cert, identity) {
+        tracing::warn!("tls.require_client_cert = false: requests are attributed to \"anonymous\"");
+    }
+
+    if !r.problems.is_empty() {
+        return Err(ConfigError {
+            file: file.to_owned(),
+            problems: r.problems,
+        });
+    }
+    let (
+        Some(listen),
+        Some(cores),
+        Some(state_dir),
+        Some(log_level),
+        Some(cert),
+        Some(key),
+        Some(client_ca),
+        Some(require_client_cert),
+        Some(identity),
+        Some(handshake_timeout),
+        Some(sqlite_path),
+        Some(batch_max),
+        Some(batch_delay),
+        Some(commit_timeout),
+        Some(queue_depth),
+        Some(dev_seed_file),
+        Some(max_frame),
+        Some(max_inflight),
+        Some(max_conns),
+        Some(cross_depth),
+        Some(pending_max),
+        Some(assets_max),
+        Some(regions),
+    ) = (
+        listen,
+        cores,
+        state_dir,
+        log_level,
+        cert,
+        key,
+        client_ca,
+        require_client_cert,
+        identity,
+        handshake_timeout,
+        sqlite_path,
+        batch_max,
+        batch_delay,
+        commit_timeout,
+        queue_depth,
+        dev_seed_file,
+        max_frame,
+        max_inflight,
+        max_conns,
+        cross_depth,
+        pending_max,
+        assets_max,
+        regions,
+    )
+    else {
+        // Every None above recorded a problem, so this is unreachable; report it anyway.
+        return Err(ConfigError {
+            file: file.to_owned(),
+            problems: vec![ConfigProblem {
+                key: "(internal)".into(),
+                message: "a key failed to resolve without a reported problem".into(),
+            }],
+        });
+    };
+    Ok(Config {
+        server: Server {
+            listen,
+            cores,
+            state_dir: state_dir.clone(),
+            log_level,
+        },
+        tls: Tls {
+            cert,
+            key,
+            client_ca,
+            require_client_cert,
+            identity,
+            handshake_timeout,
+        },
+        store: StoreConfig {
+            sqlite_path: absolute(&state_dir, &sqlite_path),
+            commit_batch_records_max: batch_max as usize,
+            commit_batch_delay: batch_delay,
+            commit_timeout,
+            commit_queue_depth: if queue_depth == 0 {
+                2 * cores
+            } else {
+                queue_depth as usize
+            },
+        },
+        seal: SealConfig::Dev {
+            seed_file: absolute(&state_dir, &dev_seed_file),
+        },
+        limits: Limits {
+            max_frame_body_bytes: max_frame as u32,
+            max_inflight_per_connection: max_inflight as u32,
+            max_connections_per_core: max_conns as u32,
+            cross_core_queue_depth: cross_depth as u32,
+            max_pending_per_shard: pending_max as u32,
+            max_assets_per_shard: assets_max as u64,
+        },
+        policy: Policy { regions },
+    })
+}
+
+fn absolute(base: &Path, p: &str) -> PathBuf {
+    let p = Path::new(p);
+    if p.is_absolute() {
+        p.to_owned()
+    } else {
+        base.join(p)
+    }
+}
+
+struct Resolver<'a> {
+    table: &'a toml::Table,
+    problems: Vec<ConfigProblem>,
+    used: Vec<&'static str>,
+}
+
+impl Resolver<'_> {
+    fn problem<T>(&mut self, key: &str, message: String) -> Option<T> {
+        self.problems.push(ConfigProblem {
+            key: key.to_owned(),
+            message,
+        });
+        None
+    }
+
+    /// The value at `section.key`, if written.
+    fn raw(&mut self, key: &'static str) -> Option<&toml::Value> {
+        debug_assert!(KEYS.iter().any(|k| k.key == key), "undocumented key {key}");
+        self.used.push(key);
+        let (section, name) = key.split_once('.')?;
+        self.table.get(section)?.as_table()?.get(name)
+    }
+
+    fn string(&mut self, key: &'static str, default: &str) -> Option<String> {
+        match self.raw(key).cloned() {
+            None => Some(default.to_owned()),
+            Some(toml::Value::String(s)) => Some(s),
+            Some(v) => self.problem(key, format!("expected a string, found {}", v.type_str())),
+        }
+    }
+
+    fn required_path(&mut self, key: &'static str, base: &Path) -> Option<PathBuf> {
+        match self.raw(key).cloned() {
+            None => self.problem(key, "is required".into()),
+            Some(toml::Value::String(s)) if !s.is_empty() => Some(absolute(base, &s)),
+            Some(v) => self.problem(key, format!("expected a file path, found {v}")),
+        }
+    }
+
+    fn bool(&mut self, key: &'static str, default: bool) -> Option<bool> {
+        match self.raw(key).cloned() {
+            None => Some(default),
+            Some(toml::Value::Boolean(b)) => Some(b),
+            Some(v) => self.problem(key, format!("expected true or false, found {v}")),
+        }
+    }
+
+    fn int(&mut self, key: &'static str, default: i64, min: i64, max: i64) -> Option<i64> {
+        match self.raw(key).cloned() {
+            None => Some(default),
+            Some(toml::Value::Integer(n)) if (min..=max).contains(&n) => Some(n),
+            Some(toml::Value::Integer(n)) => {
+                self.problem(key, format!("{n} is outside {min}..={max}"))
+            }
+            Some(v) => self.problem(key, format!("expected an integer, found {}", v.type_str())),
+        }
+    }
+
+    fn string_list(&mut self, key: &'static str, default: &[&str]) -> Option<Vec<String>> {
+        match self.raw(key).cloned() {
+            None => Some(default.iter().map(|s| s.to_string()).collect()),
+            Some(toml::Value::Array(items)) => {
+                let mut out = Vec::with_capacity(items.len());
+                for item in items {
+                    match item {
+                        toml::Value::String(s) => out.push(s),
+                        other => {
+                            return self.problem(
+                                key,
+                                format!("expected strings, found {}", other.type_str()),
+                            )
+                        }
+                    }
+                }
+                Some(out)
+            }
+            Some(v) => self.problem(
+                key,
+                format!("expected a list of strings, found {}", v.type_str()),
+            ),
+        }
+    }
+
+    fn unknown_keys(&mut self) {
+        let mut unknown = Vec::new();
+        for (section, value) in self.table {
+            match value.as_table() {
+                Some(t) => {
+                    for name in t.keys() {
+                        let full = format!("{section}.{name}");
+                        if !KEYS.iter().any(|k| k.key == full) {
+                            unknown.push(full);
+                        }
+                    }
+                }
+                None => unknown.push(section.clone()),
+            }
+        }
+        for key in unknown {
+            let hint = KEYS
+                .iter()
+                .find(|k| k.key.rsplit('.').next() == key.rsplit('.').next())
+                .map(|k| format!(" (did you mean {}?)", k.key))
+                .unwrap_or_default();
+            self.problem::<()>(&key, format!("unknown key{hint}"));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resolve_text(text: &str) -> Result<Config, ConfigError> {
+        resolve(
+            &parse(text, "test.toml")?,
+            Path::new("/etc/custody"),
+            "test.toml",
+        )
+    }
+
+    const MINIMAL: &str = r#"
+        [tls]
+        cert = "server.pem"
+        key = "server.key"
+        client_ca = "ca.pem"
+    "#;
+
+    #[test]
+    fn defaults_fill_a_minimal_config() {
+        let c = resolve_text(MINIMAL).unwrap();
+        assert_eq!(c.server.listen, "127.0.0.1:7443".parse().unwrap());
+        assert!(c.server.cores >= 1);
+        assert_eq!(c.tls.cert, PathBuf::from("/etc/custody/server.pem"));
+        assert_eq!(
+            c.store.sqlite_path,
+            PathBuf::from("/var/lib/custody/custody.db")
+        );
+        assert_eq!(c.limits.max_frame_body_bytes, 16_384);
+        assert_eq!(c.policy.regions, ["US-EAST", "EU-WEST", "APAC"]);
+        assert!(c.tls.require_client_cert);
+        assert_eq!(c.store.commit_queue_depth, 2 * c.server.cores);
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_key() {
+        let err = resolve_text(
+            r#"
+            [server]
+            listen = "nowhere"
+            cores = -1
+            colour = "blue"
+            [tls]
+            cert = 5
+            identity = "email"
+            [store]
+            commit_batch_records_max = 100000
+            [limits]
+            max_pending_per_shard = 10
+            max_frame_body_bytes = "big"
+            [policy]
+            regions = ["US-EAST", "US-EAST", "has space"]
+            "#,
+        )
+        .unwrap_err();
+        let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        for expected in [
+            "server.listen",
+            "server.cores",
+            "server.colour",
+            "tls.cert",
+            "tls.key",
+            "tls.client_ca",
+            "tls.identity",
+            "store.commit_batch_records_max",
+            "limits.max_frame_body_bytes",
+            "policy.regions",
+        ] {
+            assert!(keys.contains(&expected), "missing {expected} in {keys:?}");
+        }
+        assert_eq!(keys.iter().filter(|k| **k == "policy.regions").count(), 2);
+    }
+
+    #[test]
+    fn cross_key_checks() {
+        let err = resolve_text(&format!(
+            "{MINIMAL}\n[store]\ncommit_batch_records_max = 64\n[limits]\nmax_pending_per_shard = 32\n"
+        ))
+        .unwrap_err();
+        assert_eq!(err.problems.len(), 1);
+        assert_eq!(err.problems[0].key, "store.commit_batch_records_max");
+    }
+
+    #[test]
+    fn syntax_errors_are_stage_one() {
+        let err = resolve_text("[server\nlisten = 1").unwrap_err();
+        assert_eq!(err.problems[0].key, "(syntax)");
+    }
+
+    #[test]
+    fn the_reference_config_is_valid_and_documents_every_key() {
+        let text = include_str!("../appliance/custody.toml");
+        let table = parse(text, "custody.toml").unwrap();
+        resolve(&table, Path::new("/etc/custody"), "custody.toml").unwrap();
+        for k in KEYS {
+            let (section, name) = k.key.split_once('.').unwrap();
+            let written = table
+                .get(section)
+                .and_then(|s| s.as_table())
+                .is_some_and(|s| s.contains_key(name));
+            let commented =
+                text.contains(&format!("# {name} = ")) || text.contains(&format!("{name} = "));
+            assert!(
+                written || commented,
+                "appliance/custody.toml does not mention {}",
+                k.key
+            );
+        }
+    }
+}

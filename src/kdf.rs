@@ -1,0 +1,315 @@
+//! Key derivation: NIST SP 800-108r1 KBKDF in counter mode with HMAC-SHA256 (pure code).
+//!
+//! ```text
+//! key     = HMAC-SHA256(root_seed, 0x00000001 ‖ Label ‖ 0x00 ‖ Context ‖ 0x00000100)
+//! Label   = "custody/derive/v1"
+//! Context = asset_id (16, RFC 4122 order) ‖ counter (u64 BE) ‖ depth (u8) ‖ index[i] (u32 BE)
+//! ```
+//!
+//! This is exactly OpenSSL 3's `openssl kdf -kdfopt mac:HMAC -kdfopt digest:SHA2-256 …
+//! KBKDF` with the label as salt and the context as info; `docs/derivation.md` has
+//! known-answer vectors and the command line. The HMAC is keyed once per seed
+//! ([`DerivationKey::new`]); each derivation clones the keyed state instead of re-keying.
+
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+use uuid::Uuid;
+use zeroize::{Zeroize, Zeroizing};
+
+/// The KBKDF label of scheme v1.
+pub const LABEL_V1: &[u8; 17] = b"custody/derive/v1";
+/// The scheme version recorded with every derivation (a v2 would get its own label).
+pub const SCHEME_V1: u8 = 1;
+/// Root seed length.
+pub const SEED_LEN: usize = 32;
+/// Levels in a BIP-44 path: purpose', coin', account', change', index.
+pub const PATH_DEPTH: usize = 5;
+/// Bit 31 marks a hardened index.
+pub const HARDENED: u32 = 0x8000_0000;
+
+const KBKDF_COUNTER_1: [u8; 4] = 1u32.to_be_bytes();
+const KBKDF_L_256: [u8; 4] = 256u32.to_be_bytes();
+
+/// The root seed. Zeroized on drop, never printed.
+pub struct RootSeed(Zeroizing<[u8; SEED_LEN]>);
+
+impl RootSeed {
+    pub fn from_bytes(bytes: [u8; SEED_LEN]) -> RootSeed {
+        RootSeed(Zeroizing::new(bytes))
+    }
+
+    pub fn expose(&self) -> &[u8; SEED_LEN] {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for RootSeed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RootSeed(<redacted>)")
+    }
+}
+
+/// A derived key. Zeroized on drop, never printed.
+pub type DerivedKey = Zeroizing<[u8; 32]>;
+
+/// A BIP-44 style path `m/44'/c'/a'/ch'/i`: four hardened levels, then one normal.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct DerivationPath {
+    indices: [u32; PATH_DEPTH],
+}
+
+/// Why a path is refused, with the level at fault.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PathError {
+    #[error("path must start with \"m/\"")]
+    MissingRoot,
+    #[error("path must have exactly {PATH_DEPTH} levels after m/, found {0}")]
+    WrongDepth(usize),
+    #[error("level {level}: index must be decimal digits")]
+    NotDecimal { level: usize },
+    #[error("level {level}: index must be below 2^31")]
+    IndexTooLarge { level: usize },
+    #[error("level {level}: must be hardened (end with ')")]
+    MustBeHardened { level: usize },
+    #[error("level 5 (address index) must not be hardened")]
+    LastMustBeNormal,
+    #[error("level 1 (purpose) must be 44'")]
+    PurposeNot44,
+}
+
+impl DerivationPath {
+    /// Parses the brief's rule `^m/44'/[0-9]+'/[0-9]+'/[0-9]+'/[0-9]+$`, every index < 2^31.
+    pub fn parse(text: &str) -> Result<DerivationPath, PathError> {
+        let rest = text.strip_prefix("m/").ok_or(PathError::MissingRoot)?;
+        let levels: Vec<&str> = rest.splitn(PATH_DEPTH + 1, '/').collect();
+        if levels.len() != PATH_DEPTH {
+            let found = rest.split('/').count();
+            return Err(PathError::WrongDepth(found));
+        }
+        let mut indices = [0u32; PATH_DEPTH];
+        for (i, level_text) in levels.iter().enumerate() {
+            let level = i + 1;
+            let (digits, hardened) = match level_text.strip_suffix('\'') {
+                Some(d) => (d, true),
+                None => (*level_text, false),
+            };
+            if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(PathError::NotDecimal { level });
+            }
+            let value: u64 = digits
+                .bytes()
+                .try_fold(0u64, |acc, b| {
+                    let next = acc * 10 + u64::from(b - b'0');
+                    (next < u64::from(HARDENED)).then_some(next)
+                })
+                .ok_or(PathError::IndexTooLarge { level })?;
+            let value = value as u32;
+            if level < PATH_DEPTH && !hardened {
+                return Err(PathError::MustBeHardened { level });
+            }
+            if level == PATH_DEPTH && hardened {
+                return Err(PathError::LastMustBeNormal);
+            }
+            indices[i] = if hardened { value | HARDENED } else { value };
+        }
+        if indices[0] != 44 | HARDENED {
+            return Err(PathError::PurposeNot44);
+        }
+        Ok(DerivationPath { indices })
+    }
+
+    pub fn indices(&self) -> &[u32; PATH_DEPTH] {
+        &self.indices
+    }
+}
+
+impl std::fmt::Display for DerivationPath {
+    /// The canonical text (no leading zeros): what the audit log records.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("m")?;
+        for index in self.indices {
+            if index & HARDENED != 0 {
+                write!(f, "/{}'", index & !HARDENED)?;
+            } else {
+                write!(f, "/{index}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The KBKDF context for one derivation (RFC 4122 asset bytes, BE counter, depth, indices).
+pub fn context_v1(
+    asset: &Uuid,
+    counter: u64,
+    path: &DerivationPath,
+) -> [u8; 16 + 8 + 1 + 4 * PATH_DEPTH] {
+    let mut ctx = [0u8; 16 + 8 + 1 + 4 * PATH_DEPTH];
+    ctx[..16].copy_from_slice(asset.as_bytes());
+    ctx[16..24].copy_from_slice(&counter.to_be_bytes());
+    ctx[24] = PATH_DEPTH as u8;
+    for (i, index) in path.indices.iter().enumerate() {
+        ctx[25 + 4 * i..29 + 4 * i].copy_from_slice(&index.to_be_bytes());
+    }
+    ctx
+}
+
+/// HMAC-SHA256 keyed with the root seed, ready to derive. Keyed once per seed.
+pub struct DerivationKey {
+    keyed: Hmac<Sha256>,
+}
+
+impl DerivationKey {
+    pub fn new(seed: &RootSeed) -> DerivationKey {
+        // HMAC accepts keys of any length; a 32-byte key cannot be refused.
+        let keyed = match <Hmac<Sha256> as Mac>::new_from_slice(seed.expose()) {
+            Ok(mac) => mac,
+            Err(_) => unreachable!("HMAC-SHA256 takes keys of any length"),
+        };
+        DerivationKey { keyed }
+    }
+
+    /// Derives the v1 key of `asset` at `counter` and `path`.
+    pub fn derive(&self, asset: &Uuid, counter: u64, path: &DerivationPath) -> DerivedKey {
+        let mut mac = self.keyed.clone();
+        mac.update(&KBKDF_COUNTER_1);
+        mac.update(LABEL_V1);
+        mac.update(&[0x00]);
+        mac.update(&context_v1(asset, counter, path));
+        mac.update(&KBKDF_L_256);
+        Zeroizing::new(mac.finalize().into_bytes().into())
+    }
+}
+
+impl Drop for DerivationKey {
+    fn drop(&mut self) {
+        // The keyed state is as sensitive as the seed. `Hmac<Sha256>` is plain integers and
+        // byte arrays with no heap and no drop glue of its own, so all-zero bytes are a valid
+        // value of it; overwrite them before the memory is released.
+        let size = std::mem::size_of::<Hmac<Sha256>>();
+        // SAFETY: the pointer is valid for `size` bytes for the lifetime of `&mut self`, any
+        // byte pattern of zeros is a valid `Hmac<Sha256>` (see above), and nothing reads the
+        // value after drop.
+        let bytes = unsafe {
+            std::slice::from_raw_parts_mut(&mut self.keyed as *mut Hmac<Sha256> as *mut u8, size)
+        };
+        bytes.zeroize();
+    }
+}
+
+impl std::fmt::Debug for DerivationKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DerivationKey(<redacted>)")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seed() -> RootSeed {
+        let mut s = [0u8; 32];
+        for (i, b) in s.iter_mut().enumerate() {
+            *b = i as u8;
+        }
+        RootSeed::from_bytes(s)
+    }
+
+    #[test]
+    fn brief_example_path() {
+        let p = DerivationPath::parse("m/44'/0'/0'/0'/7").unwrap();
+        assert_eq!(
+            p.indices(),
+            &[0x8000002C, 0x80000000, 0x80000000, 0x80000000, 0x00000007]
+        );
+        assert_eq!(p.to_string(), "m/44'/0'/0'/0'/7");
+    }
+
+    #[test]
+    fn paths_refused_with_the_level_at_fault() {
+        use PathError::*;
+        let cases: &[(&str, PathError)] = &[
+            ("44'/0'/0'/0'/7", MissingRoot),
+            ("m/44'/0'/0'/0'", WrongDepth(4)),
+            ("m/44'/0'/0'/0'/7/1", WrongDepth(6)),
+            ("m/44'/0'/0'/0'/7/", WrongDepth(6)),
+            ("m/44'/x'/0'/0'/7", NotDecimal { level: 2 }),
+            ("m/44'/'/0'/0'/7", NotDecimal { level: 2 }),
+            ("m/44'/-1'/0'/0'/7", NotDecimal { level: 2 }),
+            ("m/44'/+1'/0'/0'/7", NotDecimal { level: 2 }),
+            ("m/44'/0'/0'/0'/2147483648", IndexTooLarge { level: 5 }),
+            (
+                "m/44'/99999999999999999999999'/0'/0'/1",
+                IndexTooLarge { level: 2 },
+            ),
+            ("m/44'/0/0'/0'/7", MustBeHardened { level: 2 }),
+            ("m/44'/0'/0'/0'/7'", LastMustBeNormal),
+            ("m/45'/0'/0'/0'/7", PurposeNot44),
+            ("m/44/0'/0'/0'/7", MustBeHardened { level: 1 }),
+            ("m/44''/0'/0'/0'/7", NotDecimal { level: 1 }),
+        ];
+        for (text, err) in cases {
+            assert_eq!(DerivationPath::parse(text).as_ref(), Err(err), "{text}");
+        }
+        let max = DerivationPath::parse("m/44'/2147483647'/0'/0'/2147483647").unwrap();
+        assert_eq!(max.indices()[1], u32::MAX);
+        assert_eq!(max.indices()[4], 0x7fff_ffff);
+    }
+
+    #[test]
+    fn leading_zeros_canonicalize() {
+        let p = DerivationPath::parse("m/44'/000'/0'/0'/007").unwrap();
+        assert_eq!(p.to_string(), "m/44'/0'/0'/0'/7");
+    }
+
+    #[test]
+    fn keyed_once_equals_keyed_each_time() {
+        let key = DerivationKey::new(&seed());
+        let asset = Uuid::parse_str("6ba7b810-9dad-11d1-80b4-00c04fd430c8").unwrap();
+        let path = DerivationPath::parse("m/44'/60'/1'/0'/3").unwrap();
+        let mut fresh = <Hmac<Sha256> as Mac>::new_from_slice(seed().expose()).unwrap();
+        let mut input = Vec::new();
+        input.extend_from_slice(&[0, 0, 0, 1]);
+        input.extend_from_slice(b"custody/derive/v1");
+        input.push(0);
+        input.extend_from_slice(asset.as_bytes());
+        input.extend_from_slice(&5u64.to_be_bytes());
+        input.push(5);
+        for i in path.indices() {
+            input.extend_from_slice(&i.to_be_bytes());
+        }
+        input.extend_from_slice(&[0, 0, 1, 0]);
+        fresh.update(&input);
+        let expected: [u8; 32] = fresh.finalize().into_bytes().into();
+        assert_eq!(*key.derive(&asset, 5, &path), expected);
+        // The same inputs again give the same key; any input changed gives another.
+        assert_eq!(key.derive(&asset, 5, &path), key.derive(&asset, 5, &path));
+        assert_ne!(key.derive(&asset, 5, &path), key.derive(&asset, 6, &path));
+        let other_asset = Uuid::from_bytes([1; 16]);
+        assert_ne!(
+            key.derive(&asset, 5, &path),
+            key.derive(&other_asset, 5, &path)
+        );
+    }
+
+    #[test]
+    fn errata_flaw_1_is_not_repeated() {
+        // The article fed path ‖ decimal(counter): ".../12" with counter 3 collided with
+        // ".../1" with counter 23. The fixed-layout context keeps them apart.
+        let key = DerivationKey::new(&seed());
+        let asset = Uuid::from_bytes([2; 16]);
+        let a = DerivationPath::parse("m/44'/0'/0'/0'/12").unwrap();
+        let b = DerivationPath::parse("m/44'/0'/0'/0'/1").unwrap();
+        assert_ne!(key.derive(&asset, 3, &a), key.derive(&asset, 23, &b));
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        let s = seed();
+        assert_eq!(format!("{s:?}"), "RootSeed(<redacted>)");
+        assert_eq!(
+            format!("{:?}", DerivationKey::new(&s)),
+            "DerivationKey(<redacted>)"
+        );
+    }
+}

@@ -1,0 +1,38 @@
+//! custody: a key-custody appliance. Deterministic, audited key derivation over mutual
+//! TLS, thread-per-core on glommio.
+//!
+//! # Layout
+//!
+//! The modules in the order a derive request meets them:
+//!
+//! - [`server`]: starts one executor per core, each with its shard, listener and mesh.
+//! - [`net`]: accepts on the shared port, TLS handshake, reads frames, writes replies.
+//! - [`tls`]: rustls configuration; the requester is the client certificate's identity.
+//! - [`wire`]: the sans-IO codec of protocol v1 (frames, requests, replies, statuses).
+//! - [`policy`]: the field rules every request passes before it reaches a shard.
+//! - [`router`]: asset → shard hash, and the bounded mesh between cores.
+//! - [`shard`]: the owning core's registry, derivation and group commit.
+//! - [`lifecycle`]: asset states and their transitions.
+//! - [`kdf`]: NIST SP 800-108 KBKDF with HMAC-SHA256, keyed once per seed.
+//! - [`audit`]: the audit record of every acknowledged operation.
+//! - [`store`]: the durable store trait, the shard→commit-thread hand-off, SQLite.
+//! - [`seal`]: where the root seed comes from.
+//!
+//! Around the request path: [`config`] (two-stage TOML), [`bounds`] (hard caps),
+//! [`client`] (the tokio client library the CLI and the load harness use).
+
+pub mod audit;
+pub mod bounds;
+pub mod client;
+pub mod config;
+pub mod kdf;
+pub mod lifecycle;
+pub mod net;
+pub mod policy;
+pub mod router;
+pub mod seal;
+pub mod server;
+pub mod shard;
+pub mod store;
+pub mod tls;
+pub mod wire;

@@ -1,0 +1,331 @@
+//! The network edge on each core: accept, TLS handshake, read frames, answer in any order.
+//!
+//! A connection lives on the core that accepted it. Its reader decodes frames, checks each
+//! request with the policy gate and hands it to the owning shard through the
+//! [`ShardRouter`]; every request runs as its own task, so replies go out as soon as they
+//! are ready, matched by request id. Replies are encoded into the connection's outbox and
+//! a writer task flushes whatever has gathered in one write (and zeroizes the bytes, which
+//! may hold keys). A framing error is answered once and closes only that connection.
+
+use crate::config::{IdentitySource, Limits};
+use crate::policy::{check_asset_id, FieldRules};
+use crate::router::ShardRouter;
+use crate::shard::ShardOp;
+use crate::tls;
+use crate::wire::{self, HelloInfo, Refusal, Reply, Request, Status};
+use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use glommio::net::{TcpListener, TcpStream};
+use std::cell::{Cell, RefCell};
+use std::io;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::sync::Notify;
+use zeroize::Zeroize;
+
+/// Bytes read from a connection at a time.
+const READ_CHUNK_BYTES: usize = 16 * 1024;
+/// Encoded replies a connection may hold unsent before it stops reading new requests.
+const OUTBOX_HIGH_WATER_BYTES: usize = 256 * 1024;
+
+/// What every connection on a core shares.
+pub struct CoreContext {
+    pub router: Rc<ShardRouter>,
+    pub rules: FieldRules,
+    pub limits: Limits,
+    pub identity: IdentitySource,
+    pub require_client_cert: bool,
+    pub handshake_timeout: Duration,
+    pub acceptor: futures_rustls::TlsAcceptor,
+    pub hello: HelloInfo,
+    pub connections: Cell<u32>,
+}
+
+/// Accepts connections for the life of the core.
+pub async fn accept_loop(ctx: Rc<CoreContext>, listener: TcpListener) {
+    loop {
+        match listener.accept().await {
+            Ok(stream) => {
+                if ctx.connections.get() >= ctx.limits.max_connections_per_core {
+                    tracing::warn!(
+                        limit = ctx.limits.max_connections_per_core,
+                        "connection refused: limits.max_connections_per_core reached"
+                    );
+                    drop(stream);
+                    continue;
+                }
+                let guard = ConnectionGuard::new(ctx.clone());
+                glommio::spawn_local(async move {
+                    serve(&guard.0, stream).await;
+                    drop(guard);
+                })
+                .detach();
+            }
+            Err(e) => {
+                // Out of descriptors and the like: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                glommio::timer::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+}
+
+struct ConnectionGuard(Rc<CoreContext>);
+
+impl ConnectionGuard {
+    fn new(ctx: Rc<CoreContext>) -> Self {
+        ctx.connections.set(ctx.connections.get() + 1);
+        ConnectionGuard(ctx)
+    }
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.0.connections.set(self.0.connections.get() - 1);
+    }
+}
+
+async fn serve(ctx: &Rc<CoreContext>, stream: TcpStream) {
+    let peer = stream.peer_addr().ok();
+    let _ = stream.set_nodelay(true);
+    let handshake =
+        futures_lite::future::or(async { Some(ctx.acceptor.accept(stream).await) }, async {
+            glommio::timer::sleep(ctx.handshake_timeout).await;
+            None
+        })
+        .await;
+    let tls = match handshake {
+        Some(Ok(tls)) => tls,
+        Some(Err(e)) => {
+            tracing::info!(?peer, error = %e, "TLS handshake refused");
+            return;
+        }
+        None => {
+            tracing::info!(?peer, "TLS handshake timed out");
+            return;
+        }
+    };
+    let identity = match tls.get_ref().1.peer_certificates().and_then(|c| c.first()) {
+        Some(cert) => match tls::identity_of(cert, ctx.identity) {
+            Ok(id) => id,
+            Err(e) => {
+                tracing::info!(?peer, error = %e, "client certificate refused");
+                return;
+            }
+        },
+        None if !ctx.require_client_cert => Arc::from(tls::ANONYMOUS),
+        None => return,
+    };
+    tracing::debug!(?peer, %identity, "connection established");
+    let stream = Rc::new(RefCell::new(tls));
+    let outbox = Rc::new(Outbox::default());
+    let writer = glommio::spawn_local(write_loop(Half(stream.clone()), outbox.clone()));
+    read_loop(ctx, &identity, Half(stream), &outbox).await;
+    // Let every request already accepted finish and be answered, then close.
+    while outbox.inflight.get() > 0 {
+        outbox.idle.notified().await;
+    }
+    outbox.closing.set(true);
+    outbox.ready.notify_one();
+    writer.await;
+    tracing::debug!(?peer, %identity, "connection closed");
+}
+
+/// Replies waiting to be written, and the connection's in-flight count.
+#[derive(Default)]
+struct Outbox {
+    buf: RefCell<Vec<u8>>,
+    /// Data was added, or the connection is closing.
+    ready: Notify,
+    /// The writer emptied the buffer.
+    drained: Notify,
+    /// The last in-flight request finished.
+    idle: Notify,
+    inflight: Cell<u32>,
+    closing: Cell<bool>,
+    failed: Cell<bool>,
+}
+
+impl Outbox {
+    fn push(&self, opcode: u8, request_id: u64, reply: &Reply) {
+        reply.encode(opcode, request_id, &mut self.buf.borrow_mut());
+        self.ready.notify_one();
+    }
+
+    fn refuse(&self, opcode: u8, request_id: u64, refusal: Refusal) {
+        self.push(opcode, request_id, &Reply::Refused(refusal));
+    }
+}
+
+async fn write_loop<S: AsyncWrite + Unpin>(mut w: S, outbox: Rc<Outbox>) {
+    let mut sending = Vec::with_capacity(READ_CHUNK_BYTES);
+    loop {
+        if outbox.buf.borrow().is_empty() {
+            if outbox.closing.get() || outbox.failed.get() {
+                break;
+            }
+            outbox.ready.notified().await;
+            continue;
+        }
+        std::mem::swap(&mut *outbox.buf.borrow_mut(), &mut sending);
+        let result = match w.write_all(&sending).await {
+            Ok(()) => w.flush().await,
+            Err(e) => Err(e),
+        };
+        // The bytes may include derived keys.
+        sending.zeroize();
+        outbox.drained.notify_waiters();
+        if result.is_err() {
+            outbox.failed.set(true);
+            outbox.drained.notify_waiters();
+            break;
+        }
+    }
+    let _ = w.close().await;
+}
+
+async fn read_loop<S: AsyncRead + Unpin>(
+    ctx: &Rc<CoreContext>,
+    identity: &Arc<str>,
+    mut r: S,
+    outbox: &Rc<Outbox>,
+) {
+    let max_body = ctx.limits.max_frame_body_bytes;
+    let mut buf: Vec<u8> = Vec::with_capacity(READ_CHUNK_BYTES);
+    loop {
+        while outbox.buf.borrow().len() > OUTBOX_HIGH_WATER_BYTES && !outbox.failed.get() {
+            outbox.drained.notified().await;
+        }
+        if outbox.failed.get() {
+            return;
+        }
+        let filled = buf.len();
+        buf.resize(filled + READ_CHUNK_BYTES, 0);
+        let n = match r.read(&mut buf[filled..]).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        buf.truncate(filled + n);
+        let mut start = 0;
+        loop {
+            match wire::decode_frame(&buf[start..], max_body) {
+                Ok(Some(frame)) => {
+                    dispatch(ctx, identity, outbox, frame.header, frame.body);
+                    start += frame.consumed;
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    let rest = &buf[start..];
+                    let opcode = rest.get(5).copied().unwrap_or(0);
+                    let request_id = rest
+                        .get(8..16)
+                        .and_then(|b| b.try_into().ok())
+                        .map(u64::from_be_bytes)
+                        .unwrap_or(0);
+                    tracing::info!(%identity, error = %e, "framing error: closing connection");
+                    outbox.refuse(opcode, request_id, Refusal::new(e.status(), e.to_string()));
+                    return;
+                }
+            }
+        }
+        buf.drain(..start);
+    }
+}
+
+/// Decodes and checks one request; answers at once or spawns its task.
+fn dispatch(
+    ctx: &Rc<CoreContext>,
+    identity: &Arc<str>,
+    outbox: &Rc<Outbox>,
+    header: wire::FrameHeader,
+    body: &[u8],
+) {
+    let (opcode, request_id) = (header.opcode, header.request_id);
+    let request = match Request::decode(opcode, body) {
+        Ok(r) => r,
+        Err(e) => {
+            return outbox.refuse(opcode, request_id, Refusal::new(e.status(), e.to_string()))
+        }
+    };
+    let op = match request {
+        Request::Hello => return outbox.push(opcode, request_id, &Reply::Hello(ctx.hello)),
+        Request::Status { asset } => ShardOp::Status { asset },
+        Request::Register { asset } => match check_asset_id(&asset) {
+            Ok(()) => ShardOp::Register {
+                asset,
+                requester: identity.clone(),
+                request_id,
+            },
+            Err(refusal) => return outbox.refuse(opcode, request_id, refusal),
+        },
+        Request::Derive(body) => match ctx.rules.check_derive(&body) {
+            Ok(request) => ShardOp::Derive {
+                request,
+                requester: identity.clone(),
+                request_id,
+            },
+            Err(refusal) => return outbox.refuse(opcode, request_id, refusal),
+        },
+    };
+    if outbox.inflight.get() >= ctx.limits.max_inflight_per_connection {
+        let mut refusal = Refusal::new(
+            Status::Busy,
+            format!(
+                "{} requests already in flight on this connection (limits.max_inflight_per_connection)",
+                outbox.inflight.get()
+            ),
+        );
+        refusal.retry_after_ms = 1;
+        return outbox.refuse(opcode, request_id, refusal);
+    }
+    outbox.inflight.set(outbox.inflight.get() + 1);
+    let router = ctx.router.clone();
+    let outbox = outbox.clone();
+    glommio::spawn_local(async move {
+        let result = router.route(op).await;
+        match result {
+            Ok(reply) => outbox.push(opcode, request_id, &reply),
+            Err(refusal) => outbox.refuse(opcode, request_id, refusal),
+        }
+        let left = outbox.inflight.get() - 1;
+        outbox.inflight.set(left);
+        if left == 0 {
+            outbox.idle.notify_one();
+        }
+    })
+    .detach();
+}
+
+/// One half of a stream shared by a connection's reader and writer tasks. Both run on the
+/// same core and each borrow lasts one poll, so no lock is needed.
+struct Half<S>(Rc<RefCell<S>>);
+
+impl<S: AsyncRead + Unpin> AsyncRead for Half<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut *self.0.borrow_mut()).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Half<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut *self.0.borrow_mut()).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.0.borrow_mut()).poll_flush(cx)
+    }
+
+    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.0.borrow_mut()).poll_close(cx)
+    }
+}

@@ -1,0 +1,242 @@
+//! The appliance: unseal, open the store, start one executor per core, serve.
+//!
+//! Each executor joins the channel mesh (its mesh position is its shard number), loads
+//! the assets its shard owns, starts the shard's committer and the mesh server, binds the
+//! shared listening port (SO_REUSEPORT) and accepts connections. The main thread waits
+//! until every core reports ready (or one fails) and then only joins them.
+
+use crate::config::Config;
+use crate::kdf::DerivationKey;
+use crate::net::{accept_loop, CoreContext};
+use crate::policy::FieldRules;
+use crate::router::{MeshMsg, ShardRouter};
+use crate::shard::{Shard, ShardLimits};
+use crate::store::sqlite::SqliteStore;
+use crate::store::{Store, StoreError};
+use crate::wire::{HelloInfo, SHARD_HASH_JUMP_FNV1A64, VERSION};
+use glommio::channels::channel_mesh::MeshBuilder;
+use glommio::{LocalExecutorBuilder, Placement};
+use std::cell::Cell;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::{mpsc, Arc};
+
+/// Memory each executor registers with io_uring for its own buffers. custody does no
+/// direct file I/O through glommio, so a small area keeps locked memory low.
+const EXECUTOR_IO_MEMORY_BYTES: usize = 512 * 1024;
+/// io_uring submission queue depth per executor.
+const EXECUTOR_RING_DEPTH: usize = 256;
+
+/// Why the appliance could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServerError {
+    #[error("state directory {path}: {reason}")]
+    StateDir { path: String, reason: String },
+    #[error("seal: {0}")]
+    Seal(#[from] crate::seal::SealError),
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    #[error("tls: {0}")]
+    Tls(#[from] crate::tls::TlsError),
+    #[error("core {core}: {reason}")]
+    Core { core: usize, reason: String },
+}
+
+/// Everything a core needs, `Send` so it can be moved onto the core's thread.
+#[derive(Clone)]
+struct CoreSetup {
+    config: Arc<Config>,
+    key: Arc<DerivationKey>,
+    store: Arc<dyn Store>,
+    tls: Arc<rustls::ServerConfig>,
+    mesh: Option<MeshBuilder<MeshMsg, glommio::channels::channel_mesh::Full>>,
+    events: mpsc::Sender<CoreEvent>,
+}
+
+enum CoreEvent {
+    Ready {
+        core: usize,
+        shard: u16,
+        assets: usize,
+    },
+    Failed {
+        core: usize,
+        reason: String,
+    },
+}
+
+/// Runs the appliance until the process is stopped. Returns only on a start-up failure or
+/// when a core stops.
+pub fn run(config: Config) -> Result<(), ServerError> {
+    std::fs::create_dir_all(&config.server.state_dir).map_err(|e| ServerError::StateDir {
+        path: config.server.state_dir.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    let key = {
+        let seed = crate::seal::unseal(&config.seal)?;
+        Arc::new(DerivationKey::new(&seed))
+        // The seed itself is zeroized here; only the keyed HMAC state stays.
+    };
+    let cores = config.server.cores;
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(
+        &config.store.sqlite_path,
+        config.store.commit_queue_depth,
+    )?);
+    let tls = crate::tls::server_config(&config.tls)?;
+    let mesh = (cores > 1)
+        .then(|| MeshBuilder::full(cores, config.limits.cross_core_queue_depth as usize));
+    let (events, ready) = mpsc::channel();
+    let setup = CoreSetup {
+        config: Arc::new(config.clone()),
+        key,
+        store: store.clone(),
+        tls,
+        mesh,
+        events,
+    };
+    let online = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let mut handles = Vec::with_capacity(cores);
+    for core in 0..cores {
+        let placement = if cores <= online {
+            Placement::Fixed(core)
+        } else {
+            Placement::Unbound
+        };
+        let setup = setup.clone();
+        let handle = LocalExecutorBuilder::new(placement)
+            .name(&format!("custody-core-{core}"))
+            .io_memory(EXECUTOR_IO_MEMORY_BYTES)
+            .ring_depth(EXECUTOR_RING_DEPTH)
+            .spawn(move || async move {
+                let events = setup.events.clone();
+                if let Err(reason) = core_main(core, setup).await {
+                    let _ = events.send(CoreEvent::Failed { core, reason });
+                }
+            })
+            .map_err(|e| ServerError::Core {
+                core,
+                reason: format!("cannot start executor: {e}"),
+            })?;
+        handles.push(handle);
+    }
+    drop(setup);
+    let mut ready_cores = 0;
+    let mut total_assets = 0;
+    while ready_cores < cores {
+        match ready.recv() {
+            Ok(CoreEvent::Ready {
+                core,
+                shard,
+                assets,
+            }) => {
+                tracing::debug!(core, shard, assets, "core ready");
+                ready_cores += 1;
+                total_assets += assets;
+            }
+            Ok(CoreEvent::Failed { core, reason }) => {
+                return Err(ServerError::Core { core, reason });
+            }
+            Err(_) => {
+                return Err(ServerError::Core {
+                    core: 0,
+                    reason: "every core stopped before it was ready".into(),
+                })
+            }
+        }
+    }
+    tracing::info!(
+        listen = %config.server.listen,
+        shards = cores,
+        assets = total_assets,
+        store = %store.describe(),
+        seal = "dev (NOT for production)",
+        "custodyd serving"
+    );
+    // From here on a core only stops if its executor fails.
+    if let Ok(CoreEvent::Failed { core, reason }) = ready.recv() {
+        return Err(ServerError::Core { core, reason });
+    }
+    for h in handles {
+        let _ = h.join();
+    }
+    Ok(())
+}
+
+async fn core_main(core: usize, setup: CoreSetup) -> Result<(), String> {
+    let config = &setup.config;
+    let cores = config.server.cores as u16;
+    let (senders, receivers, shard_id) = match setup.mesh.clone() {
+        Some(mesh) => {
+            let (s, r) = mesh
+                .join()
+                .await
+                .map_err(|_| "cannot join the channel mesh".to_owned())?;
+            let id = s.peer_id() as u16;
+            (Some(s), Some(r), id)
+        }
+        None => (None, None, 0),
+    };
+    let shard_store = setup.store.open_shard(shard_id, cores);
+    let snapshot = shard_store
+        .load()
+        .await
+        .map_err(|e| format!("loading shard {shard_id}: {e}"))?;
+    let limits = ShardLimits {
+        commit_batch_records_max: config.store.commit_batch_records_max,
+        commit_batch_delay: config.store.commit_batch_delay,
+        commit_timeout: config.store.commit_timeout,
+        pending_max: config.limits.max_pending_per_shard as usize,
+        assets_max: config.limits.max_assets_per_shard as usize,
+    };
+    let shard = Rc::new(Shard::new(
+        shard_id,
+        snapshot,
+        setup.key.clone(),
+        &config.policy.regions,
+        limits,
+        shard_store,
+    ));
+    let assets = shard.asset_count();
+    glommio::spawn_local(shard.clone().run_committer()).detach();
+    let router = Rc::new(ShardRouter::new(shard, cores, senders));
+    if let Some(receivers) = receivers {
+        glommio::spawn_local(router.clone().serve_mesh(receivers)).detach();
+    }
+    let listener = bind(config.server.listen).map_err(|e| {
+        format!(
+            "cannot listen on {}: {e} (is another process using the port?)",
+            config.server.listen
+        )
+    })?;
+    let ctx = Rc::new(CoreContext {
+        router,
+        rules: FieldRules::new(config.policy.regions.clone()),
+        limits: config.limits.clone(),
+        identity: config.tls.identity,
+        require_client_cert: config.tls.require_client_cert,
+        handshake_timeout: config.tls.handshake_timeout,
+        acceptor: futures_rustls::TlsAcceptor::from(setup.tls.clone()),
+        hello: HelloInfo {
+            version: VERSION,
+            shard_count: cores,
+            shard_hash: SHARD_HASH_JUMP_FNV1A64,
+            max_frame_body_bytes: config.limits.max_frame_body_bytes,
+            max_inflight_per_connection: config.limits.max_inflight_per_connection,
+        },
+        connections: Cell::new(0),
+    });
+    let _ = setup.events.send(CoreEvent::Ready {
+        core,
+        shard: shard_id,
+        assets,
+    });
+    accept_loop(ctx, listener).await;
+    Ok(())
+}
+
+fn bind(addr: SocketAddr) -> glommio::Result<glommio::net::TcpListener, ()> {
+    glommio::net::TcpListener::bind(addr)
+}

@@ -1,0 +1,96 @@
+//! The durable store: counters, asset states and the audit log, behind one trait.
+//!
+//! The store is never used for locking or ordering: the shard that owns an asset orders
+//! its operations in memory and hands the store whole batches. A batch is one
+//! transaction; the shard releases the batch's replies only after [`ShardStore::commit`]
+//! returns `Ok` (I1). SQLite ([`sqlite`]) is the embedded default; PostgreSQL implements
+//! the same trait.
+
+pub mod handoff;
+pub mod sqlite;
+
+/// The synchronisation primitives [`handoff`] is written against (loom swaps these).
+pub(crate) mod sync {
+    pub use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+}
+
+use crate::audit::AuditRecord;
+use crate::lifecycle::AssetState;
+use std::future::Future;
+use std::pin::Pin;
+use uuid::Uuid;
+
+/// Version of the schema this build writes. A store with a newer schema is refused.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Errors of the store layer.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    #[error("store schema version {found} is newer than this build supports ({supported}); upgrade custody")]
+    SchemaTooNew { found: u32, supported: u32 },
+    #[error("store holds data this build cannot read: {0}")]
+    Corrupt(String),
+    #[error("the store's commit queue is full")]
+    QueueFull,
+    #[error("the store is shut down")]
+    Closed,
+    #[error("store already in use: {0}")]
+    Locked(String),
+}
+
+/// A change to an asset row, committed in the same transaction as its audit record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AssetWrite {
+    pub asset: Uuid,
+    pub state: AssetState,
+    pub counter: u64,
+    /// `true` for a registration (the row must not exist yet).
+    pub insert: bool,
+}
+
+/// One shard's batch: its audit records in sequence order and the asset changes they
+/// describe. Committed whole or not at all.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CommitBatch {
+    pub shard: u16,
+    pub records: Vec<AuditRecord>,
+    pub asset_writes: Vec<AssetWrite>,
+}
+
+/// An asset as the store holds it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StoredAsset {
+    pub asset: Uuid,
+    pub state: AssetState,
+    pub counter: u64,
+}
+
+/// What a shard needs at start-up: its assets and where its audit sequence stands.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ShardSnapshot {
+    pub assets: Vec<StoredAsset>,
+    /// The highest sequence number committed for this shard (0 if none).
+    pub last_seq: u64,
+}
+
+/// A future that stays on the executor that created it.
+pub type LocalFuture<T> = Pin<Box<dyn Future<Output = T> + 'static>>;
+
+/// A shard's handle on the store. Lives on the shard's core.
+pub trait ShardStore {
+    /// Loads the assets this shard owns and its last audit sequence number.
+    fn load(&self) -> LocalFuture<Result<ShardSnapshot, StoreError>>;
+    /// Commits a batch durably; `Ok` only once the transaction is on disk.
+    fn commit(&self, batch: CommitBatch) -> LocalFuture<Result<(), StoreError>>;
+}
+
+/// A store the appliance opens once and hands to each shard.
+pub trait Store: Send + Sync {
+    /// The store's handle for shard `shard` of `shard_count`.
+    fn open_shard(&self, shard: u16, shard_count: u16) -> Box<dyn ShardStore>;
+    /// A short description for logs and status (never includes a secret).
+    fn describe(&self) -> String;
+}

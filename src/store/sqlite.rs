@@ -1,0 +1,448 @@
+//! The embedded store: SQLite in WAL mode with `synchronous=FULL`, written by one
+//! dedicated commit thread.
+//!
+//! Every shard submits its sealed batch to one [`CommitQueue`]; the commit thread takes
+//! whatever batches are waiting (up to `STORE_BATCHES_PER_TRANSACTION_MAX`), writes them in
+//! one transaction and completes each batch after `COMMIT` returns. That folds the shards'
+//! group commits into one fsync. A transaction that fails fails every batch in it. SQLite
+//! never runs on an executor thread.
+
+use super::handoff::{completion, CommitQueue, Completer, SubmitError};
+use super::{
+    AssetWrite, CommitBatch, LocalFuture, ShardSnapshot, ShardStore, Store, StoreError,
+    StoredAsset, SCHEMA_VERSION,
+};
+use crate::audit::AuditEvent;
+use crate::bounds;
+use crate::lifecycle::AssetState;
+use crate::router::shard_of;
+use rusqlite::{params, Connection, OpenFlags};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use uuid::Uuid;
+
+const MIGRATIONS: [&str; 1] = [include_str!("../../appliance/sql/sqlite/0001_init.sql")];
+
+enum Job {
+    Commit(CommitBatch, Completer<Result<(), StoreError>>),
+    Load {
+        shard: u16,
+        shard_count: u16,
+        done: Completer<Result<ShardSnapshot, StoreError>>,
+    },
+}
+
+/// The SQLite store: a queue to its commit thread, and the thread itself.
+pub struct SqliteStore {
+    queue: CommitQueue<Job>,
+    path: PathBuf,
+    thread: Option<std::thread::JoinHandle<()>>,
+    // Held for the store's lifetime: a second appliance on the same file is refused.
+    _lock: std::fs::File,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path`, applies migrations, takes the
+    /// single-owner lock and starts the commit thread.
+    pub fn open(path: &Path, queue_depth: usize) -> Result<SqliteStore, StoreError> {
+        let lock = take_owner_lock(path)?;
+        let mut conn = open_connection(path)?;
+        migrate(&mut conn)?;
+        let queue = CommitQueue::new(queue_depth.max(1));
+        let thread_queue = queue.clone();
+        let thread = std::thread::Builder::new()
+            .name("custody-sqlite".into())
+            .spawn(move || commit_thread(conn, thread_queue))
+            .map_err(|e| StoreError::Unavailable(format!("cannot start commit thread: {e}")))?;
+        Ok(SqliteStore {
+            queue,
+            path: path.to_owned(),
+            thread: Some(thread),
+            _lock: lock,
+        })
+    }
+}
+
+impl Drop for SqliteStore {
+    fn drop(&mut self) {
+        self.queue.close();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Store for SqliteStore {
+    fn open_shard(&self, shard: u16, shard_count: u16) -> Box<dyn ShardStore> {
+        Box::new(SqliteShard {
+            queue: self.queue.clone(),
+            shard,
+            shard_count,
+        })
+    }
+
+    fn describe(&self) -> String {
+        format!("sqlite:{}", self.path.display())
+    }
+}
+
+struct SqliteShard {
+    queue: CommitQueue<Job>,
+    shard: u16,
+    shard_count: u16,
+}
+
+fn submit_error(e: SubmitError<Job>) -> StoreError {
+    match e {
+        SubmitError::Full(_) => StoreError::QueueFull,
+        SubmitError::Closed(_) => StoreError::Closed,
+    }
+}
+
+impl ShardStore for SqliteShard {
+    fn load(&self) -> LocalFuture<Result<ShardSnapshot, StoreError>> {
+        let (done, pending) = completion();
+        let submitted = self.queue.submit(Job::Load {
+            shard: self.shard,
+            shard_count: self.shard_count,
+            done,
+        });
+        Box::pin(async move {
+            submitted.map_err(submit_error)?;
+            pending.await.unwrap_or(Err(StoreError::Closed))
+        })
+    }
+
+    fn commit(&self, batch: CommitBatch) -> LocalFuture<Result<(), StoreError>> {
+        let (done, pending) = completion();
+        let submitted = self.queue.submit(Job::Commit(batch, done));
+        Box::pin(async move {
+            submitted.map_err(submit_error)?;
+            pending.await.unwrap_or(Err(StoreError::Closed))
+        })
+    }
+}
+
+fn take_owner_lock(db: &Path) -> Result<std::fs::File, StoreError> {
+    let mut lock_path = db.as_os_str().to_owned();
+    lock_path.push(".lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| {
+            StoreError::Unavailable(format!("cannot open lock file {lock_path:?}: {e}"))
+        })?;
+    // SAFETY: flock on a file descriptor we own; no memory is involved.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        return Err(StoreError::Locked(format!(
+            "{} is owned by another running appliance (lock {lock_path:?})",
+            db.display()
+        )));
+    }
+    Ok(file)
+}
+
+fn sql_err(e: rusqlite::Error) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+fn open_connection(path: &Path) -> Result<Connection, StoreError> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(sql_err)?;
+    // WAL with synchronous=FULL: a COMMIT returns only after the WAL is fsynced.
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
+        .map_err(sql_err)?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(StoreError::Unavailable(format!(
+            "SQLite refused WAL mode (got {mode})"
+        )));
+    }
+    conn.execute_batch("PRAGMA synchronous=FULL; PRAGMA busy_timeout=5000;")
+        .map_err(sql_err)?;
+    let sync: i64 = conn
+        .query_row("PRAGMA synchronous", [], |r| r.get(0))
+        .map_err(sql_err)?;
+    if sync != 2 {
+        return Err(StoreError::Unavailable(format!(
+            "SQLite synchronous is {sync}, expected FULL (2)"
+        )));
+    }
+    Ok(conn)
+}
+
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let version: u32 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(sql_err)?;
+    if version > SCHEMA_VERSION {
+        return Err(StoreError::SchemaTooNew {
+            found: version,
+            supported: SCHEMA_VERSION,
+        });
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        let tx = conn.transaction().map_err(sql_err)?;
+        tx.execute_batch(sql).map_err(sql_err)?;
+        tx.pragma_update(None, "user_version", (i + 1) as u32)
+            .map_err(sql_err)?;
+        tx.commit().map_err(sql_err)?;
+    }
+    Ok(())
+}
+
+fn commit_thread(mut conn: Connection, queue: CommitQueue<Job>) {
+    let mut jobs = Vec::with_capacity(bounds::STORE_BATCHES_PER_TRANSACTION_MAX);
+    while queue.take(bounds::STORE_BATCHES_PER_TRANSACTION_MAX, &mut jobs) {
+        let mut commits = Vec::new();
+        for job in jobs.drain(..) {
+            match job {
+                Job::Commit(batch, done) => commits.push((batch, done)),
+                Job::Load {
+                    shard,
+                    shard_count,
+                    done,
+                } => done.complete(load_shard(&conn, shard, shard_count)),
+            }
+        }
+        if commits.is_empty() {
+            continue;
+        }
+        let result = write_batches(&mut conn, commits.iter().map(|(b, _)| b));
+        for (_, done) in commits {
+            done.complete(result.clone());
+        }
+    }
+}
+
+fn write_batches<'a>(
+    conn: &mut Connection,
+    batches: impl Iterator<Item = &'a CommitBatch>,
+) -> Result<(), StoreError> {
+    let tx = conn
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+        .map_err(sql_err)?;
+    {
+        let mut insert_audit = tx
+            .prepare_cached(
+                "INSERT INTO custody_audit_log (shard, seq, event, asset_id, counter, \
+                 state_at_event, requester, request_id, ts_ms, derivation_path, purpose, \
+                 region, ttl_s, scheme_version) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+            )
+            .map_err(sql_err)?;
+        let mut insert_key = tx
+            .prepare_cached(
+                "INSERT INTO custody_keys (asset_id, state, derivation_counter, created_ms, \
+                 updated_ms) VALUES (?1, ?2, ?3, ?4, ?4)",
+            )
+            .map_err(sql_err)?;
+        let mut update_key = tx
+            .prepare_cached(
+                "UPDATE custody_keys SET state = ?2, derivation_counter = ?3, updated_ms = ?4 \
+                 WHERE asset_id = ?1 AND derivation_counter <= ?3",
+            )
+            .map_err(sql_err)?;
+        let now = crate::audit::now_ms() as i64;
+        let mut asset_text = Uuid::encode_buffer();
+        for batch in batches {
+            for r in &batch.records {
+                insert_audit
+                    .execute(params![
+                        r.shard,
+                        to_i64(r.seq, "seq")?,
+                        r.event.name(),
+                        &*r.asset.hyphenated().encode_lower(&mut asset_text),
+                        to_i64(r.counter, "counter")?,
+                        r.state.name(),
+                        &*r.requester,
+                        r.request_id as i64,
+                        r.ts_ms as i64,
+                        r.derive.as_ref().map(|d| d.path.to_string()),
+                        r.derive.as_ref().map(|d| d.purpose.name()),
+                        r.derive.as_ref().map(|d| &*d.region),
+                        r.derive.as_ref().map(|d| d.ttl_s),
+                        r.derive.as_ref().map(|d| d.scheme_version),
+                    ])
+                    .map_err(sql_err)?;
+            }
+            for AssetWrite {
+                asset,
+                state,
+                counter,
+                insert,
+            } in &batch.asset_writes
+            {
+                let id = asset.hyphenated().to_string();
+                let counter = to_i64(*counter, "counter")?;
+                let changed = if *insert {
+                    insert_key.execute(params![id, state.name(), counter, now])
+                } else {
+                    update_key.execute(params![id, state.name(), counter, now])
+                }
+                .map_err(sql_err)?;
+                if changed != 1 {
+                    // I2: an update that would move a counter backward matches no row.
+                    return Err(StoreError::Corrupt(format!(
+                        "asset {id}: write matched {changed} rows (counter regression?)"
+                    )));
+                }
+            }
+        }
+    }
+    tx.commit().map_err(sql_err)
+}
+
+fn to_i64(v: u64, what: &str) -> Result<i64, StoreError> {
+    i64::try_from(v).map_err(|_| StoreError::Corrupt(format!("{what} {v} exceeds 2^63-1")))
+}
+
+fn load_shard(
+    conn: &Connection,
+    shard: u16,
+    shard_count: u16,
+) -> Result<ShardSnapshot, StoreError> {
+    let mut stmt = conn
+        .prepare_cached("SELECT asset_id, state, derivation_counter FROM custody_keys")
+        .map_err(sql_err)?;
+    let mut rows = stmt.query([]).map_err(sql_err)?;
+    let mut assets = Vec::new();
+    while let Some(row) = rows.next().map_err(sql_err)? {
+        let stored = stored_asset(row)?;
+        if shard_of(&stored.asset, shard_count) == shard {
+            assets.push(stored);
+        }
+    }
+    let last_seq: i64 = conn
+        .query_row(
+            "SELECT COALESCE(MAX(seq), 0) FROM custody_audit_log WHERE shard = ?1",
+            [shard],
+            |r| r.get(0),
+        )
+        .map_err(sql_err)?;
+    Ok(ShardSnapshot {
+        assets,
+        last_seq: last_seq.max(0) as u64,
+    })
+}
+
+fn stored_asset(row: &rusqlite::Row<'_>) -> Result<StoredAsset, StoreError> {
+    let id: String = row.get(0).map_err(sql_err)?;
+    let state: String = row.get(1).map_err(sql_err)?;
+    let counter: i64 = row.get(2).map_err(sql_err)?;
+    Ok(StoredAsset {
+        asset: Uuid::parse_str(&id)
+            .map_err(|e| StoreError::Corrupt(format!("asset id {id:?}: {e}")))?,
+        state: AssetState::from_name(&state)
+            .ok_or_else(|| StoreError::Corrupt(format!("asset {id}: state {state:?}")))?,
+        counter: u64::try_from(counter)
+            .map_err(|_| StoreError::Corrupt(format!("asset {id}: counter {counter}")))?,
+    })
+}
+
+/// An audit row as read back (for verification, the CLI and tests).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct AuditRow {
+    pub shard: u16,
+    pub seq: u64,
+    pub event: AuditEvent,
+    pub asset: Uuid,
+    pub counter: u64,
+    pub state: AssetState,
+    pub requester: String,
+    pub request_id: u64,
+    pub ts_ms: u64,
+    pub derivation_path: Option<String>,
+    pub purpose: Option<String>,
+    pub region: Option<String>,
+    pub ttl_s: Option<u32>,
+    pub scheme_version: Option<u8>,
+}
+
+/// Read-only access to a store file, for verification while or after the appliance runs.
+pub struct SqliteReader {
+    conn: Connection,
+}
+
+impl SqliteReader {
+    pub fn open(path: &Path) -> Result<SqliteReader, StoreError> {
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(sql_err)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(sql_err)?;
+        Ok(SqliteReader { conn })
+    }
+
+    pub fn assets(&self) -> Result<Vec<StoredAsset>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT asset_id, state, derivation_counter FROM custody_keys ORDER BY asset_id",
+            )
+            .map_err(sql_err)?;
+        let mut rows = stmt.query([]).map_err(sql_err)?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next().map_err(sql_err)? {
+            out.push(stored_asset(row)?);
+        }
+        Ok(out)
+    }
+
+    /// Every audit row in (shard, seq) order.
+    pub fn audit_rows(&self) -> Result<Vec<AuditRow>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT shard, seq, event, asset_id, counter, state_at_event, requester, \
+                 request_id, ts_ms, derivation_path, purpose, region, ttl_s, scheme_version \
+                 FROM custody_audit_log ORDER BY shard, seq",
+            )
+            .map_err(sql_err)?;
+        let mut rows = stmt.query([]).map_err(sql_err)?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next().map_err(sql_err)? {
+            out.push(audit_row(row).map_err(sql_err)?);
+        }
+        Ok(out)
+    }
+}
+
+fn audit_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<AuditRow> {
+    let bad = |i: usize, what: String| {
+        rusqlite::Error::FromSqlConversionFailure(
+            i,
+            rusqlite::types::Type::Text,
+            Box::<dyn std::error::Error + Send + Sync>::from(what),
+        )
+    };
+    let event: String = row.get(2)?;
+    let asset: String = row.get(3)?;
+    let state: String = row.get(5)?;
+    Ok(AuditRow {
+        shard: row.get(0)?,
+        seq: row.get::<_, i64>(1)? as u64,
+        event: AuditEvent::from_name(&event).ok_or_else(|| bad(2, event.clone()))?,
+        asset: Uuid::parse_str(&asset).map_err(|e| bad(3, e.to_string()))?,
+        counter: row.get::<_, i64>(4)? as u64,
+        state: AssetState::from_name(&state).ok_or_else(|| bad(5, state.clone()))?,
+        requester: row.get(6)?,
+        request_id: row.get::<_, i64>(7)? as u64,
+        ts_ms: row.get::<_, i64>(8)? as u64,
+        derivation_path: row.get(9)?,
+        purpose: row.get(10)?,
+        region: row.get(11)?,
+        ttl_s: row.get(12)?,
+        scheme_version: row.get(13)?,
+    })
+}

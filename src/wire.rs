@@ -1,0 +1,937 @@
+//! Wire protocol v1: a sans-IO codec for frames, requests and replies.
+//!
+//! `docs/protocol.md` is the byte-by-byte specification; this module is its only
+//! implementation, shared by the appliance and the client library. Nothing here does I/O:
+//! callers hand in bytes and get back either a frame, "need more bytes" (`Ok(None)`), or a
+//! typed error that says the stream is invalid.
+//!
+//! ```text
+//!  0      4   5   6       8                16          20
+//!  +------+---+---+-------+----------------+-----------+----------------------+
+//!  | CSTD | v | op| flags |   request id   | body len  |  body (body len)     |
+//!  +------+---+---+-------+----------------+-----------+----------------------+
+//!   magic  u8  u8  u16 BE      u64 BE         u32 BE
+//! ```
+//!
+//! A reply carries the request's opcode with bit 7 set, the same request id, and a body that
+//! starts with a `u16` status. Every length is checked before it is used.
+
+use crate::bounds;
+use crate::lifecycle::AssetState;
+use uuid::Uuid;
+
+/// The four bytes every frame starts with.
+pub const MAGIC: [u8; 4] = *b"CSTD";
+/// The only protocol version this build speaks.
+pub const VERSION: u8 = 1;
+/// Length of the fixed frame header.
+pub const HEADER_LEN: usize = 20;
+/// Bit set in the opcode of every reply.
+pub const REPLY_BIT: u8 = 0x80;
+/// Identifier of the asset → shard hash announced in HELLO (see docs/protocol.md).
+pub const SHARD_HASH_JUMP_FNV1A64: u8 = 1;
+/// Length of a derived key on the wire.
+pub const KEY_LEN: usize = 32;
+
+/// Request opcodes. Numbers are never reused; later issues add operations above 0x04.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Opcode {
+    Hello = 0x01,
+    Register = 0x02,
+    Derive = 0x03,
+    Status = 0x04,
+}
+
+impl Opcode {
+    pub fn from_u8(value: u8) -> Option<Opcode> {
+        match value {
+            0x01 => Some(Opcode::Hello),
+            0x02 => Some(Opcode::Register),
+            0x03 => Some(Opcode::Derive),
+            0x04 => Some(Opcode::Status),
+            _ => None,
+        }
+    }
+}
+
+/// Client-visible statuses. The numbers are part of the protocol: never renumber, never
+/// reuse a retired number (docs/protocol.md keeps the table).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u16)]
+#[non_exhaustive]
+pub enum Status {
+    Ok = 0,
+    UnsupportedVersion = 1,
+    MalformedFrame = 2,
+    FrameTooLarge = 3,
+    UnknownOpcode = 4,
+    BadBody = 5,
+    InvalidAssetId = 10,
+    InvalidPath = 11,
+    InvalidRegion = 12,
+    InvalidPurpose = 13,
+    InvalidTtl = 14,
+    UnknownAsset = 20,
+    AssetExists = 21,
+    AssetSuspended = 22,
+    AssetRetired = 23,
+    Busy = 30,
+    StoreUnavailable = 31,
+    Sealed = 32,
+    ShuttingDown = 33,
+    Forbidden = 40,
+    RateLimited = 41,
+    Internal = 50,
+}
+
+impl Status {
+    pub const ALL: [Status; 22] = [
+        Status::Ok,
+        Status::UnsupportedVersion,
+        Status::MalformedFrame,
+        Status::FrameTooLarge,
+        Status::UnknownOpcode,
+        Status::BadBody,
+        Status::InvalidAssetId,
+        Status::InvalidPath,
+        Status::InvalidRegion,
+        Status::InvalidPurpose,
+        Status::InvalidTtl,
+        Status::UnknownAsset,
+        Status::AssetExists,
+        Status::AssetSuspended,
+        Status::AssetRetired,
+        Status::Busy,
+        Status::StoreUnavailable,
+        Status::Sealed,
+        Status::ShuttingDown,
+        Status::Forbidden,
+        Status::RateLimited,
+        Status::Internal,
+    ];
+
+    pub fn from_u16(value: u16) -> Option<Status> {
+        Status::ALL.iter().copied().find(|s| *s as u16 == value)
+    }
+
+    /// Stable upper-case name, used in CLI output, JSON and metrics labels.
+    pub fn name(self) -> &'static str {
+        match self {
+            Status::Ok => "OK",
+            Status::UnsupportedVersion => "UNSUPPORTED_VERSION",
+            Status::MalformedFrame => "MALFORMED_FRAME",
+            Status::FrameTooLarge => "FRAME_TOO_LARGE",
+            Status::UnknownOpcode => "UNKNOWN_OPCODE",
+            Status::BadBody => "BAD_BODY",
+            Status::InvalidAssetId => "INVALID_ASSET_ID",
+            Status::InvalidPath => "INVALID_PATH",
+            Status::InvalidRegion => "INVALID_REGION",
+            Status::InvalidPurpose => "INVALID_PURPOSE",
+            Status::InvalidTtl => "INVALID_TTL",
+            Status::UnknownAsset => "UNKNOWN_ASSET",
+            Status::AssetExists => "ASSET_EXISTS",
+            Status::AssetSuspended => "ASSET_SUSPENDED",
+            Status::AssetRetired => "ASSET_RETIRED",
+            Status::Busy => "BUSY",
+            Status::StoreUnavailable => "STORE_UNAVAILABLE",
+            Status::Sealed => "SEALED",
+            Status::ShuttingDown => "SHUTTING_DOWN",
+            Status::Forbidden => "FORBIDDEN",
+            Status::RateLimited => "RATE_LIMITED",
+            Status::Internal => "INTERNAL",
+        }
+    }
+
+    /// A framing error: the appliance answers once and closes the connection.
+    pub fn closes_connection(self) -> bool {
+        matches!(
+            self,
+            Status::UnsupportedVersion | Status::MalformedFrame | Status::FrameTooLarge
+        )
+    }
+}
+
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({})", self.name(), *self as u16)
+    }
+}
+
+/// Why a byte stream or a body is not valid protocol v1.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum WireError {
+    #[error("bad magic: a frame must start with \"CSTD\"")]
+    BadMagic,
+    #[error("unsupported protocol version {0} (this build speaks {VERSION})")]
+    UnsupportedVersion(u8),
+    #[error("reserved flags must be zero, got {0:#06x}")]
+    ReservedFlags(u16),
+    #[error("frame body of {len} bytes exceeds the limit of {max} bytes")]
+    TooLarge { len: u32, max: u32 },
+    #[error("unknown opcode {0:#04x}")]
+    UnknownOpcode(u8),
+    #[error("body truncated: {field} needs {needed} more bytes")]
+    Truncated { field: &'static str, needed: usize },
+    #[error("{0} trailing bytes after the last field")]
+    TrailingBytes(usize),
+    #[error("field {field}: {reason}")]
+    BadField {
+        field: &'static str,
+        reason: &'static str,
+    },
+    #[error("unknown status {0}")]
+    UnknownStatus(u16),
+}
+
+impl WireError {
+    /// The status a peer is told when its frame fails with this error.
+    pub fn status(&self) -> Status {
+        match self {
+            WireError::BadMagic | WireError::ReservedFlags(_) => Status::MalformedFrame,
+            WireError::UnsupportedVersion(_) => Status::UnsupportedVersion,
+            WireError::TooLarge { .. } => Status::FrameTooLarge,
+            WireError::UnknownOpcode(_) => Status::UnknownOpcode,
+            WireError::Truncated { .. }
+            | WireError::TrailingBytes(_)
+            | WireError::BadField { .. }
+            | WireError::UnknownStatus(_) => Status::BadBody,
+        }
+    }
+}
+
+/// The fixed header of every frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FrameHeader {
+    pub opcode: u8,
+    pub request_id: u64,
+    pub body_len: u32,
+}
+
+impl FrameHeader {
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&MAGIC);
+        out.push(VERSION);
+        out.push(self.opcode);
+        out.extend_from_slice(&0u16.to_be_bytes());
+        out.extend_from_slice(&self.request_id.to_be_bytes());
+        out.extend_from_slice(&self.body_len.to_be_bytes());
+    }
+}
+
+/// A complete frame found at the front of a buffer.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Frame<'a> {
+    pub header: FrameHeader,
+    pub body: &'a [u8],
+    /// Bytes of the buffer this frame occupies (header and body).
+    pub consumed: usize,
+}
+
+/// Reads one frame from the front of `buf`.
+///
+/// `Ok(None)`: the bytes so far are a valid prefix; read more. `Err`: the stream is invalid
+/// and no later bytes can fix it. The header is checked as soon as its bytes arrive, so an
+/// oversized or foreign frame is refused before its body is buffered.
+pub fn decode_frame(buf: &[u8], max_body_bytes: u32) -> Result<Option<Frame<'_>>, WireError> {
+    let magic_seen = buf.len().min(MAGIC.len());
+    if buf[..magic_seen] != MAGIC[..magic_seen] {
+        return Err(WireError::BadMagic);
+    }
+    if buf.len() > 4 && buf[4] != VERSION {
+        return Err(WireError::UnsupportedVersion(buf[4]));
+    }
+    if buf.len() < HEADER_LEN {
+        return Ok(None);
+    }
+    let opcode = buf[5];
+    let flags = u16::from_be_bytes([buf[6], buf[7]]);
+    if flags != 0 {
+        return Err(WireError::ReservedFlags(flags));
+    }
+    let request_id = u64::from_be_bytes(array_at(buf, 8));
+    let body_len = u32::from_be_bytes(array_at(buf, 16));
+    if body_len > max_body_bytes {
+        return Err(WireError::TooLarge {
+            len: body_len,
+            max: max_body_bytes,
+        });
+    }
+    // body_len <= max_body_bytes <= FRAME_BODY_BYTES_CAP, so this cannot overflow.
+    let total = HEADER_LEN + body_len as usize;
+    if buf.len() < total {
+        return Ok(None);
+    }
+    Ok(Some(Frame {
+        header: FrameHeader {
+            opcode,
+            request_id,
+            body_len,
+        },
+        body: &buf[HEADER_LEN..total],
+        consumed: total,
+    }))
+}
+
+fn array_at<const N: usize>(buf: &[u8], at: usize) -> [u8; N] {
+    let mut out = [0u8; N];
+    out.copy_from_slice(&buf[at..at + N]);
+    out
+}
+
+/// A cursor over a body that hands out fields and refuses trailing bytes.
+pub struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    pub fn new(buf: &'a [u8]) -> Self {
+        Reader { buf, pos: 0 }
+    }
+
+    pub fn take(&mut self, field: &'static str, n: usize) -> Result<&'a [u8], WireError> {
+        let left = self.buf.len() - self.pos;
+        if left < n {
+            return Err(WireError::Truncated {
+                field,
+                needed: n - left,
+            });
+        }
+        let out = &self.buf[self.pos..self.pos + n];
+        self.pos += n;
+        Ok(out)
+    }
+
+    pub fn u8(&mut self, field: &'static str) -> Result<u8, WireError> {
+        Ok(self.take(field, 1)?[0])
+    }
+
+    pub fn u16(&mut self, field: &'static str) -> Result<u16, WireError> {
+        Ok(u16::from_be_bytes(array_at(self.take(field, 2)?, 0)))
+    }
+
+    pub fn u32(&mut self, field: &'static str) -> Result<u32, WireError> {
+        Ok(u32::from_be_bytes(array_at(self.take(field, 4)?, 0)))
+    }
+
+    pub fn u64(&mut self, field: &'static str) -> Result<u64, WireError> {
+        Ok(u64::from_be_bytes(array_at(self.take(field, 8)?, 0)))
+    }
+
+    pub fn uuid(&mut self, field: &'static str) -> Result<Uuid, WireError> {
+        Ok(Uuid::from_bytes(array_at(self.take(field, 16)?, 0)))
+    }
+
+    /// A `u8`-length-prefixed string of printable ASCII, at most `max` bytes.
+    pub fn short_ascii(&mut self, field: &'static str, max: usize) -> Result<&'a str, WireError> {
+        let len = self.u8(field)? as usize;
+        if len > max {
+            return Err(WireError::BadField {
+                field,
+                reason: "longer than its limit",
+            });
+        }
+        let bytes = self.take(field, len)?;
+        if !bytes.iter().all(|b| (0x21..=0x7e).contains(b)) {
+            return Err(WireError::BadField {
+                field,
+                reason: "not printable ASCII",
+            });
+        }
+        // Printable ASCII is valid UTF-8.
+        std::str::from_utf8(bytes).map_err(|_| WireError::BadField {
+            field,
+            reason: "not printable ASCII",
+        })
+    }
+
+    /// A `u16`-length-prefixed UTF-8 string of at most `max` bytes.
+    pub fn text(&mut self, field: &'static str, max: usize) -> Result<&'a str, WireError> {
+        let len = self.u16(field)? as usize;
+        if len > max {
+            return Err(WireError::BadField {
+                field,
+                reason: "longer than its limit",
+            });
+        }
+        std::str::from_utf8(self.take(field, len)?).map_err(|_| WireError::BadField {
+            field,
+            reason: "not UTF-8",
+        })
+    }
+
+    pub fn finish(self) -> Result<(), WireError> {
+        match self.buf.len() - self.pos {
+            0 => Ok(()),
+            n => Err(WireError::TrailingBytes(n)),
+        }
+    }
+}
+
+/// Body of a DERIVE request, as decoded; field rules are the policy gate's job.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeriveBody {
+    pub asset: Uuid,
+    pub path: String,
+    pub region: String,
+    pub purpose: u8,
+    pub ttl_s: u32,
+}
+
+/// A decoded request body.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Request {
+    Hello,
+    Register { asset: Uuid },
+    Derive(DeriveBody),
+    Status { asset: Uuid },
+}
+
+impl Request {
+    pub fn opcode(&self) -> Opcode {
+        match self {
+            Request::Hello => Opcode::Hello,
+            Request::Register { .. } => Opcode::Register,
+            Request::Derive(_) => Opcode::Derive,
+            Request::Status { .. } => Opcode::Status,
+        }
+    }
+
+    /// Decodes the body of a request frame.
+    pub fn decode(opcode: u8, body: &[u8]) -> Result<Request, WireError> {
+        let op = Opcode::from_u8(opcode).ok_or(WireError::UnknownOpcode(opcode))?;
+        let mut r = Reader::new(body);
+        let request = match op {
+            Opcode::Hello => Request::Hello,
+            Opcode::Register => Request::Register {
+                asset: r.uuid("asset_id")?,
+            },
+            Opcode::Status => Request::Status {
+                asset: r.uuid("asset_id")?,
+            },
+            Opcode::Derive => Request::Derive(DeriveBody {
+                asset: r.uuid("asset_id")?,
+                path: r
+                    .short_ascii("path", bounds::PATH_TEXT_BYTES_MAX)?
+                    .to_owned(),
+                region: r
+                    .short_ascii("region", bounds::REGION_TEXT_BYTES_MAX)?
+                    .to_owned(),
+                purpose: r.u8("purpose")?,
+                ttl_s: r.u32("ttl_s")?,
+            }),
+        };
+        r.finish()?;
+        Ok(request)
+    }
+
+    /// Encodes a whole request frame (header and body) onto `out`.
+    pub fn encode(&self, request_id: u64, out: &mut Vec<u8>) {
+        let start = out.len();
+        FrameHeader {
+            opcode: self.opcode() as u8,
+            request_id,
+            body_len: 0,
+        }
+        .encode(out);
+        match self {
+            Request::Hello => {}
+            Request::Register { asset } | Request::Status { asset } => {
+                out.extend_from_slice(asset.as_bytes())
+            }
+            Request::Derive(d) => {
+                out.extend_from_slice(d.asset.as_bytes());
+                put_short(out, d.path.as_bytes());
+                put_short(out, d.region.as_bytes());
+                out.push(d.purpose);
+                out.extend_from_slice(&d.ttl_s.to_be_bytes());
+            }
+        }
+        patch_body_len(out, start);
+    }
+}
+
+/// Writes a `u8`-length-prefixed field, truncating at 255 bytes (the decoder's limits
+/// are lower, so an over-long field is refused by the peer, never silently cut short).
+fn put_short(out: &mut Vec<u8>, bytes: &[u8]) {
+    let len = bytes.len().min(255);
+    out.push(len as u8);
+    out.extend_from_slice(&bytes[..len]);
+}
+
+fn patch_body_len(out: &mut [u8], frame_start: usize) {
+    let body_len = (out.len() - frame_start - HEADER_LEN) as u32;
+    out[frame_start + 16..frame_start + 20].copy_from_slice(&body_len.to_be_bytes());
+}
+
+/// Where an audit record sits in the log: its shard and its per-shard sequence number.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+pub struct Receipt {
+    pub shard: u16,
+    pub seq: u64,
+}
+
+/// What HELLO reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct HelloInfo {
+    pub version: u8,
+    pub shard_count: u16,
+    pub shard_hash: u8,
+    pub max_frame_body_bytes: u32,
+    pub max_inflight_per_connection: u32,
+}
+
+/// An asset's state as REGISTER and STATUS report it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AssetInfo {
+    pub asset: Uuid,
+    pub state: AssetState,
+    pub counter: u64,
+    pub shard: u16,
+}
+
+/// A successful derivation. The key is zeroized when this value drops.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Derived {
+    pub counter: u64,
+    pub scheme_version: u8,
+    pub key: zeroize::Zeroizing<[u8; KEY_LEN]>,
+    pub receipt: Receipt,
+}
+
+impl std::fmt::Debug for Derived {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Derived")
+            .field("counter", &self.counter)
+            .field("scheme_version", &self.scheme_version)
+            .field("key", &"<redacted>")
+            .field("receipt", &self.receipt)
+            .finish()
+    }
+}
+
+/// A refused request: status, when to retry (0 = not applicable), and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    pub status: Status,
+    pub retry_after_ms: u32,
+    pub message: String,
+}
+
+impl Refusal {
+    pub fn new(status: Status, message: impl Into<String>) -> Refusal {
+        Refusal {
+            status,
+            retry_after_ms: 0,
+            message: message.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.status, self.message)?;
+        if self.retry_after_ms > 0 {
+            write!(f, " (retry after {} ms)", self.retry_after_ms)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for Refusal {}
+
+/// A decoded reply body.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Reply {
+    Hello(HelloInfo),
+    Asset(AssetInfo),
+    Derived(Derived),
+    Refused(Refusal),
+}
+
+impl Reply {
+    /// Encodes a whole reply frame onto `out`.
+    pub fn encode(&self, opcode: u8, request_id: u64, out: &mut Vec<u8>) {
+        let start = out.len();
+        FrameHeader {
+            opcode: opcode | REPLY_BIT,
+            request_id,
+            body_len: 0,
+        }
+        .encode(out);
+        match self {
+            Reply::Hello(h) => {
+                out.extend_from_slice(&(Status::Ok as u16).to_be_bytes());
+                out.push(h.version);
+                out.extend_from_slice(&h.shard_count.to_be_bytes());
+                out.push(h.shard_hash);
+                out.extend_from_slice(&h.max_frame_body_bytes.to_be_bytes());
+                out.extend_from_slice(&h.max_inflight_per_connection.to_be_bytes());
+            }
+            Reply::Asset(a) => {
+                out.extend_from_slice(&(Status::Ok as u16).to_be_bytes());
+                out.extend_from_slice(a.asset.as_bytes());
+                out.push(a.state as u8);
+                out.extend_from_slice(&a.counter.to_be_bytes());
+                out.extend_from_slice(&a.shard.to_be_bytes());
+            }
+            Reply::Derived(d) => {
+                out.extend_from_slice(&(Status::Ok as u16).to_be_bytes());
+                out.extend_from_slice(&d.counter.to_be_bytes());
+                out.push(d.scheme_version);
+                out.extend_from_slice(&d.key[..]);
+                out.extend_from_slice(&d.receipt.shard.to_be_bytes());
+                out.extend_from_slice(&d.receipt.seq.to_be_bytes());
+            }
+            Reply::Refused(r) => {
+                out.extend_from_slice(&(r.status as u16).to_be_bytes());
+                out.extend_from_slice(&r.retry_after_ms.to_be_bytes());
+                let msg = truncate_utf8(&r.message, bounds::ERROR_MESSAGE_BYTES_MAX);
+                out.extend_from_slice(&(msg.len() as u16).to_be_bytes());
+                out.extend_from_slice(msg.as_bytes());
+            }
+        }
+        patch_body_len(out, start);
+    }
+
+    /// Decodes the body of a reply to a request with opcode `request_opcode`.
+    pub fn decode(request_opcode: Opcode, body: &[u8]) -> Result<Reply, WireError> {
+        let mut r = Reader::new(body);
+        let raw_status = r.u16("status")?;
+        let status = Status::from_u16(raw_status).ok_or(WireError::UnknownStatus(raw_status))?;
+        let reply = if status != Status::Ok {
+            let retry_after_ms = r.u32("retry_after_ms")?;
+            let message = r
+                .text("message", bounds::ERROR_MESSAGE_BYTES_MAX)?
+                .to_owned();
+            Reply::Refused(Refusal {
+                status,
+                retry_after_ms,
+                message,
+            })
+        } else {
+            match request_opcode {
+                Opcode::Hello => Reply::Hello(HelloInfo {
+                    version: r.u8("version")?,
+                    shard_count: r.u16("shard_count")?,
+                    shard_hash: r.u8("shard_hash")?,
+                    max_frame_body_bytes: r.u32("max_frame_body_bytes")?,
+                    max_inflight_per_connection: r.u32("max_inflight_per_connection")?,
+                }),
+                Opcode::Register | Opcode::Status => {
+                    let asset = r.uuid("asset_id")?;
+                    let state = AssetState::from_u8(r.u8("state")?).ok_or(WireError::BadField {
+                        field: "state",
+                        reason: "unknown asset state",
+                    })?;
+                    Reply::Asset(AssetInfo {
+                        asset,
+                        state,
+                        counter: r.u64("counter")?,
+                        shard: r.u16("shard")?,
+                    })
+                }
+                Opcode::Derive => {
+                    let counter = r.u64("counter")?;
+                    let scheme_version = r.u8("scheme_version")?;
+                    let mut key = zeroize::Zeroizing::new([0u8; KEY_LEN]);
+                    key.copy_from_slice(r.take("key", KEY_LEN)?);
+                    Reply::Derived(Derived {
+                        counter,
+                        scheme_version,
+                        key,
+                        receipt: Receipt {
+                            shard: r.u16("shard")?,
+                            seq: r.u64("seq")?,
+                        },
+                    })
+                }
+            }
+        };
+        r.finish()?;
+        Ok(reply)
+    }
+}
+
+fn truncate_utf8(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// Fuzz entry point: any bytes through the frame and request decoders must give a frame,
+/// "need more", or a typed error, never a panic. `fuzz/` and the unit tests call this.
+pub fn fuzz_decode(data: &[u8]) {
+    let mut buf = data;
+    // Bounded: every iteration consumes at least HEADER_LEN bytes.
+    while let Ok(Some(frame)) = decode_frame(buf, bounds::FRAME_BODY_BYTES_CAP) {
+        if let Ok(request) = Request::decode(frame.header.opcode, frame.body) {
+            let mut again = Vec::new();
+            request.encode(frame.header.request_id, &mut again);
+            assert_eq!(&again[HEADER_LEN..], frame.body, "request codec round trip");
+        }
+        for op in [
+            Opcode::Hello,
+            Opcode::Register,
+            Opcode::Derive,
+            Opcode::Status,
+        ] {
+            let _ = Reply::decode(op, frame.body);
+        }
+        buf = &buf[frame.consumed..];
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn derive_body() -> DeriveBody {
+        DeriveBody {
+            asset: Uuid::from_bytes([0x11; 16]),
+            path: "m/44'/0'/0'/0'/7".into(),
+            region: "US-EAST".into(),
+            purpose: 1,
+            ttl_s: 300,
+        }
+    }
+
+    #[test]
+    fn header_layout_is_byte_exact() {
+        let mut out = Vec::new();
+        Request::Status {
+            asset: Uuid::from_bytes([0xAB; 16]),
+        }
+        .encode(0x0102030405060708, &mut out);
+        assert_eq!(
+            &out[..HEADER_LEN],
+            &[
+                0x43, 0x53, 0x54, 0x44, // "CSTD"
+                0x01, // version
+                0x04, // STATUS
+                0x00, 0x00, // flags
+                0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07, 0x08, // request id
+                0x00, 0x00, 0x00, 0x10, // body length 16
+            ]
+        );
+        assert_eq!(out.len(), HEADER_LEN + 16);
+    }
+
+    #[test]
+    fn request_round_trip() {
+        for req in [
+            Request::Hello,
+            Request::Register {
+                asset: Uuid::from_bytes([7; 16]),
+            },
+            Request::Status {
+                asset: Uuid::from_bytes([9; 16]),
+            },
+            Request::Derive(derive_body()),
+        ] {
+            let mut out = Vec::new();
+            req.encode(42, &mut out);
+            let frame = decode_frame(&out, 1024).unwrap().unwrap();
+            assert_eq!(frame.consumed, out.len());
+            assert_eq!(frame.header.request_id, 42);
+            assert_eq!(
+                Request::decode(frame.header.opcode, frame.body).unwrap(),
+                req
+            );
+        }
+    }
+
+    #[test]
+    fn every_prefix_is_incomplete_not_invalid() {
+        let mut out = Vec::new();
+        Request::Derive(derive_body()).encode(1, &mut out);
+        for end in 0..out.len() {
+            assert_eq!(decode_frame(&out[..end], 1024), Ok(None), "prefix {end}");
+        }
+        assert!(decode_frame(&out, 1024).unwrap().is_some());
+    }
+
+    #[test]
+    fn invalid_headers_are_refused_early() {
+        assert_eq!(decode_frame(b"CSX", 1024), Err(WireError::BadMagic));
+        assert_eq!(
+            decode_frame(b"GET / HTTP/1.1", 1024),
+            Err(WireError::BadMagic)
+        );
+        assert_eq!(
+            decode_frame(b"CSTD\x02", 1024),
+            Err(WireError::UnsupportedVersion(2))
+        );
+        let mut out = Vec::new();
+        Request::Hello.encode(1, &mut out);
+        out[6] = 0x80;
+        assert_eq!(
+            decode_frame(&out, 1024),
+            Err(WireError::ReservedFlags(0x8000))
+        );
+        // An oversized frame is refused from its header alone.
+        let mut big = Vec::new();
+        FrameHeader {
+            opcode: 1,
+            request_id: 1,
+            body_len: 4097,
+        }
+        .encode(&mut big);
+        assert_eq!(
+            decode_frame(&big, 4096),
+            Err(WireError::TooLarge {
+                len: 4097,
+                max: 4096
+            })
+        );
+    }
+
+    #[test]
+    fn bad_bodies_are_typed() {
+        assert_eq!(
+            Request::decode(0x7f, &[]),
+            Err(WireError::UnknownOpcode(0x7f))
+        );
+        assert_eq!(
+            Request::decode(Opcode::Status as u8, &[0; 15]),
+            Err(WireError::Truncated {
+                field: "asset_id",
+                needed: 1
+            })
+        );
+        assert_eq!(
+            Request::decode(Opcode::Status as u8, &[0; 17]),
+            Err(WireError::TrailingBytes(1))
+        );
+        let mut out = Vec::new();
+        let mut body = derive_body();
+        body.path = "m/44'/0'/0'/0'/\u{7}".into();
+        Request::Derive(body).encode(1, &mut out);
+        assert_eq!(
+            Request::decode(Opcode::Derive as u8, &out[HEADER_LEN..]),
+            Err(WireError::BadField {
+                field: "path",
+                reason: "not printable ASCII"
+            })
+        );
+        for e in [
+            WireError::TrailingBytes(1),
+            WireError::Truncated {
+                field: "x",
+                needed: 1,
+            },
+        ] {
+            assert_eq!(e.status(), Status::BadBody);
+        }
+    }
+
+    #[test]
+    fn replies_round_trip() {
+        let replies = [
+            (
+                Opcode::Hello,
+                Reply::Hello(HelloInfo {
+                    version: 1,
+                    shard_count: 2,
+                    shard_hash: SHARD_HASH_JUMP_FNV1A64,
+                    max_frame_body_bytes: 4096,
+                    max_inflight_per_connection: 256,
+                }),
+            ),
+            (
+                Opcode::Status,
+                Reply::Asset(AssetInfo {
+                    asset: Uuid::from_bytes([3; 16]),
+                    state: AssetState::Suspended,
+                    counter: 9,
+                    shard: 1,
+                }),
+            ),
+            (
+                Opcode::Derive,
+                Reply::Derived(Derived {
+                    counter: 3,
+                    scheme_version: 1,
+                    key: zeroize::Zeroizing::new([0x5a; KEY_LEN]),
+                    receipt: Receipt { shard: 1, seq: 77 },
+                }),
+            ),
+            (
+                Opcode::Derive,
+                Reply::Refused(Refusal {
+                    status: Status::Busy,
+                    retry_after_ms: 5,
+                    message: "shard queue full".into(),
+                }),
+            ),
+        ];
+        for (op, reply) in replies {
+            let mut out = Vec::new();
+            reply.encode(op as u8, 9, &mut out);
+            let frame = decode_frame(&out, 4096).unwrap().unwrap();
+            assert_eq!(frame.header.opcode, op as u8 | REPLY_BIT);
+            assert_eq!(Reply::decode(op, frame.body).unwrap(), reply);
+        }
+    }
+
+    #[test]
+    fn status_numbers_are_stable() {
+        // Changing any of these breaks deployed clients: add new numbers instead.
+        let expected: [(Status, u16); 22] = [
+            (Status::Ok, 0),
+            (Status::UnsupportedVersion, 1),
+            (Status::MalformedFrame, 2),
+            (Status::FrameTooLarge, 3),
+            (Status::UnknownOpcode, 4),
+            (Status::BadBody, 5),
+            (Status::InvalidAssetId, 10),
+            (Status::InvalidPath, 11),
+            (Status::InvalidRegion, 12),
+            (Status::InvalidPurpose, 13),
+            (Status::InvalidTtl, 14),
+            (Status::UnknownAsset, 20),
+            (Status::AssetExists, 21),
+            (Status::AssetSuspended, 22),
+            (Status::AssetRetired, 23),
+            (Status::Busy, 30),
+            (Status::StoreUnavailable, 31),
+            (Status::Sealed, 32),
+            (Status::ShuttingDown, 33),
+            (Status::Forbidden, 40),
+            (Status::RateLimited, 41),
+            (Status::Internal, 50),
+        ];
+        for (status, number) in expected {
+            assert_eq!(status as u16, number);
+            assert_eq!(Status::from_u16(number), Some(status));
+        }
+        assert_eq!(Status::from_u16(6), None);
+    }
+
+    #[test]
+    fn fuzz_entry_survives_garbage() {
+        // A deterministic sweep standing in for the fuzzer on every test run.
+        let mut seed = 0x9e3779b97f4a7c15u64;
+        let mut valid = Vec::new();
+        Request::Derive(derive_body()).encode(5, &mut valid);
+        for round in 0..20_000 {
+            let mut data = valid.clone();
+            for _ in 0..(round % 7) + 1 {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                let at = (seed as usize) % data.len();
+                data[at] = (seed >> 32) as u8;
+            }
+            data.truncate((seed as usize >> 8) % (data.len() + 1));
+            fuzz_decode(&data);
+        }
+    }
+}
