@@ -1,0 +1,188 @@
+//! A real appliance for integration tests: `custodyd` started as a process with its own
+//! state directory, development certificates and seed, on a free loopback port.
+
+#![allow(dead_code)]
+
+use custody::client::{Client, ClientConfig};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct TestAppliance {
+    pub dir: tempfile::TempDir,
+    pub addr: SocketAddr,
+    child: Option<Child>,
+    extra_config: String,
+}
+
+impl TestAppliance {
+    pub fn start() -> TestAppliance {
+        Self::start_with("")
+    }
+
+    /// Starts with extra TOML appended to the config (whole sections, e.g. "[limits]\n…").
+    pub fn start_with(extra_config: &str) -> TestAppliance {
+        let dir = tempfile::Builder::new()
+            .prefix("custody-test-")
+            .tempdir()
+            .expect("temp dir");
+        custody::tls::write_dev_certs(&dir.path().join("certs"), "test-client").expect("dev certs");
+        custody::seal::write_dev_seed(&dir.path().join("dev-seed.bin")).expect("dev seed");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let mut app = TestAppliance {
+            addr: ([127, 0, 0, 1], port).into(),
+            dir,
+            child: None,
+            extra_config: extra_config.to_owned(),
+        };
+        app.write_config();
+        app.launch();
+        app
+    }
+
+    fn write_config(&self) {
+        let text = format!(
+            "[server]\nlisten = \"{}\"\ncores = 2\nstate_dir = \"{}\"\nlog_level = \"warn\"\n\n\
+             [tls]\ncert = \"certs/server.pem\"\nkey = \"certs/server.key\"\nclient_ca = \"certs/ca.pem\"\n\n{}",
+            self.addr,
+            self.dir.path().display(),
+            self.extra_config
+        );
+        std::fs::write(self.config_path(), text).expect("config");
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("custody.toml")
+    }
+
+    pub fn certs(&self) -> PathBuf {
+        self.dir.path().join("certs")
+    }
+
+    pub fn db_path(&self) -> PathBuf {
+        self.dir.path().join("custody.db")
+    }
+
+    pub fn seed(&self) -> [u8; 32] {
+        std::fs::read(self.dir.path().join("dev-seed.bin"))
+            .expect("seed")
+            .try_into()
+            .expect("32 bytes")
+    }
+
+    pub fn client_config(&self) -> ClientConfig {
+        ClientConfig {
+            addr: self.addr,
+            server_name: "localhost".into(),
+            ca: self.certs().join("ca.pem"),
+            cert: self.certs().join("client.pem"),
+            key: self.certs().join("client.key"),
+        }
+    }
+
+    /// Starts custodyd and waits until it answers HELLO over TLS.
+    pub fn launch(&mut self) {
+        let log = std::fs::File::create(self.dir.path().join("custodyd.log")).expect("log");
+        let child = Command::new(env!("CARGO_BIN_EXE_custodyd"))
+            .arg("run")
+            .arg("--config")
+            .arg(self.config_path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn custodyd");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let rt = runtime();
+        loop {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!("custodyd exited with {status}:\n{}", self.log());
+            }
+            let ready = rt.block_on(async {
+                match Client::connect(&self.client_config()).await {
+                    Ok(c) => c.hello().await.is_ok(),
+                    Err(_) => false,
+                }
+            });
+            if ready {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "custodyd not ready:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("custodyd.log")).unwrap_or_default()
+    }
+
+    /// SIGKILL: no chance to flush or clean up.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(c) => c.try_wait().ok().flatten().is_none(),
+            None => false,
+        }
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+}
+
+impl Drop for TestAppliance {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// A version-4 UUID from a number (deterministic per test).
+pub fn asset(n: u64) -> uuid::Uuid {
+    let mut b = [0u8; 16];
+    b[..8].copy_from_slice(&n.to_be_bytes());
+    b[8..].copy_from_slice(&0x5eed_u64.to_be_bytes());
+    uuid::Builder::from_random_bytes(b).into_uuid()
+}
+
+pub fn derive_body(asset: uuid::Uuid, path: &str) -> custody::wire::DeriveBody {
+    custody::wire::DeriveBody {
+        asset,
+        path: path.into(),
+        region: "US-EAST".into(),
+        purpose: 1,
+        ttl_s: 300,
+    }
+}
+
+pub fn read_audit(db: &Path) -> Vec<custody::store::sqlite::AuditRow> {
+    custody::store::sqlite::SqliteReader::open(db)
+        .expect("open db")
+        .audit_rows()
+        .expect("audit rows")
+}
