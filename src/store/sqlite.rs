@@ -37,6 +37,7 @@ pub struct SqliteStore {
     queue: CommitQueue<Job>,
     path: PathBuf,
     thread: Option<std::thread::JoinHandle<()>>,
+    checkpointer: Option<Checkpointer>,
     // Held for the store's lifetime: a second appliance on the same file is refused.
     _lock: std::fs::File,
 }
@@ -50,6 +51,12 @@ impl SqliteStore {
         migrate(&mut conn)?;
         let queue = CommitQueue::new(queue_depth.max(1));
         let thread_queue = queue.clone();
+        // Checkpoints copy the WAL back into the database and fsync it: tens of
+        // milliseconds that must not sit in front of a commit. The commit thread never
+        // checkpoints; a thread of its own does, on its own connection.
+        conn.execute_batch("PRAGMA wal_autocheckpoint=0;")
+            .map_err(sql_err)?;
+        let checkpointer = Checkpointer::start(path)?;
         let thread = std::thread::Builder::new()
             .name("custody-sqlite".into())
             .spawn(move || commit_thread(conn, thread_queue))
@@ -58,6 +65,7 @@ impl SqliteStore {
             queue,
             path: path.to_owned(),
             thread: Some(thread),
+            checkpointer: Some(checkpointer),
             _lock: lock,
         })
     }
@@ -66,6 +74,65 @@ impl SqliteStore {
 impl Drop for SqliteStore {
     fn drop(&mut self) {
         self.queue.close();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        drop(self.checkpointer.take());
+    }
+}
+
+/// How often the checkpointer copies committed WAL frames into the database.
+const CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// The WAL checkpointer: a thread with its own connection running PASSIVE checkpoints,
+/// which never block the commit thread. The WAL restarts from its beginning after each
+/// complete checkpoint, so it stays bounded while checkpoints keep up.
+struct Checkpointer {
+    stop: std::sync::Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Checkpointer {
+    fn start(path: &Path) -> Result<Checkpointer, StoreError> {
+        let conn = open_connection(path)?;
+        let stop = std::sync::Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
+        let thread_stop = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("custody-sqlite-ckpt".into())
+            .spawn(move || {
+                let (lock, cvar) = &*thread_stop;
+                loop {
+                    let stopped = match lock.lock() {
+                        Ok(g) => match cvar.wait_timeout(g, CHECKPOINT_INTERVAL) {
+                            Ok((g, _)) => *g,
+                            Err(p) => *p.into_inner().0,
+                        },
+                        Err(p) => *p.into_inner(),
+                    };
+                    if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                        tracing::warn!(error = %e, "WAL checkpoint failed; retrying");
+                    }
+                    if stopped {
+                        return;
+                    }
+                }
+            })
+            .map_err(|e| StoreError::Unavailable(format!("cannot start checkpointer: {e}")))?;
+        Ok(Checkpointer {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        let (lock, cvar) = &*self.stop;
+        match lock.lock() {
+            Ok(mut g) => *g = true,
+            Err(p) => *p.into_inner() = true,
+        }
+        cvar.notify_all();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
