@@ -1,1 +1,83 @@
-fn main() {}
+//! criterion benches of the pure pieces on the derive hot path: the KDF, the codec, the
+//! field rules and the shard hash. Kept short for a 2-core machine:
+//! `cargo bench --bench hot_path`.
+
+use criterion::{black_box, criterion_group, criterion_main, Criterion};
+use custody::kdf::{DerivationKey, DerivationPath, RootSeed};
+use custody::policy::FieldRules;
+use custody::wire::{self, DeriveBody, Derived, Receipt, Reply, Request};
+use std::time::Duration;
+use uuid::Uuid;
+
+fn body() -> DeriveBody {
+    DeriveBody {
+        asset: Uuid::parse_str("0b9f3c5e-8d1a-4f6b-9c2d-3e4f5a6b7c8d").unwrap(),
+        path: "m/44'/60'/0'/0'/12345".into(),
+        region: "EU-WEST".into(),
+        purpose: 2,
+        ttl_s: 300,
+    }
+}
+
+fn kdf(c: &mut Criterion) {
+    let key = DerivationKey::new(&RootSeed::from_bytes([0x42; 32]));
+    let asset = body().asset;
+    let path = DerivationPath::parse(&body().path).unwrap();
+    c.bench_function("kdf/derive (keyed once)", |b| {
+        b.iter(|| key.derive(black_box(&asset), black_box(7), black_box(&path)))
+    });
+    c.bench_function("kdf/key the HMAC (per seed, not per request)", |b| {
+        let seed = RootSeed::from_bytes([0x42; 32]);
+        b.iter(|| DerivationKey::new(black_box(&seed)))
+    });
+}
+
+fn codec(c: &mut Criterion) {
+    let mut frame = Vec::new();
+    Request::Derive(body()).encode(99, &mut frame);
+    c.bench_function("wire/decode derive request", |b| {
+        b.iter(|| {
+            let f = wire::decode_frame(black_box(&frame), 16_384)
+                .unwrap()
+                .unwrap();
+            Request::decode(f.header.opcode, f.body).unwrap()
+        })
+    });
+    let reply = Reply::Derived(Derived {
+        counter: 3,
+        scheme_version: 1,
+        key: zeroize::Zeroizing::new([0x5a; 32]),
+        receipt: Receipt {
+            shard: 1,
+            seq: 1 << 40,
+        },
+    });
+    let mut out = Vec::with_capacity(256);
+    c.bench_function("wire/encode derive reply", |b| {
+        b.iter(|| {
+            out.clear();
+            black_box(&reply).encode(wire::Opcode::Derive as u8, 99, &mut out);
+        })
+    });
+}
+
+fn gate(c: &mut Criterion) {
+    let rules = FieldRules::new(vec!["US-EAST".into(), "EU-WEST".into(), "APAC".into()]);
+    let b0 = body();
+    c.bench_function("policy/check_derive", |b| {
+        b.iter(|| rules.check_derive(black_box(&b0)).unwrap())
+    });
+    c.bench_function("router/shard_of (2 shards)", |b| {
+        b.iter(|| custody::router::shard_of(black_box(&b0.asset), 2))
+    });
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default()
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2))
+        .sample_size(30);
+    targets = kdf, codec, gate
+}
+criterion_main!(benches);

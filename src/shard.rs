@@ -477,3 +477,247 @@ fn durable_entry<'a>(
         )),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The shard against a scripted store: the fault-injection seam for commit failures
+    //! and slow commits that a real SQLite file cannot produce on demand.
+
+    use super::*;
+    use crate::kdf::{DerivationPath, RootSeed};
+    use crate::policy::Purpose;
+    use crate::store::LocalFuture;
+    use std::cell::Cell;
+
+    #[derive(Default)]
+    struct Script {
+        /// Outcome of each commit in order; `Ok` once the script runs out.
+        outcomes: RefCell<VecDeque<Result<(), StoreError>>>,
+        /// How long each commit takes.
+        delay: Cell<Duration>,
+        committed: RefCell<Vec<CommitBatch>>,
+    }
+
+    struct ScriptedStore(Rc<Script>);
+
+    impl ShardStore for ScriptedStore {
+        fn load(&self) -> LocalFuture<Result<ShardSnapshot, StoreError>> {
+            Box::pin(async { Ok(ShardSnapshot::default()) })
+        }
+
+        fn commit(&self, batch: CommitBatch) -> LocalFuture<Result<(), StoreError>> {
+            let script = self.0.clone();
+            Box::pin(async move {
+                let delay = script.delay.get();
+                if !delay.is_zero() {
+                    glommio::timer::sleep(delay).await;
+                }
+                let outcome = script.outcomes.borrow_mut().pop_front().unwrap_or(Ok(()));
+                if outcome.is_ok() {
+                    script.committed.borrow_mut().push(batch);
+                }
+                outcome
+            })
+        }
+    }
+
+    fn limits() -> ShardLimits {
+        ShardLimits {
+            commit_batch_records_max: 64,
+            commit_batch_delay: Duration::ZERO,
+            commit_timeout: Duration::from_millis(200),
+            pending_max: 3,
+            assets_max: 10,
+        }
+    }
+
+    fn shard(script: &Rc<Script>, limits: ShardLimits) -> Rc<Shard> {
+        let key = Arc::new(DerivationKey::new(&RootSeed::from_bytes([7; 32])));
+        let shard = Rc::new(Shard::new(
+            0,
+            ShardSnapshot::default(),
+            key,
+            &["US-EAST".to_owned()],
+            limits,
+            Box::new(ScriptedStore(script.clone())),
+        ));
+        glommio::spawn_local(shard.clone().run_committer()).detach();
+        shard
+    }
+
+    fn asset(n: u8) -> Uuid {
+        uuid::Builder::from_random_bytes([n; 16]).into_uuid()
+    }
+
+    fn register(a: Uuid) -> ShardOp {
+        ShardOp::Register {
+            asset: a,
+            requester: Arc::from("tester"),
+            request_id: 1,
+        }
+    }
+
+    fn derive(a: Uuid) -> ShardOp {
+        ShardOp::Derive {
+            request: CheckedDerive {
+                asset: a,
+                path: DerivationPath::parse("m/44'/0'/0'/0'/1").unwrap(),
+                region: 0,
+                purpose: Purpose::Trading,
+                ttl_s: 60,
+            },
+            requester: Arc::from("tester"),
+            request_id: 2,
+        }
+    }
+
+    fn seq_of(r: OpResult) -> u64 {
+        match r {
+            Ok(Reply::Derived(d)) => d.receipt.seq,
+            other => panic!("expected a derivation, got {other:?}"),
+        }
+    }
+
+    fn run(test: impl std::future::Future<Output = ()> + 'static) {
+        glommio::LocalExecutorBuilder::default()
+            .io_memory(256 * 1024)
+            .make()
+            .unwrap()
+            .run(test);
+    }
+
+    #[test]
+    fn replies_only_after_commit_and_sequences_are_dense() {
+        run(async {
+            let script = Rc::new(Script::default());
+            let s = shard(&script, limits());
+            let a = asset(1);
+            s.execute(register(a)).await.unwrap();
+            for expected in 2..=4 {
+                assert_eq!(seq_of(s.execute(derive(a)).await), expected);
+            }
+            let committed: Vec<u64> = script
+                .committed
+                .borrow()
+                .iter()
+                .flat_map(|b| b.records.iter().map(|r| r.seq))
+                .collect();
+            assert_eq!(committed, [1, 2, 3, 4]);
+        });
+    }
+
+    #[test]
+    fn a_failed_commit_fails_the_batch_and_gives_its_sequence_back() {
+        run(async {
+            let script = Rc::new(Script::default());
+            let s = shard(&script, limits());
+            let a = asset(2);
+            s.execute(register(a)).await.unwrap();
+            script
+                .outcomes
+                .borrow_mut()
+                .push_back(Err(StoreError::Unavailable("disk on fire".into())));
+            // Two derivations sealed into the failing batch both fail.
+            let (x, y) =
+                futures_lite::future::zip(s.execute(derive(a)), s.execute(derive(a))).await;
+            for r in [x, y] {
+                assert_eq!(r.unwrap_err().status, Status::StoreUnavailable);
+            }
+            // The next batch reuses the numbers: no gap in the log.
+            assert_eq!(seq_of(s.execute(derive(a)).await), 2);
+            assert_eq!(script.committed.borrow().len(), 2);
+        });
+    }
+
+    #[test]
+    fn a_failed_registration_is_forgotten() {
+        run(async {
+            let script = Rc::new(Script::default());
+            let s = shard(&script, limits());
+            let a = asset(3);
+            script
+                .outcomes
+                .borrow_mut()
+                .push_back(Err(StoreError::Unavailable("down".into())));
+            assert_eq!(
+                s.execute(register(a)).await.unwrap_err().status,
+                Status::StoreUnavailable
+            );
+            let status = s.execute(ShardOp::Status { asset: a }).await.unwrap_err();
+            assert_eq!(status.status, Status::UnknownAsset);
+            s.execute(register(a)).await.unwrap();
+            assert!(matches!(
+                s.execute(ShardOp::Status { asset: a }).await,
+                Ok(Reply::Asset(_))
+            ));
+        });
+    }
+
+    #[test]
+    fn a_late_commit_answers_store_unavailable_but_keeps_the_truth() {
+        run(async {
+            let script = Rc::new(Script::default());
+            let s = shard(&script, limits());
+            let a = asset(4);
+            script.delay.set(Duration::from_millis(400));
+            let started = std::time::Instant::now();
+            let r = s.execute(register(a)).await;
+            assert_eq!(r.unwrap_err().status, Status::StoreUnavailable);
+            assert!(
+                started.elapsed() < Duration::from_millis(390),
+                "answered at the timeout"
+            );
+            // Unknown while the batch's fate is open, registered once it committed.
+            script.delay.set(Duration::ZERO);
+            glommio::timer::sleep(Duration::from_millis(300)).await;
+            assert!(matches!(
+                s.execute(ShardOp::Status { asset: a }).await,
+                Ok(Reply::Asset(_))
+            ));
+            assert_eq!(seq_of(s.execute(derive(a)).await), 2);
+        });
+    }
+
+    #[test]
+    fn bounds_answer_busy_and_change_nothing() {
+        run(async {
+            let script = Rc::new(Script::default());
+            let s = shard(&script, limits());
+            let a = asset(5);
+            s.execute(register(a)).await.unwrap();
+            script.delay.set(Duration::from_millis(50));
+            // pending_max = 3: the fourth request finds the queue full.
+            let mut accepted = Vec::new();
+            for _ in 0..3 {
+                match s.accept(derive(a)) {
+                    Ok(Accepted::AfterCommit(rx)) => accepted.push(rx),
+                    _ => panic!("accepted"),
+                }
+            }
+            let busy = s.accept(derive(a)).err().unwrap();
+            assert_eq!(busy.status, Status::Busy);
+            assert!(busy.retry_after_ms > 0);
+            for rx in accepted {
+                rx.await.unwrap().unwrap();
+            }
+            let records: usize = script
+                .committed
+                .borrow()
+                .iter()
+                .map(|b| b.records.len())
+                .sum();
+            assert_eq!(
+                records, 4,
+                "the registration and three derivations, not the refused one"
+            );
+            // The asset registry bound.
+            for n in 10..19 {
+                s.execute(register(asset(n))).await.unwrap();
+            }
+            assert_eq!(
+                s.execute(register(asset(99))).await.unwrap_err().status,
+                Status::Busy
+            );
+        });
+    }
+}
