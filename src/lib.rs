@@ -19,6 +19,7 @@
 //! - [`seal`]: where the root seed comes from.
 //!
 //! Around the request path: [`config`] (two-stage TOML), [`bounds`] (hard caps),
+//! [`signal`] (lock-free wake-ups between tasks of one core),
 //! [`client`] (the tokio client library the CLI and the load harness use).
 
 pub mod audit;
@@ -33,6 +34,7 @@ pub mod router;
 pub mod seal;
 pub mod server;
 pub mod shard;
+pub mod signal;
 pub mod store;
 pub mod tls;
 pub mod wire;

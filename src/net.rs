@@ -11,6 +11,7 @@ use crate::config::{IdentitySource, Limits};
 use crate::policy::{check_asset_id, FieldRules};
 use crate::router::ShardRouter;
 use crate::shard::ShardOp;
+use crate::signal::LocalSignal;
 use crate::tls;
 use crate::wire::{self, HelloInfo, Refusal, Reply, Request, Status};
 use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -22,7 +23,6 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::sync::Notify;
 use zeroize::Zeroize;
 
 /// Bytes read from a connection at a time.
@@ -125,10 +125,10 @@ async fn serve(ctx: &Rc<CoreContext>, stream: TcpStream) {
     read_loop(ctx, &identity, Half(stream), &outbox).await;
     // Let every request already accepted finish and be answered, then close.
     while outbox.inflight.get() > 0 {
-        outbox.idle.notified().await;
+        outbox.idle.wait().await;
     }
     outbox.closing.set(true);
-    outbox.ready.notify_one();
+    outbox.ready.notify();
     writer.await;
     tracing::debug!(?peer, %identity, "connection closed");
 }
@@ -138,11 +138,11 @@ async fn serve(ctx: &Rc<CoreContext>, stream: TcpStream) {
 struct Outbox {
     buf: RefCell<Vec<u8>>,
     /// Data was added, or the connection is closing.
-    ready: Notify,
+    ready: LocalSignal,
     /// The writer emptied the buffer.
-    drained: Notify,
+    drained: LocalSignal,
     /// The last in-flight request finished.
-    idle: Notify,
+    idle: LocalSignal,
     inflight: Cell<u32>,
     closing: Cell<bool>,
     failed: Cell<bool>,
@@ -151,7 +151,7 @@ struct Outbox {
 impl Outbox {
     fn push(&self, opcode: u8, request_id: u64, reply: &Reply) {
         reply.encode(opcode, request_id, &mut self.buf.borrow_mut());
-        self.ready.notify_one();
+        self.ready.notify();
     }
 
     fn refuse(&self, opcode: u8, request_id: u64, refusal: Refusal) {
@@ -166,7 +166,7 @@ async fn write_loop<S: AsyncWrite + Unpin>(mut w: S, outbox: Rc<Outbox>) {
             if outbox.closing.get() || outbox.failed.get() {
                 break;
             }
-            outbox.ready.notified().await;
+            outbox.ready.wait().await;
             continue;
         }
         std::mem::swap(&mut *outbox.buf.borrow_mut(), &mut sending);
@@ -176,10 +176,10 @@ async fn write_loop<S: AsyncWrite + Unpin>(mut w: S, outbox: Rc<Outbox>) {
         };
         // The bytes may include derived keys.
         sending.zeroize();
-        outbox.drained.notify_waiters();
+        outbox.drained.notify();
         if result.is_err() {
             outbox.failed.set(true);
-            outbox.drained.notify_waiters();
+            outbox.drained.notify();
             break;
         }
     }
@@ -196,7 +196,7 @@ async fn read_loop<S: AsyncRead + Unpin>(
     let mut buf: Vec<u8> = Vec::with_capacity(READ_CHUNK_BYTES);
     loop {
         while outbox.buf.borrow().len() > OUTBOX_HIGH_WATER_BYTES && !outbox.failed.get() {
-            outbox.drained.notified().await;
+            outbox.drained.wait().await;
         }
         if outbox.failed.get() {
             return;
@@ -292,7 +292,7 @@ fn dispatch(
         let left = outbox.inflight.get() - 1;
         outbox.inflight.set(left);
         if left == 0 {
-            outbox.idle.notify_one();
+            outbox.idle.notify();
         }
     })
     .detach();

@@ -13,6 +13,7 @@ use crate::audit::{now_ms, AuditEvent, AuditRecord, DeriveDetail};
 use crate::kdf::{DerivationKey, DerivedKey, SCHEME_V1};
 use crate::lifecycle::AssetState;
 use crate::policy::{check_asset_id, CheckedDerive};
+use crate::signal::LocalSignal;
 use crate::store::{AssetWrite, CommitBatch, ShardSnapshot, ShardStore, StoreError};
 use crate::wire::{AssetInfo, Derived, Receipt, Refusal, Reply, Status};
 use std::cell::RefCell;
@@ -20,7 +21,7 @@ use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{oneshot, Notify};
+use tokio::sync::oneshot;
 use uuid::Uuid;
 
 /// The answer to an operation.
@@ -101,7 +102,7 @@ pub struct Shard {
     limits: ShardLimits,
     store: Box<dyn ShardStore>,
     state: RefCell<ShardState>,
-    kick: Notify,
+    kick: LocalSignal,
 }
 
 enum Accepted {
@@ -143,7 +144,7 @@ impl Shard {
             }),
             limits,
             store,
-            kick: Notify::new(),
+            kick: LocalSignal::new(),
         }
     }
 
@@ -314,7 +315,7 @@ impl Shard {
             key,
             reply,
         });
-        self.kick.notify_one();
+        self.kick.notify();
         Accepted::AfterCommit(rx)
     }
 
@@ -322,7 +323,7 @@ impl Shard {
     pub async fn run_committer(self: Rc<Self>) {
         loop {
             if self.state.borrow().pending.is_empty() {
-                self.kick.notified().await;
+                self.kick.wait().await;
                 continue;
             }
             let delay = self.limits.commit_batch_delay;

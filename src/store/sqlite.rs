@@ -109,7 +109,8 @@ impl Checkpointer {
                         },
                         Err(p) => *p.into_inner(),
                     };
-                    if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                    if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+                    {
                         tracing::warn!(error = %e, "WAL checkpoint failed; retrying");
                     }
                     if stopped {
