@@ -1,1 +1,13 @@
+//! `src/store/handoff.rs`, compiled against loom's primitives.
+//!
+//! The module file is the appliance's own, included by path: inside it, `super::sync`
+//! resolves to this crate root's `sync`, which re-exports loom's `Arc`, `Condvar`, `Mutex`
+//! and `MutexGuard` instead of `std::sync`'s. The models live in `tests/handoff.rs`.
 
+/// The synchronisation primitives `handoff` is written against: loom's here.
+pub(crate) mod sync {
+    pub use loom::sync::{Arc, Condvar, Mutex, MutexGuard};
+}
+
+#[path = "../../src/store/handoff.rs"]
+pub mod handoff;

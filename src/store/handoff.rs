@@ -116,6 +116,33 @@ impl<J> CommitQueue<J> {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// For the commit thread: a guard that, when dropped (the thread returns or unwinds),
+    /// closes the queue and drops every job still queued, so their completers publish
+    /// [`Abandoned`] instead of leaving shards waiting on a thread that is gone.
+    pub fn close_on_drop(&self) -> CloseOnDrop<J> {
+        CloseOnDrop {
+            queue: self.clone(),
+        }
+    }
+}
+
+/// See [`CommitQueue::close_on_drop`].
+pub struct CloseOnDrop<J> {
+    queue: CommitQueue<J>,
+}
+
+impl<J> Drop for CloseOnDrop<J> {
+    fn drop(&mut self) {
+        let orphans = {
+            let mut state = lock(&self.queue.shared.state);
+            state.closed = true;
+            std::mem::take(&mut state.jobs)
+        };
+        self.queue.shared.ready.notify_all();
+        // Dropped outside the queue lock: each completer publishes under its own slot lock.
+        drop(orphans);
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> super::sync::MutexGuard<'_, T> {

@@ -268,6 +268,8 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
 }
 
 fn commit_thread(mut conn: Connection, queue: CommitQueue<Job>) {
+    // If this thread dies, shards waiting on queued batches hear Abandoned, not silence.
+    let _closer = queue.close_on_drop();
     let mut jobs = Vec::with_capacity(bounds::STORE_BATCHES_PER_TRANSACTION_MAX);
     while queue.take(bounds::STORE_BATCHES_PER_TRANSACTION_MAX, &mut jobs) {
         let mut commits = Vec::new();
