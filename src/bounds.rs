@@ -23,6 +23,9 @@ pub const COMMIT_BATCH_RECORDS_CAP: u32 = 65_536;
 /// Largest group-commit delay (how long a shard may hold a batch open waiting for more).
 pub const COMMIT_BATCH_DELAY_US_CAP: u64 = 100_000;
 
+/// Most batches one shard may have waiting for the store at once.
+pub const COMMIT_BATCHES_INFLIGHT_CAP: usize = 16;
+
 /// Largest number of requests a shard may hold waiting for their batch to commit.
 pub const PENDING_PER_SHARD_CAP: u32 = 1 << 20;
 
@@ -32,7 +35,7 @@ pub const ASSETS_CAP: u64 = 100_000_000;
 /// Most executors (cores) the appliance runs; the shard id is a `u16` on the wire.
 pub const CORES_CAP: usize = 1024;
 
-/// Longest textual derivation path accepted (`m/44'/2147483647'/…` is 55 bytes).
+/// Longest textual derivation path accepted (the longest canonical path is 52 bytes).
 pub const PATH_TEXT_BYTES_MAX: usize = 64;
 
 /// Longest region name accepted on the wire and in the config.

@@ -93,6 +93,7 @@ pub struct StoreConfig {
     pub sqlite_path: PathBuf,
     pub commit_batch_records_max: usize,
     pub commit_batch_delay: Duration,
+    pub commit_batches_inflight_max: usize,
     pub commit_timeout: Duration,
     pub commit_queue_depth: usize,
 }
@@ -135,8 +136,9 @@ pub const KEYS: &[KeyDoc] = &[
     KeyDoc { key: "store.sqlite_path", default: "\"custody.db\"", doc: "SQLite file, relative to server.state_dir" },
     KeyDoc { key: "store.commit_batch_records_max", default: "512", doc: "audit records per group commit, at most" },
     KeyDoc { key: "store.commit_batch_delay_us", default: "0", doc: "how long a shard holds a batch open for more records; 0 = commit as soon as the previous batch is durable" },
+    KeyDoc { key: "store.commit_batches_inflight_max", default: "2", doc: "batches a shard may have waiting for the store at once; 2 lets the store fold the shards' batches into one transaction" },
     KeyDoc { key: "store.commit_timeout_ms", default: "2000", doc: "a commit slower than this fails its requests with STORE_UNAVAILABLE" },
-    KeyDoc { key: "store.commit_queue_depth", default: "0", doc: "batches waiting for the store's commit thread; 0 = 2 per core" },
+    KeyDoc { key: "store.commit_queue_depth", default: "0", doc: "batches waiting for the store's commit thread; 0 = cores x commit_batches_inflight_max" },
     KeyDoc { key: "seal.provider", default: "\"dev\"", doc: "where the root seed comes from: \"dev\" (a plain seed file, NOT for production)" },
     KeyDoc { key: "seal.dev_seed_file", default: "\"dev-seed.bin\"", doc: "dev provider: 32-byte seed file (mode 0600), relative to server.state_dir" },
     KeyDoc { key: "limits.max_frame_body_bytes", default: "16384", doc: "largest frame body accepted; larger frames close the connection" },
@@ -251,6 +253,12 @@ pub fn resolve(table: &toml::Table, base_dir: &Path, file: &str) -> Result<Confi
             bounds::COMMIT_BATCH_DELAY_US_CAP as i64,
         )
         .map(|us| Duration::from_micros(us as u64));
+    let inflight_batches = r.int(
+        "store.commit_batches_inflight_max",
+        2,
+        1,
+        bounds::COMMIT_BATCHES_INFLIGHT_CAP as i64,
+    );
     let commit_timeout = r
         .int("store.commit_timeout_ms", 2000, 1, 600_000)
         .map(|ms| Duration::from_millis(ms as u64));
@@ -342,6 +350,15 @@ pub fn resolve(table: &toml::Table, base_dir: &Path, file: &str) -> Result<Confi
             );
         }
     }
+    if let (Some(depth), Some(cores), Some(inflight)) = (queue_depth, cores, inflight_batches) {
+        let needed = cores as i64 * inflight;
+        if depth != 0 && depth < needed {
+            r.problem::<()>(
+                "store.commit_queue_depth",
+                format!("{depth} is below server.cores x store.commit_batches_inflight_max ({needed}): shards would find the queue full"),
+            );
+        }
+    }
     if let (Some(timeout), Some(delay)) = (commit_timeout, batch_delay) {
         if delay >= timeout {
             r.problem::<()>(
@@ -374,6 +391,7 @@ pub fn resolve(table: &toml::Table, base_dir: &Path, file: &str) -> Result<Confi
         Some(sqlite_path),
         Some(batch_max),
         Some(batch_delay),
+        Some(inflight_batches),
         Some(commit_timeout),
         Some(queue_depth),
         Some(dev_seed_file),
@@ -398,6 +416,7 @@ pub fn resolve(table: &toml::Table, base_dir: &Path, file: &str) -> Result<Confi
         sqlite_path,
         batch_max,
         batch_delay,
+        inflight_batches,
         commit_timeout,
         queue_depth,
         dev_seed_file,
@@ -438,9 +457,10 @@ pub fn resolve(table: &toml::Table, base_dir: &Path, file: &str) -> Result<Confi
             sqlite_path: absolute(&state_dir, &sqlite_path),
             commit_batch_records_max: batch_max as usize,
             commit_batch_delay: batch_delay,
+            commit_batches_inflight_max: inflight_batches as usize,
             commit_timeout,
             commit_queue_depth: if queue_depth == 0 {
-                2 * cores
+                cores * inflight_batches as usize
             } else {
                 queue_depth as usize
             },
@@ -611,6 +631,7 @@ mod tests {
         assert_eq!(c.policy.regions, ["US-EAST", "EU-WEST", "APAC"]);
         assert!(c.tls.require_client_cert);
         assert_eq!(c.store.commit_queue_depth, 2 * c.server.cores);
+        assert_eq!(c.store.commit_batches_inflight_max, 2);
     }
 
     #[test]

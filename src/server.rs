@@ -100,7 +100,7 @@ pub fn run(config: Config) -> Result<(), ServerError> {
         .unwrap_or(1);
     let mut handles = Vec::with_capacity(cores);
     for core in 0..cores {
-        let placement = if cores <= online {
+        let placement = if std::env::var_os("CUSTODY_UNBOUND").is_none() && cores <= online {
             Placement::Fixed(core)
         } else {
             Placement::Unbound
@@ -187,6 +187,7 @@ async fn core_main(core: usize, setup: CoreSetup) -> Result<(), String> {
     let limits = ShardLimits {
         commit_batch_records_max: config.store.commit_batch_records_max,
         commit_batch_delay: config.store.commit_batch_delay,
+        commit_batches_inflight_max: config.store.commit_batches_inflight_max,
         commit_timeout: config.store.commit_timeout,
         pending_max: config.limits.max_pending_per_shard as usize,
         assets_max: config.limits.max_assets_per_shard as usize,

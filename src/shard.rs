@@ -59,6 +59,7 @@ impl ShardOp {
 pub struct ShardLimits {
     pub commit_batch_records_max: usize,
     pub commit_batch_delay: Duration,
+    pub commit_batches_inflight_max: usize,
     pub commit_timeout: Duration,
     pub pending_max: usize,
     pub assets_max: usize,
@@ -92,6 +93,7 @@ struct ShardState {
     assets: HashMap<Uuid, AssetEntry>,
     next_seq: u64,
     pending: VecDeque<PendingOp>,
+    inflight_batches: usize,
 }
 
 /// One core's shard.
@@ -141,6 +143,7 @@ impl Shard {
                 assets,
                 next_seq: snapshot.last_seq + 1,
                 pending: VecDeque::with_capacity(limits.pending_max.min(4096)),
+                inflight_batches: 0,
             }),
             limits,
             store,
@@ -320,51 +323,71 @@ impl Shard {
     }
 
     /// The group-commit loop. Runs for the life of the shard on the shard's core.
+    ///
+    /// Up to `commit_batches_inflight_max` batches are in flight at once, so that while
+    /// one shard's batch is being written the next is already queued and the store can
+    /// fold the shards' batches into one transaction. The store commits a shard's batches
+    /// in order and refuses a batch that does not continue the shard's committed sequence,
+    /// so a failed batch also fails the in-flight batches behind it and the log never has
+    /// a gap.
     pub async fn run_committer(self: Rc<Self>) {
         loop {
-            if self.state.borrow().pending.is_empty() {
+            let (pending, inflight) = {
+                let st = self.state.borrow();
+                (st.pending.len(), st.inflight_batches)
+            };
+            if pending == 0 || inflight >= self.limits.commit_batches_inflight_max {
                 self.kick.wait().await;
                 continue;
             }
             let delay = self.limits.commit_batch_delay;
-            if !delay.is_zero()
-                && self.state.borrow().pending.len() < self.limits.commit_batch_records_max
-            {
+            if !delay.is_zero() && pending < self.limits.commit_batch_records_max {
                 glommio::timer::sleep(delay).await;
             }
             let (batch, waiters, first_seq) = self.seal();
-            let mut commit = self.store.commit(batch);
-            let timeout = self.limits.commit_timeout;
-            let in_time = futures_lite::future::or(async { Some((&mut commit).await) }, async {
-                glommio::timer::sleep(timeout).await;
-                None
-            })
-            .await;
-            match in_time {
-                Some(Ok(())) => self.release(waiters),
-                Some(Err(e)) => self.fail(waiters, first_seq, Some(e)),
-                None => {
-                    // Too late for the callers: tell them now. The batch's fate decides
-                    // only what the shard remembers, so keep waiting for it before the
-                    // next batch takes sequence numbers.
-                    let registered: Vec<Uuid> = waiters
-                        .iter()
-                        .filter(|w| w.key.is_none())
-                        .map(|w| w.asset)
-                        .collect();
-                    for w in waiters {
-                        let _ = w.reply.send(Err(Refusal::new(
-                            Status::StoreUnavailable,
-                            format!("commit did not finish within {} ms", timeout.as_millis()),
-                        )));
-                    }
-                    match commit.await {
-                        Ok(()) => self.mark_durable(&registered),
-                        Err(_) => self.forget(&registered, first_seq),
-                    }
+            let commit = self.store.commit(batch);
+            glommio::spawn_local(self.clone().finish_batch(commit, waiters, first_seq)).detach();
+        }
+    }
+
+    /// Waits for one batch's commit and answers its requests.
+    async fn finish_batch(
+        self: Rc<Self>,
+        mut commit: crate::store::LocalFuture<Result<(), StoreError>>,
+        waiters: Vec<Waiter>,
+        first_seq: u64,
+    ) {
+        let timeout = self.limits.commit_timeout;
+        let in_time = futures_lite::future::or(async { Some((&mut commit).await) }, async {
+            glommio::timer::sleep(timeout).await;
+            None
+        })
+        .await;
+        match in_time {
+            Some(Ok(())) => self.release(waiters),
+            Some(Err(e)) => self.fail(waiters, first_seq, Some(e)),
+            None => {
+                // Too late for the callers: tell them now. The batch's fate decides only
+                // what the shard remembers, so keep its in-flight slot until it is known.
+                let registered: Vec<Uuid> = waiters
+                    .iter()
+                    .filter(|w| w.key.is_none())
+                    .map(|w| w.asset)
+                    .collect();
+                for w in waiters {
+                    let _ = w.reply.send(Err(Refusal::new(
+                        Status::StoreUnavailable,
+                        format!("commit did not finish within {} ms", timeout.as_millis()),
+                    )));
+                }
+                match commit.await {
+                    Ok(()) => self.mark_durable(&registered),
+                    Err(_) => self.forget(&registered, first_seq),
                 }
             }
         }
+        self.state.borrow_mut().inflight_batches -= 1;
+        self.kick.notify();
     }
 
     fn seal(&self) -> (CommitBatch, Vec<Waiter>, u64) {
@@ -378,6 +401,7 @@ impl Shard {
             asset_writes: Vec::new(),
         };
         let mut waiters = Vec::with_capacity(n);
+        st.inflight_batches += 1;
         for mut op in st.pending.drain(..n) {
             let seq = st.next_seq;
             st.next_seq += 1;
@@ -456,13 +480,15 @@ impl Shard {
     }
 
     /// Forgets what a failed batch would have done and gives back its sequence numbers.
-    /// Later operations are still pending (not sealed), so renumbering them is safe.
+    /// Batches sealed after it and still in flight will be refused by the store (they do
+    /// not continue the committed sequence), so numbering restarts at the lowest failed
+    /// batch's first number whatever order the failures are heard in.
     fn forget(&self, registered: &[Uuid], first_seq: u64) {
         let mut st = self.state.borrow_mut();
         for asset in registered {
             st.assets.remove(asset);
         }
-        st.next_seq = first_seq;
+        st.next_seq = st.next_seq.min(first_seq);
     }
 }
 
@@ -513,6 +539,21 @@ mod tests {
                 if !delay.is_zero() {
                     glommio::timer::sleep(delay).await;
                 }
+                // Like every store: a batch must continue the committed sequence.
+                let last = script
+                    .committed
+                    .borrow()
+                    .last()
+                    .and_then(|b| b.records.last().map(|r| r.seq))
+                    .unwrap_or(0);
+                let first = batch.records[0].seq;
+                if first != last + 1 {
+                    return Err(StoreError::SequenceGap {
+                        shard: 0,
+                        expected: last + 1,
+                        found: first,
+                    });
+                }
                 let outcome = script.outcomes.borrow_mut().pop_front().unwrap_or(Ok(()));
                 if outcome.is_ok() {
                     script.committed.borrow_mut().push(batch);
@@ -526,6 +567,7 @@ mod tests {
         ShardLimits {
             commit_batch_records_max: 64,
             commit_batch_delay: Duration::ZERO,
+            commit_batches_inflight_max: 2,
             commit_timeout: Duration::from_millis(200),
             pending_max: 3,
             assets_max: 10,
@@ -627,6 +669,37 @@ mod tests {
             // The next batch reuses the numbers: no gap in the log.
             assert_eq!(seq_of(s.execute(derive(a)).await), 2);
             assert_eq!(script.committed.borrow().len(), 2);
+        });
+    }
+
+    #[test]
+    fn a_failed_batch_fails_the_in_flight_batch_behind_it() {
+        run(async {
+            let script = Rc::new(Script::default());
+            let s = shard(&script, limits());
+            let a = asset(6);
+            s.execute(register(a)).await.unwrap();
+            script.delay.set(Duration::from_millis(30));
+            script
+                .outcomes
+                .borrow_mut()
+                .push_back(Err(StoreError::Unavailable("fsync failed".into())));
+            // Two batches in flight: the first fails, so the second cannot continue the
+            // sequence and the store refuses it too.
+            let Ok(Accepted::AfterCommit(first)) = s.accept(derive(a)) else {
+                panic!("accepted")
+            };
+            glommio::executor().yield_now().await;
+            let Ok(Accepted::AfterCommit(second)) = s.accept(derive(a)) else {
+                panic!("accepted")
+            };
+            glommio::executor().yield_now().await;
+            assert_eq!(s.state.borrow().inflight_batches, 2);
+            for rx in [first, second] {
+                assert_eq!(rx.await.unwrap().unwrap_err().status, Status::StoreUnavailable);
+            }
+            script.delay.set(Duration::ZERO);
+            assert_eq!(seq_of(s.execute(derive(a)).await), 2, "no gap after the failures");
         });
     }
 

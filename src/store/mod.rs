@@ -39,6 +39,8 @@ pub enum StoreError {
     Closed,
     #[error("store already in use: {0}")]
     Locked(String),
+    #[error("shard {shard}: batch starts at sequence {found}, the log continues at {expected}")]
+    SequenceGap { shard: u16, expected: u64, found: u64 },
 }
 
 /// A change to an asset row, committed in the same transaction as its audit record.
@@ -52,7 +54,8 @@ pub struct AssetWrite {
 }
 
 /// One shard's batch: its audit records in sequence order and the asset changes they
-/// describe. Committed whole or not at all.
+/// describe. Committed whole or not at all, and only if its first record continues the
+/// shard's committed sequence (a store never writes a gap).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct CommitBatch {
     pub shard: u16,

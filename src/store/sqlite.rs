@@ -17,6 +17,7 @@ use crate::bounds;
 use crate::lifecycle::AssetState;
 use crate::router::shard_of;
 use rusqlite::{params, Connection, OpenFlags};
+use std::collections::HashMap;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use uuid::Uuid;
@@ -271,6 +272,8 @@ fn commit_thread(mut conn: Connection, queue: CommitQueue<Job>) {
     // If this thread dies, shards waiting on queued batches hear Abandoned, not silence.
     let _closer = queue.close_on_drop();
     let mut jobs = Vec::with_capacity(bounds::STORE_BATCHES_PER_TRANSACTION_MAX);
+    // The last committed sequence number of each shard seen so far.
+    let mut committed_seq: HashMap<u16, u64> = HashMap::new();
     while queue.take(bounds::STORE_BATCHES_PER_TRANSACTION_MAX, &mut jobs) {
         let mut commits = Vec::new();
         for job in jobs.drain(..) {
@@ -280,17 +283,64 @@ fn commit_thread(mut conn: Connection, queue: CommitQueue<Job>) {
                     shard,
                     shard_count,
                     done,
-                } => done.complete(load_shard(&conn, shard, shard_count)),
+                } => {
+                    let snapshot = load_shard(&conn, shard, shard_count);
+                    if let Ok(s) = &snapshot {
+                        committed_seq.insert(shard, s.last_seq);
+                    }
+                    done.complete(snapshot)
+                }
             }
         }
         if commits.is_empty() {
             continue;
         }
-        let result = write_batches(&mut conn, commits.iter().map(|(b, _)| b));
-        for (_, done) in commits {
+        // A batch that does not continue its shard's sequence (one before it failed) is
+        // refused on its own; the others are written together in one transaction.
+        let mut next_seq = committed_seq.clone();
+        let mut writable = Vec::with_capacity(commits.len());
+        for (batch, done) in commits {
+            let expected = match next_seq.get(&batch.shard) {
+                Some(last) => Ok(last + 1),
+                None => last_seq(&conn, batch.shard).map(|last| last + 1),
+            };
+            let found = batch.records.first().map(|r| r.seq).unwrap_or(0);
+            match expected {
+                Ok(expected) if found == expected => {
+                    let last = batch.records.last().map(|r| r.seq).unwrap_or(found);
+                    next_seq.insert(batch.shard, last);
+                    writable.push((batch, done));
+                }
+                Ok(expected) => done.complete(Err(StoreError::SequenceGap {
+                    shard: batch.shard,
+                    expected,
+                    found,
+                })),
+                Err(e) => done.complete(Err(e)),
+            }
+        }
+        if writable.is_empty() {
+            continue;
+        }
+        let result = write_batches(&mut conn, writable.iter().map(|(b, _)| b));
+        if result.is_ok() {
+            committed_seq = next_seq;
+        }
+        for (_, done) in writable {
             done.complete(result.clone());
         }
     }
+}
+
+fn last_seq(conn: &Connection, shard: u16) -> Result<u64, StoreError> {
+    let last: i64 = conn
+        .query_row(
+            "SELECT COALESCE(MAX(seq), 0) FROM custody_audit_log WHERE shard = ?1",
+            [shard],
+            |r| r.get(0),
+        )
+        .map_err(sql_err)?;
+    Ok(last.max(0) as u64)
 }
 
 fn write_batches<'a>(
@@ -391,16 +441,9 @@ fn load_shard(
             assets.push(stored);
         }
     }
-    let last_seq: i64 = conn
-        .query_row(
-            "SELECT COALESCE(MAX(seq), 0) FROM custody_audit_log WHERE shard = ?1",
-            [shard],
-            |r| r.get(0),
-        )
-        .map_err(sql_err)?;
     Ok(ShardSnapshot {
         assets,
-        last_seq: last_seq.max(0) as u64,
+        last_seq: last_seq(conn, shard)?,
     })
 }
 
@@ -515,4 +558,103 @@ fn audit_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<AuditRow> {
         ttl_s: row.get(12)?,
         scheme_version: row.get(13)?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::AuditRecord;
+    use futures_lite::future::block_on;
+    use std::sync::Arc;
+
+    fn record(shard: u16, seq: u64, asset: Uuid) -> AuditRecord {
+        AuditRecord {
+            shard,
+            seq,
+            event: AuditEvent::Register,
+            asset,
+            counter: 0,
+            state: AssetState::Active,
+            requester: Arc::from("t"),
+            request_id: seq,
+            ts_ms: 1,
+            derive: None,
+        }
+    }
+
+    fn register_batch(shard: u16, seq: u64, asset: Uuid) -> CommitBatch {
+        CommitBatch {
+            shard,
+            records: vec![record(shard, seq, asset)],
+            asset_writes: vec![AssetWrite {
+                asset,
+                state: AssetState::Active,
+                counter: 0,
+                insert: true,
+            }],
+        }
+    }
+
+    fn asset_on(shard: u16, n: u8) -> Uuid {
+        (0..=255u8)
+            .map(|i| uuid::Builder::from_random_bytes([n, i, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14]).into_uuid())
+            .find(|a| shard_of(a, 2) == shard)
+            .unwrap()
+    }
+
+    #[test]
+    fn commits_reload_and_refuse_gaps() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.db");
+        let (a, b) = (asset_on(1, 1), asset_on(1, 2));
+        {
+            let store = SqliteStore::open(&path, 4).unwrap();
+            let shard = store.open_shard(1, 2);
+            assert_eq!(block_on(shard.load()).unwrap().last_seq, 0);
+            block_on(shard.commit(register_batch(1, 1, a))).unwrap();
+            // A batch that skips a number is refused and writes nothing.
+            match block_on(shard.commit(register_batch(1, 3, b))) {
+                Err(StoreError::SequenceGap { shard: 1, expected: 2, found: 3 }) => {}
+                other => panic!("expected a gap refusal, got {other:?}"),
+            }
+            block_on(shard.commit(register_batch(1, 2, b))).unwrap();
+            // A second appliance cannot open the same file.
+            assert!(matches!(SqliteStore::open(&path, 4), Err(StoreError::Locked(_))));
+        }
+        let store = SqliteStore::open(&path, 4).unwrap();
+        let snapshot = block_on(store.open_shard(1, 2).load()).unwrap();
+        assert_eq!(snapshot.last_seq, 2);
+        let mut ids: Vec<Uuid> = snapshot.assets.iter().map(|s| s.asset).collect();
+        ids.sort();
+        let mut expected = vec![a, b];
+        expected.sort();
+        assert_eq!(ids, expected);
+        assert!(block_on(store.open_shard(0, 2).load()).unwrap().assets.is_empty());
+    }
+
+    #[test]
+    fn a_newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("n.db");
+        drop(SqliteStore::open(&path, 1).unwrap());
+        Connection::open(&path)
+            .unwrap()
+            .pragma_update(None, "user_version", SCHEMA_VERSION + 1)
+            .unwrap();
+        match SqliteStore::open(&path, 1) {
+            Err(StoreError::SchemaTooNew { found, supported }) => {
+                assert_eq!((found, supported), (SCHEMA_VERSION + 1, SCHEMA_VERSION))
+            }
+            other => panic!("expected SchemaTooNew, got {:?}", other.err()),
+        }
+    }
+
+    #[test]
+    fn wal_and_full_sync_are_in_force() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = open_connection(&dir.path().join("w.db")).unwrap();
+        let mode: String = conn.query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
+        let sync: i64 = conn.query_row("PRAGMA synchronous", [], |r| r.get(0)).unwrap();
+        assert_eq!((mode.as_str(), sync), ("wal", 2));
+    }
 }
