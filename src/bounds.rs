@@ -23,6 +23,9 @@ pub const COMMIT_BATCH_RECORDS_CAP: u32 = 65_536;
 /// Largest group-commit delay (how long a shard may hold a batch open waiting for more).
 pub const COMMIT_BATCH_DELAY_US_CAP: u64 = 100_000;
 
+/// Longest the commit thread may wait for more shards' batches before it writes.
+pub const COMMIT_LINGER_US_CAP: u64 = 10_000;
+
 /// Most batches one shard may have waiting for the store at once.
 pub const COMMIT_BATCHES_INFLIGHT_CAP: usize = 16;
 

@@ -94,6 +94,7 @@ pub struct StoreConfig {
     pub commit_batch_records_max: usize,
     pub commit_batch_delay: Duration,
     pub commit_batches_inflight_max: usize,
+    pub commit_linger: Duration,
     pub commit_timeout: Duration,
     pub commit_queue_depth: usize,
 }
@@ -136,7 +137,8 @@ pub const KEYS: &[KeyDoc] = &[
     KeyDoc { key: "store.sqlite_path", default: "\"custody.db\"", doc: "SQLite file, relative to server.state_dir" },
     KeyDoc { key: "store.commit_batch_records_max", default: "512", doc: "audit records per group commit, at most" },
     KeyDoc { key: "store.commit_batch_delay_us", default: "0", doc: "how long a shard holds a batch open for more records; 0 = commit as soon as the previous batch is durable" },
-    KeyDoc { key: "store.commit_batches_inflight_max", default: "2", doc: "batches a shard may have waiting for the store at once; 2 lets the store fold the shards' batches into one transaction" },
+    KeyDoc { key: "store.commit_batches_inflight_max", default: "1", doc: "batches a shard may have waiting for the store at once" },
+    KeyDoc { key: "store.commit_linger_us", default: "100", doc: "how long the commit thread waits for the shards of its last transaction to send their next batches, so they share one fsync" },
     KeyDoc { key: "store.commit_timeout_ms", default: "2000", doc: "a commit slower than this fails its requests with STORE_UNAVAILABLE" },
     KeyDoc { key: "store.commit_queue_depth", default: "0", doc: "batches waiting for the store's commit thread; 0 = cores x commit_batches_inflight_max" },
     KeyDoc { key: "seal.provider", default: "\"dev\"", doc: "where the root seed comes from: \"dev\" (a plain seed file, NOT for production)" },
@@ -255,10 +257,18 @@ pub fn resolve(table: &toml::Table, base_dir: &Path, file: &str) -> Result<Confi
         .map(|us| Duration::from_micros(us as u64));
     let inflight_batches = r.int(
         "store.commit_batches_inflight_max",
-        2,
+        1,
         1,
         bounds::COMMIT_BATCHES_INFLIGHT_CAP as i64,
     );
+    let linger = r
+        .int(
+            "store.commit_linger_us",
+            100,
+            0,
+            bounds::COMMIT_LINGER_US_CAP as i64,
+        )
+        .map(|us| Duration::from_micros(us as u64));
     let commit_timeout = r
         .int("store.commit_timeout_ms", 2000, 1, 600_000)
         .map(|ms| Duration::from_millis(ms as u64));
@@ -392,6 +402,7 @@ pub fn resolve(table: &toml::Table, base_dir: &Path, file: &str) -> Result<Confi
         Some(batch_max),
         Some(batch_delay),
         Some(inflight_batches),
+        Some(linger),
         Some(commit_timeout),
         Some(queue_depth),
         Some(dev_seed_file),
@@ -417,6 +428,7 @@ pub fn resolve(table: &toml::Table, base_dir: &Path, file: &str) -> Result<Confi
         batch_max,
         batch_delay,
         inflight_batches,
+        linger,
         commit_timeout,
         queue_depth,
         dev_seed_file,
@@ -458,6 +470,7 @@ pub fn resolve(table: &toml::Table, base_dir: &Path, file: &str) -> Result<Confi
             commit_batch_records_max: batch_max as usize,
             commit_batch_delay: batch_delay,
             commit_batches_inflight_max: inflight_batches as usize,
+            commit_linger: linger,
             commit_timeout,
             commit_queue_depth: if queue_depth == 0 {
                 cores * inflight_batches as usize
@@ -630,8 +643,8 @@ mod tests {
         assert_eq!(c.limits.max_frame_body_bytes, 16_384);
         assert_eq!(c.policy.regions, ["US-EAST", "EU-WEST", "APAC"]);
         assert!(c.tls.require_client_cert);
-        assert_eq!(c.store.commit_queue_depth, 2 * c.server.cores);
-        assert_eq!(c.store.commit_batches_inflight_max, 2);
+        assert_eq!(c.store.commit_queue_depth, c.server.cores);
+        assert_eq!(c.store.commit_batches_inflight_max, 1);
     }
 
     #[test]

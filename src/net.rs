@@ -217,13 +217,16 @@ async fn read_loop<S: AsyncRead + Unpin>(
                 }
                 Ok(None) => break,
                 Err(e) => {
+                    // Name the request only when a whole header with our magic arrived;
+                    // otherwise the bytes say nothing trustworthy (opcode 0, id 0).
                     let rest = &buf[start..];
-                    let opcode = rest.get(5).copied().unwrap_or(0);
-                    let request_id = rest
-                        .get(8..16)
-                        .and_then(|b| b.try_into().ok())
-                        .map(u64::from_be_bytes)
-                        .unwrap_or(0);
+                    let (opcode, request_id) = match rest.get(..wire::HEADER_LEN) {
+                        Some(h) if h[..4] == wire::MAGIC => (
+                            h[5],
+                            u64::from_be_bytes(h[8..16].try_into().unwrap_or([0; 8])),
+                        ),
+                        _ => (0, 0),
+                    };
                     tracing::info!(%identity, error = %e, "framing error: closing connection");
                     outbox.refuse(opcode, request_id, Refusal::new(e.status(), e.to_string()));
                     return;

@@ -3,7 +3,7 @@
 //! The owner of an asset is `jump(fnv1a64(asset_id bytes), shard_count)`: FNV-1a 64 over
 //! the 16 RFC 4122 bytes, then Lamping and Veach's jump consistent hash. Both are a few
 //! lines, stable across versions and platforms, and documented in docs/protocol.md so that
-//! clients can route by themselves.
+//! a client can tell which shard owns an asset (the `shard` of replies and receipts).
 //!
 //! A connection's core runs an operation itself when it owns the asset; otherwise it
 //! forwards the operation over the glommio channel mesh (bounded; a full channel answers

@@ -82,6 +82,7 @@ pub fn run(config: Config) -> Result<(), ServerError> {
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(
         &config.store.sqlite_path,
         config.store.commit_queue_depth,
+        config.store.commit_linger,
     )?);
     let tls = crate::tls::server_config(&config.tls)?;
     let mesh = (cores > 1)

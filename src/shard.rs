@@ -696,10 +696,17 @@ mod tests {
             glommio::executor().yield_now().await;
             assert_eq!(s.state.borrow().inflight_batches, 2);
             for rx in [first, second] {
-                assert_eq!(rx.await.unwrap().unwrap_err().status, Status::StoreUnavailable);
+                assert_eq!(
+                    rx.await.unwrap().unwrap_err().status,
+                    Status::StoreUnavailable
+                );
             }
             script.delay.set(Duration::ZERO);
-            assert_eq!(seq_of(s.execute(derive(a)).await), 2, "no gap after the failures");
+            assert_eq!(
+                seq_of(s.execute(derive(a)).await),
+                2,
+                "no gap after the failures"
+            );
         });
     }
 

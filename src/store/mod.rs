@@ -40,7 +40,11 @@ pub enum StoreError {
     #[error("store already in use: {0}")]
     Locked(String),
     #[error("shard {shard}: batch starts at sequence {found}, the log continues at {expected}")]
-    SequenceGap { shard: u16, expected: u64, found: u64 },
+    SequenceGap {
+        shard: u16,
+        expected: u64,
+        found: u64,
+    },
 }
 
 /// A change to an asset row, committed in the same transaction as its audit record.

@@ -20,6 +20,10 @@ use rusqlite::{params, Connection, OpenFlags};
 use std::collections::HashMap;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// A shard that sent a batch this recently is expected to send the next one soon.
+const ACTIVE_SHARD_WINDOW: Duration = Duration::from_millis(5);
 use uuid::Uuid;
 
 const MIGRATIONS: [&str; 1] = [include_str!("../../appliance/sql/sqlite/0001_init.sql")];
@@ -46,7 +50,11 @@ pub struct SqliteStore {
 impl SqliteStore {
     /// Opens (creating if needed) the database at `path`, applies migrations, takes the
     /// single-owner lock and starts the commit thread.
-    pub fn open(path: &Path, queue_depth: usize) -> Result<SqliteStore, StoreError> {
+    pub fn open(
+        path: &Path,
+        queue_depth: usize,
+        linger: Duration,
+    ) -> Result<SqliteStore, StoreError> {
         let lock = take_owner_lock(path)?;
         let mut conn = open_connection(path)?;
         migrate(&mut conn)?;
@@ -60,7 +68,7 @@ impl SqliteStore {
         let checkpointer = Checkpointer::start(path)?;
         let thread = std::thread::Builder::new()
             .name("custody-sqlite".into())
-            .spawn(move || commit_thread(conn, thread_queue))
+            .spawn(move || commit_thread(conn, thread_queue, linger))
             .map_err(|e| StoreError::Unavailable(format!("cannot start commit thread: {e}")))?;
         Ok(SqliteStore {
             queue,
@@ -268,17 +276,31 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     Ok(())
 }
 
-fn commit_thread(mut conn: Connection, queue: CommitQueue<Job>) {
+fn commit_thread(mut conn: Connection, queue: CommitQueue<Job>, linger: Duration) {
     // If this thread dies, shards waiting on queued batches hear Abandoned, not silence.
     let _closer = queue.close_on_drop();
     let mut jobs = Vec::with_capacity(bounds::STORE_BATCHES_PER_TRANSACTION_MAX);
     // The last committed sequence number of each shard seen so far.
     let mut committed_seq: HashMap<u16, u64> = HashMap::new();
+    // When each shard last sent a batch: the shards active lately are waited for (up to
+    // `linger`), which keeps busy shards in step, one fsync for all of them.
+    let mut last_batch_at: HashMap<u16, Instant> = HashMap::new();
     while queue.take(bounds::STORE_BATCHES_PER_TRANSACTION_MAX, &mut jobs) {
+        let now = Instant::now();
+        last_batch_at.retain(|_, at| now.duration_since(*at) < ACTIVE_SHARD_WINDOW);
+        queue.linger(
+            bounds::STORE_BATCHES_PER_TRANSACTION_MAX,
+            &mut jobs,
+            last_batch_at.len(),
+            linger,
+        );
         let mut commits = Vec::new();
         for job in jobs.drain(..) {
             match job {
-                Job::Commit(batch, done) => commits.push((batch, done)),
+                Job::Commit(batch, done) => {
+                    last_batch_at.insert(batch.shard, Instant::now());
+                    commits.push((batch, done))
+                }
                 Job::Load {
                     shard,
                     shard_count,
@@ -597,7 +619,12 @@ mod tests {
 
     fn asset_on(shard: u16, n: u8) -> Uuid {
         (0..=255u8)
-            .map(|i| uuid::Builder::from_random_bytes([n, i, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14]).into_uuid())
+            .map(|i| {
+                uuid::Builder::from_random_bytes([
+                    n, i, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14,
+                ])
+                .into_uuid()
+            })
             .find(|a| shard_of(a, 2) == shard)
             .unwrap()
     }
@@ -608,20 +635,27 @@ mod tests {
         let path = dir.path().join("c.db");
         let (a, b) = (asset_on(1, 1), asset_on(1, 2));
         {
-            let store = SqliteStore::open(&path, 4).unwrap();
+            let store = SqliteStore::open(&path, 4, Duration::ZERO).unwrap();
             let shard = store.open_shard(1, 2);
             assert_eq!(block_on(shard.load()).unwrap().last_seq, 0);
             block_on(shard.commit(register_batch(1, 1, a))).unwrap();
             // A batch that skips a number is refused and writes nothing.
             match block_on(shard.commit(register_batch(1, 3, b))) {
-                Err(StoreError::SequenceGap { shard: 1, expected: 2, found: 3 }) => {}
+                Err(StoreError::SequenceGap {
+                    shard: 1,
+                    expected: 2,
+                    found: 3,
+                }) => {}
                 other => panic!("expected a gap refusal, got {other:?}"),
             }
             block_on(shard.commit(register_batch(1, 2, b))).unwrap();
             // A second appliance cannot open the same file.
-            assert!(matches!(SqliteStore::open(&path, 4), Err(StoreError::Locked(_))));
+            assert!(matches!(
+                SqliteStore::open(&path, 4, Duration::ZERO),
+                Err(StoreError::Locked(_))
+            ));
         }
-        let store = SqliteStore::open(&path, 4).unwrap();
+        let store = SqliteStore::open(&path, 4, Duration::ZERO).unwrap();
         let snapshot = block_on(store.open_shard(1, 2).load()).unwrap();
         assert_eq!(snapshot.last_seq, 2);
         let mut ids: Vec<Uuid> = snapshot.assets.iter().map(|s| s.asset).collect();
@@ -629,19 +663,22 @@ mod tests {
         let mut expected = vec![a, b];
         expected.sort();
         assert_eq!(ids, expected);
-        assert!(block_on(store.open_shard(0, 2).load()).unwrap().assets.is_empty());
+        assert!(block_on(store.open_shard(0, 2).load())
+            .unwrap()
+            .assets
+            .is_empty());
     }
 
     #[test]
     fn a_newer_schema_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("n.db");
-        drop(SqliteStore::open(&path, 1).unwrap());
+        drop(SqliteStore::open(&path, 1, Duration::ZERO).unwrap());
         Connection::open(&path)
             .unwrap()
             .pragma_update(None, "user_version", SCHEMA_VERSION + 1)
             .unwrap();
-        match SqliteStore::open(&path, 1) {
+        match SqliteStore::open(&path, 1, Duration::ZERO) {
             Err(StoreError::SchemaTooNew { found, supported }) => {
                 assert_eq!((found, supported), (SCHEMA_VERSION + 1, SCHEMA_VERSION))
             }
@@ -653,8 +690,12 @@ mod tests {
     fn wal_and_full_sync_are_in_force() {
         let dir = tempfile::tempdir().unwrap();
         let conn = open_connection(&dir.path().join("w.db")).unwrap();
-        let mode: String = conn.query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
-        let sync: i64 = conn.query_row("PRAGMA synchronous", [], |r| r.get(0)).unwrap();
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .unwrap();
+        let sync: i64 = conn
+            .query_row("PRAGMA synchronous", [], |r| r.get(0))
+            .unwrap();
         assert_eq!((mode.as_str(), sync), ("wal", 2));
     }
 }
