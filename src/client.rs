@@ -68,7 +68,28 @@ pub struct ClientConfig {
     pub key: PathBuf,
 }
 
-type Waiters = Arc<Mutex<HashMap<u64, (Opcode, oneshot::Sender<Result<Reply, ClientError>>)>>>;
+/// Called with the reply of a request started with [`Client::start`], on the client's
+/// reader task.
+pub type ReplyCallback = Box<dyn FnOnce(Result<Reply, ClientError>) + Send>;
+
+/// Who hears a reply: an awaiting caller or a callback.
+enum Waiter {
+    Task(oneshot::Sender<Result<Reply, ClientError>>),
+    Callback(ReplyCallback),
+}
+
+impl Waiter {
+    fn deliver(self, reply: Result<Reply, ClientError>) {
+        match self {
+            Waiter::Task(tx) => {
+                let _ = tx.send(reply);
+            }
+            Waiter::Callback(f) => f(reply),
+        }
+    }
+}
+
+type Waiters = Arc<Mutex<HashMap<u64, (Opcode, Waiter)>>>;
 
 /// A pipelined connection to the appliance. Cheap to share behind an `Arc`.
 pub struct Client {
@@ -154,7 +175,7 @@ impl Client {
                             } else {
                                 Err(ClientError::UnexpectedReply(op))
                             };
-                            let _ = tx.send(reply);
+                            tx.deliver(reply);
                         } else if let Ok(Reply::Refused(r)) = Reply::decode(Opcode::Hello, frame.body) {
                             // A connection-level refusal (request id unknown to us).
                             tracing::warn!(status = %r.status, message = %r.message, "appliance refused the connection");
@@ -168,8 +189,9 @@ impl Client {
             .await;
             let _ = outcome;
             // Fail whatever is still waiting: the connection is gone.
-            for (_, (_, tx)) in lock(&reader_waiters).drain() {
-                let _ = tx.send(Err(ClientError::Closed));
+            let orphans: Vec<Waiter> = lock(&reader_waiters).drain().map(|(_, (_, w))| w).collect();
+            for w in orphans {
+                w.deliver(Err(ClientError::Closed));
             }
         });
 
@@ -182,16 +204,30 @@ impl Client {
 
     /// Sends a request and awaits its reply (a refusal is `Ok(Reply::Refused)`).
     pub async fn call(&self, request: &Request) -> Result<Reply, ClientError> {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        lock(&self.waiters).insert(id, (request.opcode(), tx));
+        self.send(request, Waiter::Task(tx));
+        rx.await.map_err(|_| ClientError::Closed)?
+    }
+
+    /// Sends a request without waiting: `on_reply` runs on the client's reader task when
+    /// the reply arrives (or the connection closes). Callable from any thread, inside a
+    /// runtime or not; the load harness paces requests from a plain thread with it.
+    pub fn start(&self, request: &Request, on_reply: ReplyCallback) {
+        self.send(request, Waiter::Callback(on_reply))
+    }
+
+    fn send(&self, request: &Request, waiter: Waiter) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        lock(&self.waiters).insert(id, (request.opcode(), waiter));
         let mut frame = Vec::with_capacity(64);
         request.encode(id, &mut frame);
         if self.frames.send(frame).is_err() {
-            lock(&self.waiters).remove(&id);
-            return Err(ClientError::Closed);
+            // The writer is gone; whoever is waiting hears it (the reader may already
+            // have failed every waiter, in which case this one is no longer there).
+            if let Some((_, w)) = lock(&self.waiters).remove(&id) {
+                w.deliver(Err(ClientError::Closed));
+            }
         }
-        rx.await.map_err(|_| ClientError::Closed)?
     }
 
     /// Sends raw bytes as they are (tests of malformed input use this).

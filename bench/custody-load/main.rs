@@ -14,15 +14,14 @@
 use anyhow::{bail, Context};
 use custody::client::{Client, ClientConfig, ClientError};
 use custody::store::sqlite::SqliteReader;
-use custody::wire::{DeriveBody, Receipt};
+use custody::wire::{DeriveBody, Receipt, Reply, Request};
 use hdrhistogram::Histogram;
-use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::rc::Rc;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use uuid::Uuid;
 
@@ -259,6 +258,7 @@ struct Stats {
     receipts: Vec<(Receipt, Uuid, u64)>,
     live_errors: u64,
     live_latency_us: Option<Histogram<u64>>,
+    answered: u64,
 }
 
 struct Report {
@@ -267,13 +267,27 @@ struct Report {
     measured_elapsed: Duration,
 }
 
+fn lock(stats: &Mutex<Stats>) -> std::sync::MutexGuard<'_, Stats> {
+    match stats.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
 /// Registers the assets, then runs the open-loop load and collects the figures.
+///
+/// Threads: this thread paces (sleeping until each request's scheduled time, with the
+/// timer slack lowered) and starts each request itself with [`Client::start`]; one tokio
+/// worker runs the connections and records each reply as it arrives; a reporter prints a
+/// live line every second. No per-request task or channel hop sits between the schedule
+/// and the socket.
 fn drive(o: &Options, addr: SocketAddr, certs: &Path, seed: u64) -> anyhow::Result<Report> {
-    let rt = tokio::runtime::Builder::new_current_thread()
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("custody-load-io")
         .enable_all()
         .build()?;
-    let local = tokio::task::LocalSet::new();
-    local.block_on(&rt, async {
+    let (clients, hello, assets) = rt.block_on(async {
         let config = client_config(addr, certs);
         let mut clients = Vec::with_capacity(o.connections);
         for _ in 0..o.connections {
@@ -281,51 +295,39 @@ fn drive(o: &Options, addr: SocketAddr, certs: &Path, seed: u64) -> anyhow::Resu
         }
         let hello = clients[0].hello().await?;
         let assets = register_assets(&clients, o.assets, seed).await?;
+        anyhow::Ok((clients, hello, assets))
+    })?;
 
-        let stats = Rc::new(RefCell::new(Stats {
-            latency_us: Some(Histogram::new_with_bounds(1, 60_000_000, 3)?),
-            live_latency_us: Some(Histogram::new_with_bounds(1, 60_000_000, 3)?),
-            ..Stats::default()
-        }));
-        let total = o.rate as f64 * (o.warmup + o.duration).as_secs_f64();
-        let total = total.round() as u64;
-        let interval_ns = 1e9 / o.rate as f64;
-        let start = Instant::now() + Duration::from_millis(20);
-        let measure_from = start + o.warmup;
-        let measure_until = measure_from + o.duration;
+    let stats = Arc::new(Mutex::new(Stats {
+        latency_us: Some(Histogram::new_with_bounds(1, 60_000_000, 3)?),
+        live_latency_us: Some(Histogram::new_with_bounds(1, 60_000_000, 3)?),
+        ..Stats::default()
+    }));
+    let total = (o.rate as f64 * (o.warmup + o.duration).as_secs_f64()).round() as u64;
+    let interval_ns = 1e9 / o.rate as f64;
+    let start = Instant::now() + Duration::from_millis(20);
+    let measure_from = start + o.warmup;
+    let measure_until = measure_from + o.duration;
+    let inflight: Vec<Arc<AtomicUsize>> = (0..o.connections).map(|_| Arc::default()).collect();
 
-        // The pacer: a plain thread that wakes at each scheduled time (with the timer slack
-        // lowered) and hands the due requests to the runtime.
-        let (tx, mut due) = tokio::sync::mpsc::unbounded_channel::<(u64, Instant)>();
-        let pacer = std::thread::Builder::new()
-            .name("custody-load-pacer".into())
+    let finished = Arc::new(AtomicBool::new(false));
+    let reporter = {
+        let stats = stats.clone();
+        let finished = finished.clone();
+        let json = o.json;
+        std::thread::Builder::new()
+            .name("custody-load-live".into())
             .spawn(move || {
-                // SAFETY: prctl with PR_SET_TIMERSLACK only changes this thread's timer slack.
-                unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1u64, 0u64, 0u64, 0u64) };
-                for i in 0..total {
-                    let at = start + Duration::from_nanos((i as f64 * interval_ns) as u64);
-                    let now = Instant::now();
-                    if at > now {
-                        std::thread::sleep(at - now);
-                    }
-                    if tx.send((i, at)).is_err() {
-                        return;
-                    }
-                }
-            })?;
-
-        let live = {
-            let stats = stats.clone();
-            let json = o.json;
-            tokio::task::spawn_local(async move {
-                let mut tick = tokio::time::interval_at(
-                    tokio::time::Instant::from_std(start + Duration::from_secs(1)),
-                    Duration::from_secs(1),
-                );
                 let mut last_ok = 0;
-                loop {
-                    tick.tick().await;
-                    let mut s = stats.borrow_mut();
+                let mut next = start + Duration::from_secs(1);
+                while !finished.load(Ordering::Relaxed) {
+                    let now = Instant::now();
+                    if now < next {
+                        std::thread::sleep((next - now).min(Duration::from_millis(100)));
+                        continue;
+                    }
+                    next += Duration::from_secs(1);
+                    let mut s = lock(&stats);
                     let p99 = s
                         .live_latency_us
                         .as_ref()
@@ -346,97 +348,117 @@ fn drive(o: &Options, addr: SocketAddr, certs: &Path, seed: u64) -> anyhow::Resu
                         h.reset();
                     }
                 }
-            })
-        };
+            })?
+    };
 
-        let semaphores: Vec<Arc<tokio::sync::Semaphore>> = (0..o.connections)
-            .map(|_| Arc::new(tokio::sync::Semaphore::new(o.depth)))
-            .collect();
-        let mut tasks = Vec::with_capacity(1024);
-        let mut rng = 0x2545_f491_4f6c_dd1du64 ^ seed;
-        while let Some((i, scheduled)) = due.recv().await {
-            let conn = (i as usize) % o.connections;
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            let asset = assets[(rng % assets.len() as u64) as usize];
-            let permit = semaphores[conn].clone().acquire_owned().await?;
-            let client = clients[conn].clone();
-            let stats = stats.clone();
-            stats.borrow_mut().sent += 1;
-            let body = DeriveBody {
-                asset,
-                path: format!("m/44'/0'/0'/0'/{}", i % 1000),
-                region: "US-EAST".into(),
-                purpose: 1,
-                ttl_s: 300,
-            };
-            tasks.push(tokio::task::spawn_local(async move {
-                let result = tokio::time::timeout(REQUEST_TIMEOUT, client.derive(body)).await;
-                drop(permit);
+    // SAFETY: prctl with PR_SET_TIMERSLACK only changes this thread's timer slack.
+    unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1u64, 0u64, 0u64, 0u64) };
+    let mut rng = 0x2545_f491_4f6c_dd1du64 ^ seed;
+    for i in 0..total {
+        let scheduled = start + Duration::from_nanos((i as f64 * interval_ns) as u64);
+        let now = Instant::now();
+        if scheduled > now {
+            std::thread::sleep(scheduled - now);
+        }
+        // A connection with room; if every one is at its depth, wait (the delay counts:
+        // latency runs from the scheduled time).
+        let conn = loop {
+            let first = (i as usize) % o.connections;
+            let found = (0..o.connections)
+                .map(|k| (first + k) % o.connections)
+                .find(|&c| inflight[c].load(Ordering::Acquire) < o.depth);
+            match found {
+                Some(c) => break c,
+                None => std::thread::sleep(Duration::from_micros(20)),
+            }
+        };
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        let asset = assets[(rng % assets.len() as u64) as usize];
+        let body = DeriveBody {
+            asset,
+            path: format!("m/44'/0'/0'/0'/{}", i % 1000),
+            region: "US-EAST".into(),
+            purpose: 1,
+            ttl_s: 300,
+        };
+        inflight[conn].fetch_add(1, Ordering::AcqRel);
+        lock(&stats).sent += 1;
+        let stats = stats.clone();
+        let slot = inflight[conn].clone();
+        clients[conn].start(
+            &Request::Derive(body),
+            Box::new(move |result| {
                 let done = Instant::now();
-                let latency_us = done.saturating_duration_since(scheduled).as_micros() as u64;
+                slot.fetch_sub(1, Ordering::AcqRel);
+                let latency_us =
+                    (done.saturating_duration_since(scheduled).as_micros() as u64).max(1);
                 let measured = scheduled >= measure_from && scheduled < measure_until;
-                let mut s = stats.borrow_mut();
+                let mut s = lock(&stats);
+                s.answered += 1;
                 match result {
-                    Ok(Ok(d)) => {
+                    Ok(Reply::Derived(d)) => {
                         s.ok += 1;
                         s.receipts.push((d.receipt, asset, d.counter));
                         if let Some(h) = s.live_latency_us.as_mut() {
-                            let _ = h.record(latency_us.max(1));
+                            let _ = h.record(latency_us);
                         }
                         if measured {
                             s.measured_ok += 1;
                             s.last_measured_done = Some(done);
                             if let Some(h) = s.latency_us.as_mut() {
-                                let _ = h.record(latency_us.max(1));
+                                let _ = h.record(latency_us);
                             }
                         }
+                        return;
                     }
-                    Ok(Err(e)) => {
-                        let name = match &e {
-                            ClientError::Refused(r) => r.status.name().to_owned(),
-                            ClientError::Closed => "CONNECTION_CLOSED".to_owned(),
-                            other => format!("CLIENT: {other}"),
-                        };
-                        *s.errors.entry(name).or_default() += 1;
-                        s.live_errors += 1;
-                        if measured {
-                            s.measured_errors += 1;
-                        }
+                    Ok(Reply::Refused(r)) => {
+                        *s.errors.entry(r.status.name().to_owned()).or_default() += 1
                     }
-                    Err(_) => {
-                        *s.errors.entry("TIMEOUT".into()).or_default() += 1;
-                        s.live_errors += 1;
-                        if measured {
-                            s.measured_errors += 1;
-                        }
+                    Ok(_) => *s.errors.entry("UNEXPECTED_REPLY".to_owned()).or_default() += 1,
+                    Err(ClientError::Closed) => {
+                        *s.errors.entry("CONNECTION_CLOSED".to_owned()).or_default() += 1
                     }
+                    Err(e) => *s.errors.entry(format!("CLIENT: {e}")).or_default() += 1,
                 }
-            }));
-            if tasks.len() >= 4096 {
-                tasks.retain(|t| !t.is_finished());
-            }
+                s.live_errors += 1;
+                if measured {
+                    s.measured_errors += 1;
+                }
+            }),
+        );
+    }
+    // Wait for the last answers; whatever has not answered by then timed out.
+    let deadline = Instant::now() + REQUEST_TIMEOUT;
+    loop {
+        let (sent, answered) = {
+            let s = lock(&stats);
+            (s.sent, s.answered)
+        };
+        if answered >= sent {
+            break;
         }
-        for t in tasks {
-            let _ = t.await;
+        if Instant::now() > deadline {
+            *lock(&stats).errors.entry("TIMEOUT".into()).or_default() += sent - answered;
+            break;
         }
-        live.abort();
-        let _ = live.await;
-        let _ = pacer.join();
-        let stats = Rc::try_unwrap(stats)
-            .map_err(|_| anyhow::anyhow!("stats still shared"))?
-            .into_inner();
-        let measured_elapsed = stats
-            .last_measured_done
-            .map(|t| t.saturating_duration_since(measure_from))
-            .unwrap_or(o.duration)
-            .max(o.duration);
-        Ok(Report {
-            shards: hello.shard_count,
-            stats,
-            measured_elapsed,
-        })
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    finished.store(true, Ordering::Relaxed);
+    let _ = reporter.join();
+    drop(clients);
+    drop(rt);
+    let stats = std::mem::take(&mut *lock(&stats));
+    let measured_elapsed = stats
+        .last_measured_done
+        .map(|t| t.saturating_duration_since(measure_from))
+        .unwrap_or(o.duration)
+        .max(o.duration);
+    Ok(Report {
+        shards: hello.shard_count,
+        stats,
+        measured_elapsed,
     })
 }
 
@@ -445,6 +467,8 @@ async fn register_assets(
     n: usize,
     seed: u64,
 ) -> anyhow::Result<Vec<Uuid>> {
+    // Bounded concurrency: the appliance answers BUSY past its per-connection limit.
+    let limit = Arc::new(tokio::sync::Semaphore::new(256 * clients.len()));
     let mut tasks = Vec::with_capacity(n);
     for i in 0..n {
         let client = clients[i % clients.len()].clone();
@@ -453,7 +477,9 @@ async fn register_assets(
         bytes[..8].copy_from_slice(&(i as u64).to_be_bytes());
         bytes[8..].copy_from_slice(&(seed ^ crate_run_nonce()).to_be_bytes());
         let asset = uuid::Builder::from_random_bytes(bytes).into_uuid();
-        tasks.push(tokio::task::spawn_local(async move {
+        let permit = limit.clone().acquire_owned().await?;
+        tasks.push(tokio::spawn(async move {
+            let _permit = permit;
             match client.register(asset).await {
                 Ok(_) => Ok(asset),
                 Err(ClientError::Refused(r)) if r.status == custody::wire::Status::AssetExists => {
