@@ -91,7 +91,7 @@ impl Drop for SqliteStore {
 }
 
 /// How often the checkpointer copies committed WAL frames into the database.
-const CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(250);
+const CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(1000);
 
 /// The WAL checkpointer: a thread with its own connection running PASSIVE checkpoints,
 /// which never block the commit thread. The WAL restarts from its beginning after each
