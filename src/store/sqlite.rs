@@ -61,10 +61,17 @@ impl SqliteStore {
         let queue = CommitQueue::new(queue_depth.max(1));
         let thread_queue = queue.clone();
         // Checkpoints copy the WAL back into the database and fsync it: tens of
-        // milliseconds that must not sit in front of a commit. The commit thread never
-        // checkpoints; a thread of its own does, on its own connection.
-        conn.execute_batch("PRAGMA wal_autocheckpoint=0;")
-            .map_err(sql_err)?;
+        // milliseconds that must not sit in front of a commit. A thread of its own does
+        // that work continuously, on its own connection. But only a checkpoint that ends
+        // with nothing left to copy lets the next writer restart the WAL from its start,
+        // and under steady writes a concurrent checkpoint never quite catches up; so the
+        // commit thread still checkpoints once the WAL passes WAL_RESTART_PAGES, by which
+        // time the background thread has already copied nearly all of it. That bounds
+        // the WAL file.
+        conn.execute_batch(&format!(
+            "PRAGMA wal_autocheckpoint={WAL_RESTART_PAGES}; PRAGMA journal_size_limit={WAL_SIZE_LIMIT_BYTES};"
+        ))
+        .map_err(sql_err)?;
         let checkpointer = Checkpointer::start(path)?;
         let thread = std::thread::Builder::new()
             .name("custody-sqlite".into())
@@ -91,11 +98,17 @@ impl Drop for SqliteStore {
 }
 
 /// How often the checkpointer copies committed WAL frames into the database.
-const CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(1000);
+const CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// WAL pages after which the commit thread finishes a checkpoint itself (see `open`).
+const WAL_RESTART_PAGES: u32 = 4096;
+
+/// Size the WAL file is truncated back to when it restarts.
+const WAL_SIZE_LIMIT_BYTES: u64 = 64 << 20;
 
 /// The WAL checkpointer: a thread with its own connection running PASSIVE checkpoints,
-/// which never block the commit thread. The WAL restarts from its beginning after each
-/// complete checkpoint, so it stays bounded while checkpoints keep up.
+/// which never block the commit thread, so that the commit thread's own checkpoint (the
+/// one that lets the WAL restart) has almost nothing left to copy.
 struct Checkpointer {
     stop: std::sync::Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -667,6 +680,36 @@ mod tests {
             .unwrap()
             .assets
             .is_empty());
+    }
+
+    #[test]
+    fn the_wal_stays_bounded_under_steady_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.db");
+        let store = SqliteStore::open(&path, 4, Duration::ZERO).unwrap();
+        let shard = store.open_shard(0, 1);
+        block_on(shard.load()).unwrap();
+        // Enough single-record transactions to write well over WAL_RESTART_PAGES frames.
+        let mut wal_max = 0;
+        for seq in 1..=6000u64 {
+            let a =
+                uuid::Builder::from_random_bytes(seq.to_be_bytes().repeat(2).try_into().unwrap())
+                    .into_uuid();
+            block_on(shard.commit(register_batch(0, seq, a))).unwrap();
+            if seq % 500 == 0 {
+                let wal = std::fs::metadata(dir.path().join("w.db-wal"))
+                    .map(|m| m.len())
+                    .unwrap_or(0);
+                wal_max = wal_max.max(wal);
+            }
+        }
+        let frame_bytes = 4096 + 24;
+        let bound = (WAL_RESTART_PAGES as u64 + 64) * frame_bytes;
+        assert!(wal_max > 0, "the WAL was written");
+        assert!(
+            wal_max <= bound,
+            "WAL grew to {wal_max} bytes (bound {bound})"
+        );
     }
 
     #[test]
