@@ -89,7 +89,9 @@ impl Waiter {
     }
 }
 
-type Waiters = Arc<Mutex<HashMap<u64, (Opcode, Waiter)>>>;
+/// Requests waiting for replies; `None` once the connection is gone, so that a request
+/// sent after that fails at once instead of waiting forever.
+type Waiters = Arc<Mutex<Option<HashMap<u64, (Opcode, Waiter)>>>>;
 
 /// A pipelined connection to the appliance. Cheap to share behind an `Arc`.
 pub struct Client {
@@ -127,7 +129,7 @@ impl Client {
             .map_err(|source| ClientError::Handshake { addr, source })?;
         let (mut reader, mut writer) = tokio::io::split(stream);
         let (frames, mut outgoing) = mpsc::unbounded_channel::<Vec<u8>>();
-        let waiters: Waiters = Arc::default();
+        let waiters: Waiters = Arc::new(Mutex::new(Some(HashMap::new())));
 
         tokio::spawn(async move {
             let mut batch = Vec::with_capacity(16 * 1024);
@@ -162,7 +164,7 @@ impl Client {
                     let mut start = 0;
                     while let Some(frame) = wire::decode_frame(&buf[start..], CLIENT_MAX_BODY_BYTES)? {
                         let id = frame.header.request_id;
-                        let waiter = lock(&reader_waiters).remove(&id);
+                        let waiter = lock(&reader_waiters).as_mut().and_then(|w| w.remove(&id));
                         if let Some((op, tx)) = waiter {
                             let reply = if frame.header.opcode == op as u8 | wire::REPLY_BIT {
                                 Reply::decode(op, frame.body).map_err(ClientError::from)
@@ -189,7 +191,10 @@ impl Client {
             .await;
             let _ = outcome;
             // Fail whatever is still waiting: the connection is gone.
-            let orphans: Vec<Waiter> = lock(&reader_waiters).drain().map(|(_, (_, w))| w).collect();
+            let orphans: Vec<Waiter> = lock(&reader_waiters)
+                .take()
+                .map(|w| w.into_values().map(|(_, w)| w).collect())
+                .unwrap_or_default();
             for w in orphans {
                 w.deliver(Err(ClientError::Closed));
             }
@@ -218,13 +223,19 @@ impl Client {
 
     fn send(&self, request: &Request, waiter: Waiter) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        lock(&self.waiters).insert(id, (request.opcode(), waiter));
+        {
+            let mut guard = lock(&self.waiters);
+            let Some(waiting) = guard.as_mut() else {
+                drop(guard);
+                return waiter.deliver(Err(ClientError::Closed));
+            };
+            waiting.insert(id, (request.opcode(), waiter));
+        }
         let mut frame = Vec::with_capacity(64);
         request.encode(id, &mut frame);
         if self.frames.send(frame).is_err() {
-            // The writer is gone; whoever is waiting hears it (the reader may already
-            // have failed every waiter, in which case this one is no longer there).
-            if let Some((_, w)) = lock(&self.waiters).remove(&id) {
+            let gone = lock(&self.waiters).as_mut().and_then(|w| w.remove(&id));
+            if let Some((_, w)) = gone {
                 w.deliver(Err(ClientError::Closed));
             }
         }

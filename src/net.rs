@@ -99,11 +99,11 @@ async fn serve(ctx: &Rc<CoreContext>, stream: TcpStream) {
     let tls = match handshake {
         Some(Ok(tls)) => tls,
         Some(Err(e)) => {
-            tracing::info!(?peer, error = %e, "TLS handshake refused");
+            tracing::debug!(?peer, error = %e, "TLS handshake refused");
             return;
         }
         None => {
-            tracing::info!(?peer, "TLS handshake timed out");
+            tracing::debug!(?peer, "TLS handshake timed out");
             return;
         }
     };
@@ -111,7 +111,7 @@ async fn serve(ctx: &Rc<CoreContext>, stream: TcpStream) {
         Some(cert) => match tls::identity_of(cert, ctx.identity) {
             Ok(id) => id,
             Err(e) => {
-                tracing::info!(?peer, error = %e, "client certificate refused");
+                tracing::debug!(?peer, error = %e, "client certificate refused");
                 return;
             }
         },
@@ -146,6 +146,13 @@ struct Outbox {
     inflight: Cell<u32>,
     closing: Cell<bool>,
     failed: Cell<bool>,
+}
+
+impl Drop for Outbox {
+    fn drop(&mut self) {
+        // Replies never written (the peer went away) may hold derived keys.
+        self.buf.get_mut().zeroize();
+    }
 }
 
 impl Outbox {
@@ -227,7 +234,7 @@ async fn read_loop<S: AsyncRead + Unpin>(
                         ),
                         _ => (0, 0),
                     };
-                    tracing::info!(%identity, error = %e, "framing error: closing connection");
+                    tracing::debug!(%identity, error = %e, "framing error: closing connection");
                     outbox.refuse(opcode, request_id, Refusal::new(e.status(), e.to_string()));
                     return;
                 }
@@ -254,7 +261,10 @@ fn dispatch(
     };
     let op = match request {
         Request::Hello => return outbox.push(opcode, request_id, &Reply::Hello(ctx.hello)),
-        Request::Status { asset } => ShardOp::Status { asset },
+        Request::Status { asset } => match check_asset_id(&asset) {
+            Ok(()) => ShardOp::Status { asset },
+            Err(refusal) => return outbox.refuse(opcode, request_id, refusal),
+        },
         Request::Register { asset } => match check_asset_id(&asset) {
             Ok(()) => ShardOp::Register {
                 asset,

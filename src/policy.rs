@@ -6,6 +6,7 @@
 
 use crate::kdf::{DerivationPath, PathError};
 use crate::wire::{DeriveBody, Refusal, Status};
+use std::sync::Arc;
 use uuid::{Uuid, Variant};
 
 /// Shortest key holding time a caller may ask for.
@@ -57,28 +58,23 @@ impl Purpose {
 pub struct CheckedDerive {
     pub asset: Uuid,
     pub path: DerivationPath,
-    /// Index into the configured region list.
-    pub region: u8,
+    /// The configured region's name.
+    pub region: Arc<str>,
     pub purpose: Purpose,
     pub ttl_s: u32,
 }
 
-/// The configured regions, in configuration order (at most 255).
+/// The configured regions, in configuration order.
 #[derive(Clone, Debug)]
 pub struct FieldRules {
-    regions: Vec<String>,
+    regions: Vec<Arc<str>>,
 }
 
 impl FieldRules {
     pub fn new(regions: Vec<String>) -> FieldRules {
-        FieldRules { regions }
-    }
-
-    pub fn region_name(&self, index: u8) -> &str {
-        self.regions
-            .get(index as usize)
-            .map(String::as_str)
-            .unwrap_or("?")
+        FieldRules {
+            regions: regions.into_iter().map(Arc::from).collect(),
+        }
     }
 
     /// Checks a DERIVE body field by field, in wire order.
@@ -90,7 +86,8 @@ impl FieldRules {
         let region = self
             .regions
             .iter()
-            .position(|r| *r == body.region)
+            .find(|r| ***r == *body.region)
+            .cloned()
             .ok_or_else(|| {
                 Refusal::new(
                     Status::InvalidRegion,
@@ -100,7 +97,7 @@ impl FieldRules {
                         self.regions.join(", ")
                     ),
                 )
-            })? as u8;
+            })?;
         let purpose = Purpose::from_u8(body.purpose).ok_or_else(|| {
             Refusal::new(
                 Status::InvalidPurpose,
@@ -162,9 +159,8 @@ mod tests {
     #[test]
     fn a_good_request_passes() {
         let checked = rules().check_derive(&body()).unwrap();
-        assert_eq!(checked.region, 1);
+        assert_eq!(&*checked.region, "EU-WEST");
         assert_eq!(checked.purpose, Purpose::Settlement);
-        assert_eq!(rules().region_name(checked.region), "EU-WEST");
     }
 
     #[test]

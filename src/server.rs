@@ -197,7 +197,6 @@ async fn core_main(core: usize, setup: CoreSetup) -> Result<(), String> {
         shard_id,
         snapshot,
         setup.key.clone(),
-        &config.policy.regions,
         limits,
         shard_store,
     ));

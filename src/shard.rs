@@ -6,13 +6,16 @@
 //! committer task seals up to `commit_batch_records_max` of them into a [`CommitBatch`]
 //! (after waiting at most `commit_batch_delay_us` for more), numbers them with the shard's
 //! sequence, and releases their replies only when the store says the batch is durable
-//! (I1). One batch is in flight per shard at a time, so sequence numbers never skip: a
-//! batch that fails gives its numbers back.
+//! (I1). Up to `commit_batches_inflight_max` batches are in flight; the store refuses a
+//! batch that does not continue the shard's committed sequence, so after a failure the
+//! shard waits until every batch in flight has been heard from and numbers again from the
+//! last durable record: the log never has a gap. No accepted request waits longer than
+//! `commit_timeout_ms` for an answer, whether its batch is sealed or not.
 
 use crate::audit::{now_ms, AuditEvent, AuditRecord, DeriveDetail};
 use crate::kdf::{DerivationKey, DerivedKey, SCHEME_V1};
 use crate::lifecycle::AssetState;
-use crate::policy::{check_asset_id, CheckedDerive};
+use crate::policy::CheckedDerive;
 use crate::signal::LocalSignal;
 use crate::store::{AssetWrite, CommitBatch, ShardSnapshot, ShardStore, StoreError};
 use crate::wire::{AssetInfo, Derived, Receipt, Refusal, Reply, Status};
@@ -20,7 +23,7 @@ use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
@@ -74,24 +77,38 @@ struct AssetEntry {
     durable: bool,
 }
 
+/// What an accepted operation answers once its record is durable.
+enum Outcome {
+    Registered,
+    Derived(DerivedKey),
+}
+
+/// An accepted operation waiting for its batch.
 struct PendingOp {
+    accepted_at: Instant,
     record: AuditRecord,
     write: Option<AssetWrite>,
-    key: Option<DerivedKey>,
+    outcome: Outcome,
     reply: oneshot::Sender<OpResult>,
 }
 
+/// An operation whose record is in a sealed batch.
 struct Waiter {
     seq: u64,
     asset: Uuid,
     counter: u64,
-    key: Option<DerivedKey>,
+    outcome: Outcome,
     reply: oneshot::Sender<OpResult>,
 }
 
 struct ShardState {
     assets: HashMap<Uuid, AssetEntry>,
+    /// The number the next sealed record gets.
     next_seq: u64,
+    /// One past the highest number the store has confirmed durable.
+    durable_next: u64,
+    /// A batch failed: once no batch is in flight, numbering restarts at `durable_next`.
+    resync: bool,
     pending: VecDeque<PendingOp>,
     inflight_batches: usize,
 }
@@ -100,7 +117,6 @@ struct ShardState {
 pub struct Shard {
     id: u16,
     key: Arc<DerivationKey>,
-    regions: Vec<Arc<str>>,
     limits: ShardLimits,
     store: Box<dyn ShardStore>,
     state: RefCell<ShardState>,
@@ -117,7 +133,6 @@ impl Shard {
         id: u16,
         snapshot: ShardSnapshot,
         key: Arc<DerivationKey>,
-        regions: &[String],
         limits: ShardLimits,
         store: Box<dyn ShardStore>,
     ) -> Shard {
@@ -138,10 +153,11 @@ impl Shard {
         Shard {
             id,
             key,
-            regions: regions.iter().map(|r| Arc::from(r.as_str())).collect(),
             state: RefCell::new(ShardState {
                 assets,
                 next_seq: snapshot.last_seq + 1,
+                durable_next: snapshot.last_seq + 1,
+                resync: false,
                 pending: VecDeque::with_capacity(limits.pending_max.min(4096)),
                 inflight_batches: 0,
             }),
@@ -177,7 +193,6 @@ impl Shard {
         let mut st = self.state.borrow_mut();
         match op {
             ShardOp::Status { asset } => {
-                check_asset_id(&asset)?;
                 let entry = durable_entry(&st.assets, &asset)?;
                 Ok(Accepted::Now(Reply::Asset(AssetInfo {
                     asset,
@@ -191,7 +206,6 @@ impl Shard {
                 requester,
                 request_id,
             } => {
-                check_asset_id(&asset)?;
                 if st.assets.contains_key(&asset) {
                     return Err(Refusal::new(
                         Status::AssetExists,
@@ -234,7 +248,7 @@ impl Shard {
                     counter: 0,
                     insert: true,
                 };
-                Ok(self.enqueue(&mut st, record, Some(write), None))
+                Ok(self.enqueue(&mut st, record, Some(write), Outcome::Registered))
             }
             ShardOp::Derive {
                 request,
@@ -260,11 +274,6 @@ impl Shard {
                 let (state, counter) = (entry.state, entry.counter);
                 self.check_room(&st)?;
                 let key = self.key.derive(&request.asset, counter, &request.path);
-                let region = self
-                    .regions
-                    .get(request.region as usize)
-                    .cloned()
-                    .unwrap_or_else(|| Arc::from("?"));
                 let record = AuditRecord {
                     shard: self.id,
                     seq: 0,
@@ -278,12 +287,12 @@ impl Shard {
                     derive: Some(DeriveDetail {
                         path: request.path,
                         purpose: request.purpose,
-                        region,
+                        region: request.region,
                         ttl_s: request.ttl_s,
                         scheme_version: SCHEME_V1,
                     }),
                 };
-                Ok(self.enqueue(&mut st, record, None, Some(key)))
+                Ok(self.enqueue(&mut st, record, None, Outcome::Derived(key)))
             }
         }
     }
@@ -309,13 +318,14 @@ impl Shard {
         st: &mut ShardState,
         record: AuditRecord,
         write: Option<AssetWrite>,
-        key: Option<DerivedKey>,
+        outcome: Outcome,
     ) -> Accepted {
         let (reply, rx) = oneshot::channel();
         st.pending.push_back(PendingOp {
+            accepted_at: Instant::now(),
             record,
             write,
-            key,
+            outcome,
             reply,
         });
         self.kick.notify();
@@ -323,30 +333,75 @@ impl Shard {
     }
 
     /// The group-commit loop. Runs for the life of the shard on the shard's core.
-    ///
-    /// Up to `commit_batches_inflight_max` batches are in flight at once, so that while
-    /// one shard's batch is being written the next is already queued and the store can
-    /// fold the shards' batches into one transaction. The store commits a shard's batches
-    /// in order and refuses a batch that does not continue the shard's committed sequence,
-    /// so a failed batch also fails the in-flight batches behind it and the log never has
-    /// a gap.
     pub async fn run_committer(self: Rc<Self>) {
         loop {
-            let (pending, inflight) = {
+            let (pending, inflight, resync) = {
                 let st = self.state.borrow();
-                (st.pending.len(), st.inflight_batches)
+                (st.pending.len(), st.inflight_batches, st.resync)
             };
-            if pending == 0 || inflight >= self.limits.commit_batches_inflight_max {
+            if resync && inflight == 0 {
+                // Every batch sealed before the failure has been heard from: number again
+                // from the last durable record.
+                let mut st = self.state.borrow_mut();
+                st.next_seq = st.durable_next;
+                st.resync = false;
+                continue;
+            }
+            if pending == 0 {
                 self.kick.wait().await;
+                continue;
+            }
+            if resync || inflight >= self.limits.commit_batches_inflight_max {
+                // No batch may be sealed now; wait for one to finish, but answer whatever
+                // has waited its full commit timeout.
+                let wait = self.until_oldest_expires();
+                futures_lite::future::or(self.kick.wait(), glommio::timer::sleep(wait)).await;
+                self.expire_pending();
                 continue;
             }
             let delay = self.limits.commit_batch_delay;
             if !delay.is_zero() && pending < self.limits.commit_batch_records_max {
                 glommio::timer::sleep(delay).await;
             }
-            let (batch, waiters, first_seq) = self.seal();
+            let (batch, waiters) = self.seal();
             let commit = self.store.commit(batch);
-            glommio::spawn_local(self.clone().finish_batch(commit, waiters, first_seq)).detach();
+            glommio::spawn_local(self.clone().finish_batch(commit, waiters)).detach();
+        }
+    }
+
+    fn until_oldest_expires(&self) -> Duration {
+        let st = self.state.borrow();
+        let deadline = match st.pending.front() {
+            Some(op) => op.accepted_at + self.limits.commit_timeout,
+            None => return self.limits.commit_timeout,
+        };
+        deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(1))
+    }
+
+    /// Answers STORE_UNAVAILABLE to pending operations older than the commit timeout.
+    /// They have no sequence number yet; a registration among them is forgotten.
+    fn expire_pending(&self) {
+        let mut st = self.state.borrow_mut();
+        let now = Instant::now();
+        while let Some(op) = st.pending.front() {
+            if now.duration_since(op.accepted_at) < self.limits.commit_timeout {
+                break;
+            }
+            let Some(op) = st.pending.pop_front() else {
+                break;
+            };
+            if let Outcome::Registered = op.outcome {
+                st.assets.remove(&op.record.asset);
+            }
+            let _ = op.reply.send(Err(Refusal::new(
+                Status::StoreUnavailable,
+                format!(
+                    "not committed within {} ms (the store is slow or down)",
+                    self.limits.commit_timeout.as_millis()
+                ),
+            )));
         }
     }
 
@@ -355,7 +410,6 @@ impl Shard {
         self: Rc<Self>,
         mut commit: crate::store::LocalFuture<Result<(), StoreError>>,
         waiters: Vec<Waiter>,
-        first_seq: u64,
     ) {
         let timeout = self.limits.commit_timeout;
         let in_time = futures_lite::future::or(async { Some((&mut commit).await) }, async {
@@ -364,37 +418,48 @@ impl Shard {
         })
         .await;
         match in_time {
-            Some(Ok(())) => self.release(waiters),
-            Some(Err(e)) => self.fail(waiters, first_seq, Some(e)),
+            Some(Ok(())) => {
+                self.settle(&waiters, true);
+                self.release(waiters);
+            }
+            Some(Err(e)) => {
+                self.settle(&waiters, false);
+                let message = format!("commit failed: {e}");
+                tracing::warn!(shard = self.id, batch = waiters.len(), %message, "batch not committed");
+                for w in waiters {
+                    let _ = w
+                        .reply
+                        .send(Err(Refusal::new(Status::StoreUnavailable, message.clone())));
+                }
+            }
             None => {
-                // Too late for the callers: tell them now. The batch's fate decides only
-                // what the shard remembers, so keep its in-flight slot until it is known.
-                let registered: Vec<Uuid> = waiters
-                    .iter()
-                    .filter(|w| w.key.is_none())
-                    .map(|w| w.asset)
-                    .collect();
+                // Too late for the callers: tell them now (the outcome is unknown to
+                // them). The batch's fate still decides what the shard remembers, and its
+                // in-flight slot is kept until that is known.
+                let outcome_unknown = format!(
+                    "commit did not finish within {} ms; its outcome is unknown",
+                    timeout.as_millis()
+                );
+                let mut settled = Vec::with_capacity(waiters.len());
                 for w in waiters {
                     let _ = w.reply.send(Err(Refusal::new(
                         Status::StoreUnavailable,
-                        format!("commit did not finish within {} ms", timeout.as_millis()),
+                        outcome_unknown.clone(),
                     )));
+                    settled.push((w.seq, w.asset, matches!(w.outcome, Outcome::Registered)));
                 }
-                match commit.await {
-                    Ok(()) => self.mark_durable(&registered),
-                    Err(_) => self.forget(&registered, first_seq),
-                }
+                let durable = commit.await.is_ok();
+                self.settle_parts(settled.into_iter(), durable);
             }
         }
         self.state.borrow_mut().inflight_batches -= 1;
         self.kick.notify();
     }
 
-    fn seal(&self) -> (CommitBatch, Vec<Waiter>, u64) {
+    fn seal(&self) -> (CommitBatch, Vec<Waiter>) {
         let mut guard = self.state.borrow_mut();
         let st = &mut *guard;
         let n = st.pending.len().min(self.limits.commit_batch_records_max);
-        let first_seq = st.next_seq;
         let mut batch = CommitBatch {
             shard: self.id,
             records: Vec::with_capacity(n),
@@ -410,7 +475,7 @@ impl Shard {
                 seq,
                 asset: op.record.asset,
                 counter: op.record.counter,
-                key: op.key,
+                outcome: op.outcome,
                 reply: op.reply,
             });
             if let Some(w) = op.write {
@@ -418,19 +483,51 @@ impl Shard {
             }
             batch.records.push(op.record);
         }
-        (batch, waiters, first_seq)
+        (batch, waiters)
+    }
+
+    /// Brings the registry in line with a batch's fate.
+    fn settle(&self, waiters: &[Waiter], durable: bool) {
+        self.settle_parts(
+            waiters
+                .iter()
+                .map(|w| (w.seq, w.asset, matches!(w.outcome, Outcome::Registered))),
+            durable,
+        );
+    }
+
+    /// `parts`: (sequence number, asset, is a registration) of each record of the batch.
+    /// Durable: registrations become real and the durable sequence moves forward. Not
+    /// durable: registrations are forgotten and numbering resynchronises.
+    fn settle_parts(&self, parts: impl Iterator<Item = (u64, Uuid, bool)>, durable: bool) {
+        let mut st = self.state.borrow_mut();
+        let mut last_seq = None;
+        for (seq, asset, registration) in parts {
+            last_seq = Some(seq);
+            if !registration {
+                continue;
+            }
+            if durable {
+                if let Some(e) = st.assets.get_mut(&asset) {
+                    e.durable = true;
+                }
+            } else {
+                st.assets.remove(&asset);
+            }
+        }
+        if durable {
+            if let Some(last) = last_seq {
+                st.durable_next = st.durable_next.max(last + 1);
+            }
+        } else {
+            st.resync = true;
+        }
     }
 
     fn release(&self, waiters: Vec<Waiter>) {
-        let registered: Vec<Uuid> = waiters
-            .iter()
-            .filter(|w| w.key.is_none())
-            .map(|w| w.asset)
-            .collect();
-        self.mark_durable(&registered);
         for w in waiters {
-            let reply = match w.key {
-                Some(key) => Reply::Derived(Derived {
+            let reply = match w.outcome {
+                Outcome::Derived(key) => Reply::Derived(Derived {
                     counter: w.counter,
                     scheme_version: SCHEME_V1,
                     key,
@@ -439,7 +536,7 @@ impl Shard {
                         seq: w.seq,
                     },
                 }),
-                None => Reply::Asset(AssetInfo {
+                Outcome::Registered => Reply::Asset(AssetInfo {
                     asset: w.asset,
                     state: AssetState::Active,
                     counter: 0,
@@ -449,46 +546,6 @@ impl Shard {
             // The caller may have gone (connection closed): its record is durable anyway.
             let _ = w.reply.send(Ok(reply));
         }
-    }
-
-    fn fail(&self, waiters: Vec<Waiter>, first_seq: u64, error: Option<StoreError>) {
-        let registered: Vec<Uuid> = waiters
-            .iter()
-            .filter(|w| w.key.is_none())
-            .map(|w| w.asset)
-            .collect();
-        self.forget(&registered, first_seq);
-        let message = match error {
-            Some(e) => format!("commit failed: {e}"),
-            None => "commit failed".to_owned(),
-        };
-        tracing::warn!(shard = self.id, batch = waiters.len(), %message, "batch not committed");
-        for w in waiters {
-            let _ = w
-                .reply
-                .send(Err(Refusal::new(Status::StoreUnavailable, message.clone())));
-        }
-    }
-
-    fn mark_durable(&self, registered: &[Uuid]) {
-        let mut st = self.state.borrow_mut();
-        for asset in registered {
-            if let Some(e) = st.assets.get_mut(asset) {
-                e.durable = true;
-            }
-        }
-    }
-
-    /// Forgets what a failed batch would have done and gives back its sequence numbers.
-    /// Batches sealed after it and still in flight will be refused by the store (they do
-    /// not continue the committed sequence), so numbering restarts at the lowest failed
-    /// batch's first number whatever order the failures are heard in.
-    fn forget(&self, registered: &[Uuid], first_seq: u64) {
-        let mut st = self.state.borrow_mut();
-        for asset in registered {
-            st.assets.remove(asset);
-        }
-        st.next_seq = st.next_seq.min(first_seq);
     }
 }
 
@@ -580,7 +637,6 @@ mod tests {
             0,
             ShardSnapshot::default(),
             key,
-            &["US-EAST".to_owned()],
             limits,
             Box::new(ScriptedStore(script.clone())),
         ));
@@ -605,7 +661,7 @@ mod tests {
             request: CheckedDerive {
                 asset: a,
                 path: DerivationPath::parse("m/44'/0'/0'/0'/1").unwrap(),
-                region: 0,
+                region: Arc::from("US-EAST"),
                 purpose: Purpose::Trading,
                 ttl_s: 60,
             },
@@ -707,6 +763,81 @@ mod tests {
                 2,
                 "no gap after the failures"
             );
+        });
+    }
+
+    #[test]
+    fn after_a_failure_numbering_resumes_from_the_last_durable_record() {
+        run(async {
+            let script = Rc::new(Script::default());
+            let s = shard(&script, limits());
+            let a = asset(8);
+            s.execute(register(a)).await.unwrap();
+            script.delay.set(Duration::from_millis(30));
+            script
+                .outcomes
+                .borrow_mut()
+                .push_back(Err(StoreError::Unavailable("fsync failed".into())));
+            let accept = |s: &Shard| match s.accept(derive(a)) {
+                Ok(Accepted::AfterCommit(rx)) => rx,
+                _ => panic!("accepted"),
+            };
+            // A (seq 2) fails; B (seq 3), already in flight, is refused for the gap; the
+            // three requests queued meanwhile form a batch larger than A.
+            let a_rx = accept(&s);
+            glommio::executor().yield_now().await;
+            let b_rx = accept(&s);
+            glommio::executor().yield_now().await;
+            let later: Vec<_> = (0..3).map(|_| accept(&s)).collect();
+            for rx in [a_rx, b_rx] {
+                assert_eq!(
+                    rx.await.unwrap().unwrap_err().status,
+                    Status::StoreUnavailable
+                );
+            }
+            let mut seqs = Vec::new();
+            for rx in later {
+                seqs.push(seq_of(rx.await.unwrap()));
+            }
+            assert_eq!(seqs, [2, 3, 4]);
+            script.delay.set(Duration::ZERO);
+            assert_eq!(
+                seq_of(s.execute(derive(a)).await),
+                5,
+                "the shard is not wedged"
+            );
+        });
+    }
+
+    #[test]
+    fn requests_waiting_for_a_slot_are_answered_at_the_commit_timeout() {
+        run(async {
+            let script = Rc::new(Script::default());
+            let mut l = limits();
+            l.commit_batches_inflight_max = 1;
+            let s = shard(&script, l);
+            let a = asset(9);
+            s.execute(register(a)).await.unwrap();
+            script.delay.set(Duration::from_millis(600));
+            let started = std::time::Instant::now();
+            let Ok(Accepted::AfterCommit(sealed)) = s.accept(derive(a)) else {
+                panic!("accepted")
+            };
+            glommio::executor().yield_now().await;
+            // The only slot is taken by a commit that will take 600 ms.
+            let Ok(Accepted::AfterCommit(waiting)) = s.accept(derive(a)) else {
+                panic!("accepted")
+            };
+            for rx in [sealed, waiting] {
+                assert_eq!(
+                    rx.await.unwrap().unwrap_err().status,
+                    Status::StoreUnavailable
+                );
+                assert!(
+                    started.elapsed() < Duration::from_millis(500),
+                    "answered at the timeout"
+                );
+            }
         });
     }
 

@@ -362,6 +362,7 @@ fn drive(o: &Options, addr: SocketAddr, certs: &Path, seed: u64) -> anyhow::Resu
         }
         // A connection with room; if every one is at its depth, wait (the delay counts:
         // latency runs from the scheduled time).
+        let waiting_since = Instant::now();
         let conn = loop {
             let first = (i as usize) % o.connections;
             let found = (0..o.connections)
@@ -369,6 +370,14 @@ fn drive(o: &Options, addr: SocketAddr, certs: &Path, seed: u64) -> anyhow::Resu
                 .find(|&c| inflight[c].load(Ordering::Acquire) < o.depth);
             match found {
                 Some(c) => break c,
+                None if waiting_since.elapsed() > REQUEST_TIMEOUT => {
+                    finished.store(true, Ordering::Relaxed);
+                    bail!(
+                        "every connection has had {} requests unanswered for {} s: the appliance stopped answering",
+                        o.depth,
+                        REQUEST_TIMEOUT.as_secs()
+                    );
+                }
                 None => std::thread::sleep(Duration::from_micros(20)),
             }
         };
