@@ -38,6 +38,16 @@ impl RootSeed {
         RootSeed(Zeroizing::new(bytes))
     }
 
+    /// An all-zero seed to be filled in place (so the bytes are never copied out of
+    /// zeroizing memory on the way in).
+    pub fn zeroed() -> RootSeed {
+        RootSeed(Zeroizing::new([0u8; SEED_LEN]))
+    }
+
+    pub fn expose_mut(&mut self) -> &mut [u8; SEED_LEN] {
+        &mut self.0
+    }
+
     pub fn expose(&self) -> &[u8; SEED_LEN] {
         &self.0
     }

@@ -11,11 +11,12 @@
 //! - [`wire`]: the sans-IO codec of protocol v1 (frames, requests, replies, statuses).
 //! - [`policy`]: the field rules every request passes before it reaches a shard.
 //! - [`router`]: asset → shard hash, and the bounded mesh between cores.
-//! - [`shard`]: the owning core's registry, derivation and group commit.
+//! - [`shard`]: the owning core's registry, audit records and group commit.
 //! - [`lifecycle`]: asset states and their transitions.
-//! - [`kdf`]: NIST SP 800-108 KBKDF with HMAC-SHA256, keyed once per seed.
 //! - [`audit`]: the audit record of every acknowledged operation.
 //! - [`store`]: the durable store trait, the shard→commit-thread hand-off, SQLite.
+//! - [`kdf`]: NIST SP 800-108 KBKDF with HMAC-SHA256, keyed once per seed; run on the
+//!   connection's core once the record is durable.
 //! - [`seal`]: where the root seed comes from.
 //!
 //! Around the request path: [`config`] (two-stage TOML), [`bounds`] (hard caps),

@@ -8,12 +8,13 @@
 //! may hold keys). A framing error is answered once and closes only that connection.
 
 use crate::config::{IdentitySource, Limits};
+use crate::kdf::{DerivationKey, SCHEME_V1};
 use crate::policy::{check_asset_id, FieldRules};
 use crate::router::ShardRouter;
-use crate::shard::ShardOp;
+use crate::shard::{ShardOp, ShardReply};
 use crate::signal::LocalSignal;
 use crate::tls;
-use crate::wire::{self, HelloInfo, Refusal, Reply, Request, Status};
+use crate::wire::{self, Derived, HelloInfo, Refusal, Reply, Request, Status};
 use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream};
 use std::cell::{Cell, RefCell};
@@ -33,6 +34,8 @@ const OUTBOX_HIGH_WATER_BYTES: usize = 256 * 1024;
 /// What every connection on a core shares.
 pub struct CoreContext {
     pub router: Rc<ShardRouter>,
+    /// Derives each key on the connection's core, after its audit record is durable.
+    pub key: Arc<DerivationKey>,
     pub rules: FieldRules,
     pub limits: Limits,
     pub identity: IdentitySource,
@@ -294,12 +297,32 @@ fn dispatch(
         return outbox.refuse(opcode, request_id, refusal);
     }
     outbox.inflight.set(outbox.inflight.get() + 1);
-    let router = ctx.router.clone();
+    // What the key needs, kept here: the shard answers with the durable counter only.
+    let derivation = match &op {
+        ShardOp::Derive { request, .. } => Some((request.asset, request.path)),
+        _ => None,
+    };
+    let ctx = ctx.clone();
     let outbox = outbox.clone();
     glommio::spawn_local(async move {
-        let result = router.route(op).await;
-        match result {
-            Ok(reply) => outbox.push(opcode, request_id, &reply),
+        match ctx.router.route(op).await {
+            Ok(ShardReply::Asset(info)) => outbox.push(opcode, request_id, &Reply::Asset(info)),
+            Ok(ShardReply::Derived { counter, receipt }) => match derivation {
+                Some((asset, path)) => {
+                    let reply = Reply::Derived(Derived {
+                        counter,
+                        scheme_version: SCHEME_V1,
+                        key: ctx.key.derive(&asset, counter, &path),
+                        receipt,
+                    });
+                    outbox.push(opcode, request_id, &reply)
+                }
+                None => outbox.refuse(
+                    opcode,
+                    request_id,
+                    Refusal::new(Status::Internal, "a derivation answer to another request"),
+                ),
+            },
             Err(refusal) => outbox.refuse(opcode, request_id, refusal),
         }
         let left = outbox.inflight.get() - 1;

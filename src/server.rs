@@ -193,13 +193,7 @@ async fn core_main(core: usize, setup: CoreSetup) -> Result<(), String> {
         pending_max: config.limits.max_pending_per_shard as usize,
         assets_max: config.limits.max_assets_per_shard as usize,
     };
-    let shard = Rc::new(Shard::new(
-        shard_id,
-        snapshot,
-        setup.key.clone(),
-        limits,
-        shard_store,
-    ));
+    let shard = Rc::new(Shard::new(shard_id, snapshot, limits, shard_store));
     let assets = shard.asset_count();
     glommio::spawn_local(shard.clone().run_committer()).detach();
     let router = Rc::new(ShardRouter::new(shard, cores, senders));
@@ -214,6 +208,7 @@ async fn core_main(core: usize, setup: CoreSetup) -> Result<(), String> {
     })?;
     let ctx = Rc::new(CoreContext {
         router,
+        key: setup.key.clone(),
         rules: FieldRules::new(config.policy.regions.clone()),
         limits: config.limits.clone(),
         identity: config.tls.identity,

@@ -13,12 +13,12 @@
 //! `commit_timeout_ms` for an answer, whether its batch is sealed or not.
 
 use crate::audit::{now_ms, AuditEvent, AuditRecord, DeriveDetail};
-use crate::kdf::{DerivationKey, DerivedKey, SCHEME_V1};
+use crate::kdf::SCHEME_V1;
 use crate::lifecycle::AssetState;
 use crate::policy::CheckedDerive;
 use crate::signal::LocalSignal;
 use crate::store::{AssetWrite, CommitBatch, ShardSnapshot, ShardStore, StoreError};
-use crate::wire::{AssetInfo, Derived, Receipt, Refusal, Reply, Status};
+use crate::wire::{AssetInfo, Receipt, Refusal, Status};
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
@@ -27,8 +27,17 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
+/// What a shard answers. A derivation's key is not part of it: the connection's core
+/// derives the key from the durable counter once the reply arrives, so a key exists only
+/// after its audit record is durable, and never crosses cores or waits in a queue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ShardReply {
+    Asset(AssetInfo),
+    Derived { counter: u64, receipt: Receipt },
+}
+
 /// The answer to an operation.
-pub type OpResult = Result<Reply, Refusal>;
+pub type OpResult = Result<ShardReply, Refusal>;
 
 /// An operation addressed to the shard that owns its asset. `Send`: it may cross cores.
 #[derive(Debug)]
@@ -80,7 +89,7 @@ struct AssetEntry {
 /// What an accepted operation answers once its record is durable.
 enum Outcome {
     Registered,
-    Derived(DerivedKey),
+    Derived,
 }
 
 /// An accepted operation waiting for its batch.
@@ -116,7 +125,6 @@ struct ShardState {
 /// One core's shard.
 pub struct Shard {
     id: u16,
-    key: Arc<DerivationKey>,
     limits: ShardLimits,
     store: Box<dyn ShardStore>,
     state: RefCell<ShardState>,
@@ -124,7 +132,7 @@ pub struct Shard {
 }
 
 enum Accepted {
-    Now(Reply),
+    Now(ShardReply),
     AfterCommit(oneshot::Receiver<OpResult>),
 }
 
@@ -132,7 +140,6 @@ impl Shard {
     pub fn new(
         id: u16,
         snapshot: ShardSnapshot,
-        key: Arc<DerivationKey>,
         limits: ShardLimits,
         store: Box<dyn ShardStore>,
     ) -> Shard {
@@ -152,7 +159,6 @@ impl Shard {
             .collect();
         Shard {
             id,
-            key,
             state: RefCell::new(ShardState {
                 assets,
                 next_seq: snapshot.last_seq + 1,
@@ -194,7 +200,7 @@ impl Shard {
         match op {
             ShardOp::Status { asset } => {
                 let entry = durable_entry(&st.assets, &asset)?;
-                Ok(Accepted::Now(Reply::Asset(AssetInfo {
+                Ok(Accepted::Now(ShardReply::Asset(AssetInfo {
                     asset,
                     state: entry.state,
                     counter: entry.counter,
@@ -273,7 +279,6 @@ impl Shard {
                 }
                 let (state, counter) = (entry.state, entry.counter);
                 self.check_room(&st)?;
-                let key = self.key.derive(&request.asset, counter, &request.path);
                 let record = AuditRecord {
                     shard: self.id,
                     seq: 0,
@@ -292,7 +297,7 @@ impl Shard {
                         scheme_version: SCHEME_V1,
                     }),
                 };
-                Ok(self.enqueue(&mut st, record, None, Outcome::Derived(key)))
+                Ok(self.enqueue(&mut st, record, None, Outcome::Derived))
             }
         }
     }
@@ -527,16 +532,14 @@ impl Shard {
     fn release(&self, waiters: Vec<Waiter>) {
         for w in waiters {
             let reply = match w.outcome {
-                Outcome::Derived(key) => Reply::Derived(Derived {
+                Outcome::Derived => ShardReply::Derived {
                     counter: w.counter,
-                    scheme_version: SCHEME_V1,
-                    key,
                     receipt: Receipt {
                         shard: self.id,
                         seq: w.seq,
                     },
-                }),
-                Outcome::Registered => Reply::Asset(AssetInfo {
+                },
+                Outcome::Registered => ShardReply::Asset(AssetInfo {
                     asset: w.asset,
                     state: AssetState::Active,
                     counter: 0,
@@ -568,7 +571,7 @@ mod tests {
     //! and slow commits that a real SQLite file cannot produce on demand.
 
     use super::*;
-    use crate::kdf::{DerivationPath, RootSeed};
+    use crate::kdf::DerivationPath;
     use crate::policy::Purpose;
     use crate::store::LocalFuture;
     use std::cell::Cell;
@@ -632,11 +635,9 @@ mod tests {
     }
 
     fn shard(script: &Rc<Script>, limits: ShardLimits) -> Rc<Shard> {
-        let key = Arc::new(DerivationKey::new(&RootSeed::from_bytes([7; 32])));
         let shard = Rc::new(Shard::new(
             0,
             ShardSnapshot::default(),
-            key,
             limits,
             Box::new(ScriptedStore(script.clone())),
         ));
@@ -672,7 +673,7 @@ mod tests {
 
     fn seq_of(r: OpResult) -> u64 {
         match r {
-            Ok(Reply::Derived(d)) => d.receipt.seq,
+            Ok(ShardReply::Derived { receipt, .. }) => receipt.seq,
             other => panic!("expected a derivation, got {other:?}"),
         }
     }
@@ -860,7 +861,7 @@ mod tests {
             s.execute(register(a)).await.unwrap();
             assert!(matches!(
                 s.execute(ShardOp::Status { asset: a }).await,
-                Ok(Reply::Asset(_))
+                Ok(ShardReply::Asset(_))
             ));
         });
     }
@@ -884,7 +885,7 @@ mod tests {
             glommio::timer::sleep(Duration::from_millis(300)).await;
             assert!(matches!(
                 s.execute(ShardOp::Status { asset: a }).await,
-                Ok(Reply::Asset(_))
+                Ok(ShardReply::Asset(_))
             ));
             assert_eq!(seq_of(s.execute(derive(a)).await), 2);
         });
