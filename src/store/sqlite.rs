@@ -55,6 +55,15 @@ impl SqliteStore {
         queue_depth: usize,
         linger: Duration,
     ) -> Result<SqliteStore, StoreError> {
+        Self::open_with_wal_restart(path, queue_depth, linger, WAL_RESTART_PAGES)
+    }
+
+    fn open_with_wal_restart(
+        path: &Path,
+        queue_depth: usize,
+        linger: Duration,
+        wal_restart_pages: u32,
+    ) -> Result<SqliteStore, StoreError> {
         let lock = take_owner_lock(path)?;
         let mut conn = open_connection(path)?;
         migrate(&mut conn)?;
@@ -69,7 +78,7 @@ impl SqliteStore {
         // time the background thread has already copied nearly all of it. That bounds
         // the WAL file.
         conn.execute_batch(&format!(
-            "PRAGMA wal_autocheckpoint={WAL_RESTART_PAGES}; PRAGMA journal_size_limit={WAL_SIZE_LIMIT_BYTES};"
+            "PRAGMA wal_autocheckpoint={wal_restart_pages}; PRAGMA journal_size_limit={WAL_SIZE_LIMIT_BYTES};"
         ))
         .map_err(sql_err)?;
         let checkpointer = Checkpointer::start(path)?;
@@ -100,11 +109,13 @@ impl Drop for SqliteStore {
 /// How often the checkpointer copies committed WAL frames into the database.
 const CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
 
-/// WAL pages after which the commit thread finishes a checkpoint itself (see `open`).
-const WAL_RESTART_PAGES: u32 = 4096;
+/// WAL pages after which the commit thread finishes a checkpoint itself (see `open`):
+/// 64 MiB at 4 KiB pages. Each such checkpoint stalls commits for a few milliseconds, so
+/// it should be rare; the WAL file never grows much past this.
+const WAL_RESTART_PAGES: u32 = 16384;
 
 /// Size the WAL file is truncated back to when it restarts.
-const WAL_SIZE_LIMIT_BYTES: u64 = 64 << 20;
+const WAL_SIZE_LIMIT_BYTES: u64 = 128 << 20;
 
 /// The WAL checkpointer: a thread with its own connection running PASSIVE checkpoints,
 /// which never block the commit thread, so that the commit thread's own checkpoint (the
@@ -686,10 +697,13 @@ mod tests {
     fn the_wal_stays_bounded_under_steady_commits() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("w.db");
-        let store = SqliteStore::open(&path, 4, Duration::ZERO).unwrap();
+        // A small restart threshold, so that a few thousand commits cross it many times.
+        let restart_pages = 512;
+        let store =
+            SqliteStore::open_with_wal_restart(&path, 4, Duration::ZERO, restart_pages).unwrap();
         let shard = store.open_shard(0, 1);
         block_on(shard.load()).unwrap();
-        // Enough single-record transactions to write well over WAL_RESTART_PAGES frames.
+        // Enough single-record transactions to write many times the threshold in frames.
         let mut wal_max = 0;
         for seq in 1..=6000u64 {
             let a =
@@ -704,7 +718,7 @@ mod tests {
             }
         }
         let frame_bytes = 4096 + 24;
-        let bound = (WAL_RESTART_PAGES as u64 + 64) * frame_bytes;
+        let bound = (restart_pages as u64 + 64) * frame_bytes;
         assert!(wal_max > 0, "the WAL was written");
         assert!(
             wal_max <= bound,
