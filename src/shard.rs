@@ -671,6 +671,25 @@ mod tests {
         }
     }
 
+    fn fail_next_commit(script: &Script, why: &str) {
+        script
+            .outcomes
+            .borrow_mut()
+            .push_back(Err(StoreError::Unavailable(why.into())));
+    }
+
+    /// Accepts an operation that must wait for its commit.
+    fn accepted(s: &Shard, op: ShardOp) -> oneshot::Receiver<OpResult> {
+        match s.accept(op) {
+            Ok(Accepted::AfterCommit(rx)) => rx,
+            _ => panic!("the operation should wait for its commit"),
+        }
+    }
+
+    async fn refused_status(rx: oneshot::Receiver<OpResult>) -> Status {
+        rx.await.unwrap().unwrap_err().status
+    }
+
     fn seq_of(r: OpResult) -> u64 {
         match r {
             Ok(ShardReply::Derived { receipt, .. }) => receipt.seq,
@@ -713,10 +732,7 @@ mod tests {
             let s = shard(&script, limits());
             let a = asset(2);
             s.execute(register(a)).await.unwrap();
-            script
-                .outcomes
-                .borrow_mut()
-                .push_back(Err(StoreError::Unavailable("disk on fire".into())));
+            fail_next_commit(&script, "disk on fire");
             // Two derivations sealed into the failing batch both fail.
             let (x, y) =
                 futures_lite::future::zip(s.execute(derive(a)), s.execute(derive(a))).await;
@@ -730,44 +746,6 @@ mod tests {
     }
 
     #[test]
-    fn a_failed_batch_fails_the_in_flight_batch_behind_it() {
-        run(async {
-            let script = Rc::new(Script::default());
-            let s = shard(&script, limits());
-            let a = asset(6);
-            s.execute(register(a)).await.unwrap();
-            script.delay.set(Duration::from_millis(30));
-            script
-                .outcomes
-                .borrow_mut()
-                .push_back(Err(StoreError::Unavailable("fsync failed".into())));
-            // Two batches in flight: the first fails, so the second cannot continue the
-            // sequence and the store refuses it too.
-            let Ok(Accepted::AfterCommit(first)) = s.accept(derive(a)) else {
-                panic!("accepted")
-            };
-            glommio::executor().yield_now().await;
-            let Ok(Accepted::AfterCommit(second)) = s.accept(derive(a)) else {
-                panic!("accepted")
-            };
-            glommio::executor().yield_now().await;
-            assert_eq!(s.state.borrow().inflight_batches, 2);
-            for rx in [first, second] {
-                assert_eq!(
-                    rx.await.unwrap().unwrap_err().status,
-                    Status::StoreUnavailable
-                );
-            }
-            script.delay.set(Duration::ZERO);
-            assert_eq!(
-                seq_of(s.execute(derive(a)).await),
-                2,
-                "no gap after the failures"
-            );
-        });
-    }
-
-    #[test]
     fn after_a_failure_numbering_resumes_from_the_last_durable_record() {
         run(async {
             let script = Rc::new(Script::default());
@@ -775,26 +753,17 @@ mod tests {
             let a = asset(8);
             s.execute(register(a)).await.unwrap();
             script.delay.set(Duration::from_millis(30));
-            script
-                .outcomes
-                .borrow_mut()
-                .push_back(Err(StoreError::Unavailable("fsync failed".into())));
-            let accept = |s: &Shard| match s.accept(derive(a)) {
-                Ok(Accepted::AfterCommit(rx)) => rx,
-                _ => panic!("accepted"),
-            };
+            fail_next_commit(&script, "fsync failed");
             // A (seq 2) fails; B (seq 3), already in flight, is refused for the gap; the
             // three requests queued meanwhile form a batch larger than A.
-            let a_rx = accept(&s);
+            let a_rx = accepted(&s, derive(a));
             glommio::executor().yield_now().await;
-            let b_rx = accept(&s);
+            let b_rx = accepted(&s, derive(a));
             glommio::executor().yield_now().await;
-            let later: Vec<_> = (0..3).map(|_| accept(&s)).collect();
+            assert_eq!(s.state.borrow().inflight_batches, 2);
+            let later: Vec<_> = (0..3).map(|_| accepted(&s, derive(a))).collect();
             for rx in [a_rx, b_rx] {
-                assert_eq!(
-                    rx.await.unwrap().unwrap_err().status,
-                    Status::StoreUnavailable
-                );
+                assert_eq!(refused_status(rx).await, Status::StoreUnavailable);
             }
             let mut seqs = Vec::new();
             for rx in later {
@@ -821,19 +790,12 @@ mod tests {
             s.execute(register(a)).await.unwrap();
             script.delay.set(Duration::from_millis(600));
             let started = std::time::Instant::now();
-            let Ok(Accepted::AfterCommit(sealed)) = s.accept(derive(a)) else {
-                panic!("accepted")
-            };
+            let sealed = accepted(&s, derive(a));
             glommio::executor().yield_now().await;
             // The only slot is taken by a commit that will take 600 ms.
-            let Ok(Accepted::AfterCommit(waiting)) = s.accept(derive(a)) else {
-                panic!("accepted")
-            };
+            let waiting = accepted(&s, derive(a));
             for rx in [sealed, waiting] {
-                assert_eq!(
-                    rx.await.unwrap().unwrap_err().status,
-                    Status::StoreUnavailable
-                );
+                assert_eq!(refused_status(rx).await, Status::StoreUnavailable);
                 assert!(
                     started.elapsed() < Duration::from_millis(500),
                     "answered at the timeout"
@@ -848,10 +810,7 @@ mod tests {
             let script = Rc::new(Script::default());
             let s = shard(&script, limits());
             let a = asset(3);
-            script
-                .outcomes
-                .borrow_mut()
-                .push_back(Err(StoreError::Unavailable("down".into())));
+            fail_next_commit(&script, "down");
             assert_eq!(
                 s.execute(register(a)).await.unwrap_err().status,
                 Status::StoreUnavailable
@@ -900,17 +859,11 @@ mod tests {
             s.execute(register(a)).await.unwrap();
             script.delay.set(Duration::from_millis(50));
             // pending_max = 3: the fourth request finds the queue full.
-            let mut accepted = Vec::new();
-            for _ in 0..3 {
-                match s.accept(derive(a)) {
-                    Ok(Accepted::AfterCommit(rx)) => accepted.push(rx),
-                    _ => panic!("accepted"),
-                }
-            }
+            let waiting: Vec<_> = (0..3).map(|_| accepted(&s, derive(a))).collect();
             let busy = s.accept(derive(a)).err().unwrap();
             assert_eq!(busy.status, Status::Busy);
             assert!(busy.retry_after_ms > 0);
-            for rx in accepted {
+            for rx in waiting {
                 rx.await.unwrap().unwrap();
             }
             let records: usize = script
