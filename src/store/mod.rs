@@ -7,6 +7,7 @@
 //! the same trait.
 
 pub mod handoff;
+pub mod postgres;
 pub mod sqlite;
 
 /// The synchronisation primitives [`handoff`] is written against (loom swaps these).

@@ -1,0 +1,463 @@
+//! The production store: PostgreSQL, driven by tokio-postgres on each glommio executor.
+//!
+//! Every shard opens its own connection from its own core (`Config::connect_raw` over the
+//! executor's TCP stream, through [`TokioIo`]), so a shard commits without a hop to
+//! another thread. A batch is one transaction: the shard's sequence row moves forward only
+//! if the batch continues it (otherwise the batch is refused, nothing written), the
+//! batch's audit records go in with one multi-row `unnest` insert, registrations with
+//! another, then COMMIT. PostgreSQL is never used for locking or ordering on the derive
+//! path; the shard does that.
+
+use super::{
+    CommitBatch, LocalFuture, ShardSnapshot, ShardStore, Store, StoreError, StoredAsset,
+    SCHEMA_VERSION,
+};
+use crate::lifecycle::AssetState;
+use crate::router::shard_of;
+use std::cell::RefCell;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll};
+use tokio_postgres::{Client, NoTls, Statement};
+use uuid::Uuid;
+
+const MIGRATIONS: [&str; 1] = [include_str!("../../appliance/sql/postgres/0001_init.sql")];
+
+/// How to reach the database. The password never appears in `Debug` or in errors.
+#[derive(Clone)]
+pub struct PgConfig {
+    pub addr: SocketAddr,
+    pub dbname: String,
+    pub user: String,
+    pub password: Option<zeroize::Zeroizing<String>>,
+}
+
+impl std::fmt::Debug for PgConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgConfig")
+            .field("addr", &self.addr)
+            .field("dbname", &self.dbname)
+            .field("user", &self.user)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+impl PgConfig {
+    fn driver_config(&self) -> tokio_postgres::Config {
+        let mut c = tokio_postgres::Config::new();
+        c.dbname(&self.dbname)
+            .user(&self.user)
+            .application_name("custodyd");
+        if let Some(p) = &self.password {
+            c.password(p.as_bytes());
+        }
+        c
+    }
+}
+
+fn pg_err(e: tokio_postgres::Error) -> StoreError {
+    // tokio-postgres errors carry the server's message; they never include parameters.
+    StoreError::Unavailable(format!("postgres: {e}"))
+}
+
+/// Opens a connection from the current glommio executor and drives it there.
+pub async fn connect(config: &PgConfig) -> Result<Client, StoreError> {
+    let tcp = glommio::net::TcpStream::connect(config.addr)
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("connect to {}: {e}", config.addr)))?;
+    let _ = tcp.set_nodelay(true);
+    let (client, connection) = config
+        .driver_config()
+        .connect_raw(TokioIo(tcp), NoTls)
+        .await
+        .map_err(pg_err)?;
+    glommio::spawn_local(async move {
+        if let Err(e) = connection.await {
+            tracing::warn!(error = %e, "postgres connection ended");
+        }
+    })
+    .detach();
+    Ok(client)
+}
+
+/// Applies the embedded migrations (in one transaction each) and checks the version.
+pub async fn migrate(client: &Client) -> Result<u32, StoreError> {
+    let current = schema_version(client).await?;
+    if current > SCHEMA_VERSION {
+        return Err(StoreError::SchemaTooNew {
+            found: current,
+            supported: SCHEMA_VERSION,
+        });
+    }
+    for sql in MIGRATIONS.iter().skip(current as usize) {
+        client
+            .batch_execute(&format!("BEGIN; {sql}; COMMIT;"))
+            .await
+            .map_err(pg_err)?;
+    }
+    schema_version(client).await
+}
+
+/// The applied schema version (0 for an empty database).
+pub async fn schema_version(client: &Client) -> Result<u32, StoreError> {
+    let exists: bool = client
+        .query_one("SELECT to_regclass('custody_schema') IS NOT NULL", &[])
+        .await
+        .map_err(pg_err)?
+        .get(0);
+    if !exists {
+        return Ok(0);
+    }
+    let v: Option<i32> = client
+        .query_one("SELECT max(version) FROM custody_schema", &[])
+        .await
+        .map_err(pg_err)?
+        .get(0);
+    Ok(v.unwrap_or(0).max(0) as u32)
+}
+
+/// The PostgreSQL store: each shard connects on first use from its own core.
+pub struct PgStore {
+    config: PgConfig,
+}
+
+impl PgStore {
+    pub fn new(config: PgConfig) -> PgStore {
+        PgStore { config }
+    }
+}
+
+impl Store for PgStore {
+    fn open_shard(&self, shard: u16, shard_count: u16) -> Box<dyn ShardStore> {
+        Box::new(PgShard {
+            inner: Rc::new(PgShardInner {
+                config: self.config.clone(),
+                shard,
+                shard_count,
+                session: RefCell::new(None),
+            }),
+        })
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "postgres:{}@{}/{}",
+            self.config.user, self.config.addr, self.config.dbname
+        )
+    }
+}
+
+struct Session {
+    client: Rc<Client>,
+    advance_seq: Statement,
+    insert_audit: Statement,
+    insert_keys: Statement,
+}
+
+struct PgShardInner {
+    config: PgConfig,
+    shard: u16,
+    shard_count: u16,
+    session: RefCell<Option<Rc<Session>>>,
+}
+
+struct PgShard {
+    inner: Rc<PgShardInner>,
+}
+
+impl PgShardInner {
+    /// The shard's connection, (re)connected and its statements prepared if needed.
+    async fn session(&self) -> Result<Rc<Session>, StoreError> {
+        if let Some(s) = self.session.borrow().as_ref() {
+            if !s.client.is_closed() {
+                return Ok(s.clone());
+            }
+        }
+        let client = connect(&self.config).await?;
+        let version = schema_version(&client).await?;
+        if version != SCHEMA_VERSION {
+            return Err(StoreError::Unavailable(format!(
+                "database schema is version {version}, this build needs {SCHEMA_VERSION}: run `custodyd migrate`"
+            )));
+        }
+        let advance_seq = client
+            .prepare(
+                "UPDATE custody_shard_seq SET last_seq = $3 WHERE shard = $1 AND last_seq = $2",
+            )
+            .await
+            .map_err(pg_err)?;
+        let insert_audit = client
+            .prepare(
+                "INSERT INTO custody_audit_log (shard, seq, logged_at, event, asset_id, counter, \
+                 state_at_event, requester, request_id, derivation_path, purpose, region, ttl_s, \
+                 scheme_version) \
+                 SELECT $1, u.seq, to_timestamp(u.ts_ms / 1000.0), u.event, u.asset_id, u.counter, \
+                 u.state, u.requester, u.request_id, u.path, u.purpose, u.region, u.ttl_s, u.scheme \
+                 FROM unnest($2::bigint[], $3::bigint[], $4::text[], $5::uuid[], $6::bigint[], \
+                 $7::text[], $8::text[], $9::bigint[], $10::text[], $11::text[], $12::text[], \
+                 $13::integer[], $14::smallint[]) \
+                 AS u(seq, ts_ms, event, asset_id, counter, state, requester, request_id, path, \
+                 purpose, region, ttl_s, scheme)",
+            )
+            .await
+            .map_err(pg_err)?;
+        let insert_keys = client
+            .prepare(
+                "INSERT INTO custody_keys (asset_id, state, derivation_counter, created_at, updated_at) \
+                 SELECT u.asset_id, u.state, u.counter, now(), now() \
+                 FROM unnest($1::uuid[], $2::text[], $3::bigint[]) AS u(asset_id, state, counter)",
+            )
+            .await
+            .map_err(pg_err)?;
+        let session = Rc::new(Session {
+            client: Rc::new(client),
+            advance_seq,
+            insert_audit,
+            insert_keys,
+        });
+        *self.session.borrow_mut() = Some(session.clone());
+        Ok(session)
+    }
+
+    async fn load(&self) -> Result<ShardSnapshot, StoreError> {
+        let s = self.session().await?;
+        let shard = self.shard as i16;
+        s.client
+            .execute(
+                "INSERT INTO custody_shard_seq (shard, last_seq) \
+                 SELECT $1, COALESCE(max(seq), 0) FROM custody_audit_log WHERE shard = $1 \
+                 ON CONFLICT (shard) DO NOTHING",
+                &[&shard],
+            )
+            .await
+            .map_err(pg_err)?;
+        let last: i64 = s
+            .client
+            .query_one(
+                "SELECT last_seq FROM custody_shard_seq WHERE shard = $1",
+                &[&shard],
+            )
+            .await
+            .map_err(pg_err)?
+            .get(0);
+        let rows = s
+            .client
+            .query(
+                "SELECT asset_id, state, derivation_counter FROM custody_keys",
+                &[],
+            )
+            .await
+            .map_err(pg_err)?;
+        let mut assets = Vec::new();
+        for row in rows {
+            let asset: Uuid = row.get(0);
+            if shard_of(&asset, self.shard_count) != self.shard {
+                continue;
+            }
+            let state: String = row.get(1);
+            let counter: i64 = row.get(2);
+            assets.push(StoredAsset {
+                asset,
+                state: AssetState::from_name(&state).ok_or_else(|| {
+                    StoreError::Corrupt(format!("asset {asset}: state {state:?}"))
+                })?,
+                counter: u64::try_from(counter).map_err(|_| {
+                    StoreError::Corrupt(format!("asset {asset}: counter {counter}"))
+                })?,
+            });
+        }
+        Ok(ShardSnapshot {
+            assets,
+            last_seq: last.max(0) as u64,
+        })
+    }
+
+    async fn commit(&self, batch: CommitBatch) -> Result<(), StoreError> {
+        let s = self.session().await?;
+        let result = self.write(&s, &batch).await;
+        if result.is_err() && !s.client.is_closed() {
+            let _ = s.client.batch_execute("ROLLBACK").await;
+        }
+        result
+    }
+
+    async fn write(&self, s: &Session, batch: &CommitBatch) -> Result<(), StoreError> {
+        let (Some(first), Some(last)) = (batch.records.first(), batch.records.last()) else {
+            return Ok(());
+        };
+        let shard = batch.shard as i16;
+        let to_i64 = |v: u64, what: &str| {
+            i64::try_from(v).map_err(|_| StoreError::Corrupt(format!("{what} {v} exceeds 2^63-1")))
+        };
+        let (first_seq, last_seq) = (to_i64(first.seq, "seq")?, to_i64(last.seq, "seq")?);
+        let mut seq = Vec::with_capacity(batch.records.len());
+        let mut ts_ms = Vec::with_capacity(batch.records.len());
+        let mut event = Vec::with_capacity(batch.records.len());
+        let mut asset = Vec::with_capacity(batch.records.len());
+        let mut counter = Vec::with_capacity(batch.records.len());
+        let mut state = Vec::with_capacity(batch.records.len());
+        let mut requester = Vec::with_capacity(batch.records.len());
+        let mut request_id = Vec::with_capacity(batch.records.len());
+        let mut path: Vec<Option<String>> = Vec::with_capacity(batch.records.len());
+        let mut purpose: Vec<Option<&str>> = Vec::with_capacity(batch.records.len());
+        let mut region: Vec<Option<&str>> = Vec::with_capacity(batch.records.len());
+        let mut ttl: Vec<Option<i32>> = Vec::with_capacity(batch.records.len());
+        let mut scheme: Vec<Option<i16>> = Vec::with_capacity(batch.records.len());
+        for r in &batch.records {
+            seq.push(to_i64(r.seq, "seq")?);
+            ts_ms.push(r.ts_ms as i64);
+            event.push(r.event.name());
+            asset.push(r.asset);
+            counter.push(to_i64(r.counter, "counter")?);
+            state.push(r.state.name());
+            requester.push(&*r.requester);
+            request_id.push(r.request_id as i64);
+            path.push(r.derive.as_ref().map(|d| d.path.to_string()));
+            purpose.push(r.derive.as_ref().map(|d| d.purpose.name()));
+            region.push(r.derive.as_ref().map(|d| &*d.region));
+            ttl.push(r.derive.as_ref().map(|d| d.ttl_s as i32));
+            scheme.push(r.derive.as_ref().map(|d| i16::from(d.scheme_version)));
+        }
+        s.client.batch_execute("BEGIN").await.map_err(pg_err)?;
+        let advanced = s
+            .client
+            .execute(&s.advance_seq, &[&shard, &(first_seq - 1), &last_seq])
+            .await
+            .map_err(pg_err)?;
+        if advanced != 1 {
+            let committed: i64 = s
+                .client
+                .query_one(
+                    "SELECT last_seq FROM custody_shard_seq WHERE shard = $1",
+                    &[&shard],
+                )
+                .await
+                .map_err(pg_err)?
+                .get(0);
+            return Err(StoreError::SequenceGap {
+                shard: batch.shard,
+                expected: committed.max(0) as u64 + 1,
+                found: first.seq,
+            });
+        }
+        s.client
+            .execute(
+                &s.insert_audit,
+                &[
+                    &shard,
+                    &seq,
+                    &ts_ms,
+                    &event,
+                    &asset,
+                    &counter,
+                    &state,
+                    &requester,
+                    &request_id,
+                    &path,
+                    &purpose,
+                    &region,
+                    &ttl,
+                    &scheme,
+                ],
+            )
+            .await
+            .map_err(pg_err)?;
+        if !batch.asset_writes.is_empty() {
+            if batch.asset_writes.iter().any(|w| !w.insert) {
+                return Err(StoreError::Corrupt(
+                    "asset updates are not supported by this schema version".into(),
+                ));
+            }
+            let ids: Vec<Uuid> = batch.asset_writes.iter().map(|w| w.asset).collect();
+            let states: Vec<&str> = batch.asset_writes.iter().map(|w| w.state.name()).collect();
+            let counters = batch
+                .asset_writes
+                .iter()
+                .map(|w| to_i64(w.counter, "counter"))
+                .collect::<Result<Vec<i64>, _>>()?;
+            s.client
+                .execute(&s.insert_keys, &[&ids, &states, &counters])
+                .await
+                .map_err(pg_err)?;
+        }
+        s.client.batch_execute("COMMIT").await.map_err(pg_err)
+    }
+}
+
+impl ShardStore for PgShard {
+    fn load(&self) -> LocalFuture<Result<ShardSnapshot, StoreError>> {
+        let inner = self.inner.clone();
+        Box::pin(async move { inner.load().await })
+    }
+
+    fn commit(&self, batch: CommitBatch) -> LocalFuture<Result<(), StoreError>> {
+        let inner = self.inner.clone();
+        Box::pin(async move { inner.commit(batch).await })
+    }
+}
+
+/// glommio's streams speak the futures I/O traits; tokio-postgres speaks tokio's.
+pub struct TokioIo<S>(pub S);
+
+impl<S: futures_lite::AsyncRead + Unpin> tokio::io::AsyncRead for TokioIo<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let unfilled = buf.initialize_unfilled();
+        match Pin::new(&mut self.0).poll_read(cx, unfilled) {
+            Poll::Ready(Ok(n)) => {
+                buf.advance(n);
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<S: futures_lite::AsyncWrite + Unpin> tokio::io::AsyncWrite for TokioIo<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_close(cx)
+    }
+}
+
+/// Every audit row as (shard, seq, event, asset, counter), in (shard, seq) order: for
+/// verification and the conformance tests.
+pub async fn audit_rows(client: &Client) -> Result<Vec<(u16, u64, String, Uuid, u64)>, StoreError> {
+    let rows = client
+        .query(
+            "SELECT shard, seq, event, asset_id, counter FROM custody_audit_log ORDER BY shard, seq",
+            &[],
+        )
+        .await
+        .map_err(pg_err)?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            (
+                r.get::<_, i16>(0) as u16,
+                r.get::<_, i64>(1) as u64,
+                r.get::<_, String>(2),
+                r.get::<_, Uuid>(3),
+                r.get::<_, i64>(4) as u64,
+            )
+        })
+        .collect())
+}

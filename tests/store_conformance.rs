@@ -1,0 +1,273 @@
+//! One conformance suite for every store: the embedded SQLite store and PostgreSQL.
+//!
+//! PostgreSQL comes from `CUSTODY_TEST_DATABASE_URL` (e.g.
+//! `postgresql://root@127.0.0.1:5432/test`); each test makes its own database there and
+//! drops it afterwards, so tests run in parallel. Without the variable the PostgreSQL half
+//! is skipped with a notice, unless `CUSTODY_REQUIRE_SERVICES=1`, which makes it fail.
+
+use custody::audit::{AuditEvent, AuditRecord};
+use custody::lifecycle::AssetState;
+use custody::router::shard_of;
+use custody::store::postgres::{self, PgConfig, PgStore};
+use custody::store::sqlite::{SqliteReader, SqliteStore};
+use custody::store::{AssetWrite, CommitBatch, Store, StoreError};
+use std::net::ToSocketAddrs;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use uuid::Uuid;
+
+/// A store under test, and how to read back what it holds.
+enum Backend {
+    Sqlite { dir: tempfile::TempDir },
+    Postgres { config: PgConfig, admin: PgConfig },
+}
+
+impl Backend {
+    fn sqlite() -> Backend {
+        Backend::Sqlite {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    /// A fresh, migrated database; `None` when PostgreSQL is not configured.
+    async fn postgres() -> Option<Backend> {
+        let url = match std::env::var("CUSTODY_TEST_DATABASE_URL") {
+            Ok(u) => u,
+            Err(_) => {
+                assert!(
+                    std::env::var("CUSTODY_REQUIRE_SERVICES").as_deref() != Ok("1"),
+                    "CUSTODY_REQUIRE_SERVICES=1 but CUSTODY_TEST_DATABASE_URL is not set"
+                );
+                eprintln!(
+                    "store_conformance: CUSTODY_TEST_DATABASE_URL not set, skipping PostgreSQL"
+                );
+                return None;
+            }
+        };
+        let parsed: tokio_postgres::Config = url.parse().expect("CUSTODY_TEST_DATABASE_URL");
+        let host = match parsed.get_hosts().first() {
+            Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+            _ => "127.0.0.1".into(),
+        };
+        let port = parsed.get_ports().first().copied().unwrap_or(5432);
+        let addr = (host.as_str(), port)
+            .to_socket_addrs()
+            .unwrap()
+            .next()
+            .unwrap();
+        let admin = PgConfig {
+            addr,
+            dbname: parsed.get_dbname().unwrap_or("postgres").to_owned(),
+            user: parsed.get_user().unwrap_or("root").to_owned(),
+            password: parsed
+                .get_password()
+                .map(|p| zeroize::Zeroizing::new(String::from_utf8_lossy(p).into_owned())),
+        };
+        static N: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "custody_conf_{}_{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        );
+        let client = postgres::connect(&admin)
+            .await
+            .expect("PostgreSQL reachable");
+        for sql in [
+            format!("DROP DATABASE IF EXISTS {name}"),
+            format!("CREATE DATABASE {name}"),
+        ] {
+            client
+                .batch_execute(&sql)
+                .await
+                .expect("create test database");
+        }
+        let config = PgConfig {
+            dbname: name,
+            ..admin.clone()
+        };
+        let c = postgres::connect(&config).await.unwrap();
+        assert_eq!(postgres::migrate(&c).await.unwrap(), 1);
+        Some(Backend::Postgres { config, admin })
+    }
+
+    fn open(&self) -> Box<dyn Store> {
+        match self {
+            Backend::Sqlite { dir } => {
+                Box::new(SqliteStore::open(&dir.path().join("c.db"), 8, Duration::ZERO).unwrap())
+            }
+            Backend::Postgres { config, .. } => Box::new(PgStore::new(config.clone())),
+        }
+    }
+
+    /// (shard, seq, event, asset, counter) of every audit row.
+    async fn audit(&self) -> Vec<(u16, u64, String, Uuid, u64)> {
+        match self {
+            Backend::Sqlite { dir } => SqliteReader::open(&dir.path().join("c.db"))
+                .unwrap()
+                .audit_rows()
+                .unwrap()
+                .into_iter()
+                .map(|r| {
+                    (
+                        r.shard,
+                        r.seq,
+                        r.event.name().to_owned(),
+                        r.asset,
+                        r.counter,
+                    )
+                })
+                .collect(),
+            Backend::Postgres { config, .. } => {
+                let c = postgres::connect(config).await.unwrap();
+                postgres::audit_rows(&c).await.unwrap()
+            }
+        }
+    }
+
+    async fn drop_database(self) {
+        if let Backend::Postgres { config, admin } = self {
+            let c = postgres::connect(&admin).await.unwrap();
+            let _ = c
+                .batch_execute(&format!(
+                    "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                    config.dbname
+                ))
+                .await;
+        }
+    }
+}
+
+fn run(test: impl std::future::Future<Output = ()> + 'static) {
+    glommio::LocalExecutorBuilder::default()
+        .io_memory(256 * 1024)
+        .make()
+        .unwrap()
+        .run(test);
+}
+
+fn asset_on(shard: u16, shards: u16, n: u8) -> Uuid {
+    (0..=255u8)
+        .map(|i| {
+            uuid::Builder::from_random_bytes([
+                n, i, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16,
+            ])
+            .into_uuid()
+        })
+        .find(|a| shard_of(a, shards) == shard)
+        .unwrap()
+}
+
+fn record(shard: u16, seq: u64, event: AuditEvent, asset: Uuid) -> AuditRecord {
+    AuditRecord {
+        shard,
+        seq,
+        event,
+        asset,
+        counter: 0,
+        state: AssetState::Active,
+        requester: Arc::from("conformance"),
+        request_id: seq,
+        ts_ms: 1_795_000_000_000 + seq,
+        derive: None,
+    }
+}
+
+fn register(shard: u16, seq: u64, asset: Uuid) -> CommitBatch {
+    CommitBatch {
+        shard,
+        records: vec![record(shard, seq, AuditEvent::Register, asset)],
+        asset_writes: vec![AssetWrite {
+            asset,
+            state: AssetState::Active,
+            counter: 0,
+            insert: true,
+        }],
+    }
+}
+
+fn derive(shard: u16, seqs: std::ops::RangeInclusive<u64>, asset: Uuid) -> CommitBatch {
+    CommitBatch {
+        shard,
+        records: seqs
+            .map(|s| record(shard, s, AuditEvent::Derive, asset))
+            .collect(),
+        asset_writes: vec![],
+    }
+}
+
+/// The suite: every store must behave exactly like this.
+async fn conformance(backend: Backend) {
+    let (a, b) = (asset_on(1, 2, 1), asset_on(0, 2, 2));
+    {
+        let store = backend.open();
+        let s1 = store.open_shard(1, 2);
+        let s0 = store.open_shard(0, 2);
+        let fresh = s1.load().await.unwrap();
+        assert_eq!((fresh.assets.len(), fresh.last_seq), (0, 0));
+        s0.load().await.unwrap();
+
+        s1.commit(register(1, 1, a)).await.unwrap();
+        s1.commit(derive(1, 2..=4, a)).await.unwrap();
+        s0.commit(register(0, 1, b)).await.unwrap();
+
+        // A gap, and a repeat, are refused and write nothing.
+        match s1.commit(derive(1, 6..=6, a)).await {
+            Err(StoreError::SequenceGap {
+                shard: 1,
+                expected: 5,
+                found: 6,
+            }) => {}
+            other => panic!("gap: {other:?}"),
+        }
+        match s1.commit(derive(1, 3..=5, a)).await {
+            Err(StoreError::SequenceGap {
+                shard: 1,
+                expected: 5,
+                found: 3,
+            }) => {}
+            other => panic!("repeat: {other:?}"),
+        }
+        // Still usable after a refusal.
+        s1.commit(derive(1, 5..=5, a)).await.unwrap();
+    }
+    // Restart: a new store instance sees exactly what was committed.
+    let store = backend.open();
+    let s1 = store.open_shard(1, 2).load().await.unwrap();
+    assert_eq!(s1.last_seq, 5);
+    assert_eq!(
+        s1.assets.iter().map(|x| x.asset).collect::<Vec<_>>(),
+        vec![a]
+    );
+    assert_eq!(s1.assets[0].state, AssetState::Active);
+    assert_eq!(s1.assets[0].counter, 0);
+    let s0 = store.open_shard(0, 2).load().await.unwrap();
+    assert_eq!((s0.last_seq, s0.assets.len()), (1, 1));
+    drop(store);
+
+    let audit = backend.audit().await;
+    let expected: Vec<(u16, u64, String, Uuid, u64)> = vec![
+        (0, 1, "REGISTER".into(), b, 0),
+        (1, 1, "REGISTER".into(), a, 0),
+        (1, 2, "DERIVE".into(), a, 0),
+        (1, 3, "DERIVE".into(), a, 0),
+        (1, 4, "DERIVE".into(), a, 0),
+        (1, 5, "DERIVE".into(), a, 0),
+    ];
+    assert_eq!(audit, expected);
+    backend.drop_database().await;
+}
+
+#[test]
+fn sqlite_conforms() {
+    run(conformance(Backend::sqlite()));
+}
+
+#[test]
+fn postgres_conforms() {
+    run(async {
+        if let Some(backend) = Backend::postgres().await {
+            conformance(backend).await;
+        }
+    });
+}
