@@ -58,6 +58,15 @@ pub enum SealConfig {
     Dev { seed_file: PathBuf },
 }
 
+/// Which store holds the counters and the audit log.
+#[derive(Clone, Debug)]
+pub enum StoreBackend {
+    /// The embedded store: one SQLite file.
+    Sqlite { path: PathBuf },
+    /// The production store.
+    Postgres(crate::store::postgres::PgConfig),
+}
+
 /// The resolved configuration.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -90,7 +99,7 @@ pub struct Tls {
 
 #[derive(Clone, Debug)]
 pub struct StoreConfig {
-    pub sqlite_path: PathBuf,
+    pub backend: StoreBackend,
     pub commit_batch_records_max: usize,
     pub commit_batch_delay: Duration,
     pub commit_batches_inflight_max: usize,
@@ -133,8 +142,15 @@ pub const KEYS: &[KeyDoc] = &[
     KeyDoc { key: "tls.require_client_cert", default: "true", doc: "mutual TLS; false only for local experiments" },
     KeyDoc { key: "tls.identity", default: "\"cn\"", doc: "requester identity: \"cn\" (subject CN) or \"san\" (first DNS/URI SAN)" },
     KeyDoc { key: "tls.handshake_timeout_ms", default: "5000", doc: "a handshake slower than this is dropped" },
-    KeyDoc { key: "store.backend", default: "\"sqlite\"", doc: "the store: \"sqlite\" (embedded)" },
+    KeyDoc { key: "store.backend", default: "\"sqlite\"", doc: "the store: \"sqlite\" (embedded) or \"postgres\" (production)" },
     KeyDoc { key: "store.sqlite_path", default: "\"custody.db\"", doc: "SQLite file, relative to server.state_dir" },
+    KeyDoc { key: "store.postgres_host", default: "\"127.0.0.1\"", doc: "PostgreSQL host name or address" },
+    KeyDoc { key: "store.postgres_port", default: "5432", doc: "PostgreSQL port" },
+    KeyDoc { key: "store.postgres_dbname", default: "\"custody\"", doc: "database name" },
+    KeyDoc { key: "store.postgres_user", default: "\"custody\"", doc: "database user" },
+    KeyDoc { key: "store.postgres_password_file", default: "\"\"", doc: "file holding the password (relative to this file); never logged" },
+    KeyDoc { key: "store.postgres_password_env", default: "\"\"", doc: "environment variable holding the password, if no file is given" },
+    KeyDoc { key: "store.postgres_sslmode", default: "\"disable\"", doc: "TLS to PostgreSQL: \"disable\" (TLS to a remote server comes with the next part of the PostgreSQL work)" },
     KeyDoc { key: "store.commit_batch_records_max", default: "512", doc: "audit records per group commit, at most" },
     KeyDoc { key: "store.commit_batch_delay_us", default: "0", doc: "how long a shard holds a batch open for more records; 0 = commit as soon as the previous batch is durable" },
     KeyDoc { key: "store.commit_batches_inflight_max", default: "1", doc: "batches a shard may have waiting for the store at once" },
@@ -232,15 +248,81 @@ pub fn resolve(table: &toml::Table, base_dir: &Path, file: &str) -> Result<Confi
         .int("tls.handshake_timeout_ms", 5000, 10, 120_000)
         .map(|ms| Duration::from_millis(ms as u64));
 
-    if let Some(backend) = r.string("store.backend", "sqlite") {
-        if backend != "sqlite" {
-            r.problem::<()>(
-                "store.backend",
-                format!("{backend:?} is not a store this build has (\"sqlite\")"),
-            );
-        }
-    }
+    let backend_name = r.string("store.backend", "sqlite");
     let sqlite_path = r.string("store.sqlite_path", "custody.db");
+    let pg_host = r.string("store.postgres_host", "127.0.0.1");
+    let pg_port = r.int("store.postgres_port", 5432, 1, 65_535);
+    let pg_dbname = r.string("store.postgres_dbname", "custody");
+    let pg_user = r.string("store.postgres_user", "custody");
+    let pg_password_file = r.string("store.postgres_password_file", "");
+    let pg_password_env = r.string("store.postgres_password_env", "");
+    let pg_sslmode = r.string("store.postgres_sslmode", "disable");
+    let store_spec: Option<StoreSpec> = match backend_name.as_deref() {
+        None => None,
+        Some("sqlite") => sqlite_path.map(StoreSpec::Sqlite),
+        Some("postgres") => {
+            if let Some(mode) = pg_sslmode.as_deref().filter(|m| *m != "disable") {
+                r.problem::<()>(
+                    "store.postgres_sslmode",
+                    format!("{mode:?}: this build connects to PostgreSQL without TLS only (\"disable\"); keep the server on a local socket or a private link"),
+                );
+            }
+            let addr = match (&pg_host, pg_port) {
+                (Some(host), Some(port)) => {
+                    use std::net::ToSocketAddrs;
+                    match (host.as_str(), port as u16)
+                        .to_socket_addrs()
+                        .map(|mut a| a.next())
+                    {
+                        Ok(Some(addr)) => Some(addr),
+                        Ok(None) | Err(_) => r.problem(
+                            "store.postgres_host",
+                            format!("{host:?} does not resolve to an address"),
+                        ),
+                    }
+                }
+                _ => None,
+            };
+            let password = match (pg_password_file.as_deref(), pg_password_env.as_deref()) {
+                (Some(""), Some("")) => Some(None),
+                (Some(file), _) if !file.is_empty() => {
+                    let path = absolute(base_dir, file);
+                    match std::fs::read_to_string(&path) {
+                        Ok(text) => Some(Some(zeroize::Zeroizing::new(
+                            text.trim_end_matches(['\r', '\n']).to_owned(),
+                        ))),
+                        Err(e) => r.problem(
+                            "store.postgres_password_file",
+                            format!("cannot read {}: {e}", path.display()),
+                        ),
+                    }
+                }
+                (_, Some(var)) if !var.is_empty() => match std::env::var(var) {
+                    Ok(p) => Some(Some(zeroize::Zeroizing::new(p))),
+                    Err(_) => r.problem(
+                        "store.postgres_password_env",
+                        format!("environment variable {var} is not set"),
+                    ),
+                },
+                _ => None,
+            };
+            match (addr, pg_dbname, pg_user, password) {
+                (Some(addr), Some(dbname), Some(user), Some(password)) => {
+                    Some(StoreSpec::Postgres(crate::store::postgres::PgConfig {
+                        addr,
+                        dbname,
+                        user,
+                        password,
+                    }))
+                }
+                _ => None,
+            }
+        }
+        Some(other) => r.problem(
+            "store.backend",
+            format!("{other:?} is not a store this build has (\"sqlite\" or \"postgres\")"),
+        ),
+    };
     let batch_max = r.int(
         "store.commit_batch_records_max",
         512,
@@ -398,7 +480,7 @@ pub fn resolve(table: &toml::Table, base_dir: &Path, file: &str) -> Result<Confi
         Some(require_client_cert),
         Some(identity),
         Some(handshake_timeout),
-        Some(sqlite_path),
+        Some(store_spec),
         Some(batch_max),
         Some(batch_delay),
         Some(inflight_batches),
@@ -424,7 +506,7 @@ pub fn resolve(table: &toml::Table, base_dir: &Path, file: &str) -> Result<Confi
         require_client_cert,
         identity,
         handshake_timeout,
-        sqlite_path,
+        store_spec,
         batch_max,
         batch_delay,
         inflight_batches,
@@ -466,7 +548,12 @@ pub fn resolve(table: &toml::Table, base_dir: &Path, file: &str) -> Result<Confi
             handshake_timeout,
         },
         store: StoreConfig {
-            sqlite_path: absolute(&state_dir, &sqlite_path),
+            backend: match store_spec {
+                StoreSpec::Sqlite(path) => StoreBackend::Sqlite {
+                    path: absolute(&state_dir, &path),
+                },
+                StoreSpec::Postgres(pg) => StoreBackend::Postgres(pg),
+            },
             commit_batch_records_max: batch_max as usize,
             commit_batch_delay: batch_delay,
             commit_batches_inflight_max: inflight_batches as usize,
@@ -491,6 +578,12 @@ pub fn resolve(table: &toml::Table, base_dir: &Path, file: &str) -> Result<Confi
         },
         policy: Policy { regions },
     })
+}
+
+/// The store as written, before paths are made absolute.
+enum StoreSpec {
+    Sqlite(String),
+    Postgres(crate::store::postgres::PgConfig),
 }
 
 fn absolute(base: &Path, p: &str) -> PathBuf {
@@ -636,10 +729,12 @@ mod tests {
         assert_eq!(c.server.listen, "127.0.0.1:7443".parse().unwrap());
         assert!(c.server.cores >= 1);
         assert_eq!(c.tls.cert, PathBuf::from("/etc/custody/server.pem"));
-        assert_eq!(
-            c.store.sqlite_path,
-            PathBuf::from("/var/lib/custody/custody.db")
-        );
+        match &c.store.backend {
+            StoreBackend::Sqlite { path } => {
+                assert_eq!(path, &PathBuf::from("/var/lib/custody/custody.db"))
+            }
+            other => panic!("default store is SQLite, got {other:?}"),
+        }
         assert_eq!(c.limits.max_frame_body_bytes, 16_384);
         assert_eq!(c.policy.regions, ["US-EAST", "EU-WEST", "APAC"]);
         assert!(c.tls.require_client_cert);
@@ -694,6 +789,35 @@ mod tests {
         .unwrap_err();
         assert_eq!(err.problems.len(), 1);
         assert_eq!(err.problems[0].key, "store.commit_batch_records_max");
+    }
+
+    #[test]
+    fn postgres_settings_resolve_and_secrets_come_from_outside() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("pg.pass"), "s3cret\n").unwrap();
+        let text = format!(
+            "{MINIMAL}\n[store]\nbackend = \"postgres\"\npostgres_user = \"root\"\npostgres_password_file = \"pg.pass\"\n"
+        );
+        let c = resolve(&parse(&text, "t.toml").unwrap(), dir.path(), "t.toml").unwrap();
+        match &c.store.backend {
+            StoreBackend::Postgres(pg) => {
+                assert_eq!(pg.addr, "127.0.0.1:5432".parse().unwrap());
+                assert_eq!((pg.user.as_str(), pg.dbname.as_str()), ("root", "custody"));
+                assert_eq!(pg.password.as_deref().map(String::as_str), Some("s3cret"));
+                assert!(
+                    !format!("{pg:?}").contains("s3cret"),
+                    "the password never prints"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        let bad = format!(
+            "{MINIMAL}\n[store]\nbackend = \"postgres\"\npostgres_password_file = \"missing\"\npostgres_sslmode = \"verify-full\"\n"
+        );
+        let err = resolve(&parse(&bad, "t.toml").unwrap(), dir.path(), "t.toml").unwrap_err();
+        let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        assert!(keys.contains(&"store.postgres_password_file"), "{keys:?}");
+        assert!(keys.contains(&"store.postgres_sslmode"), "{keys:?}");
     }
 
     #[test]

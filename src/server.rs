@@ -5,12 +5,13 @@
 //! shared listening port (SO_REUSEPORT) and accepts connections. The main thread waits
 //! until every core reports ready (or one fails) and then only joins them.
 
-use crate::config::Config;
+use crate::config::{Config, StoreBackend};
 use crate::kdf::DerivationKey;
 use crate::net::{accept_loop, CoreContext};
 use crate::policy::FieldRules;
 use crate::router::{MeshMsg, ShardRouter};
 use crate::shard::{Shard, ShardLimits};
+use crate::store::postgres::PgStore;
 use crate::store::sqlite::SqliteStore;
 use crate::store::{Store, StoreError};
 use crate::wire::{HelloInfo, SHARD_HASH_JUMP_FNV1A64, VERSION};
@@ -79,11 +80,14 @@ pub fn run(config: Config) -> Result<(), ServerError> {
         // The seed itself is zeroized here; only the keyed HMAC state stays.
     };
     let cores = config.server.cores;
-    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(
-        &config.store.sqlite_path,
-        config.store.commit_queue_depth,
-        config.store.commit_linger,
-    )?);
+    let store: Arc<dyn Store> = match &config.store.backend {
+        StoreBackend::Sqlite { path } => Arc::new(SqliteStore::open(
+            path,
+            config.store.commit_queue_depth,
+            config.store.commit_linger,
+        )?),
+        StoreBackend::Postgres(pg) => Arc::new(PgStore::new(pg.clone())),
+    };
     let tls = crate::tls::server_config(&config.tls)?;
     let mesh = (cores > 1)
         .then(|| MeshBuilder::full(cores, config.limits.cross_core_queue_depth as usize));

@@ -12,6 +12,7 @@ use std::path::PathBuf;
 const USAGE: &str = "usage:
   custodyd run --config FILE     start the appliance
   custodyd check-config FILE     check a configuration file and report every problem
+  custodyd migrate --config FILE apply the store's schema migrations (PostgreSQL)
   custodyd version               print the version";
 
 fn main() {
@@ -55,18 +56,58 @@ fn real_main() -> anyhow::Result<i32> {
                 .context("check-config needs a FILE")?;
             match custody::config::load(&file) {
                 Ok(c) => {
+                    let store = match &c.store.backend {
+                        custody::config::StoreBackend::Sqlite { path } => {
+                            format!("sqlite {}", path.display())
+                        }
+                        custody::config::StoreBackend::Postgres(pg) => {
+                            format!("postgres {}@{}/{}", pg.user, pg.addr, pg.dbname)
+                        }
+                    };
                     println!(
-                        "{}: ok (listen {}, {} cores, store {}, seal dev)",
+                        "{}: ok (listen {}, {} cores, store {store}, seal dev)",
                         file.display(),
                         c.server.listen,
                         c.server.cores,
-                        c.store.sqlite_path.display()
                     );
                     Ok(0)
                 }
                 Err(e) => {
                     eprint!("{e}");
                     Ok(2)
+                }
+            }
+        }
+        "migrate" => {
+            let file = config
+                .or_else(|| positional.first().cloned())
+                .context("migrate needs --config FILE")?;
+            let config = match custody::config::load(&file) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprint!("{e}");
+                    return Ok(2);
+                }
+            };
+            match config.store.backend {
+                custody::config::StoreBackend::Sqlite { path } => {
+                    println!(
+                        "{}: the embedded store migrates itself when custodyd starts",
+                        path.display()
+                    );
+                    Ok(0)
+                }
+                custody::config::StoreBackend::Postgres(pg) => {
+                    let version = glommio::LocalExecutorBuilder::default()
+                        .io_memory(256 * 1024)
+                        .make()
+                        .map_err(|e| anyhow::anyhow!("starting an executor: {e}"))?
+                        .run(async move {
+                            let client = custody::store::postgres::connect(&pg).await?;
+                            custody::store::postgres::migrate(&client).await
+                        })?;
+                    println!("schema at version {version}; audit-log partitions ready");
+                    Ok(0)
                 }
             }
         }

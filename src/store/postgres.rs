@@ -98,7 +98,37 @@ pub async fn migrate(client: &Client) -> Result<u32, StoreError> {
             .await
             .map_err(pg_err)?;
     }
+    ensure_partitions(client).await?;
     schema_version(client).await
+}
+
+/// Months of audit-log partitions kept ready ahead of time, the current one included.
+pub const PARTITION_MONTHS_AHEAD: i32 = 3;
+
+/// Makes the audit log's monthly partitions for this month and the next ones. A month
+/// whose rows already sit in the default partition is left there (with a warning from
+/// the server): inserts never fail for lack of a partition.
+pub async fn ensure_partitions(client: &Client) -> Result<(), StoreError> {
+    client
+        .batch_execute(&format!(
+            "DO $$
+             DECLARE m date;
+             BEGIN
+               FOR i IN 0..{last} LOOP
+                 m := (date_trunc('month', now()) + make_interval(months => i))::date;
+                 BEGIN
+                   EXECUTE format(
+                     'CREATE TABLE IF NOT EXISTS %I PARTITION OF custody_audit_log FOR VALUES FROM (%L) TO (%L)',
+                     'custody_audit_log_' || to_char(m, 'YYYY_MM'), m, (m + interval '1 month')::date);
+                 EXCEPTION WHEN others THEN
+                   RAISE WARNING 'custody: partition for % not created: %', m, SQLERRM;
+                 END;
+               END LOOP;
+             END $$",
+            last = PARTITION_MONTHS_AHEAD - 1
+        ))
+        .await
+        .map_err(pg_err)
 }
 
 /// The applied schema version (0 for an empty database).
@@ -224,6 +254,9 @@ impl PgShardInner {
 
     async fn load(&self) -> Result<ShardSnapshot, StoreError> {
         let s = self.session().await?;
+        if self.shard == 0 {
+            ensure_partitions(&s.client).await?;
+        }
         let shard = self.shard as i16;
         s.client
             .execute(

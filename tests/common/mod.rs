@@ -23,6 +23,13 @@ impl TestAppliance {
 
     /// Starts with extra TOML appended to the config (whole sections, e.g. "[limits]\n…").
     pub fn start_with(extra_config: &str) -> TestAppliance {
+        let mut app = Self::prepare_with(extra_config);
+        app.launch();
+        app
+    }
+
+    /// Writes the state directory and the config, without starting the appliance.
+    pub fn prepare_with(extra_config: &str) -> TestAppliance {
         let dir = tempfile::Builder::new()
             .prefix("custody-test-")
             .tempdir()
@@ -33,14 +40,13 @@ impl TestAppliance {
             .and_then(|l| l.local_addr())
             .expect("free port")
             .port();
-        let mut app = TestAppliance {
+        let app = TestAppliance {
             addr: ([127, 0, 0, 1], port).into(),
             dir,
             child: None,
             extra_config: extra_config.to_owned(),
         };
         app.write_config();
-        app.launch();
         app
     }
 
@@ -125,6 +131,16 @@ impl TestAppliance {
         }
     }
 
+    /// Runs `custodyd ARGS --config <this config>` to completion.
+    pub fn custodyd(&self, args: &[&str]) -> std::process::Output {
+        Command::new(env!("CARGO_BIN_EXE_custodyd"))
+            .args(args)
+            .arg("--config")
+            .arg(self.config_path())
+            .output()
+            .expect("run custodyd")
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("custodyd.log")).unwrap_or_default()
     }
@@ -185,4 +201,130 @@ pub fn read_audit(db: &Path) -> Vec<custody::store::sqlite::AuditRow> {
         .expect("open db")
         .audit_rows()
         .expect("audit rows")
+}
+
+/// A fresh PostgreSQL database on the server of `CUSTODY_TEST_DATABASE_URL`, as the
+/// `[store]` section that points an appliance at it; dropped with the guard. `None` (with a
+/// notice) when the variable is unset, unless `CUSTODY_REQUIRE_SERVICES=1`.
+pub struct PgDatabase {
+    pub config: custody::store::postgres::PgConfig,
+    admin: custody::store::postgres::PgConfig,
+}
+
+impl PgDatabase {
+    pub fn create(tag: &str) -> Option<PgDatabase> {
+        use std::net::ToSocketAddrs;
+        let Ok(url) = std::env::var("CUSTODY_TEST_DATABASE_URL") else {
+            assert!(
+                std::env::var("CUSTODY_REQUIRE_SERVICES").as_deref() != Ok("1"),
+                "CUSTODY_REQUIRE_SERVICES=1 but CUSTODY_TEST_DATABASE_URL is not set"
+            );
+            eprintln!("CUSTODY_TEST_DATABASE_URL not set: skipping a PostgreSQL test");
+            return None;
+        };
+        let parsed: tokio_postgres::Config = url.parse().expect("CUSTODY_TEST_DATABASE_URL");
+        let host = match parsed.get_hosts().first() {
+            Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+            _ => "127.0.0.1".into(),
+        };
+        let port = parsed.get_ports().first().copied().unwrap_or(5432);
+        let admin = custody::store::postgres::PgConfig {
+            addr: (host.as_str(), port)
+                .to_socket_addrs()
+                .unwrap()
+                .next()
+                .unwrap(),
+            dbname: parsed.get_dbname().unwrap_or("postgres").to_owned(),
+            user: parsed.get_user().unwrap_or("root").to_owned(),
+            password: parsed
+                .get_password()
+                .map(|p| zeroize::Zeroizing::new(String::from_utf8_lossy(p).into_owned())),
+        };
+        let name = format!("custody_it_{tag}_{}", std::process::id());
+        let config = custody::store::postgres::PgConfig {
+            dbname: name.clone(),
+            ..admin.clone()
+        };
+        let db = PgDatabase { config, admin };
+        db.admin_sql(vec![
+            format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+            format!("CREATE DATABASE {name}"),
+        ]);
+        Some(db)
+    }
+
+    fn admin_sql(&self, statements: Vec<String>) {
+        let admin = self.admin.clone();
+        on_executor(move || async move {
+            let c = custody::store::postgres::connect(&admin)
+                .await
+                .expect("PostgreSQL reachable");
+            for sql in statements {
+                c.batch_execute(&sql).await.expect("admin statement");
+            }
+        });
+    }
+
+    /// Runs `f` against a connection to this database.
+    pub fn with_client<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(
+                std::rc::Rc<tokio_postgres::Client>,
+            ) -> std::pin::Pin<Box<dyn std::future::Future<Output = T>>>
+            + Send
+            + 'static,
+    ) -> T {
+        let config = self.config.clone();
+        on_executor(move || async move {
+            let c = std::rc::Rc::new(
+                custody::store::postgres::connect(&config)
+                    .await
+                    .expect("connect"),
+            );
+            f(c).await
+        })
+    }
+
+    /// The `[store]` section for an appliance config.
+    pub fn store_section(&self) -> String {
+        format!(
+            "[store]\nbackend = \"postgres\"\npostgres_host = \"{}\"\npostgres_port = {}\npostgres_user = \"{}\"\npostgres_dbname = \"{}\"\n",
+            self.config.addr.ip(),
+            self.config.addr.port(),
+            self.config.user,
+            self.config.dbname
+        )
+    }
+}
+
+impl Drop for PgDatabase {
+    fn drop(&mut self) {
+        let name = self.config.dbname.clone();
+        let admin = self.admin.clone();
+        on_executor(move || async move {
+            if let Ok(c) = custody::store::postgres::connect(&admin).await {
+                let _ = c
+                    .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .await;
+            }
+        });
+    }
+}
+
+/// Runs a future on a fresh glommio executor on its own thread (PostgreSQL connections
+/// are driven by the executor that made them).
+pub fn on_executor<T, F>(make: impl FnOnce() -> F + Send + 'static) -> T
+where
+    T: Send + 'static,
+    F: std::future::Future<Output = T> + 'static,
+{
+    std::thread::spawn(move || {
+        glommio::LocalExecutorBuilder::default()
+            .io_memory(256 * 1024)
+            .make()
+            .expect("executor")
+            .run(make())
+    })
+    .join()
+    .expect("executor thread")
 }
