@@ -63,6 +63,7 @@ impl Backend {
             password: parsed
                 .get_password()
                 .map(|p| zeroize::Zeroizing::new(String::from_utf8_lossy(p).into_owned())),
+            allow_unsafe_durability: false,
         };
         static N: AtomicU32 = AtomicU32::new(0);
         let name = format!(
@@ -269,5 +270,38 @@ fn postgres_conforms() {
         if let Some(backend) = Backend::postgres().await {
             conformance(backend).await;
         }
+    });
+}
+
+#[test]
+fn postgres_with_synchronous_commit_off_is_refused() {
+    run(async {
+        let Some(backend) = Backend::postgres().await else {
+            return;
+        };
+        let Backend::Postgres { config, .. } = &backend else {
+            unreachable!()
+        };
+        // A database whose sessions default to synchronous_commit = off.
+        let c = postgres::connect(config).await.unwrap();
+        c.batch_execute(&format!(
+            "ALTER DATABASE {} SET synchronous_commit = off",
+            config.dbname
+        ))
+        .await
+        .unwrap();
+        let store = PgStore::new(config.clone());
+        match store.open_shard(0, 1).load().await {
+            Err(StoreError::Unavailable(m)) => {
+                assert!(m.contains("synchronous_commit = off"), "{m}")
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        let allowed = PgStore::new(PgConfig {
+            allow_unsafe_durability: true,
+            ..config.clone()
+        });
+        allowed.open_shard(0, 1).load().await.unwrap();
+        backend.drop_database().await;
     });
 }

@@ -32,6 +32,9 @@ pub struct PgConfig {
     pub dbname: String,
     pub user: String,
     pub password: Option<zeroize::Zeroizing<String>>,
+    /// Serve even if the server acknowledges commits before they are on disk
+    /// (`synchronous_commit` or `fsync` off). Only for throwaway test databases.
+    pub allow_unsafe_durability: bool,
 }
 
 impl std::fmt::Debug for PgConfig {
@@ -41,6 +44,7 @@ impl std::fmt::Debug for PgConfig {
             .field("dbname", &self.dbname)
             .field("user", &self.user)
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("allow_unsafe_durability", &self.allow_unsafe_durability)
             .finish()
     }
 }
@@ -149,6 +153,36 @@ pub async fn schema_version(client: &Client) -> Result<u32, StoreError> {
     Ok(v.unwrap_or(0).max(0) as u32)
 }
 
+/// Refuses a server that acknowledges commits before they are durable: with
+/// `synchronous_commit` or `fsync` off, an acknowledged derivation's audit record could
+/// vanish in a crash (I1). `allow` (config `store.postgres_allow_unsafe_durability`) serves
+/// anyway, with a warning on every connection.
+pub async fn check_durability(client: &Client, allow: bool) -> Result<(), StoreError> {
+    let mut unsafe_settings = Vec::new();
+    for setting in ["synchronous_commit", "fsync"] {
+        let value: String = client
+            .query_one(&format!("SHOW {setting}"), &[])
+            .await
+            .map_err(pg_err)?
+            .get(0);
+        if value == "off" || (setting == "synchronous_commit" && value == "local") {
+            unsafe_settings.push(format!("{setting} = {value}"));
+        }
+    }
+    if unsafe_settings.is_empty() {
+        return Ok(());
+    }
+    let what = unsafe_settings.join(", ");
+    if allow {
+        tracing::warn!(settings = %what, "PostgreSQL acknowledges commits before they are durable; serving anyway because store.postgres_allow_unsafe_durability = true");
+        return Ok(());
+    }
+    Err(StoreError::Unavailable(format!(
+        "PostgreSQL has {what}: an acknowledged derivation could lose its audit record in a crash. \
+         Fix the server, or set store.postgres_allow_unsafe_durability = true for a throwaway database"
+    )))
+}
+
 /// The PostgreSQL store: each shard connects on first use from its own core.
 pub struct PgStore {
     config: PgConfig,
@@ -213,6 +247,7 @@ impl PgShardInner {
                 "database schema is version {version}, this build needs {SCHEMA_VERSION}: run `custodyd migrate`"
             )));
         }
+        check_durability(&client, self.config.allow_unsafe_durability).await?;
         let advance_seq = client
             .prepare(
                 "UPDATE custody_shard_seq SET last_seq = $3 WHERE shard = $1 AND last_seq = $2",

@@ -239,6 +239,7 @@ impl PgDatabase {
             password: parsed
                 .get_password()
                 .map(|p| zeroize::Zeroizing::new(String::from_utf8_lossy(p).into_owned())),
+            allow_unsafe_durability: false,
         };
         let name = format!("custody_it_{tag}_{}", std::process::id());
         let config = custody::store::postgres::PgConfig {
