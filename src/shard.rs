@@ -429,6 +429,12 @@ impl Shard {
             }
             Some(Err(e)) => {
                 self.settle(&waiters, false);
+                if let StoreError::SequenceGap { expected, .. } = e {
+                    // The store says where its log continues: everything before that is
+                    // durable, whatever this shard heard about it.
+                    let mut st = self.state.borrow_mut();
+                    st.durable_next = st.durable_next.max(expected);
+                }
                 let message = format!("commit failed: {e}");
                 tracing::warn!(shard = self.id, batch = waiters.len(), %message, "batch not committed");
                 for w in waiters {

@@ -13,6 +13,7 @@
 
 use anyhow::{bail, Context};
 use custody::client::{Client, ClientConfig, ClientError};
+use custody::store::postgres::{self, PgConfig};
 use custody::store::sqlite::SqliteReader;
 use custody::wire::{DeriveBody, Receipt, Reply, Request};
 use hdrhistogram::Histogram;
@@ -41,6 +42,9 @@ OPTIONS:
   --assets N        assets to register and spread the load over (default 1000)
   --cores N         (demo) appliance cores (default: all)
   --state-dir DIR   (demo) where to put the appliance's files (default: a new temp dir)
+  --postgres URL    (demo) use PostgreSQL at URL (e.g. postgresql://root@127.0.0.1/test)
+                    instead of the embedded store: a fresh database is made, migrated,
+                    verified and dropped
   --json            print the report as JSON";
 
 /// A request that has not answered after this long counts as an error (TIMEOUT).
@@ -56,6 +60,7 @@ struct Options {
     assets: usize,
     cores: Option<usize>,
     state_dir: Option<PathBuf>,
+    postgres: Option<String>,
     addr: Option<SocketAddr>,
     certs: Option<PathBuf>,
     verify_db: Option<PathBuf>,
@@ -83,6 +88,7 @@ fn real_main() -> anyhow::Result<i32> {
         assets: 1000,
         cores: None,
         state_dir: None,
+        postgres: None,
         addr: None,
         certs: None,
         verify_db: None,
@@ -100,6 +106,7 @@ fn real_main() -> anyhow::Result<i32> {
             Long("assets") => o.assets = p.value()?.parse()?,
             Long("cores") => o.cores = Some(p.value()?.parse()?),
             Long("state-dir") => o.state_dir = Some(p.value()?.into()),
+            Long("postgres") => o.postgres = Some(p.value()?.string()?),
             Long("addr") => o.addr = Some(p.value()?.parse()?),
             Long("certs") => o.certs = Some(p.value()?.into()),
             Long("verify-db") => o.verify_db = Some(p.value()?.into()),
@@ -121,7 +128,8 @@ fn real_main() -> anyhow::Result<i32> {
             let addr = o.addr.context("run needs --addr")?;
             let certs = o.certs.clone().context("run needs --certs DIR")?;
             let report = drive(&o, addr, &certs, 0)?;
-            finish(&o, report, o.verify_db.as_deref())
+            let audit = o.verify_db.clone().map(AuditSource::Sqlite);
+            finish(&o, report, audit)
         }
         _ => {
             eprintln!("{USAGE}");
@@ -162,11 +170,25 @@ fn demo(o: Options) -> anyhow::Result<i32> {
         .local_addr()?
         .port();
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let database = match &o.postgres {
+        Some(url) => Some(TempDatabase::create(url)?),
+        None => None,
+    };
+    let store_section = match &database {
+        Some(db) => format!(
+            "[store]\nbackend = \"postgres\"\npostgres_host = \"{}\"\npostgres_port = {}\npostgres_user = \"{}\"\npostgres_dbname = \"{}\"\n",
+            db.config.addr.ip(),
+            db.config.addr.port(),
+            db.config.user,
+            db.config.dbname
+        ),
+        None => String::new(),
+    };
     let config = dir.join("custody.toml");
     std::fs::write(
         &config,
         format!(
-            "# written by custody-load demo\n[server]\nlisten = \"{addr}\"\ncores = {}\nstate_dir = \"{}\"\nlog_level = \"warn\"\n\n[tls]\ncert = \"certs/server.pem\"\nkey = \"certs/server.key\"\nclient_ca = \"certs/ca.pem\"\n",
+            "# written by custody-load demo\n[server]\nlisten = \"{addr}\"\ncores = {}\nstate_dir = \"{}\"\nlog_level = \"warn\"\n\n[tls]\ncert = \"certs/server.pem\"\nkey = \"certs/server.key\"\nclient_ca = \"certs/ca.pem\"\n\n{store_section}",
             o.cores.unwrap_or(0),
             dir.display()
         ),
@@ -177,6 +199,19 @@ fn demo(o: Options) -> anyhow::Result<i32> {
             "{} not found: build the workspace first (cargo build --release)",
             custodyd.display()
         );
+    }
+    if database.is_some() {
+        let out = Command::new(&custodyd)
+            .arg("migrate")
+            .arg("--config")
+            .arg(&config)
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "custodyd migrate failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
     }
     let log = dir.join("custodyd.log");
     let child = Command::new(&custodyd)
@@ -190,15 +225,24 @@ fn demo(o: Options) -> anyhow::Result<i32> {
         .with_context(|| format!("starting {}", custodyd.display()))?;
     let mut appliance = Appliance { child, log };
     if !o.json {
+        let store = match &database {
+            Some(db) => format!("PostgreSQL database {}", db.config.dbname),
+            None => "embedded SQLite store".to_owned(),
+        };
         eprintln!(
-            "custody-load: started custodyd on {addr} (state in {}, embedded SQLite store, dev seal)",
+            "custody-load: started custodyd on {addr} (state in {}, {store}, dev seal)",
             dir.display()
         );
     }
     wait_ready(&mut appliance, addr, &certs, &dir)?;
     let report = drive(&o, addr, &certs, 1)?;
-    let code = finish(&o, report, Some(&dir.join("custody.db")))?;
+    let audit = match &database {
+        Some(db) => AuditSource::Postgres(db.config.clone()),
+        None => AuditSource::Sqlite(dir.join("custody.db")),
+    };
+    let code = finish(&o, report, Some(audit))?;
     drop(appliance);
+    drop(database);
     Ok(code)
 }
 
@@ -517,10 +561,10 @@ fn crate_run_nonce() -> u64 {
 }
 
 /// Prints the report, verifies the audit log, and gives the exit code.
-fn finish(o: &Options, report: Report, db: Option<&Path>) -> anyhow::Result<i32> {
+fn finish(o: &Options, report: Report, audit: Option<AuditSource>) -> anyhow::Result<i32> {
     let s = &report.stats;
-    let audit = match db {
-        Some(path) => Some(verify_audit(path, &s.receipts)?),
+    let audit = match audit {
+        Some(source) => Some(verify_audit(source, &s.receipts)?),
         None => None,
     };
     let h = s.latency_us.as_ref().context("no histogram")?;
@@ -602,13 +646,42 @@ struct AuditCheck {
     mismatched: usize,
 }
 
-fn verify_audit(db: &Path, receipts: &[(Receipt, Uuid, u64)]) -> anyhow::Result<AuditCheck> {
-    let reader = SqliteReader::open(db)?;
-    let rows: HashMap<(u16, u64), (Uuid, u64, custody::audit::AuditEvent)> = reader
-        .audit_rows()?
+/// Where the audit log to check is.
+enum AuditSource {
+    Sqlite(PathBuf),
+    Postgres(PgConfig),
+}
+
+fn verify_audit(
+    source: AuditSource,
+    receipts: &[(Receipt, Uuid, u64)],
+) -> anyhow::Result<AuditCheck> {
+    // (shard, seq) → (asset, counter, is a derivation)
+    let rows: HashMap<(u16, u64), (Uuid, u64, bool)> = match source {
+        AuditSource::Sqlite(db) => SqliteReader::open(&db)?
+            .audit_rows()?
+            .into_iter()
+            .map(|r| {
+                (
+                    (r.shard, r.seq),
+                    (
+                        r.asset,
+                        r.counter,
+                        r.event == custody::audit::AuditEvent::Derive,
+                    ),
+                )
+            })
+            .collect(),
+        AuditSource::Postgres(config) => on_executor(move || async move {
+            let client = postgres::connect(&config).await?;
+            postgres::audit_rows(&client).await
+        })?
         .into_iter()
-        .map(|r| ((r.shard, r.seq), (r.asset, r.counter, r.event)))
-        .collect();
+        .map(|(shard, seq, event, asset, counter)| {
+            ((shard, seq), (asset, counter, event == "DERIVE"))
+        })
+        .collect(),
+    };
     let mut check = AuditCheck {
         acknowledged: receipts.len(),
         found: 0,
@@ -617,12 +690,93 @@ fn verify_audit(db: &Path, receipts: &[(Receipt, Uuid, u64)]) -> anyhow::Result<
     };
     for (receipt, asset, counter) in receipts {
         match rows.get(&(receipt.shard, receipt.seq)) {
-            Some((a, c, custody::audit::AuditEvent::Derive)) if a == asset && c == counter => {
-                check.found += 1
-            }
+            Some((a, c, true)) if a == asset && c == counter => check.found += 1,
             Some(_) => check.mismatched += 1,
             None => check.missing += 1,
         }
     }
     Ok(check)
+}
+
+/// A fresh PostgreSQL database for one demo run, dropped afterwards.
+struct TempDatabase {
+    config: PgConfig,
+    admin: PgConfig,
+}
+
+impl TempDatabase {
+    fn create(url: &str) -> anyhow::Result<TempDatabase> {
+        use std::net::ToSocketAddrs;
+        let parsed: tokio_postgres::Config = url.parse().context("--postgres URL")?;
+        let host = match parsed.get_hosts().first() {
+            Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+            _ => "127.0.0.1".into(),
+        };
+        let port = parsed.get_ports().first().copied().unwrap_or(5432);
+        let addr = (host.as_str(), port)
+            .to_socket_addrs()?
+            .next()
+            .context("--postgres host does not resolve")?;
+        let admin = PgConfig {
+            addr,
+            dbname: parsed.get_dbname().unwrap_or("postgres").to_owned(),
+            user: parsed.get_user().unwrap_or("postgres").to_owned(),
+            password: parsed
+                .get_password()
+                .map(|p| zeroize::Zeroizing::new(String::from_utf8_lossy(p).into_owned())),
+            allow_unsafe_durability: false,
+        };
+        let name = format!("custody_load_{}", std::process::id());
+        let config = PgConfig {
+            dbname: name.clone(),
+            ..admin.clone()
+        };
+        let admin_for_create = admin.clone();
+        on_executor(move || async move {
+            let c = postgres::connect(&admin_for_create).await?;
+            for sql in [
+                format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+                format!("CREATE DATABASE {name}"),
+            ] {
+                c.batch_execute(&sql)
+                    .await
+                    .map_err(|e| custody::store::StoreError::Unavailable(e.to_string()))?;
+            }
+            Ok::<(), custody::store::StoreError>(())
+        })?;
+        Ok(TempDatabase { config, admin })
+    }
+}
+
+impl Drop for TempDatabase {
+    fn drop(&mut self) {
+        let (admin, name) = (self.admin.clone(), self.config.dbname.clone());
+        let _ = on_executor(move || async move {
+            if let Ok(c) = postgres::connect(&admin).await {
+                let _ = c
+                    .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .await;
+            }
+        });
+    }
+}
+
+/// Runs a future on a glommio executor of its own thread: PostgreSQL connections are
+/// driven by the executor that made them.
+fn on_executor<T, F>(make: impl FnOnce() -> F + Send + 'static) -> T
+where
+    T: Send + 'static,
+    F: std::future::Future<Output = T> + 'static,
+{
+    std::thread::spawn(move || {
+        match glommio::LocalExecutorBuilder::default()
+            .io_memory(256 * 1024)
+            .make()
+        {
+            Ok(ex) => ex.run(make()),
+            Err(e) => panic!("cannot start an executor: {e}"),
+        }
+    })
+    .join()
+    .unwrap_or_else(|_| panic!("executor thread panicked"))
 }

@@ -216,10 +216,37 @@ impl Store for PgStore {
 
 struct Session {
     client: Rc<Client>,
-    advance_seq: Statement,
-    insert_audit: Statement,
-    insert_keys: Statement,
+    commit_batch: Statement,
 }
+
+/// A whole batch in one statement, hence one implicit transaction and one round trip:
+/// move the shard's sequence row forward only if the batch continues it, and insert the
+/// records and registrations only if it did. The counts say which happened.
+const COMMIT_BATCH_SQL: &str = "\
+WITH adv AS (
+    UPDATE custody_shard_seq SET last_seq = $3 WHERE shard = $1 AND last_seq = $2 RETURNING 1
+), audit AS (
+    INSERT INTO custody_audit_log (shard, seq, logged_at, event, asset_id, counter,
+        state_at_event, requester, request_id, derivation_path, purpose, region, ttl_s,
+        scheme_version)
+    SELECT $1, u.seq, to_timestamp(u.ts_ms / 1000.0), u.event, u.asset_id, u.counter,
+        u.state, u.requester, u.request_id, u.path, u.purpose, u.region, u.ttl_s, u.scheme
+    FROM unnest($4::bigint[], $5::bigint[], $6::text[], $7::uuid[], $8::bigint[],
+        $9::text[], $10::text[], $11::bigint[], $12::text[], $13::text[], $14::text[],
+        $15::integer[], $16::smallint[])
+        AS u(seq, ts_ms, event, asset_id, counter, state, requester, request_id, path,
+             purpose, region, ttl_s, scheme)
+    WHERE EXISTS (SELECT 1 FROM adv)
+    RETURNING 1
+), keys AS (
+    INSERT INTO custody_keys (asset_id, state, derivation_counter, created_at, updated_at)
+    SELECT k.asset_id, k.state, k.counter, now(), now()
+    FROM unnest($17::uuid[], $18::text[], $19::bigint[]) AS k(asset_id, state, counter)
+    WHERE EXISTS (SELECT 1 FROM adv)
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM adv), (SELECT count(*) FROM audit), (SELECT count(*) FROM keys),
+    (SELECT last_seq FROM custody_shard_seq WHERE shard = $1)";
 
 struct PgShardInner {
     config: PgConfig,
@@ -248,40 +275,10 @@ impl PgShardInner {
             )));
         }
         check_durability(&client, self.config.allow_unsafe_durability).await?;
-        let advance_seq = client
-            .prepare(
-                "UPDATE custody_shard_seq SET last_seq = $3 WHERE shard = $1 AND last_seq = $2",
-            )
-            .await
-            .map_err(pg_err)?;
-        let insert_audit = client
-            .prepare(
-                "INSERT INTO custody_audit_log (shard, seq, logged_at, event, asset_id, counter, \
-                 state_at_event, requester, request_id, derivation_path, purpose, region, ttl_s, \
-                 scheme_version) \
-                 SELECT $1, u.seq, to_timestamp(u.ts_ms / 1000.0), u.event, u.asset_id, u.counter, \
-                 u.state, u.requester, u.request_id, u.path, u.purpose, u.region, u.ttl_s, u.scheme \
-                 FROM unnest($2::bigint[], $3::bigint[], $4::text[], $5::uuid[], $6::bigint[], \
-                 $7::text[], $8::text[], $9::bigint[], $10::text[], $11::text[], $12::text[], \
-                 $13::integer[], $14::smallint[]) \
-                 AS u(seq, ts_ms, event, asset_id, counter, state, requester, request_id, path, \
-                 purpose, region, ttl_s, scheme)",
-            )
-            .await
-            .map_err(pg_err)?;
-        let insert_keys = client
-            .prepare(
-                "INSERT INTO custody_keys (asset_id, state, derivation_counter, created_at, updated_at) \
-                 SELECT u.asset_id, u.state, u.counter, now(), now() \
-                 FROM unnest($1::uuid[], $2::text[], $3::bigint[]) AS u(asset_id, state, counter)",
-            )
-            .await
-            .map_err(pg_err)?;
+        let commit_batch = client.prepare(COMMIT_BATCH_SQL).await.map_err(pg_err)?;
         let session = Rc::new(Session {
             client: Rc::new(client),
-            advance_seq,
-            insert_audit,
-            insert_keys,
+            commit_batch,
         });
         *self.session.borrow_mut() = Some(session.clone());
         Ok(session)
@@ -345,11 +342,7 @@ impl PgShardInner {
 
     async fn commit(&self, batch: CommitBatch) -> Result<(), StoreError> {
         let s = self.session().await?;
-        let result = self.write(&s, &batch).await;
-        if result.is_err() && !s.client.is_closed() {
-            let _ = s.client.batch_execute("ROLLBACK").await;
-        }
-        result
+        self.write(&s, &batch).await
     }
 
     async fn write(&self, s: &Session, batch: &CommitBatch) -> Result<(), StoreError> {
@@ -389,33 +382,26 @@ impl PgShardInner {
             ttl.push(r.derive.as_ref().map(|d| d.ttl_s as i32));
             scheme.push(r.derive.as_ref().map(|d| i16::from(d.scheme_version)));
         }
-        s.client.batch_execute("BEGIN").await.map_err(pg_err)?;
-        let advanced = s
-            .client
-            .execute(&s.advance_seq, &[&shard, &(first_seq - 1), &last_seq])
-            .await
-            .map_err(pg_err)?;
-        if advanced != 1 {
-            let committed: i64 = s
-                .client
-                .query_one(
-                    "SELECT last_seq FROM custody_shard_seq WHERE shard = $1",
-                    &[&shard],
-                )
-                .await
-                .map_err(pg_err)?
-                .get(0);
-            return Err(StoreError::SequenceGap {
-                shard: batch.shard,
-                expected: committed.max(0) as u64 + 1,
-                found: first.seq,
-            });
+        if batch.asset_writes.iter().any(|w| !w.insert) {
+            return Err(StoreError::Corrupt(
+                "asset updates are not supported by this schema version".into(),
+            ));
         }
-        s.client
-            .execute(
-                &s.insert_audit,
+        let ids: Vec<Uuid> = batch.asset_writes.iter().map(|w| w.asset).collect();
+        let states: Vec<&str> = batch.asset_writes.iter().map(|w| w.state.name()).collect();
+        let counters = batch
+            .asset_writes
+            .iter()
+            .map(|w| to_i64(w.counter, "counter"))
+            .collect::<Result<Vec<i64>, _>>()?;
+        let row = s
+            .client
+            .query_one(
+                &s.commit_batch,
                 &[
                     &shard,
+                    &(first_seq - 1),
+                    &last_seq,
                     &seq,
                     &ts_ms,
                     &event,
@@ -429,29 +415,31 @@ impl PgShardInner {
                     &region,
                     &ttl,
                     &scheme,
+                    &ids,
+                    &states,
+                    &counters,
                 ],
             )
             .await
             .map_err(pg_err)?;
-        if !batch.asset_writes.is_empty() {
-            if batch.asset_writes.iter().any(|w| !w.insert) {
-                return Err(StoreError::Corrupt(
-                    "asset updates are not supported by this schema version".into(),
-                ));
-            }
-            let ids: Vec<Uuid> = batch.asset_writes.iter().map(|w| w.asset).collect();
-            let states: Vec<&str> = batch.asset_writes.iter().map(|w| w.state.name()).collect();
-            let counters = batch
-                .asset_writes
-                .iter()
-                .map(|w| to_i64(w.counter, "counter"))
-                .collect::<Result<Vec<i64>, _>>()?;
-            s.client
-                .execute(&s.insert_keys, &[&ids, &states, &counters])
-                .await
-                .map_err(pg_err)?;
+        let (advanced, audited, registered): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
+        if advanced != 1 {
+            let committed: Option<i64> = row.get(3);
+            return Err(StoreError::SequenceGap {
+                shard: batch.shard,
+                expected: committed.unwrap_or(0).max(0) as u64 + 1,
+                found: first.seq,
+            });
         }
-        s.client.batch_execute("COMMIT").await.map_err(pg_err)
+        if audited != batch.records.len() as i64 || registered != ids.len() as i64 {
+            // Cannot happen inside one statement; refuse to call it committed if it does.
+            return Err(StoreError::Corrupt(format!(
+                "batch wrote {audited} of {} records and {registered} of {} registrations",
+                batch.records.len(),
+                ids.len()
+            )));
+        }
+        Ok(())
     }
 }
 
