@@ -144,3 +144,114 @@ fn postgres_store_needs_migrate_then_serves_and_survives_sigkill() {
         assert!(rows.iter().any(|row| (row.0, row.1) == (r.shard, r.seq)));
     }
 }
+
+#[test]
+fn postgres_backends_terminated_under_load_the_appliance_recovers_by_itself() {
+    let Some(db) = PgDatabase::create("terminate") else {
+        return;
+    };
+    let mut app = TestAppliance::prepare_with(&db.store_section());
+    assert!(app.custodyd(&["migrate"]).status.success());
+    app.launch();
+    let rt = runtime();
+    let assets: Vec<uuid::Uuid> = (400..416).map(asset).collect();
+    let dbname = db.config.dbname.clone();
+    let (acknowledged, refused) = rt.block_on(async {
+        let client = Arc::new(Client::connect(&app.client_config()).await.unwrap());
+        for a in &assets {
+            client.register(*a).await.unwrap();
+        }
+        let acknowledged = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let refused = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut tasks = Vec::new();
+        for lane in 0..32usize {
+            let (client, acknowledged, refused, stop, assets) = (
+                client.clone(),
+                acknowledged.clone(),
+                refused.clone(),
+                stop.clone(),
+                assets.clone(),
+            );
+            tasks.push(tokio::spawn(async move {
+                let mut i = 0usize;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let a = assets[(lane + i) % assets.len()];
+                    i += 1;
+                    match client
+                        .derive(derive_body(a, &format!("m/44'/0'/0'/0'/{i}")))
+                        .await
+                    {
+                        Ok(d) => acknowledged.lock().unwrap().push((a, d.receipt)),
+                        Err(e) if e.status() == Some(custody::wire::Status::StoreUnavailable) => {
+                            refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        Err(e) => panic!("unexpected error: {e}"),
+                    }
+                }
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let before = acknowledged.lock().unwrap().len();
+        assert!(before > 0, "load is running");
+        // Cut every connection the appliance has to the database.
+        let dbname2 = dbname.clone();
+        let killed = tokio::task::spawn_blocking(move || {
+            common::on_executor(move || async move {
+                let admin = custody::store::postgres::connect(&common::PgDatabase::admin_config())
+                    .await
+                    .unwrap();
+                admin
+                    .query(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                         WHERE datname = $1 AND application_name = 'custodyd'",
+                        &[&dbname2],
+                    )
+                    .await
+                    .unwrap()
+                    .len()
+            })
+        })
+        .await
+        .unwrap();
+        assert!(killed >= 2, "one connection per shard, got {killed}");
+        // Service resumes without a restart.
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let after_cut = acknowledged.lock().unwrap().len();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let later = acknowledged.lock().unwrap().len();
+        assert!(
+            later > after_cut,
+            "derivations are acknowledged again after the cut"
+        );
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let v = acknowledged.lock().unwrap().clone();
+        (v, refused.load(std::sync::atomic::Ordering::Relaxed))
+    });
+    assert!(app.is_running(), "the appliance did not restart or die");
+    let rows = db.with_client(|c| {
+        Box::pin(async move { custody::store::postgres::audit_rows(&c).await.unwrap() })
+    });
+    let receipts: std::collections::HashSet<(u16, u64)> = rows.iter().map(|r| (r.0, r.1)).collect();
+    for (_, r) in &acknowledged {
+        assert!(
+            receipts.contains(&(r.shard, r.seq)),
+            "acknowledged {r:?} is in the log"
+        );
+    }
+    for shard in 0..2u16 {
+        let seqs: Vec<u64> = rows.iter().filter(|r| r.0 == shard).map(|r| r.1).collect();
+        assert_eq!(
+            seqs,
+            (1..=seqs.len() as u64).collect::<Vec<_>>(),
+            "shard {shard} has no gap"
+        );
+    }
+    eprintln!(
+        "acknowledged {}, refused with STORE_UNAVAILABLE {refused}",
+        acknowledged.len()
+    );
+}

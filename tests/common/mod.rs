@@ -212,23 +212,22 @@ pub struct PgDatabase {
 }
 
 impl PgDatabase {
-    pub fn create(tag: &str) -> Option<PgDatabase> {
+    /// The server's own database from `CUSTODY_TEST_DATABASE_URL` (for admin statements).
+    pub fn admin_config() -> custody::store::postgres::PgConfig {
+        Self::parse_url(
+            &std::env::var("CUSTODY_TEST_DATABASE_URL").expect("CUSTODY_TEST_DATABASE_URL"),
+        )
+    }
+
+    fn parse_url(url: &str) -> custody::store::postgres::PgConfig {
         use std::net::ToSocketAddrs;
-        let Ok(url) = std::env::var("CUSTODY_TEST_DATABASE_URL") else {
-            assert!(
-                std::env::var("CUSTODY_REQUIRE_SERVICES").as_deref() != Ok("1"),
-                "CUSTODY_REQUIRE_SERVICES=1 but CUSTODY_TEST_DATABASE_URL is not set"
-            );
-            eprintln!("CUSTODY_TEST_DATABASE_URL not set: skipping a PostgreSQL test");
-            return None;
-        };
         let parsed: tokio_postgres::Config = url.parse().expect("CUSTODY_TEST_DATABASE_URL");
         let host = match parsed.get_hosts().first() {
             Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
             _ => "127.0.0.1".into(),
         };
         let port = parsed.get_ports().first().copied().unwrap_or(5432);
-        let admin = custody::store::postgres::PgConfig {
+        custody::store::postgres::PgConfig {
             addr: (host.as_str(), port)
                 .to_socket_addrs()
                 .unwrap()
@@ -240,7 +239,19 @@ impl PgDatabase {
                 .get_password()
                 .map(|p| zeroize::Zeroizing::new(String::from_utf8_lossy(p).into_owned())),
             allow_unsafe_durability: false,
+        }
+    }
+
+    pub fn create(tag: &str) -> Option<PgDatabase> {
+        let Ok(url) = std::env::var("CUSTODY_TEST_DATABASE_URL") else {
+            assert!(
+                std::env::var("CUSTODY_REQUIRE_SERVICES").as_deref() != Ok("1"),
+                "CUSTODY_REQUIRE_SERVICES=1 but CUSTODY_TEST_DATABASE_URL is not set"
+            );
+            eprintln!("CUSTODY_TEST_DATABASE_URL not set: skipping a PostgreSQL test");
+            return None;
         };
+        let admin = Self::parse_url(&url);
         let name = format!("custody_it_{tag}_{}", std::process::id());
         let config = custody::store::postgres::PgConfig {
             dbname: name.clone(),
