@@ -305,3 +305,31 @@ fn postgres_with_synchronous_commit_off_is_refused() {
         backend.drop_database().await;
     });
 }
+
+#[test]
+fn postgres_unreachable_fails_fast_and_backs_off() {
+    run(async {
+        // Nothing listens on port 1: every attempt is refused at once.
+        let store = PgStore::new(PgConfig {
+            addr: "127.0.0.1:1".parse().unwrap(),
+            dbname: "custody".into(),
+            user: "custody".into(),
+            password: None,
+            allow_unsafe_durability: false,
+        });
+        let shard = store.open_shard(0, 1);
+        let started = std::time::Instant::now();
+        for _ in 0..3 {
+            match shard.commit(register(0, 1, asset_on(0, 1, 9))).await {
+                Err(StoreError::Unavailable(_)) => {}
+                other => panic!("expected STORE_UNAVAILABLE, got {other:?}"),
+            }
+        }
+        assert!(started.elapsed() < Duration::from_millis(500), "fails fast");
+        // Within the backoff no new connection is even tried.
+        match shard.load().await {
+            Err(StoreError::Unavailable(m)) => assert!(m.contains("next attempt"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+    });
+}

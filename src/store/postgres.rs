@@ -20,10 +20,18 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 use tokio_postgres::{Client, NoTls, Statement};
 use uuid::Uuid;
 
 const MIGRATIONS: [&str; 1] = [include_str!("../../appliance/sql/postgres/0001_init.sql")];
+
+/// A connection (and its first queries) slower than this counts as failed.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// First wait after a failed connection attempt; doubled after each further failure.
+const RECONNECT_BACKOFF_MIN: Duration = Duration::from_millis(50);
+/// Longest wait between connection attempts.
+const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(2);
 
 /// How to reach the database. The password never appears in `Debug` or in errors.
 #[derive(Clone)]
@@ -202,6 +210,7 @@ impl Store for PgStore {
                 shard,
                 shard_count,
                 session: RefCell::new(None),
+                retry: std::cell::Cell::new(None),
             }),
         })
     }
@@ -253,6 +262,9 @@ struct PgShardInner {
     shard: u16,
     shard_count: u16,
     session: RefCell<Option<Rc<Session>>>,
+    /// After a failed connect: no new attempt before this instant (requests fail fast
+    /// with STORE_UNAVAILABLE meanwhile), and the next wait.
+    retry: std::cell::Cell<Option<(std::time::Instant, Duration)>>,
 }
 
 struct PgShard {
@@ -267,6 +279,46 @@ impl PgShardInner {
                 return Ok(s.clone());
             }
         }
+        let now = std::time::Instant::now();
+        if let Some((not_before, _)) = self.retry.get() {
+            if now < not_before {
+                return Err(StoreError::Unavailable(format!(
+                    "postgres at {} is unreachable; next attempt in {} ms",
+                    self.config.addr,
+                    (not_before - now).as_millis()
+                )));
+            }
+        }
+        let attempt = futures_lite::future::or(async { Some(self.open_session().await) }, async {
+            glommio::timer::sleep(CONNECT_TIMEOUT).await;
+            None
+        })
+        .await;
+        let result = attempt.unwrap_or_else(|| {
+            Err(StoreError::Unavailable(format!(
+                "postgres at {} did not answer within {} ms",
+                self.config.addr,
+                CONNECT_TIMEOUT.as_millis()
+            )))
+        });
+        match &result {
+            Ok(session) => {
+                self.retry.set(None);
+                *self.session.borrow_mut() = Some(session.clone());
+            }
+            Err(_) => {
+                let wait = match self.retry.get() {
+                    Some((_, last)) => (last * 2).min(RECONNECT_BACKOFF_MAX),
+                    None => RECONNECT_BACKOFF_MIN,
+                };
+                self.retry
+                    .set(Some((std::time::Instant::now() + wait, wait)));
+            }
+        }
+        result
+    }
+
+    async fn open_session(&self) -> Result<Rc<Session>, StoreError> {
         let client = connect(&self.config).await?;
         let version = schema_version(&client).await?;
         if version != SCHEMA_VERSION {
@@ -276,12 +328,10 @@ impl PgShardInner {
         }
         check_durability(&client, self.config.allow_unsafe_durability).await?;
         let commit_batch = client.prepare(COMMIT_BATCH_SQL).await.map_err(pg_err)?;
-        let session = Rc::new(Session {
+        Ok(Rc::new(Session {
             client: Rc::new(client),
             commit_batch,
-        });
-        *self.session.borrow_mut() = Some(session.clone());
-        Ok(session)
+        }))
     }
 
     async fn load(&self) -> Result<ShardSnapshot, StoreError> {
