@@ -151,6 +151,7 @@ pub const KEYS: &[KeyDoc] = &[
     KeyDoc { key: "store.postgres_password_file", default: "\"\"", doc: "file holding the password (relative to this file); never logged" },
     KeyDoc { key: "store.postgres_password_env", default: "\"\"", doc: "environment variable holding the password, if no file is given" },
     KeyDoc { key: "store.postgres_allow_unsafe_durability", default: "false", doc: "serve even if PostgreSQL has synchronous_commit or fsync off (throwaway databases only)" },
+    KeyDoc { key: "store.postgres_owner_lease_ms", default: "10000", doc: "how long this appliance's claim on the database lasts without a heartbeat; a successor waits at most this long" },
     KeyDoc { key: "store.postgres_sslmode", default: "\"disable\"", doc: "TLS to PostgreSQL: \"disable\" (TLS to a remote server comes with the next part of the PostgreSQL work)" },
     KeyDoc { key: "store.commit_batch_records_max", default: "512", doc: "audit records per group commit, at most" },
     KeyDoc { key: "store.commit_batch_delay_us", default: "0", doc: "how long a shard holds a batch open for more records; 0 = commit as soon as the previous batch is durable" },
@@ -259,6 +260,9 @@ pub fn resolve(table: &toml::Table, base_dir: &Path, file: &str) -> Result<Confi
     let pg_password_env = r.string("store.postgres_password_env", "");
     let pg_sslmode = r.string("store.postgres_sslmode", "disable");
     let pg_unsafe = r.bool("store.postgres_allow_unsafe_durability", false);
+    let pg_lease = r
+        .int("store.postgres_owner_lease_ms", 10_000, 500, 600_000)
+        .map(|ms| Duration::from_millis(ms as u64));
     let store_spec: Option<StoreSpec> = match backend_name.as_deref() {
         None => None,
         Some("sqlite") => sqlite_path.map(StoreSpec::Sqlite),
@@ -308,16 +312,22 @@ pub fn resolve(table: &toml::Table, base_dir: &Path, file: &str) -> Result<Confi
                 },
                 _ => None,
             };
-            match (addr, pg_dbname, pg_user, password, pg_unsafe) {
-                (Some(addr), Some(dbname), Some(user), Some(password), Some(unsafe_ok)) => {
-                    Some(StoreSpec::Postgres(crate::store::postgres::PgConfig {
-                        addr,
-                        dbname,
-                        user,
-                        password,
-                        allow_unsafe_durability: unsafe_ok,
-                    }))
-                }
+            match (addr, pg_dbname, pg_user, password, pg_unsafe, pg_lease) {
+                (
+                    Some(addr),
+                    Some(dbname),
+                    Some(user),
+                    Some(password),
+                    Some(unsafe_ok),
+                    Some(lease),
+                ) => Some(StoreSpec::Postgres(crate::store::postgres::PgConfig {
+                    addr,
+                    dbname,
+                    user,
+                    password,
+                    allow_unsafe_durability: unsafe_ok,
+                    owner_lease: lease,
+                })),
                 _ => None,
             }
         }

@@ -86,7 +86,11 @@ pub fn run(config: Config) -> Result<(), ServerError> {
             config.store.commit_queue_depth,
             config.store.commit_linger,
         )?),
-        StoreBackend::Postgres(pg) => Arc::new(PgStore::new(pg.clone())),
+        StoreBackend::Postgres(pg) => {
+            let ownership = crate::store::postgres::acquire_ownership_blocking(pg)?;
+            tracing::info!(instance = %ownership.instance, token = ownership.token, "this appliance owns the store");
+            Arc::new(PgStore::new(pg.clone(), ownership))
+        }
     };
     let tls = crate::tls::server_config(&config.tls)?;
     let mesh = (cores > 1)

@@ -255,3 +255,30 @@ fn postgres_backends_terminated_under_load_the_appliance_recovers_by_itself() {
         acknowledged.len()
     );
 }
+
+#[test]
+fn a_second_appliance_on_the_same_database_refuses_to_start() {
+    let Some(db) = PgDatabase::create("owner") else {
+        return;
+    };
+    let mut first = TestAppliance::prepare_with(&db.store_section());
+    assert!(first.custodyd(&["migrate"]).status.success());
+    first.launch();
+    let second = TestAppliance::prepare_with(&db.store_section());
+    let started = std::time::Instant::now();
+    let out = second.custodyd(&["run"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("owned by another running appliance"),
+        "{stderr}"
+    );
+    // It waited out one lease (1 s in tests) for a crashed owner, no longer.
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(first.is_running());
+    let rt = runtime();
+    rt.block_on(async {
+        let client = Client::connect(&first.client_config()).await.unwrap();
+        client.register(asset(999)).await.unwrap();
+    });
+}

@@ -19,8 +19,14 @@ use uuid::Uuid;
 
 /// A store under test, and how to read back what it holds.
 enum Backend {
-    Sqlite { dir: tempfile::TempDir },
-    Postgres { config: PgConfig, admin: PgConfig },
+    Sqlite {
+        dir: tempfile::TempDir,
+    },
+    Postgres {
+        config: PgConfig,
+        admin: PgConfig,
+        ownership: postgres::Ownership,
+    },
 }
 
 impl Backend {
@@ -64,6 +70,7 @@ impl Backend {
                 .get_password()
                 .map(|p| zeroize::Zeroizing::new(String::from_utf8_lossy(p).into_owned())),
             allow_unsafe_durability: false,
+            owner_lease: Duration::from_secs(10),
         };
         static N: AtomicU32 = AtomicU32::new(0);
         let name = format!(
@@ -89,7 +96,14 @@ impl Backend {
         };
         let c = postgres::connect(&config).await.unwrap();
         assert_eq!(postgres::migrate(&c).await.unwrap(), 1);
-        Some(Backend::Postgres { config, admin })
+        let ownership = postgres::acquire_ownership(&c, Uuid::new_v4(), config.owner_lease)
+            .await
+            .unwrap();
+        Some(Backend::Postgres {
+            config,
+            admin,
+            ownership,
+        })
     }
 
     fn open(&self) -> Box<dyn Store> {
@@ -97,7 +111,9 @@ impl Backend {
             Backend::Sqlite { dir } => {
                 Box::new(SqliteStore::open(&dir.path().join("c.db"), 8, Duration::ZERO).unwrap())
             }
-            Backend::Postgres { config, .. } => Box::new(PgStore::new(config.clone())),
+            Backend::Postgres {
+                config, ownership, ..
+            } => Box::new(PgStore::new(config.clone(), *ownership)),
         }
     }
 
@@ -127,7 +143,7 @@ impl Backend {
     }
 
     async fn drop_database(self) {
-        if let Backend::Postgres { config, admin } = self {
+        if let Backend::Postgres { config, admin, .. } = self {
             let c = postgres::connect(&admin).await.unwrap();
             let _ = c
                 .batch_execute(&format!(
@@ -279,7 +295,10 @@ fn postgres_with_synchronous_commit_off_is_refused() {
         let Some(backend) = Backend::postgres().await else {
             return;
         };
-        let Backend::Postgres { config, .. } = &backend else {
+        let Backend::Postgres {
+            config, ownership, ..
+        } = &backend
+        else {
             unreachable!()
         };
         // A database whose sessions default to synchronous_commit = off.
@@ -290,17 +309,20 @@ fn postgres_with_synchronous_commit_off_is_refused() {
         ))
         .await
         .unwrap();
-        let store = PgStore::new(config.clone());
+        let store = PgStore::new(config.clone(), *ownership);
         match store.open_shard(0, 1).load().await {
             Err(StoreError::Unavailable(m)) => {
                 assert!(m.contains("synchronous_commit = off"), "{m}")
             }
             other => panic!("expected a refusal, got {other:?}"),
         }
-        let allowed = PgStore::new(PgConfig {
-            allow_unsafe_durability: true,
-            ..config.clone()
-        });
+        let allowed = PgStore::new(
+            PgConfig {
+                allow_unsafe_durability: true,
+                ..config.clone()
+            },
+            *ownership,
+        );
         allowed.open_shard(0, 1).load().await.unwrap();
         backend.drop_database().await;
     });
@@ -310,13 +332,21 @@ fn postgres_with_synchronous_commit_off_is_refused() {
 fn postgres_unreachable_fails_fast_and_backs_off() {
     run(async {
         // Nothing listens on port 1: every attempt is refused at once.
-        let store = PgStore::new(PgConfig {
-            addr: "127.0.0.1:1".parse().unwrap(),
-            dbname: "custody".into(),
-            user: "custody".into(),
-            password: None,
-            allow_unsafe_durability: false,
-        });
+        let store = PgStore::new(
+            PgConfig {
+                addr: "127.0.0.1:1".parse().unwrap(),
+                dbname: "custody".into(),
+                user: "custody".into(),
+                password: None,
+                allow_unsafe_durability: false,
+                owner_lease: Duration::from_secs(10),
+            },
+            postgres::Ownership {
+                instance: Uuid::nil(),
+                token: 0,
+                lease: Duration::from_secs(10),
+            },
+        );
         let shard = store.open_shard(0, 1);
         let started = std::time::Instant::now();
         for _ in 0..3 {
@@ -331,5 +361,79 @@ fn postgres_unreachable_fails_fast_and_backs_off() {
             Err(StoreError::Unavailable(m)) => assert!(m.contains("next attempt"), "{m}"),
             other => panic!("{other:?}"),
         }
+    });
+}
+
+#[test]
+fn postgres_a_stale_owner_cannot_commit() {
+    run(async {
+        let Some(backend) = Backend::postgres().await else {
+            return;
+        };
+        let Backend::Postgres {
+            config, ownership, ..
+        } = &backend
+        else {
+            unreachable!()
+        };
+        // The old owner serves shard 0, so its heartbeat keeps the lease alive.
+        let old = PgStore::new(config.clone(), *ownership);
+        let old_shard = old.open_shard(0, 1);
+        old_shard.load().await.unwrap();
+        old_shard
+            .commit(register(0, 1, asset_on(0, 1, 1)))
+            .await
+            .unwrap();
+        let c = postgres::connect(config).await.unwrap();
+        c.execute("UPDATE custody_owner SET lease_ms = 600", &[])
+            .await
+            .unwrap();
+        let heartbeat_every = ownership.lease / 3;
+        assert!(
+            heartbeat_every > Duration::from_millis(900),
+            "the lease below lapses first"
+        );
+        // A newcomer waits out the holder's lease; the holder's heartbeat is slower than
+        // that here, so the lease lapses and the newcomer takes over, as after a pause.
+        let new = postgres::acquire_ownership(&c, Uuid::new_v4(), Duration::from_secs(10))
+            .await
+            .unwrap();
+        assert!(new.token > ownership.token);
+        // The old owner's next commit is fenced off and writes nothing.
+        match old_shard.commit(register(0, 2, asset_on(0, 1, 2))).await {
+            Err(StoreError::Fenced { token }) => assert_eq!(token, ownership.token),
+            other => panic!("expected fencing, got {other:?}"),
+        }
+        // While the new owner's lease is live (it just took it), a third is refused.
+        let third = postgres::acquire_ownership(&c, Uuid::new_v4(), Duration::from_secs(1));
+        c.execute("UPDATE custody_owner SET lease_ms = 300", &[])
+            .await
+            .unwrap();
+        let keep_alive = async {
+            for _ in 0..10 {
+                glommio::timer::sleep(Duration::from_millis(100)).await;
+                let _ = c
+                    .execute(
+                        "UPDATE custody_owner SET heartbeat_at = now() WHERE token = $1",
+                        &[&new.token],
+                    )
+                    .await;
+            }
+        };
+        let (refused, ()) = futures_lite::future::zip(third, keep_alive).await;
+        match refused {
+            Err(StoreError::Locked(m)) => {
+                assert!(m.contains("owned by another running appliance"), "{m}")
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        let newcomer = PgStore::new(config.clone(), new).open_shard(0, 1);
+        assert_eq!(newcomer.load().await.unwrap().last_seq, 1);
+        newcomer
+            .commit(register(0, 2, asset_on(0, 1, 2)))
+            .await
+            .unwrap();
+        assert_eq!(backend.audit().await.len(), 2);
+        backend.drop_database().await;
     });
 }

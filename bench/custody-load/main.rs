@@ -725,6 +725,7 @@ impl TempDatabase {
                 .get_password()
                 .map(|p| zeroize::Zeroizing::new(String::from_utf8_lossy(p).into_owned())),
             allow_unsafe_durability: false,
+            owner_lease: Duration::from_secs(10),
         };
         let name = format!("custody_load_{}", std::process::id());
         let config = PgConfig {

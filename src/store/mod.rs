@@ -40,6 +40,8 @@ pub enum StoreError {
     Closed,
     #[error("store already in use: {0}")]
     Locked(String),
+    #[error("this appliance no longer owns the store (fencing token {token} is stale): another appliance took it over")]
+    Fenced { token: i64 },
     #[error("shard {shard}: batch starts at sequence {found}, the log continues at {expected}")]
     SequenceGap {
         shard: u16,

@@ -43,6 +43,8 @@ pub struct PgConfig {
     /// Serve even if the server acknowledges commits before they are on disk
     /// (`synchronous_commit` or `fsync` off). Only for throwaway test databases.
     pub allow_unsafe_durability: bool,
+    /// How long an owner's lease lasts without a heartbeat (I6).
+    pub owner_lease: Duration,
 }
 
 impl std::fmt::Debug for PgConfig {
@@ -53,6 +55,7 @@ impl std::fmt::Debug for PgConfig {
             .field("user", &self.user)
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
             .field("allow_unsafe_durability", &self.allow_unsafe_durability)
+            .field("owner_lease", &self.owner_lease)
             .finish()
     }
 }
@@ -191,14 +194,114 @@ pub async fn check_durability(client: &Client, allow: bool) -> Result<(), StoreE
     )))
 }
 
-/// The PostgreSQL store: each shard connects on first use from its own core.
+/// The PostgreSQL store: each shard connects on first use from its own core, and every
+/// commit carries the fencing token this appliance took the store with.
 pub struct PgStore {
     config: PgConfig,
+    ownership: Ownership,
+}
+
+/// What an appliance holds once it owns the store.
+#[derive(Clone, Copy, Debug)]
+pub struct Ownership {
+    pub instance: Uuid,
+    pub token: i64,
+    pub lease: Duration,
 }
 
 impl PgStore {
-    pub fn new(config: PgConfig) -> PgStore {
-        PgStore { config }
+    pub fn new(config: PgConfig, ownership: Ownership) -> PgStore {
+        PgStore { config, ownership }
+    }
+}
+
+/// Takes the store for `instance`: moves the fencing token forward if nobody holds a live
+/// lease. While another appliance holds one, waits (up to one lease, so a killed
+/// predecessor's lease can lapse), then refuses with who holds it.
+pub async fn acquire_ownership(
+    client: &Client,
+    instance: Uuid,
+    lease: Duration,
+) -> Result<Ownership, StoreError> {
+    let lease_ms = lease.as_millis() as i64;
+    // Set once the holder is known: wait for its lease (not ours) to lapse.
+    let mut deadline: Option<std::time::Instant> = None;
+    loop {
+        let taken = client
+            .query_opt(
+                "UPDATE custody_owner SET instance = $1, token = token + 1, heartbeat_at = now(), \
+                 lease_ms = $2 \
+                 WHERE id = 1 AND (instance IS NULL OR instance = $1 \
+                   OR heartbeat_at < now() - make_interval(secs => lease_ms / 1000.0)) \
+                 RETURNING token",
+                &[&instance, &lease_ms],
+            )
+            .await
+            .map_err(pg_err)?;
+        if let Some(row) = taken {
+            return Ok(Ownership {
+                instance,
+                token: row.get(0),
+                lease,
+            });
+        }
+        let row = client
+            .query_one(
+                "SELECT instance, extract(epoch FROM now() - heartbeat_at)::float8 * 1000, lease_ms \
+                 FROM custody_owner WHERE id = 1",
+                &[],
+            )
+            .await
+            .map_err(pg_err)?;
+        let holder: Option<Uuid> = row.get(0);
+        let age_ms: Option<f64> = row.get(1);
+        let holder_lease_ms: i64 = row.get(2);
+        let until = *deadline.get_or_insert_with(|| {
+            std::time::Instant::now() + Duration::from_millis(holder_lease_ms.max(0) as u64 + 200)
+        });
+        if std::time::Instant::now() >= until {
+            return Err(StoreError::Locked(format!(
+                "the database is owned by another running appliance (instance {}, last heartbeat {} ms ago, lease {} ms); stop it first",
+                holder.map(|u| u.to_string()).unwrap_or_else(|| "?".into()),
+                age_ms.map(|a| a.round() as i64).unwrap_or(-1),
+                holder_lease_ms
+            )));
+        }
+        glommio::timer::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Keeps the lease alive while this appliance owns the store. Returns when ownership is
+/// lost (another appliance took over); from then on every commit is refused as fenced.
+async fn heartbeat(config: PgConfig, ownership: Ownership) {
+    let interval = ownership.lease / 3;
+    let mut client: Option<Client> = None;
+    loop {
+        glommio::timer::sleep(interval).await;
+        if client.as_ref().map_or(true, |c| c.is_closed()) {
+            client = connect(&config).await.ok();
+        }
+        let Some(c) = client.as_ref() else {
+            tracing::warn!("store heartbeat: PostgreSQL unreachable");
+            continue;
+        };
+        match c
+            .execute(
+                "UPDATE custody_owner SET heartbeat_at = now() WHERE id = 1 AND token = $1",
+                &[&ownership.token],
+            )
+            .await
+        {
+            Ok(1) => {}
+            Ok(_) => {
+                tracing::error!(
+                    token = ownership.token,
+                    "this appliance lost ownership of the store; every commit is refused from now on"
+                );
+                return;
+            }
+            Err(e) => tracing::warn!(error = %e, "store heartbeat failed"),
+        }
     }
 }
 
@@ -207,6 +310,8 @@ impl Store for PgStore {
         Box::new(PgShard {
             inner: Rc::new(PgShardInner {
                 config: self.config.clone(),
+                token: self.ownership.token,
+                ownership: self.ownership,
                 shard,
                 shard_count,
                 session: RefCell::new(None),
@@ -232,8 +337,12 @@ struct Session {
 /// move the shard's sequence row forward only if the batch continues it, and insert the
 /// records and registrations only if it did. The counts say which happened.
 const COMMIT_BATCH_SQL: &str = "\
-WITH adv AS (
-    UPDATE custody_shard_seq SET last_seq = $3 WHERE shard = $1 AND last_seq = $2 RETURNING 1
+WITH own AS (
+    SELECT 1 FROM custody_owner WHERE id = 1 AND token = $20 FOR SHARE
+), adv AS (
+    UPDATE custody_shard_seq SET last_seq = $3
+    WHERE shard = $1 AND last_seq = $2 AND EXISTS (SELECT 1 FROM own)
+    RETURNING 1
 ), audit AS (
     INSERT INTO custody_audit_log (shard, seq, logged_at, event, asset_id, counter,
         state_at_event, requester, request_id, derivation_path, purpose, region, ttl_s,
@@ -255,10 +364,12 @@ WITH adv AS (
     RETURNING 1
 )
 SELECT (SELECT count(*) FROM adv), (SELECT count(*) FROM audit), (SELECT count(*) FROM keys),
-    (SELECT last_seq FROM custody_shard_seq WHERE shard = $1)";
+    (SELECT last_seq FROM custody_shard_seq WHERE shard = $1), (SELECT count(*) FROM own)";
 
 struct PgShardInner {
     config: PgConfig,
+    token: i64,
+    ownership: Ownership,
     shard: u16,
     shard_count: u16,
     session: RefCell<Option<Rc<Session>>>,
@@ -338,6 +449,7 @@ impl PgShardInner {
         let s = self.session().await?;
         if self.shard == 0 {
             ensure_partitions(&s.client).await?;
+            glommio::spawn_local(heartbeat(self.config.clone(), self.ownership)).detach();
         }
         let shard = self.shard as i16;
         s.client
@@ -468,11 +580,16 @@ impl PgShardInner {
                     &ids,
                     &states,
                     &counters,
+                    &self.token,
                 ],
             )
             .await
             .map_err(pg_err)?;
         let (advanced, audited, registered): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
+        let owner: i64 = row.get(4);
+        if owner != 1 {
+            return Err(StoreError::Fenced { token: self.token });
+        }
         if advanced != 1 {
             let committed: Option<i64> = row.get(3);
             return Err(StoreError::SequenceGap {
@@ -566,4 +683,31 @@ pub async fn audit_rows(client: &Client) -> Result<Vec<(u16, u64, String, Uuid, 
             )
         })
         .collect())
+}
+
+/// Takes the store for a new appliance instance, on an executor of its own thread (used
+/// at start-up, before the cores exist).
+pub fn acquire_ownership_blocking(config: &PgConfig) -> Result<Ownership, StoreError> {
+    let config = config.clone();
+    std::thread::Builder::new()
+        .name("custody-owner".into())
+        .spawn(move || -> Result<Ownership, StoreError> {
+            let ex = glommio::LocalExecutorBuilder::default()
+                .io_memory(256 * 1024)
+                .make()
+                .map_err(|e| StoreError::Unavailable(format!("cannot start an executor: {e}")))?;
+            ex.run(async move {
+                let client = connect(&config).await?;
+                let version = schema_version(&client).await?;
+                if version != SCHEMA_VERSION {
+                    return Err(StoreError::Unavailable(format!(
+                        "database schema is version {version}, this build needs {SCHEMA_VERSION}: run `custodyd migrate`"
+                    )));
+                }
+                acquire_ownership(&client, Uuid::new_v4(), config.owner_lease).await
+            })
+        })
+        .map_err(|e| StoreError::Unavailable(format!("cannot start a thread: {e}")))?
+        .join()
+        .unwrap_or_else(|_| Err(StoreError::Unavailable("ownership thread panicked".into())))
 }

@@ -239,6 +239,7 @@ impl PgDatabase {
                 .get_password()
                 .map(|p| zeroize::Zeroizing::new(String::from_utf8_lossy(p).into_owned())),
             allow_unsafe_durability: false,
+            owner_lease: std::time::Duration::from_secs(10),
         }
     }
 
@@ -300,7 +301,7 @@ impl PgDatabase {
     /// The `[store]` section for an appliance config.
     pub fn store_section(&self) -> String {
         format!(
-            "[store]\nbackend = \"postgres\"\npostgres_host = \"{}\"\npostgres_port = {}\npostgres_user = \"{}\"\npostgres_dbname = \"{}\"\n",
+            "[store]\nbackend = \"postgres\"\npostgres_host = \"{}\"\npostgres_port = {}\npostgres_user = \"{}\"\npostgres_dbname = \"{}\"\npostgres_owner_lease_ms = 1000\n",
             self.config.addr.ip(),
             self.config.addr.port(),
             self.config.user,

@@ -49,4 +49,17 @@ CREATE TABLE custody_audit_log (
 
 CREATE TABLE custody_audit_log_default PARTITION OF custody_audit_log DEFAULT;
 
+-- The single owner (I6). An appliance takes the store by moving the fencing token
+-- forward, and only when the previous owner's lease has lapsed; every commit checks the
+-- token (holding this row FOR SHARE), so an owner that lost the store cannot commit.
+CREATE TABLE custody_owner (
+    id            smallint    PRIMARY KEY CHECK (id = 1),
+    instance      uuid,
+    token         bigint      NOT NULL CHECK (token >= 0),
+    heartbeat_at  timestamptz,
+    -- the owner's lease: a successor may take over once no heartbeat came for this long
+    lease_ms      bigint      NOT NULL DEFAULT 0
+);
+INSERT INTO custody_owner (id, instance, token, heartbeat_at) VALUES (1, NULL, 0, NULL);
+
 INSERT INTO custody_schema (version) VALUES (1);
