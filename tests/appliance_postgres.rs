@@ -282,3 +282,50 @@ fn a_second_appliance_on_the_same_database_refuses_to_start() {
         client.register(asset(999)).await.unwrap();
     });
 }
+
+#[test]
+fn a_paused_appliance_that_resumes_after_a_takeover_cannot_commit() {
+    let Some(db) = PgDatabase::create("pause") else {
+        return;
+    };
+    let mut first = TestAppliance::prepare_with(&db.store_section());
+    assert!(first.custodyd(&["migrate"]).status.success());
+    first.launch();
+    let rt = runtime();
+    let a = asset(777);
+    let old_client = rt.block_on(async {
+        let c = Client::connect(&first.client_config()).await.unwrap();
+        c.register(a).await.unwrap();
+        c.derive(derive_body(a, "m/44'/0'/0'/0'/1")).await.unwrap();
+        c
+    });
+    let pid = first.pid().unwrap() as i32;
+    // SAFETY: signals to our own child process.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    // Its lease (1 s in tests) lapses; a successor takes the database.
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut second = TestAppliance::prepare_with(&db.store_section());
+    second.launch();
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    let (refused, served) = rt.block_on(async {
+        let refused = old_client.derive(derive_body(a, "m/44'/0'/0'/0'/2")).await;
+        let c = Client::connect(&second.client_config()).await.unwrap();
+        let served = c.derive(derive_body(a, "m/44'/0'/0'/0'/3")).await;
+        (refused, served)
+    });
+    let err = refused.expect_err("the stale owner must not acknowledge");
+    assert_eq!(
+        err.status(),
+        Some(custody::wire::Status::StoreUnavailable),
+        "{err}"
+    );
+    served.expect("the new owner serves");
+    let rows = db.with_client(|c| {
+        Box::pin(async move { custody::store::postgres::audit_rows(&c).await.unwrap() })
+    });
+    let derives = rows.iter().filter(|r| r.2 == "DERIVE").count();
+    assert_eq!(
+        derives, 2,
+        "the first derivation and the new owner's; nothing from the stale owner"
+    );
+}
