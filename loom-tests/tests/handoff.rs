@@ -337,6 +337,11 @@ fn submit_wakes_blocked_take() {
     });
 }
 
+/// Loom needs every execution of a model to be deterministic, and `linger` reads the
+/// real clock for its deadline: a deadline no model run can reach keeps the clock out of
+/// the explored paths (loom's `wait_timeout` never times out anyway).
+const LINGER_NEVER_EXPIRES: std::time::Duration = std::time::Duration::from_secs(3600);
+
 /// Cross-shard group commit: after taking one shard's batch, the commit thread lingers
 /// for the other active shard's batch. Loom's `wait_timeout` never times out, so this
 /// checks the waking side: a batch submitted while the commit thread lingers is always
@@ -352,7 +357,7 @@ fn linger_collects_the_other_shards_batch() {
         };
         let mut out = Vec::new();
         assert!(queue.take(8, &mut out));
-        queue.linger(8, &mut out, 2, std::time::Duration::from_millis(1));
+        queue.linger(8, &mut out, 2, LINGER_NEVER_EXPIRES);
         producer.join().unwrap();
         assert_eq!(out, vec![1, 2]);
         assert!(queue.is_empty());
@@ -369,7 +374,7 @@ fn linger_respects_max_and_close() {
         }
         let mut out = Vec::new();
         assert!(queue.take(1, &mut out));
-        queue.linger(2, &mut out, 5, std::time::Duration::from_millis(1));
+        queue.linger(2, &mut out, 5, LINGER_NEVER_EXPIRES);
         assert_eq!(out, vec![1, 2]);
         let closer = {
             let queue = queue.clone();
@@ -377,7 +382,7 @@ fn linger_respects_max_and_close() {
         };
         let mut more = Vec::new();
         assert!(queue.take(8, &mut more));
-        queue.linger(8, &mut more, 5, std::time::Duration::from_millis(1));
+        queue.linger(8, &mut more, 5, LINGER_NEVER_EXPIRES);
         closer.join().unwrap();
         assert_eq!(more, vec![3]);
     });
