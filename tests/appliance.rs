@@ -12,7 +12,7 @@
 mod common;
 
 use common::{asset, derive_body, read_audit, runtime, TestAppliance};
-use custody::client::{Client, ClientError};
+use custody::client::Client;
 use custody::kdf::{DerivationKey, DerivationPath, RootSeed};
 use custody::wire::{self, FrameHeader, Opcode, Reply, Request, Status};
 use std::sync::Arc;
@@ -598,53 +598,7 @@ fn sigkill_under_load_loses_no_acknowledged_derivation() {
             client.register(*a).await.unwrap();
         }
     });
-    let pid = app.pid().unwrap();
-    let acknowledged = rt.block_on(async {
-        let mut clients = Vec::new();
-        for _ in 0..4 {
-            clients.push(Arc::new(
-                Client::connect(&app.client_config()).await.unwrap(),
-            ));
-        }
-        let acknowledged = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let mut tasks = Vec::new();
-        for (c, client) in clients.iter().enumerate() {
-            for lane in 0..16usize {
-                let client = client.clone();
-                let acknowledged = acknowledged.clone();
-                let assets = assets.clone();
-                tasks.push(tokio::spawn(async move {
-                    for i in 0.. {
-                        let a = assets[(c * 16 + lane + i) % assets.len()];
-                        match client
-                            .derive(derive_body(a, &format!("m/44'/0'/0'/0'/{i}")))
-                            .await
-                        {
-                            Ok(d) => acknowledged.lock().unwrap().push((a, d.counter, d.receipt)),
-                            Err(ClientError::Closed) => return,
-                            Err(e) => panic!("unexpected error under load: {e}"),
-                        }
-                    }
-                }));
-            }
-        }
-        // Kill once the load is well under way.
-        loop {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            if acknowledged.lock().unwrap().len() > 3000 {
-                break;
-            }
-        }
-        // SAFETY: sending SIGKILL to our own child process.
-        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-        for t in tasks {
-            t.await.unwrap();
-        }
-        let v = acknowledged.lock().unwrap().clone();
-        v
-    });
-    app.kill9();
-    assert!(acknowledged.len() > 3000);
+    let acknowledged = common::derive_until_sigkill(&mut app, &assets, 3000);
 
     app.launch();
     let rows = read_audit(&app.db_path());

@@ -4,7 +4,7 @@
 mod common;
 
 use common::{asset, derive_body, runtime, PgDatabase, TestAppliance};
-use custody::client::{Client, ClientError};
+use custody::client::Client;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -44,45 +44,7 @@ fn postgres_store_needs_migrate_then_serves_and_survives_sigkill() {
         assert_eq!(e.status(), Some(custody::wire::Status::AssetExists));
     });
 
-    let pid = app.pid().unwrap();
-    let acknowledged = rt.block_on(async {
-        let mut tasks = Vec::new();
-        let acknowledged = Arc::new(std::sync::Mutex::new(Vec::new()));
-        for c in 0..4usize {
-            let client = Arc::new(Client::connect(&app.client_config()).await.unwrap());
-            for lane in 0..16usize {
-                let (client, acknowledged, assets) =
-                    (client.clone(), acknowledged.clone(), assets.clone());
-                tasks.push(tokio::spawn(async move {
-                    for i in 0.. {
-                        let a = assets[(c * 16 + lane + i) % assets.len()];
-                        match client
-                            .derive(derive_body(a, &format!("m/44'/0'/0'/0'/{i}")))
-                            .await
-                        {
-                            Ok(d) => acknowledged.lock().unwrap().push((a, d.counter, d.receipt)),
-                            Err(ClientError::Closed) => return,
-                            Err(e) => panic!("unexpected error under load: {e}"),
-                        }
-                    }
-                }));
-            }
-        }
-        loop {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            if acknowledged.lock().unwrap().len() > 2000 {
-                break;
-            }
-        }
-        // SAFETY: sending SIGKILL to our own child process.
-        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-        for t in tasks {
-            t.await.unwrap();
-        }
-        let v = acknowledged.lock().unwrap().clone();
-        v
-    });
-    app.kill9();
+    let acknowledged = common::derive_until_sigkill(&mut app, &assets, 2000);
 
     let rows = db.with_client(|c| {
         Box::pin(async move { custody::store::postgres::audit_rows(&c).await.unwrap() })

@@ -5,13 +5,14 @@
 //! drops it afterwards, so tests run in parallel. Without the variable the PostgreSQL half
 //! is skipped with a notice, unless `CUSTODY_REQUIRE_SERVICES=1`, which makes it fail.
 
+mod common;
+
 use custody::audit::{AuditEvent, AuditRecord};
 use custody::lifecycle::AssetState;
 use custody::router::shard_of;
 use custody::store::postgres::{self, PgConfig, PgStore};
 use custody::store::sqlite::{SqliteReader, SqliteStore};
 use custody::store::{AssetWrite, CommitBatch, Store, StoreError};
-use std::net::ToSocketAddrs;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -51,27 +52,7 @@ impl Backend {
                 return None;
             }
         };
-        let parsed: tokio_postgres::Config = url.parse().expect("CUSTODY_TEST_DATABASE_URL");
-        let host = match parsed.get_hosts().first() {
-            Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
-            _ => "127.0.0.1".into(),
-        };
-        let port = parsed.get_ports().first().copied().unwrap_or(5432);
-        let addr = (host.as_str(), port)
-            .to_socket_addrs()
-            .unwrap()
-            .next()
-            .unwrap();
-        let admin = PgConfig {
-            addr,
-            dbname: parsed.get_dbname().unwrap_or("postgres").to_owned(),
-            user: parsed.get_user().unwrap_or("root").to_owned(),
-            password: parsed
-                .get_password()
-                .map(|p| zeroize::Zeroizing::new(String::from_utf8_lossy(p).into_owned())),
-            allow_unsafe_durability: false,
-            owner_lease: Duration::from_secs(10),
-        };
+        let admin = common::PgDatabase::parse_url(&url);
         static N: AtomicU32 = AtomicU32::new(0);
         let name = format!(
             "custody_conf_{}_{}",

@@ -219,7 +219,8 @@ impl PgDatabase {
         )
     }
 
-    fn parse_url(url: &str) -> custody::store::postgres::PgConfig {
+    /// The connection settings of a `postgresql://` URL.
+    pub fn parse_url(url: &str) -> custody::store::postgres::PgConfig {
         use std::net::ToSocketAddrs;
         let parsed: tokio_postgres::Config = url.parse().expect("CUSTODY_TEST_DATABASE_URL");
         let host = match parsed.get_hosts().first() {
@@ -340,4 +341,59 @@ where
     })
     .join()
     .expect("executor thread")
+}
+
+/// Drives 4 connections × 16 pipelined lanes of derivations over `assets` until at least
+/// `kill_after` are acknowledged, then SIGKILLs the appliance mid-load. Returns every
+/// acknowledged derivation as (asset, counter, receipt); any other error than the
+/// connection closing fails the test.
+pub fn derive_until_sigkill(
+    app: &mut TestAppliance,
+    assets: &[uuid::Uuid],
+    kill_after: usize,
+) -> Vec<(uuid::Uuid, u64, custody::wire::Receipt)> {
+    use std::sync::{Arc, Mutex};
+    let pid = app.pid().expect("running") as i32;
+    let config = app.client_config();
+    let assets = assets.to_vec();
+    let acknowledged = runtime().block_on(async move {
+        let acknowledged = Arc::new(Mutex::new(Vec::new()));
+        let mut tasks = Vec::new();
+        for c in 0..4usize {
+            let client = Arc::new(Client::connect(&config).await.expect("connect"));
+            for lane in 0..16usize {
+                let (client, acknowledged, assets) =
+                    (client.clone(), acknowledged.clone(), assets.clone());
+                tasks.push(tokio::spawn(async move {
+                    for i in 0.. {
+                        let a = assets[(c * 16 + lane + i) % assets.len()];
+                        match client
+                            .derive(derive_body(a, &format!("m/44'/0'/0'/0'/{i}")))
+                            .await
+                        {
+                            Ok(d) => acknowledged.lock().unwrap().push((a, d.counter, d.receipt)),
+                            Err(custody::client::ClientError::Closed) => return,
+                            Err(e) => panic!("unexpected error under load: {e}"),
+                        }
+                    }
+                }));
+            }
+        }
+        loop {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if acknowledged.lock().unwrap().len() > kill_after {
+                break;
+            }
+        }
+        // SAFETY: sending SIGKILL to our own child process.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        for t in tasks {
+            t.await.expect("load task");
+        }
+        let v = acknowledged.lock().unwrap().clone();
+        v
+    });
+    app.kill9();
+    assert!(acknowledged.len() > kill_after);
+    acknowledged
 }
