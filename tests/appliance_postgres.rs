@@ -46,9 +46,7 @@ fn postgres_store_needs_migrate_then_serves_and_survives_sigkill() {
 
     let acknowledged = common::derive_until_sigkill(&mut app, &assets, 2000);
 
-    let rows = db.with_client(|c| {
-        Box::pin(async move { custody::store::postgres::audit_rows(&c).await.unwrap() })
-    });
+    let rows = db.audit_rows();
     let by_receipt: HashMap<(u16, u64), (uuid::Uuid, u64, String)> = rows
         .iter()
         .map(|(shard, seq, event, a, counter)| ((*shard, *seq), (*a, *counter, event.clone())))
@@ -59,14 +57,7 @@ fn postgres_store_needs_migrate_then_serves_and_survives_sigkill() {
             .unwrap_or_else(|| panic!("acknowledged {receipt:?} has no audit record"));
         assert_eq!((row.0, row.1, row.2.as_str()), (*a, *counter, "DERIVE"));
     }
-    for shard in 0..2u16 {
-        let seqs: Vec<u64> = rows.iter().filter(|r| r.0 == shard).map(|r| r.1).collect();
-        assert_eq!(
-            seqs,
-            (1..=seqs.len() as u64).collect::<Vec<_>>(),
-            "shard {shard} has no gap"
-        );
-    }
+    assert_no_gaps(&rows);
 
     // Restarted, it continues each shard's sequence. (A COMMIT the killed appliance sent
     // just before it died may land after the read above, so compare with a fresh read.)
@@ -91,17 +82,8 @@ fn postgres_store_needs_migrate_then_serves_and_survives_sigkill() {
         }
         receipts
     });
-    let rows = db.with_client(|c| {
-        Box::pin(async move { custody::store::postgres::audit_rows(&c).await.unwrap() })
-    });
-    for shard in 0..2u16 {
-        let seqs: Vec<u64> = rows.iter().filter(|r| r.0 == shard).map(|r| r.1).collect();
-        assert_eq!(
-            seqs,
-            (1..=seqs.len() as u64).collect::<Vec<_>>(),
-            "shard {shard} has no gap"
-        );
-    }
+    let rows = db.audit_rows();
+    assert_no_gaps(&rows);
     for r in after_restart {
         assert!(rows.iter().any(|row| (row.0, row.1) == (r.shard, r.seq)));
     }
@@ -194,9 +176,7 @@ fn postgres_backends_terminated_under_load_the_appliance_recovers_by_itself() {
         (v, refused.load(std::sync::atomic::Ordering::Relaxed))
     });
     assert!(app.is_running(), "the appliance did not restart or die");
-    let rows = db.with_client(|c| {
-        Box::pin(async move { custody::store::postgres::audit_rows(&c).await.unwrap() })
-    });
+    let rows = db.audit_rows();
     let receipts: std::collections::HashSet<(u16, u64)> = rows.iter().map(|r| (r.0, r.1)).collect();
     for (_, r) in &acknowledged {
         assert!(
@@ -204,14 +184,7 @@ fn postgres_backends_terminated_under_load_the_appliance_recovers_by_itself() {
             "acknowledged {r:?} is in the log"
         );
     }
-    for shard in 0..2u16 {
-        let seqs: Vec<u64> = rows.iter().filter(|r| r.0 == shard).map(|r| r.1).collect();
-        assert_eq!(
-            seqs,
-            (1..=seqs.len() as u64).collect::<Vec<_>>(),
-            "shard {shard} has no gap"
-        );
-    }
+    assert_no_gaps(&rows);
     eprintln!(
         "acknowledged {}, refused with STORE_UNAVAILABLE {refused}",
         acknowledged.len()
@@ -282,12 +255,22 @@ fn a_paused_appliance_that_resumes_after_a_takeover_cannot_commit() {
         "{err}"
     );
     served.expect("the new owner serves");
-    let rows = db.with_client(|c| {
-        Box::pin(async move { custody::store::postgres::audit_rows(&c).await.unwrap() })
-    });
+    let rows = db.audit_rows();
     let derives = rows.iter().filter(|r| r.2 == "DERIVE").count();
     assert_eq!(
         derives, 2,
         "the first derivation and the new owner's; nothing from the stale owner"
     );
+}
+
+/// Each shard's audit sequence is 1, 2, 3, … with nothing missing.
+fn assert_no_gaps(rows: &[(u16, u64, String, uuid::Uuid, u64)]) {
+    for shard in 0..2u16 {
+        let seqs: Vec<u64> = rows.iter().filter(|r| r.0 == shard).map(|r| r.1).collect();
+        assert_eq!(
+            seqs,
+            (1..=seqs.len() as u64).collect::<Vec<_>>(),
+            "shard {shard} has no gap"
+        );
+    }
 }

@@ -672,15 +672,17 @@ fn verify_audit(
                 )
             })
             .collect(),
-        AuditSource::Postgres(config) => on_executor(move || async move {
-            let client = postgres::connect(&config).await?;
-            postgres::audit_rows(&client).await
-        })?
-        .into_iter()
-        .map(|(shard, seq, event, asset, counter)| {
-            ((shard, seq), (asset, counter, event == "DERIVE"))
-        })
-        .collect(),
+        AuditSource::Postgres(config) => {
+            postgres::on_own_executor("custody-load-db", move || async move {
+                let client = postgres::connect(&config).await?;
+                postgres::audit_rows(&client).await
+            })??
+            .into_iter()
+            .map(|(shard, seq, event, asset, counter)| {
+                ((shard, seq), (asset, counter, event == "DERIVE"))
+            })
+            .collect()
+        }
     };
     let mut check = AuditCheck {
         acknowledged: receipts.len(),
@@ -706,34 +708,14 @@ struct TempDatabase {
 
 impl TempDatabase {
     fn create(url: &str) -> anyhow::Result<TempDatabase> {
-        use std::net::ToSocketAddrs;
-        let parsed: tokio_postgres::Config = url.parse().context("--postgres URL")?;
-        let host = match parsed.get_hosts().first() {
-            Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
-            _ => "127.0.0.1".into(),
-        };
-        let port = parsed.get_ports().first().copied().unwrap_or(5432);
-        let addr = (host.as_str(), port)
-            .to_socket_addrs()?
-            .next()
-            .context("--postgres host does not resolve")?;
-        let admin = PgConfig {
-            addr,
-            dbname: parsed.get_dbname().unwrap_or("postgres").to_owned(),
-            user: parsed.get_user().unwrap_or("postgres").to_owned(),
-            password: parsed
-                .get_password()
-                .map(|p| zeroize::Zeroizing::new(String::from_utf8_lossy(p).into_owned())),
-            allow_unsafe_durability: false,
-            owner_lease: Duration::from_secs(10),
-        };
+        let admin = PgConfig::from_url(url).context("--postgres URL")?;
         let name = format!("custody_load_{}", std::process::id());
         let config = PgConfig {
             dbname: name.clone(),
             ..admin.clone()
         };
         let admin_for_create = admin.clone();
-        on_executor(move || async move {
+        postgres::on_own_executor("custody-load-db", move || async move {
             let c = postgres::connect(&admin_for_create).await?;
             for sql in [
                 format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
@@ -744,7 +726,7 @@ impl TempDatabase {
                     .map_err(|e| custody::store::StoreError::Unavailable(e.to_string()))?;
             }
             Ok::<(), custody::store::StoreError>(())
-        })?;
+        })??;
         Ok(TempDatabase { config, admin })
     }
 }
@@ -752,7 +734,7 @@ impl TempDatabase {
 impl Drop for TempDatabase {
     fn drop(&mut self) {
         let (admin, name) = (self.admin.clone(), self.config.dbname.clone());
-        let _ = on_executor(move || async move {
+        let _ = postgres::on_own_executor("custody-load-db", move || async move {
             if let Ok(c) = postgres::connect(&admin).await {
                 let _ = c
                     .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
@@ -760,24 +742,4 @@ impl Drop for TempDatabase {
             }
         });
     }
-}
-
-/// Runs a future on a glommio executor of its own thread: PostgreSQL connections are
-/// driven by the executor that made them.
-fn on_executor<T, F>(make: impl FnOnce() -> F + Send + 'static) -> T
-where
-    T: Send + 'static,
-    F: std::future::Future<Output = T> + 'static,
-{
-    std::thread::spawn(move || {
-        match glommio::LocalExecutorBuilder::default()
-            .io_memory(256 * 1024)
-            .make()
-        {
-            Ok(ex) => ex.run(make()),
-            Err(e) => panic!("cannot start an executor: {e}"),
-        }
-    })
-    .join()
-    .unwrap_or_else(|_| panic!("executor thread panicked"))
 }

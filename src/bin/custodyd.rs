@@ -25,6 +25,25 @@ fn main() {
     }
 }
 
+/// The resolved config named by `--config` (or the first argument); `None` after printing
+/// every problem (exit status 2: systemd does not restart into a bad config).
+fn load_config(
+    flag: Option<PathBuf>,
+    positional: &[PathBuf],
+    command: &str,
+) -> anyhow::Result<Option<custody::config::Config>> {
+    let file = flag
+        .or_else(|| positional.first().cloned())
+        .with_context(|| format!("{command} needs --config FILE"))?;
+    match custody::config::load(&file) {
+        Ok(c) => Ok(Some(c)),
+        Err(e) => {
+            eprint!("{e}");
+            Ok(None)
+        }
+    }
+}
+
 fn real_main() -> anyhow::Result<i32> {
     use lexopt::prelude::*;
     let mut parser = lexopt::Parser::from_env();
@@ -79,15 +98,8 @@ fn real_main() -> anyhow::Result<i32> {
             }
         }
         "migrate" => {
-            let file = config
-                .or_else(|| positional.first().cloned())
-                .context("migrate needs --config FILE")?;
-            let config = match custody::config::load(&file) {
-                Ok(c) => c,
-                Err(e) => {
-                    eprint!("{e}");
-                    return Ok(2);
-                }
+            let Some(config) = load_config(config, &positional, "migrate")? else {
+                return Ok(2);
             };
             match config.store.backend {
                 custody::config::StoreBackend::Sqlite { path } => {
@@ -98,29 +110,21 @@ fn real_main() -> anyhow::Result<i32> {
                     Ok(0)
                 }
                 custody::config::StoreBackend::Postgres(pg) => {
-                    let version = glommio::LocalExecutorBuilder::default()
-                        .io_memory(256 * 1024)
-                        .make()
-                        .map_err(|e| anyhow::anyhow!("starting an executor: {e}"))?
-                        .run(async move {
+                    let version = custody::store::postgres::on_own_executor(
+                        "custody-migrate",
+                        move || async move {
                             let client = custody::store::postgres::connect(&pg).await?;
                             custody::store::postgres::migrate(&client).await
-                        })?;
+                        },
+                    )??;
                     println!("schema at version {version}; audit-log partitions ready");
                     Ok(0)
                 }
             }
         }
         "run" => {
-            let file = config
-                .or_else(|| positional.first().cloned())
-                .context("run needs --config FILE")?;
-            let config = match custody::config::load(&file) {
-                Ok(c) => c,
-                Err(e) => {
-                    eprint!("{e}");
-                    return Ok(2);
-                }
+            let Some(config) = load_config(config, &positional, "run")? else {
+                return Ok(2);
             };
             tracing_subscriber::fmt()
                 .with_max_level(config.server.log_level)

@@ -689,25 +689,71 @@ pub async fn audit_rows(client: &Client) -> Result<Vec<(u16, u64, String, Uuid, 
 /// at start-up, before the cores exist).
 pub fn acquire_ownership_blocking(config: &PgConfig) -> Result<Ownership, StoreError> {
     let config = config.clone();
+    on_own_executor("custody-owner", move || async move {
+        let client = connect(&config).await?;
+        let version = schema_version(&client).await?;
+        if version != SCHEMA_VERSION {
+            return Err(StoreError::Unavailable(format!(
+                "database schema is version {version}, this build needs {SCHEMA_VERSION}: run `custodyd migrate`"
+            )));
+        }
+        acquire_ownership(&client, Uuid::new_v4(), config.owner_lease).await
+    })?
+}
+
+/// Runs a future on a glommio executor of a thread of its own and waits for it. A
+/// PostgreSQL connection is driven by the executor that made it, so code outside the
+/// appliance's cores (start-up, `custodyd migrate`, the load harness, tests) talks to the
+/// database this way.
+pub fn on_own_executor<T, F>(
+    name: &str,
+    make: impl FnOnce() -> F + Send + 'static,
+) -> Result<T, StoreError>
+where
+    T: Send + 'static,
+    F: std::future::Future<Output = T> + 'static,
+{
     std::thread::Builder::new()
-        .name("custody-owner".into())
-        .spawn(move || -> Result<Ownership, StoreError> {
+        .name(name.to_owned())
+        .spawn(move || -> Result<T, StoreError> {
             let ex = glommio::LocalExecutorBuilder::default()
                 .io_memory(256 * 1024)
                 .make()
                 .map_err(|e| StoreError::Unavailable(format!("cannot start an executor: {e}")))?;
-            ex.run(async move {
-                let client = connect(&config).await?;
-                let version = schema_version(&client).await?;
-                if version != SCHEMA_VERSION {
-                    return Err(StoreError::Unavailable(format!(
-                        "database schema is version {version}, this build needs {SCHEMA_VERSION}: run `custodyd migrate`"
-                    )));
-                }
-                acquire_ownership(&client, Uuid::new_v4(), config.owner_lease).await
-            })
+            Ok(ex.run(make()))
         })
         .map_err(|e| StoreError::Unavailable(format!("cannot start a thread: {e}")))?
         .join()
-        .unwrap_or_else(|_| Err(StoreError::Unavailable("ownership thread panicked".into())))
+        .unwrap_or_else(|_| Err(StoreError::Unavailable(format!("thread {name} panicked"))))
+}
+
+impl PgConfig {
+    /// Connection settings from a `postgresql://user[:password]@host[:port]/dbname` URL
+    /// (tests and the load harness; the appliance reads its config file).
+    pub fn from_url(url: &str) -> Result<PgConfig, StoreError> {
+        use std::net::ToSocketAddrs;
+        let parsed: tokio_postgres::Config = url
+            .parse()
+            .map_err(|e| StoreError::Unavailable(format!("database URL: {e}")))?;
+        let host = match parsed.get_hosts().first() {
+            Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+            _ => "127.0.0.1".into(),
+        };
+        let port = parsed.get_ports().first().copied().unwrap_or(5432);
+        let addr = (host.as_str(), port)
+            .to_socket_addrs()
+            .ok()
+            .and_then(|mut a| a.next())
+            .ok_or_else(|| StoreError::Unavailable(format!("{host}:{port} does not resolve")))?;
+        Ok(PgConfig {
+            addr,
+            dbname: parsed.get_dbname().unwrap_or("postgres").to_owned(),
+            user: parsed.get_user().unwrap_or("postgres").to_owned(),
+            password: parsed
+                .get_password()
+                .map(|p| zeroize::Zeroizing::new(String::from_utf8_lossy(p).into_owned())),
+            allow_unsafe_durability: false,
+            owner_lease: Duration::from_secs(10),
+        })
+    }
 }

@@ -221,27 +221,7 @@ impl PgDatabase {
 
     /// The connection settings of a `postgresql://` URL.
     pub fn parse_url(url: &str) -> custody::store::postgres::PgConfig {
-        use std::net::ToSocketAddrs;
-        let parsed: tokio_postgres::Config = url.parse().expect("CUSTODY_TEST_DATABASE_URL");
-        let host = match parsed.get_hosts().first() {
-            Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
-            _ => "127.0.0.1".into(),
-        };
-        let port = parsed.get_ports().first().copied().unwrap_or(5432);
-        custody::store::postgres::PgConfig {
-            addr: (host.as_str(), port)
-                .to_socket_addrs()
-                .unwrap()
-                .next()
-                .unwrap(),
-            dbname: parsed.get_dbname().unwrap_or("postgres").to_owned(),
-            user: parsed.get_user().unwrap_or("root").to_owned(),
-            password: parsed
-                .get_password()
-                .map(|p| zeroize::Zeroizing::new(String::from_utf8_lossy(p).into_owned())),
-            allow_unsafe_durability: false,
-            owner_lease: std::time::Duration::from_secs(10),
-        }
+        custody::store::postgres::PgConfig::from_url(url).expect("CUSTODY_TEST_DATABASE_URL")
     }
 
     pub fn create(tag: &str) -> Option<PgDatabase> {
@@ -279,23 +259,16 @@ impl PgDatabase {
         });
     }
 
-    /// Runs `f` against a connection to this database.
-    pub fn with_client<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(
-                std::rc::Rc<tokio_postgres::Client>,
-            ) -> std::pin::Pin<Box<dyn std::future::Future<Output = T>>>
-            + Send
-            + 'static,
-    ) -> T {
+    /// Every audit row as (shard, seq, event, asset, counter), in (shard, seq) order.
+    pub fn audit_rows(&self) -> Vec<(u16, u64, String, uuid::Uuid, u64)> {
         let config = self.config.clone();
         on_executor(move || async move {
-            let c = std::rc::Rc::new(
-                custody::store::postgres::connect(&config)
-                    .await
-                    .expect("connect"),
-            );
-            f(c).await
+            let c = custody::store::postgres::connect(&config)
+                .await
+                .expect("connect");
+            custody::store::postgres::audit_rows(&c)
+                .await
+                .expect("audit rows")
         })
     }
 
@@ -332,15 +305,7 @@ where
     T: Send + 'static,
     F: std::future::Future<Output = T> + 'static,
 {
-    std::thread::spawn(move || {
-        glommio::LocalExecutorBuilder::default()
-            .io_memory(256 * 1024)
-            .make()
-            .expect("executor")
-            .run(make())
-    })
-    .join()
-    .expect("executor thread")
+    custody::store::postgres::on_own_executor("custody-test-db", make).expect("executor thread")
 }
 
 /// Drives 4 connections × 16 pipelined lanes of derivations over `assets` until at least
