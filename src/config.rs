@@ -8,6 +8,7 @@
 //! [`KEYS`] table below is the single place each one is defined.
 
 use crate::bounds;
+use crate::store::pg_tls::{PgTls, PgTlsError, SslMode as PgSslMode};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -152,7 +153,8 @@ pub const KEYS: &[KeyDoc] = &[
     KeyDoc { key: "store.postgres_password_env", default: "\"\"", doc: "environment variable holding the password, if no file is given" },
     KeyDoc { key: "store.postgres_allow_unsafe_durability", default: "false", doc: "serve even if PostgreSQL has synchronous_commit or fsync off (throwaway databases only)" },
     KeyDoc { key: "store.postgres_owner_lease_ms", default: "10000", doc: "how long this appliance's claim on the database lasts without a heartbeat; a successor waits at most this long" },
-    KeyDoc { key: "store.postgres_sslmode", default: "\"disable\"", doc: "TLS to PostgreSQL: \"disable\" (TLS to a remote server comes with the next part of the PostgreSQL work)" },
+    KeyDoc { key: "store.postgres_sslmode", default: "\"disable\"", doc: "TLS to PostgreSQL: \"disable\" (loopback or a private link only), \"require\" (encrypted, certificate not checked) or \"verify-full\" (certificate chains to postgres_sslrootcert and names postgres_host)" },
+    KeyDoc { key: "store.postgres_sslrootcert", default: "\"\"", doc: "CA bundle (PEM) the server's certificate must chain to; required by \"verify-full\"" },
     KeyDoc { key: "store.commit_batch_records_max", default: "512", doc: "audit records per group commit, at most" },
     KeyDoc { key: "store.commit_batch_delay_us", default: "0", doc: "how long a shard holds a batch open for more records; 0 = commit as soon as the previous batch is durable" },
     KeyDoc { key: "store.commit_batches_inflight_max", default: "1", doc: "batches a shard may have waiting for the store at once" },
@@ -259,6 +261,7 @@ pub fn resolve(table: &toml::Table, base_dir: &Path, file: &str) -> Result<Confi
     let pg_password_file = r.string("store.postgres_password_file", "");
     let pg_password_env = r.string("store.postgres_password_env", "");
     let pg_sslmode = r.string("store.postgres_sslmode", "disable");
+    let pg_sslrootcert = r.string("store.postgres_sslrootcert", "");
     let pg_unsafe = r.bool("store.postgres_allow_unsafe_durability", false);
     let pg_lease = r
         .int("store.postgres_owner_lease_ms", 10_000, 500, 600_000)
@@ -267,12 +270,25 @@ pub fn resolve(table: &toml::Table, base_dir: &Path, file: &str) -> Result<Confi
         None => None,
         Some("sqlite") => sqlite_path.map(StoreSpec::Sqlite),
         Some("postgres") => {
-            if let Some(mode) = pg_sslmode.as_deref().filter(|m| *m != "disable") {
-                r.problem::<()>(
-                    "store.postgres_sslmode",
-                    format!("{mode:?}: this build connects to PostgreSQL without TLS only (\"disable\"); keep the server on a local socket or a private link"),
-                );
-            }
+            let tls = match (pg_sslmode.as_deref(), &pg_host, pg_sslrootcert.as_deref()) {
+                (Some(mode), Some(host), Some(root)) => match PgSslMode::parse(mode) {
+                    None => r.problem(
+                        "store.postgres_sslmode",
+                        format!("{mode:?} is not \"disable\", \"require\" or \"verify-full\""),
+                    ),
+                    Some(mode) => {
+                        let root = (!root.is_empty()).then(|| absolute(base_dir, root));
+                        match PgTls::new(mode, host, root.as_deref()) {
+                            Ok(tls) => Some(tls),
+                            Err(e @ PgTlsError::ServerName(_)) => {
+                                r.problem("store.postgres_host", e.to_string())
+                            }
+                            Err(e) => r.problem("store.postgres_sslrootcert", e.to_string()),
+                        }
+                    }
+                },
+                _ => None,
+            };
             let addr = match (&pg_host, pg_port) {
                 (Some(host), Some(port)) => {
                     use std::net::ToSocketAddrs;
@@ -312,7 +328,7 @@ pub fn resolve(table: &toml::Table, base_dir: &Path, file: &str) -> Result<Confi
                 },
                 _ => None,
             };
-            match (addr, pg_dbname, pg_user, password, pg_unsafe, pg_lease) {
+            match (addr, pg_dbname, pg_user, password, pg_unsafe, pg_lease, tls) {
                 (
                     Some(addr),
                     Some(dbname),
@@ -320,6 +336,7 @@ pub fn resolve(table: &toml::Table, base_dir: &Path, file: &str) -> Result<Confi
                     Some(password),
                     Some(unsafe_ok),
                     Some(lease),
+                    Some(tls),
                 ) => Some(StoreSpec::Postgres(crate::store::postgres::PgConfig {
                     addr,
                     dbname,
@@ -327,6 +344,7 @@ pub fn resolve(table: &toml::Table, base_dir: &Path, file: &str) -> Result<Confi
                     password,
                     allow_unsafe_durability: unsafe_ok,
                     owner_lease: lease,
+                    tls,
                 })),
                 _ => None,
             }
@@ -830,7 +848,44 @@ mod tests {
         let err = resolve(&parse(&bad, "t.toml").unwrap(), dir.path(), "t.toml").unwrap_err();
         let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
         assert!(keys.contains(&"store.postgres_password_file"), "{keys:?}");
-        assert!(keys.contains(&"store.postgres_sslmode"), "{keys:?}");
+        assert!(
+            keys.contains(&"store.postgres_sslrootcert"),
+            "verify-full without a CA bundle: {keys:?}"
+        );
+        for (mode, key) in [
+            ("prefer", "store.postgres_sslmode"),
+            ("verify-ca", "store.postgres_sslmode"),
+        ] {
+            let bad = format!(
+                "{MINIMAL}\n[store]\nbackend = \"postgres\"\npostgres_sslmode = \"{mode}\"\n"
+            );
+            let err = resolve(&parse(&bad, "t.toml").unwrap(), dir.path(), "t.toml").unwrap_err();
+            assert_eq!(err.problems[0].key, key, "{mode}");
+        }
+    }
+
+    #[test]
+    fn postgres_tls_settings_resolve() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let ca = rcgen::CertificateParams::new(vec!["ca.example".into()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        std::fs::write(dir.path().join("pg-ca.pem"), ca.pem()).unwrap();
+        let text = format!(
+            "{MINIMAL}\n[store]\nbackend = \"postgres\"\npostgres_host = \"127.0.0.1\"\npostgres_sslmode = \"verify-full\"\npostgres_sslrootcert = \"pg-ca.pem\"\n"
+        );
+        let c = resolve(&parse(&text, "t.toml").unwrap(), dir.path(), "t.toml").unwrap();
+        match &c.store.backend {
+            StoreBackend::Postgres(pg) => assert_eq!(pg.tls.mode(), PgSslMode::VerifyFull),
+            other => panic!("{other:?}"),
+        }
+        std::fs::write(dir.path().join("empty.pem"), "").unwrap();
+        let bad = text.replace("pg-ca.pem", "empty.pem");
+        let err = resolve(&parse(&bad, "t.toml").unwrap(), dir.path(), "t.toml").unwrap_err();
+        assert_eq!(err.problems[0].key, "store.postgres_sslrootcert");
+        assert!(err.problems[0].message.contains("no certificate"), "{err}");
     }
 
     #[test]

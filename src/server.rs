@@ -42,6 +42,19 @@ pub enum ServerError {
     Tls(#[from] crate::tls::TlsError),
     #[error("core {core}: {reason}")]
     Core { core: usize, reason: String },
+    #[error("lost ownership of the store: {0}")]
+    Fenced(String),
+}
+
+impl ServerError {
+    /// The process exit status for this failure: 3 when another appliance took the store
+    /// over (restarting would only be refused), 1 otherwise.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            ServerError::Fenced(_) => 3,
+            _ => 1,
+        }
+    }
 }
 
 /// Everything a core needs, `Send` so it can be moved onto the core's thread.
@@ -65,6 +78,8 @@ enum CoreEvent {
         core: usize,
         reason: String,
     },
+    /// The store belongs to another appliance now (I6).
+    Fenced { reason: String },
 }
 
 /// Runs the appliance until the process is stopped. Returns only on a start-up failure or
@@ -80,6 +95,7 @@ pub fn run(config: Config) -> Result<(), ServerError> {
         // The seed itself is zeroized here; only the keyed HMAC state stays.
     };
     let cores = config.server.cores;
+    let (events, ready) = mpsc::channel();
     let store: Arc<dyn Store> = match &config.store.backend {
         StoreBackend::Sqlite { path } => Arc::new(SqliteStore::open(
             path,
@@ -87,15 +103,25 @@ pub fn run(config: Config) -> Result<(), ServerError> {
             config.store.commit_linger,
         )?),
         StoreBackend::Postgres(pg) => {
+            if pg.tls.mode() == crate::store::pg_tls::SslMode::Disable && !pg.addr.ip().is_loopback() {
+                tracing::warn!(
+                    server = %pg.addr,
+                    "PostgreSQL is reached without TLS over a non-loopback address: audit records and counters cross the network in clear; set store.postgres_sslmode = \"verify-full\""
+                );
+            }
             let ownership = crate::store::postgres::acquire_ownership_blocking(pg)?;
             tracing::info!(instance = %ownership.instance, token = ownership.token, "this appliance owns the store");
-            Arc::new(PgStore::new(pg.clone(), ownership))
+            let alarm = events.clone();
+            Arc::new(
+                PgStore::new(pg.clone(), ownership).with_fence_alarm(Arc::new(move |reason| {
+                    let _ = alarm.send(CoreEvent::Fenced { reason });
+                })),
+            )
         }
     };
     let tls = crate::tls::server_config(&config.tls)?;
     let mesh = (cores > 1)
         .then(|| MeshBuilder::full(cores, config.limits.cross_core_queue_depth as usize));
-    let (events, ready) = mpsc::channel();
     let setup = CoreSetup {
         config: Arc::new(config.clone()),
         key,
@@ -148,6 +174,7 @@ pub fn run(config: Config) -> Result<(), ServerError> {
             Ok(CoreEvent::Failed { core, reason }) => {
                 return Err(ServerError::Core { core, reason });
             }
+            Ok(CoreEvent::Fenced { reason }) => return Err(ServerError::Fenced(reason)),
             Err(_) => {
                 return Err(ServerError::Core {
                     core: 0,
@@ -164,9 +191,16 @@ pub fn run(config: Config) -> Result<(), ServerError> {
         seal = "dev (NOT for production)",
         "custodyd serving"
     );
-    // From here on a core only stops if its executor fails.
-    if let Ok(CoreEvent::Failed { core, reason }) = ready.recv() {
-        return Err(ServerError::Core { core, reason });
+    // From here on the appliance stops only if a core's executor fails or another
+    // appliance took the store over; then the process exits without acknowledging
+    // anything more (every commit is refused already).
+    match ready.recv() {
+        Ok(CoreEvent::Failed { core, reason }) => return Err(ServerError::Core { core, reason }),
+        Ok(CoreEvent::Fenced { reason }) => {
+            tracing::error!(%reason, "this appliance lost ownership of the store; stopping");
+            return Err(ServerError::Fenced(reason));
+        }
+        Ok(CoreEvent::Ready { .. }) | Err(_) => {}
     }
     for h in handles {
         let _ = h.join();

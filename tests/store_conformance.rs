@@ -321,6 +321,7 @@ fn postgres_unreachable_fails_fast_and_backs_off() {
                 password: None,
                 allow_unsafe_durability: false,
                 owner_lease: Duration::from_secs(10),
+                tls: custody::store::pg_tls::PgTls::disabled(),
             },
             postgres::Ownership {
                 instance: Uuid::nil(),

@@ -131,8 +131,13 @@ fn real_main() -> anyhow::Result<i32> {
                 .with_writer(std::io::stderr)
                 .with_target(false)
                 .init();
-            custody::server::run(config).context("custodyd stopped")?;
-            Ok(0)
+            match custody::server::run(config) {
+                Ok(()) => Ok(0),
+                Err(e) => {
+                    eprintln!("custodyd stopped: {e}");
+                    Ok(e.exit_code())
+                }
+            }
         }
         other => {
             eprintln!("unknown command {other:?}\n{USAGE}");

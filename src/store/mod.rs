@@ -7,6 +7,7 @@
 //! the same trait.
 
 pub mod handoff;
+pub mod pg_tls;
 pub mod postgres;
 pub mod sqlite;
 

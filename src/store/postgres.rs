@@ -19,8 +19,10 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
+use super::pg_tls::{PgTls, SslMode};
 use tokio_postgres::{Client, NoTls, Statement};
 use uuid::Uuid;
 
@@ -45,6 +47,8 @@ pub struct PgConfig {
     pub allow_unsafe_durability: bool,
     /// How long an owner's lease lasts without a heartbeat (I6).
     pub owner_lease: Duration,
+    /// TLS to the server (`sslmode`).
+    pub tls: PgTls,
 }
 
 impl std::fmt::Debug for PgConfig {
@@ -56,6 +60,7 @@ impl std::fmt::Debug for PgConfig {
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
             .field("allow_unsafe_durability", &self.allow_unsafe_durability)
             .field("owner_lease", &self.owner_lease)
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -69,6 +74,10 @@ impl PgConfig {
         if let Some(p) = &self.password {
             c.password(p.as_bytes());
         }
+        c.ssl_mode(match self.tls.mode() {
+            SslMode::Disable => tokio_postgres::config::SslMode::Disable,
+            SslMode::Require | SslMode::VerifyFull => tokio_postgres::config::SslMode::Require,
+        });
         c
     }
 }
@@ -84,18 +93,57 @@ pub async fn connect(config: &PgConfig) -> Result<Client, StoreError> {
         .await
         .map_err(|e| StoreError::Unavailable(format!("connect to {}: {e}", config.addr)))?;
     let _ = tcp.set_nodelay(true);
-    let (client, connection) = config
-        .driver_config()
-        .connect_raw(TokioIo(tcp), NoTls)
-        .await
-        .map_err(pg_err)?;
+    let driver = config.driver_config();
+    match config.tls.connector() {
+        None => {
+            let (client, connection) = driver
+                .connect_raw(TokioIo(tcp), NoTls)
+                .await
+                .map_err(pg_err)?;
+            drive(connection);
+            Ok(client)
+        }
+        Some(tls) => {
+            let (client, connection) = driver
+                .connect_raw(TokioIo(tcp), tls)
+                .await
+                .map_err(|e| tls_err(config, e))?;
+            drive(connection);
+            Ok(client)
+        }
+    }
+}
+
+/// Runs a connection's I/O on the current executor until the client or server ends it.
+fn drive<S, T>(connection: tokio_postgres::Connection<S, T>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + 'static,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + 'static,
+{
     glommio::spawn_local(async move {
         if let Err(e) = connection.await {
             tracing::warn!(error = %e, "postgres connection ended");
         }
     })
     .detach();
-    Ok(client)
+}
+
+/// A failed TLS connection, saying which `sslmode` was asked for (a certificate that
+/// does not verify shows up here with rustls's reason).
+fn tls_err(config: &PgConfig, e: tokio_postgres::Error) -> StoreError {
+    use std::error::Error as _;
+    let mut reason = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        reason.push_str(": ");
+        reason.push_str(&s.to_string());
+        source = s.source();
+    }
+    StoreError::Unavailable(format!(
+        "postgres at {} with sslmode {}: {reason}",
+        config.addr,
+        config.tls.mode().as_str()
+    ))
 }
 
 /// Applies the embedded migrations (in one transaction each) and checks the version.
@@ -199,7 +247,13 @@ pub async fn check_durability(client: &Client, allow: bool) -> Result<(), StoreE
 pub struct PgStore {
     config: PgConfig,
     ownership: Ownership,
+    on_fenced: FenceAlarm,
 }
+
+/// Called (from any core) when this appliance finds it no longer owns the store: a
+/// successor took the database over. Commits are refused from then on whatever the alarm
+/// does; the server stops the process.
+pub type FenceAlarm = Arc<dyn Fn(String) + Send + Sync>;
 
 /// What an appliance holds once it owns the store.
 #[derive(Clone, Copy, Debug)]
@@ -211,7 +265,17 @@ pub struct Ownership {
 
 impl PgStore {
     pub fn new(config: PgConfig, ownership: Ownership) -> PgStore {
-        PgStore { config, ownership }
+        PgStore {
+            config,
+            ownership,
+            on_fenced: Arc::new(|_| {}),
+        }
+    }
+
+    /// Calls `alarm` once ownership is found lost (by the heartbeat or by a commit).
+    pub fn with_fence_alarm(mut self, alarm: FenceAlarm) -> PgStore {
+        self.on_fenced = alarm;
+        self
     }
 }
 
@@ -273,7 +337,7 @@ pub async fn acquire_ownership(
 
 /// Keeps the lease alive while this appliance owns the store. Returns when ownership is
 /// lost (another appliance took over); from then on every commit is refused as fenced.
-async fn heartbeat(config: PgConfig, ownership: Ownership) {
+async fn heartbeat(config: PgConfig, ownership: Ownership, on_fenced: FenceAlarm) {
     let interval = ownership.lease / 3;
     let mut client: Option<Client> = None;
     loop {
@@ -294,10 +358,10 @@ async fn heartbeat(config: PgConfig, ownership: Ownership) {
         {
             Ok(1) => {}
             Ok(_) => {
-                tracing::error!(
-                    token = ownership.token,
-                    "this appliance lost ownership of the store; every commit is refused from now on"
-                );
+                on_fenced(format!(
+                    "another appliance took the database over (this one held token {}); every commit is refused from now on",
+                    ownership.token
+                ));
                 return;
             }
             Err(e) => tracing::warn!(error = %e, "store heartbeat failed"),
@@ -312,6 +376,7 @@ impl Store for PgStore {
                 config: self.config.clone(),
                 token: self.ownership.token,
                 ownership: self.ownership,
+                on_fenced: self.on_fenced.clone(),
                 shard,
                 shard_count,
                 session: RefCell::new(None),
@@ -370,6 +435,7 @@ struct PgShardInner {
     config: PgConfig,
     token: i64,
     ownership: Ownership,
+    on_fenced: FenceAlarm,
     shard: u16,
     shard_count: u16,
     session: RefCell<Option<Rc<Session>>>,
@@ -449,7 +515,12 @@ impl PgShardInner {
         let s = self.session().await?;
         if self.shard == 0 {
             ensure_partitions(&s.client).await?;
-            glommio::spawn_local(heartbeat(self.config.clone(), self.ownership)).detach();
+            glommio::spawn_local(heartbeat(
+                self.config.clone(),
+                self.ownership,
+                self.on_fenced.clone(),
+            ))
+            .detach();
         }
         let shard = self.shard as i16;
         s.client
@@ -588,6 +659,10 @@ impl PgShardInner {
         let (advanced, audited, registered): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
         let owner: i64 = row.get(4);
         if owner != 1 {
+            (self.on_fenced)(format!(
+                "shard {} found at commit that another appliance owns the database (this one held token {})",
+                batch.shard, self.token
+            ));
             return Err(StoreError::Fenced { token: self.token });
         }
         if advanced != 1 {
@@ -754,6 +829,15 @@ impl PgConfig {
                 .map(|p| zeroize::Zeroizing::new(String::from_utf8_lossy(p).into_owned())),
             allow_unsafe_durability: false,
             owner_lease: Duration::from_secs(10),
+            tls: match parsed.get_ssl_mode() {
+                // `prefer` is the driver's default when the URL names none; custody does
+                // not fall back silently, so it means plain TCP here.
+                tokio_postgres::config::SslMode::Require => {
+                    PgTls::new(SslMode::Require, &host, None)
+                        .map_err(|e| StoreError::Unavailable(format!("database URL: {e}")))?
+                }
+                _ => PgTls::disabled(),
+            },
         })
     }
 }
