@@ -153,6 +153,7 @@ pub const KEYS: &[KeyDoc] = &[
     KeyDoc { key: "store.postgres_password_env", default: "\"\"", doc: "environment variable holding the password, if no file is given" },
     KeyDoc { key: "store.postgres_allow_unsafe_durability", default: "false", doc: "serve even if PostgreSQL has synchronous_commit or fsync off (throwaway databases only)" },
     KeyDoc { key: "store.postgres_owner_lease_ms", default: "10000", doc: "how long this appliance's claim on the database lasts without a heartbeat; a successor waits at most this long" },
+    KeyDoc { key: "store.postgres_partition_check_s", default: "3600", doc: "how often the appliance makes the coming months' audit-log partitions (they are also made at start-up and by custodyd migrate)" },
     KeyDoc { key: "store.postgres_sslmode", default: "\"disable\"", doc: "TLS to PostgreSQL: \"disable\" (loopback or a private link only), \"require\" (encrypted, certificate not checked) or \"verify-full\" (certificate chains to postgres_sslrootcert and names postgres_host)" },
     KeyDoc { key: "store.postgres_sslrootcert", default: "\"\"", doc: "CA bundle (PEM) the server's certificate must chain to; required by \"verify-full\"" },
     KeyDoc { key: "store.commit_batch_records_max", default: "512", doc: "audit records per group commit, at most" },
@@ -262,6 +263,9 @@ pub fn resolve(table: &toml::Table, base_dir: &Path, file: &str) -> Result<Confi
     let pg_password_env = r.string("store.postgres_password_env", "");
     let pg_sslmode = r.string("store.postgres_sslmode", "disable");
     let pg_sslrootcert = r.string("store.postgres_sslrootcert", "");
+    let pg_partition_check = r
+        .int("store.postgres_partition_check_s", 3600, 1, 86_400)
+        .map(|s| Duration::from_secs(s as u64));
     let pg_unsafe = r.bool("store.postgres_allow_unsafe_durability", false);
     let pg_lease = r
         .int("store.postgres_owner_lease_ms", 10_000, 500, 600_000)
@@ -328,7 +332,16 @@ pub fn resolve(table: &toml::Table, base_dir: &Path, file: &str) -> Result<Confi
                 },
                 _ => None,
             };
-            match (addr, pg_dbname, pg_user, password, pg_unsafe, pg_lease, tls) {
+            match (
+                addr,
+                pg_dbname,
+                pg_user,
+                password,
+                pg_unsafe,
+                pg_lease,
+                tls,
+                pg_partition_check,
+            ) {
                 (
                     Some(addr),
                     Some(dbname),
@@ -337,6 +350,7 @@ pub fn resolve(table: &toml::Table, base_dir: &Path, file: &str) -> Result<Confi
                     Some(unsafe_ok),
                     Some(lease),
                     Some(tls),
+                    Some(partition_check),
                 ) => Some(StoreSpec::Postgres(crate::store::postgres::PgConfig {
                     addr,
                     dbname,
@@ -345,6 +359,7 @@ pub fn resolve(table: &toml::Table, base_dir: &Path, file: &str) -> Result<Confi
                     allow_unsafe_durability: unsafe_ok,
                     owner_lease: lease,
                     tls,
+                    partition_check,
                 })),
                 _ => None,
             }

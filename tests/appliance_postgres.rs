@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{asset, derive_body, runtime, PgDatabase, TestAppliance};
+use common::{asset, derive_body, on_executor, runtime, PgDatabase, TestAppliance};
 use custody::client::Client;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -283,5 +283,100 @@ fn assert_no_gaps(rows: &[(u16, u64, String, uuid::Uuid, u64)]) {
             (1..=seqs.len() as u64).collect::<Vec<_>>(),
             "shard {shard} has no gap"
         );
+    }
+}
+
+/// The audit log's partitions named `custody_audit_log_YYYY_MM` (and the default).
+fn partitions(db: &PgDatabase) -> Vec<String> {
+    let config = db.config.clone();
+    on_executor(move || async move {
+        let c = custody::store::postgres::connect(&config).await.unwrap();
+        c.query(
+            "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
+              WHERE i.inhparent = 'custody_audit_log'::regclass ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+    })
+}
+
+fn month_partition(months_ahead: i32) -> String {
+    let config = PgDatabase::admin_config();
+    on_executor(move || async move {
+        let c = custody::store::postgres::connect(&config).await.unwrap();
+        c.query_one(
+            "SELECT 'custody_audit_log_' || to_char(date_trunc('month', now()) + make_interval(months => $1), 'YYYY_MM')",
+            &[&months_ahead],
+        )
+        .await
+        .unwrap()
+        .get(0)
+    })
+}
+
+#[test]
+fn audit_partitions_are_made_ahead_and_remade_while_running() {
+    let Some(db) = PgDatabase::create("partitions") else {
+        return;
+    };
+    let mut app = TestAppliance::prepare_with(&format!(
+        "{}postgres_partition_check_s = 1\n",
+        db.store_section()
+    ));
+    assert!(app.custodyd(&["migrate"]).status.success());
+    let ahead: Vec<String> = (0..custody::store::postgres::PARTITION_MONTHS_AHEAD)
+        .map(month_partition)
+        .collect();
+    let made = partitions(&db);
+    for p in ahead.iter().chain(["custody_audit_log_default".to_owned()].iter()) {
+        assert!(made.contains(p), "{p} missing from {made:?}");
+    }
+
+    app.launch();
+    let a = asset(555);
+    runtime().block_on(async {
+        let c = Client::connect(&app.client_config()).await.unwrap();
+        c.register(a).await.unwrap();
+        c.derive(derive_body(a, "m/44'/0'/0'/0'/1")).await.unwrap();
+    });
+    // This month's records go to this month's partition, none to the default.
+    let (current, default) = {
+        let (config, current) = (db.config.clone(), ahead[0].clone());
+        on_executor(move || async move {
+            let c = custody::store::postgres::connect(&config).await.unwrap();
+            let n = |sql: String| {
+                let c = &c;
+                async move { c.query_one(&sql, &[]).await.unwrap().get::<_, i64>(0) }
+            };
+            (
+                n(format!("SELECT count(*) FROM {current}")).await,
+                n("SELECT count(*) FROM custody_audit_log_default".into()).await,
+            )
+        })
+    };
+    assert_eq!((current, default), (2, 0), "register and derive in {}", ahead[0]);
+
+    // A partition that goes missing while the appliance runs is made again on schedule.
+    let last = ahead.last().unwrap().clone();
+    {
+        let (config, last) = (db.config.clone(), last.clone());
+        on_executor(move || async move {
+            let c = custody::store::postgres::connect(&config).await.unwrap();
+            c.batch_execute(&format!("DROP TABLE {last}")).await.unwrap();
+        });
+    }
+    assert!(!partitions(&db).contains(&last));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !partitions(&db).contains(&last) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{last} not remade:\n{}",
+            app.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
     }
 }

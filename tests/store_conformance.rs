@@ -322,6 +322,7 @@ fn postgres_unreachable_fails_fast_and_backs_off() {
                 allow_unsafe_durability: false,
                 owner_lease: Duration::from_secs(10),
                 tls: custody::store::pg_tls::PgTls::disabled(),
+                partition_check: Duration::from_secs(3600),
             },
             postgres::Ownership {
                 instance: Uuid::nil(),

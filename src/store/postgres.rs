@@ -49,6 +49,8 @@ pub struct PgConfig {
     pub owner_lease: Duration,
     /// TLS to the server (`sslmode`).
     pub tls: PgTls,
+    /// How often the appliance makes sure the coming months' audit-log partitions exist.
+    pub partition_check: Duration,
 }
 
 impl std::fmt::Debug for PgConfig {
@@ -61,6 +63,7 @@ impl std::fmt::Debug for PgConfig {
             .field("allow_unsafe_durability", &self.allow_unsafe_durability)
             .field("owner_lease", &self.owner_lease)
             .field("tls", &self.tls)
+            .field("partition_check", &self.partition_check)
             .finish()
     }
 }
@@ -335,6 +338,25 @@ pub async fn acquire_ownership(
     }
 }
 
+/// Keeps the coming months' audit-log partitions made while the appliance runs (shard 0
+/// only), so a month never starts with its rows going to the default partition.
+async fn maintain_partitions(config: PgConfig) {
+    let mut client: Option<Client> = None;
+    loop {
+        glommio::timer::sleep(config.partition_check).await;
+        if client.as_ref().map_or(true, |c| c.is_closed()) {
+            client = connect(&config).await.ok();
+        }
+        match client.as_ref() {
+            None => tracing::warn!("audit-log partitions: PostgreSQL unreachable; next try in {:?}", config.partition_check),
+            Some(c) => match ensure_partitions(c).await {
+                Ok(()) => tracing::debug!("audit-log partitions ready"),
+                Err(e) => tracing::warn!(error = %e, "audit-log partitions not made"),
+            },
+        }
+    }
+}
+
 /// Keeps the lease alive while this appliance owns the store. Returns when ownership is
 /// lost (another appliance took over); from then on every commit is refused as fenced.
 async fn heartbeat(config: PgConfig, ownership: Ownership, on_fenced: FenceAlarm) {
@@ -521,6 +543,7 @@ impl PgShardInner {
                 self.on_fenced.clone(),
             ))
             .detach();
+            glommio::spawn_local(maintain_partitions(self.config.clone())).detach();
         }
         let shard = self.shard as i16;
         s.client
@@ -829,6 +852,7 @@ impl PgConfig {
                 .map(|p| zeroize::Zeroizing::new(String::from_utf8_lossy(p).into_owned())),
             allow_unsafe_durability: false,
             owner_lease: Duration::from_secs(10),
+            partition_check: Duration::from_secs(3600),
             tls: match parsed.get_ssl_mode() {
                 // `prefer` is the driver's default when the URL names none; custody does
                 // not fall back silently, so it means plain TCP here.
