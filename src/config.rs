@@ -86,6 +86,8 @@ pub struct Server {
     pub cores: usize,
     pub state_dir: PathBuf,
     pub log_level: tracing::Level,
+    /// Each shard logs its commit figures this often; `None` = never.
+    pub stats_log_interval: Option<Duration>,
 }
 
 #[derive(Clone, Debug)]
@@ -137,6 +139,7 @@ pub const KEYS: &[KeyDoc] = &[
     KeyDoc { key: "server.cores", default: "0", doc: "executors to run, one per core; 0 = every online core" },
     KeyDoc { key: "server.state_dir", default: "\"/var/lib/custody\"", doc: "directory for the store and the lock file" },
     KeyDoc { key: "server.log_level", default: "\"info\"", doc: "error, warn, info, debug or trace" },
+    KeyDoc { key: "server.stats_log_interval_s", default: "60", doc: "every this many seconds each shard logs its group-commit figures (batches, batch size and commit latency percentiles) at info level; 0 = never" },
     KeyDoc { key: "tls.cert", default: "(required)", doc: "server certificate chain, PEM" },
     KeyDoc { key: "tls.key", default: "(required)", doc: "server private key, PEM (PKCS#8, SEC1 or PKCS#1)" },
     KeyDoc { key: "tls.client_ca", default: "(required)", doc: "CA bundle that client certificates must chain to, PEM" },
@@ -237,6 +240,9 @@ pub fn resolve(table: &toml::Table, base_dir: &Path, file: &str) -> Result<Confi
                     format!("{s:?} is not one of error, warn, info, debug, trace"),
                 ),
             });
+    let stats_interval = r
+        .int("server.stats_log_interval_s", 60, 0, 86_400)
+        .map(|s| (s > 0).then(|| Duration::from_secs(s as u64)));
 
     let cert = r.required_path("tls.cert", base_dir);
     let key = r.required_path("tls.key", base_dir);
@@ -541,6 +547,7 @@ pub fn resolve(table: &toml::Table, base_dir: &Path, file: &str) -> Result<Confi
         Some(pending_max),
         Some(assets_max),
         Some(regions),
+        Some(stats_log_interval),
     ) = (
         listen,
         cores,
@@ -567,6 +574,7 @@ pub fn resolve(table: &toml::Table, base_dir: &Path, file: &str) -> Result<Confi
         pending_max,
         assets_max,
         regions,
+        stats_interval,
     )
     else {
         // Every None above recorded a problem, so this is unreachable; report it anyway.
@@ -584,6 +592,7 @@ pub fn resolve(table: &toml::Table, base_dir: &Path, file: &str) -> Result<Confi
             cores,
             state_dir: state_dir.clone(),
             log_level,
+            stats_log_interval,
         },
         tls: Tls {
             cert,

@@ -238,6 +238,9 @@ async fn core_main(core: usize, setup: CoreSetup) -> Result<(), String> {
     let shard = Rc::new(Shard::new(shard_id, snapshot, limits, shard_store));
     let assets = shard.asset_count();
     glommio::spawn_local(shard.clone().run_committer()).detach();
+    if let Some(every) = config.server.stats_log_interval {
+        glommio::spawn_local(log_commit_stats(shard.clone(), every)).detach();
+    }
     let router = Rc::new(ShardRouter::new(shard, cores, senders));
     if let Some(receivers) = receivers {
         glommio::spawn_local(router.clone().serve_mesh(receivers)).detach();
@@ -273,6 +276,33 @@ async fn core_main(core: usize, setup: CoreSetup) -> Result<(), String> {
     });
     accept_loop(ctx, listener).await;
     Ok(())
+}
+
+/// Logs the shard's group-commit figures every `every` (one line per shard, nothing when
+/// it committed nothing), for operators until the metrics endpoint reads the same figures.
+async fn log_commit_stats(shard: Rc<Shard>, every: std::time::Duration) {
+    loop {
+        glommio::timer::sleep(every).await;
+        let s = shard.take_commit_stats();
+        if s.batches() == 0 && s.failed() == 0 {
+            continue;
+        }
+        let (b, c) = (s.batch_records(), s.commit_us());
+        tracing::info!(
+            shard = shard.id(),
+            at_ms = crate::audit::now_ms(),
+            batches = s.batches(),
+            records = s.records(),
+            failed = s.failed(),
+            batch_p50 = b.value_at_quantile(0.5),
+            batch_p99 = b.value_at_quantile(0.99),
+            batch_max = b.max(),
+            commit_p50_us = c.value_at_quantile(0.5),
+            commit_p99_us = c.value_at_quantile(0.99),
+            commit_max_us = c.max(),
+            "commit stats"
+        );
+    }
 }
 
 fn bind(addr: SocketAddr) -> glommio::Result<glommio::net::TcpListener, ()> {

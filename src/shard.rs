@@ -129,6 +129,69 @@ pub struct Shard {
     store: Box<dyn ShardStore>,
     state: RefCell<ShardState>,
     kick: LocalSignal,
+    commit_stats: RefCell<CommitStats>,
+}
+
+/// Group-commit figures of one shard since they were last taken: batch sizes and commit
+/// latencies (from sealing the batch to the store's answer). Owned by the shard's core;
+/// nothing else touches it until it is taken.
+pub struct CommitStats {
+    batch_records: hdrhistogram::Histogram<u64>,
+    commit_us: hdrhistogram::Histogram<u64>,
+    records: u64,
+    failed: u64,
+}
+
+impl Default for CommitStats {
+    fn default() -> CommitStats {
+        CommitStats {
+            batch_records: hdrhistogram::Histogram::new_with_bounds(
+                1,
+                u64::from(crate::bounds::COMMIT_BATCH_RECORDS_CAP).max(2),
+                2,
+            )
+            .expect("valid histogram bounds"),
+            commit_us: hdrhistogram::Histogram::new_with_bounds(1, 600_000_000, 2)
+                .expect("valid histogram bounds"),
+            records: 0,
+            failed: 0,
+        }
+    }
+}
+
+impl CommitStats {
+    fn record(&mut self, records: usize, took: Duration, committed: bool) {
+        if committed {
+            self.records += records as u64;
+            self.batch_records.saturating_record(records as u64);
+            self.commit_us
+                .saturating_record((took.as_micros() as u64).max(1));
+        } else {
+            self.failed += 1;
+        }
+    }
+
+    /// Committed batches.
+    pub fn batches(&self) -> u64 {
+        self.batch_records.len()
+    }
+
+    /// Audit records in committed batches.
+    pub fn records(&self) -> u64 {
+        self.records
+    }
+
+    pub fn failed(&self) -> u64 {
+        self.failed
+    }
+
+    pub fn batch_records(&self) -> &hdrhistogram::Histogram<u64> {
+        &self.batch_records
+    }
+
+    pub fn commit_us(&self) -> &hdrhistogram::Histogram<u64> {
+        &self.commit_us
+    }
 }
 
 enum Accepted {
@@ -170,7 +233,13 @@ impl Shard {
             limits,
             store,
             kick: LocalSignal::new(),
+            commit_stats: RefCell::new(CommitStats::default()),
         }
+    }
+
+    /// The commit figures since the last call, which starts new ones.
+    pub fn take_commit_stats(&self) -> CommitStats {
+        std::mem::take(&mut *self.commit_stats.borrow_mut())
     }
 
     pub fn id(&self) -> u16 {
@@ -369,8 +438,9 @@ impl Shard {
                 glommio::timer::sleep(delay).await;
             }
             let (batch, waiters) = self.seal();
+            let sealed_at = Instant::now();
             let commit = self.store.commit(batch);
-            glommio::spawn_local(self.clone().finish_batch(commit, waiters)).detach();
+            glommio::spawn_local(self.clone().finish_batch(commit, waiters, sealed_at)).detach();
         }
     }
 
@@ -415,6 +485,7 @@ impl Shard {
         self: Rc<Self>,
         mut commit: crate::store::LocalFuture<Result<(), StoreError>>,
         waiters: Vec<Waiter>,
+        sealed_at: Instant,
     ) {
         let timeout = self.limits.commit_timeout;
         let in_time = futures_lite::future::or(async { Some((&mut commit).await) }, async {
@@ -422,6 +493,11 @@ impl Shard {
             None
         })
         .await;
+        self.commit_stats.borrow_mut().record(
+            waiters.len(),
+            sealed_at.elapsed(),
+            matches!(in_time, Some(Ok(()))),
+        );
         match in_time {
             Some(Ok(())) => {
                 self.settle(&waiters, true);

@@ -188,7 +188,7 @@ fn demo(o: Options) -> anyhow::Result<i32> {
     std::fs::write(
         &config,
         format!(
-            "# written by custody-load demo\n[server]\nlisten = \"{addr}\"\ncores = {}\nstate_dir = \"{}\"\nlog_level = \"warn\"\n\n[tls]\ncert = \"certs/server.pem\"\nkey = \"certs/server.key\"\nclient_ca = \"certs/ca.pem\"\n\n{store_section}",
+            "# written by custody-load demo\n[server]\nlisten = \"{addr}\"\ncores = {}\nstate_dir = \"{}\"\nlog_level = \"info\"\nstats_log_interval_s = 1\n\n[tls]\ncert = \"certs/server.pem\"\nkey = \"certs/server.key\"\nclient_ca = \"certs/ca.pem\"\n\n{store_section}",
             o.cores.unwrap_or(0),
             dir.display()
         ),
@@ -235,7 +235,10 @@ fn demo(o: Options) -> anyhow::Result<i32> {
         );
     }
     wait_ready(&mut appliance, addr, &certs, &dir)?;
-    let report = drive(&o, addr, &certs, 1)?;
+    let mut report = drive(&o, addr, &certs, 1)?;
+    // The last second's figures are logged a moment after the run ends.
+    std::thread::sleep(Duration::from_millis(1100));
+    report.commits = commit_figures(&dir.join("custodyd.stderr"), report.measured_unix_ms);
     let audit = match &database {
         Some(db) => AuditSource::Postgres(db.config.clone()),
         None => AuditSource::Sqlite(dir.join("custody.db")),
@@ -309,6 +312,64 @@ struct Report {
     shards: u16,
     stats: Stats,
     measured_elapsed: Duration,
+    /// The measured window, milliseconds since the Unix epoch.
+    measured_unix_ms: (u64, u64),
+    /// The appliance's group-commit figures in the window (demo only).
+    commits: Option<CommitFigures>,
+}
+
+/// Group commit as the appliance saw it during the measured window, read from its
+/// per-shard `commit stats` log lines (one per shard per second in the demo).
+struct CommitFigures {
+    /// Shard-seconds that fell wholly inside the window.
+    intervals: usize,
+    batches: u64,
+    records: u64,
+    failed: u64,
+    batch_p50: f64,
+    batch_p99: f64,
+    batch_max: u64,
+    commit_p50_ms: f64,
+    commit_p99_ms: f64,
+    commit_max_ms: f64,
+}
+
+/// Reads the `commit stats` lines of a custodyd log whose interval (the second before
+/// `at_ms`) lies inside `window`; percentiles are medians over those shard-seconds.
+fn commit_figures(log: &Path, window: (u64, u64)) -> Option<CommitFigures> {
+    let text = std::fs::read_to_string(log).ok()?;
+    let mut lines: Vec<HashMap<&str, u64>> = Vec::new();
+    for line in text.lines().filter(|l| l.contains("commit stats")) {
+        let fields: HashMap<&str, u64> = line
+            .split_whitespace()
+            .filter_map(|kv| kv.split_once('='))
+            .filter_map(|(k, v)| Some((k, v.parse().ok()?)))
+            .collect();
+        let at = *fields.get("at_ms")?;
+        if at >= window.0 + 1000 && at <= window.1 + 100 {
+            lines.push(fields);
+        }
+    }
+    if lines.is_empty() {
+        return None;
+    }
+    let field = |k: &str| lines.iter().map(|f| f.get(k).copied().unwrap_or(0)).collect::<Vec<u64>>();
+    let median = |mut v: Vec<u64>| {
+        v.sort_unstable();
+        v[v.len() / 2] as f64
+    };
+    Some(CommitFigures {
+        intervals: lines.len(),
+        batches: field("batches").iter().sum(),
+        records: field("records").iter().sum(),
+        failed: field("failed").iter().sum(),
+        batch_p50: median(field("batch_p50")),
+        batch_p99: median(field("batch_p99")),
+        batch_max: field("batch_max").into_iter().max().unwrap_or(0),
+        commit_p50_ms: median(field("commit_p50_us")) / 1000.0,
+        commit_p99_ms: median(field("commit_p99_us")) / 1000.0,
+        commit_max_ms: field("commit_max_us").into_iter().max().unwrap_or(0) as f64 / 1000.0,
+    })
 }
 
 fn lock(stats: &Mutex<Stats>) -> std::sync::MutexGuard<'_, Stats> {
@@ -508,10 +569,19 @@ fn drive(o: &Options, addr: SocketAddr, certs: &Path, seed: u64) -> anyhow::Resu
         .map(|t| t.saturating_duration_since(measure_from))
         .unwrap_or(o.duration)
         .max(o.duration);
+    // The window on the wall clock, to pick the appliance's commit figures that fall in it.
+    let unix_now = custody::audit::now_ms();
+    let measured_from_unix_ms =
+        unix_now.saturating_sub(Instant::now().saturating_duration_since(measure_from).as_millis() as u64);
     Ok(Report {
         shards: hello.shard_count,
         stats,
         measured_elapsed,
+        measured_unix_ms: (
+            measured_from_unix_ms,
+            measured_from_unix_ms + measured_elapsed.as_millis() as u64,
+        ),
+        commits: None,
     })
 }
 
@@ -590,6 +660,13 @@ fn finish(o: &Options, report: Report, audit: Option<AuditSource>) -> anyhow::Re
                 "p50": ms(0.5), "p90": ms(0.9), "p99": ms(0.99), "p99_9": ms(0.999),
                 "max": h.max() as f64 / 1000.0,
             },
+            "commits": report.commits.as_ref().map(|c| serde_json::json!({
+                "shard_seconds": c.intervals, "batches": c.batches, "records": c.records,
+                "failed": c.failed,
+                "records_per_batch_mean": c.records as f64 / c.batches.max(1) as f64,
+                "batch_records": { "p50": c.batch_p50, "p99": c.batch_p99, "max": c.batch_max },
+                "commit_ms": { "p50": c.commit_p50_ms, "p99": c.commit_p99_ms, "max": c.commit_max_ms },
+            })),
             "audit": audit.as_ref().map(|a| serde_json::json!({
                 "acknowledged": a.acknowledged, "found": a.found, "missing": a.missing, "mismatched": a.mismatched,
             })),
@@ -624,6 +701,22 @@ fn finish(o: &Options, report: Report, audit: Option<AuditSource>) -> anyhow::Re
         } else {
             let list: Vec<String> = s.errors.iter().map(|(k, v)| format!("{k} {v}")).collect();
             println!("  errors      {}", list.join(", "));
+        }
+        if let Some(c) = &report.commits {
+            println!(
+                "  commits     {} batches ({:.0}/s), {:.1} records per batch, {} failed; per shard-second (median of {}): batch p50 {} p99 {} (max {}), commit p50 {:.3} ms p99 {:.3} ms (max {:.3} ms)",
+                c.batches,
+                c.batches as f64 / report.measured_elapsed.as_secs_f64(),
+                c.records as f64 / c.batches.max(1) as f64,
+                c.failed,
+                c.intervals,
+                c.batch_p50,
+                c.batch_p99,
+                c.batch_max,
+                c.commit_p50_ms,
+                c.commit_p99_ms,
+                c.commit_max_ms
+            );
         }
         match &audit {
             Some(a) => println!(

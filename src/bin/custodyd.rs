@@ -130,6 +130,8 @@ fn real_main() -> anyhow::Result<i32> {
                 .with_max_level(config.server.log_level)
                 .with_writer(std::io::stderr)
                 .with_target(false)
+                // Colour codes only on a terminal, never in a file or the journal.
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
                 .init();
             match custody::server::run(config) {
                 Ok(()) => Ok(0),
