@@ -29,7 +29,9 @@ const BATCH_SIZES: [usize; 4] = [1, 16, 128, 512];
 
 fn main() {
     let Ok(url) = std::env::var("CUSTODY_TEST_DATABASE_URL") else {
-        eprintln!("pg_commit: set CUSTODY_TEST_DATABASE_URL to a PostgreSQL server to run this benchmark");
+        eprintln!(
+            "pg_commit: set CUSTODY_TEST_DATABASE_URL to a PostgreSQL server to run this benchmark"
+        );
         return;
     };
     let admin = PgConfig::from_url(&url).expect("database URL");
@@ -190,9 +192,11 @@ async fn run(admin: PgConfig) -> Result<(), custody::store::StoreError> {
         if !durable {
             // Only the benchmark's sessions: the store's connection and the COPY one.
             let s = postgres::connect(&config).await?;
-            s.batch_execute(&format!("ALTER DATABASE {name} SET synchronous_commit = off"))
-                .await
-                .expect("alter database");
+            s.batch_execute(&format!(
+                "ALTER DATABASE {name} SET synchronous_commit = off"
+            ))
+            .await
+            .expect("alter database");
             drop(s);
             // A new store session picks up the database's new default; the COPY session
             // sets it itself.
@@ -205,18 +209,26 @@ async fn run(admin: PgConfig) -> Result<(), custody::store::StoreError> {
             )
             .open_shard(0, 2);
             unnest.load().await?;
-            copy.batch_execute("SET synchronous_commit = off").await.expect("set");
+            copy.batch_execute("SET synchronous_commit = off")
+                .await
+                .expect("set");
         }
         println!(
             "synchronous_commit = {}",
-            if durable { "on (durable)" } else { "off (statement cost only)" }
+            if durable {
+                "on (durable)"
+            } else {
+                "off (statement cost only)"
+            }
         );
         for size in BATCH_SIZES {
             let (mut t_unnest, mut t_copy) = (Vec::new(), Vec::new());
             for _ in 0..ROUNDS {
                 let b0 = CommitBatch {
                     shard: 0,
-                    records: (1..=size as u64).map(|i| record(0, seq0 + i, asset, &path)).collect(),
+                    records: (1..=size as u64)
+                        .map(|i| record(0, seq0 + i, asset, &path))
+                        .collect(),
                     asset_writes: vec![],
                 };
                 let t = Instant::now();
@@ -225,7 +237,9 @@ async fn run(admin: PgConfig) -> Result<(), custody::store::StoreError> {
                 seq0 += size as u64;
                 let b1 = CommitBatch {
                     shard: 1,
-                    records: (1..=size as u64).map(|i| record(1, seq1 + i, asset, &path)).collect(),
+                    records: (1..=size as u64)
+                        .map(|i| record(1, seq1 + i, asset, &path))
+                        .collect(),
                     asset_writes: vec![],
                 };
                 let t = Instant::now();

@@ -79,7 +79,9 @@ enum CoreEvent {
         reason: String,
     },
     /// The store belongs to another appliance now (I6).
-    Fenced { reason: String },
+    Fenced {
+        reason: String,
+    },
 }
 
 /// Runs the appliance until the process is stopped. Returns only on a start-up failure or
@@ -103,7 +105,9 @@ pub fn run(config: Config) -> Result<(), ServerError> {
             config.store.commit_linger,
         )?),
         StoreBackend::Postgres(pg) => {
-            if pg.tls.mode() == crate::store::pg_tls::SslMode::Disable && !pg.addr.ip().is_loopback() {
+            if pg.tls.mode() == crate::store::pg_tls::SslMode::Disable
+                && !pg.addr.ip().is_loopback()
+            {
                 tracing::warn!(
                     server = %pg.addr,
                     "PostgreSQL is reached without TLS over a non-loopback address: audit records and counters cross the network in clear; set store.postgres_sslmode = \"verify-full\""

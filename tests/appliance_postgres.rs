@@ -6,7 +6,6 @@ mod common;
 use common::{asset, derive_body, on_executor, runtime, PgDatabase, TestAppliance};
 use custody::client::Client;
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::Duration;
 
 #[test]
@@ -97,88 +96,47 @@ fn postgres_backends_terminated_under_load_the_appliance_recovers_by_itself() {
     let mut app = TestAppliance::prepare_with(&db.store_section());
     assert!(app.custodyd(&["migrate"]).status.success());
     app.launch();
-    let rt = runtime();
     let assets: Vec<uuid::Uuid> = (400..416).map(asset).collect();
     let dbname = db.config.dbname.clone();
-    let (acknowledged, refused) = rt.block_on(async {
-        let client = Arc::new(Client::connect(&app.client_config()).await.unwrap());
+    runtime().block_on(async {
+        let client = Client::connect(&app.client_config()).await.unwrap();
         for a in &assets {
             client.register(*a).await.unwrap();
         }
-        let acknowledged = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let refused = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let mut tasks = Vec::new();
-        for lane in 0..32usize {
-            let (client, acknowledged, refused, stop, assets) = (
-                client.clone(),
-                acknowledged.clone(),
-                refused.clone(),
-                stop.clone(),
-                assets.clone(),
-            );
-            tasks.push(tokio::spawn(async move {
-                let mut i = 0usize;
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    let a = assets[(lane + i) % assets.len()];
-                    i += 1;
-                    match client
-                        .derive(derive_body(a, &format!("m/44'/0'/0'/0'/{i}")))
-                        .await
-                    {
-                        Ok(d) => acknowledged.lock().unwrap().push((a, d.receipt)),
-                        Err(e) if e.status() == Some(custody::wire::Status::StoreUnavailable) => {
-                            refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        }
-                        Err(e) => panic!("unexpected error: {e}"),
-                    }
-                }
-            }));
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let before = acknowledged.lock().unwrap().len();
-        assert!(before > 0, "load is running");
-        // Cut every connection the appliance has to the database.
-        let dbname2 = dbname.clone();
-        let killed = tokio::task::spawn_blocking(move || {
-            common::on_executor(move || async move {
-                let admin = custody::store::postgres::connect(&common::PgDatabase::admin_config())
-                    .await
-                    .unwrap();
-                admin
-                    .query(
-                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-                         WHERE datname = $1 AND application_name = 'custodyd'",
-                        &[&dbname2],
-                    )
-                    .await
-                    .unwrap()
-                    .len()
-            })
-        })
-        .await
-        .unwrap();
-        assert!(killed >= 2, "one connection per shard, got {killed}");
-        // Service resumes without a restart.
-        tokio::time::sleep(Duration::from_millis(700)).await;
-        let after_cut = acknowledged.lock().unwrap().len();
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let later = acknowledged.lock().unwrap().len();
-        assert!(
-            later > after_cut,
-            "derivations are acknowledged again after the cut"
-        );
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        for t in tasks {
-            t.await.unwrap();
-        }
-        let v = acknowledged.lock().unwrap().clone();
-        (v, refused.load(std::sync::atomic::Ordering::Relaxed))
     });
+    let load = common::BackgroundLoad::start(app.client_config(), assets, 1, 32);
+    load.wait_for(500, "load is running");
+    // Cut every connection the appliance has to the database.
+    let killed = on_executor(move || async move {
+        let admin = custody::store::postgres::connect(&PgDatabase::admin_config())
+            .await
+            .unwrap();
+        admin
+            .query(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                 WHERE datname = $1 AND application_name = 'custodyd'",
+                &[&dbname],
+            )
+            .await
+            .unwrap()
+            .len()
+    });
+    assert!(killed >= 2, "one connection per shard, got {killed}");
+    // Service resumes without a restart.
+    std::thread::sleep(Duration::from_millis(700));
+    let after_cut = load.acknowledged();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        load.acknowledged() > after_cut,
+        "derivations are acknowledged again after the cut"
+    );
+    let outcome = load.finish();
+    assert_eq!(outcome.closed, 0, "no connection to the appliance closed");
+    let (acknowledged, refused) = (outcome.acknowledged, outcome.unavailable);
     assert!(app.is_running(), "the appliance did not restart or die");
     let rows = db.audit_rows();
     let receipts: std::collections::HashSet<(u16, u64)> = rows.iter().map(|r| (r.0, r.1)).collect();
-    for (_, r) in &acknowledged {
+    for (_, _, r) in &acknowledged {
         assert!(
             receipts.contains(&(r.shard, r.seq)),
             "acknowledged {r:?} is in the log"
@@ -332,7 +290,10 @@ fn audit_partitions_are_made_ahead_and_remade_while_running() {
         .map(month_partition)
         .collect();
     let made = partitions(&db);
-    for p in ahead.iter().chain(["custody_audit_log_default".to_owned()].iter()) {
+    for p in ahead
+        .iter()
+        .chain(["custody_audit_log_default".to_owned()].iter())
+    {
         assert!(made.contains(p), "{p} missing from {made:?}");
     }
 
@@ -358,7 +319,12 @@ fn audit_partitions_are_made_ahead_and_remade_while_running() {
             )
         })
     };
-    assert_eq!((current, default), (2, 0), "register and derive in {}", ahead[0]);
+    assert_eq!(
+        (current, default),
+        (2, 0),
+        "register and derive in {}",
+        ahead[0]
+    );
 
     // A partition that goes missing while the appliance runs is made again on schedule.
     let last = ahead.last().unwrap().clone();
@@ -366,7 +332,9 @@ fn audit_partitions_are_made_ahead_and_remade_while_running() {
         let (config, last) = (db.config.clone(), last.clone());
         on_executor(move || async move {
             let c = custody::store::postgres::connect(&config).await.unwrap();
-            c.batch_execute(&format!("DROP TABLE {last}")).await.unwrap();
+            c.batch_execute(&format!("DROP TABLE {last}"))
+                .await
+                .unwrap();
         });
     }
     assert!(!partitions(&db).contains(&last));

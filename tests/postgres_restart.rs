@@ -8,13 +8,10 @@
 
 mod common;
 
-use common::{asset, derive_body, runtime, PgDatabase, TestAppliance};
-use custody::client::{Client, ClientError};
-use custody::wire::Status;
+use common::{asset, runtime, BackgroundLoad, PgDatabase, TestAppliance};
+use custody::client::Client;
 use std::collections::HashMap;
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// `pg_ctlcluster VERSION main ACTION…` for the local cluster, or `None` when this
@@ -57,96 +54,45 @@ fn postgres_crash_restart_under_load_loses_nothing_and_service_resumes() {
     assert!(app.custodyd(&["migrate"]).status.success());
     app.launch();
     let assets: Vec<uuid::Uuid> = (400..432).map(asset).collect();
-    let config = app.client_config();
-
-    let acknowledged = Arc::new(Mutex::new(Vec::new()));
-    let unavailable = Arc::new(AtomicUsize::new(0));
-    let slowest_refusal = Arc::new(Mutex::new(Duration::ZERO));
-    let stop = Arc::new(AtomicBool::new(false));
-    let load = {
-        let (acknowledged, unavailable, slowest_refusal, stop, assets) = (
-            acknowledged.clone(),
-            unavailable.clone(),
-            slowest_refusal.clone(),
-            stop.clone(),
-            assets.clone(),
-        );
-        std::thread::spawn(move || runtime().block_on(async move {
-            let mut tasks = Vec::new();
-            for c in 0..4usize {
-                let client = Arc::new(Client::connect(&config).await.expect("connect"));
-                for a in &assets {
-                    let _ = client.register(*a).await;
-                }
-                for lane in 0..16usize {
-                    let (client, acknowledged, unavailable, slowest_refusal, stop, assets) = (
-                        client.clone(),
-                        acknowledged.clone(),
-                        unavailable.clone(),
-                        slowest_refusal.clone(),
-                        stop.clone(),
-                        assets.clone(),
-                    );
-                    tasks.push(tokio::spawn(async move {
-                        let mut i = 0usize;
-                        while !stop.load(Ordering::Relaxed) {
-                            i += 1;
-                            let a = assets[(c * 16 + lane + i) % assets.len()];
-                            let sent = Instant::now();
-                            match client
-                                .derive(derive_body(a, &format!("m/44'/0'/0'/0'/{i}")))
-                                .await
-                            {
-                                Ok(d) => acknowledged.lock().unwrap().push((a, d.counter, d.receipt)),
-                                Err(e) if e.status() == Some(Status::StoreUnavailable) => {
-                                    unavailable.fetch_add(1, Ordering::Relaxed);
-                                    let took = sent.elapsed();
-                                    {
-                                        let mut slowest = slowest_refusal.lock().unwrap();
-                                        *slowest = (*slowest).max(took);
-                                    }
-                                    tokio::time::sleep(Duration::from_millis(5)).await;
-                                }
-                                Err(ClientError::Closed) => panic!("the appliance closed a connection"),
-                                Err(e) => panic!("unexpected error while PostgreSQL restarts: {e}"),
-                            }
-                        }
-                    }));
-                }
-            }
-            for t in tasks {
-                t.await.expect("load task");
-            }
-        }))
-    };
-    let acked = || acknowledged.lock().unwrap().len();
-    let wait_for = |n: usize, what: &str| {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while acked() < n {
-            assert!(Instant::now() < deadline, "{what}: {} acknowledged", acked());
-            std::thread::sleep(Duration::from_millis(20));
+    runtime().block_on(async {
+        let client = Client::connect(&app.client_config()).await.unwrap();
+        for a in &assets {
+            client.register(*a).await.unwrap();
         }
-    };
+    });
+    let load = BackgroundLoad::start(app.client_config(), assets, 4, 16);
 
-    wait_for(2000, "load before the crash");
+    load.wait_for(2000, "load before the crash");
     assert!(pg_ctl(&["stop", "-m", "immediate"]), "stop PostgreSQL");
-    let down_at = acked();
+    let down_at = load.acknowledged();
     std::thread::sleep(Duration::from_millis(1500));
-    let during = acked() - down_at;
+    let during = load.acknowledged() - down_at;
     assert!(pg_ctl(&["start"]), "start PostgreSQL");
     let started = Instant::now();
-    let up_at = acked();
-    wait_for(up_at + 2000, "service did not resume by itself after PostgreSQL came back");
+    load.wait_for(
+        load.acknowledged() + 2000,
+        "service did not resume by itself after PostgreSQL came back",
+    );
     let resumed_after = started.elapsed();
-    stop.store(true, Ordering::Relaxed);
-    load.join().expect("load");
-    assert!(app.is_running(), "the appliance kept running:\n{}", app.log());
+    let outcome = load.finish();
+    assert!(
+        app.is_running(),
+        "the appliance kept running:\n{}",
+        app.log()
+    );
+    assert_eq!(outcome.closed, 0, "the appliance closed no connection");
 
     // Commits in flight when the server died are not acknowledged, and nothing can
     // commit while it is down (a few replies may still be on their way at `down_at`).
-    assert!(during < 200, "{during} acknowledged while PostgreSQL was down");
-    assert!(unavailable.load(Ordering::Relaxed) > 0, "requests were refused while it was down");
-    let slowest = *slowest_refusal.lock().unwrap();
+    assert!(
+        during < 200,
+        "{during} acknowledged while PostgreSQL was down"
+    );
+    assert!(
+        outcome.unavailable > 0,
+        "requests were refused while it was down"
+    );
+    let slowest = outcome.slowest_refusal;
     assert!(
         slowest < Duration::from_millis(2500),
         "refusals come within the commit timeout (2 s), slowest {slowest:?}"
@@ -158,8 +104,7 @@ fn postgres_crash_restart_under_load_loses_nothing_and_service_resumes() {
         .iter()
         .map(|(shard, seq, event, a, counter)| ((*shard, *seq), (*a, *counter, event.as_str())))
         .collect();
-    let acknowledged = acknowledged.lock().unwrap();
-    for (a, counter, receipt) in acknowledged.iter() {
+    for (a, counter, receipt) in &outcome.acknowledged {
         let row = by_receipt
             .get(&(receipt.shard, receipt.seq))
             .unwrap_or_else(|| panic!("acknowledged {receipt:?} has no audit record"));
@@ -167,11 +112,15 @@ fn postgres_crash_restart_under_load_loses_nothing_and_service_resumes() {
     }
     for shard in 0..2u16 {
         let seqs: Vec<u64> = rows.iter().filter(|r| r.0 == shard).map(|r| r.1).collect();
-        assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>(), "shard {shard}");
+        assert_eq!(
+            seqs,
+            (1..=seqs.len() as u64).collect::<Vec<_>>(),
+            "shard {shard}"
+        );
     }
     eprintln!(
         "restart: {} acknowledged, {} refused with STORE_UNAVAILABLE (slowest {slowest:?}), service back {resumed_after:?} after PostgreSQL started",
-        acknowledged.len(),
-        unavailable.load(Ordering::Relaxed)
+        outcome.acknowledged.len(),
+        outcome.unavailable
     );
 }

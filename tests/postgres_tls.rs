@@ -44,7 +44,9 @@ fn admin() -> Option<PgConfig> {
 /// Connects and asks the server whether this very session is encrypted.
 fn session_is_tls(config: PgConfig) -> Result<bool, String> {
     on_executor(move || async move {
-        let c = postgres::connect(&config).await.map_err(|e| e.to_string())?;
+        let c = postgres::connect(&config)
+            .await
+            .map_err(|e| e.to_string())?;
         let row = c
             .query_one(
                 "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
@@ -133,7 +135,11 @@ fn the_appliance_serves_over_verify_full() {
     );
     let mut app = TestAppliance::prepare_with(&section);
     let out = app.custodyd(&["migrate"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     app.launch();
     let a = asset(900);
     let receipt = runtime().block_on(async {

@@ -353,7 +353,12 @@ fn commit_figures(log: &Path, window: (u64, u64)) -> Option<CommitFigures> {
     if lines.is_empty() {
         return None;
     }
-    let field = |k: &str| lines.iter().map(|f| f.get(k).copied().unwrap_or(0)).collect::<Vec<u64>>();
+    let field = |k: &str| {
+        lines
+            .iter()
+            .map(|f| f.get(k).copied().unwrap_or(0))
+            .collect::<Vec<u64>>()
+    };
     let median = |mut v: Vec<u64>| {
         v.sort_unstable();
         v[v.len() / 2] as f64
@@ -571,8 +576,11 @@ fn drive(o: &Options, addr: SocketAddr, certs: &Path, seed: u64) -> anyhow::Resu
         .max(o.duration);
     // The window on the wall clock, to pick the appliance's commit figures that fall in it.
     let unix_now = custody::audit::now_ms();
-    let measured_from_unix_ms =
-        unix_now.saturating_sub(Instant::now().saturating_duration_since(measure_from).as_millis() as u64);
+    let measured_from_unix_ms = unix_now.saturating_sub(
+        Instant::now()
+            .saturating_duration_since(measure_from)
+            .as_millis() as u64,
+    );
     Ok(Report {
         shards: hello.shard_count,
         stats,

@@ -120,9 +120,9 @@ impl PgTls {
                 let certs = crate::tls::read_certs(path)
                     .map_err(|e| PgTlsError::RootCert(e.to_string()))?;
                 for cert in certs {
-                    roots.add(cert).map_err(|e| {
-                        PgTlsError::RootCert(format!("{}: {e}", path.display()))
-                    })?;
+                    roots
+                        .add(cert)
+                        .map_err(|e| PgTlsError::RootCert(format!("{}: {e}", path.display())))?;
                 }
                 builder.with_root_certificates(roots).with_no_client_auth()
             }
@@ -268,7 +268,13 @@ impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> TlsStream for PgTl
     /// RFC 5929 `tls-server-end-point`: the hash of the server's certificate, so SCRAM
     /// authentication (`SCRAM-SHA-256-PLUS`) is bound to this TLS session.
     fn channel_binding(&self) -> ChannelBinding {
-        let Some(cert) = self.0.get_ref().1.peer_certificates().and_then(|c| c.first()) else {
+        let Some(cert) = self
+            .0
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+        else {
             return ChannelBinding::none();
         };
         match end_point_hash(cert.as_ref()) {
@@ -315,8 +321,12 @@ mod tests {
             PgTls::new(SslMode::VerifyFull, "db.example", None),
             Err(PgTlsError::NoRootCert)
         ));
-        let e = PgTls::new(SslMode::VerifyFull, "db.example", Some(Path::new("/nonexistent.pem")))
-            .unwrap_err();
+        let e = PgTls::new(
+            SslMode::VerifyFull,
+            "db.example",
+            Some(Path::new("/nonexistent.pem")),
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("/nonexistent.pem"), "{e}");
     }
 
@@ -337,13 +347,19 @@ mod tests {
             .self_signed(&key)
             .unwrap();
         let der = cert.der().to_vec();
-        assert_eq!(end_point_hash(&der).unwrap(), sha2::Sha384::digest(&der).to_vec());
+        assert_eq!(
+            end_point_hash(&der).unwrap(),
+            sha2::Sha384::digest(&der).to_vec()
+        );
         let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
         let cert = rcgen::CertificateParams::new(vec!["db.example".into()])
             .unwrap()
             .self_signed(&key)
             .unwrap();
         let der = cert.der().to_vec();
-        assert_eq!(end_point_hash(&der).unwrap(), sha2::Sha256::digest(&der).to_vec());
+        assert_eq!(
+            end_point_hash(&der).unwrap(),
+            sha2::Sha256::digest(&der).to_vec()
+        );
     }
 }

@@ -8,6 +8,7 @@
 //! another, then COMMIT. PostgreSQL is never used for locking or ordering on the derive
 //! path; the shard does that.
 
+use super::pg_tls::{PgTls, SslMode};
 use super::{
     CommitBatch, LocalFuture, ShardSnapshot, ShardStore, Store, StoreError, StoredAsset,
     SCHEMA_VERSION,
@@ -22,7 +23,6 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
-use super::pg_tls::{PgTls, SslMode};
 use tokio_postgres::{Client, NoTls, Statement};
 use uuid::Uuid;
 
@@ -348,7 +348,10 @@ async fn maintain_partitions(config: PgConfig) {
             client = connect(&config).await.ok();
         }
         match client.as_ref() {
-            None => tracing::warn!("audit-log partitions: PostgreSQL unreachable; next try in {:?}", config.partition_check),
+            None => tracing::warn!(
+                "audit-log partitions: PostgreSQL unreachable; next try in {:?}",
+                config.partition_check
+            ),
             Some(c) => match ensure_partitions(c).await {
                 Ok(()) => tracing::debug!("audit-log partitions ready"),
                 Err(e) => tracing::warn!(error = %e, "audit-log partitions not made"),

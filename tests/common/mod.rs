@@ -321,6 +321,144 @@ where
     custody::store::postgres::on_own_executor("custody-test-db", make).expect("executor thread")
 }
 
+/// Derivations driven from a thread of its own until finished: `connections` ×
+/// `lanes` pipelined lanes over `assets` (registered beforehand). STORE_UNAVAILABLE is
+/// counted, with the slowest; a closed connection ends its lanes and is counted; any
+/// other error fails the test.
+pub struct BackgroundLoad {
+    acknowledged: std::sync::Arc<std::sync::Mutex<Vec<(uuid::Uuid, u64, custody::wire::Receipt)>>>,
+    unavailable: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    closed: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    slowest_refusal: std::sync::Arc<std::sync::Mutex<Duration>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+/// What a [`BackgroundLoad`] saw.
+pub struct LoadOutcome {
+    /// Every acknowledged derivation: (asset, counter, receipt).
+    pub acknowledged: Vec<(uuid::Uuid, u64, custody::wire::Receipt)>,
+    pub unavailable: usize,
+    pub closed: usize,
+    pub slowest_refusal: Duration,
+}
+
+impl BackgroundLoad {
+    pub fn start(
+        config: ClientConfig,
+        assets: Vec<uuid::Uuid>,
+        connections: usize,
+        lanes: usize,
+    ) -> BackgroundLoad {
+        use std::sync::atomic::Ordering;
+        use std::sync::Arc;
+        let acknowledged = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let unavailable = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let closed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let slowest_refusal = Arc::new(std::sync::Mutex::new(Duration::ZERO));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (ack, unav, clo, slow, st) = (
+            acknowledged.clone(),
+            unavailable.clone(),
+            closed.clone(),
+            slowest_refusal.clone(),
+            stop.clone(),
+        );
+        let thread = std::thread::spawn(move || {
+            runtime().block_on(async move {
+                let mut tasks = Vec::new();
+                for c in 0..connections {
+                    let client = Arc::new(Client::connect(&config).await.expect("connect"));
+                    for lane in 0..lanes {
+                        let (client, ack, unav, clo, slow, st, assets) = (
+                            client.clone(),
+                            ack.clone(),
+                            unav.clone(),
+                            clo.clone(),
+                            slow.clone(),
+                            st.clone(),
+                            assets.clone(),
+                        );
+                        tasks.push(tokio::spawn(async move {
+                            let mut i = 0usize;
+                            while !st.load(Ordering::Relaxed) {
+                                i += 1;
+                                let a = assets[(c * lanes + lane + i) % assets.len()];
+                                let sent = Instant::now();
+                                match client
+                                    .derive(derive_body(a, &format!("m/44'/0'/0'/0'/{i}")))
+                                    .await
+                                {
+                                    Ok(d) => ack.lock().unwrap().push((a, d.counter, d.receipt)),
+                                    Err(e)
+                                        if e.status()
+                                            == Some(custody::wire::Status::StoreUnavailable) =>
+                                    {
+                                        unav.fetch_add(1, Ordering::Relaxed);
+                                        let took = sent.elapsed();
+                                        {
+                                            let mut slowest = slow.lock().unwrap();
+                                            *slowest = (*slowest).max(took);
+                                        }
+                                        tokio::time::sleep(Duration::from_millis(5)).await;
+                                    }
+                                    Err(custody::client::ClientError::Closed) => {
+                                        clo.fetch_add(1, Ordering::Relaxed);
+                                        return;
+                                    }
+                                    Err(e) => panic!("unexpected error under load: {e}"),
+                                }
+                            }
+                        }));
+                    }
+                }
+                for t in tasks {
+                    t.await.expect("load task");
+                }
+            })
+        });
+        BackgroundLoad {
+            acknowledged,
+            unavailable,
+            closed,
+            slowest_refusal,
+            stop,
+            thread,
+        }
+    }
+
+    pub fn acknowledged(&self) -> usize {
+        self.acknowledged.lock().unwrap().len()
+    }
+
+    /// Waits (at most 30 s, else fails with `what`) until `n` derivations are acknowledged.
+    pub fn wait_for(&self, n: usize, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.acknowledged() < n {
+            assert!(
+                Instant::now() < deadline,
+                "{what}: {} acknowledged",
+                self.acknowledged()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Stops the lanes (each finishes the request it has out) and reports.
+    pub fn finish(self) -> LoadOutcome {
+        use std::sync::atomic::Ordering;
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().expect("load thread");
+        let acknowledged = std::mem::take(&mut *self.acknowledged.lock().unwrap());
+        LoadOutcome {
+            acknowledged,
+            unavailable: self.unavailable.load(Ordering::Relaxed),
+            closed: self.closed.load(Ordering::Relaxed),
+            slowest_refusal: *self.slowest_refusal.lock().unwrap(),
+        }
+    }
+}
+
 /// Drives 4 connections × 16 pipelined lanes of derivations over `assets` until at least
 /// `kill_after` are acknowledged, then SIGKILLs the appliance mid-load. Returns every
 /// acknowledged derivation as (asset, counter, receipt); any other error than the
@@ -330,48 +468,14 @@ pub fn derive_until_sigkill(
     assets: &[uuid::Uuid],
     kill_after: usize,
 ) -> Vec<(uuid::Uuid, u64, custody::wire::Receipt)> {
-    use std::sync::{Arc, Mutex};
     let pid = app.pid().expect("running") as i32;
-    let config = app.client_config();
-    let assets = assets.to_vec();
-    let acknowledged = runtime().block_on(async move {
-        let acknowledged = Arc::new(Mutex::new(Vec::new()));
-        let mut tasks = Vec::new();
-        for c in 0..4usize {
-            let client = Arc::new(Client::connect(&config).await.expect("connect"));
-            for lane in 0..16usize {
-                let (client, acknowledged, assets) =
-                    (client.clone(), acknowledged.clone(), assets.clone());
-                tasks.push(tokio::spawn(async move {
-                    for i in 0.. {
-                        let a = assets[(c * 16 + lane + i) % assets.len()];
-                        match client
-                            .derive(derive_body(a, &format!("m/44'/0'/0'/0'/{i}")))
-                            .await
-                        {
-                            Ok(d) => acknowledged.lock().unwrap().push((a, d.counter, d.receipt)),
-                            Err(custody::client::ClientError::Closed) => return,
-                            Err(e) => panic!("unexpected error under load: {e}"),
-                        }
-                    }
-                }));
-            }
-        }
-        loop {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            if acknowledged.lock().unwrap().len() > kill_after {
-                break;
-            }
-        }
-        // SAFETY: sending SIGKILL to our own child process.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
-        for t in tasks {
-            t.await.expect("load task");
-        }
-        let v = acknowledged.lock().unwrap().clone();
-        v
-    });
+    let load = BackgroundLoad::start(app.client_config(), assets.to_vec(), 4, 16);
+    load.wait_for(kill_after + 1, "load before the kill");
+    // SAFETY: sending SIGKILL to our own child process.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let outcome = load.finish();
     app.kill9();
-    assert!(acknowledged.len() > kill_after);
-    acknowledged
+    assert_eq!(outcome.unavailable, 0, "no refusals before the kill");
+    assert!(outcome.acknowledged.len() > kill_after);
+    outcome.acknowledged
 }
