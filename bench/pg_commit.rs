@@ -51,7 +51,7 @@ fn record(shard: u16, seq: u64, asset: Uuid, path: &DerivationPath) -> AuditReco
         request_id: seq,
         ts_ms: custody::audit::now_ms(),
         derive: Some(DeriveDetail {
-            path: path.clone(),
+            path: *path,
             purpose: Purpose::Trading,
             region: Arc::from("US-EAST"),
             ttl_s: 300,
