@@ -163,9 +163,12 @@ mod tests {
         assert_eq!(checked.purpose, Purpose::Settlement);
     }
 
+    /// A change that spoils one field of a good request.
+    type Spoil = Box<dyn Fn(&mut DeriveBody)>;
+
     #[test]
     fn each_bad_field_has_its_status() {
-        let cases: Vec<(Box<dyn Fn(&mut DeriveBody)>, Status)> = vec![
+        let cases: Vec<(Spoil, Status)> = vec![
             (Box::new(|b| b.asset = Uuid::nil()), Status::InvalidAssetId),
             (Box::new(|b| b.asset = Uuid::max()), Status::InvalidAssetId),
             (
