@@ -8,6 +8,7 @@
 //! [`KEYS`] table below is the single place each one is defined.
 
 use crate::bounds;
+use crate::seal::pkcs11::{PinSource, Pkcs11Config};
 use crate::store::pg_tls::{PgTls, PgTlsError, SslMode as PgSslMode};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -57,6 +58,20 @@ pub enum IdentitySource {
 pub enum SealConfig {
     /// A plain seed file: for development and demos only, never production.
     Dev { seed_file: PathBuf },
+    /// The seed sealed by a key in an HSM, reached through PKCS#11.
+    Pkcs11 {
+        pkcs11: Pkcs11Config,
+        sealed_seed_file: PathBuf,
+    },
+}
+
+/// The seal settings before the state directory is known.
+enum SealSpec {
+    Dev(String),
+    Pkcs11 {
+        config: Pkcs11Config,
+        sealed: String,
+    },
 }
 
 /// Which store holds the counters and the audit log.
@@ -165,7 +180,14 @@ pub const KEYS: &[KeyDoc] = &[
     KeyDoc { key: "store.commit_linger_us", default: "100", doc: "how long the commit thread waits for the shards of its last transaction to send their next batches, so they share one fsync" },
     KeyDoc { key: "store.commit_timeout_ms", default: "2000", doc: "a commit slower than this fails its requests with STORE_UNAVAILABLE" },
     KeyDoc { key: "store.commit_queue_depth", default: "0", doc: "batches waiting for the store's commit thread; 0 = cores x commit_batches_inflight_max" },
-    KeyDoc { key: "seal.provider", default: "\"dev\"", doc: "where the root seed comes from: \"dev\" (a plain seed file, NOT for production)" },
+    KeyDoc { key: "seal.provider", default: "\"dev\"", doc: "where the root seed comes from: \"pkcs11\" (sealed by a key in an HSM; `custody init` makes the sealed file) or \"dev\" (a plain seed file, NOT for production)" },
+    KeyDoc { key: "seal.sealed_seed_file", default: "\"sealed-seed.json\"", doc: "pkcs11 provider: the sealed seed `custody init` writes (mode 0600), relative to server.state_dir" },
+    KeyDoc { key: "seal.pkcs11_module", default: "\"/usr/lib/softhsm/libsofthsm2.so\"", doc: "pkcs11 provider: the PKCS#11 module (shared library) of the HSM" },
+    KeyDoc { key: "seal.pkcs11_token_label", default: "\"custody\"", doc: "pkcs11 provider: the label of the token that holds the wrapping key" },
+    KeyDoc { key: "seal.pkcs11_key_label", default: "\"custody-seed-wrap\"", doc: "pkcs11 provider: the label of the AES-256 wrapping key (sensitive, not extractable)" },
+    KeyDoc { key: "seal.pkcs11_pin_file", default: "\"\"", doc: "pkcs11 provider: file holding the user PIN (relative to this file); give exactly one PIN source" },
+    KeyDoc { key: "seal.pkcs11_pin_env", default: "\"\"", doc: "pkcs11 provider: environment variable holding the user PIN" },
+    KeyDoc { key: "seal.pkcs11_pin_credential", default: "\"\"", doc: "pkcs11 provider: name of a systemd credential (LoadCredential=) holding the user PIN" },
     KeyDoc { key: "seal.dev_seed_file", default: "\"dev-seed.bin\"", doc: "dev provider: 32-byte seed file (mode 0600), relative to server.state_dir" },
     KeyDoc { key: "limits.max_frame_body_bytes", default: "16384", doc: "largest frame body accepted; larger frames close the connection" },
     KeyDoc { key: "limits.max_inflight_per_connection", default: "1024", doc: "pipelined requests per connection; more are answered BUSY" },
@@ -175,6 +197,18 @@ pub const KEYS: &[KeyDoc] = &[
     KeyDoc { key: "limits.max_assets_per_shard", default: "1000000", doc: "assets each shard's registry holds" },
     KeyDoc { key: "policy.regions", default: "[\"US-EAST\", \"EU-WEST\", \"APAC\"]", doc: "compliance regions a derivation may name" },
 ];
+
+impl Config {
+    /// The directory the sealed seed (or dev seed) lives in, to create before init.
+    pub fn seal_dir(&self) -> Option<PathBuf> {
+        match &self.seal {
+            SealConfig::Dev { seed_file } => seed_file.parent().map(Path::to_path_buf),
+            SealConfig::Pkcs11 {
+                sealed_seed_file, ..
+            } => sealed_seed_file.parent().map(Path::to_path_buf),
+        }
+    }
+}
 
 /// Stage one: the file as written.
 pub fn parse(text: &str, file: &str) -> Result<toml::Table, ConfigError> {
@@ -410,14 +444,73 @@ pub fn resolve(table: &toml::Table, base_dir: &Path, file: &str) -> Result<Confi
 
     let seal_provider = r.string("seal.provider", "dev");
     let dev_seed_file = r.string("seal.dev_seed_file", "dev-seed.bin");
-    if let Some(p) = &seal_provider {
-        if p != "dev" {
-            r.problem::<()>(
-                "seal.provider",
-                format!("{p:?} is not a seal provider this build has (\"dev\")"),
-            );
+    let sealed_seed_file = r.string("seal.sealed_seed_file", "sealed-seed.json");
+    let p11_module = r.string("seal.pkcs11_module", "/usr/lib/softhsm/libsofthsm2.so");
+    let p11_token = r.string("seal.pkcs11_token_label", "custody");
+    let p11_key = r.string("seal.pkcs11_key_label", "custody-seed-wrap");
+    let p11_pin_file = r.string("seal.pkcs11_pin_file", "");
+    let p11_pin_env = r.string("seal.pkcs11_pin_env", "");
+    let p11_pin_credential = r.string("seal.pkcs11_pin_credential", "");
+    let seal_spec: Option<SealSpec> = match seal_provider.as_deref() {
+        None => None,
+        Some("dev") => dev_seed_file.map(SealSpec::Dev),
+        Some("pkcs11") => {
+            let pins: Vec<(&'static str, String)> = [
+                ("seal.pkcs11_pin_file", p11_pin_file),
+                ("seal.pkcs11_pin_env", p11_pin_env),
+                ("seal.pkcs11_pin_credential", p11_pin_credential),
+            ]
+            .into_iter()
+            .filter_map(|(k, v)| v.filter(|v| !v.is_empty()).map(|v| (k, v)))
+            .collect();
+            let pin = match pins.as_slice() {
+                [("seal.pkcs11_pin_file", f)] => Some(PinSource::File(absolute(base_dir, f))),
+                [("seal.pkcs11_pin_env", v)] => Some(PinSource::Env(v.clone())),
+                [(_, name)] => Some(PinSource::Credential(name.clone())),
+                [] => r.problem(
+                    "seal.pkcs11_pin_file",
+                    "the pkcs11 provider needs the PIN from one of pkcs11_pin_file, pkcs11_pin_env or pkcs11_pin_credential".into(),
+                ),
+                _ => r.problem(
+                    "seal.pkcs11_pin_file",
+                    "give the PIN one way only: pkcs11_pin_file, pkcs11_pin_env or pkcs11_pin_credential".into(),
+                ),
+            };
+            for (key, value) in [
+                ("seal.pkcs11_token_label", &p11_token),
+                ("seal.pkcs11_key_label", &p11_key),
+                ("seal.pkcs11_module", &p11_module),
+                ("seal.sealed_seed_file", &sealed_seed_file),
+            ] {
+                if value.as_deref() == Some("") {
+                    r.problem::<()>(key, "must not be empty".into());
+                }
+            }
+            match (p11_module, p11_token, p11_key, pin, sealed_seed_file) {
+                (Some(module), Some(token_label), Some(key_label), Some(pin), Some(sealed))
+                    if !module.is_empty()
+                        && !token_label.is_empty()
+                        && !key_label.is_empty()
+                        && !sealed.is_empty() =>
+                {
+                    Some(SealSpec::Pkcs11 {
+                        config: Pkcs11Config {
+                            module: absolute(base_dir, &module),
+                            token_label,
+                            key_label,
+                            pin,
+                        },
+                        sealed,
+                    })
+                }
+                _ => None,
+            }
         }
-    }
+        Some(other) => r.problem(
+            "seal.provider",
+            format!("{other:?} is not a seal provider this build has (\"pkcs11\" or \"dev\")"),
+        ),
+    };
 
     let max_frame = r.int(
         "limits.max_frame_body_bytes",
@@ -539,7 +632,7 @@ pub fn resolve(table: &toml::Table, base_dir: &Path, file: &str) -> Result<Confi
         Some(linger),
         Some(commit_timeout),
         Some(queue_depth),
-        Some(dev_seed_file),
+        Some(seal_spec),
         Some(max_frame),
         Some(max_inflight),
         Some(max_conns),
@@ -566,7 +659,7 @@ pub fn resolve(table: &toml::Table, base_dir: &Path, file: &str) -> Result<Confi
         linger,
         commit_timeout,
         queue_depth,
-        dev_seed_file,
+        seal_spec,
         max_frame,
         max_inflight,
         max_conns,
@@ -620,8 +713,14 @@ pub fn resolve(table: &toml::Table, base_dir: &Path, file: &str) -> Result<Confi
                 queue_depth as usize
             },
         },
-        seal: SealConfig::Dev {
-            seed_file: absolute(&state_dir, &dev_seed_file),
+        seal: match seal_spec {
+            SealSpec::Dev(file) => SealConfig::Dev {
+                seed_file: absolute(&state_dir, &file),
+            },
+            SealSpec::Pkcs11 { config, sealed } => SealConfig::Pkcs11 {
+                pkcs11: config,
+                sealed_seed_file: absolute(&state_dir, &sealed),
+            },
         },
         limits: Limits {
             max_frame_body_bytes: max_frame as u32,
@@ -886,6 +985,45 @@ mod tests {
             let err = resolve(&parse(&bad, "t.toml").unwrap(), dir.path(), "t.toml").unwrap_err();
             assert_eq!(err.problems[0].key, key, "{mode}");
         }
+    }
+
+    #[test]
+    fn pkcs11_seal_settings_resolve_with_exactly_one_pin_source() {
+        let dir = tempfile::tempdir().unwrap();
+        let seal = |lines: &str| {
+            let text = format!("{MINIMAL}\n[seal]\nprovider = \"pkcs11\"\n{lines}");
+            resolve(&parse(&text, "t.toml").unwrap(), dir.path(), "t.toml")
+        };
+        let c = seal("pkcs11_pin_file = \"hsm.pin\"\npkcs11_token_label = \"t1\"\n").unwrap();
+        match &c.seal {
+            SealConfig::Pkcs11 {
+                pkcs11,
+                sealed_seed_file,
+            } => {
+                assert_eq!(pkcs11.pin, PinSource::File(dir.path().join("hsm.pin")));
+                assert_eq!(pkcs11.token_label, "t1");
+                assert_eq!(pkcs11.key_label, "custody-seed-wrap");
+                assert!(sealed_seed_file.ends_with("sealed-seed.json"));
+            }
+            other => panic!("{other:?}"),
+        }
+        let c = seal("pkcs11_pin_credential = \"custody-pin\"\n").unwrap();
+        assert!(
+            matches!(&c.seal, SealConfig::Pkcs11 { pkcs11, .. } if pkcs11.pin == PinSource::Credential("custody-pin".into()))
+        );
+        for bad in [
+            "",
+            "pkcs11_pin_file = \"a\"\npkcs11_pin_env = \"B\"\n",
+            "pkcs11_pin_env = \"B\"\npkcs11_key_label = \"\"\n",
+        ] {
+            let err = seal(bad).unwrap_err();
+            assert!(
+                err.problems[0].key.starts_with("seal.pkcs11_"),
+                "{bad}: {err}"
+            );
+        }
+        let err = resolve_text(&format!("{MINIMAL}\n[seal]\nprovider = \"vault\"\n")).unwrap_err();
+        assert_eq!(err.problems[0].key, "seal.provider");
     }
 
     #[test]

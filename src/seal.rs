@@ -1,6 +1,13 @@
-//! Where the root seed comes from. This build has the `dev` provider: a plain seed file,
-//! for development and demos only. The HSM (PKCS#11) and Shamir providers implement the
-//! same entry point.
+//! Where the root seed comes from. Providers:
+//!
+//! - `pkcs11` ([`pkcs11`]): the seed sealed by an AES-256 key inside an HSM, in a sealed
+//!   file ([`blob`]) that `custody init` writes;
+//! - `dev`: a plain seed file, for development and demos only, never production.
+//!
+//! The Shamir provider implements the same entry point.
+
+pub mod blob;
+pub mod pkcs11;
 
 use crate::config::SealConfig;
 use crate::kdf::{RootSeed, SEED_LEN};
@@ -23,6 +30,14 @@ pub enum SealError {
     Exists(PathBuf),
     #[error("no randomness from the operating system: {0}")]
     Random(String),
+    #[error("HSM: {0}")]
+    Hsm(String),
+    #[error("sealed seed: {0}")]
+    Sealed(String),
+    #[error(transparent)]
+    Blob(#[from] blob::BlobError),
+    #[error("{path}: {reason}")]
+    Import { path: PathBuf, reason: String },
 }
 
 fn file_err(path: &Path, e: impl ToString) -> SealError {
@@ -36,7 +51,120 @@ fn file_err(path: &Path, e: impl ToString) -> SealError {
 pub fn unseal(config: &SealConfig) -> Result<RootSeed, SealError> {
     match config {
         SealConfig::Dev { seed_file } => read_dev_seed(seed_file),
+        SealConfig::Pkcs11 {
+            pkcs11,
+            sealed_seed_file,
+        } => {
+            let sealed = blob::SealedSeed::read(sealed_seed_file)?;
+            let hsm = pkcs11::Hsm::open(pkcs11)?;
+            let seed = hsm.unseal(&pkcs11.key_label, &sealed)?;
+            tracing::info!(
+                seed_id = %sealed.seed_id,
+                version = sealed.version,
+                fingerprint = %sealed.fingerprint,
+                token = %pkcs11.token_label,
+                "root seed unsealed by the HSM"
+            );
+            Ok(seed)
+        }
     }
+}
+
+/// What `custody init` made: never the seed, only its names.
+#[derive(Debug, Clone)]
+pub struct InitReport {
+    pub seed_id: uuid::Uuid,
+    pub fingerprint: String,
+    pub sealed_seed_file: PathBuf,
+    pub imported: bool,
+    pub created_key: bool,
+}
+
+/// The init ceremony's sealing step for the configured provider: a new seed from the
+/// HSM's generator (or `import`ed), sealed and written (mode 0600, never over an existing
+/// file), then unsealed again and compared before it is reported.
+pub fn init(
+    config: &SealConfig,
+    import: Option<RootSeed>,
+    create_key: bool,
+) -> Result<InitReport, SealError> {
+    let SealConfig::Pkcs11 {
+        pkcs11,
+        sealed_seed_file,
+    } = config
+    else {
+        return Err(SealError::Hsm(
+            "custody init seals with an HSM: set seal.provider = \"pkcs11\" (the dev provider's seed is made by `custody dev-seed`)".into(),
+        ));
+    };
+    if sealed_seed_file.exists() {
+        return Err(blob::BlobError::Exists(sealed_seed_file.display().to_string()).into());
+    }
+    let hsm = pkcs11::Hsm::open(pkcs11)?;
+    if create_key {
+        hsm.create_wrapping_key(&pkcs11.key_label)?;
+    }
+    let imported = import.is_some();
+    let seed = match import {
+        Some(seed) => seed,
+        None => hsm.generate_seed()?,
+    };
+    let seed_id = uuid::Uuid::new_v4();
+    let sealed = hsm.seal(&pkcs11.key_label, &seed, seed_id, 1)?;
+    // Prove the sealed file opens to the same seed before anyone relies on it.
+    let reopened = hsm.unseal(&pkcs11.key_label, &sealed)?;
+    if reopened.expose() != seed.expose() {
+        return Err(SealError::Sealed(
+            "the sealed seed did not open to the seed that was sealed".into(),
+        ));
+    }
+    sealed.write_new(sealed_seed_file)?;
+    Ok(InitReport {
+        seed_id,
+        fingerprint: sealed.fingerprint,
+        sealed_seed_file: sealed_seed_file.clone(),
+        imported,
+        created_key: create_key,
+    })
+}
+
+/// Reads a seed to import: exactly 32 raw bytes, or 64 hex characters (a trailing
+/// newline allowed). The file must not be readable by others.
+pub fn read_import_seed(path: &Path) -> Result<RootSeed, SealError> {
+    let err = |reason: String| SealError::Import {
+        path: path.to_owned(),
+        reason,
+    };
+    let meta = std::fs::metadata(path).map_err(|e| err(e.to_string()))?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(SealError::TooOpen {
+            path: path.to_owned(),
+            mode,
+        });
+    }
+    if meta.len() > 1024 {
+        return Err(err(format!("{} bytes: not a seed", meta.len())));
+    }
+    let bytes = Zeroizing::new(std::fs::read(path).map_err(|e| err(e.to_string()))?);
+    let mut seed = RootSeed::zeroed();
+    if bytes.len() == SEED_LEN {
+        seed.expose_mut().copy_from_slice(&bytes);
+        return Ok(seed);
+    }
+    let text = std::str::from_utf8(&bytes)
+        .map_err(|_| err(format!("neither {SEED_LEN} raw bytes nor hex text")))?
+        .trim_end_matches(['\r', '\n']);
+    if text.len() != 2 * SEED_LEN {
+        return Err(err(format!(
+            "neither {SEED_LEN} raw bytes nor {} hex characters",
+            2 * SEED_LEN
+        )));
+    }
+    let decoded =
+        Zeroizing::new(blob::from_hex(text).ok_or_else(|| err("not hexadecimal".into()))?);
+    seed.expose_mut().copy_from_slice(&decoded);
+    Ok(seed)
 }
 
 fn read_dev_seed(path: &Path) -> Result<RootSeed, SealError> {

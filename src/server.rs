@@ -192,7 +192,10 @@ pub fn run(config: Config) -> Result<(), ServerError> {
         shards = cores,
         assets = total_assets,
         store = %store.describe(),
-        seal = "dev (NOT for production)",
+        seal = match &config.seal {
+            crate::config::SealConfig::Dev { .. } => "dev (NOT for production)",
+            crate::config::SealConfig::Pkcs11 { .. } => "pkcs11",
+        },
         "custodyd serving"
     );
     // From here on the appliance stops only if a core's executor fails or another

@@ -8,14 +8,14 @@
 //! Without an `openssl` 3.x binary the OpenSSL parts print a notice and pass, unless
 //! `CUSTODY_REQUIRE_SERVICES=1` makes that a failure. `CUSTODY_OPENSSL` names the binary.
 
-use std::ffi::OsString;
-use std::io::Write;
-use std::path::Path;
-use std::process::Command;
+mod common;
 
-use custody::kdf::{
-    context_v1, DerivationKey, DerivationPath, RootSeed, HARDENED, LABEL_V1, PATH_DEPTH,
+use common::openssl::{
+    hex, openssl_kbkdf, openssl_or_skip, parse_openssl_hex, spec_context, CONTEXT_LEN, SPEC_LABEL,
 };
+use std::path::Path;
+
+use custody::kdf::{context_v1, DerivationKey, DerivationPath, RootSeed, HARDENED, LABEL_V1};
 use uuid::Uuid;
 
 const DOC_PATH: &str = "docs/derivation.md";
@@ -25,11 +25,6 @@ const TABLE_HEADER: &str =
     "| # | seed (hex) | asset id | counter | path | context (hex) | key (hex) | covers |";
 const VECTOR_FIELDS: [&str; 6] = ["seed", "asset", "counter", "path", "context", "key"];
 const VECTORS_MIN: usize = 6;
-
-/// The label as the spec writes it, kept apart from `LABEL_V1` so a changed constant in
-/// the code cannot also change what OpenSSL is asked.
-const SPEC_LABEL: &[u8] = b"custody/derive/v1";
-const CONTEXT_LEN: usize = 16 + 8 + 1 + 4 * PATH_DEPTH;
 
 const SWEEP_CASES: usize = 50;
 /// ASCII "custody1": any fixed non-zero value keeps the sweep reproducible.
@@ -270,117 +265,6 @@ impl XorShift64 {
 }
 
 // ---------------------------------------------------------------------------------------
-// the spec's context, written from docs/derivation.md rather than from src/kdf.rs
-
-fn spec_context(asset: &[u8; 16], counter: u64, indices: &[u32; PATH_DEPTH]) -> [u8; CONTEXT_LEN] {
-    let mut ctx = Vec::with_capacity(CONTEXT_LEN);
-    ctx.extend_from_slice(asset);
-    ctx.extend_from_slice(&counter.to_be_bytes());
-    ctx.push(PATH_DEPTH as u8);
-    for index in indices {
-        ctx.extend_from_slice(&index.to_be_bytes());
-    }
-    ctx.try_into().expect("context is 45 bytes")
-}
-
-// ---------------------------------------------------------------------------------------
-// OpenSSL
-
-/// The `openssl` binary to run, or `None` (after a notice) when there is no usable one
-/// and the environment does not require it.
-fn openssl_or_skip(part: &str) -> Option<OsString> {
-    let bin = std::env::var_os("CUSTODY_OPENSSL").unwrap_or_else(|| "openssl".into());
-    let shown = bin.to_string_lossy().into_owned();
-    let version = match Command::new(&bin).arg("version").output() {
-        Ok(out) => {
-            assert!(
-                out.status.success(),
-                "`{shown} version` failed ({}): {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr)
-            );
-            String::from_utf8_lossy(&out.stdout).trim().to_owned()
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return unavailable(part, &format!("`{shown}` not found"));
-        }
-        Err(e) => panic!("cannot run `{shown} version`: {e}"),
-    };
-    // "OpenSSL 3.0.19 27 Jan 2026 (Library: …)": KBKDF in `openssl kdf` needs 3.0 or later.
-    let major = version
-        .strip_prefix("OpenSSL ")
-        .and_then(|rest| rest.split('.').next())
-        .and_then(|major| major.parse::<u32>().ok());
-    match major {
-        Some(major) if major >= 3 => Some(bin),
-        _ => unavailable(
-            part,
-            &format!("`{shown}` is {version:?}, not OpenSSL 3 or later"),
-        ),
-    }
-}
-
-fn unavailable(part: &str, reason: &str) -> Option<OsString> {
-    if std::env::var("CUSTODY_REQUIRE_SERVICES").as_deref() == Ok("1") {
-        panic!("{part}: {reason}, and CUSTODY_REQUIRE_SERVICES=1 requires OpenSSL 3");
-    }
-    // Written to the process's stderr directly: the test harness captures `eprintln!` of a
-    // passing test, and a skip that nobody sees is how a check silently stops running.
-    let _ = writeln!(
-        std::io::stderr().lock(),
-        "notice: skipping {part}: {reason} (set CUSTODY_REQUIRE_SERVICES=1 to make this fail)"
-    );
-    None
-}
-
-/// The command of docs/derivation.md, with the label from the spec.
-fn openssl_kbkdf(openssl: &OsString, seed: &[u8], context: &[u8]) -> [u8; 32] {
-    let opts = [
-        "mac:HMAC".to_owned(),
-        "digest:SHA2-256".to_owned(),
-        format!("hexkey:{}", hex(seed)),
-        format!("hexsalt:{}", hex(SPEC_LABEL)),
-        format!("hexinfo:{}", hex(context)),
-    ];
-    let mut args = vec!["kdf".to_owned(), "-keylen".to_owned(), "32".to_owned()];
-    for opt in opts {
-        args.push("-kdfopt".to_owned());
-        args.push(opt);
-    }
-    args.push("KBKDF".to_owned());
-    let shown = format!("{} {}", openssl.to_string_lossy(), args.join(" "));
-    let out = Command::new(openssl)
-        .args(&args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run `{shown}`: {e}"));
-    assert!(
-        out.status.success(),
-        "`{shown}` failed ({}): {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    parse_openssl_hex(stdout.trim())
-        .unwrap_or_else(|| panic!("`{shown}` printed {stdout:?}, not 32 colon-separated hex bytes"))
-}
-
-/// OpenSSL prints `85:11:3F:…:72`: exactly 32 two-digit groups.
-fn parse_openssl_hex(text: &str) -> Option<[u8; 32]> {
-    let groups: Vec<&str> = text.split(':').collect();
-    if groups.len() != 32 {
-        return None;
-    }
-    let mut key = [0u8; 32];
-    for (byte, group) in key.iter_mut().zip(groups) {
-        if group.len() != 2 || !group.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return None;
-        }
-        *byte = u8::from_str_radix(group, 16).ok()?;
-    }
-    Some(key)
-}
-
-// ---------------------------------------------------------------------------------------
 // docs/derivation.md
 
 fn read_doc() -> String {
@@ -505,10 +389,6 @@ fn table_rows(doc: &str) -> Vec<Vec<String>> {
 
 // ---------------------------------------------------------------------------------------
 // hex
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
 
 /// Strict: lowercase only, exactly `N` bytes.
 fn unhex<const N: usize>(text: &str) -> Option<[u8; N]> {

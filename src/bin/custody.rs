@@ -7,6 +7,7 @@
 //! custody [CONNECTION] derive ASSET_ID --path PATH --region REGION --purpose PURPOSE --ttl SECONDS
 //! custody dev-certs DIR [--client-cn NAME]
 //! custody dev-seed FILE
+//! custody init --config FILE [--import-seed FILE] [--create-key]
 //! ```
 //!
 //! CONNECTION: `--addr HOST:PORT` (default 127.0.0.1:7443), `--certs DIR` (a dev-certs
@@ -28,6 +29,11 @@ const USAGE: &str = "usage:
   custody [CONNECTION] derive ASSET_ID --path \"m/44'/0'/0'/0'/7\" --region US-EAST --purpose TRADING --ttl 300
   custody dev-certs DIR [--client-cn NAME]   write a development CA, server and client certificate
   custody dev-seed FILE                      write a random development seed (NOT for production)
+  custody init --config FILE [--import-seed FILE] [--create-key]
+                         the init ceremony: make a root seed in the HSM (or import one:
+                         32 raw bytes or 64 hex characters), seal it with the configured
+                         provider and write the sealed file; --create-key first makes the
+                         wrapping key on the token
 
 CONNECTION:
   --addr HOST:PORT       appliance address (default 127.0.0.1:7443, env CUSTODY_ADDR)
@@ -62,6 +68,9 @@ struct Args {
     purpose: Option<String>,
     ttl: Option<u32>,
     client_cn: Option<String>,
+    config: Option<PathBuf>,
+    import_seed: Option<PathBuf>,
+    create_key: bool,
 }
 
 fn parse_args() -> anyhow::Result<Option<Args>> {
@@ -82,6 +91,9 @@ fn parse_args() -> anyhow::Result<Option<Args>> {
             Long("purpose") => a.purpose = Some(p.value()?.string()?),
             Long("ttl") => a.ttl = Some(p.value()?.parse()?),
             Long("client-cn") => a.client_cn = Some(p.value()?.string()?),
+            Long("config") | Short('c') => a.config = Some(p.value()?.into()),
+            Long("import-seed") => a.import_seed = Some(p.value()?.into()),
+            Long("create-key") => a.create_key = true,
             Long("help") | Short('h') => {
                 println!("{USAGE}");
                 return Ok(None);
@@ -136,6 +148,7 @@ fn real_main() -> anyhow::Result<i32> {
             }
             Ok(0)
         }
+        "init" => init(&args),
         "hello" | "register" | "status" | "derive" => {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -147,6 +160,54 @@ fn real_main() -> anyhow::Result<i32> {
             Ok(2)
         }
     }
+}
+
+/// The init ceremony's sealing step (`custody init`).
+fn init(args: &Args) -> anyhow::Result<i32> {
+    let file = args
+        .config
+        .as_ref()
+        .context("init needs --config FILE (the appliance's)")?;
+    let config = match custody::config::load(file) {
+        Ok(c) => c,
+        Err(e) => {
+            eprint!("{e}");
+            return Ok(2);
+        }
+    };
+    let import = match &args.import_seed {
+        Some(path) => Some(custody::seal::read_import_seed(path)?),
+        None => None,
+    };
+    if let Some(dir) = config.seal_dir() {
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let report = custody::seal::init(&config.seal, import, args.create_key)?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "seed_id": report.seed_id,
+                "fingerprint": report.fingerprint,
+                "sealed_seed_file": report.sealed_seed_file,
+                "imported": report.imported,
+                "created_key": report.created_key,
+            })
+        );
+    } else {
+        println!(
+            "sealed a {} root seed into {} (mode 0600)",
+            if report.imported { "imported" } else { "new" },
+            report.sealed_seed_file.display()
+        );
+        println!("  seed id      {}", report.seed_id);
+        println!("  fingerprint  {}", report.fingerprint);
+        if report.created_key {
+            println!("  made the wrapping key on the token");
+        }
+        println!("The seed itself was never written or shown. Keep the sealed file with the appliance's state.");
+    }
+    Ok(0)
 }
 
 fn client_config(args: &Args) -> anyhow::Result<ClientConfig> {

@@ -83,8 +83,22 @@ fn real_main() -> anyhow::Result<i32> {
                             format!("postgres {}@{}/{}", pg.user, pg.addr, pg.dbname)
                         }
                     };
+                    let seal = match &c.seal {
+                        custody::config::SealConfig::Dev { seed_file } => {
+                            format!("dev {} (NOT for production)", seed_file.display())
+                        }
+                        custody::config::SealConfig::Pkcs11 {
+                            pkcs11,
+                            sealed_seed_file,
+                        } => format!(
+                            "pkcs11 token {:?} key {:?} sealed seed {}",
+                            pkcs11.token_label,
+                            pkcs11.key_label,
+                            sealed_seed_file.display()
+                        ),
+                    };
                     println!(
-                        "{}: ok (listen {}, {} cores, store {store}, seal dev)",
+                        "{}: ok (listen {}, {} cores, store {store}, seal {seal})",
                         file.display(),
                         c.server.listen,
                         c.server.cores,

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod openssl;
+
 use custody::client::{Client, ClientConfig};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -14,6 +16,7 @@ pub struct TestAppliance {
     pub addr: SocketAddr,
     child: Option<Child>,
     extra_config: String,
+    env: Vec<(String, String)>,
 }
 
 impl TestAppliance {
@@ -45,6 +48,7 @@ impl TestAppliance {
             dir,
             child: None,
             extra_config: extra_config.to_owned(),
+            env: Vec::new(),
         };
         app.write_config();
         app
@@ -59,6 +63,26 @@ impl TestAppliance {
             self.extra_config
         );
         std::fs::write(self.config_path(), text).expect("config");
+    }
+
+    /// Sets an environment variable for every custodyd (and custody) this runs.
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.env.push((key.to_owned(), value.to_owned()));
+    }
+
+    /// Runs `custody ARGS` (the CLI) to completion with this appliance's environment.
+    pub fn custody(&self, args: &[&str]) -> std::process::Output {
+        Command::new(env!("CARGO_BIN_EXE_custody"))
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .args(args)
+            .output()
+            .expect("run custody")
+    }
+
+    /// Rewrites the config with other extra sections (the appliance must be stopped).
+    pub fn reconfigure(&mut self, extra_config: &str) {
+        self.extra_config = extra_config.to_owned();
+        self.write_config();
     }
 
     pub fn config_path(&self) -> PathBuf {
@@ -94,6 +118,7 @@ impl TestAppliance {
     pub fn launch(&mut self) {
         let log = std::fs::File::create(self.dir.path().join("custodyd.log")).expect("log");
         let child = Command::new(env!("CARGO_BIN_EXE_custodyd"))
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .arg("run")
             .arg("--config")
             .arg(self.config_path())
@@ -134,6 +159,7 @@ impl TestAppliance {
     /// Runs `custodyd ARGS --config <this config>` to completion.
     pub fn custodyd(&self, args: &[&str]) -> std::process::Output {
         Command::new(env!("CARGO_BIN_EXE_custodyd"))
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .args(args)
             .arg("--config")
             .arg(self.config_path())
