@@ -14,10 +14,12 @@
 //! - [`shard`]: the owning core's registry, audit records and group commit.
 //! - [`lifecycle`]: asset states and their transitions.
 //! - [`audit`]: the audit record of every acknowledged operation.
-//! - [`store`]: the durable store trait, the shard→commit-thread hand-off, SQLite.
+//! - [`store`]: the durable store trait, the shard→commit-thread hand-off, SQLite, and
+//!   PostgreSQL driven on each core (with TLS, single owner, partitions).
 //! - [`kdf`]: NIST SP 800-108 KBKDF with HMAC-SHA256, keyed once per seed; run on the
 //!   connection's core once the record is durable.
-//! - [`seal`]: where the root seed comes from.
+//! - [`seal`]: where the root seed comes from: the `pkcs11` provider (sealed by a key in
+//!   an HSM, `custody init`), the sealed-seed file, and the `dev` provider.
 //!
 //! Around the request path: [`config`] (two-stage TOML), [`bounds`] (hard caps),
 //! [`signal`] (lock-free wake-ups between tasks of one core),
