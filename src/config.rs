@@ -90,6 +90,8 @@ pub struct Config {
     pub tls: Tls,
     pub store: StoreConfig,
     pub seal: SealConfig,
+    /// The seed cache's TTL, staleness bound, provider timeout and breaker.
+    pub seal_timing: crate::seal::cache::CacheTiming,
     pub limits: Limits,
     pub policy: Policy,
 }
@@ -181,6 +183,11 @@ pub const KEYS: &[KeyDoc] = &[
     KeyDoc { key: "store.commit_timeout_ms", default: "2000", doc: "a commit slower than this fails its requests with STORE_UNAVAILABLE" },
     KeyDoc { key: "store.commit_queue_depth", default: "0", doc: "batches waiting for the store's commit thread; 0 = cores x commit_batches_inflight_max" },
     KeyDoc { key: "seal.provider", default: "\"dev\"", doc: "where the root seed comes from: \"pkcs11\" (sealed by a key in an HSM; `custody init` makes the sealed file) or \"dev\" (a plain seed file, NOT for production)" },
+    KeyDoc { key: "seal.cache_ttl_s", default: "300", doc: "the unsealed seed's keyed state is refreshed through the provider this often" },
+    KeyDoc { key: "seal.max_stale_s", default: "600", doc: "while refreshes fail, the last key keeps serving this long past its TTL; then derivations answer SEALED" },
+    KeyDoc { key: "seal.hsm_timeout_ms", default: "500", doc: "longest wait for one unseal call to the provider" },
+    KeyDoc { key: "seal.breaker_failures", default: "3", doc: "unseal failures in a row that open the circuit breaker" },
+    KeyDoc { key: "seal.breaker_open_ms", default: "5000", doc: "how long the open breaker waits before one probe call" },
     KeyDoc { key: "seal.sealed_seed_file", default: "\"sealed-seed.json\"", doc: "pkcs11 provider: the sealed seed `custody init` writes (mode 0600), relative to server.state_dir" },
     KeyDoc { key: "seal.pkcs11_module", default: "\"/usr/lib/softhsm/libsofthsm2.so\"", doc: "pkcs11 provider: the PKCS#11 module (shared library) of the HSM" },
     KeyDoc { key: "seal.pkcs11_token_label", default: "\"custody\"", doc: "pkcs11 provider: the label of the token that holds the wrapping key" },
@@ -445,6 +452,24 @@ pub fn resolve(table: &toml::Table, base_dir: &Path, file: &str) -> Result<Confi
     let seal_provider = r.string("seal.provider", "dev");
     let dev_seed_file = r.string("seal.dev_seed_file", "dev-seed.bin");
     let sealed_seed_file = r.string("seal.sealed_seed_file", "sealed-seed.json");
+    let seal_timing = match (
+        r.int("seal.cache_ttl_s", 300, 1, 86_400),
+        r.int("seal.max_stale_s", 600, 0, 86_400),
+        r.int("seal.hsm_timeout_ms", 500, 10, 60_000),
+        r.int("seal.breaker_failures", 3, 1, 100),
+        r.int("seal.breaker_open_ms", 5000, 10, 600_000),
+    ) {
+        (Some(ttl), Some(stale), Some(timeout), Some(failures), Some(open)) => {
+            Some(crate::seal::cache::CacheTiming {
+                ttl: Duration::from_secs(ttl as u64),
+                hsm_timeout: Duration::from_millis(timeout as u64),
+                max_stale: Duration::from_secs(stale as u64),
+                breaker_failures: failures as u32,
+                breaker_open: Duration::from_millis(open as u64),
+            })
+        }
+        _ => None,
+    };
     let p11_module = r.string("seal.pkcs11_module", "/usr/lib/softhsm/libsofthsm2.so");
     let p11_token = r.string("seal.pkcs11_token_label", "custody");
     let p11_key = r.string("seal.pkcs11_key_label", "custody-seed-wrap");
@@ -633,6 +658,7 @@ pub fn resolve(table: &toml::Table, base_dir: &Path, file: &str) -> Result<Confi
         Some(commit_timeout),
         Some(queue_depth),
         Some(seal_spec),
+        Some(seal_timing),
         Some(max_frame),
         Some(max_inflight),
         Some(max_conns),
@@ -660,6 +686,7 @@ pub fn resolve(table: &toml::Table, base_dir: &Path, file: &str) -> Result<Confi
         commit_timeout,
         queue_depth,
         seal_spec,
+        seal_timing,
         max_frame,
         max_inflight,
         max_conns,
@@ -722,6 +749,7 @@ pub fn resolve(table: &toml::Table, base_dir: &Path, file: &str) -> Result<Confi
                 sealed_seed_file: absolute(&state_dir, &sealed),
             },
         },
+        seal_timing,
         limits: Limits {
             max_frame_body_bytes: max_frame as u32,
             max_inflight_per_connection: max_inflight as u32,

@@ -8,9 +8,10 @@
 //! may hold keys). A framing error is answered once and closes only that connection.
 
 use crate::config::{IdentitySource, Limits};
-use crate::kdf::{DerivationKey, SCHEME_V1};
+use crate::kdf::SCHEME_V1;
 use crate::policy::{check_asset_id, FieldRules};
 use crate::router::ShardRouter;
+use crate::seal::cache::{CoreKey, SealState, SeedCache};
 use crate::shard::{ShardOp, ShardReply};
 use crate::signal::LocalSignal;
 use crate::tls;
@@ -34,8 +35,9 @@ const OUTBOX_HIGH_WATER_BYTES: usize = 256 * 1024;
 /// What every connection on a core shares.
 pub struct CoreContext {
     pub router: Rc<ShardRouter>,
-    /// Derives each key on the connection's core, after its audit record is durable.
-    pub key: Arc<DerivationKey>,
+    /// Derives each key on the connection's core, after its audit record is durable;
+    /// `None` while the seed is sealed.
+    pub key: CoreKey,
     pub rules: FieldRules,
     pub limits: Limits,
     pub identity: IdentitySource,
@@ -277,6 +279,10 @@ fn dispatch(
             Err(refusal) => return outbox.refuse(opcode, request_id, refusal),
         },
         Request::Derive(body) => match ctx.rules.check_derive(&body) {
+            // Sealed: refused before anything is audited.
+            Ok(_) if ctx.key.get().is_none() => {
+                return outbox.refuse(opcode, request_id, sealed_refusal(ctx.key.cache()))
+            }
             Ok(request) => ShardOp::Derive {
                 request,
                 requester: identity.clone(),
@@ -308,15 +314,20 @@ fn dispatch(
         match ctx.router.route(op).await {
             Ok(ShardReply::Asset(info)) => outbox.push(opcode, request_id, &Reply::Asset(info)),
             Ok(ShardReply::Derived { counter, receipt }) => match derivation {
-                Some((asset, path)) => {
-                    let reply = Reply::Derived(Derived {
-                        counter,
-                        scheme_version: SCHEME_V1,
-                        key: ctx.key.derive(&asset, counter, &path),
-                        receipt,
-                    });
-                    outbox.push(opcode, request_id, &reply)
-                }
+                Some((asset, path)) => match ctx.key.get() {
+                    Some(key) => {
+                        let reply = Reply::Derived(Derived {
+                            counter,
+                            scheme_version: SCHEME_V1,
+                            key: key.derive(&asset, counter, &path),
+                            receipt,
+                        });
+                        outbox.push(opcode, request_id, &reply)
+                    }
+                    // Sealed while the record committed: the record stays (it over-reports,
+                    // the safe direction) and no key leaves.
+                    None => outbox.refuse(opcode, request_id, sealed_refusal(ctx.key.cache())),
+                },
                 None => outbox.refuse(
                     opcode,
                     request_id,
@@ -332,6 +343,20 @@ fn dispatch(
         }
     })
     .detach();
+}
+
+/// SEALED, saying why.
+fn sealed_refusal(cache: &SeedCache) -> Refusal {
+    let why = match cache.status().state {
+        SealState::SealedByOperator { .. } => "the seed is sealed by an operator".to_owned(),
+        SealState::SealedByFailure { reason, .. } => {
+            format!("the seed is sealed: the provider could not refresh it ({reason})")
+        }
+        SealState::Unsealed | SealState::ServingStale { .. } => {
+            "the seed is sealed (its cached key expired)".to_owned()
+        }
+    };
+    Refusal::new(Status::Sealed, why)
 }
 
 /// One half of a stream shared by a connection's reader and writer tasks. Both run on the

@@ -7,6 +7,7 @@
 //! The Shamir provider implements the same entry point.
 
 pub mod blob;
+pub mod cache;
 pub mod pkcs11;
 
 use crate::config::SealConfig;
@@ -68,6 +69,19 @@ pub fn unseal(config: &SealConfig) -> Result<RootSeed, SealError> {
             Ok(seed)
         }
     }
+}
+
+/// The configured provider, as the seed cache calls it (on its worker thread).
+pub fn provider(config: &SealConfig) -> Box<dyn cache::SealProvider> {
+    struct Configured(SealConfig);
+    impl cache::SealProvider for Configured {
+        fn unseal(&mut self) -> Result<RootSeed, SealError> {
+            // A fresh session per call: nothing of the token stays open between refreshes,
+            // and a restarted HSM is simply found again.
+            unseal(&self.0)
+        }
+    }
+    Box::new(Configured(config.clone()))
 }
 
 /// What `custody init` made: never the seed, only its names.

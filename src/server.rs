@@ -6,10 +6,10 @@
 //! until every core reports ready (or one fails) and then only joins them.
 
 use crate::config::{Config, StoreBackend};
-use crate::kdf::DerivationKey;
 use crate::net::{accept_loop, CoreContext};
 use crate::policy::FieldRules;
 use crate::router::{MeshMsg, ShardRouter};
+use crate::seal::cache::{CoreKey, SeedCache, CORE_KEY_REFRESH};
 use crate::shard::{Shard, ShardLimits};
 use crate::store::postgres::PgStore;
 use crate::store::sqlite::SqliteStore;
@@ -61,7 +61,7 @@ impl ServerError {
 #[derive(Clone)]
 struct CoreSetup {
     config: Arc<Config>,
-    key: Arc<DerivationKey>,
+    key: Arc<SeedCache>,
     store: Arc<dyn Store>,
     tls: Arc<rustls::ServerConfig>,
     mesh: Option<MeshBuilder<MeshMsg, glommio::channels::channel_mesh::Full>>,
@@ -91,11 +91,9 @@ pub fn run(config: Config) -> Result<(), ServerError> {
         path: config.server.state_dir.display().to_string(),
         reason: e.to_string(),
     })?;
-    let key = {
-        let seed = crate::seal::unseal(&config.seal)?;
-        Arc::new(DerivationKey::new(&seed))
-        // The seed itself is zeroized here; only the keyed HMAC state stays.
-    };
+    // The first unseal happens here (a failure stops the start); the cache then refreshes
+    // the keyed state on its own thread. The seed itself is zeroized after each keying.
+    let key = SeedCache::start(crate::seal::provider(&config.seal), config.seal_timing)?;
     let cores = config.server.cores;
     let (events, ready) = mpsc::channel();
     let store: Arc<dyn Store> = match &config.store.backend {
@@ -260,7 +258,7 @@ async fn core_main(core: usize, setup: CoreSetup) -> Result<(), String> {
     })?;
     let ctx = Rc::new(CoreContext {
         router,
-        key: setup.key.clone(),
+        key: CoreKey::new(setup.key.clone()),
         rules: FieldRules::new(config.policy.regions.clone()),
         limits: config.limits.clone(),
         identity: config.tls.identity,
@@ -276,6 +274,17 @@ async fn core_main(core: usize, setup: CoreSetup) -> Result<(), String> {
         },
         connections: Cell::new(0),
     });
+    // Drop this core's copy of a sealed or replaced key even when no request comes.
+    {
+        let ctx = ctx.clone();
+        glommio::spawn_local(async move {
+            loop {
+                glommio::timer::sleep(CORE_KEY_REFRESH).await;
+                ctx.key.refresh();
+            }
+        })
+        .detach();
+    }
     let _ = setup.events.send(CoreEvent::Ready {
         core,
         shard: shard_id,

@@ -104,18 +104,20 @@ impl SoftHsm {
                 format!("\"{}\"", self.pin_file().display()),
             ),
         ];
+        let mut extra = Vec::new();
         for line in overrides.lines().filter(|l| !l.trim().is_empty()) {
             let (k, v) = line.split_once('=').expect("key = value");
             let k = k.trim();
             match lines.iter_mut().find(|(name, _)| *name == k) {
                 Some(entry) => entry.1 = v.trim().to_owned(),
-                None => panic!("unknown seal key {k}"),
+                None => extra.push(format!("{k} = {}\n", v.trim())),
             }
         }
         let mut text = "[seal]\n".to_owned();
         for (k, v) in lines {
             text.push_str(&format!("{k} = {v}\n"));
         }
+        text.extend(extra);
         text
     }
 }
@@ -284,4 +286,78 @@ fn bad_pin_labels_module_and_tampering_each_stop_the_start_with_a_clear_message(
     std::fs::write(&sealed, &original).unwrap();
     app.launch();
     derive(&app, asset(1), "m/44'/0'/0'/0'/0");
+}
+
+/// Derives once; `Err(status)` on a refusal.
+fn try_derive(
+    app: &TestAppliance,
+    a: uuid::Uuid,
+    path: &str,
+) -> Result<[u8; 32], custody::wire::Status> {
+    runtime().block_on(async {
+        let c = Client::connect(&app.client_config()).await.unwrap();
+        c.derive(derive_body(a, path))
+            .await
+            .map(|d| *d.key)
+            .map_err(|e| e.status().expect("a refusal, not a transport error"))
+    })
+}
+
+#[test]
+fn an_unreachable_hsm_serves_stale_then_seals_then_recovers_by_itself() {
+    let Some(hsm) = SoftHsm::new() else { return };
+    let timing = "cache_ttl_s = 1\nmax_stale_s = 1\nhsm_timeout_ms = 2000\nbreaker_failures = 1\nbreaker_open_ms = 100\n";
+    let mut app = hsm.appliance(timing);
+    assert!(init(&app, &[]).status.success());
+    app.launch();
+    let a = asset(31337);
+    let (_, key) = derive(&app, a, "m/44'/0'/0'/0'/1");
+
+    // The HSM becomes unusable to the appliance: its PIN is gone.
+    let hidden = hsm.pin_file().with_extension("away");
+    std::fs::rename(hsm.pin_file(), &hidden).unwrap();
+    let started = std::time::Instant::now();
+    let mut served_after_outage = 0;
+    let sealed_at = loop {
+        match try_derive(&app, a, "m/44'/0'/0'/0'/1") {
+            Ok(k) => {
+                assert_eq!(k, key, "the cached key keeps serving");
+                served_after_outage += 1;
+            }
+            Err(status) => {
+                assert_eq!(status, custody::wire::Status::Sealed);
+                break started.elapsed();
+            }
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(20),
+            "never sealed"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert!(
+        served_after_outage > 0,
+        "served while within TTL + max_stale"
+    );
+    // Sealed after the TTL (1 s) and max_stale (1 s), not before the TTL.
+    assert!(
+        sealed_at >= std::time::Duration::from_millis(900),
+        "sealed after {sealed_at:?}"
+    );
+
+    // The HSM comes back: service returns by itself, with the same key.
+    std::fs::rename(&hidden, hsm.pin_file()).unwrap();
+    let back = std::time::Instant::now();
+    loop {
+        if let Ok(k) = try_derive(&app, a, "m/44'/0'/0'/0'/1") {
+            assert_eq!(k, key);
+            break;
+        }
+        assert!(
+            back.elapsed() < std::time::Duration::from_secs(20),
+            "never recovered"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(app.is_running());
 }

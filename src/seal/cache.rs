@@ -1,0 +1,716 @@
+//! The seed cache: the keyed derivation state, refreshed through the seal provider every
+//! TTL, kept serving through an HSM outage for at most `max_stale`, then sealed (I4).
+//!
+//! ```text
+//!   cores ──get()──► CoreKey (per core: an Arc and the generation it came with)
+//!                       │ generation changed? (one atomic load per request)
+//!                       ▼
+//!                  SeedCache ◄──publish / drop── supervisor thread ──unseal──► worker thread
+//!                                                  (TTL, breaker,          (owns the provider;
+//!                                                   max_stale, seal)        one call at a time)
+//! ```
+//!
+//! - The supervisor asks the worker to unseal when the key is older than the TTL, and
+//!   waits at most `hsm_timeout` for the answer. A call that hangs keeps the worker busy:
+//!   no second call starts until it returns (zero or one unseal in flight, whatever the
+//!   number of cores waiting).
+//! - After `breaker_failures` failures in a row the breaker opens: no call for
+//!   `breaker_open`, then one probe; a failed probe opens it again.
+//! - While refreshes fail, the last key keeps serving until `max_stale` past its TTL, then
+//!   it is dropped (zeroized) and derivations answer SEALED until an unseal succeeds.
+//! - [`SeedCache::seal`] drops the key at once; cores drop their copies within
+//!   [`CORE_KEY_REFRESH`].
+//!
+//! Readers never see a half-made key: a key is built whole, then published as an `Arc`
+//! under a mutex that only the supervisor and a core whose generation is behind take.
+
+use super::SealError;
+use crate::kdf::{DerivationKey, RootSeed};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+/// How often each core refreshes its copy of the key even without requests, so a sealed
+/// or replaced key leaves every core's memory within this bound.
+pub const CORE_KEY_REFRESH: Duration = Duration::from_millis(100);
+
+/// Where the root seed comes from, as the cache calls it: on the worker thread, one call
+/// at a time.
+pub trait SealProvider: Send + 'static {
+    fn unseal(&mut self) -> Result<RootSeed, SealError>;
+}
+
+/// The cache's timing, from the config.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CacheTiming {
+    /// Age at which the key is refreshed through the provider.
+    pub ttl: Duration,
+    /// Longest wait for one provider call.
+    pub hsm_timeout: Duration,
+    /// How long past its TTL a key keeps serving while refreshes fail.
+    pub max_stale: Duration,
+    /// Failures in a row that open the breaker.
+    pub breaker_failures: u32,
+    /// How long the open breaker waits before one probe.
+    pub breaker_open: Duration,
+}
+
+/// What the cache is doing, for status, metrics and logs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SealState {
+    /// Serving a key younger than the TTL.
+    Unsealed,
+    /// Serving a key past its TTL because refreshes fail; `since_ms` on the process clock.
+    ServingStale { since_ms: u64 },
+    /// No key: an operator sealed it.
+    SealedByOperator { since_ms: u64 },
+    /// No key: refreshes failed past `max_stale`.
+    SealedByFailure { since_ms: u64, reason: String },
+}
+
+/// Counters of provider calls, by result.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CallCounts {
+    pub ok: u64,
+    pub failed: u64,
+    pub timed_out: u64,
+    /// Times the breaker opened.
+    pub breaker_opened: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CacheStatus {
+    pub state: SealState,
+    pub calls: CallCounts,
+    /// When the serving key was unsealed (process clock, ms); `None` when sealed.
+    pub key_unsealed_ms: Option<u64>,
+    /// Provider calls in flight now: 0 or 1.
+    pub in_flight: u32,
+}
+
+/// Milliseconds on a monotonic clock that starts with the process.
+pub fn clock_ms() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64
+}
+
+#[derive(Default)]
+struct Commands {
+    seal: bool,
+    unseal: bool,
+    stop: bool,
+}
+
+/// The shared cache. Cores read it through a [`CoreKey`].
+pub struct SeedCache {
+    key: Mutex<Option<Arc<DerivationKey>>>,
+    generation: AtomicU64,
+    /// The key may serve until this instant (process clock, ms); 0 = sealed.
+    serve_until_ms: AtomicU64,
+    status: Mutex<CacheStatus>,
+    commands: Mutex<Commands>,
+    wake: Condvar,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl SeedCache {
+    /// Unseals once (within `hsm_timeout`; a failure here fails the start) and starts the
+    /// supervisor and worker threads.
+    pub fn start(
+        provider: Box<dyn SealProvider>,
+        timing: CacheTiming,
+    ) -> Result<Arc<SeedCache>, SealError> {
+        let worker = Worker::spawn(provider)?;
+        let cache = Arc::new(SeedCache {
+            key: Mutex::new(None),
+            generation: AtomicU64::new(0),
+            serve_until_ms: AtomicU64::new(0),
+            status: Mutex::new(CacheStatus {
+                state: SealState::SealedByFailure {
+                    since_ms: clock_ms(),
+                    reason: "not unsealed yet".into(),
+                },
+                calls: CallCounts::default(),
+                key_unsealed_ms: None,
+                in_flight: 0,
+            }),
+            commands: Mutex::new(Commands::default()),
+            wake: Condvar::new(),
+        });
+        let mut sup = Supervisor {
+            cache: cache.clone(),
+            timing,
+            worker,
+            failures: 0,
+            breaker_until: None,
+            fresh_until: None,
+            operator_sealed: false,
+        };
+        match sup.call() {
+            Some(Ok(seed)) => sup.publish(&seed),
+            Some(Err(e)) => return Err(e),
+            None => {
+                return Err(SealError::Hsm(format!(
+                    "the first unseal did not answer within {} ms (seal.hsm_timeout_ms)",
+                    timing.hsm_timeout.as_millis()
+                )))
+            }
+        }
+        std::thread::Builder::new()
+            .name("custody-seal".into())
+            .spawn(move || sup.run())
+            .map_err(|e| SealError::Hsm(format!("cannot start the seal thread: {e}")))?;
+        Ok(cache)
+    }
+
+    /// The key now, if one may serve.
+    pub fn current(&self) -> Option<Arc<DerivationKey>> {
+        if clock_ms() >= self.serve_until_ms.load(Ordering::Acquire) {
+            return None;
+        }
+        lock(&self.key).clone()
+    }
+
+    pub fn status(&self) -> CacheStatus {
+        lock(&self.status).clone()
+    }
+
+    /// Drops the key at once (cores drop their copies within [`CORE_KEY_REFRESH`]); no
+    /// refresh happens until [`SeedCache::unseal`].
+    pub fn seal(&self) {
+        self.serve_until_ms.store(0, Ordering::Release);
+        lock(&self.commands).seal = true;
+        self.wake.notify_all();
+    }
+
+    /// Asks for an unseal through the provider now (after an operator's seal, or to
+    /// retry at once).
+    pub fn unseal(&self) {
+        lock(&self.commands).unseal = true;
+        self.wake.notify_all();
+    }
+
+    fn set_state(&self, state: SealState) {
+        let mut s = lock(&self.status);
+        if s.state != state {
+            match &state {
+                SealState::Unsealed => tracing::info!("seed cache: unsealed"),
+                SealState::ServingStale { .. } => {
+                    tracing::warn!(
+                        "seed cache: refresh failing, serving the last key until max_stale"
+                    )
+                }
+                SealState::SealedByOperator { .. } => {
+                    tracing::warn!("seed cache: sealed by an operator")
+                }
+                SealState::SealedByFailure { reason, .. } => {
+                    tracing::error!(%reason, "seed cache: sealed; derivations answer SEALED until the provider answers")
+                }
+            }
+        }
+        s.state = state;
+    }
+}
+
+impl Drop for SeedCache {
+    fn drop(&mut self) {
+        lock(&self.commands).stop = true;
+        self.wake.notify_all();
+    }
+}
+
+/// The provider's thread: one call at a time, results over a channel.
+struct Worker {
+    requests: mpsc::SyncSender<()>,
+    results: mpsc::Receiver<Result<RootSeed, SealError>>,
+    in_flight: bool,
+}
+
+impl Worker {
+    fn spawn(mut provider: Box<dyn SealProvider>) -> Result<Worker, SealError> {
+        let (req_tx, req_rx) = mpsc::sync_channel::<()>(1);
+        let (res_tx, res_rx) = mpsc::sync_channel(1);
+        std::thread::Builder::new()
+            .name("custody-unseal".into())
+            .spawn(move || {
+                while req_rx.recv().is_ok() {
+                    if res_tx.send(provider.unseal()).is_err() {
+                        return;
+                    }
+                }
+            })
+            .map_err(|e| SealError::Hsm(format!("cannot start the unseal thread: {e}")))?;
+        Ok(Worker {
+            requests: req_tx,
+            results: res_rx,
+            in_flight: false,
+        })
+    }
+}
+
+struct Supervisor {
+    cache: Arc<SeedCache>,
+    timing: CacheTiming,
+    worker: Worker,
+    failures: u32,
+    breaker_until: Option<Instant>,
+    /// The serving key's TTL ends here; `None` when there is no key.
+    fresh_until: Option<Instant>,
+    operator_sealed: bool,
+}
+
+impl Supervisor {
+    /// One provider call, waited for at most `hsm_timeout`. `None`: timed out (the call
+    /// stays in flight and its late answer is taken by [`Supervisor::collect_late`]).
+    fn call(&mut self) -> Option<Result<RootSeed, SealError>> {
+        if self.worker.in_flight {
+            return None;
+        }
+        if self.worker.requests.send(()).is_err() {
+            return Some(Err(SealError::Hsm("the unseal thread is gone".into())));
+        }
+        self.worker.in_flight = true;
+        lock(&self.cache.status).in_flight = 1;
+        let answer = self.worker.results.recv_timeout(self.timing.hsm_timeout);
+        match answer {
+            Ok(result) => {
+                self.worker.in_flight = false;
+                lock(&self.cache.status).in_flight = 0;
+                Some(result)
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => None,
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                self.worker.in_flight = false;
+                Some(Err(SealError::Hsm("the unseal thread is gone".into())))
+            }
+        }
+    }
+
+    fn publish(&mut self, seed: &RootSeed) {
+        let key = Arc::new(DerivationKey::new(seed));
+        let now = Instant::now();
+        self.fresh_until = Some(now + self.timing.ttl);
+        self.failures = 0;
+        self.breaker_until = None;
+        *lock(&self.cache.key) = Some(key);
+        let serve_until = clock_ms() + (self.timing.ttl + self.timing.max_stale).as_millis() as u64;
+        self.cache
+            .serve_until_ms
+            .store(serve_until.max(1), Ordering::Release);
+        self.cache.generation.fetch_add(1, Ordering::AcqRel);
+        {
+            let mut s = lock(&self.cache.status);
+            s.calls.ok += 1;
+            s.key_unsealed_ms = Some(clock_ms());
+        }
+        self.cache.set_state(SealState::Unsealed);
+    }
+
+    fn drop_key(&mut self, state: SealState) {
+        self.cache.serve_until_ms.store(0, Ordering::Release);
+        let old = lock(&self.cache.key).take();
+        self.cache.generation.fetch_add(1, Ordering::AcqRel);
+        drop(old);
+        self.fresh_until = None;
+        lock(&self.cache.status).key_unsealed_ms = None;
+        self.cache.set_state(state);
+    }
+
+    fn failed(&mut self, reason: String, timed_out: bool) {
+        self.failures += 1;
+        {
+            let mut s = lock(&self.cache.status);
+            if timed_out {
+                s.calls.timed_out += 1;
+            } else {
+                s.calls.failed += 1;
+            }
+        }
+        tracing::warn!(failures = self.failures, %reason, "seed cache: unseal failed");
+        if self.failures >= self.timing.breaker_failures {
+            self.breaker_until = Some(Instant::now() + self.timing.breaker_open);
+            lock(&self.cache.status).calls.breaker_opened += 1;
+        }
+        match self.fresh_until {
+            Some(fresh) if Instant::now() < fresh + self.timing.max_stale => {
+                let already = matches!(
+                    lock(&self.cache.status).state,
+                    SealState::ServingStale { .. }
+                );
+                if Instant::now() >= fresh && !already {
+                    self.cache.set_state(SealState::ServingStale {
+                        since_ms: clock_ms(),
+                    });
+                }
+            }
+            _ => {
+                if lock(&self.cache.key).is_some() {
+                    self.drop_key(SealState::SealedByFailure {
+                        since_ms: clock_ms(),
+                        reason,
+                    });
+                } else if !self.operator_sealed {
+                    self.cache.set_state(SealState::SealedByFailure {
+                        since_ms: clock_ms(),
+                        reason,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Takes the answer of a call that timed out, if it has come.
+    fn collect_late(&mut self) {
+        if !self.worker.in_flight {
+            return;
+        }
+        if let Ok(result) = self.worker.results.try_recv() {
+            self.worker.in_flight = false;
+            lock(&self.cache.status).in_flight = 0;
+            if let Ok(seed) = result {
+                if !self.operator_sealed {
+                    self.publish(&seed);
+                }
+            }
+        }
+    }
+
+    fn run(mut self) {
+        loop {
+            let (seal, unseal, stop) = {
+                let mut c = lock(&self.cache.commands);
+                let taken = (c.seal, c.unseal, c.stop);
+                c.seal = false;
+                c.unseal = false;
+                taken
+            };
+            if stop {
+                self.drop_key(SealState::SealedByOperator {
+                    since_ms: clock_ms(),
+                });
+                return;
+            }
+            if seal {
+                self.operator_sealed = true;
+                self.drop_key(SealState::SealedByOperator {
+                    since_ms: clock_ms(),
+                });
+            }
+            if unseal {
+                self.operator_sealed = false;
+                self.breaker_until = None;
+            }
+            self.collect_late();
+            let now = Instant::now();
+            // A key past max_stale goes, whatever else happens.
+            if let Some(fresh) = self.fresh_until {
+                if now >= fresh + self.timing.max_stale {
+                    self.drop_key(SealState::SealedByFailure {
+                        since_ms: clock_ms(),
+                        reason: "the key passed max_stale without a successful refresh".into(),
+                    });
+                }
+            }
+            let due = !self.operator_sealed
+                && self.fresh_until.map_or(true, |fresh| now >= fresh)
+                && self.breaker_until.map_or(true, |open| now >= open)
+                && !self.worker.in_flight;
+            if due {
+                match self.call() {
+                    Some(Ok(seed)) => self.publish(&seed),
+                    Some(Err(e)) => self.failed(e.to_string(), false),
+                    None => self.failed(
+                        format!(
+                            "no answer within {} ms (seal.hsm_timeout_ms)",
+                            self.timing.hsm_timeout.as_millis()
+                        ),
+                        true,
+                    ),
+                }
+                continue;
+            }
+            // Sleep until the next thing to do, or a command.
+            let mut next = now + Duration::from_secs(3600);
+            if let Some(fresh) = self.fresh_until {
+                next = next.min(if now < fresh {
+                    fresh
+                } else {
+                    fresh + self.timing.max_stale
+                });
+            }
+            if let Some(open) = self.breaker_until {
+                next = next.min(open);
+            }
+            if self.worker.in_flight {
+                next = next.min(now + Duration::from_millis(20));
+            }
+            let wait = next.saturating_duration_since(Instant::now());
+            let c = lock(&self.cache.commands);
+            if !(c.seal || c.unseal || c.stop) {
+                let _ = self
+                    .cache
+                    .wake
+                    .wait_timeout(c, wait.max(Duration::from_millis(1)));
+            }
+        }
+    }
+}
+
+/// A core's view of the cache: the key it last took and the generation it came with.
+/// One atomic load per request; the mutex only when the generation moved.
+pub struct CoreKey {
+    cache: Arc<SeedCache>,
+    generation: std::cell::Cell<u64>,
+    key: std::cell::RefCell<Option<Arc<DerivationKey>>>,
+}
+
+impl CoreKey {
+    pub fn new(cache: Arc<SeedCache>) -> CoreKey {
+        let core = CoreKey {
+            generation: std::cell::Cell::new(u64::MAX),
+            key: std::cell::RefCell::new(None),
+            cache,
+        };
+        core.refresh();
+        core
+    }
+
+    /// Takes the cache's key if it changed since the last call.
+    pub fn refresh(&self) {
+        let g = self.cache.generation.load(Ordering::Acquire);
+        if g != self.generation.get() {
+            *self.key.borrow_mut() = lock(&self.cache.key).clone();
+            self.generation.set(g);
+        }
+    }
+
+    /// The key to derive with now, or `None` (answer SEALED).
+    pub fn get(&self) -> Option<Arc<DerivationKey>> {
+        self.refresh();
+        if clock_ms() >= self.cache.serve_until_ms.load(Ordering::Acquire) {
+            return None;
+        }
+        self.key.borrow().clone()
+    }
+
+    pub fn cache(&self) -> &Arc<SeedCache> {
+        &self.cache
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kdf::{DerivationPath, SEED_LEN};
+    use std::sync::atomic::AtomicU32;
+
+    /// What the scripted provider does on each call.
+    #[derive(Clone, Copy, Debug)]
+    enum Step {
+        Seed(u8),
+        Fail,
+        Hang(Duration),
+    }
+
+    struct Scripted {
+        steps: Arc<Mutex<Vec<Step>>>,
+        calls: Arc<AtomicU32>,
+        concurrent: Arc<AtomicU32>,
+        max_concurrent: Arc<AtomicU32>,
+    }
+
+    impl SealProvider for Scripted {
+        fn unseal(&mut self) -> Result<RootSeed, SealError> {
+            let now = self.concurrent.fetch_add(1, Ordering::SeqCst) + 1;
+            self.max_concurrent.fetch_max(now, Ordering::SeqCst);
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            let step = {
+                let mut s = self.steps.lock().unwrap();
+                if s.len() > 1 {
+                    s.remove(0)
+                } else {
+                    s[0]
+                }
+            };
+            let result = match step {
+                Step::Seed(b) => Ok(RootSeed::from_bytes([b; SEED_LEN])),
+                Step::Fail => Err(SealError::Hsm("scripted failure".into())),
+                Step::Hang(d) => {
+                    std::thread::sleep(d);
+                    Ok(RootSeed::from_bytes([0xee; SEED_LEN]))
+                }
+            };
+            self.concurrent.fetch_sub(1, Ordering::SeqCst);
+            result
+        }
+    }
+
+    struct Harness {
+        steps: Arc<Mutex<Vec<Step>>>,
+        calls: Arc<AtomicU32>,
+        max_concurrent: Arc<AtomicU32>,
+    }
+
+    fn scripted(steps: Vec<Step>) -> (Box<dyn SealProvider>, Harness) {
+        let steps = Arc::new(Mutex::new(steps));
+        let calls = Arc::new(AtomicU32::new(0));
+        let max_concurrent = Arc::new(AtomicU32::new(0));
+        (
+            Box::new(Scripted {
+                steps: steps.clone(),
+                calls: calls.clone(),
+                concurrent: Arc::new(AtomicU32::new(0)),
+                max_concurrent: max_concurrent.clone(),
+            }),
+            Harness {
+                steps,
+                calls,
+                max_concurrent,
+            },
+        )
+    }
+
+    fn timing(ttl_ms: u64, max_stale_ms: u64) -> CacheTiming {
+        CacheTiming {
+            ttl: Duration::from_millis(ttl_ms),
+            hsm_timeout: Duration::from_millis(100),
+            max_stale: Duration::from_millis(max_stale_ms),
+            breaker_failures: 2,
+            breaker_open: Duration::from_millis(200),
+        }
+    }
+
+    /// The key a cache serves, as one derived value (seeds differ by their fill byte).
+    fn fill_of(key: &DerivationKey) -> u8 {
+        let path = DerivationPath::parse("m/44'/0'/0'/0'/0").unwrap();
+        let asset = uuid::Uuid::from_u128(1);
+        let got = key.derive(&asset, 0, &path);
+        (0..=255u8)
+            .find(|b| {
+                *DerivationKey::new(&RootSeed::from_bytes([*b; SEED_LEN])).derive(&asset, 0, &path)
+                    == *got
+            })
+            .expect("a scripted seed")
+    }
+
+    /// Polls `f` for up to 5 s (a deadline no healthy run gets near).
+    fn eventually(what: &str, f: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !f() {
+            assert!(Instant::now() < deadline, "{what}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn refreshes_after_the_ttl_and_cores_take_the_new_key() {
+        let (p, h) = scripted(vec![Step::Seed(1), Step::Seed(2)]);
+        let cache = SeedCache::start(p, timing(50, 10_000)).unwrap();
+        let core = CoreKey::new(cache.clone());
+        assert_eq!(fill_of(&core.get().unwrap()), 1);
+        eventually("the refresh after the TTL", || {
+            core.get().map(|k| fill_of(&k)) == Some(2)
+        });
+        assert!(h.calls.load(Ordering::SeqCst) >= 2);
+        assert_eq!(cache.status().state, SealState::Unsealed);
+    }
+
+    #[test]
+    fn a_failing_provider_serves_stale_until_max_stale_then_seals_then_recovers() {
+        let (p, h) = scripted(vec![Step::Seed(3), Step::Fail]);
+        let cache = SeedCache::start(p, timing(50, 400)).unwrap();
+        let core = CoreKey::new(cache.clone());
+        eventually("serving stale", || {
+            matches!(cache.status().state, SealState::ServingStale { .. })
+        });
+        assert_eq!(
+            core.get().map(|k| fill_of(&k)),
+            Some(3),
+            "stale key still serves"
+        );
+        eventually("sealed past max_stale", || {
+            matches!(cache.status().state, SealState::SealedByFailure { .. })
+        });
+        assert!(core.get().is_none(), "fail closed");
+        assert!(cache.status().calls.breaker_opened >= 1);
+        // The provider comes back: service returns by itself.
+        *h.steps.lock().unwrap() = vec![Step::Seed(4)];
+        eventually("unsealed again", || {
+            core.get().map(|k| fill_of(&k)) == Some(4)
+        });
+    }
+
+    #[test]
+    fn the_breaker_limits_calls_to_a_failing_provider() {
+        let (p, h) = scripted(vec![Step::Seed(5), Step::Fail]);
+        let cache = SeedCache::start(p, timing(20, 60_000)).unwrap();
+        std::thread::sleep(Duration::from_millis(1000));
+        // 2 failures open the breaker for 200 ms, then one probe each time: about 1 +
+        // 2 + 1000/200 calls in a second, never one per request or per millisecond.
+        let calls = h.calls.load(Ordering::SeqCst);
+        assert!((3..=12).contains(&calls), "{calls} calls");
+        assert!(matches!(
+            cache.status().state,
+            SealState::ServingStale { .. }
+        ));
+    }
+
+    #[test]
+    fn a_hanging_call_times_out_and_never_overlaps_another() {
+        let (p, h) = scripted(vec![
+            Step::Seed(6),
+            Step::Hang(Duration::from_millis(600)),
+            Step::Seed(7),
+        ]);
+        let cache = SeedCache::start(p, timing(30, 60_000)).unwrap();
+        let core = CoreKey::new(cache.clone());
+        eventually("the hang is counted as a timeout", || {
+            cache.status().calls.timed_out >= 1
+        });
+        assert_eq!(
+            core.get().map(|k| fill_of(&k)),
+            Some(6),
+            "the old key serves meanwhile"
+        );
+        // The hung call's late answer is taken; then the next call gives seed 7.
+        eventually("the next seed", || {
+            core.get().map(|k| fill_of(&k)) == Some(7)
+        });
+        assert_eq!(
+            h.max_concurrent.load(Ordering::SeqCst),
+            1,
+            "one call at a time"
+        );
+    }
+
+    #[test]
+    fn seal_drops_the_key_at_once_and_unseal_brings_it_back() {
+        let (p, _h) = scripted(vec![Step::Seed(8)]);
+        let cache = SeedCache::start(p, timing(60_000, 60_000)).unwrap();
+        let core = CoreKey::new(cache.clone());
+        assert!(core.get().is_some());
+        cache.seal();
+        assert!(core.get().is_none(), "sealed for the very next request");
+        eventually("sealed by the operator", || {
+            matches!(cache.status().state, SealState::SealedByOperator { .. })
+        });
+        core.refresh();
+        assert!(core.key.borrow().is_none(), "the core dropped its copy");
+        assert!(cache.status().key_unsealed_ms.is_none());
+        cache.unseal();
+        eventually("unsealed", || core.get().is_some());
+    }
+
+    #[test]
+    fn a_first_unseal_that_fails_fails_the_start() {
+        let (p, _h) = scripted(vec![Step::Fail]);
+        assert!(SeedCache::start(p, timing(1000, 1000)).is_err());
+        let (p, _h) = scripted(vec![Step::Hang(Duration::from_millis(300))]);
+        let e = SeedCache::start(p, timing(1000, 1000)).err().unwrap();
+        assert!(e.to_string().contains("did not answer"), "{e}");
+    }
+}
