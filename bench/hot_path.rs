@@ -20,7 +20,7 @@ fn body() -> DeriveBody {
 }
 
 fn kdf(c: &mut Criterion) {
-    let key = DerivationKey::new(&RootSeed::from_bytes([0x42; 32]));
+    let key = DerivationKey::new(&RootSeed::from_bytes([0x42; 32])).expect("locked memory");
     let asset = body().asset;
     let path = DerivationPath::parse(&body().path).unwrap();
     c.bench_function("kdf/derive (keyed once)", |b| {

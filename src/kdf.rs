@@ -11,10 +11,11 @@
 //! known-answer vectors and the command line. The HMAC is keyed once per seed
 //! ([`DerivationKey::new`]); each derivation clones the keyed state instead of re-keying.
 
+use crate::locked::{LockError, Locked};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use uuid::Uuid;
-use zeroize::{Zeroize, Zeroizing};
+use zeroize::Zeroizing;
 
 /// The KBKDF label of scheme v1.
 pub const LABEL_V1: &[u8; 17] = b"custody/derive/v1";
@@ -164,46 +165,37 @@ pub fn context_v1(
     ctx
 }
 
-/// HMAC-SHA256 keyed with the root seed, ready to derive. Keyed once per seed.
+/// HMAC-SHA256 keyed with the root seed, ready to derive. Keyed once per seed. The keyed
+/// state is as sensitive as the seed: it lives in locked, undumpable memory that is
+/// zeroized when the key is dropped ([`Locked`]).
 pub struct DerivationKey {
-    keyed: Hmac<Sha256>,
+    keyed: Locked<Hmac<Sha256>>,
 }
 
 impl DerivationKey {
-    pub fn new(seed: &RootSeed) -> DerivationKey {
+    /// Keys the HMAC with `seed`; fails only if memory cannot be locked.
+    pub fn new(seed: &RootSeed) -> Result<DerivationKey, LockError> {
         // HMAC accepts keys of any length; a 32-byte key cannot be refused.
         let keyed = match <Hmac<Sha256> as Mac>::new_from_slice(seed.expose()) {
             Ok(mac) => mac,
             Err(_) => unreachable!("HMAC-SHA256 takes keys of any length"),
         };
-        DerivationKey { keyed }
+        // `Hmac<Sha256>` is plain integers and byte arrays with no heap and no drop glue,
+        // as `Locked` requires; the stack copy is zeroized as it moves in.
+        Ok(DerivationKey {
+            keyed: Locked::new(keyed)?,
+        })
     }
 
     /// Derives the v1 key of `asset` at `counter` and `path`.
     pub fn derive(&self, asset: &Uuid, counter: u64, path: &DerivationPath) -> DerivedKey {
-        let mut mac = self.keyed.clone();
+        let mut mac = (*self.keyed).clone();
         mac.update(&KBKDF_COUNTER_1);
         mac.update(LABEL_V1);
         mac.update(&[0x00]);
         mac.update(&context_v1(asset, counter, path));
         mac.update(&KBKDF_L_256);
         Zeroizing::new(mac.finalize().into_bytes().into())
-    }
-}
-
-impl Drop for DerivationKey {
-    fn drop(&mut self) {
-        // The keyed state is as sensitive as the seed. `Hmac<Sha256>` is plain integers and
-        // byte arrays with no heap and no drop glue of its own, so all-zero bytes are a valid
-        // value of it; overwrite them before the memory is released.
-        let size = std::mem::size_of::<Hmac<Sha256>>();
-        // SAFETY: the pointer is valid for `size` bytes for the lifetime of `&mut self`, any
-        // byte pattern of zeros is a valid `Hmac<Sha256>` (see above), and nothing reads the
-        // value after drop.
-        let bytes = unsafe {
-            std::slice::from_raw_parts_mut(&mut self.keyed as *mut Hmac<Sha256> as *mut u8, size)
-        };
-        bytes.zeroize();
     }
 }
 
@@ -274,7 +266,7 @@ mod tests {
 
     #[test]
     fn keyed_once_equals_keyed_each_time() {
-        let key = DerivationKey::new(&seed());
+        let key = DerivationKey::new(&seed()).unwrap();
         let asset = Uuid::parse_str("6ba7b810-9dad-11d1-80b4-00c04fd430c8").unwrap();
         let path = DerivationPath::parse("m/44'/60'/1'/0'/3").unwrap();
         let mut fresh = <Hmac<Sha256> as Mac>::new_from_slice(seed().expose()).unwrap();
@@ -306,7 +298,7 @@ mod tests {
     fn errata_flaw_1_is_not_repeated() {
         // The article fed path ‖ decimal(counter): ".../12" with counter 3 collided with
         // ".../1" with counter 23. The fixed-layout context keeps them apart.
-        let key = DerivationKey::new(&seed());
+        let key = DerivationKey::new(&seed()).unwrap();
         let asset = Uuid::from_bytes([2; 16]);
         let a = DerivationPath::parse("m/44'/0'/0'/0'/12").unwrap();
         let b = DerivationPath::parse("m/44'/0'/0'/0'/1").unwrap();
@@ -318,7 +310,7 @@ mod tests {
         let s = seed();
         assert_eq!(format!("{s:?}"), "RootSeed(<redacted>)");
         assert_eq!(
-            format!("{:?}", DerivationKey::new(&s)),
+            format!("{:?}", DerivationKey::new(&s).unwrap()),
             "DerivationKey(<redacted>)"
         );
     }

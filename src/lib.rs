@@ -22,6 +22,7 @@
 //!   an HSM, `custody init`), the sealed-seed file, and the `dev` provider.
 //!
 //! Around the request path: [`config`] (two-stage TOML), [`bounds`] (hard caps),
+//! [`locked`] (locked, undumpable, zeroizing memory for the keyed state),
 //! [`signal`] (lock-free wake-ups between tasks of one core),
 //! [`client`] (the tokio client library the CLI and the load harness use).
 
@@ -31,6 +32,7 @@ pub mod client;
 pub mod config;
 pub mod kdf;
 pub mod lifecycle;
+pub mod locked;
 pub mod net;
 pub mod policy;
 pub mod router;

@@ -37,6 +37,8 @@ pub enum SealError {
     Sealed(String),
     #[error(transparent)]
     Blob(#[from] blob::BlobError),
+    #[error(transparent)]
+    Memory(#[from] crate::locked::LockError),
     #[error("{path}: {reason}")]
     Import { path: PathBuf, reason: String },
 }

@@ -83,7 +83,7 @@ fn frame(opcode: u8, request_id: u64, body: &[u8]) -> Vec<u8> {
 }
 
 fn local_key(app: &TestAppliance) -> DerivationKey {
-    DerivationKey::new(&RootSeed::from_bytes(app.seed()))
+    DerivationKey::new(&RootSeed::from_bytes(app.seed())).expect("locked memory")
 }
 
 // ---------------------------------------------------------------- TLS edge

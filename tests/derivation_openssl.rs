@@ -71,8 +71,9 @@ fn doc_vectors_match_custody_kdf() {
             "{DOC_PATH}:{}: the doc's context is not the spec's layout",
             v.line_no
         );
-        let key =
-            DerivationKey::new(&RootSeed::from_bytes(v.seed)).derive(&v.asset, v.counter, &v.path);
+        let key = DerivationKey::new(&RootSeed::from_bytes(v.seed))
+            .unwrap()
+            .derive(&v.asset, v.counter, &v.path);
         assert_eq!(
             hex(key.as_slice()),
             hex(&v.key),
@@ -239,7 +240,9 @@ fn seeded_sweep_matches_openssl_kbkdf() {
             hex(&context),
             "case {case}: context_v1 is not the spec's layout"
         );
-        let ours = DerivationKey::new(&RootSeed::from_bytes(seed)).derive(&asset, counter, &path);
+        let ours = DerivationKey::new(&RootSeed::from_bytes(seed))
+            .unwrap()
+            .derive(&asset, counter, &path);
         let theirs = openssl_kbkdf(&openssl, &seed, &context);
         assert_eq!(
             hex(ours.as_slice()),

@@ -151,7 +151,7 @@ impl SeedCache {
             operator_sealed: false,
         };
         match sup.call() {
-            Some(Ok(seed)) => sup.publish(&seed),
+            Some(Ok(seed)) => sup.publish(&seed)?,
             Some(Err(e)) => return Err(e),
             None => {
                 return Err(SealError::Hsm(format!(
@@ -290,8 +290,10 @@ impl Supervisor {
         }
     }
 
-    fn publish(&mut self, seed: &RootSeed) {
-        let key = Arc::new(DerivationKey::new(seed));
+    /// Keys a new derivation state from `seed` and makes it the one cores serve. Fails
+    /// (changing nothing) only if locked memory cannot be had.
+    fn publish(&mut self, seed: &RootSeed) -> Result<(), SealError> {
+        let key = Arc::new(DerivationKey::new(seed)?);
         let now = Instant::now();
         self.fresh_until = Some(now + self.timing.ttl);
         self.failures = 0;
@@ -308,6 +310,14 @@ impl Supervisor {
             s.key_unsealed_ms = Some(clock_ms());
         }
         self.cache.set_state(SealState::Unsealed);
+        Ok(())
+    }
+
+    /// Publishes `seed`, or counts the failure.
+    fn take(&mut self, seed: &RootSeed) {
+        if let Err(e) = self.publish(seed) {
+            self.failed(e.to_string(), false);
+        }
     }
 
     fn drop_key(&mut self, state: SealState) {
@@ -373,7 +383,7 @@ impl Supervisor {
             lock(&self.cache.status).in_flight = 0;
             if let Ok(seed) = result {
                 if !self.operator_sealed {
-                    self.publish(&seed);
+                    self.take(&seed);
                 }
             }
         }
@@ -421,7 +431,7 @@ impl Supervisor {
                 && !self.worker.in_flight;
             if due {
                 match self.call() {
-                    Some(Ok(seed)) => self.publish(&seed),
+                    Some(Ok(seed)) => self.take(&seed),
                     Some(Err(e)) => self.failed(e.to_string(), false),
                     None => self.failed(
                         format!(
@@ -591,7 +601,9 @@ mod tests {
         let got = key.derive(&asset, 0, &path);
         (0..=255u8)
             .find(|b| {
-                *DerivationKey::new(&RootSeed::from_bytes([*b; SEED_LEN])).derive(&asset, 0, &path)
+                *DerivationKey::new(&RootSeed::from_bytes([*b; SEED_LEN]))
+                    .unwrap()
+                    .derive(&asset, 0, &path)
                     == *got
             })
             .expect("a scripted seed")
