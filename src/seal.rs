@@ -9,6 +9,13 @@
 pub mod blob;
 pub mod cache;
 pub mod pkcs11;
+pub mod slot;
+
+/// The synchronisation primitives [`slot`] is written against (loom swaps these).
+pub(crate) mod sync {
+    pub use std::sync::atomic::{AtomicU64, Ordering};
+    pub use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+}
 
 use crate::config::SealConfig;
 use crate::kdf::{RootSeed, SEED_LEN};

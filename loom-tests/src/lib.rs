@@ -1,4 +1,4 @@
-//! `src/store/handoff.rs`, compiled against loom's primitives.
+//! `src/store/handoff.rs` and `src/seal/slot.rs`, compiled against loom's primitives.
 //!
 //! The module file is the appliance's own, included by path: inside it, `super::sync`
 //! resolves to this crate root's `sync`, which re-exports loom's `Arc`, `Condvar`, `Mutex`
@@ -6,8 +6,12 @@
 
 /// The synchronisation primitives `handoff` is written against: loom's here.
 pub(crate) mod sync {
+    pub use loom::sync::atomic::{AtomicU64, Ordering};
     pub use loom::sync::{Arc, Condvar, Mutex, MutexGuard};
 }
 
 #[path = "../../src/store/handoff.rs"]
 pub mod handoff;
+
+#[path = "../../src/seal/slot.rs"]
+pub mod slot;

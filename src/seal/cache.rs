@@ -24,11 +24,11 @@
 //! Readers never see a half-made key: a key is built whole, then published as an `Arc`
 //! under a mutex that only the supervisor and a core whose generation is behind take.
 
+use super::slot::{KeySlot, Mailbox, Reader};
 use super::SealError;
 use crate::kdf::{DerivationKey, RootSeed};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 /// How often each core refreshes its copy of the key even without requests, so a sealed
@@ -95,22 +95,12 @@ pub fn clock_ms() -> u64 {
     EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64
 }
 
-#[derive(Default)]
-struct Commands {
-    seal: bool,
-    unseal: bool,
-    stop: bool,
-}
-
 /// The shared cache. Cores read it through a [`CoreKey`].
 pub struct SeedCache {
-    key: Mutex<Option<Arc<DerivationKey>>>,
-    generation: AtomicU64,
-    /// The key may serve until this instant (process clock, ms); 0 = sealed.
-    serve_until_ms: AtomicU64,
+    /// The key and until when it may serve (process clock, ms).
+    slot: KeySlot<DerivationKey>,
     status: Mutex<CacheStatus>,
-    commands: Mutex<Commands>,
-    wake: Condvar,
+    mailbox: Mailbox,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -126,9 +116,7 @@ impl SeedCache {
     ) -> Result<Arc<SeedCache>, SealError> {
         let worker = Worker::spawn(provider)?;
         let cache = Arc::new(SeedCache {
-            key: Mutex::new(None),
-            generation: AtomicU64::new(0),
-            serve_until_ms: AtomicU64::new(0),
+            slot: KeySlot::default(),
             status: Mutex::new(CacheStatus {
                 state: SealState::SealedByFailure {
                     since_ms: clock_ms(),
@@ -138,8 +126,7 @@ impl SeedCache {
                 key_unsealed_ms: None,
                 in_flight: 0,
             }),
-            commands: Mutex::new(Commands::default()),
-            wake: Condvar::new(),
+            mailbox: Mailbox::default(),
         });
         let mut sup = Supervisor {
             cache: cache.clone(),
@@ -169,10 +156,7 @@ impl SeedCache {
 
     /// The key now, if one may serve.
     pub fn current(&self) -> Option<Arc<DerivationKey>> {
-        if clock_ms() >= self.serve_until_ms.load(Ordering::Acquire) {
-            return None;
-        }
-        lock(&self.key).clone()
+        self.slot.current(clock_ms())
     }
 
     pub fn status(&self) -> CacheStatus {
@@ -182,16 +166,15 @@ impl SeedCache {
     /// Drops the key at once (cores drop their copies within [`CORE_KEY_REFRESH`]); no
     /// refresh happens until [`SeedCache::unseal`].
     pub fn seal(&self) {
-        self.serve_until_ms.store(0, Ordering::Release);
-        lock(&self.commands).seal = true;
-        self.wake.notify_all();
+        // Stop serving now; the seal thread takes the key out and zeroizes it.
+        drop(self.slot.clear());
+        self.mailbox.post(|c| c.seal = true);
     }
 
     /// Asks for an unseal through the provider now (after an operator's seal, or to
     /// retry at once).
     pub fn unseal(&self) {
-        lock(&self.commands).unseal = true;
-        self.wake.notify_all();
+        self.mailbox.post(|c| c.unseal = true);
     }
 
     fn set_state(&self, state: SealState) {
@@ -218,8 +201,7 @@ impl SeedCache {
 
 impl Drop for SeedCache {
     fn drop(&mut self) {
-        lock(&self.commands).stop = true;
-        self.wake.notify_all();
+        self.mailbox.post(|c| c.stop = true);
     }
 }
 
@@ -298,12 +280,11 @@ impl Supervisor {
         self.fresh_until = Some(now + self.timing.ttl);
         self.failures = 0;
         self.breaker_until = None;
-        *lock(&self.cache.key) = Some(key);
         let serve_until = clock_ms() + (self.timing.ttl + self.timing.max_stale).as_millis() as u64;
-        self.cache
-            .serve_until_ms
-            .store(serve_until.max(1), Ordering::Release);
-        self.cache.generation.fetch_add(1, Ordering::AcqRel);
+        // The previous key (if any) is dropped, and zeroized, here or by the last core
+        // that still holds it, within CORE_KEY_REFRESH.
+        drop(self.cache.slot.clear());
+        self.cache.slot.publish(key, serve_until);
         {
             let mut s = lock(&self.cache.status);
             s.calls.ok += 1;
@@ -321,10 +302,7 @@ impl Supervisor {
     }
 
     fn drop_key(&mut self, state: SealState) {
-        self.cache.serve_until_ms.store(0, Ordering::Release);
-        let old = lock(&self.cache.key).take();
-        self.cache.generation.fetch_add(1, Ordering::AcqRel);
-        drop(old);
+        drop(self.cache.slot.clear());
         self.fresh_until = None;
         lock(&self.cache.status).key_unsealed_ms = None;
         self.cache.set_state(state);
@@ -358,7 +336,7 @@ impl Supervisor {
                 }
             }
             _ => {
-                if lock(&self.cache.key).is_some() {
+                if self.cache.slot.has_key() {
                     self.drop_key(SealState::SealedByFailure {
                         since_ms: clock_ms(),
                         reason,
@@ -391,13 +369,8 @@ impl Supervisor {
 
     fn run(mut self) {
         loop {
-            let (seal, unseal, stop) = {
-                let mut c = lock(&self.cache.commands);
-                let taken = (c.seal, c.unseal, c.stop);
-                c.seal = false;
-                c.unseal = false;
-                taken
-            };
+            let commands = self.cache.mailbox.take();
+            let (seal, unseal, stop) = (commands.seal, commands.unseal, commands.stop);
             if stop {
                 self.drop_key(SealState::SealedByOperator {
                     since_ms: clock_ms(),
@@ -459,13 +432,7 @@ impl Supervisor {
                 next = next.min(now + Duration::from_millis(20));
             }
             let wait = next.saturating_duration_since(Instant::now());
-            let c = lock(&self.cache.commands);
-            if !(c.seal || c.unseal || c.stop) {
-                let _ = self
-                    .cache
-                    .wake
-                    .wait_timeout(c, wait.max(Duration::from_millis(1)));
-            }
+            self.cache.mailbox.wait(wait.max(Duration::from_millis(1)));
         }
     }
 }
@@ -474,37 +441,32 @@ impl Supervisor {
 /// One atomic load per request; the mutex only when the generation moved.
 pub struct CoreKey {
     cache: Arc<SeedCache>,
-    generation: std::cell::Cell<u64>,
-    key: std::cell::RefCell<Option<Arc<DerivationKey>>>,
+    reader: std::cell::RefCell<Reader<DerivationKey>>,
 }
 
 impl CoreKey {
     pub fn new(cache: Arc<SeedCache>) -> CoreKey {
         let core = CoreKey {
-            generation: std::cell::Cell::new(u64::MAX),
-            key: std::cell::RefCell::new(None),
+            reader: std::cell::RefCell::new(Reader::default()),
             cache,
         };
         core.refresh();
         core
     }
 
-    /// Takes the cache's key if it changed since the last call.
+    /// Takes the cache's key if it changed since the last call (and drops a sealed one).
     pub fn refresh(&self) {
-        let g = self.cache.generation.load(Ordering::Acquire);
-        if g != self.generation.get() {
-            *self.key.borrow_mut() = lock(&self.cache.key).clone();
-            self.generation.set(g);
-        }
+        self.reader.borrow_mut().refresh(&self.cache.slot);
     }
 
     /// The key to derive with now, or `None` (answer SEALED).
     pub fn get(&self) -> Option<Arc<DerivationKey>> {
-        self.refresh();
-        if clock_ms() >= self.cache.serve_until_ms.load(Ordering::Acquire) {
-            return None;
-        }
-        self.key.borrow().clone()
+        self.reader.borrow_mut().get(&self.cache.slot, clock_ms())
+    }
+
+    /// Whether this core still holds a copy of a key.
+    pub fn holds_key(&self) -> bool {
+        self.reader.borrow().holds()
     }
 
     pub fn cache(&self) -> &Arc<SeedCache> {
@@ -516,7 +478,7 @@ impl CoreKey {
 mod tests {
     use super::*;
     use crate::kdf::{DerivationPath, SEED_LEN};
-    use std::sync::atomic::AtomicU32;
+    use std::sync::atomic::{AtomicU32, Ordering};
 
     /// What the scripted provider does on each call.
     #[derive(Clone, Copy, Debug)]
@@ -711,7 +673,7 @@ mod tests {
             matches!(cache.status().state, SealState::SealedByOperator { .. })
         });
         core.refresh();
-        assert!(core.key.borrow().is_none(), "the core dropped its copy");
+        assert!(!core.holds_key(), "the core dropped its copy");
         assert!(cache.status().key_unsealed_ms.is_none());
         cache.unseal();
         eventually("unsealed", || core.get().is_some());
