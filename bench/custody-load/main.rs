@@ -45,6 +45,8 @@ OPTIONS:
   --postgres URL    (demo) use PostgreSQL at URL (e.g. postgresql://root@127.0.0.1/test)
                     instead of the embedded store: a fresh database is made, migrated,
                     verified and dropped
+  --seal-ttl S      (demo) the seed cache's TTL (seal.cache_ttl_s; default 300): the
+                    report counts the refreshes through the seal provider in the window
   --json            print the report as JSON";
 
 /// A request that has not answered after this long counts as an error (TIMEOUT).
@@ -61,6 +63,7 @@ struct Options {
     cores: Option<usize>,
     state_dir: Option<PathBuf>,
     postgres: Option<String>,
+    seal_ttl: Option<u64>,
     addr: Option<SocketAddr>,
     certs: Option<PathBuf>,
     verify_db: Option<PathBuf>,
@@ -89,6 +92,7 @@ fn real_main() -> anyhow::Result<i32> {
         cores: None,
         state_dir: None,
         postgres: None,
+        seal_ttl: None,
         addr: None,
         certs: None,
         verify_db: None,
@@ -107,6 +111,7 @@ fn real_main() -> anyhow::Result<i32> {
             Long("cores") => o.cores = Some(p.value()?.parse()?),
             Long("state-dir") => o.state_dir = Some(p.value()?.into()),
             Long("postgres") => o.postgres = Some(p.value()?.string()?),
+            Long("seal-ttl") => o.seal_ttl = Some(p.value()?.parse()?),
             Long("addr") => o.addr = Some(p.value()?.parse()?),
             Long("certs") => o.certs = Some(p.value()?.into()),
             Long("verify-db") => o.verify_db = Some(p.value()?.into()),
@@ -184,11 +189,15 @@ fn demo(o: Options) -> anyhow::Result<i32> {
         ),
         None => String::new(),
     };
+    let seal_section = match o.seal_ttl {
+        Some(ttl) => format!("\n[seal]\ncache_ttl_s = {ttl}\n"),
+        None => String::new(),
+    };
     let config = dir.join("custody.toml");
     std::fs::write(
         &config,
         format!(
-            "# written by custody-load demo\n[server]\nlisten = \"{addr}\"\ncores = {}\nstate_dir = \"{}\"\nlog_level = \"info\"\nstats_log_interval_s = 1\n\n[tls]\ncert = \"certs/server.pem\"\nkey = \"certs/server.key\"\nclient_ca = \"certs/ca.pem\"\n\n{store_section}",
+            "# written by custody-load demo\n[server]\nlisten = \"{addr}\"\ncores = {}\nstate_dir = \"{}\"\nlog_level = \"info\"\nstats_log_interval_s = 1\n\n[tls]\ncert = \"certs/server.pem\"\nkey = \"certs/server.key\"\nclient_ca = \"certs/ca.pem\"\n\n{store_section}{seal_section}",
             o.cores.unwrap_or(0),
             dir.display()
         ),
@@ -239,6 +248,7 @@ fn demo(o: Options) -> anyhow::Result<i32> {
     // The last second's figures are logged a moment after the run ends.
     std::thread::sleep(Duration::from_millis(1100));
     report.commits = commit_figures(&dir.join("custodyd.stderr"), report.measured_unix_ms);
+    report.seal_refreshes = seal_refreshes(&dir.join("custodyd.stderr"), report.measured_unix_ms);
     let audit = match &database {
         Some(db) => AuditSource::Postgres(db.config.clone()),
         None => AuditSource::Sqlite(dir.join("custody.db")),
@@ -316,6 +326,24 @@ struct Report {
     measured_unix_ms: (u64, u64),
     /// The appliance's group-commit figures in the window (demo only).
     commits: Option<CommitFigures>,
+    /// Refreshes of the seed cache through the seal provider in the window (demo only).
+    seal_refreshes: Option<usize>,
+}
+
+/// Counts the appliance's `seed cache: refreshed` log lines whose `at_ms` falls in `window`.
+fn seal_refreshes(log: &Path, window: (u64, u64)) -> Option<usize> {
+    let text = std::fs::read_to_string(log).ok()?;
+    Some(
+        text.lines()
+            .filter(|l| l.contains("seed cache: refreshed"))
+            .filter_map(|l| {
+                l.split_whitespace()
+                    .find_map(|kv| kv.strip_prefix("at_ms="))
+                    .and_then(|v| v.parse::<u64>().ok())
+            })
+            .filter(|at| (window.0..=window.1).contains(at))
+            .count(),
+    )
 }
 
 /// Group commit as the appliance saw it during the measured window, read from its
@@ -590,6 +618,7 @@ fn drive(o: &Options, addr: SocketAddr, certs: &Path, seed: u64) -> anyhow::Resu
             measured_from_unix_ms + measured_elapsed.as_millis() as u64,
         ),
         commits: None,
+        seal_refreshes: None,
     })
 }
 
@@ -675,6 +704,7 @@ fn finish(o: &Options, report: Report, audit: Option<AuditSource>) -> anyhow::Re
                 "batch_records": { "p50": c.batch_p50, "p99": c.batch_p99, "max": c.batch_max },
                 "commit_ms": { "p50": c.commit_p50_ms, "p99": c.commit_p99_ms, "max": c.commit_max_ms },
             })),
+            "seal_refreshes": report.seal_refreshes,
             "audit": audit.as_ref().map(|a| serde_json::json!({
                 "acknowledged": a.acknowledged, "found": a.found, "missing": a.missing, "mismatched": a.mismatched,
             })),
@@ -724,6 +754,11 @@ fn finish(o: &Options, report: Report, audit: Option<AuditSource>) -> anyhow::Re
                 c.commit_p50_ms,
                 c.commit_p99_ms,
                 c.commit_max_ms
+            );
+        }
+        if let Some(n) = report.seal_refreshes {
+            println!(
+                "  seal        {n} refreshes of the seed cache through the provider in the window"
             );
         }
         match &audit {

@@ -290,6 +290,10 @@ impl Supervisor {
             s.calls.ok += 1;
             s.key_unsealed_ms = Some(clock_ms());
         }
+        tracing::info!(
+            at_ms = crate::audit::now_ms(),
+            "seed cache: refreshed through the provider"
+        );
         self.cache.set_state(SealState::Unsealed);
         Ok(())
     }
