@@ -212,23 +212,28 @@ fn read_dev_seed(path: &Path) -> Result<RootSeed, SealError> {
     Ok(RootSeed::from_bytes(*seed))
 }
 
-/// Writes a new random development seed (mode 0600). Refuses to overwrite one.
-pub fn write_dev_seed(path: &Path) -> Result<(), SealError> {
+/// Writes `bytes` to a new file only its owner can read (mode 0600), flushed to disk.
+/// Never overwrites: an existing file is an `AlreadyExists` error.
+pub(crate) fn write_private_new(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let mut seed = Zeroizing::new([0u8; SEED_LEN]);
-    getrandom::fill(&mut seed[..]).map_err(|e| SealError::Random(e.to_string()))?;
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
-        .open(path)
-        .map_err(|e| match e.kind() {
-            std::io::ErrorKind::AlreadyExists => SealError::Exists(path.to_owned()),
-            _ => file_err(path, e),
-        })?;
-    file.write_all(&seed[..]).map_err(|e| file_err(path, e))?;
-    file.sync_all().map_err(|e| file_err(path, e))
+        .open(path)?;
+    file.write_all(bytes)?;
+    file.sync_all()
+}
+
+/// Writes a new random development seed (mode 0600). Refuses to overwrite one.
+pub fn write_dev_seed(path: &Path) -> Result<(), SealError> {
+    let mut seed = Zeroizing::new([0u8; SEED_LEN]);
+    getrandom::fill(&mut seed[..]).map_err(|e| SealError::Random(e.to_string()))?;
+    write_private_new(path, &seed[..]).map_err(|e| match e.kind() {
+        std::io::ErrorKind::AlreadyExists => SealError::Exists(path.to_owned()),
+        _ => file_err(path, e),
+    })
 }
 
 #[cfg(test)]

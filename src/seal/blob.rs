@@ -121,24 +121,14 @@ impl SealedSeed {
 
     /// Writes the sealed seed (mode 0600, flushed to disk); never overwrites a file.
     pub fn write_new(&self, path: &Path) -> Result<(), BlobError> {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
         let shown = path.display().to_string();
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(path)
-            .map_err(|e| match e.kind() {
-                std::io::ErrorKind::AlreadyExists => BlobError::Exists(shown.clone()),
-                _ => BlobError::Io(format!("{shown}: {e}")),
-            })?;
         let mut text = serde_json::to_string_pretty(self)
             .map_err(|e| BlobError::Io(format!("{shown}: {e}")))?;
         text.push('\n');
-        file.write_all(text.as_bytes())
-            .and_then(|()| file.sync_all())
-            .map_err(|e| BlobError::Io(format!("{shown}: {e}")))
+        super::write_private_new(path, text.as_bytes()).map_err(|e| match e.kind() {
+            std::io::ErrorKind::AlreadyExists => BlobError::Exists(shown.clone()),
+            _ => BlobError::Io(format!("{shown}: {e}")),
+        })
     }
 }
 
