@@ -165,6 +165,10 @@ pub fn context_v1(
     ctx
 }
 
+// SAFETY: `Hmac<Sha256>` is integers and byte arrays (the two SHA-256 block states and
+// buffers): no heap, no drop glue, all-zero bytes a valid value, alignment of a u64.
+unsafe impl crate::locked::Plain for Hmac<Sha256> {}
+
 /// HMAC-SHA256 keyed with the root seed, ready to derive. Keyed once per seed. The keyed
 /// state is as sensitive as the seed: it lives in locked, undumpable memory that is
 /// zeroized when the key is dropped ([`Locked`]).

@@ -18,6 +18,16 @@ pub enum LockError {
     Lock(String),
 }
 
+/// Plain data: no heap, no drop glue, all-zero bytes a valid value, alignment within a
+/// page. Only such types may live in [`Locked`].
+///
+/// # Safety
+/// Implement it only for types with those properties.
+pub unsafe trait Plain {}
+
+// SAFETY: byte arrays are plain.
+unsafe impl<const N: usize> Plain for [u8; N] {}
+
 /// A `T` in locked, undumpable, zeroize-on-drop memory.
 pub struct Locked<T> {
     ptr: NonNull<T>,
@@ -40,14 +50,18 @@ fn page_size() -> usize {
     }
 }
 
-impl<T> Locked<T> {
+impl<T: Plain> Locked<T> {
     /// Moves `value` into locked memory and zeroizes the place it came from.
-    ///
-    /// `T` must be plain data as the module says; this is checked only by the callers'
-    /// types (`[u8; N]`, `Hmac<Sha256>`).
     pub fn new(mut value: T) -> Result<Locked<T>, LockError> {
+        const { assert!(!std::mem::needs_drop::<T>(), "Locked holds plain data only") };
         let size = std::mem::size_of::<T>().max(1);
         let page = page_size();
+        if std::mem::align_of::<T>() > page {
+            wipe(&mut value);
+            return Err(LockError::Map(
+                "the value's alignment exceeds a page".into(),
+            ));
+        }
         let len = size.div_ceil(page) * page;
         // SAFETY: an anonymous private mapping of `len` bytes; the result is checked.
         let addr = unsafe {
@@ -91,8 +105,29 @@ impl<T> Locked<T> {
     }
 }
 
+/// Makes this process undumpable: no core file (`RLIMIT_CORE` 0) and not dumpable
+/// (`PR_SET_DUMPABLE` 0, which also keeps other processes of the same user from attaching
+/// to it or reading its memory). For the appliance, which holds the keyed state; the
+/// pages of [`Locked`] are left out of dumps anyway.
+pub fn forbid_core_dumps() -> std::io::Result<()> {
+    let none = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain system calls with valid arguments.
+    unsafe {
+        if libc::setrlimit(libc::RLIMIT_CORE, &none) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
 /// Overwrites a plain value's bytes with zeros (volatile, so it is not optimised away).
-fn wipe<T>(value: &mut T) {
+fn wipe<T: Plain>(value: &mut T) {
     let size = std::mem::size_of::<T>();
     // SAFETY: `value` is valid for `size` bytes; all-zero bytes are a valid `T` for the
     // plain types this module takes.

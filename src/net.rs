@@ -345,15 +345,16 @@ fn dispatch(
     .detach();
 }
 
-/// SEALED, saying why.
+/// SEALED. The reason is for operators (the appliance logs it); a client learns only
+/// which kind of seal, never the provider's details (paths, labels, token errors).
 fn sealed_refusal(cache: &SeedCache) -> Refusal {
     let why = match cache.status().state {
-        SealState::SealedByOperator { .. } => "the seed is sealed by an operator".to_owned(),
-        SealState::SealedByFailure { reason, .. } => {
-            format!("the seed is sealed: the provider could not refresh it ({reason})")
+        SealState::SealedByOperator { .. } => "the seed is sealed by an operator",
+        SealState::SealedByFailure { .. } => {
+            "the seed is sealed: its provider could not be reached (see the appliance's log)"
         }
         SealState::Unsealed | SealState::ServingStale { .. } => {
-            "the seed is sealed (its cached key expired)".to_owned()
+            "the seed is sealed: its cached key expired"
         }
     };
     Refusal::new(Status::Sealed, why)

@@ -57,40 +57,83 @@ fn file_err(path: &Path, e: impl ToString) -> SealError {
     }
 }
 
-/// Unseals the root seed with the configured provider.
+/// Unseals the root seed once with the configured provider (the appliance goes through
+/// the seed cache instead, which calls the same provider every TTL).
 pub fn unseal(config: &SealConfig) -> Result<RootSeed, SealError> {
-    match config {
-        SealConfig::Dev { seed_file } => read_dev_seed(seed_file),
-        SealConfig::Pkcs11 {
-            pkcs11,
-            sealed_seed_file,
-        } => {
-            let sealed = blob::SealedSeed::read(sealed_seed_file)?;
-            let hsm = pkcs11::Hsm::open(pkcs11)?;
-            let seed = hsm.unseal(&pkcs11.key_label, &sealed)?;
-            tracing::info!(
-                seed_id = %sealed.seed_id,
-                version = sealed.version,
-                fingerprint = %sealed.fingerprint,
-                token = %pkcs11.token_label,
-                "root seed unsealed by the HSM"
-            );
-            Ok(seed)
-        }
-    }
+    provider(config).unseal()
 }
 
 /// The configured provider, as the seed cache calls it (on its worker thread).
+///
+/// The seed may not change under a running appliance: every refresh must give the seed
+/// the first unseal gave (same fingerprint), so a sealed file swapped on disk for another
+/// one sealed by the same HSM key is refused, not served.
 pub fn provider(config: &SealConfig) -> Box<dyn cache::SealProvider> {
-    struct Configured(SealConfig);
-    impl cache::SealProvider for Configured {
-        fn unseal(&mut self) -> Result<RootSeed, SealError> {
-            // A fresh session per call: nothing of the token stays open between refreshes,
-            // and a restarted HSM is simply found again.
-            unseal(&self.0)
+    Box::new(Configured {
+        config: config.clone(),
+        module: None,
+        first: None,
+    })
+}
+
+struct Configured {
+    config: SealConfig,
+    /// The PKCS#11 module, loaded and initialised once and kept for the process (a
+    /// module is not unloaded under its own background threads); a new session per call.
+    module: Option<cryptoki::context::Pkcs11>,
+    /// The fingerprint of the seed of the first unseal.
+    first: Option<String>,
+}
+
+impl cache::SealProvider for Configured {
+    fn unseal(&mut self) -> Result<RootSeed, SealError> {
+        let seed = match &self.config {
+            SealConfig::Dev { seed_file } => read_dev_seed(seed_file)?,
+            SealConfig::Pkcs11 {
+                pkcs11,
+                sealed_seed_file,
+            } => {
+                let sealed = blob::SealedSeed::read(sealed_seed_file)?;
+                if self.module.is_none() {
+                    self.module = Some(pkcs11::Hsm::load(pkcs11)?);
+                }
+                let module = self.module.as_ref().expect("loaded above");
+                let opened = pkcs11::Hsm::open_with(module, pkcs11)
+                    .and_then(|hsm| hsm.unseal(&pkcs11.key_label, &sealed));
+                match opened {
+                    Ok(seed) => {
+                        tracing::info!(
+                            seed_id = %sealed.seed_id,
+                            version = sealed.version,
+                            fingerprint = %sealed.fingerprint,
+                            token = %pkcs11.token_label,
+                            "root seed unsealed by the HSM"
+                        );
+                        seed
+                    }
+                    Err(e) => {
+                        // Start from a freshly loaded module next time (a token that was
+                        // removed or a module that lost its state).
+                        if let Some(m) = self.module.take() {
+                            let _ = m.finalize();
+                        }
+                        return Err(e);
+                    }
+                }
+            }
+        };
+        let fingerprint = blob::fingerprint(&seed);
+        match &self.first {
+            None => self.first = Some(fingerprint),
+            Some(first) if *first != fingerprint => {
+                return Err(SealError::Sealed(format!(
+                    "the provider now gives a different seed (fingerprint {fingerprint}, this appliance started with {first}); refusing to switch seeds while running"
+                )))
+            }
+            Some(_) => {}
         }
+        Ok(seed)
     }
-    Box::new(Configured(config.clone()))
 }
 
 /// What `custody init` made: never the seed, only its names.

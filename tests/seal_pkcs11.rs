@@ -361,3 +361,41 @@ fn an_unreachable_hsm_serves_stale_then_seals_then_recovers_by_itself() {
     }
     assert!(app.is_running());
 }
+
+#[test]
+fn a_sealed_file_swapped_while_running_is_refused_not_served() {
+    let Some(hsm) = SoftHsm::new() else { return };
+    let timing = "cache_ttl_s = 1\nmax_stale_s = 1\nbreaker_failures = 1\nbreaker_open_ms = 100\n";
+    let mut app = hsm.appliance(timing);
+    assert!(init(&app, &[]).status.success());
+    // Another seed, sealed by the same key on the same token, beside it.
+    app.reconfigure(&hsm.seal_section(&format!("{timing}sealed_seed_file = \"other.json\"\n")));
+    assert!(init(&app, &[]).status.success());
+    app.reconfigure(&hsm.seal_section(timing));
+    app.launch();
+    let a = asset(2024);
+    let (_, key) = derive(&app, a, "m/44'/0'/0'/0'/5");
+
+    let dir = app.dir.path().to_owned();
+    std::fs::rename(dir.join("other.json"), dir.join("sealed-seed.json")).unwrap();
+    let started = std::time::Instant::now();
+    loop {
+        match try_derive(&app, a, "m/44'/0'/0'/0'/5") {
+            Ok(k) => assert_eq!(k, key, "never the swapped-in seed's key"),
+            Err(status) => {
+                assert_eq!(status, custody::wire::Status::Sealed);
+                break;
+            }
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(20),
+            "never sealed"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(
+        app.log().contains("refusing to switch seeds"),
+        "{}",
+        app.log()
+    );
+}

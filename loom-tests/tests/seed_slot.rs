@@ -33,13 +33,13 @@ const NOW: u64 = 0;
 fn a_reader_sees_whole_live_keys_while_the_seal_thread_replaces_and_clears_them() {
     loom::model(|| {
         let slot = Arc::new(KeySlot::<Secret>::default());
-        slot.publish(Arc::new(Secret { a: 1, b: 1 }), 10);
+        slot.publish(Arc::new(Secret { a: 1, b: 1 }), 10, slot.epoch());
         let writer = {
             let slot = slot.clone();
             thread::spawn(move || {
                 // A refresh, then a seal.
                 drop(slot.clear());
-                slot.publish(Arc::new(Secret { a: 2, b: 2 }), 10);
+                slot.publish(Arc::new(Secret { a: 2, b: 2 }), 10, slot.epoch());
                 drop(slot.clear());
             })
         };
@@ -60,7 +60,7 @@ fn a_reader_sees_whole_live_keys_while_the_seal_thread_replaces_and_clears_them(
 fn once_clear_returns_no_reader_gets_a_key() {
     loom::model(|| {
         let slot = Arc::new(KeySlot::<Secret>::default());
-        slot.publish(Arc::new(Secret { a: 7, b: 7 }), 10);
+        slot.publish(Arc::new(Secret { a: 7, b: 7 }), 10, slot.epoch());
         let cleared = Arc::new(AtomicBool::new(false));
         let writer = {
             let (slot, cleared) = (slot.clone(), cleared.clone());
@@ -79,6 +79,36 @@ fn once_clear_returns_no_reader_gets_a_key() {
         }
         drop(before);
         writer.join().unwrap();
+    });
+}
+
+#[test]
+fn an_unseal_that_started_before_a_seal_never_publishes_after_it() {
+    loom::model(|| {
+        let slot = Arc::new(KeySlot::<Secret>::default());
+        slot.publish(Arc::new(Secret { a: 1, b: 1 }), 10, slot.epoch());
+        let refresher = {
+            let slot = slot.clone();
+            thread::spawn(move || {
+                // The seal thread asks the provider (taking the epoch first), then publishes.
+                let epoch = slot.epoch();
+                let published = slot.publish(Arc::new(Secret { a: 2, b: 2 }), 10, epoch);
+                (epoch, published)
+            })
+        };
+        drop(slot.seal());
+        let (epoch, published) = refresher.join().unwrap();
+        if epoch == 0 {
+            // The refresh began before the seal: whether it published before the seal
+            // (then the seal removed it) or tried after (then it was refused), nothing
+            // serves now.
+            assert!(
+                slot.current(NOW).is_none(),
+                "a seal was undone (published {published})"
+            );
+        } else {
+            assert!(published, "a refresh begun after the seal may publish");
+        }
     });
 }
 

@@ -147,6 +147,12 @@ fn real_main() -> anyhow::Result<i32> {
                 // Colour codes only on a terminal, never in a file or the journal.
                 .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
                 .init();
+            // The process will hold the keyed derivation state: no core dumps, no
+            // same-user ptrace.
+            if let Err(e) = custody::locked::forbid_core_dumps() {
+                eprintln!("custodyd: cannot make the process undumpable: {e}");
+                return Ok(1);
+            }
             match custody::server::run(config) {
                 Ok(()) => Ok(0),
                 Err(e) => {

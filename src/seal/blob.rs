@@ -147,7 +147,7 @@ pub fn to_hex(bytes: &[u8]) -> String {
 }
 
 pub fn from_hex(text: &str) -> Option<Vec<u8>> {
-    if text.len() % 2 != 0 {
+    if text.len() % 2 != 0 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
         return None;
     }
     (0..text.len())
@@ -220,6 +220,7 @@ mod tests {
         assert!(b.iv_bytes().is_ok() && b.ciphertext_bytes().is_ok());
         b.iv = "zz".repeat(IV_LEN);
         assert!(b.iv_bytes().is_err());
+        assert_eq!(from_hex("+a"), None, "a sign is not a hex digit");
         b.ciphertext = "00".repeat(SEED_LEN);
         assert!(b.ciphertext_bytes().unwrap_err().contains("not 48"));
     }

@@ -136,9 +136,13 @@ impl SeedCache {
             breaker_until: None,
             fresh_until: None,
             operator_sealed: false,
+            call_epoch: 0,
         };
         match sup.call() {
-            Some(Ok(seed)) => sup.publish(&seed)?,
+            Some(Ok(seed)) => {
+                let epoch = sup.call_epoch;
+                sup.publish(&seed, epoch)?
+            }
             Some(Err(e)) => return Err(e),
             None => {
                 return Err(SealError::Hsm(format!(
@@ -166,15 +170,27 @@ impl SeedCache {
     /// Drops the key at once (cores drop their copies within [`CORE_KEY_REFRESH`]); no
     /// refresh happens until [`SeedCache::unseal`].
     pub fn seal(&self) {
-        // Stop serving now; the seal thread takes the key out and zeroizes it.
-        drop(self.slot.clear());
-        self.mailbox.post(|c| c.seal = true);
+        // Stop serving now, and let no unseal already under way publish after this.
+        drop(self.slot.seal());
+        self.mailbox.post(|c| {
+            c.seal = true;
+            c.unseal = false;
+        });
     }
 
     /// Asks for an unseal through the provider now (after an operator's seal, or to
     /// retry at once).
     pub fn unseal(&self) {
-        self.mailbox.post(|c| c.unseal = true);
+        self.mailbox.post(|c| {
+            c.unseal = true;
+            c.seal = false;
+        });
+    }
+
+    /// Stops the seal thread and drops the key (shutdown).
+    pub fn stop(&self) {
+        drop(self.slot.seal());
+        self.mailbox.post(|c| c.stop = true);
     }
 
     fn set_state(&self, state: SealState) {
@@ -196,12 +212,6 @@ impl SeedCache {
             }
         }
         s.state = state;
-    }
-}
-
-impl Drop for SeedCache {
-    fn drop(&mut self) {
-        self.mailbox.post(|c| c.stop = true);
     }
 }
 
@@ -243,6 +253,8 @@ struct Supervisor {
     /// The serving key's TTL ends here; `None` when there is no key.
     fresh_until: Option<Instant>,
     operator_sealed: bool,
+    /// The seal epoch when the call in flight was asked for.
+    call_epoch: u64,
 }
 
 impl Supervisor {
@@ -252,6 +264,7 @@ impl Supervisor {
         if self.worker.in_flight {
             return None;
         }
+        self.call_epoch = self.cache.slot.epoch();
         if self.worker.requests.send(()).is_err() {
             return Some(Err(SealError::Hsm("the unseal thread is gone".into())));
         }
@@ -272,19 +285,22 @@ impl Supervisor {
         }
     }
 
-    /// Keys a new derivation state from `seed` and makes it the one cores serve. Fails
-    /// (changing nothing) only if locked memory cannot be had.
-    fn publish(&mut self, seed: &RootSeed) -> Result<(), SealError> {
+    /// Keys a new derivation state from `seed` and makes it the one cores serve, unless
+    /// an operator sealed since `epoch` (then the seed is dropped). Fails (changing
+    /// nothing) only if locked memory cannot be had.
+    fn publish(&mut self, seed: &RootSeed, epoch: u64) -> Result<(), SealError> {
         let key = Arc::new(DerivationKey::new(seed)?);
         let now = Instant::now();
         self.fresh_until = Some(now + self.timing.ttl);
         self.failures = 0;
         self.breaker_until = None;
         let serve_until = clock_ms() + (self.timing.ttl + self.timing.max_stale).as_millis() as u64;
-        // The previous key (if any) is dropped, and zeroized, here or by the last core
-        // that still holds it, within CORE_KEY_REFRESH.
-        drop(self.cache.slot.clear());
-        self.cache.slot.publish(key, serve_until);
+        // The previous key (if any) is replaced without a gap; it is dropped, and
+        // zeroized, by the last core that still holds it, within CORE_KEY_REFRESH.
+        if !self.cache.slot.publish(key, serve_until, epoch) {
+            tracing::info!("seed cache: an unseal finished after an operator's seal; dropped");
+            return Ok(());
+        }
         {
             let mut s = lock(&self.cache.status);
             s.calls.ok += 1;
@@ -299,8 +315,8 @@ impl Supervisor {
     }
 
     /// Publishes `seed`, or counts the failure.
-    fn take(&mut self, seed: &RootSeed) {
-        if let Err(e) = self.publish(seed) {
+    fn take(&mut self, seed: &RootSeed, epoch: u64) {
+        if let Err(e) = self.publish(seed, epoch) {
             self.failed(e.to_string(), false);
         }
     }
@@ -365,7 +381,7 @@ impl Supervisor {
             lock(&self.cache.status).in_flight = 0;
             if let Ok(seed) = result {
                 if !self.operator_sealed {
-                    self.take(&seed);
+                    self.take(&seed, self.call_epoch);
                 }
             }
         }
@@ -383,6 +399,7 @@ impl Supervisor {
             }
             if seal {
                 self.operator_sealed = true;
+                self.breaker_until = None;
                 self.drop_key(SealState::SealedByOperator {
                     since_ms: clock_ms(),
                 });
@@ -402,13 +419,18 @@ impl Supervisor {
                     });
                 }
             }
+            // Refresh a little before the TTL ends, so a key serves on while the call runs.
+            let refresh_at =
+                |fresh: Instant| fresh.checked_sub(self.timing.hsm_timeout).unwrap_or(fresh);
             let due = !self.operator_sealed
-                && self.fresh_until.map_or(true, |fresh| now >= fresh)
+                && self
+                    .fresh_until
+                    .map_or(true, |fresh| now >= refresh_at(fresh))
                 && self.breaker_until.map_or(true, |open| now >= open)
                 && !self.worker.in_flight;
             if due {
                 match self.call() {
-                    Some(Ok(seed)) => self.take(&seed),
+                    Some(Ok(seed)) => self.take(&seed, self.call_epoch),
                     Some(Err(e)) => self.failed(e.to_string(), false),
                     None => self.failed(
                         format!(

@@ -88,8 +88,9 @@ fn hsm_err(what: &str, e: CkError) -> SealError {
 }
 
 impl Hsm {
-    /// Loads the module, finds the token by label and logs in as its user.
-    pub fn open(config: &Pkcs11Config) -> Result<Hsm, SealError> {
+    /// Loads the module and initialises it (once per process: an already initialised
+    /// module is fine).
+    pub fn load(config: &Pkcs11Config) -> Result<Pkcs11, SealError> {
         let module = &config.module;
         let ctx = Pkcs11::new(module).map_err(|e| {
             SealError::Hsm(format!(
@@ -98,9 +99,19 @@ impl Hsm {
             ))
         })?;
         match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
-            Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
-            Err(e) => return Err(hsm_err("C_Initialize", e)),
+            Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => Ok(ctx),
+            Err(e) => Err(hsm_err("C_Initialize", e)),
         }
+    }
+
+    /// Loads the module, finds the token by label and logs in as its user.
+    pub fn open(config: &Pkcs11Config) -> Result<Hsm, SealError> {
+        Hsm::open_with(&Hsm::load(config)?, config)
+    }
+
+    /// Finds the token by label in a loaded module and logs in as its user.
+    pub fn open_with(ctx: &Pkcs11, config: &Pkcs11Config) -> Result<Hsm, SealError> {
+        let module = &config.module;
         let mut found = Vec::new();
         let mut labels = Vec::new();
         for slot in ctx
@@ -326,6 +337,12 @@ impl Hsm {
             )));
         }
         let key = self.wrapping_key(key_label)?;
+        if sealed.key_label != key_label {
+            return Err(corrupt(format!(
+                "the sealed seed was sealed by key {:?}, but seal.pkcs11_key_label is {key_label:?}",
+                sealed.key_label
+            )));
+        }
         let mut iv = sealed.iv_bytes().map_err(corrupt)?;
         let ciphertext = sealed.ciphertext_bytes().map_err(corrupt)?;
         let aad = SealedSeed::aad(sealed.seed_id, sealed.version);
@@ -334,11 +351,21 @@ impl Hsm {
         let mut plain = self
             .session
             .decrypt(&Mechanism::AesGcm(params), key, &ciphertext)
-            .map_err(|e| {
-                corrupt(format!(
-                    "the sealed seed does not open with key {key_label:?} on token {:?} ({e}): it was altered, or sealed by another key",
+            .map_err(|e| match e {
+                // The tag does not verify: the file (or its id or version) was altered,
+                // or another key sealed it. (SoftHSM2 reports a bad GCM tag as a general
+                // error, which a failing token can also give: the message says both.)
+                CkError::Pkcs11(
+                    RvError::EncryptedDataInvalid
+                    | RvError::EncryptedDataLenRange
+                    | RvError::FunctionFailed
+                    | RvError::GeneralError,
+                    _,
+                ) => corrupt(format!(
+                    "the sealed seed does not open with key {key_label:?} on token {:?}: it was altered, or sealed by another key (or the token failed: {e})",
                     self.token_label
-                ))
+                )),
+                other => hsm_err("unsealing the seed (C_Decrypt, AES-GCM)", other),
             })?;
         if plain.len() != SEED_LEN {
             plain.zeroize();

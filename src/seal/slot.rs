@@ -15,9 +15,17 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// The key and the seal epoch, changed together under one mutex.
+struct Held<K> {
+    key: Option<Arc<K>>,
+    /// Moved forward by every operator seal: a key unsealed before a seal cannot be
+    /// published after it.
+    epoch: u64,
+}
+
 /// The key cores derive with, published by the seal thread.
 pub struct KeySlot<K> {
-    key: Mutex<Option<Arc<K>>>,
+    key: Mutex<Held<K>>,
     generation: AtomicU64,
     /// The key may serve while the clock is below this; 0 = no key.
     serve_until: AtomicU64,
@@ -26,7 +34,10 @@ pub struct KeySlot<K> {
 impl<K> Default for KeySlot<K> {
     fn default() -> Self {
         KeySlot {
-            key: Mutex::new(None),
+            key: Mutex::new(Held {
+                key: None,
+                epoch: 0,
+            }),
             generation: AtomicU64::new(0),
             serve_until: AtomicU64::new(0),
         }
@@ -34,20 +45,48 @@ impl<K> Default for KeySlot<K> {
 }
 
 impl<K> KeySlot<K> {
-    /// Makes `key` the one to serve until `serve_until` (clock value, above 0). The key is
-    /// whole before anyone can see it: it is only ever handed over as an `Arc`.
-    pub fn publish(&self, key: Arc<K>, serve_until: u64) {
-        *lock(&self.key) = Some(key);
-        self.serve_until
-            .store(serve_until.max(1), Ordering::Release);
-        self.generation.fetch_add(1, Ordering::AcqRel);
+    /// The seal epoch now: take it before asking the provider, hand it to `publish`.
+    pub fn epoch(&self) -> u64 {
+        lock(&self.key).epoch
+    }
+
+    /// Makes `key` the one to serve until `serve_until` (clock value, above 0), replacing
+    /// the previous one without a gap, unless an operator sealed since `epoch` was read:
+    /// then nothing changes and `false` comes back. The key is whole before anyone can
+    /// see it: it is only ever handed over as an `Arc`.
+    pub fn publish(&self, key: Arc<K>, serve_until: u64, epoch: u64) -> bool {
+        let old = {
+            let mut held = lock(&self.key);
+            if held.epoch != epoch {
+                return false;
+            }
+            let old = held.key.replace(key);
+            self.serve_until
+                .store(serve_until.max(1), Ordering::Release);
+            self.generation.fetch_add(1, Ordering::AcqRel);
+            old
+        };
+        drop(old);
+        true
     }
 
     /// Stops serving at once and takes the key out (the caller drops it; readers drop
     /// their copies at their next refresh).
     pub fn clear(&self) -> Option<Arc<K>> {
+        let mut held = lock(&self.key);
         self.serve_until.store(0, Ordering::Release);
-        let old = lock(&self.key).take();
+        let old = held.key.take();
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        old
+    }
+
+    /// An operator's seal: [`KeySlot::clear`], and no key unsealed before it can be
+    /// published after it.
+    pub fn seal(&self) -> Option<Arc<K>> {
+        let mut held = lock(&self.key);
+        held.epoch += 1;
+        self.serve_until.store(0, Ordering::Release);
+        let old = held.key.take();
         self.generation.fetch_add(1, Ordering::AcqRel);
         old
     }
@@ -62,11 +101,11 @@ impl<K> KeySlot<K> {
         if !self.serving(now) {
             return None;
         }
-        lock(&self.key).clone()
+        lock(&self.key).key.clone()
     }
 
     pub fn has_key(&self) -> bool {
-        lock(&self.key).is_some()
+        lock(&self.key).key.is_some()
     }
 }
 
@@ -90,7 +129,7 @@ impl<K> Reader<K> {
     pub fn refresh(&mut self, slot: &KeySlot<K>) {
         let g = slot.generation.load(Ordering::Acquire);
         if g != self.generation {
-            self.key = lock(&slot.key).clone();
+            self.key = lock(&slot.key).key.clone();
             self.generation = g;
         }
     }
