@@ -420,8 +420,9 @@ impl Supervisor {
                 }
             }
             // Refresh a little before the TTL ends, so a key serves on while the call runs.
-            let refresh_at =
-                |fresh: Instant| fresh.checked_sub(self.timing.hsm_timeout).unwrap_or(fresh);
+            // (At most half the TTL early, whatever the timeout, so refreshes never chain.)
+            let lead = self.timing.hsm_timeout.min(self.timing.ttl / 2);
+            let refresh_at = |fresh: Instant| fresh.checked_sub(lead).unwrap_or(fresh);
             let due = !self.operator_sealed
                 && self
                     .fresh_until
@@ -445,14 +446,19 @@ impl Supervisor {
             // Sleep until the next thing to do, or a command.
             let mut next = now + Duration::from_secs(3600);
             if let Some(fresh) = self.fresh_until {
-                next = next.min(if now < fresh {
-                    fresh
+                let refresh = refresh_at(fresh);
+                next = next.min(if now < refresh {
+                    refresh
                 } else {
                     fresh + self.timing.max_stale
                 });
             }
+            // Only a breaker still closed to calls sets a wake-up (an expired one, with a
+            // call hung in flight, would spin).
             if let Some(open) = self.breaker_until {
-                next = next.min(open);
+                if open > now {
+                    next = next.min(open);
+                }
             }
             if self.worker.in_flight {
                 next = next.min(now + Duration::from_millis(20));
@@ -642,6 +648,17 @@ mod tests {
         eventually("unsealed again", || {
             core.get().map(|k| fill_of(&k)) == Some(4)
         });
+    }
+
+    #[test]
+    fn a_healthy_provider_is_called_about_once_per_ttl() {
+        let (p, h) = scripted(vec![Step::Seed(9)]);
+        let _cache = SeedCache::start(p, timing(100, 60_000)).unwrap();
+        std::thread::sleep(Duration::from_millis(1000));
+        // One call at start and one per TTL (100 ms, each at most half a TTL early):
+        // about 11 to 21 in a second, never a tight loop.
+        let calls = h.calls.load(Ordering::SeqCst);
+        assert!((8..=25).contains(&calls), "{calls} calls");
     }
 
     #[test]
