@@ -223,13 +223,26 @@ fn demo(o: Options) -> anyhow::Result<i32> {
         }
     }
     let log = dir.join("custodyd.log");
-    let child = Command::new(&custodyd)
+    let mut command = Command::new(&custodyd);
+    command
         .arg("run")
         .arg("--config")
         .arg(&config)
         .stdin(Stdio::null())
         .stdout(std::fs::File::create(&log)?)
-        .stderr(std::fs::File::create(dir.join("custodyd.stderr"))?)
+        .stderr(std::fs::File::create(dir.join("custodyd.stderr"))?);
+    // The appliance goes with the harness even if the harness dies without unwinding
+    // (release builds abort on panic, e.g. when its output pipe closes).
+    // SAFETY: prctl is async-signal-safe and touches only the child's own state.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut command, || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = command
         .spawn()
         .with_context(|| format!("starting {}", custodyd.display()))?;
     let mut appliance = Appliance { child, log };
