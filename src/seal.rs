@@ -213,22 +213,27 @@ pub fn read_import_seed(path: &Path) -> Result<RootSeed, SealError> {
         return Err(err(format!("{} bytes: not a seed", meta.len())));
     }
     let bytes = Zeroizing::new(std::fs::read(path).map_err(|e| err(e.to_string()))?);
+    parse_import_seed(&bytes).map_err(err)
+}
+
+/// Decodes an import file's bytes: exactly 32 raw bytes, or 64 hex characters with an
+/// optional trailing newline. Pure; never panics (fuzzed).
+pub fn parse_import_seed(bytes: &[u8]) -> Result<RootSeed, String> {
     let mut seed = RootSeed::zeroed();
     if bytes.len() == SEED_LEN {
-        seed.expose_mut().copy_from_slice(&bytes);
+        seed.expose_mut().copy_from_slice(bytes);
         return Ok(seed);
     }
-    let text = std::str::from_utf8(&bytes)
-        .map_err(|_| err(format!("neither {SEED_LEN} raw bytes nor hex text")))?
+    let text = std::str::from_utf8(bytes)
+        .map_err(|_| format!("neither {SEED_LEN} raw bytes nor hex text"))?
         .trim_end_matches(['\r', '\n']);
     if text.len() != 2 * SEED_LEN {
-        return Err(err(format!(
+        return Err(format!(
             "neither {SEED_LEN} raw bytes nor {} hex characters",
             2 * SEED_LEN
-        )));
+        ));
     }
-    let decoded =
-        Zeroizing::new(blob::from_hex(text).ok_or_else(|| err("not hexadecimal".into()))?);
+    let decoded = Zeroizing::new(blob::from_hex(text).ok_or("not hexadecimal")?);
     seed.expose_mut().copy_from_slice(&decoded);
     Ok(seed)
 }
