@@ -121,7 +121,7 @@ impl SealedSeed {
         }
         blob.iv_bytes()?;
         blob.ciphertext_bytes()?;
-        if from_hex(&blob.fingerprint).is_none_or(|f| f.len() != 16) {
+        if from_hex(&blob.fingerprint).map_or(true, |f| f.len() != 16) {
             return Err("fingerprint is not 16 bytes of hex".into());
         }
         Ok(blob)
