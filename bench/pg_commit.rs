@@ -224,24 +224,18 @@ async fn run(admin: PgConfig) -> Result<(), custody::store::StoreError> {
         for size in BATCH_SIZES {
             let (mut t_unnest, mut t_copy) = (Vec::new(), Vec::new());
             for _ in 0..ROUNDS {
-                let b0 = CommitBatch {
-                    shard: 0,
+                let batch = |shard: u16, after: u64| CommitBatch {
+                    shard,
                     records: (1..=size as u64)
-                        .map(|i| record(0, seq0 + i, asset, &path))
+                        .map(|i| record(shard, after + i, asset, &path))
                         .collect(),
                     asset_writes: vec![],
                 };
+                let (b0, b1) = (batch(0, seq0), batch(1, seq1));
                 let t = Instant::now();
                 unnest.commit(b0).await?;
                 t_unnest.push(t.elapsed());
                 seq0 += size as u64;
-                let b1 = CommitBatch {
-                    shard: 1,
-                    records: (1..=size as u64)
-                        .map(|i| record(1, seq1 + i, asset, &path))
-                        .collect(),
-                    asset_writes: vec![],
-                };
                 let t = Instant::now();
                 copy_commit(&copy, ownership.token, &b1)
                     .await

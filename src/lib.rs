@@ -43,3 +43,30 @@ pub mod signal;
 pub mod store;
 pub mod tls;
 pub mod wire;
+
+/// Helpers shared by the unit tests of several modules.
+#[cfg(test)]
+pub(crate) mod testing {
+    /// A deterministic stand-in for a fuzzer: `rounds` copies of `valid`, each with up to
+    /// `max_flips` bytes overwritten and cut to a pseudo-random length, handed to `f`.
+    pub fn mutation_sweep(
+        valid: &[u8],
+        rounds: usize,
+        max_flips: usize,
+        mut seed: u64,
+        mut f: impl FnMut(&[u8]),
+    ) {
+        for round in 0..rounds {
+            let mut data = valid.to_vec();
+            for _ in 0..(round % max_flips) + 1 {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                let at = (seed as usize) % data.len();
+                data[at] = (seed >> 32) as u8;
+            }
+            data.truncate((seed as usize >> 8) % (data.len() + 1));
+            f(&data);
+        }
+    }
+}

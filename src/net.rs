@@ -280,7 +280,7 @@ fn dispatch(
         },
         Request::Derive(body) => match ctx.rules.check_derive(&body) {
             // Sealed: refused before anything is audited.
-            Ok(_) if ctx.key.get().is_none() => {
+            Ok(_) if !ctx.key.serving() => {
                 return outbox.refuse(opcode, request_id, sealed_refusal(ctx.key.cache()))
             }
             Ok(request) => ShardOp::Derive {
@@ -314,12 +314,13 @@ fn dispatch(
         match ctx.router.route(op).await {
             Ok(ShardReply::Asset(info)) => outbox.push(opcode, request_id, &Reply::Asset(info)),
             Ok(ShardReply::Derived { counter, receipt }) => match derivation {
-                Some((asset, path)) => match ctx.key.get() {
+                Some((asset, path)) => match ctx.key.with(|key| key.derive(&asset, counter, &path))
+                {
                     Some(key) => {
                         let reply = Reply::Derived(Derived {
                             counter,
                             scheme_version: SCHEME_V1,
-                            key: key.derive(&asset, counter, &path),
+                            key,
                             receipt,
                         });
                         outbox.push(opcode, request_id, &reply)

@@ -94,14 +94,15 @@ impl cache::SealProvider for Configured {
                 sealed_seed_file,
             } => {
                 let sealed = blob::SealedSeed::read(sealed_seed_file)?;
-                if self.module.is_none() {
-                    self.module = Some(pkcs11::Hsm::load(pkcs11)?);
-                }
-                let module = self.module.as_ref().expect("loaded above");
-                let opened = pkcs11::Hsm::open_with(module, pkcs11)
+                let module = match self.module.take() {
+                    Some(module) => module,
+                    None => pkcs11::Hsm::load(pkcs11)?,
+                };
+                let opened = pkcs11::Hsm::open_with(&module, pkcs11)
                     .and_then(|hsm| hsm.unseal(&pkcs11.key_label, &sealed));
                 match opened {
                     Ok(seed) => {
+                        self.module = Some(module);
                         tracing::info!(
                             seed_id = %sealed.seed_id,
                             version = sealed.version,
@@ -114,9 +115,7 @@ impl cache::SealProvider for Configured {
                     Err(e) => {
                         // Start from a freshly loaded module next time (a token that was
                         // removed or a module that lost its state).
-                        if let Some(m) = self.module.take() {
-                            let _ = m.finalize();
-                        }
+                        let _ = module.finalize();
                         return Err(e);
                     }
                 }

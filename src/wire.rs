@@ -918,20 +918,8 @@ mod tests {
     #[test]
     fn fuzz_entry_survives_garbage() {
         // A deterministic sweep standing in for the fuzzer on every test run.
-        let mut seed = 0x9e3779b97f4a7c15u64;
         let mut valid = Vec::new();
         Request::Derive(derive_body()).encode(5, &mut valid);
-        for round in 0..20_000 {
-            let mut data = valid.clone();
-            for _ in 0..(round % 7) + 1 {
-                seed ^= seed << 13;
-                seed ^= seed >> 7;
-                seed ^= seed << 17;
-                let at = (seed as usize) % data.len();
-                data[at] = (seed >> 32) as u8;
-            }
-            data.truncate((seed as usize >> 8) % (data.len() + 1));
-            fuzz_decode(&data);
-        }
+        crate::testing::mutation_sweep(&valid, 20_000, 7, 0x9e3779b97f4a7c15, fuzz_decode);
     }
 }

@@ -262,19 +262,7 @@ mod tests {
     fn fuzz_entry_survives_garbage() {
         // A deterministic sweep standing in for the fuzzer on every test run.
         let valid = serde_json::to_string(&sample()).unwrap().into_bytes();
-        let mut seed = 0x2545f4914f6cdd1du64;
-        for round in 0..5_000 {
-            let mut data = valid.clone();
-            for _ in 0..(round % 5) + 1 {
-                seed ^= seed << 13;
-                seed ^= seed >> 7;
-                seed ^= seed << 17;
-                let at = (seed as usize) % data.len();
-                data[at] = (seed >> 32) as u8;
-            }
-            data.truncate((seed as usize >> 8) % (data.len() + 1));
-            fuzz_decode(&data);
-        }
+        crate::testing::mutation_sweep(&valid, 5_000, 5, 0x2545f4914f6cdd1d, fuzz_decode);
         fuzz_decode(&valid);
         assert!(SealedSeed::parse(std::str::from_utf8(&valid).unwrap()).is_ok());
     }

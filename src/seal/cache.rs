@@ -158,10 +158,6 @@ impl SeedCache {
         Ok(cache)
     }
 
-    /// The key now, if one may serve.
-    pub fn current(&self) -> Option<Arc<DerivationKey>> {
-        self.slot.current(clock_ms())
-    }
 
     pub fn status(&self) -> CacheStatus {
         lock(&self.status).clone()
@@ -187,7 +183,8 @@ impl SeedCache {
         });
     }
 
-    /// Stops the seal thread and drops the key (shutdown).
+
+    /// Stops the seal thread and drops the key (for the graceful shutdown).
     pub fn stop(&self) {
         drop(self.slot.seal());
         self.mailbox.post(|c| c.stop = true);
@@ -494,6 +491,19 @@ impl CoreKey {
     /// The key to derive with now, or `None` (answer SEALED).
     pub fn get(&self) -> Option<Arc<DerivationKey>> {
         self.reader.borrow_mut().get(&self.cache.slot, clock_ms())
+    }
+
+    /// Runs `f` with the key to derive with now, or gives `None` (answer SEALED). The
+    /// request path uses this: it borrows the core's copy instead of cloning the `Arc`.
+    pub fn with<R>(&self, f: impl FnOnce(&DerivationKey) -> R) -> Option<R> {
+        self.reader
+            .borrow_mut()
+            .with_key(&self.cache.slot, clock_ms(), f)
+    }
+
+    /// Whether a key may serve now.
+    pub fn serving(&self) -> bool {
+        self.with(|_| ()).is_some()
     }
 
     /// Whether this core still holds a copy of a key.

@@ -143,6 +143,22 @@ impl<K> Reader<K> {
         self.key.clone()
     }
 
+    /// Runs `f` with the key to use at clock value `now` (`None`: sealed or expired),
+    /// borrowing this reader's copy: no reference count touched, so cores that derive at
+    /// once do not share a cache line.
+    pub fn with_key<R>(
+        &mut self,
+        slot: &KeySlot<K>,
+        now: u64,
+        f: impl FnOnce(&K) -> R,
+    ) -> Option<R> {
+        self.refresh(slot);
+        if !slot.serving(now) {
+            return None;
+        }
+        self.key.as_deref().map(f)
+    }
+
     /// Whether this reader still holds a copy.
     pub fn holds(&self) -> bool {
         self.key.is_some()
