@@ -52,3 +52,6 @@ pub const ERROR_MESSAGE_BYTES_MAX: usize = 512;
 
 /// Batches the store's commit thread folds into one transaction.
 pub const STORE_BATCHES_PER_TRANSACTION_MAX: usize = 64;
+
+/// Longest Shamir share text accepted in an UNSEAL request (a share line is at most 132 bytes).
+pub const SHARE_TEXT_BYTES_MAX: usize = 160;

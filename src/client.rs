@@ -6,7 +6,7 @@
 //! writer task (which batches whatever is queued into one TLS write) and awaits its reply.
 
 use crate::wire::{
-    self, AssetInfo, DeriveBody, Derived, HelloInfo, Opcode, Refusal, Reply, Request,
+    self, AssetInfo, DeriveBody, Derived, HelloInfo, Opcode, Refusal, Reply, Request, SealInfo,
 };
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -271,6 +271,36 @@ impl Client {
             Reply::Refused(r) => Err(ClientError::Refused(r)),
             _ => Err(ClientError::UnexpectedReply(Opcode::Derive)),
         }
+    }
+}
+
+impl Client {
+    /// Admin: drops the appliance's unsealed seed at once.
+    pub async fn seal(&self) -> Result<SealInfo, ClientError> {
+        seal_reply(self.call(&Request::Seal).await?, Opcode::Seal)
+    }
+
+    /// Admin: submits one Shamir share (empty: ask the HSM provider to unseal now), after
+    /// discarding the shares submitted so far if `reset`.
+    pub async fn unseal(&self, share: &str, reset: bool) -> Result<SealInfo, ClientError> {
+        let request = Request::Unseal {
+            reset,
+            share: crate::wire::ShareText::new(share),
+        };
+        seal_reply(self.call(&request).await?, Opcode::Unseal)
+    }
+
+    /// The appliance's seal state.
+    pub async fn seal_status(&self) -> Result<SealInfo, ClientError> {
+        seal_reply(self.call(&Request::SealStatus).await?, Opcode::SealStatus)
+    }
+}
+
+fn seal_reply(reply: Reply, op: Opcode) -> Result<SealInfo, ClientError> {
+    match reply {
+        Reply::Seal(s) => Ok(s),
+        Reply::Refused(r) => Err(ClientError::Refused(r)),
+        _ => Err(ClientError::UnexpectedReply(op)),
     }
 }
 

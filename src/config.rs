@@ -63,6 +63,9 @@ pub enum SealConfig {
         pkcs11: Pkcs11Config,
         sealed_seed_file: PathBuf,
     },
+    /// No seed at rest: the appliance starts sealed and operators submit k of the n
+    /// Shamir shares `custody init` wrote; the share set file names the seed they rebuild.
+    Shamir { share_set_file: PathBuf },
 }
 
 /// The seal settings before the state directory is known.
@@ -72,6 +75,7 @@ enum SealSpec {
         config: Pkcs11Config,
         sealed: String,
     },
+    Shamir(String),
 }
 
 /// Which store holds the counters and the audit log.
@@ -141,6 +145,8 @@ pub struct Limits {
 #[derive(Clone, Debug)]
 pub struct Policy {
     pub regions: Vec<String>,
+    /// Identities with the admin role: seal and unseal over the wire.
+    pub admins: Vec<String>,
 }
 
 /// A key of the configuration: where it lives, its default, and what it means.
@@ -182,7 +188,7 @@ pub const KEYS: &[KeyDoc] = &[
     KeyDoc { key: "store.commit_linger_us", default: "100", doc: "how long the commit thread waits for the shards of its last transaction to send their next batches, so they share one fsync" },
     KeyDoc { key: "store.commit_timeout_ms", default: "2000", doc: "a commit slower than this fails its requests with STORE_UNAVAILABLE" },
     KeyDoc { key: "store.commit_queue_depth", default: "0", doc: "batches waiting for the store's commit thread; 0 = cores x commit_batches_inflight_max" },
-    KeyDoc { key: "seal.provider", default: "\"dev\"", doc: "where the root seed comes from: \"pkcs11\" (sealed by a key in an HSM; `custody init` makes the sealed file) or \"dev\" (a plain seed file, NOT for production)" },
+    KeyDoc { key: "seal.provider", default: "\"dev\"", doc: "where the root seed comes from: \"pkcs11\" (sealed by a key in an HSM; `custody init` makes the sealed file), \"shamir\" (starts sealed; operators submit k of n shares with `custody unseal`) or \"dev\" (a plain seed file, NOT for production)" },
     KeyDoc { key: "seal.cache_ttl_s", default: "300", doc: "the unsealed seed's keyed state is refreshed through the provider this often" },
     KeyDoc { key: "seal.max_stale_s", default: "600", doc: "while refreshes fail, the last key keeps serving this long past its TTL; then derivations answer SEALED" },
     KeyDoc { key: "seal.hsm_timeout_ms", default: "500", doc: "longest wait for one unseal call to the provider" },
@@ -195,6 +201,7 @@ pub const KEYS: &[KeyDoc] = &[
     KeyDoc { key: "seal.pkcs11_pin_file", default: "\"\"", doc: "pkcs11 provider: file holding the user PIN (relative to this file); give exactly one PIN source" },
     KeyDoc { key: "seal.pkcs11_pin_env", default: "\"\"", doc: "pkcs11 provider: environment variable holding the user PIN" },
     KeyDoc { key: "seal.pkcs11_pin_credential", default: "\"\"", doc: "pkcs11 provider: name of a systemd credential (LoadCredential=) holding the user PIN" },
+    KeyDoc { key: "seal.share_set_file", default: "\"share-set.json\"", doc: "shamir provider: the share set `custody init` writes (seed id, k, n, fingerprint; nothing secret), relative to server.state_dir" },
     KeyDoc { key: "seal.dev_seed_file", default: "\"dev-seed.bin\"", doc: "dev provider: 32-byte seed file (mode 0600), relative to server.state_dir" },
     KeyDoc { key: "limits.max_frame_body_bytes", default: "16384", doc: "largest frame body accepted; larger frames close the connection" },
     KeyDoc { key: "limits.max_inflight_per_connection", default: "1024", doc: "pipelined requests per connection; more are answered BUSY" },
@@ -203,6 +210,7 @@ pub const KEYS: &[KeyDoc] = &[
     KeyDoc { key: "limits.max_pending_per_shard", default: "16384", doc: "requests a shard holds waiting for their commit; more are answered BUSY" },
     KeyDoc { key: "limits.max_assets_per_shard", default: "1000000", doc: "assets each shard's registry holds" },
     KeyDoc { key: "policy.regions", default: "[\"US-EAST\", \"EU-WEST\", \"APAC\"]", doc: "compliance regions a derivation may name" },
+    KeyDoc { key: "policy.admins", default: "[]", doc: "client identities with the admin role: `custody seal` and `custody unseal` over the wire (none by default)" },
 ];
 
 impl Config {
@@ -213,6 +221,7 @@ impl Config {
             SealConfig::Pkcs11 {
                 sealed_seed_file, ..
             } => sealed_seed_file.parent().map(Path::to_path_buf),
+            SealConfig::Shamir { share_set_file } => share_set_file.parent().map(Path::to_path_buf),
         }
     }
 }
@@ -452,6 +461,7 @@ pub fn resolve(table: &toml::Table, base_dir: &Path, file: &str) -> Result<Confi
     let seal_provider = r.string("seal.provider", "dev");
     let dev_seed_file = r.string("seal.dev_seed_file", "dev-seed.bin");
     let sealed_seed_file = r.string("seal.sealed_seed_file", "sealed-seed.json");
+    let share_set_file = r.string("seal.share_set_file", "share-set.json");
     let seal_timing = match (
         r.int("seal.cache_ttl_s", 300, 1, 86_400),
         r.int("seal.max_stale_s", 600, 0, 86_400),
@@ -479,6 +489,10 @@ pub fn resolve(table: &toml::Table, base_dir: &Path, file: &str) -> Result<Confi
     let seal_spec: Option<SealSpec> = match seal_provider.as_deref() {
         None => None,
         Some("dev") => dev_seed_file.map(SealSpec::Dev),
+        Some("shamir") => match share_set_file {
+            Some(f) if f.is_empty() => r.problem("seal.share_set_file", "must not be empty".into()),
+            other => other.map(SealSpec::Shamir),
+        },
         Some("pkcs11") => {
             let pins: Vec<(&'static str, String)> = [
                 ("seal.pkcs11_pin_file", p11_pin_file),
@@ -533,7 +547,7 @@ pub fn resolve(table: &toml::Table, base_dir: &Path, file: &str) -> Result<Confi
         }
         Some(other) => r.problem(
             "seal.provider",
-            format!("{other:?} is not a seal provider this build has (\"pkcs11\" or \"dev\")"),
+            format!("{other:?} is not a seal provider this build has (\"pkcs11\", \"shamir\" or \"dev\")"),
         ),
     };
 
@@ -597,6 +611,18 @@ pub fn resolve(table: &toml::Table, base_dir: &Path, file: &str) -> Result<Confi
             }
             if list[..i].contains(name) {
                 r.problem::<()>("policy.regions", format!("{name:?} is listed twice"));
+            }
+        }
+    }
+
+    let admins = r.string_list("policy.admins", &[]);
+    if let Some(list) = &admins {
+        for (i, name) in list.iter().enumerate() {
+            if name.is_empty() || list[..i].contains(name) {
+                r.problem::<()>(
+                    "policy.admins",
+                    format!("{name:?}: empty or listed twice"),
+                );
             }
         }
     }
@@ -666,6 +692,7 @@ pub fn resolve(table: &toml::Table, base_dir: &Path, file: &str) -> Result<Confi
         Some(pending_max),
         Some(assets_max),
         Some(regions),
+        Some(admins),
         Some(stats_log_interval),
     ) = (
         listen,
@@ -694,6 +721,7 @@ pub fn resolve(table: &toml::Table, base_dir: &Path, file: &str) -> Result<Confi
         pending_max,
         assets_max,
         regions,
+        admins,
         stats_interval,
     )
     else {
@@ -748,6 +776,9 @@ pub fn resolve(table: &toml::Table, base_dir: &Path, file: &str) -> Result<Confi
                 pkcs11: config,
                 sealed_seed_file: absolute(&state_dir, &sealed),
             },
+            SealSpec::Shamir(file) => SealConfig::Shamir {
+                share_set_file: absolute(&state_dir, &file),
+            },
         },
         seal_timing,
         limits: Limits {
@@ -758,7 +789,7 @@ pub fn resolve(table: &toml::Table, base_dir: &Path, file: &str) -> Result<Confi
             max_pending_per_shard: pending_max as u32,
             max_assets_per_shard: assets_max as u64,
         },
-        policy: Policy { regions },
+        policy: Policy { regions, admins },
     })
 }
 

@@ -11,11 +11,15 @@ use crate::config::{IdentitySource, Limits};
 use crate::kdf::SCHEME_V1;
 use crate::policy::{check_asset_id, FieldRules};
 use crate::router::ShardRouter;
-use crate::seal::cache::{CoreKey, SealState, SeedCache};
+use crate::seal::cache::{clock_ms, CoreKey, SealState, SeedCache};
+use crate::seal::shamir::ShareError;
 use crate::shard::{ShardOp, ShardReply};
 use crate::signal::LocalSignal;
 use crate::tls;
-use crate::wire::{self, Derived, HelloInfo, Refusal, Reply, Request, Status};
+use crate::wire::{
+    self, Derived, HelloInfo, ProviderCode, Refusal, Reply, Request, SealInfo, SealStateCode,
+    Status,
+};
 use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream};
 use std::cell::{Cell, RefCell};
@@ -46,6 +50,9 @@ pub struct CoreContext {
     pub acceptor: futures_rustls::TlsAcceptor,
     pub hello: HelloInfo,
     pub connections: Cell<u32>,
+    /// Identities with the admin role (`policy.admins`): SEAL and UNSEAL.
+    pub admins: Arc<[String]>,
+    pub seal_provider: ProviderCode,
 }
 
 /// Accepts connections for the life of the core.
@@ -224,8 +231,13 @@ async fn read_loop<S: AsyncRead + Unpin>(
         loop {
             match wire::decode_frame(&buf[start..], max_body) {
                 Ok(Some(frame)) => {
+                    let (opcode, consumed) = (frame.header.opcode, frame.consumed);
                     dispatch(ctx, identity, outbox, frame.header, frame.body);
-                    start += frame.consumed;
+                    if opcode == wire::Opcode::Unseal as u8 {
+                        // The frame held a share: do not leave it in the read buffer.
+                        buf[start..start + consumed].zeroize();
+                    }
+                    start += consumed;
                 }
                 Ok(None) => break,
                 Err(e) => {
@@ -266,6 +278,69 @@ fn dispatch(
     };
     let op = match request {
         Request::Hello => return outbox.push(opcode, request_id, &Reply::Hello(ctx.hello)),
+        Request::SealStatus => {
+            let info = seal_info(ctx.key.cache(), ctx.seal_provider);
+            return outbox.push(opcode, request_id, &Reply::Seal(info));
+        }
+        Request::Seal | Request::Unseal { .. } if !ctx.admins.iter().any(|a| **a == **identity) => {
+            tracing::warn!(%identity, opcode, "seal operation refused: not an admin");
+            let refusal = Refusal::new(
+                Status::Forbidden,
+                format!("SEAL and UNSEAL need the admin role; {identity:?} is not in policy.admins"),
+            );
+            return outbox.refuse(opcode, request_id, refusal);
+        }
+        Request::Seal => {
+            let cache = ctx.key.cache();
+            cache.seal();
+            // This core drops its copy now; the others within CORE_KEY_REFRESH.
+            ctx.key.refresh();
+            tracing::warn!(%identity, "sealed by an operator over the wire");
+            let info = seal_info(cache, ctx.seal_provider);
+            return outbox.push(opcode, request_id, &Reply::Seal(info));
+        }
+        Request::Unseal { reset, share } => {
+            let cache = ctx.key.cache();
+            if reset {
+                cache.reset_shares();
+                tracing::info!(%identity, "unseal: submitted shares discarded");
+            }
+            let outcome = if !share.as_str().is_empty() {
+                cache.submit_share(share.as_str()).map(|progress| {
+                    tracing::info!(
+                        %identity,
+                        received = progress.received,
+                        threshold = progress.threshold,
+                        unsealed = progress.unsealed,
+                        "unseal: share accepted"
+                    );
+                    ctx.key.refresh();
+                })
+            } else if !cache.uses_shares() {
+                tracing::info!(%identity, "unseal: asked the provider to unseal now");
+                cache.unseal();
+                Ok(())
+            } else {
+                Ok(())
+            };
+            drop(share);
+            return match outcome {
+                Ok(()) => {
+                    let info = seal_info(cache, ctx.seal_provider);
+                    outbox.push(opcode, request_id, &Reply::Seal(info))
+                }
+                Err(e) => {
+                    tracing::warn!(%identity, error = %e, "unseal: share refused");
+                    let status = match e {
+                        ShareError::Repeated { .. } => Status::ShareRepeated,
+                        ShareError::SeedMismatch { .. } => Status::SeedMismatch,
+                        ShareError::AlreadyUnsealed => Status::AlreadyUnsealed,
+                        _ => Status::ShareInvalid,
+                    };
+                    outbox.refuse(opcode, request_id, Refusal::new(status, e.to_string()))
+                }
+            };
+        }
         Request::Status { asset } => match check_asset_id(&asset) {
             Ok(()) => ShardOp::Status { asset },
             Err(refusal) => return outbox.refuse(opcode, request_id, refusal),
@@ -351,6 +426,9 @@ fn dispatch(
 fn sealed_refusal(cache: &SeedCache) -> Refusal {
     let why = match cache.status().state {
         SealState::SealedByOperator { .. } => "the seed is sealed by an operator",
+        SealState::Sealed { .. } | SealState::Unsealing { .. } => {
+            "the seed is sealed: the appliance is waiting for operators' unseal shares"
+        }
         SealState::SealedByFailure { .. } => {
             "the seed is sealed: its provider could not be reached (see the appliance's log)"
         }
@@ -359,6 +437,46 @@ fn sealed_refusal(cache: &SeedCache) -> Refusal {
         }
     };
     Refusal::new(Status::Sealed, why)
+}
+
+/// The seal state as SEAL, UNSEAL and SEAL_STATUS report it, with process-clock times
+/// turned into Unix milliseconds.
+pub fn seal_info(cache: &SeedCache, provider: ProviderCode) -> SealInfo {
+    let status = cache.status();
+    let (now_unix, now_clock) = (crate::audit::now_ms(), clock_ms());
+    let unix = |at: u64| now_unix.saturating_sub(now_clock.saturating_sub(at));
+    let set = cache.share_set();
+    let (threshold, shares) = set.map_or((0, 0), |s| (s.threshold, s.shares));
+    let (state, since, received, reason) = match status.state {
+        SealState::Unsealed => (SealStateCode::Unsealed, 0, 0, String::new()),
+        SealState::ServingStale { since_ms } => {
+            (SealStateCode::ServingStale, unix(since_ms), 0, String::new())
+        }
+        SealState::Sealed { since_ms } => (SealStateCode::Sealed, unix(since_ms), 0, String::new()),
+        SealState::Unsealing {
+            since_ms, received, ..
+        } => (SealStateCode::Unsealing, unix(since_ms), received, String::new()),
+        SealState::SealedByOperator { since_ms } => {
+            (SealStateCode::SealedByOperator, unix(since_ms), 0, String::new())
+        }
+        SealState::SealedByFailure { since_ms, reason } => {
+            (SealStateCode::SealedByFailure, unix(since_ms), 0, reason)
+        }
+    };
+    SealInfo {
+        state,
+        provider,
+        shares_received: received,
+        threshold,
+        shares,
+        since_unix_ms: since,
+        key_unsealed_unix_ms: status.key_unsealed_ms.map_or(0, unix),
+        calls_ok: status.calls.ok,
+        calls_failed: status.calls.failed,
+        calls_timed_out: status.calls.timed_out,
+        breaker_opened: status.calls.breaker_opened,
+        reason,
+    }
 }
 
 /// One half of a stream shared by a connection's reader and writer tasks. Both run on the

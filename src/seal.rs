@@ -2,13 +2,17 @@
 //!
 //! - `pkcs11` ([`pkcs11`]): the seed sealed by an AES-256 key inside an HSM, in a sealed
 //!   file ([`blob`]) that `custody init` writes;
+//! - `shamir` ([`shamir`]): no seed at rest; the appliance starts sealed and operators
+//!   submit k of the n shares `custody init` wrote ([`cache::SeedCache::submit_share`]);
 //! - `dev`: a plain seed file, for development and demos only, never production.
 //!
-//! The Shamir provider implements the same entry point.
+//! Every `custody init` also splits the seed into k-of-n shares ([`shamir`]), so that
+//! `custody recover` can rebuild it offline if the HSM is lost.
 
 pub mod blob;
 pub mod cache;
 pub mod pkcs11;
+pub mod shamir;
 pub mod slot;
 
 /// The synchronisation primitives [`slot`] is written against (loom swaps these).
@@ -48,6 +52,8 @@ pub enum SealError {
     Memory(#[from] crate::locked::LockError),
     #[error("{path}: {reason}")]
     Import { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Shamir(#[from] shamir::ShamirError),
 }
 
 fn file_err(path: &Path, e: impl ToString) -> SealError {
@@ -89,6 +95,11 @@ impl cache::SealProvider for Configured {
     fn unseal(&mut self) -> Result<RootSeed, SealError> {
         let seed = match &self.config {
             SealConfig::Dev { seed_file } => read_dev_seed(seed_file)?,
+            SealConfig::Shamir { .. } => {
+                return Err(SealError::Sealed(
+                    "the shamir provider unseals only with shares (custody unseal)".into(),
+                ))
+            }
             SealConfig::Pkcs11 {
                 pkcs11,
                 sealed_seed_file,
@@ -140,57 +151,134 @@ impl cache::SealProvider for Configured {
 pub struct InitReport {
     pub seed_id: uuid::Uuid,
     pub fingerprint: String,
-    pub sealed_seed_file: PathBuf,
+    /// The sealed seed (`pkcs11`) or the share set (`shamir`).
+    pub seed_file: PathBuf,
     pub imported: bool,
     pub created_key: bool,
+    pub threshold: u8,
+    pub shares: u8,
+    /// The share files written; empty when the shares are to be printed.
+    pub share_files: Vec<PathBuf>,
 }
 
-/// The init ceremony's sealing step for the configured provider: a new seed from the
-/// HSM's generator (or `import`ed), sealed and written (mode 0600, never over an existing
-/// file), then unsealed again and compared before it is reported.
+/// Where `custody init` puts the shares.
+#[derive(Clone, Debug)]
+pub enum ShareOutput {
+    /// One file per share in this directory (`share-<n>.txt`, mode 0600).
+    Dir(PathBuf),
+    /// Returned to the caller, to be printed once.
+    Print,
+}
+
+/// How `custody init` splits the seed.
+#[derive(Clone, Debug)]
+pub struct SplitSpec {
+    pub threshold: u8,
+    pub shares: u8,
+    pub output: ShareOutput,
+}
+
+/// The init ceremony for the configured provider. Makes a seed (the HSM's generator for
+/// `pkcs11`, the operating system's for `shamir`) or takes the `import`ed one, splits it
+/// into `split.shares` shares and checks that every run of k of them rebuilds it, then:
+///
+/// - `pkcs11`: seals it, unseals it again and compares, then writes the shares and the
+///   sealed file (mode 0600, never over an existing file);
+/// - `shamir`: writes the shares and the share set file (seed id, k, n, fingerprint).
+///
+/// Printed shares come back with the report; nothing is written if any check fails.
 pub fn init(
     config: &SealConfig,
     import: Option<RootSeed>,
     create_key: bool,
-) -> Result<InitReport, SealError> {
-    let SealConfig::Pkcs11 {
-        pkcs11,
-        sealed_seed_file,
-    } = config
-    else {
-        return Err(SealError::Hsm(
-            "custody init seals with an HSM: set seal.provider = \"pkcs11\" (the dev provider's seed is made by `custody dev-seed`)".into(),
-        ));
+    split: &SplitSpec,
+) -> Result<(InitReport, Vec<shamir::Share>), SealError> {
+    let seed_file = match config {
+        SealConfig::Pkcs11 {
+            sealed_seed_file, ..
+        } => sealed_seed_file,
+        SealConfig::Shamir { share_set_file } => share_set_file,
+        SealConfig::Dev { .. } => {
+            return Err(SealError::Hsm(
+                "custody init needs seal.provider = \"pkcs11\" or \"shamir\" (the dev provider's seed is made by `custody dev-seed`)".into(),
+            ))
+        }
     };
-    if sealed_seed_file.exists() {
-        return Err(blob::BlobError::Exists(sealed_seed_file.display().to_string()).into());
+    if seed_file.exists() {
+        return Err(SealError::Exists(seed_file.clone()));
     }
-    let hsm = pkcs11::Hsm::open(pkcs11)?;
-    if create_key {
-        hsm.create_wrapping_key(&pkcs11.key_label)?;
+    if create_key && !matches!(config, SealConfig::Pkcs11 { .. }) {
+        return Err(SealError::Hsm(
+            "--create-key makes a wrapping key on the HSM: only for seal.provider = \"pkcs11\"".into(),
+        ));
+    }
+    if let ShareOutput::Dir(dir) = &split.output {
+        if !dir.is_dir() {
+            return Err(file_err(dir, "not a directory (create it first, mode 0700)"));
+        }
     }
     let imported = import.is_some();
-    let seed = match import {
-        Some(seed) => seed,
-        None => hsm.generate_seed()?,
-    };
     let seed_id = uuid::Uuid::new_v4();
-    let sealed = hsm.seal(&pkcs11.key_label, &seed, seed_id, 1)?;
-    // Prove the sealed file opens to the same seed before anyone relies on it.
-    let reopened = hsm.unseal(&pkcs11.key_label, &sealed)?;
-    if reopened.expose() != seed.expose() {
-        return Err(SealError::Sealed(
-            "the sealed seed did not open to the seed that was sealed".into(),
-        ));
+    let (seed, sealed) = match config {
+        SealConfig::Pkcs11 { pkcs11, .. } => {
+            let hsm = pkcs11::Hsm::open(pkcs11)?;
+            if create_key {
+                hsm.create_wrapping_key(&pkcs11.key_label)?;
+            }
+            let seed = match import {
+                Some(seed) => seed,
+                None => hsm.generate_seed()?,
+            };
+            let sealed = hsm.seal(&pkcs11.key_label, &seed, seed_id, 1)?;
+            // Prove the sealed file opens to the same seed before anyone relies on it.
+            let reopened = hsm.unseal(&pkcs11.key_label, &sealed)?;
+            if reopened.expose() != seed.expose() {
+                return Err(SealError::Sealed(
+                    "the sealed seed did not open to the seed that was sealed".into(),
+                ));
+            }
+            (seed, Some(sealed))
+        }
+        _ => {
+            let seed = match import {
+                Some(seed) => seed,
+                None => {
+                    let mut seed = RootSeed::zeroed();
+                    getrandom::fill(seed.expose_mut())
+                        .map_err(|e| SealError::Random(e.to_string()))?;
+                    seed
+                }
+            };
+            (seed, None)
+        }
+    };
+    let fingerprint = blob::fingerprint(&seed);
+    let shares = shamir::split(&seed, seed_id, split.threshold, split.shares)?;
+    drop(seed);
+    let share_files = match &split.output {
+        ShareOutput::Dir(dir) => shamir::write_share_files(dir, &shares)?,
+        ShareOutput::Print => Vec::new(),
+    };
+    match sealed {
+        Some(sealed) => sealed.write_new(seed_file)?,
+        None => shamir::ShareSet::new(seed_id, split.threshold, split.shares, fingerprint.clone())
+            .write_new(seed_file)?,
     }
-    sealed.write_new(sealed_seed_file)?;
-    Ok(InitReport {
+    let report = InitReport {
         seed_id,
-        fingerprint: sealed.fingerprint,
-        sealed_seed_file: sealed_seed_file.clone(),
+        fingerprint,
+        seed_file: seed_file.clone(),
         imported,
         created_key: create_key,
-    })
+        threshold: split.threshold,
+        shares: split.shares,
+        share_files,
+    };
+    let printed = match split.output {
+        ShareOutput::Print => shares,
+        ShareOutput::Dir(_) => Vec::new(),
+    };
+    Ok((report, printed))
 }
 
 /// Reads a seed to import: exactly 32 raw bytes, or 64 hex characters (a trailing
@@ -261,7 +349,7 @@ fn read_dev_seed(path: &Path) -> Result<RootSeed, SealError> {
 
 /// Writes `bytes` to a new file only its owner can read (mode 0600), flushed to disk.
 /// Never overwrites: an existing file is an `AlreadyExists` error.
-pub(crate) fn write_private_new(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+pub fn write_private_new(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let mut file = std::fs::OpenOptions::new()

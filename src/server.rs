@@ -14,7 +14,7 @@ use crate::shard::{Shard, ShardLimits};
 use crate::store::postgres::PgStore;
 use crate::store::sqlite::SqliteStore;
 use crate::store::{Store, StoreError};
-use crate::wire::{HelloInfo, SHARD_HASH_JUMP_FNV1A64, VERSION};
+use crate::wire::{HelloInfo, ProviderCode, SHARD_HASH_JUMP_FNV1A64, VERSION};
 use glommio::channels::channel_mesh::MeshBuilder;
 use glommio::{LocalExecutorBuilder, Placement};
 use std::cell::Cell;
@@ -93,7 +93,23 @@ pub fn run(config: Config) -> Result<(), ServerError> {
     })?;
     // The first unseal happens here (a failure stops the start); the cache then refreshes
     // the keyed state on its own thread. The seed itself is zeroized after each keying.
-    let key = SeedCache::start(crate::seal::provider(&config.seal), config.seal_timing)?;
+    let key = match &config.seal {
+        crate::config::SealConfig::Shamir { share_set_file } => {
+            let set = crate::seal::shamir::ShareSet::read(share_set_file)
+                .map_err(crate::seal::SealError::from)?;
+            tracing::warn!(
+                seed_id = %set.seed_id,
+                fingerprint = %set.fingerprint,
+                threshold = set.threshold,
+                shares = set.shares,
+                "sealed: waiting for {} of the {} unseal shares (custody unseal)",
+                set.threshold,
+                set.shares
+            );
+            SeedCache::start_with_shares(set)?
+        }
+        _ => SeedCache::start(crate::seal::provider(&config.seal), config.seal_timing)?,
+    };
     let cores = config.server.cores;
     let (events, ready) = mpsc::channel();
     let store: Arc<dyn Store> = match &config.store.backend {
@@ -193,6 +209,7 @@ pub fn run(config: Config) -> Result<(), ServerError> {
         seal = match &config.seal {
             crate::config::SealConfig::Dev { .. } => "dev (NOT for production)",
             crate::config::SealConfig::Pkcs11 { .. } => "pkcs11",
+            crate::config::SealConfig::Shamir { .. } => "shamir",
         },
         "custodyd serving"
     );
@@ -273,6 +290,12 @@ async fn core_main(core: usize, setup: CoreSetup) -> Result<(), String> {
             max_inflight_per_connection: config.limits.max_inflight_per_connection,
         },
         connections: Cell::new(0),
+        admins: config.policy.admins.clone().into(),
+        seal_provider: match &config.seal {
+            crate::config::SealConfig::Dev { .. } => ProviderCode::Dev,
+            crate::config::SealConfig::Pkcs11 { .. } => ProviderCode::Pkcs11,
+            crate::config::SealConfig::Shamir { .. } => ProviderCode::Shamir,
+        },
     });
     // Drop this core's copy of a sealed or replaced key even when no request comes.
     {

@@ -33,7 +33,7 @@ pub const SHARD_HASH_JUMP_FNV1A64: u8 = 1;
 /// Length of a derived key on the wire.
 pub const KEY_LEN: usize = 32;
 
-/// Request opcodes. Numbers are never reused; later issues add operations above 0x04.
+/// Request opcodes. Numbers are never reused; later issues add operations above 0x07.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
 pub enum Opcode {
@@ -41,17 +41,27 @@ pub enum Opcode {
     Register = 0x02,
     Derive = 0x03,
     Status = 0x04,
+    /// Admin: drop the unsealed seed at once.
+    Seal = 0x05,
+    /// Admin: submit a Shamir share, or ask the HSM provider to unseal now.
+    Unseal = 0x06,
+    /// The appliance's seal state (any authenticated client).
+    SealStatus = 0x07,
 }
 
 impl Opcode {
+    pub const ALL: [Opcode; 7] = [
+        Opcode::Hello,
+        Opcode::Register,
+        Opcode::Derive,
+        Opcode::Status,
+        Opcode::Seal,
+        Opcode::Unseal,
+        Opcode::SealStatus,
+    ];
+
     pub fn from_u8(value: u8) -> Option<Opcode> {
-        match value {
-            0x01 => Some(Opcode::Hello),
-            0x02 => Some(Opcode::Register),
-            0x03 => Some(Opcode::Derive),
-            0x04 => Some(Opcode::Status),
-            _ => None,
-        }
+        Opcode::ALL.into_iter().find(|op| *op as u8 == value)
     }
 }
 
@@ -83,10 +93,20 @@ pub enum Status {
     Forbidden = 40,
     RateLimited = 41,
     Internal = 50,
+    /// UNSEAL: the share is malformed, damaged, of another seed or split, or this
+    /// appliance does not unseal with shares.
+    ShareInvalid = 60,
+    /// UNSEAL: this share number was already submitted.
+    ShareRepeated = 61,
+    /// UNSEAL: the threshold was reached but the shares rebuild another seed (fingerprint
+    /// mismatch); every submitted share was discarded.
+    SeedMismatch = 62,
+    /// UNSEAL: a share was sent to an appliance that is already unsealed.
+    AlreadyUnsealed = 63,
 }
 
 impl Status {
-    pub const ALL: [Status; 22] = [
+    pub const ALL: [Status; 26] = [
         Status::Ok,
         Status::UnsupportedVersion,
         Status::MalformedFrame,
@@ -109,6 +129,10 @@ impl Status {
         Status::Forbidden,
         Status::RateLimited,
         Status::Internal,
+        Status::ShareInvalid,
+        Status::ShareRepeated,
+        Status::SeedMismatch,
+        Status::AlreadyUnsealed,
     ];
 
     pub fn from_u16(value: u16) -> Option<Status> {
@@ -140,6 +164,10 @@ impl Status {
             Status::Forbidden => "FORBIDDEN",
             Status::RateLimited => "RATE_LIMITED",
             Status::Internal => "INTERNAL",
+            Status::ShareInvalid => "SHARE_INVALID",
+            Status::ShareRepeated => "SHARE_REPEATED",
+            Status::SeedMismatch => "SEED_MISMATCH",
+            Status::AlreadyUnsealed => "ALREADY_UNSEALED",
         }
     }
 
@@ -380,6 +408,30 @@ pub struct DeriveBody {
     pub ttl_s: u32,
 }
 
+/// A Shamir share as it travels in an UNSEAL request: zeroized when dropped, never
+/// printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ShareText(pub zeroize::Zeroizing<String>);
+
+impl ShareText {
+    pub fn new(text: &str) -> ShareText {
+        ShareText(zeroize::Zeroizing::new(text.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for ShareText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ShareText(<{} bytes, redacted>)", self.0.len())
+    }
+}
+
+/// UNSEAL flag: discard the shares submitted so far (before taking this one, if any).
+pub const UNSEAL_FLAG_RESET: u8 = 0x01;
+
 /// A decoded request body.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Request {
@@ -387,6 +439,10 @@ pub enum Request {
     Register { asset: Uuid },
     Derive(DeriveBody),
     Status { asset: Uuid },
+    Seal,
+    /// A share (empty: ask the HSM provider to unseal now), after an optional reset.
+    Unseal { reset: bool, share: ShareText },
+    SealStatus,
 }
 
 impl Request {
@@ -396,6 +452,9 @@ impl Request {
             Request::Register { .. } => Opcode::Register,
             Request::Derive(_) => Opcode::Derive,
             Request::Status { .. } => Opcode::Status,
+            Request::Seal => Opcode::Seal,
+            Request::Unseal { .. } => Opcode::Unseal,
+            Request::SealStatus => Opcode::SealStatus,
         }
     }
 
@@ -405,6 +464,22 @@ impl Request {
         let mut r = Reader::new(body);
         let request = match op {
             Opcode::Hello => Request::Hello,
+            Opcode::Seal => Request::Seal,
+            Opcode::SealStatus => Request::SealStatus,
+            Opcode::Unseal => {
+                let flags = r.u8("flags")?;
+                if flags & !UNSEAL_FLAG_RESET != 0 {
+                    return Err(WireError::BadField {
+                        field: "flags",
+                        reason: "reserved bits set",
+                    });
+                }
+                let share = r.short_ascii("share", bounds::SHARE_TEXT_BYTES_MAX)?;
+                Request::Unseal {
+                    reset: flags & UNSEAL_FLAG_RESET != 0,
+                    share: ShareText::new(share),
+                }
+            }
             Opcode::Register => Request::Register {
                 asset: r.uuid("asset_id")?,
             },
@@ -437,7 +512,11 @@ impl Request {
         }
         .encode(out);
         match self {
-            Request::Hello => {}
+            Request::Hello | Request::Seal | Request::SealStatus => {}
+            Request::Unseal { reset, share } => {
+                out.push(if *reset { UNSEAL_FLAG_RESET } else { 0 });
+                put_short(out, share.as_str().as_bytes());
+            }
             Request::Register { asset } | Request::Status { asset } => {
                 out.extend_from_slice(asset.as_bytes())
             }
@@ -512,6 +591,102 @@ impl std::fmt::Debug for Derived {
     }
 }
 
+/// The appliance's seal state, as SEAL, UNSEAL and SEAL_STATUS report it. Codes are on
+/// the wire: never renumber.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+#[repr(u8)]
+pub enum SealStateCode {
+    Unsealed = 1,
+    ServingStale = 2,
+    /// Sealed, waiting for shares (`shamir` provider).
+    Sealed = 3,
+    /// Some shares in, fewer than the threshold.
+    Unsealing = 4,
+    SealedByOperator = 5,
+    SealedByFailure = 6,
+}
+
+impl SealStateCode {
+    pub const ALL: [SealStateCode; 6] = [
+        SealStateCode::Unsealed,
+        SealStateCode::ServingStale,
+        SealStateCode::Sealed,
+        SealStateCode::Unsealing,
+        SealStateCode::SealedByOperator,
+        SealStateCode::SealedByFailure,
+    ];
+
+    pub fn from_u8(code: u8) -> Option<SealStateCode> {
+        SealStateCode::ALL.into_iter().find(|s| *s as u8 == code)
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            SealStateCode::Unsealed => "UNSEALED",
+            SealStateCode::ServingStale => "SERVING_STALE",
+            SealStateCode::Sealed => "SEALED",
+            SealStateCode::Unsealing => "UNSEALING",
+            SealStateCode::SealedByOperator => "SEALED_BY_OPERATOR",
+            SealStateCode::SealedByFailure => "SEALED_BY_FAILURE",
+        }
+    }
+
+    /// Whether derivations are served in this state.
+    pub fn serving(self) -> bool {
+        matches!(self, SealStateCode::Unsealed | SealStateCode::ServingStale)
+    }
+}
+
+/// Which seal provider the appliance runs. Codes are on the wire: never renumber.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+#[repr(u8)]
+pub enum ProviderCode {
+    Dev = 1,
+    Pkcs11 = 2,
+    Shamir = 3,
+}
+
+impl ProviderCode {
+    pub fn from_u8(code: u8) -> Option<ProviderCode> {
+        [ProviderCode::Dev, ProviderCode::Pkcs11, ProviderCode::Shamir]
+            .into_iter()
+            .find(|p| *p as u8 == code)
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ProviderCode::Dev => "dev",
+            ProviderCode::Pkcs11 => "pkcs11",
+            ProviderCode::Shamir => "shamir",
+        }
+    }
+}
+
+/// What SEAL, UNSEAL and SEAL_STATUS answer. Times are Unix milliseconds (0: none).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct SealInfo {
+    pub state: SealStateCode,
+    pub provider: ProviderCode,
+    /// Shares submitted so far (`shamir`; 0 otherwise).
+    pub shares_received: u8,
+    /// Shares needed (k), and shares made (n); 0 for the other providers.
+    pub threshold: u8,
+    pub shares: u8,
+    /// When the current state began (0 while unsealed and fresh).
+    pub since_unix_ms: u64,
+    /// When the serving key was unsealed (0: no key).
+    pub key_unsealed_unix_ms: u64,
+    /// Provider calls by result, and times the breaker opened.
+    pub calls_ok: u64,
+    pub calls_failed: u64,
+    pub calls_timed_out: u64,
+    pub breaker_opened: u64,
+    /// Why it is sealed by failure (empty otherwise).
+    pub reason: String,
+}
+
 /// A refused request: status, when to retry (0 = not applicable), and why.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Refusal {
@@ -548,6 +723,7 @@ pub enum Reply {
     Hello(HelloInfo),
     Asset(AssetInfo),
     Derived(Derived),
+    Seal(SealInfo),
     Refused(Refusal),
 }
 
@@ -584,6 +760,27 @@ impl Reply {
                 out.extend_from_slice(&d.key[..]);
                 out.extend_from_slice(&d.receipt.shard.to_be_bytes());
                 out.extend_from_slice(&d.receipt.seq.to_be_bytes());
+            }
+            Reply::Seal(s) => {
+                out.extend_from_slice(&(Status::Ok as u16).to_be_bytes());
+                out.push(s.state as u8);
+                out.push(s.provider as u8);
+                out.push(s.shares_received);
+                out.push(s.threshold);
+                out.push(s.shares);
+                for v in [
+                    s.since_unix_ms,
+                    s.key_unsealed_unix_ms,
+                    s.calls_ok,
+                    s.calls_failed,
+                    s.calls_timed_out,
+                    s.breaker_opened,
+                ] {
+                    out.extend_from_slice(&v.to_be_bytes());
+                }
+                let reason = truncate_utf8(&s.reason, bounds::ERROR_MESSAGE_BYTES_MAX);
+                out.extend_from_slice(&(reason.len() as u16).to_be_bytes());
+                out.extend_from_slice(reason.as_bytes());
             }
             Reply::Refused(r) => {
                 out.extend_from_slice(&(r.status as u16).to_be_bytes());
@@ -633,6 +830,34 @@ impl Reply {
                         shard: r.u16("shard")?,
                     })
                 }
+                Opcode::Seal | Opcode::Unseal | Opcode::SealStatus => {
+                    let state =
+                        SealStateCode::from_u8(r.u8("state")?).ok_or(WireError::BadField {
+                            field: "state",
+                            reason: "unknown seal state",
+                        })?;
+                    let provider =
+                        ProviderCode::from_u8(r.u8("provider")?).ok_or(WireError::BadField {
+                            field: "provider",
+                            reason: "unknown seal provider",
+                        })?;
+                    Reply::Seal(SealInfo {
+                        state,
+                        provider,
+                        shares_received: r.u8("shares_received")?,
+                        threshold: r.u8("threshold")?,
+                        shares: r.u8("shares")?,
+                        since_unix_ms: r.u64("since_unix_ms")?,
+                        key_unsealed_unix_ms: r.u64("key_unsealed_unix_ms")?,
+                        calls_ok: r.u64("calls_ok")?,
+                        calls_failed: r.u64("calls_failed")?,
+                        calls_timed_out: r.u64("calls_timed_out")?,
+                        breaker_opened: r.u64("breaker_opened")?,
+                        reason: r
+                            .text("reason", bounds::ERROR_MESSAGE_BYTES_MAX)?
+                            .to_owned(),
+                    })
+                }
                 Opcode::Derive => {
                     let counter = r.u64("counter")?;
                     let scheme_version = r.u8("scheme_version")?;
@@ -677,13 +902,12 @@ pub fn fuzz_decode(data: &[u8]) {
             request.encode(frame.header.request_id, &mut again);
             assert_eq!(&again[HEADER_LEN..], frame.body, "request codec round trip");
         }
-        for op in [
-            Opcode::Hello,
-            Opcode::Register,
-            Opcode::Derive,
-            Opcode::Status,
-        ] {
-            let _ = Reply::decode(op, frame.body);
+        for op in Opcode::ALL {
+            if let Ok(reply) = Reply::decode(op, frame.body) {
+                let mut again = Vec::new();
+                reply.encode(op as u8, frame.header.request_id, &mut again);
+                assert_eq!(&again[HEADER_LEN..], frame.body, "reply codec round trip");
+            }
         }
         buf = &buf[frame.consumed..];
     }
@@ -735,6 +959,16 @@ mod tests {
                 asset: Uuid::from_bytes([9; 16]),
             },
             Request::Derive(derive_body()),
+            Request::Seal,
+            Request::SealStatus,
+            Request::Unseal {
+                reset: false,
+                share: ShareText::new(""),
+            },
+            Request::Unseal {
+                reset: true,
+                share: ShareText::new("custody-share/1:5b0d:3:1:00ff:0a0b0c0d"),
+            },
         ] {
             let mut out = Vec::new();
             req.encode(42, &mut out);
@@ -833,6 +1067,76 @@ mod tests {
     }
 
     #[test]
+    fn unseal_bodies_are_checked() {
+        // Reserved flag bits, an over-long share, a share that is not printable ASCII.
+        assert_eq!(
+            Request::decode(Opcode::Unseal as u8, &[0x02, 0]),
+            Err(WireError::BadField {
+                field: "flags",
+                reason: "reserved bits set"
+            })
+        );
+        let mut long = vec![0u8, (bounds::SHARE_TEXT_BYTES_MAX + 1) as u8];
+        long.extend(std::iter::repeat(b'a').take(bounds::SHARE_TEXT_BYTES_MAX + 1));
+        assert_eq!(
+            Request::decode(Opcode::Unseal as u8, &long),
+            Err(WireError::BadField {
+                field: "share",
+                reason: "longer than its limit"
+            })
+        );
+        assert_eq!(
+            Request::decode(Opcode::Unseal as u8, &[0, 2, b'a', b' ']),
+            Err(WireError::BadField {
+                field: "share",
+                reason: "not printable ASCII"
+            })
+        );
+        assert_eq!(
+            Request::decode(Opcode::Seal as u8, &[0]),
+            Err(WireError::TrailingBytes(1))
+        );
+        // The share never shows in a Debug print of the request.
+        let req = Request::Unseal {
+            reset: false,
+            share: ShareText::new("custody-share/1:secret-part"),
+        };
+        assert!(!format!("{req:?}").contains("secret-part"));
+    }
+
+    #[test]
+    fn opcode_numbers_are_stable() {
+        let expected = [
+            (Opcode::Hello, 0x01),
+            (Opcode::Register, 0x02),
+            (Opcode::Derive, 0x03),
+            (Opcode::Status, 0x04),
+            (Opcode::Seal, 0x05),
+            (Opcode::Unseal, 0x06),
+            (Opcode::SealStatus, 0x07),
+        ];
+        for (op, number) in expected {
+            assert_eq!(op as u8, number);
+            assert_eq!(Opcode::from_u8(number), Some(op));
+        }
+        assert_eq!(Opcode::from_u8(0x08), None);
+        for (code, n) in [
+            (SealStateCode::Unsealed, 1),
+            (SealStateCode::ServingStale, 2),
+            (SealStateCode::Sealed, 3),
+            (SealStateCode::Unsealing, 4),
+            (SealStateCode::SealedByOperator, 5),
+            (SealStateCode::SealedByFailure, 6),
+        ] {
+            assert_eq!(code as u8, n);
+            assert_eq!(SealStateCode::from_u8(n), Some(code));
+        }
+        assert_eq!(SealStateCode::from_u8(0), None);
+        assert_eq!(ProviderCode::from_u8(3), Some(ProviderCode::Shamir));
+        assert_eq!(ProviderCode::from_u8(4), None);
+    }
+
+    #[test]
     fn replies_round_trip() {
         let replies = [
             (
@@ -864,6 +1168,31 @@ mod tests {
                 }),
             ),
             (
+                Opcode::Unseal,
+                Reply::Seal(SealInfo {
+                    state: SealStateCode::Unsealing,
+                    provider: ProviderCode::Shamir,
+                    shares_received: 2,
+                    threshold: 3,
+                    shares: 5,
+                    since_unix_ms: 1_795_000_000_000,
+                    key_unsealed_unix_ms: 0,
+                    calls_ok: 1,
+                    calls_failed: 2,
+                    calls_timed_out: 3,
+                    breaker_opened: 4,
+                    reason: "é".into(),
+                }),
+            ),
+            (
+                Opcode::Unseal,
+                Reply::Refused(Refusal {
+                    status: Status::SeedMismatch,
+                    retry_after_ms: 0,
+                    message: "fingerprint".into(),
+                }),
+            ),
+            (
                 Opcode::Derive,
                 Reply::Refused(Refusal {
                     status: Status::Busy,
@@ -884,7 +1213,7 @@ mod tests {
     #[test]
     fn status_numbers_are_stable() {
         // Changing any of these breaks deployed clients: add new numbers instead.
-        let expected: [(Status, u16); 22] = [
+        let expected: [(Status, u16); 26] = [
             (Status::Ok, 0),
             (Status::UnsupportedVersion, 1),
             (Status::MalformedFrame, 2),
@@ -907,6 +1236,10 @@ mod tests {
             (Status::Forbidden, 40),
             (Status::RateLimited, 41),
             (Status::Internal, 50),
+            (Status::ShareInvalid, 60),
+            (Status::ShareRepeated, 61),
+            (Status::SeedMismatch, 62),
+            (Status::AlreadyUnsealed, 63),
         ];
         for (status, number) in expected {
             assert_eq!(status as u16, number);
@@ -921,5 +1254,29 @@ mod tests {
         let mut valid = Vec::new();
         Request::Derive(derive_body()).encode(5, &mut valid);
         crate::testing::mutation_sweep(&valid, 20_000, 7, 0x9e3779b97f4a7c15, fuzz_decode);
+        let mut unseal = Vec::new();
+        Request::Unseal {
+            reset: true,
+            share: ShareText::new("custody-share/1:x:2:1:ab:cd"),
+        }
+        .encode(6, &mut unseal);
+        crate::testing::mutation_sweep(&unseal, 5_000, 5, 0x51ab1e, fuzz_decode);
+        let mut reply = Vec::new();
+        Reply::Seal(SealInfo {
+            state: SealStateCode::Sealed,
+            provider: ProviderCode::Pkcs11,
+            shares_received: 0,
+            threshold: 0,
+            shares: 0,
+            since_unix_ms: 1,
+            key_unsealed_unix_ms: 2,
+            calls_ok: 3,
+            calls_failed: 4,
+            calls_timed_out: 5,
+            breaker_opened: 6,
+            reason: "r".into(),
+        })
+        .encode(Opcode::SealStatus as u8, 7, &mut reply);
+        crate::testing::mutation_sweep(&reply, 5_000, 5, 0x5ea1, fuzz_decode);
     }
 }

@@ -122,9 +122,15 @@ impl SoftHsm {
     }
 }
 
+/// `custody init` with the shares written one per file to `<state>/shares` (made new for
+/// each init, so a second init of the same appliance is refused by the sealed file alone).
 fn init(app: &TestAppliance, extra: &[&str]) -> std::process::Output {
     let config = app.config_path().display().to_string();
-    let mut args = vec!["init", "--config", config.as_str()];
+    let shares = app.dir.path().join("shares");
+    let _ = std::fs::remove_dir_all(&shares);
+    std::fs::create_dir(&shares).unwrap();
+    let shares = shares.display().to_string();
+    let mut args = vec!["init", "--config", config.as_str(), "--share-dir", shares.as_str()];
     args.extend_from_slice(extra);
     app.custody(&args)
 }

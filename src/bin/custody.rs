@@ -5,9 +5,13 @@
 //! custody [CONNECTION] register ASSET_ID
 //! custody [CONNECTION] status ASSET_ID
 //! custody [CONNECTION] derive ASSET_ID --path PATH --region REGION --purpose PURPOSE --ttl SECONDS
+//! custody [CONNECTION] seal | unseal [--share-file FILE] [--reset] | seal-status
 //! custody dev-certs DIR [--client-cn NAME]
 //! custody dev-seed FILE
-//! custody init --config FILE [--import-seed FILE] [--create-key]
+//! custody init --config FILE (--share-dir DIR | --print-shares) [--shares N] [--threshold K]
+//!              [--import-seed FILE] [--create-key]
+//! custody recover --share FILE... [--config FILE | --fingerprint HEX]
+//!                 [--asset ID --path PATH --counter N] [--write-seed FILE]
 //! ```
 //!
 //! CONNECTION: `--addr HOST:PORT` (default 127.0.0.1:7443), `--certs DIR` (a dev-certs
@@ -17,7 +21,8 @@
 use anyhow::{bail, Context};
 use custody::client::{Client, ClientConfig, ClientError};
 use custody::policy::Purpose;
-use custody::wire::{AssetInfo, DeriveBody};
+use custody::seal::shamir;
+use custody::wire::{AssetInfo, DeriveBody, SealInfo, SealStateCode};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use uuid::Uuid;
@@ -29,11 +34,26 @@ const USAGE: &str = "usage:
   custody [CONNECTION] derive ASSET_ID --path \"m/44'/0'/0'/0'/7\" --region US-EAST --purpose TRADING --ttl 300
   custody dev-certs DIR [--client-cn NAME]   write a development CA, server and client certificate
   custody dev-seed FILE                      write a random development seed (NOT for production)
-  custody init --config FILE [--import-seed FILE] [--create-key]
-                         the init ceremony: make a root seed in the HSM (or import one:
-                         32 raw bytes or 64 hex characters), seal it with the configured
-                         provider and write the sealed file; --create-key first makes the
-                         wrapping key on the token
+  custody [CONNECTION] seal-status           the appliance's seal state (and unseal progress)
+  custody [CONNECTION] seal                  admin: drop the unsealed seed at once
+  custody [CONNECTION] unseal [--share-file FILE] [--reset]
+                         admin: submit one unseal share (read from FILE, or typed at a
+                         prompt that does not echo); on an HSM appliance, ask it to unseal
+                         now; --reset discards the shares submitted so far
+  custody init --config FILE (--share-dir DIR | --print-shares) [--shares N] [--threshold K]
+               [--import-seed FILE] [--create-key]
+                         the init ceremony: make a root seed (in the HSM for pkcs11) or
+                         import one (32 raw bytes or 64 hex characters), split it into N
+                         shares any K of which rebuild it (default 3 of 5; checked before
+                         anything is written), write them one per file or print them once,
+                         and write the sealed seed (pkcs11) or the share set (shamir);
+                         --create-key first makes the wrapping key on the token
+  custody recover --share FILE [--share FILE]... [--config FILE | --fingerprint HEX]
+                  [--asset ID --path PATH --counter N] [--write-seed FILE]
+                         offline, without the appliance: rebuild the seed from K shares
+                         (--share - reads share lines from stdin), check it against the
+                         appliance's seed, derive the key of an asset at a path and
+                         counter, or write the seed (mode 0600) for `init --import-seed`
 
 CONNECTION:
   --addr HOST:PORT       appliance address (default 127.0.0.1:7443, env CUSTODY_ADDR)
@@ -71,6 +91,17 @@ struct Args {
     config: Option<PathBuf>,
     import_seed: Option<PathBuf>,
     create_key: bool,
+    share_dir: Option<PathBuf>,
+    print_shares: bool,
+    shares: Option<u8>,
+    threshold: Option<u8>,
+    share_inputs: Vec<String>,
+    share_file: Option<PathBuf>,
+    reset: bool,
+    fingerprint: Option<String>,
+    asset: Option<String>,
+    counter: Option<u64>,
+    write_seed: Option<PathBuf>,
 }
 
 fn parse_args() -> anyhow::Result<Option<Args>> {
@@ -94,6 +125,17 @@ fn parse_args() -> anyhow::Result<Option<Args>> {
             Long("config") | Short('c') => a.config = Some(p.value()?.into()),
             Long("import-seed") => a.import_seed = Some(p.value()?.into()),
             Long("create-key") => a.create_key = true,
+            Long("share-dir") => a.share_dir = Some(p.value()?.into()),
+            Long("print-shares") => a.print_shares = true,
+            Long("shares") => a.shares = Some(p.value()?.parse()?),
+            Long("threshold") => a.threshold = Some(p.value()?.parse()?),
+            Long("share") => a.share_inputs.push(p.value()?.string()?),
+            Long("share-file") => a.share_file = Some(p.value()?.into()),
+            Long("reset") => a.reset = true,
+            Long("fingerprint") => a.fingerprint = Some(p.value()?.string()?),
+            Long("asset") => a.asset = Some(p.value()?.string()?),
+            Long("counter") => a.counter = Some(p.value()?.parse()?),
+            Long("write-seed") => a.write_seed = Some(p.value()?.into()),
             Long("help") | Short('h') => {
                 println!("{USAGE}");
                 return Ok(None);
@@ -149,7 +191,8 @@ fn real_main() -> anyhow::Result<i32> {
             Ok(0)
         }
         "init" => init(&args),
-        "hello" | "register" | "status" | "derive" => {
+        "recover" => recover(&args),
+        "hello" | "register" | "status" | "derive" | "seal" | "unseal" | "seal-status" => {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
@@ -182,30 +225,188 @@ fn init(args: &Args) -> anyhow::Result<i32> {
     if let Some(dir) = config.seal_dir() {
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    let report = custody::seal::init(&config.seal, import, args.create_key)?;
+    let output = match (&args.share_dir, args.print_shares) {
+        (Some(dir), false) => custody::seal::ShareOutput::Dir(dir.clone()),
+        (None, true) => custody::seal::ShareOutput::Print,
+        _ => bail!(
+            "init needs exactly one of --share-dir DIR (one file per share, mode 0600) or --print-shares (shown once, here)"
+        ),
+    };
+    let split = custody::seal::SplitSpec {
+        threshold: args.threshold.unwrap_or(3),
+        shares: args.shares.unwrap_or(5),
+        output,
+    };
+    let (report, printed) = custody::seal::init(&config.seal, import, args.create_key, &split)?;
+    let what = match &config.seal {
+        custody::config::SealConfig::Shamir { .. } => "wrote the share set of",
+        _ => "sealed",
+    };
     if args.json {
+        let printed: Vec<String> = printed.iter().map(|s| s.encode().to_string()).collect();
         println!(
             "{}",
             serde_json::json!({
                 "seed_id": report.seed_id,
                 "fingerprint": report.fingerprint,
-                "sealed_seed_file": report.sealed_seed_file,
+                "seed_file": report.seed_file,
                 "imported": report.imported,
                 "created_key": report.created_key,
+                "threshold": report.threshold,
+                "shares": report.shares,
+                "share_files": report.share_files,
+                "printed_shares": printed,
             })
         );
     } else {
         println!(
-            "sealed a {} root seed into {} (mode 0600)",
+            "{what} a {} root seed: {} (mode 0600)",
             if report.imported { "imported" } else { "new" },
-            report.sealed_seed_file.display()
+            report.seed_file.display()
         );
         println!("  seed id      {}", report.seed_id);
         println!("  fingerprint  {}", report.fingerprint);
         if report.created_key {
             println!("  made the wrapping key on the token");
         }
-        println!("The seed itself was never written or shown. Keep the sealed file with the appliance's state.");
+        println!(
+            "  split into {} shares, any {} of which rebuild the seed (checked)",
+            report.shares, report.threshold
+        );
+        for path in &report.share_files {
+            println!("  share        {}", path.display());
+        }
+        if !printed.is_empty() {
+            println!("\nThe shares, shown this once: give each to a different custodian.");
+            for share in &printed {
+                println!("  {}", share.encode().as_str());
+            }
+            println!();
+        }
+        println!("The seed itself was never written or shown.");
+    }
+    Ok(0)
+}
+
+/// Reads share lines: each `--share` is a file (mode 0600), or `-` for lines on stdin.
+fn read_shares(inputs: &[String]) -> anyhow::Result<Vec<shamir::Share>> {
+    let mut shares = Vec::new();
+    for input in inputs {
+        if input == "-" {
+            for line in std::io::stdin().lines() {
+                let line = zeroize::Zeroizing::new(line.context("reading shares from stdin")?);
+                if line.trim().is_empty() {
+                    continue;
+                }
+                shares.push(
+                    shamir::Share::parse(&line)
+                        .with_context(|| format!("share {} on stdin", shares.len() + 1))?,
+                );
+            }
+        } else {
+            shares.push(shamir::read_share_file(std::path::Path::new(input))?);
+        }
+    }
+    Ok(shares)
+}
+
+/// `custody recover`: the seed rebuilt offline from k shares, checked, and used.
+fn recover(args: &Args) -> anyhow::Result<i32> {
+    if args.share_inputs.is_empty() {
+        bail!("recover needs the shares: --share FILE (repeat it), or --share - to read them from stdin");
+    }
+    let shares = read_shares(&args.share_inputs)?;
+    let refs: Vec<&shamir::Share> = shares.iter().collect();
+    let seed = shamir::combine(&refs)?;
+    let fingerprint = custody::seal::blob::fingerprint(&seed);
+    let seed_id = shares[0].seed_id;
+    // What the appliance's seed is, to compare with.
+    let expected = match (&args.config, &args.fingerprint) {
+        (Some(_), Some(_)) => bail!("give --config or --fingerprint, not both"),
+        (Some(file), None) => {
+            let config = match custody::config::load(file) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprint!("{e}");
+                    return Ok(2);
+                }
+            };
+            match &config.seal {
+                custody::config::SealConfig::Pkcs11 {
+                    sealed_seed_file, ..
+                } => Some(custody::seal::blob::SealedSeed::read(sealed_seed_file)?.fingerprint),
+                custody::config::SealConfig::Shamir { share_set_file } => {
+                    Some(shamir::ShareSet::read(share_set_file)?.fingerprint)
+                }
+                custody::config::SealConfig::Dev { .. } => {
+                    bail!("the dev provider's seed is not split into shares")
+                }
+            }
+        }
+        (None, Some(f)) => Some(f.to_ascii_lowercase()),
+        (None, None) => None,
+    };
+    if let Some(expected) = &expected {
+        if *expected != fingerprint {
+            bail!(
+                "the {} shares rebuild a seed with fingerprint {fingerprint}, not the expected {expected}: wrong shares, or a forged one",
+                shares.len()
+            );
+        }
+    }
+    let derived = match (&args.asset, &args.path, args.counter) {
+        (None, None, None) => None,
+        (Some(asset), Some(path), Some(counter)) => {
+            let asset = Uuid::parse_str(asset)
+                .with_context(|| format!("--asset {asset:?} is not a UUID"))?;
+            let parsed = custody::kdf::DerivationPath::parse(path)
+                .map_err(|e| anyhow::anyhow!("--path {path:?}: {e}"))?;
+            let key = custody::kdf::DerivationKey::new(&seed)?;
+            Some((asset, path.clone(), counter, key.derive(&asset, counter, &parsed)))
+        }
+        _ => bail!("to derive a key give all three of --asset, --path and --counter"),
+    };
+    if let Some(path) = &args.write_seed {
+        let mut text = zeroize::Zeroizing::new(hex(seed.expose()));
+        text.push('\n');
+        custody::seal::write_private_new(path, text.as_bytes())
+            .with_context(|| format!("writing {} (never over an existing file)", path.display()))?;
+    }
+    drop(seed);
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "seed_id": seed_id,
+                "fingerprint": fingerprint,
+                "matches": expected.as_ref().map(|e| *e == fingerprint),
+                "shares_used": shares.len(),
+                "derived": derived.as_ref().map(|(asset, path, counter, key)| serde_json::json!({
+                    "asset": asset, "path": path, "counter": counter, "key_hex": hex(&key[..]),
+                })),
+                "seed_file": args.write_seed,
+            })
+        );
+    } else {
+        println!(
+            "rebuilt seed {seed_id} from {} shares (threshold {})",
+            shares.len(),
+            shares[0].threshold
+        );
+        match &expected {
+            Some(_) => println!("  fingerprint  {fingerprint} (matches the appliance's seed)"),
+            None => println!("  fingerprint  {fingerprint} (not compared: give --config or --fingerprint)"),
+        }
+        if let Some((asset, path, counter, key)) = &derived {
+            println!("  key          {}", hex(&key[..]));
+            println!("  for asset {asset} path {path} counter {counter}");
+        }
+        if let Some(path) = &args.write_seed {
+            println!(
+                "  wrote the seed to {} (mode 0600): import it with `custody init --import-seed`, then destroy it",
+                path.display()
+            );
+        }
     }
     Ok(0)
 }
@@ -300,6 +501,12 @@ async fn client_command(command: &str, args: &Args) -> anyhow::Result<i32> {
                 }
             })
         }
+        "seal-status" => client
+            .seal_status()
+            .await
+            .map(|s| seal_text(&s, args.json)),
+        "seal" => client.seal().await.map(|s| seal_text(&s, args.json)),
+        "unseal" => unseal(&client, args).await?,
         _ => unreachable!("dispatched above"),
     };
     match outcome {
@@ -342,6 +549,103 @@ fn asset_text(a: &AssetInfo, json: bool, what: &str) -> String {
             a.asset, a.state, a.counter, a.shard
         )
     }
+}
+
+/// `custody unseal`: one share to a `shamir` appliance (from a file, or typed at a prompt
+/// that does not echo), or an unseal-now to an HSM appliance (then waits up to 10 s).
+async fn unseal(client: &Client, args: &Args) -> anyhow::Result<Result<String, ClientError>> {
+    let before = match client.seal_status().await {
+        Ok(info) => info,
+        Err(e) => return Ok(Err(e)),
+    };
+    let share = match (&args.share_file, before.provider) {
+        (Some(path), _) => shamir::read_share_file(path)?.encode(),
+        (None, custody::wire::ProviderCode::Shamir) if !args.reset || before.shares_received == 0 => {
+            eprintln!(
+                "unseal progress {}/{}; share (not echoed):",
+                before.shares_received, before.threshold
+            );
+            read_hidden_line().context("reading the share")?
+        }
+        _ => zeroize::Zeroizing::new(String::new()),
+    };
+    let answer = client.unseal(share.trim(), args.reset).await;
+    drop(share);
+    let mut info = match answer {
+        Ok(info) => info,
+        Err(e) => return Ok(Err(e)),
+    };
+    if info.provider != custody::wire::ProviderCode::Shamir && !info.state.serving() {
+        // The HSM provider unseals on its own thread: wait for it.
+        for _ in 0..100 {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            info = match client.seal_status().await {
+                Ok(info) => info,
+                Err(e) => return Ok(Err(e)),
+            };
+            if info.state.serving() {
+                break;
+            }
+        }
+    }
+    Ok(Ok(seal_text(&info, args.json)))
+}
+
+/// Reads one line from stdin without echoing it when stdin is a terminal.
+fn read_hidden_line() -> std::io::Result<zeroize::Zeroizing<String>> {
+    use std::io::BufRead;
+    let fd = libc::STDIN_FILENO;
+    // SAFETY: isatty and tcgetattr only read the terminal's state into `saved`.
+    let mut saved: libc::termios = unsafe { std::mem::zeroed() };
+    let tty = unsafe { libc::isatty(fd) == 1 && libc::tcgetattr(fd, &mut saved) == 0 };
+    if tty {
+        let mut quiet = saved;
+        quiet.c_lflag &= !libc::ECHO;
+        quiet.c_lflag |= libc::ECHONL;
+        // SAFETY: sets the terminal's attributes from a copy of its own.
+        unsafe { libc::tcsetattr(fd, libc::TCSANOW, &quiet) };
+    }
+    let mut line = zeroize::Zeroizing::new(String::new());
+    let read = std::io::stdin().lock().read_line(&mut line);
+    if tty {
+        // SAFETY: restores the attributes read above.
+        unsafe { libc::tcsetattr(fd, libc::TCSANOW, &saved) };
+    }
+    read?;
+    Ok(line)
+}
+
+fn seal_text(s: &SealInfo, json: bool) -> String {
+    if json {
+        return serde_json::to_string_pretty(s).unwrap_or_default();
+    }
+    let mut out = format!(
+        "seal state {} (provider {})",
+        s.state.name(),
+        s.provider.name()
+    );
+    if s.threshold > 0 {
+        out.push_str(&format!(
+            "\n  unseal progress {}/{} (of {} shares)",
+            s.shares_received, s.threshold, s.shares
+        ));
+    }
+    if s.since_unix_ms > 0 {
+        out.push_str(&format!("\n  since {} (Unix ms)", s.since_unix_ms));
+    }
+    if s.key_unsealed_unix_ms > 0 {
+        out.push_str(&format!("\n  key unsealed at {} (Unix ms)", s.key_unsealed_unix_ms));
+    }
+    if s.state == SealStateCode::SealedByFailure && !s.reason.is_empty() {
+        out.push_str(&format!("\n  reason {}", s.reason));
+    }
+    if s.provider != custody::wire::ProviderCode::Shamir {
+        out.push_str(&format!(
+            "\n  provider calls ok {} failed {} timed out {}; breaker opened {} times",
+            s.calls_ok, s.calls_failed, s.calls_timed_out, s.breaker_opened
+        ));
+    }
+    out
 }
 
 fn hex(bytes: &[u8]) -> String {

@@ -96,6 +96,10 @@ fn real_main() -> anyhow::Result<i32> {
                             pkcs11.key_label,
                             sealed_seed_file.display()
                         ),
+                        custody::config::SealConfig::Shamir { share_set_file } => format!(
+                            "shamir share set {} (starts sealed: unseal with k shares)",
+                            share_set_file.display()
+                        ),
                     };
                     println!(
                         "{}: ok (listen {}, {} cores, store {store}, seal {seal})",

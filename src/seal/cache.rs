@@ -24,6 +24,7 @@
 //! Readers never see a half-made key: a key is built whole, then published as an `Arc`
 //! under a mutex that only the supervisor and a core whose generation is behind take.
 
+use super::shamir::{ShareError, ShareGate, ShareSet, Submitted};
 use super::slot::{KeySlot, Mailbox, Reader};
 use super::SealError;
 use crate::kdf::{DerivationKey, RootSeed};
@@ -59,8 +60,16 @@ pub struct CacheTiming {
 /// What the cache is doing, for status, metrics and logs.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SealState {
-    /// Serving a key younger than the TTL.
+    /// Serving a key younger than the TTL (the `shamir` provider's key has no TTL).
     Unsealed,
+    /// `shamir` provider: no key, and no share submitted yet (how such an appliance starts).
+    Sealed { since_ms: u64 },
+    /// `shamir` provider: `received` of the `threshold` shares are in.
+    Unsealing {
+        since_ms: u64,
+        received: u8,
+        threshold: u8,
+    },
     /// Serving a key past its TTL because refreshes fail; `since_ms` on the process clock.
     ServingStale { since_ms: u64 },
     /// No key: an operator sealed it.
@@ -101,6 +110,17 @@ pub struct SeedCache {
     slot: KeySlot<DerivationKey>,
     status: Mutex<CacheStatus>,
     mailbox: Mailbox,
+    /// `shamir` provider: the shares submitted so far. `None` for the other providers,
+    /// which the supervisor thread calls.
+    shares: Option<Mutex<ShareGate>>,
+}
+
+/// The answer to one accepted share.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UnsealProgress {
+    pub received: u8,
+    pub threshold: u8,
+    pub unsealed: bool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -127,6 +147,7 @@ impl SeedCache {
                 in_flight: 0,
             }),
             mailbox: Mailbox::default(),
+            shares: None,
         });
         let mut sup = Supervisor {
             cache: cache.clone(),
@@ -159,15 +180,66 @@ impl SeedCache {
     }
 
 
+    /// A cache for the `shamir` provider: it starts sealed, with no thread and no
+    /// provider; [`SeedCache::submit_share`] unseals it once `set.threshold` shares of the
+    /// set's seed are in. Its key has no TTL: it serves until an operator seals.
+    pub fn start_with_shares(set: ShareSet) -> Result<Arc<SeedCache>, SealError> {
+        let gate = ShareGate::new(set)?;
+        Ok(Arc::new(SeedCache {
+            slot: KeySlot::default(),
+            status: Mutex::new(CacheStatus {
+                state: SealState::Sealed {
+                    since_ms: clock_ms(),
+                },
+                calls: CallCounts::default(),
+                key_unsealed_ms: None,
+                in_flight: 0,
+            }),
+            mailbox: Mailbox::default(),
+            shares: Some(Mutex::new(gate)),
+        }))
+    }
+
+    /// Whether this cache unseals with shares (the `shamir` provider).
+    pub fn uses_shares(&self) -> bool {
+        self.shares.is_some()
+    }
+
+    /// The share set a `shamir` cache unseals with.
+    pub fn share_set(&self) -> Option<ShareSet> {
+        self.shares.as_ref().map(|g| lock(g).set().clone())
+    }
+
     pub fn status(&self) -> CacheStatus {
+        if let Some(gate) = &self.shares {
+            // Shares left past UNSEAL_PROGRESS_TIMEOUT are gone: say so.
+            let mut gate = lock(gate);
+            let (received, _) = gate.progress(Instant::now());
+            let mut s = lock(&self.status);
+            if received == 0 && matches!(s.state, SealState::Unsealing { .. }) {
+                s.state = SealState::Sealed {
+                    since_ms: clock_ms(),
+                };
+            }
+        }
         lock(&self.status).clone()
     }
 
     /// Drops the key at once (cores drop their copies within [`CORE_KEY_REFRESH`]); no
-    /// refresh happens until [`SeedCache::unseal`].
+    /// refresh happens until [`SeedCache::unseal`] (or, for the `shamir` provider, until
+    /// k shares are submitted again). Shares submitted so far are discarded.
     pub fn seal(&self) {
         // Stop serving now, and let no unseal already under way publish after this.
         drop(self.slot.seal());
+        if let Some(gate) = &self.shares {
+            let mut gate = lock(gate);
+            gate.reset();
+            lock(&self.status).key_unsealed_ms = None;
+            self.set_state(SealState::SealedByOperator {
+                since_ms: clock_ms(),
+            });
+            return;
+        }
         self.mailbox.post(|c| {
             c.seal = true;
             c.unseal = false;
@@ -175,12 +247,90 @@ impl SeedCache {
     }
 
     /// Asks for an unseal through the provider now (after an operator's seal, or to
-    /// retry at once).
+    /// retry at once). A `shamir` cache unseals only with shares: nothing happens.
     pub fn unseal(&self) {
+        if self.shares.is_some() {
+            return;
+        }
         self.mailbox.post(|c| {
             c.unseal = true;
             c.seal = false;
         });
+    }
+
+    /// `shamir` provider: takes one share. The share that completes the threshold
+    /// unseals (if the shares rebuild the set's seed); a refused share changes nothing.
+    pub fn submit_share(&self, text: &str) -> Result<UnsealProgress, ShareError> {
+        let Some(gate) = &self.shares else {
+            return Err(ShareError::NotShamir);
+        };
+        let mut gate = lock(gate);
+        if self.slot.has_key() {
+            return Err(ShareError::AlreadyUnsealed);
+        }
+        let threshold = gate.set().threshold;
+        match gate.submit(text, Instant::now()) {
+            Ok(Submitted::Progress {
+                received,
+                threshold,
+            }) => {
+                let since_ms = match lock(&self.status).state {
+                    SealState::Unsealing { since_ms, .. } => since_ms,
+                    _ => clock_ms(),
+                };
+                self.set_state(SealState::Unsealing {
+                    since_ms,
+                    received,
+                    threshold,
+                });
+                tracing::info!(received, threshold, "unseal: share accepted");
+                Ok(UnsealProgress {
+                    received,
+                    threshold,
+                    unsealed: false,
+                })
+            }
+            Ok(Submitted::Unsealed(seed)) => {
+                let key = DerivationKey::new(&seed)
+                    .map_err(|e| ShareError::Combine(format!("locked memory: {e}")))?;
+                drop(seed);
+                let epoch = self.slot.epoch();
+                self.slot.publish(Arc::new(key), u64::MAX, epoch);
+                {
+                    let mut s = lock(&self.status);
+                    s.calls.ok += 1;
+                    s.key_unsealed_ms = Some(clock_ms());
+                }
+                self.set_state(SealState::Unsealed);
+                Ok(UnsealProgress {
+                    received: threshold,
+                    threshold,
+                    unsealed: true,
+                })
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "unseal: share refused");
+                if let ShareError::SeedMismatch { .. } = e {
+                    lock(&self.status).calls.failed += 1;
+                    self.set_state(SealState::Sealed {
+                        since_ms: clock_ms(),
+                    });
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// `shamir` provider: discards the shares submitted so far.
+    pub fn reset_shares(&self) {
+        if let Some(gate) = &self.shares {
+            lock(gate).reset();
+            if matches!(lock(&self.status).state, SealState::Unsealing { .. }) {
+                self.set_state(SealState::Sealed {
+                    since_ms: clock_ms(),
+                });
+            }
+        }
     }
 
 
@@ -195,6 +345,8 @@ impl SeedCache {
         if s.state != state {
             match &state {
                 SealState::Unsealed => tracing::info!("seed cache: unsealed"),
+                SealState::Sealed { .. } => tracing::warn!("seed cache: sealed, waiting for shares"),
+                SealState::Unsealing { .. } => {}
                 SealState::ServingStale { .. } => {
                     tracing::warn!(
                         "seed cache: refresh failing, serving the last key until max_stale"
@@ -739,5 +891,74 @@ mod tests {
         let (p, _h) = scripted(vec![Step::Hang(Duration::from_millis(300))]);
         let e = SeedCache::start(p, timing(1000, 1000)).err().unwrap();
         assert!(e.to_string().contains("did not answer"), "{e}");
+    }
+
+    #[test]
+    fn shamir_cache_starts_sealed_counts_shares_and_seals_again() {
+        use crate::seal::shamir::{split, ShareSet};
+        let seed = RootSeed::from_bytes([0x42; SEED_LEN]);
+        let id = uuid::Uuid::new_v4();
+        let shares = split(&seed, id, 2, 3).unwrap();
+        let set = ShareSet::new(id, 2, 3, crate::seal::blob::fingerprint(&seed));
+        let cache = SeedCache::start_with_shares(set).unwrap();
+        let core = CoreKey::new(cache.clone());
+        assert!(cache.uses_shares());
+        assert!(!core.serving());
+        assert!(matches!(cache.status().state, SealState::Sealed { .. }));
+        // An HSM-style unseal does nothing here.
+        cache.unseal();
+        assert!(!core.serving());
+
+        let p = cache.submit_share(&shares[2].encode()).unwrap();
+        assert_eq!((p.received, p.threshold, p.unsealed), (1, 2, false));
+        assert!(matches!(
+            cache.status().state,
+            SealState::Unsealing { received: 1, threshold: 2, .. }
+        ));
+        assert!(matches!(
+            cache.submit_share(&shares[2].encode()),
+            Err(ShareError::Repeated { .. })
+        ));
+        cache.reset_shares();
+        assert!(matches!(cache.status().state, SealState::Sealed { .. }));
+        cache.submit_share(&shares[2].encode()).unwrap();
+        let p = cache.submit_share(&shares[0].encode()).unwrap();
+        assert!(p.unsealed);
+        core.refresh();
+        assert!(core.serving());
+        assert_eq!(cache.status().state, SealState::Unsealed);
+        let expected = DerivationKey::new(&seed).unwrap();
+        let path = DerivationPath::parse("m/44'/0'/0'/0'/1").unwrap();
+        let asset = uuid::Uuid::from_bytes([1; 16]);
+        assert_eq!(
+            core.with(|k| k.derive(&asset, 0, &path)).unwrap(),
+            expected.derive(&asset, 0, &path)
+        );
+        // A share once unsealed is refused and changes nothing.
+        assert_eq!(
+            cache.submit_share(&shares[1].encode()).err(),
+            Some(ShareError::AlreadyUnsealed)
+        );
+        // Sealing drops the key; k shares are needed again.
+        cache.seal();
+        core.refresh();
+        assert!(!core.serving() && !core.holds_key());
+        assert!(matches!(cache.status().state, SealState::SealedByOperator { .. }));
+        assert!(!cache.submit_share(&shares[1].encode()).unwrap().unsealed);
+        assert!(cache.submit_share(&shares[0].encode()).unwrap().unsealed);
+        core.refresh();
+        assert!(core.serving());
+    }
+
+    #[test]
+    fn a_provider_cache_refuses_shares() {
+        let (p, _h) = scripted(vec![Step::Seed(1)]);
+        let cache = SeedCache::start(p, timing(1000, 1000)).unwrap();
+        assert!(!cache.uses_shares());
+        assert_eq!(
+            cache.submit_share("custody-share/1:x").err(),
+            Some(ShareError::NotShamir)
+        );
+        cache.stop();
     }
 }
