@@ -405,3 +405,72 @@ fn a_sealed_file_swapped_while_running_is_refused_not_served() {
         app.log()
     );
 }
+
+#[test]
+fn operators_seal_and_unseal_over_the_wire_and_the_init_shares_recover_the_seed() {
+    let Some(hsm) = SoftHsm::new() else { return };
+    let mut app = TestAppliance::prepare_with(&format!(
+        "{}\n[policy]\nadmins = [\"test-client\"]\n",
+        hsm.seal_section("")
+    ));
+    app.set_env("SOFTHSM2_CONF", &hsm.conf().display().to_string());
+    let out = init(&app, &["--threshold", "2", "--shares", "3"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("split into 3 shares, any 2 of which"), "{}", text(&out));
+    app.launch();
+    let a = asset(2718);
+    let path = "m/44'/0'/0'/0'/4";
+    let (counter, key) = derive(&app, a, path);
+    let (certs, addr) = (app.certs().display().to_string(), app.addr.to_string());
+    let cli = |args: &[&str]| {
+        let mut all = vec!["--addr", addr.as_str(), "--certs", certs.as_str()];
+        all.extend_from_slice(args);
+        app.custody(&all)
+    };
+    let out = cli(&["seal-status"]);
+    assert!(text(&out).contains("seal state UNSEALED (provider pkcs11)"), "{}", text(&out));
+    assert!(text(&out).contains("provider calls ok 1"), "{}", text(&out));
+
+    let out = cli(&["seal"]);
+    assert!(text(&out).contains("SEALED_BY_OPERATOR"), "{}", text(&out));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    let mut sealed_seen = 0;
+    while sealed_seen < 8 {
+        match try_derive(&app, a, path) {
+            Err(custody::wire::Status::Sealed) => sealed_seen += 1,
+            other => assert!(std::time::Instant::now() < deadline, "{other:?}"),
+        }
+    }
+    // A share is refused by an HSM appliance; a plain unseal asks the HSM again.
+    let share = app.dir.path().join("shares").join("share-1.txt");
+    let out = cli(&["unseal", "--share-file", share.to_str().unwrap()]);
+    assert!(text(&out).contains("SHARE_INVALID"), "{}", text(&out));
+    let out = cli(&["unseal"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("seal state UNSEALED"), "{}", text(&out));
+    assert_eq!(try_derive(&app, a, path), Ok(key));
+
+    // With the HSM gone, two of the shares rebuild the seed and derive the same key.
+    app.kill9();
+    let config = app.config_path().display().to_string();
+    let shares = app.dir.path().join("shares");
+    let (c, a_text) = (counter.to_string(), a.to_string());
+    let out = app.custody(&[
+        "recover",
+        "--share",
+        shares.join("share-3.txt").to_str().unwrap(),
+        "--share",
+        shares.join("share-2.txt").to_str().unwrap(),
+        "--config",
+        &config,
+        "--asset",
+        &a_text,
+        "--path",
+        path,
+        "--counter",
+        &c,
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("matches the appliance's seed"), "{}", text(&out));
+    assert!(text(&out).contains(&format!("key          {}", hex(&key))), "{}", text(&out));
+}
