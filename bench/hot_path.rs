@@ -23,9 +23,29 @@ fn kdf(c: &mut Criterion) {
     let key = DerivationKey::new(&RootSeed::from_bytes([0x42; 32])).expect("locked memory");
     let asset = body().asset;
     let path = DerivationPath::parse(&body().path).unwrap();
-    c.bench_function("kdf/derive (keyed once)", |b| {
+    let mut scratch = custody::kdf::Scratch::new().expect("locked memory");
+    c.bench_function("kdf/derive in the core's locked scratch (the appliance's path)", |b| {
+        b.iter(|| key.derive_in(&mut scratch, black_box(&asset), black_box(7), black_box(&path)))
+    });
+    c.bench_function("kdf/derive (stack scratch, wiped)", |b| {
         b.iter(|| key.derive(black_box(&asset), black_box(7), black_box(&path)))
     });
+    // The previous way, for the ratio: clone the keyed `Hmac<Sha256>` onto the stack.
+    {
+        use hmac::{Hmac, Mac};
+        let keyed = <Hmac<sha2::Sha256> as Mac>::new_from_slice(&[0x42; 32]).unwrap();
+        c.bench_function("kdf/derive by cloning a keyed Hmac (before)", |b| {
+            b.iter(|| {
+                let mut mac = keyed.clone();
+                mac.update(&[0, 0, 0, 1]);
+                mac.update(custody::kdf::LABEL_V1);
+                mac.update(&[0]);
+                mac.update(&custody::kdf::context_v1(black_box(&asset), black_box(7), black_box(&path)));
+                mac.update(&[0, 0, 1, 0]);
+                mac.finalize().into_bytes()
+            })
+        });
+    }
     c.bench_function("kdf/key the HMAC (per seed, not per request)", |b| {
         let seed = RootSeed::from_bytes([0x42; 32]);
         b.iter(|| DerivationKey::new(black_box(&seed)))

@@ -9,11 +9,13 @@
 //! This is exactly OpenSSL 3's `openssl kdf -kdfopt mac:HMAC -kdfopt digest:SHA2-256 …
 //! KBKDF` with the label as salt and the context as info; `docs/derivation.md` has
 //! known-answer vectors and the command line. The HMAC is keyed once per seed
-//! ([`DerivationKey::new`]); each derivation clones the keyed state instead of re-keying.
+//! ([`DerivationKey::new`]): the two SHA-256 states after absorbing `K ⊕ ipad` and
+//! `K ⊕ opad` (RFC 2104) live in locked memory. A derivation copies them into a
+//! [`Scratch`], also locked, one per core, and hashes there, so no keyed state is ever
+//! copied onto a stack.
 
 use crate::locked::{LockError, Locked};
-use hmac::{Hmac, Mac};
-use sha2::Sha256;
+use sha2::{Digest, Sha256};
 use uuid::Uuid;
 use zeroize::Zeroizing;
 
@@ -165,41 +167,112 @@ pub fn context_v1(
     ctx
 }
 
-// SAFETY: `Hmac<Sha256>` is integers and byte arrays (the two SHA-256 block states and
-// buffers): no heap, no drop glue, all-zero bytes a valid value, alignment of a u64.
-unsafe impl crate::locked::Plain for Hmac<Sha256> {}
+/// HMAC-SHA256's two keyed states: SHA-256 after absorbing `K ⊕ ipad`, and after
+/// absorbing `K ⊕ opad` (the key is 32 bytes, under the 64-byte block, so it is only
+/// padded with zeros).
+#[derive(Clone)]
+struct KeyedStates {
+    inner: Sha256,
+    outer: Sha256,
+}
+
+// SAFETY: `Sha256` (digest's `CoreWrapper` of the SHA-256 core) is integers and byte
+// arrays: the chaining state, the block count and the block buffer; no heap, no drop
+// glue (`Locked::new` asserts that), all-zero bytes a valid value, alignment of a u64.
+unsafe impl crate::locked::Plain for KeyedStates {}
+
+const HMAC_BLOCK: usize = 64;
+
+/// Copies the bytes of `from` over `to` without a temporary (neither is dropped: both
+/// are plain data).
+fn copy_states(from: &Sha256, to: &mut Sha256) {
+    // SAFETY: both are valid, aligned, distinct `Sha256` values; `Sha256` is plain data
+    // (see `KeyedStates`), so a bitwise copy is a valid value and nothing leaks or is
+    // dropped twice.
+    unsafe { std::ptr::copy_nonoverlapping(from as *const Sha256, to as *mut Sha256, 1) };
+}
 
 /// HMAC-SHA256 keyed with the root seed, ready to derive. Keyed once per seed. The keyed
-/// state is as sensitive as the seed: it lives in locked, undumpable memory that is
+/// states are as sensitive as the seed: they live in locked, undumpable memory that is
 /// zeroized when the key is dropped ([`Locked`]).
 pub struct DerivationKey {
-    keyed: Locked<Hmac<Sha256>>,
+    keyed: Locked<KeyedStates>,
+}
+
+/// Working memory for derivations, locked like the key: one per core (the appliance's
+/// [`crate::seal::cache::CoreKey`] holds one). Between derivations it holds no key
+/// material (both states are reset to SHA-256's initial state).
+pub struct Scratch(Locked<KeyedStates>);
+
+impl Scratch {
+    pub fn new() -> Result<Scratch, LockError> {
+        Ok(Scratch(Locked::new(KeyedStates {
+            inner: Sha256::new(),
+            outer: Sha256::new(),
+        })?))
+    }
 }
 
 impl DerivationKey {
     /// Keys the HMAC with `seed`; fails only if memory cannot be locked.
     pub fn new(seed: &RootSeed) -> Result<DerivationKey, LockError> {
-        // HMAC accepts keys of any length; a 32-byte key cannot be refused.
-        let keyed = match <Hmac<Sha256> as Mac>::new_from_slice(seed.expose()) {
-            Ok(mac) => mac,
-            Err(_) => unreachable!("HMAC-SHA256 takes keys of any length"),
-        };
-        // `Hmac<Sha256>` is plain integers and byte arrays with no heap and no drop glue,
-        // as `Locked` requires; the stack copy is zeroized as it moves in.
-        Ok(DerivationKey {
-            keyed: Locked::new(keyed)?,
-        })
+        let mut keyed = Locked::new(KeyedStates {
+            inner: Sha256::new(),
+            outer: Sha256::new(),
+        })?;
+        let mut block = Zeroizing::new([0u8; HMAC_BLOCK]);
+        block[..SEED_LEN].copy_from_slice(seed.expose());
+        block.iter_mut().for_each(|b| *b ^= 0x36);
+        keyed.inner.update(&block[..]);
+        block.iter_mut().for_each(|b| *b ^= 0x36 ^ 0x5c);
+        keyed.outer.update(&block[..]);
+        Ok(DerivationKey { keyed })
     }
 
-    /// Derives the v1 key of `asset` at `counter` and `path`.
+    /// Derives the v1 key of `asset` at `counter` and `path`, hashing in `scratch` (the
+    /// appliance's path: the core's locked scratch).
+    pub fn derive_in(
+        &self,
+        scratch: &mut Scratch,
+        asset: &Uuid,
+        counter: u64,
+        path: &DerivationPath,
+    ) -> DerivedKey {
+        self.derive_with(&mut scratch.0, asset, counter, path)
+    }
+
+    /// Derives with a scratch on the stack, wiped afterwards: for one-off derivations
+    /// (`custody recover`, tests, benches). The appliance uses [`DerivationKey::derive_in`].
     pub fn derive(&self, asset: &Uuid, counter: u64, path: &DerivationPath) -> DerivedKey {
-        let mut mac = (*self.keyed).clone();
-        mac.update(&KBKDF_COUNTER_1);
-        mac.update(LABEL_V1);
-        mac.update(&[0x00]);
-        mac.update(&context_v1(asset, counter, path));
-        mac.update(&KBKDF_L_256);
-        Zeroizing::new(mac.finalize().into_bytes().into())
+        let mut work = KeyedStates {
+            inner: Sha256::new(),
+            outer: Sha256::new(),
+        };
+        let key = self.derive_with(&mut work, asset, counter, path);
+        crate::locked::wipe(&mut work);
+        key
+    }
+
+    fn derive_with(
+        &self,
+        work: &mut KeyedStates,
+        asset: &Uuid,
+        counter: u64,
+        path: &DerivationPath,
+    ) -> DerivedKey {
+        let mut inner = Zeroizing::new([0u8; 32]);
+        copy_states(&self.keyed.inner, &mut work.inner);
+        work.inner.update(KBKDF_COUNTER_1);
+        work.inner.update(LABEL_V1);
+        work.inner.update([0x00]);
+        work.inner.update(context_v1(asset, counter, path));
+        work.inner.update(KBKDF_L_256);
+        work.inner.finalize_into_reset((&mut inner[..]).into());
+        let mut key = Zeroizing::new([0u8; 32]);
+        copy_states(&self.keyed.outer, &mut work.outer);
+        work.outer.update(&inner[..]);
+        work.outer.finalize_into_reset((&mut key[..]).into());
+        key
     }
 }
 
@@ -212,6 +285,7 @@ impl std::fmt::Debug for DerivationKey {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use hmac::{Hmac, Mac};
 
     fn seed() -> RootSeed {
         let mut s = [0u8; 32];
@@ -296,6 +370,26 @@ mod tests {
             key.derive(&asset, 5, &path),
             key.derive(&other_asset, 5, &path)
         );
+    }
+
+    #[test]
+    fn the_core_scratch_derives_the_same_and_keeps_no_key_between_derivations() {
+        let key = DerivationKey::new(&seed()).unwrap();
+        let mut scratch = Scratch::new().unwrap();
+        let asset = Uuid::from_bytes([7; 16]);
+        let path = DerivationPath::parse("m/44'/0'/0'/0'/9").unwrap();
+        for counter in [0, 1, u64::MAX] {
+            assert_eq!(
+                key.derive_in(&mut scratch, &asset, counter, &path),
+                key.derive(&asset, counter, &path)
+            );
+        }
+        // Both working states are back at SHA-256's initial state: hashing nothing more
+        // gives SHA-256 of the empty string, not anything keyed.
+        let empty: [u8; 32] = Sha256::new().finalize().into();
+        let inner: [u8; 32] = scratch.0.inner.clone().finalize().into();
+        let outer: [u8; 32] = scratch.0.outer.clone().finalize().into();
+        assert_eq!((inner, outer), (empty, empty));
     }
 
     #[test]

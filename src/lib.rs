@@ -19,7 +19,9 @@
 //! - [`kdf`]: NIST SP 800-108 KBKDF with HMAC-SHA256, keyed once per seed; run on the
 //!   connection's core once the record is durable.
 //! - [`seal`]: where the root seed comes from: the `pkcs11` provider (sealed by a key in
-//!   an HSM, `custody init`), the sealed-seed file, and the `dev` provider.
+//!   an HSM, `custody init`), the sealed-seed file, the `shamir` provider (k-of-n shares
+//!   submitted with UNSEAL; every init also writes shares for `custody recover`), and the
+//!   `dev` provider.
 //!
 //! Around the request path: [`config`] (two-stage TOML), [`bounds`] (hard caps),
 //! [`locked`] (locked, undumpable, zeroizing memory for the keyed state),

@@ -127,7 +127,7 @@ pub fn forbid_core_dumps() -> std::io::Result<()> {
 }
 
 /// Overwrites a plain value's bytes with zeros (volatile, so it is not optimised away).
-fn wipe<T: Plain>(value: &mut T) {
+pub(crate) fn wipe<T: Plain>(value: &mut T) {
     let size = std::mem::size_of::<T>();
     // SAFETY: `value` is valid for `size` bytes; all-zero bytes are a valid `T` for the
     // plain types this module takes.

@@ -389,7 +389,7 @@ fn dispatch(
         match ctx.router.route(op).await {
             Ok(ShardReply::Asset(info)) => outbox.push(opcode, request_id, &Reply::Asset(info)),
             Ok(ShardReply::Derived { counter, receipt }) => match derivation {
-                Some((asset, path)) => match ctx.key.with(|key| key.derive(&asset, counter, &path))
+                Some((asset, path)) => match ctx.key.derive(&asset, counter, &path)
                 {
                     Some(key) => {
                         let reply = Reply::Derived(Derived {

@@ -275,7 +275,8 @@ async fn core_main(core: usize, setup: CoreSetup) -> Result<(), String> {
     })?;
     let ctx = Rc::new(CoreContext {
         router,
-        key: CoreKey::new(setup.key.clone()),
+        key: CoreKey::new(setup.key.clone())
+            .map_err(|e| format!("the core's derivation scratch: {e}"))?,
         rules: FieldRules::new(config.policy.regions.clone()),
         limits: config.limits.clone(),
         identity: config.tls.identity,

@@ -27,7 +27,7 @@
 use super::shamir::{ShareError, ShareGate, ShareSet, Submitted};
 use super::slot::{KeySlot, Mailbox, Reader};
 use super::SealError;
-use crate::kdf::{DerivationKey, RootSeed};
+use crate::kdf::{DerivationKey, RootSeed, Scratch};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
@@ -623,16 +623,32 @@ impl Supervisor {
 pub struct CoreKey {
     cache: Arc<SeedCache>,
     reader: std::cell::RefCell<Reader<DerivationKey>>,
+    /// This core's locked working memory for derivations.
+    scratch: std::cell::RefCell<Scratch>,
 }
 
 impl CoreKey {
-    pub fn new(cache: Arc<SeedCache>) -> CoreKey {
+    /// Fails only if the scratch's memory cannot be locked.
+    pub fn new(cache: Arc<SeedCache>) -> Result<CoreKey, crate::locked::LockError> {
         let core = CoreKey {
             reader: std::cell::RefCell::new(Reader::default()),
+            scratch: std::cell::RefCell::new(Scratch::new()?),
             cache,
         };
         core.refresh();
-        core
+        Ok(core)
+    }
+
+    /// Derives with the key that may serve now, in this core's locked scratch; `None`
+    /// when sealed (answer SEALED).
+    pub fn derive(
+        &self,
+        asset: &uuid::Uuid,
+        counter: u64,
+        path: &crate::kdf::DerivationPath,
+    ) -> Option<crate::kdf::DerivedKey> {
+        let mut scratch = self.scratch.borrow_mut();
+        self.with(|key| key.derive_in(&mut scratch, asset, counter, path))
     }
 
     /// Takes the cache's key if it changed since the last call (and drops a sealed one).
@@ -778,7 +794,7 @@ mod tests {
     fn refreshes_after_the_ttl_and_cores_take_the_new_key() {
         let (p, h) = scripted(vec![Step::Seed(1), Step::Seed(2)]);
         let cache = SeedCache::start(p, timing(50, 10_000)).unwrap();
-        let core = CoreKey::new(cache.clone());
+        let core = CoreKey::new(cache.clone()).unwrap();
         assert_eq!(fill_of(&core.get().unwrap()), 1);
         eventually("the refresh after the TTL", || {
             core.get().map(|k| fill_of(&k)) == Some(2)
@@ -791,7 +807,7 @@ mod tests {
     fn a_failing_provider_serves_stale_until_max_stale_then_seals_then_recovers() {
         let (p, h) = scripted(vec![Step::Seed(3), Step::Fail]);
         let cache = SeedCache::start(p, timing(50, 400)).unwrap();
-        let core = CoreKey::new(cache.clone());
+        let core = CoreKey::new(cache.clone()).unwrap();
         eventually("serving stale", || {
             matches!(cache.status().state, SealState::ServingStale { .. })
         });
@@ -846,7 +862,7 @@ mod tests {
             Step::Seed(7),
         ]);
         let cache = SeedCache::start(p, timing(30, 60_000)).unwrap();
-        let core = CoreKey::new(cache.clone());
+        let core = CoreKey::new(cache.clone()).unwrap();
         eventually("the hang is counted as a timeout", || {
             cache.status().calls.timed_out >= 1
         });
@@ -870,7 +886,7 @@ mod tests {
     fn seal_drops_the_key_at_once_and_unseal_brings_it_back() {
         let (p, _h) = scripted(vec![Step::Seed(8)]);
         let cache = SeedCache::start(p, timing(60_000, 60_000)).unwrap();
-        let core = CoreKey::new(cache.clone());
+        let core = CoreKey::new(cache.clone()).unwrap();
         assert!(core.get().is_some());
         cache.seal();
         assert!(core.get().is_none(), "sealed for the very next request");
@@ -901,7 +917,7 @@ mod tests {
         let shares = split(&seed, id, 2, 3).unwrap();
         let set = ShareSet::new(id, 2, 3, crate::seal::blob::fingerprint(&seed));
         let cache = SeedCache::start_with_shares(set).unwrap();
-        let core = CoreKey::new(cache.clone());
+        let core = CoreKey::new(cache.clone()).unwrap();
         assert!(cache.uses_shares());
         assert!(!core.serving());
         assert!(matches!(cache.status().state, SealState::Sealed { .. }));
@@ -931,7 +947,7 @@ mod tests {
         let path = DerivationPath::parse("m/44'/0'/0'/0'/1").unwrap();
         let asset = uuid::Uuid::from_bytes([1; 16]);
         assert_eq!(
-            core.with(|k| k.derive(&asset, 0, &path)).unwrap(),
+            core.derive(&asset, 0, &path).unwrap(),
             expected.derive(&asset, 0, &path)
         );
         // A share once unsealed is refused and changes nothing.

@@ -648,11 +648,23 @@ impl ShareGate {
 }
 
 /// Fuzz entry point: any bytes through the share and share-set decoders give a value or
-/// an error, never a panic.
+/// an error, never a panic; what decodes re-encodes to the same value.
 pub fn fuzz_decode(data: &[u8]) {
     if let Ok(text) = std::str::from_utf8(data) {
-        let _ = Share::parse(text);
-        let _ = ShareSet::parse(text);
+        if let Ok(share) = Share::parse(text) {
+            let again = Share::parse(&share.encode()).expect("an encoded share parses");
+            assert!(
+                again.seed_id == share.seed_id
+                    && again.threshold == share.threshold
+                    && again.index == share.index
+                    && again.value == share.value,
+                "share codec round trip"
+            );
+        }
+        if let Ok(set) = ShareSet::parse(text) {
+            let json = serde_json::to_string(&set).expect("a share set serializes");
+            assert_eq!(ShareSet::parse(&json).ok(), Some(set), "share set round trip");
+        }
     }
 }
 
