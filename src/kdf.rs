@@ -200,8 +200,9 @@ pub struct DerivationKey {
 }
 
 /// Working memory for derivations, locked like the key: one per core (the appliance's
-/// [`crate::seal::cache::CoreKey`] holds one). Between derivations it holds no key
-/// material (both states are reset to SHA-256's initial state).
+/// [`crate::seal::cache::CoreKey`] holds one). Between derivations it holds no keyed
+/// state: both chaining states are reset to SHA-256's initial one (the block buffers keep
+/// the last padded block: the context, or the inner hash).
 pub struct Scratch(Locked<KeyedStates>);
 
 impl Scratch {

@@ -212,7 +212,9 @@ async fn read_loop<S: AsyncRead + Unpin>(
     outbox: &Rc<Outbox>,
 ) {
     let max_body = ctx.limits.max_frame_body_bytes;
-    let mut buf: Vec<u8> = Vec::with_capacity(READ_CHUNK_BYTES);
+    // Zeroized when the connection ends, whatever it held (an UNSEAL frame carries a
+    // share); it grows only through `grow_wiped`, so no copy is left behind either.
+    let mut buf = zeroize::Zeroizing::new(Vec::<u8>::with_capacity(2 * READ_CHUNK_BYTES));
     loop {
         while outbox.buf.borrow().len() > OUTBOX_HIGH_WATER_BYTES && !outbox.failed.get() {
             outbox.drained.wait().await;
@@ -221,6 +223,7 @@ async fn read_loop<S: AsyncRead + Unpin>(
             return;
         }
         let filled = buf.len();
+        grow_wiped(&mut buf, filled + READ_CHUNK_BYTES);
         buf.resize(filled + READ_CHUNK_BYTES, 0);
         let n = match r.read(&mut buf[filled..]).await {
             Ok(0) | Err(_) => return,
@@ -259,6 +262,18 @@ async fn read_loop<S: AsyncRead + Unpin>(
         }
         buf.drain(..start);
     }
+}
+
+/// Makes room for `len` bytes in `buf` without leaving a copy of its bytes behind: a
+/// larger buffer is allocated, the bytes moved over, and the old one wiped.
+fn grow_wiped(buf: &mut zeroize::Zeroizing<Vec<u8>>, len: usize) {
+    if buf.capacity() >= len {
+        return;
+    }
+    let mut bigger = Vec::with_capacity(len.max(2 * buf.capacity()));
+    bigger.extend_from_slice(buf);
+    // The old buffer is zeroized (its whole capacity) as it drops.
+    *buf = zeroize::Zeroizing::new(bigger);
 }
 
 /// Decodes and checks one request; answers at once or spawns its task.
@@ -335,6 +350,8 @@ fn dispatch(
                         ShareError::Repeated { .. } => Status::ShareRepeated,
                         ShareError::SeedMismatch { .. } => Status::SeedMismatch,
                         ShareError::AlreadyUnsealed => Status::AlreadyUnsealed,
+                        ShareError::Interrupted => Status::Sealed,
+                        ShareError::Memory(_) => Status::Internal,
                         _ => Status::ShareInvalid,
                     };
                     outbox.refuse(opcode, request_id, Refusal::new(status, e.to_string()))
@@ -471,6 +488,12 @@ pub fn seal_info(cache: &SeedCache, provider: ProviderCode) -> SealInfo {
         shares,
         since_unix_ms: since,
         key_unsealed_unix_ms: status.key_unsealed_ms.map_or(0, unix),
+        fingerprint: status
+            .fingerprint
+            .as_deref()
+            .and_then(crate::seal::blob::from_hex)
+            .and_then(|v| <[u8; 16]>::try_from(v).ok())
+            .unwrap_or([0; 16]),
         calls_ok: status.calls.ok,
         calls_failed: status.calls.failed,
         calls_timed_out: status.calls.timed_out,

@@ -259,10 +259,16 @@ pub fn init(
         ShareOutput::Dir(dir) => shamir::write_share_files(dir, &shares)?,
         ShareOutput::Print => Vec::new(),
     };
-    match sealed {
-        Some(sealed) => sealed.write_new(seed_file)?,
+    let written: Result<(), SealError> = match sealed {
+        Some(sealed) => sealed.write_new(seed_file).map_err(SealError::from),
         None => shamir::ShareSet::new(seed_id, split.threshold, split.shares, fingerprint.clone())
-            .write_new(seed_file)?,
+            .write_new(seed_file)
+            .map_err(SealError::from),
+    };
+    if let Err(e) = written {
+        // Shares of a seed that was never kept are useless and still secret.
+        shamir::remove_share_files(&share_files);
+        return Err(e);
     }
     let report = InitReport {
         seed_id,

@@ -305,6 +305,7 @@ async fn core_main(core: usize, setup: CoreSetup) -> Result<(), String> {
             loop {
                 glommio::timer::sleep(CORE_KEY_REFRESH).await;
                 ctx.key.refresh();
+                ctx.key.cache().expire_shares();
             }
         })
         .detach();

@@ -683,8 +683,17 @@ pub struct SealInfo {
     pub calls_failed: u64,
     pub calls_timed_out: u64,
     pub breaker_opened: u64,
+    /// The fingerprint of the seed last unsealed or (`shamir`) of the seed the shares must
+    /// rebuild; all zero when not known yet. Compare it with the ceremony record.
+    #[serde(serialize_with = "hex_bytes")]
+    pub fingerprint: [u8; 16],
     /// Why it is sealed by failure (empty otherwise).
     pub reason: String,
+}
+
+fn hex_bytes<S: serde::Serializer>(bytes: &[u8; 16], s: S) -> Result<S::Ok, S::Error> {
+    let text: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    s.serialize_str(&text)
 }
 
 /// A refused request: status, when to retry (0 = not applicable), and why.
@@ -778,6 +787,7 @@ impl Reply {
                 ] {
                     out.extend_from_slice(&v.to_be_bytes());
                 }
+                out.extend_from_slice(&s.fingerprint);
                 let reason = truncate_utf8(&s.reason, bounds::ERROR_MESSAGE_BYTES_MAX);
                 out.extend_from_slice(&(reason.len() as u16).to_be_bytes());
                 out.extend_from_slice(reason.as_bytes());
@@ -853,6 +863,7 @@ impl Reply {
                         calls_failed: r.u64("calls_failed")?,
                         calls_timed_out: r.u64("calls_timed_out")?,
                         breaker_opened: r.u64("breaker_opened")?,
+                        fingerprint: array_at(r.take("fingerprint", 16)?, 0),
                         reason: r
                             .text("reason", bounds::ERROR_MESSAGE_BYTES_MAX)?
                             .to_owned(),
@@ -1181,6 +1192,7 @@ mod tests {
                     calls_failed: 2,
                     calls_timed_out: 3,
                     breaker_opened: 4,
+                    fingerprint: [0xab; 16],
                     reason: "é".into(),
                 }),
             ),
@@ -1274,6 +1286,7 @@ mod tests {
             calls_failed: 4,
             calls_timed_out: 5,
             breaker_opened: 6,
+            fingerprint: [1; 16],
             reason: "r".into(),
         })
         .encode(Opcode::SealStatus as u8, 7, &mut reply);

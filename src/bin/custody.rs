@@ -560,7 +560,12 @@ async fn unseal(client: &Client, args: &Args) -> anyhow::Result<Result<String, C
     };
     let share = match (&args.share_file, before.provider) {
         (Some(path), _) => shamir::read_share_file(path)?.encode(),
-        (None, custody::wire::ProviderCode::Shamir) if !args.reset || before.shares_received == 0 => {
+        // A shamir appliance that is sealed: ask for a share (unless only resetting).
+        (None, custody::wire::ProviderCode::Shamir) if !args.reset && !before.state.serving() => {
+            eprintln!(
+                "seed fingerprint {} (compare it with the ceremony record)",
+                hex(&before.fingerprint)
+            );
             eprintln!(
                 "unseal progress {}/{}; share (not echoed):",
                 before.shares_received, before.threshold
@@ -586,6 +591,20 @@ async fn unseal(client: &Client, args: &Args) -> anyhow::Result<Result<String, C
             if info.state.serving() {
                 break;
             }
+        }
+        if !info.state.serving() {
+            // Exit non-zero: scripts must not take a still-sealed appliance for success.
+            let mut message = format!(
+                "still {} after 10 s of waiting for the provider",
+                info.state.name()
+            );
+            if !info.reason.is_empty() {
+                message.push_str(&format!(": {}", info.reason));
+            }
+            return Ok(Err(ClientError::Refused(custody::wire::Refusal::new(
+                custody::wire::Status::Sealed,
+                message,
+            ))));
         }
     }
     Ok(Ok(seal_text(&info, args.json)))
@@ -629,6 +648,9 @@ fn seal_text(s: &SealInfo, json: bool) -> String {
             "\n  unseal progress {}/{} (of {} shares)",
             s.shares_received, s.threshold, s.shares
         ));
+    }
+    if s.fingerprint != [0; 16] {
+        out.push_str(&format!("\n  seed fingerprint {}", hex(&s.fingerprint)));
     }
     if s.since_unix_ms > 0 {
         out.push_str(&format!("\n  since {} (Unix ms)", s.since_unix_ms));

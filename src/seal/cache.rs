@@ -96,6 +96,9 @@ pub struct CacheStatus {
     pub key_unsealed_ms: Option<u64>,
     /// Provider calls in flight now: 0 or 1.
     pub in_flight: u32,
+    /// The fingerprint of the seed last unsealed, or (`shamir`) of the seed the shares
+    /// must rebuild: what operators compare with their ceremony record.
+    pub fingerprint: Option<String>,
 }
 
 /// Milliseconds on a monotonic clock that starts with the process.
@@ -145,6 +148,7 @@ impl SeedCache {
                 calls: CallCounts::default(),
                 key_unsealed_ms: None,
                 in_flight: 0,
+                fingerprint: None,
             }),
             mailbox: Mailbox::default(),
             shares: None,
@@ -184,6 +188,7 @@ impl SeedCache {
     /// provider; [`SeedCache::submit_share`] unseals it once `set.threshold` shares of the
     /// set's seed are in. Its key has no TTL: it serves until an operator seals.
     pub fn start_with_shares(set: ShareSet) -> Result<Arc<SeedCache>, SealError> {
+        let fingerprint = Some(set.fingerprint.clone());
         let gate = ShareGate::new(set)?;
         Ok(Arc::new(SeedCache {
             slot: KeySlot::default(),
@@ -194,6 +199,7 @@ impl SeedCache {
                 calls: CallCounts::default(),
                 key_unsealed_ms: None,
                 in_flight: 0,
+                fingerprint,
             }),
             mailbox: Mailbox::default(),
             shares: Some(Mutex::new(gate)),
@@ -229,21 +235,31 @@ impl SeedCache {
     /// refresh happens until [`SeedCache::unseal`] (or, for the `shamir` provider, until
     /// k shares are submitted again). Shares submitted so far are discarded.
     pub fn seal(&self) {
+        // Shares mode: the gate first, so no share can be completing an unseal while the
+        // slot is sealed (it would publish after this and serve on).
+        let gate = self.shares.as_ref().map(lock);
         // Stop serving now, and let no unseal already under way publish after this.
         drop(self.slot.seal());
-        if let Some(gate) = &self.shares {
-            let mut gate = lock(gate);
+        lock(&self.status).key_unsealed_ms = None;
+        self.set_state(SealState::SealedByOperator {
+            since_ms: clock_ms(),
+        });
+        if let Some(mut gate) = gate {
             gate.reset();
-            lock(&self.status).key_unsealed_ms = None;
-            self.set_state(SealState::SealedByOperator {
-                since_ms: clock_ms(),
-            });
             return;
         }
         self.mailbox.post(|c| {
             c.seal = true;
             c.unseal = false;
         });
+    }
+
+    /// Shares mode: discards shares left past [`super::shamir::UNSEAL_PROGRESS_TIMEOUT`]
+    /// even when no request comes (each core calls this with its key refresh).
+    pub fn expire_shares(&self) {
+        if self.shares.is_some() {
+            let _ = self.status();
+        }
     }
 
     /// Asks for an unseal through the provider now (after an operator's seal, or to
@@ -268,6 +284,8 @@ impl SeedCache {
         if self.slot.has_key() {
             return Err(ShareError::AlreadyUnsealed);
         }
+        // A stop (or seal) from here on moves the epoch, and the publish below is refused.
+        let epoch = self.slot.epoch();
         let threshold = gate.set().threshold;
         match gate.submit(text, Instant::now()) {
             Ok(Submitted::Progress {
@@ -291,11 +309,14 @@ impl SeedCache {
                 })
             }
             Ok(Submitted::Unsealed(seed)) => {
-                let key = DerivationKey::new(&seed)
-                    .map_err(|e| ShareError::Combine(format!("locked memory: {e}")))?;
+                let key = DerivationKey::new(&seed).map_err(|e| {
+                    tracing::error!(error = %e, "unseal: the shares rebuilt the seed but its key cannot be kept; submit them again");
+                    ShareError::Memory(e.to_string())
+                })?;
                 drop(seed);
-                let epoch = self.slot.epoch();
-                self.slot.publish(Arc::new(key), u64::MAX, epoch);
+                if !self.slot.publish(Arc::new(key), u64::MAX, epoch) {
+                    return Err(ShareError::Interrupted);
+                }
                 {
                     let mut s = lock(&self.status);
                     s.calls.ok += 1;
@@ -324,7 +345,9 @@ impl SeedCache {
     /// `shamir` provider: discards the shares submitted so far.
     pub fn reset_shares(&self) {
         if let Some(gate) = &self.shares {
-            lock(gate).reset();
+            // Held across the status change, so a share submitted meanwhile is counted.
+            let mut gate = lock(gate);
+            gate.reset();
             if matches!(lock(&self.status).state, SealState::Unsealing { .. }) {
                 self.set_state(SealState::Sealed {
                     since_ms: clock_ms(),
@@ -450,10 +473,12 @@ impl Supervisor {
             tracing::info!("seed cache: an unseal finished after an operator's seal; dropped");
             return Ok(());
         }
+        let fingerprint = super::blob::fingerprint(seed);
         {
             let mut s = lock(&self.cache.status);
             s.calls.ok += 1;
             s.key_unsealed_ms = Some(clock_ms());
+            s.fingerprint = Some(fingerprint);
         }
         tracing::info!(
             at_ms = crate::audit::now_ms(),
@@ -546,12 +571,18 @@ impl Supervisor {
                 });
                 return;
             }
+            // `SeedCache::seal` drops the key itself; a seal and an unseal posted before
+            // this thread woke coalesce into the unseal, so the empty slot is what says
+            // the key went: refresh at once.
+            if self.fresh_until.is_some() && !self.cache.slot.has_key() {
+                self.fresh_until = None;
+            }
             if seal {
+                // `SeedCache::seal` already dropped the key and set the state.
                 self.operator_sealed = true;
                 self.breaker_until = None;
-                self.drop_key(SealState::SealedByOperator {
-                    since_ms: clock_ms(),
-                });
+                drop(self.cache.slot.clear());
+                self.fresh_until = None;
             }
             if unseal {
                 self.operator_sealed = false;

@@ -74,6 +74,10 @@ pub enum ShareError {
     NotShamir,
     #[error("the appliance is already unsealed; the share was not used")]
     AlreadyUnsealed,
+    #[error("the shares rebuilt the seed, but its key cannot be kept in locked memory ({0}); the shares were discarded: raise LimitMEMLOCK and submit them again")]
+    Memory(String),
+    #[error("the appliance was sealed or stopped while the last share was combined; the shares were discarded")]
+    Interrupted,
 }
 
 /// Why a seed cannot be split, or a share set file used.
@@ -430,14 +434,25 @@ impl ShareSet {
         Ok(set)
     }
 
-    /// Reads a share set file, refusing one others can write or read.
+    /// Reads a share set file, refusing one others can write or read, or one owned by
+    /// anyone but this process's user or root: the file names the seed the appliance
+    /// will accept, so whoever may replace it could have it unsealed with their own shares.
     pub fn read(path: &Path) -> Result<ShareSet, ShamirError> {
+        use std::os::unix::fs::MetadataExt;
         let shown = path.display().to_string();
         let meta =
             std::fs::metadata(path).map_err(|e| ShamirError::Io(format!("{shown}: {e}")))?;
         let mode = meta.permissions().mode() & 0o777;
         if mode & 0o077 != 0 {
             return Err(ShamirError::TooOpen { path: shown, mode });
+        }
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let me = unsafe { libc::geteuid() };
+        if meta.uid() != me && meta.uid() != 0 {
+            return Err(ShamirError::Io(format!(
+                "{shown}: owned by uid {}, not by this user (uid {me}) or root; refusing a share set someone else could have written",
+                meta.uid()
+            )));
         }
         if meta.len() > blob::FILE_BYTES_MAX {
             return Err(ShamirError::Format {
@@ -485,12 +500,27 @@ pub fn write_share_files(dir: &Path, shares: &[Share]) -> Result<Vec<std::path::
     if let Some(taken) = paths.iter().find(|p| p.exists()) {
         return Err(ShamirError::Exists(taken.display().to_string()));
     }
-    for (share, path) in shares.iter().zip(&paths) {
+    for (i, (share, path)) in shares.iter().zip(&paths).enumerate() {
         let mut line = share.encode();
         line.push('\n');
-        write_new(path, line.as_bytes())?;
+        if let Err(e) = write_new(path, line.as_bytes()) {
+            // No partial set is left behind: a set missing shares is worse than none.
+            remove_share_files(&paths[..i]);
+            return Err(e);
+        }
     }
     Ok(paths)
+}
+
+/// Overwrites and removes share files (an init that failed after writing them).
+pub fn remove_share_files(paths: &[std::path::PathBuf]) {
+    for path in paths {
+        if let Ok(meta) = std::fs::metadata(path) {
+            let zeros = vec![0u8; meta.len() as usize];
+            let _ = std::fs::write(path, zeros);
+        }
+        let _ = std::fs::remove_file(path);
+    }
 }
 
 /// Reads one share from a file (a share line; mode 0600 required).
