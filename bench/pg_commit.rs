@@ -57,6 +57,7 @@ fn record(shard: u16, seq: u64, asset: Uuid, path: &DerivationPath) -> AuditReco
             ttl_s: 300,
             scheme_version: 1,
         }),
+        rotation_id: None,
     }
 }
 

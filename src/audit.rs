@@ -16,22 +16,37 @@ use uuid::Uuid;
 pub enum AuditEvent {
     Register,
     Derive,
+    /// The counter moved forward by one (the record's `counter` is the new one).
+    Rotate,
+    Suspend,
+    Resume,
+    /// Terminal.
+    Retire,
 }
 
 impl AuditEvent {
+    pub const ALL: [AuditEvent; 6] = [
+        AuditEvent::Register,
+        AuditEvent::Derive,
+        AuditEvent::Rotate,
+        AuditEvent::Suspend,
+        AuditEvent::Resume,
+        AuditEvent::Retire,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             AuditEvent::Register => "REGISTER",
             AuditEvent::Derive => "DERIVE",
+            AuditEvent::Rotate => "ROTATE",
+            AuditEvent::Suspend => "SUSPEND",
+            AuditEvent::Resume => "RESUME",
+            AuditEvent::Retire => "RETIRE",
         }
     }
 
     pub fn from_name(name: &str) -> Option<AuditEvent> {
-        match name {
-            "REGISTER" => Some(AuditEvent::Register),
-            "DERIVE" => Some(AuditEvent::Derive),
-            _ => None,
-        }
+        AuditEvent::ALL.into_iter().find(|e| e.name() == name)
     }
 }
 
@@ -53,9 +68,11 @@ pub struct AuditRecord {
     pub seq: u64,
     pub event: AuditEvent,
     pub asset: Uuid,
-    /// The asset's counter the event used (derivation) or set (registration).
+    /// The asset's counter the event used (derivation) or set (registration, rotation;
+    /// the other transitions record the counter they left unchanged).
     pub counter: u64,
-    /// The asset's state when the event was accepted.
+    /// The asset's state when the event was accepted (a derivation), or the state the
+    /// event leaves it in (registration and the lifecycle transitions).
     pub state: AssetState,
     /// The mutual-TLS identity of the requester.
     pub requester: Arc<str>,
@@ -64,6 +81,9 @@ pub struct AuditRecord {
     /// Wall-clock time the shard accepted the request, milliseconds since the Unix epoch.
     pub ts_ms: u64,
     pub derive: Option<DeriveDetail>,
+    /// The rotation's id (ROTATE only): a rotation sent again with the same id returns
+    /// the first result.
+    pub rotation_id: Option<Uuid>,
 }
 
 /// Wall-clock milliseconds since the Unix epoch (0 if the clock is before 1970).

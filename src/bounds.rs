@@ -55,3 +55,6 @@ pub const STORE_BATCHES_PER_TRANSACTION_MAX: usize = 64;
 
 /// Longest Shamir share text accepted in an UNSEAL request (a share line is at most 132 bytes).
 pub const SHARE_TEXT_BYTES_MAX: usize = 160;
+
+/// Most rotation ids one shard may be configured to remember.
+pub const ROTATION_IDS_PER_SHARD_CAP: usize = 10_000_000;

@@ -296,6 +296,43 @@ impl Client {
     }
 }
 
+impl Client {
+    /// Operator: moves the asset's counter forward by one. Send the same `rotation_id`
+    /// again after a lost answer: the first result comes back (`replayed`).
+    pub async fn rotate(
+        &self,
+        asset: Uuid,
+        rotation_id: Uuid,
+        expected_counter: Option<u64>,
+    ) -> Result<wire::Rotated, ClientError> {
+        let request = Request::Rotate(wire::RotateBody {
+            asset,
+            rotation_id,
+            expected_counter,
+        });
+        match self.call(&request).await? {
+            Reply::Rotated(r) => Ok(r),
+            Reply::Refused(r) => Err(ClientError::Refused(r)),
+            _ => Err(ClientError::UnexpectedReply(Opcode::Rotate)),
+        }
+    }
+
+    /// Operator: stops derivations of the asset.
+    pub async fn suspend(&self, asset: Uuid) -> Result<AssetInfo, ClientError> {
+        asset_reply(self.call(&Request::Suspend { asset }).await?, Opcode::Suspend)
+    }
+
+    /// Operator: serves a suspended asset again.
+    pub async fn resume(&self, asset: Uuid) -> Result<AssetInfo, ClientError> {
+        asset_reply(self.call(&Request::Resume { asset }).await?, Opcode::Resume)
+    }
+
+    /// Admin: retires the asset for good.
+    pub async fn retire(&self, asset: Uuid) -> Result<AssetInfo, ClientError> {
+        asset_reply(self.call(&Request::Retire { asset }).await?, Opcode::Retire)
+    }
+}
+
 fn seal_reply(reply: Reply, op: Opcode) -> Result<SealInfo, ClientError> {
     match reply {
         Reply::Seal(s) => Ok(s),

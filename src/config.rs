@@ -140,13 +140,19 @@ pub struct Limits {
     pub cross_core_queue_depth: u32,
     pub max_pending_per_shard: u32,
     pub max_assets_per_shard: u64,
+    /// How long a rotation id is remembered: the same id again answers the first result.
+    pub rotation_id_retention: Duration,
+    /// Most rotation ids each shard remembers (the oldest are forgotten first).
+    pub rotation_ids_max_per_shard: u32,
 }
 
 #[derive(Clone, Debug)]
 pub struct Policy {
     pub regions: Vec<String>,
-    /// Identities with the admin role: seal and unseal over the wire.
+    /// Identities with the admin role: seal, unseal and retire (and what operators may).
     pub admins: Vec<String>,
+    /// Identities with the operator role: rotate, suspend and resume.
+    pub operators: Vec<String>,
 }
 
 /// A key of the configuration: where it lives, its default, and what it means.
@@ -209,8 +215,11 @@ pub const KEYS: &[KeyDoc] = &[
     KeyDoc { key: "limits.cross_core_queue_depth", default: "4096", doc: "messages per channel between two cores; a full channel answers BUSY" },
     KeyDoc { key: "limits.max_pending_per_shard", default: "16384", doc: "requests a shard holds waiting for their commit; more are answered BUSY" },
     KeyDoc { key: "limits.max_assets_per_shard", default: "1000000", doc: "assets each shard's registry holds" },
+    KeyDoc { key: "limits.rotation_id_retention_s", default: "86400", doc: "a rotation id is remembered this long: the same id sent again answers the first result instead of rotating again" },
+    KeyDoc { key: "limits.rotation_ids_max_per_shard", default: "100000", doc: "most rotation ids each shard remembers; past it the oldest are forgotten first" },
     KeyDoc { key: "policy.regions", default: "[\"US-EAST\", \"EU-WEST\", \"APAC\"]", doc: "compliance regions a derivation may name" },
-    KeyDoc { key: "policy.admins", default: "[]", doc: "client identities with the admin role: `custody seal` and `custody unseal` over the wire (none by default)" },
+    KeyDoc { key: "policy.admins", default: "[]", doc: "client identities with the admin role: `custody seal`, `custody unseal` and `custody retire` over the wire, and what operators may (none by default)" },
+    KeyDoc { key: "policy.operators", default: "[]", doc: "client identities with the operator role: `custody rotate`, `custody suspend` and `custody resume` (none by default)" },
 ];
 
 impl Config {
@@ -588,6 +597,14 @@ pub fn resolve(table: &toml::Table, base_dir: &Path, file: &str) -> Result<Confi
         bounds::ASSETS_CAP as i64,
     );
 
+    let rotation_retention = r.int("limits.rotation_id_retention_s", 86_400, 60, 30 * 86_400);
+    let rotation_ids_max = r.int(
+        "limits.rotation_ids_max_per_shard",
+        100_000,
+        1,
+        bounds::ROTATION_IDS_PER_SHARD_CAP as i64,
+    );
+
     let regions = r.string_list("policy.regions", &["US-EAST", "EU-WEST", "APAC"]);
     if let Some(list) = &regions {
         if list.is_empty() || list.len() > 255 {
@@ -616,13 +633,13 @@ pub fn resolve(table: &toml::Table, base_dir: &Path, file: &str) -> Result<Confi
     }
 
     let admins = r.string_list("policy.admins", &[]);
-    if let Some(list) = &admins {
-        for (i, name) in list.iter().enumerate() {
-            if name.is_empty() || list[..i].contains(name) {
-                r.problem::<()>(
-                    "policy.admins",
-                    format!("{name:?}: empty or listed twice"),
-                );
+    let operators = r.string_list("policy.operators", &[]);
+    for (key, names) in [("policy.admins", &admins), ("policy.operators", &operators)] {
+        if let Some(list) = names {
+            for (i, name) in list.iter().enumerate() {
+                if name.is_empty() || list[..i].contains(name) {
+                    r.problem::<()>(key, format!("{name:?}: empty or listed twice"));
+                }
             }
         }
     }
@@ -693,6 +710,9 @@ pub fn resolve(table: &toml::Table, base_dir: &Path, file: &str) -> Result<Confi
         Some(assets_max),
         Some(regions),
         Some(admins),
+        Some(operators),
+        Some(rotation_retention),
+        Some(rotation_ids_max),
         Some(stats_log_interval),
     ) = (
         listen,
@@ -722,6 +742,9 @@ pub fn resolve(table: &toml::Table, base_dir: &Path, file: &str) -> Result<Confi
         assets_max,
         regions,
         admins,
+        operators,
+        rotation_retention,
+        rotation_ids_max,
         stats_interval,
     )
     else {
@@ -788,8 +811,14 @@ pub fn resolve(table: &toml::Table, base_dir: &Path, file: &str) -> Result<Confi
             cross_core_queue_depth: cross_depth as u32,
             max_pending_per_shard: pending_max as u32,
             max_assets_per_shard: assets_max as u64,
+            rotation_id_retention: Duration::from_secs(rotation_retention as u64),
+            rotation_ids_max_per_shard: rotation_ids_max as u32,
         },
-        policy: Policy { regions, admins },
+        policy: Policy {
+            regions,
+            admins,
+            operators,
+        },
     })
 }
 

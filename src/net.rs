@@ -13,7 +13,7 @@ use crate::policy::{check_asset_id, FieldRules};
 use crate::router::ShardRouter;
 use crate::seal::cache::{clock_ms, CoreKey, SealState, SeedCache};
 use crate::seal::shamir::ShareError;
-use crate::shard::{ShardOp, ShardReply};
+use crate::shard::{LifecycleOp, ShardOp, ShardReply};
 use crate::signal::LocalSignal;
 use crate::tls;
 use crate::wire::{
@@ -50,8 +50,11 @@ pub struct CoreContext {
     pub acceptor: futures_rustls::TlsAcceptor,
     pub hello: HelloInfo,
     pub connections: Cell<u32>,
-    /// Identities with the admin role (`policy.admins`): SEAL and UNSEAL.
+    /// Identities with the admin role (`policy.admins`): SEAL, UNSEAL, RETIRE, and what
+    /// operators may.
     pub admins: Arc<[String]>,
+    /// Identities with the operator role (`policy.operators`): ROTATE, SUSPEND, RESUME.
+    pub operators: Arc<[String]>,
     pub seal_provider: ProviderCode,
 }
 
@@ -264,6 +267,20 @@ async fn read_loop<S: AsyncRead + Unpin>(
     }
 }
 
+fn is_in(list: &[String], identity: &str) -> bool {
+    list.iter().any(|name| name == identity)
+}
+
+/// A rotation id must be an RFC 4122 UUID, as an asset id must.
+fn check_rotation_id(id: &uuid::Uuid) -> Result<(), Refusal> {
+    check_asset_id(id).map_err(|_| {
+        Refusal::new(
+            Status::InvalidRotationId,
+            format!("rotation_id {id} is not an RFC 4122 UUID (variant 10, version 1-8)"),
+        )
+    })
+}
+
 /// Makes room for `len` bytes in `buf` without leaving a copy of its bytes behind: a
 /// larger buffer is allocated, the bytes moved over, and the old one wiped.
 fn grow_wiped(buf: &mut zeroize::Zeroizing<Vec<u8>>, len: usize) {
@@ -297,7 +314,7 @@ fn dispatch(
             let info = seal_info(ctx.key.cache(), ctx.seal_provider);
             return outbox.push(opcode, request_id, &Reply::Seal(info));
         }
-        Request::Seal | Request::Unseal { .. } if !ctx.admins.iter().any(|a| **a == **identity) => {
+        Request::Seal | Request::Unseal { .. } if !is_in(&ctx.admins, identity) => {
             tracing::warn!(%identity, opcode, "seal operation refused: not an admin");
             let refusal = Refusal::new(
                 Status::Forbidden,
@@ -370,6 +387,55 @@ fn dispatch(
             },
             Err(refusal) => return outbox.refuse(opcode, request_id, refusal),
         },
+        Request::Rotate(_) | Request::Suspend { .. } | Request::Resume { .. }
+            if !is_in(&ctx.operators, identity) && !is_in(&ctx.admins, identity) =>
+        {
+            tracing::warn!(%identity, opcode, "lifecycle operation refused: not an operator");
+            let refusal = Refusal::new(
+                Status::Forbidden,
+                format!("ROTATE, SUSPEND and RESUME need the operator role; {identity:?} is not in policy.operators (or policy.admins)"),
+            );
+            return outbox.refuse(opcode, request_id, refusal);
+        }
+        Request::Retire { .. } if !is_in(&ctx.admins, identity) => {
+            tracing::warn!(%identity, "retire refused: not an admin");
+            let refusal = Refusal::new(
+                Status::Forbidden,
+                format!("RETIRE needs the admin role; {identity:?} is not in policy.admins"),
+            );
+            return outbox.refuse(opcode, request_id, refusal);
+        }
+        Request::Rotate(body) => {
+            if let Err(refusal) = check_asset_id(&body.asset) {
+                return outbox.refuse(opcode, request_id, refusal);
+            }
+            if let Err(refusal) = check_rotation_id(&body.rotation_id) {
+                return outbox.refuse(opcode, request_id, refusal);
+            }
+            ShardOp::Rotate {
+                asset: body.asset,
+                rotation_id: body.rotation_id,
+                expected_counter: body.expected_counter,
+                requester: identity.clone(),
+                request_id,
+            }
+        }
+        Request::Suspend { asset } | Request::Resume { asset } | Request::Retire { asset } => {
+            let op = match request {
+                Request::Suspend { .. } => LifecycleOp::Suspend,
+                Request::Resume { .. } => LifecycleOp::Resume,
+                _ => LifecycleOp::Retire,
+            };
+            match check_asset_id(&asset) {
+                Ok(()) => ShardOp::Lifecycle {
+                    asset,
+                    op,
+                    requester: identity.clone(),
+                    request_id,
+                },
+                Err(refusal) => return outbox.refuse(opcode, request_id, refusal),
+            }
+        }
         Request::Derive(body) => match ctx.rules.check_derive(&body) {
             // Sealed: refused before anything is audited.
             Ok(_) if !ctx.key.serving() => {
@@ -405,6 +471,7 @@ fn dispatch(
     glommio::spawn_local(async move {
         match ctx.router.route(op).await {
             Ok(ShardReply::Asset(info)) => outbox.push(opcode, request_id, &Reply::Asset(info)),
+            Ok(ShardReply::Rotated(r)) => outbox.push(opcode, request_id, &Reply::Rotated(r)),
             Ok(ShardReply::Derived { counter, receipt }) => match derivation {
                 Some((asset, path)) => match ctx.key.derive(&asset, counter, &path)
                 {

@@ -245,8 +245,13 @@ async fn core_main(core: usize, setup: CoreSetup) -> Result<(), String> {
         None => (None, None, 0),
     };
     let shard_store = setup.store.open_shard(shard_id, cores);
+    let window = crate::store::RotationWindow {
+        since_ms: crate::audit::now_ms()
+            .saturating_sub(config.limits.rotation_id_retention.as_millis() as u64),
+        max: config.limits.rotation_ids_max_per_shard as usize,
+    };
     let snapshot = shard_store
-        .load()
+        .load_with(window)
         .await
         .map_err(|e| format!("loading shard {shard_id}: {e}"))?;
     let limits = ShardLimits {
@@ -256,6 +261,8 @@ async fn core_main(core: usize, setup: CoreSetup) -> Result<(), String> {
         commit_timeout: config.store.commit_timeout,
         pending_max: config.limits.max_pending_per_shard as usize,
         assets_max: config.limits.max_assets_per_shard as usize,
+        rotation_id_retention: config.limits.rotation_id_retention,
+        rotation_ids_max: config.limits.rotation_ids_max_per_shard as usize,
     };
     let shard = Rc::new(Shard::new(shard_id, snapshot, limits, shard_store));
     let assets = shard.asset_count();
@@ -292,6 +299,7 @@ async fn core_main(core: usize, setup: CoreSetup) -> Result<(), String> {
         },
         connections: Cell::new(0),
         admins: config.policy.admins.clone().into(),
+        operators: config.policy.operators.clone().into(),
         seal_provider: match &config.seal {
             crate::config::SealConfig::Dev { .. } => ProviderCode::Dev,
             crate::config::SealConfig::Pkcs11 { .. } => ProviderCode::Pkcs11,

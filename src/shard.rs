@@ -14,11 +14,11 @@
 
 use crate::audit::{now_ms, AuditEvent, AuditRecord, DeriveDetail};
 use crate::kdf::SCHEME_V1;
-use crate::lifecycle::AssetState;
+use crate::lifecycle::{self, AssetState, Transition};
 use crate::policy::CheckedDerive;
 use crate::signal::LocalSignal;
-use crate::store::{AssetWrite, CommitBatch, ShardSnapshot, ShardStore, StoreError};
-use crate::wire::{AssetInfo, Receipt, Refusal, Status};
+use crate::store::{AssetWrite, CommitBatch, RecentRotation, ShardSnapshot, ShardStore, StoreError};
+use crate::wire::{AssetInfo, Receipt, Refusal, Rotated, Status};
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
@@ -34,6 +34,40 @@ use uuid::Uuid;
 pub enum ShardReply {
     Asset(AssetInfo),
     Derived { counter: u64, receipt: Receipt },
+    Rotated(Rotated),
+}
+
+/// The largest counter an asset may reach: the stores keep it as a signed 64-bit integer.
+pub const COUNTER_MAX: u64 = i64::MAX as u64;
+
+/// SUSPEND, RESUME and RETIRE: the lifecycle operations other than rotation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LifecycleOp {
+    Suspend,
+    Resume,
+    Retire,
+}
+
+impl LifecycleOp {
+    fn transition(self) -> Transition {
+        match self {
+            LifecycleOp::Suspend => Transition::Suspend,
+            LifecycleOp::Resume => Transition::Resume,
+            LifecycleOp::Retire => Transition::Retire,
+        }
+    }
+
+    fn event(self) -> AuditEvent {
+        match self {
+            LifecycleOp::Suspend => AuditEvent::Suspend,
+            LifecycleOp::Resume => AuditEvent::Resume,
+            LifecycleOp::Retire => AuditEvent::Retire,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        self.event().name()
+    }
 }
 
 /// The answer to an operation.
@@ -55,12 +89,28 @@ pub enum ShardOp {
     Status {
         asset: Uuid,
     },
+    Rotate {
+        asset: Uuid,
+        rotation_id: Uuid,
+        expected_counter: Option<u64>,
+        requester: Arc<str>,
+        request_id: u64,
+    },
+    Lifecycle {
+        asset: Uuid,
+        op: LifecycleOp,
+        requester: Arc<str>,
+        request_id: u64,
+    },
 }
 
 impl ShardOp {
     pub fn asset(&self) -> &Uuid {
         match self {
-            ShardOp::Register { asset, .. } | ShardOp::Status { asset } => asset,
+            ShardOp::Register { asset, .. }
+            | ShardOp::Status { asset }
+            | ShardOp::Rotate { asset, .. }
+            | ShardOp::Lifecycle { asset, .. } => asset,
             ShardOp::Derive { request, .. } => &request.asset,
         }
     }
@@ -75,22 +125,133 @@ pub struct ShardLimits {
     pub commit_timeout: Duration,
     pub pending_max: usize,
     pub assets_max: usize,
+    /// How long a committed rotation's id is remembered (a repeat answers the first result).
+    pub rotation_id_retention: Duration,
+    /// Most rotation ids remembered (oldest forgotten first).
+    pub rotation_ids_max: usize,
+}
+
+/// A lifecycle operation accepted but not yet settled: what the asset looks like while
+/// it is in flight, and once it is durable.
+#[derive(Clone, Copy, Debug)]
+struct InFlight {
+    /// Orders the shard's lifecycle operations (acceptance order = sequence order).
+    token: u64,
+    /// The state shown while in flight (ROTATING for a rotation).
+    visible: AssetState,
+    /// The state once durable.
+    then: AssetState,
+    counter: u64,
 }
 
 #[derive(Debug)]
 struct AssetEntry {
-    state: AssetState,
-    counter: u64,
+    /// What the store holds.
+    durable_state: AssetState,
+    durable_counter: u64,
+    /// Lifecycle operations accepted on top of it, oldest first. The asset's state and
+    /// counter, as every new request sees them, are those of the last one.
+    in_flight: VecDeque<InFlight>,
     /// `false` while the registration's commit is in flight: the asset does not exist yet
     /// for anyone but a second registration, which is refused.
     durable: bool,
 }
 
+impl AssetEntry {
+    fn new(state: AssetState, counter: u64, durable: bool) -> AssetEntry {
+        AssetEntry {
+            durable_state: state,
+            durable_counter: counter,
+            in_flight: VecDeque::new(),
+            durable,
+        }
+    }
+
+    /// The state new requests see.
+    fn state(&self) -> AssetState {
+        self.in_flight.back().map_or(self.durable_state, |f| f.visible)
+    }
+
+    /// The counter new derivations use (a rotation in flight: its new counter, since
+    /// such a derivation is committed only after the rotation is).
+    fn counter(&self) -> u64 {
+        self.in_flight.back().map_or(self.durable_counter, |f| f.counter)
+    }
+}
+
 /// What an accepted operation answers once its record is durable.
+#[derive(Clone, Copy, Debug)]
 enum Outcome {
     Registered,
     Derived,
+    Rotated {
+        rotation_id: Uuid,
+        previous: u64,
+        token: u64,
+    },
+    Transitioned {
+        state: AssetState,
+        token: u64,
+    },
 }
+
+/// A rotation the shard remembers by id.
+#[derive(Clone, Copy, Debug)]
+struct RotationMemo {
+    asset: Uuid,
+    counter: u64,
+    /// The rotation's record; `None` while its commit is in flight.
+    seq: Option<u64>,
+    ts_ms: u64,
+}
+
+/// Rotation ids of this shard's assets, for `rotation_id_retention`, at most
+/// `rotation_ids_max` of them.
+#[derive(Default)]
+struct RotationIndex {
+    by_id: HashMap<Uuid, RotationMemo>,
+    /// Committed ids, oldest first, for eviction.
+    order: VecDeque<(u64, Uuid)>,
+}
+
+impl RotationIndex {
+    fn confirm(&mut self, id: Uuid, seq: u64, limits: &ShardLimits) {
+        let Some(m) = self.by_id.get_mut(&id) else {
+            return;
+        };
+        m.seq = Some(seq);
+        self.order.push_back((m.ts_ms, id));
+        self.evict(limits);
+    }
+
+    fn load(&mut self, r: &RecentRotation, limits: &ShardLimits) {
+        self.by_id.insert(
+            r.rotation_id,
+            RotationMemo {
+                asset: r.asset,
+                counter: r.counter,
+                seq: Some(r.seq),
+                ts_ms: r.ts_ms,
+            },
+        );
+        self.order.push_back((r.ts_ms, r.rotation_id));
+        self.evict(limits);
+    }
+
+    fn evict(&mut self, limits: &ShardLimits) {
+        let oldest_kept = now_ms().saturating_sub(limits.rotation_id_retention.as_millis() as u64);
+        while let Some(&(ts, id)) = self.order.front() {
+            if self.order.len() <= limits.rotation_ids_max && ts >= oldest_kept {
+                break;
+            }
+            self.order.pop_front();
+            self.by_id.remove(&id);
+        }
+    }
+}
+
+/// Lifecycle transitions committed by this shard, by (from, to), since last taken.
+pub type TransitionCounts = HashMap<(AssetState, AssetState), u64>;
 
 /// An accepted operation waiting for its batch.
 struct PendingOp {
@@ -120,6 +281,10 @@ struct ShardState {
     resync: bool,
     pending: VecDeque<PendingOp>,
     inflight_batches: usize,
+    rotations: RotationIndex,
+    /// The next lifecycle operation's token.
+    next_token: u64,
+    transitions: TransitionCounts,
 }
 
 /// One core's shard.
@@ -209,17 +374,12 @@ impl Shard {
         let assets = snapshot
             .assets
             .into_iter()
-            .map(|a| {
-                (
-                    a.asset,
-                    AssetEntry {
-                        state: a.state,
-                        counter: a.counter,
-                        durable: true,
-                    },
-                )
-            })
+            .map(|a| (a.asset, AssetEntry::new(a.state, a.counter, true)))
             .collect();
+        let mut rotations = RotationIndex::default();
+        for r in &snapshot.rotations {
+            rotations.load(r, &limits);
+        }
         Shard {
             id,
             state: RefCell::new(ShardState {
@@ -229,6 +389,9 @@ impl Shard {
                 resync: false,
                 pending: VecDeque::with_capacity(limits.pending_max.min(4096)),
                 inflight_batches: 0,
+                rotations,
+                next_token: 1,
+                transitions: TransitionCounts::new(),
             }),
             limits,
             store,
@@ -244,6 +407,11 @@ impl Shard {
 
     pub fn id(&self) -> u16 {
         self.id
+    }
+
+    /// The lifecycle transitions committed since the last call (for metrics).
+    pub fn take_transition_counts(&self) -> TransitionCounts {
+        std::mem::take(&mut self.state.borrow_mut().transitions)
     }
 
     pub fn asset_count(&self) -> usize {
@@ -269,13 +437,34 @@ impl Shard {
         match op {
             ShardOp::Status { asset } => {
                 let entry = durable_entry(&st.assets, &asset)?;
+                // The durable counter: a rotation in flight shows as ROTATING until it is.
                 Ok(Accepted::Now(ShardReply::Asset(AssetInfo {
                     asset,
-                    state: entry.state,
-                    counter: entry.counter,
+                    state: entry.state(),
+                    counter: entry.durable_counter,
                     shard: self.id,
                 })))
             }
+            ShardOp::Rotate {
+                asset,
+                rotation_id,
+                expected_counter,
+                requester,
+                request_id,
+            } => self.accept_rotation(
+                &mut st,
+                asset,
+                rotation_id,
+                expected_counter,
+                requester,
+                request_id,
+            ),
+            ShardOp::Lifecycle {
+                asset,
+                op,
+                requester,
+                request_id,
+            } => self.accept_lifecycle(&mut st, asset, op, requester, request_id),
             ShardOp::Register {
                 asset,
                 requester,
@@ -297,14 +486,8 @@ impl Shard {
                     ));
                 }
                 self.check_room(&st)?;
-                st.assets.insert(
-                    asset,
-                    AssetEntry {
-                        state: AssetState::Active,
-                        counter: 0,
-                        durable: false,
-                    },
-                );
+                st.assets
+                    .insert(asset, AssetEntry::new(AssetState::Active, 0, false));
                 let record = AuditRecord {
                     shard: self.id,
                     seq: 0,
@@ -316,6 +499,7 @@ impl Shard {
                     request_id,
                     ts_ms: now_ms(),
                     derive: None,
+                    rotation_id: None,
                 };
                 let write = AssetWrite {
                     asset,
@@ -331,7 +515,8 @@ impl Shard {
                 request_id,
             } => {
                 let entry = durable_entry(&st.assets, &request.asset)?;
-                match entry.state {
+                let (state, counter) = (entry.state(), entry.counter());
+                match state {
                     s if s.allows_derive() => {}
                     AssetState::Suspended => {
                         return Err(Refusal::new(
@@ -346,7 +531,6 @@ impl Shard {
                         ))
                     }
                 }
-                let (state, counter) = (entry.state, entry.counter);
                 self.check_room(&st)?;
                 let record = AuditRecord {
                     shard: self.id,
@@ -365,10 +549,200 @@ impl Shard {
                         ttl_s: request.ttl_s,
                         scheme_version: SCHEME_V1,
                     }),
+                    rotation_id: None,
                 };
                 Ok(self.enqueue(&mut st, record, None, Outcome::Derived))
             }
         }
+    }
+
+    /// ROTATE: the counter moves forward by one once the rotation's record is durable.
+    /// Derivations accepted meanwhile use the new counter (they commit after it), and the
+    /// asset shows ROTATING. The same rotation id again answers the first result.
+    fn accept_rotation(
+        &self,
+        st: &mut ShardState,
+        asset: Uuid,
+        rotation_id: Uuid,
+        expected_counter: Option<u64>,
+        requester: Arc<str>,
+        request_id: u64,
+    ) -> Result<Accepted, Refusal> {
+        if let Some(m) = st.rotations.by_id.get(&rotation_id) {
+            if m.asset != asset {
+                return Err(Refusal::new(
+                    Status::RotationIdReused,
+                    format!(
+                        "rotation id {rotation_id} was already used for asset {}; use a new id for each rotation",
+                        m.asset
+                    ),
+                ));
+            }
+            return match m.seq {
+                Some(seq) => Ok(Accepted::Now(ShardReply::Rotated(Rotated {
+                    asset,
+                    rotation_id,
+                    counter: m.counter,
+                    previous_counter: m.counter - 1,
+                    receipt: Receipt {
+                        shard: self.id,
+                        seq,
+                    },
+                    replayed: true,
+                }))),
+                None => {
+                    let mut refusal = Refusal::new(
+                        Status::Busy,
+                        format!("rotation {rotation_id} is being committed; ask again"),
+                    );
+                    refusal.retry_after_ms = 1;
+                    Err(refusal)
+                }
+            };
+        }
+        self.check_room(st)?;
+        let token = st.next_token;
+        let entry = durable_entry_mut(&mut st.assets, &asset)?;
+        match entry.state() {
+            AssetState::Active => {}
+            AssetState::Rotating => {
+                let mut refusal = Refusal::new(
+                    Status::Busy,
+                    format!("a rotation of asset {asset} is being committed; rotate again once it is"),
+                );
+                refusal.retry_after_ms = 1;
+                return Err(refusal);
+            }
+            AssetState::Suspended => {
+                return Err(Refusal::new(
+                    Status::AssetSuspended,
+                    format!("asset {asset} is suspended: resume it before rotating it"),
+                ))
+            }
+            AssetState::Retired => return Err(retired(&asset)),
+        }
+        let previous = entry.counter();
+        if let Some(expected) = expected_counter {
+            if expected != previous {
+                return Err(Refusal::new(
+                    Status::CounterMismatch,
+                    format!(
+                        "asset {asset} is at counter {previous}, not the expected {expected}; nothing changed"
+                    ),
+                ));
+            }
+        }
+        if previous >= COUNTER_MAX {
+            return Err(Refusal::new(
+                Status::CounterExhausted,
+                format!("asset {asset} is at the largest counter ({COUNTER_MAX}); it cannot rotate"),
+            ));
+        }
+        let counter = previous + 1;
+        entry.in_flight.push_back(InFlight {
+            token,
+            visible: AssetState::Rotating,
+            then: AssetState::Active,
+            counter,
+        });
+        st.next_token += 1;
+        let ts_ms = now_ms();
+        st.rotations.by_id.insert(
+            rotation_id,
+            RotationMemo {
+                asset,
+                counter,
+                seq: None,
+                ts_ms,
+            },
+        );
+        let record = AuditRecord {
+            shard: self.id,
+            seq: 0,
+            event: AuditEvent::Rotate,
+            asset,
+            counter,
+            state: AssetState::Active,
+            requester,
+            request_id,
+            ts_ms,
+            derive: None,
+            rotation_id: Some(rotation_id),
+        };
+        let write = AssetWrite {
+            asset,
+            state: AssetState::Active,
+            counter,
+            insert: false,
+        };
+        let outcome = Outcome::Rotated {
+            rotation_id,
+            previous,
+            token,
+        };
+        Ok(self.enqueue(st, record, Some(write), outcome))
+    }
+
+    /// SUSPEND, RESUME, RETIRE: the new state applies to requests from now on; if its
+    /// commit fails, the asset goes back to what the store holds.
+    fn accept_lifecycle(
+        &self,
+        st: &mut ShardState,
+        asset: Uuid,
+        op: LifecycleOp,
+        requester: Arc<str>,
+        request_id: u64,
+    ) -> Result<Accepted, Refusal> {
+        self.check_room(st)?;
+        let token = st.next_token;
+        let entry = durable_entry_mut(&mut st.assets, &asset)?;
+        let from = entry.state();
+        match from {
+            AssetState::Rotating => {
+                let mut refusal = Refusal::new(
+                    Status::Busy,
+                    format!("a rotation of asset {asset} is being committed; {} it once it is", op.name()),
+                );
+                refusal.retry_after_ms = 1;
+                return Err(refusal);
+            }
+            AssetState::Retired => return Err(retired(&asset)),
+            _ => {}
+        }
+        let to = lifecycle::apply(from, op.transition()).map_err(|_| {
+            Refusal::new(
+                Status::InvalidTransition,
+                format!("asset {asset} is {from}: {} does not apply; nothing changed", op.name()),
+            )
+        })?;
+        let counter = entry.counter();
+        entry.in_flight.push_back(InFlight {
+            token,
+            visible: to,
+            then: to,
+            counter,
+        });
+        st.next_token += 1;
+        let record = AuditRecord {
+            shard: self.id,
+            seq: 0,
+            event: op.event(),
+            asset,
+            counter,
+            state: to,
+            requester,
+            request_id,
+            ts_ms: now_ms(),
+            derive: None,
+            rotation_id: None,
+        };
+        let write = AssetWrite {
+            asset,
+            state: to,
+            counter,
+            insert: false,
+        };
+        Ok(self.enqueue(st, record, Some(write), Outcome::Transitioned { state: to, token }))
     }
 
     fn check_room(&self, st: &ShardState) -> Result<(), Refusal> {
@@ -467,16 +841,23 @@ impl Shard {
             let Some(op) = st.pending.pop_front() else {
                 break;
             };
-            if let Outcome::Registered = op.outcome {
-                st.assets.remove(&op.record.asset);
+            let why = format!(
+                "not committed within {} ms (the store is slow or down)",
+                self.limits.commit_timeout.as_millis()
+            );
+            match op.outcome {
+                Outcome::Registered => {
+                    st.assets.remove(&op.record.asset);
+                }
+                Outcome::Rotated { token, .. } | Outcome::Transitioned { token, .. } => {
+                    undo_lifecycle(&mut st, &op.record.asset, token, &why);
+                    if let Outcome::Rotated { rotation_id, .. } = op.outcome {
+                        st.rotations.by_id.remove(&rotation_id);
+                    }
+                }
+                Outcome::Derived => {}
             }
-            let _ = op.reply.send(Err(Refusal::new(
-                Status::StoreUnavailable,
-                format!(
-                    "not committed within {} ms (the store is slow or down)",
-                    self.limits.commit_timeout.as_millis()
-                ),
-            )));
+            let _ = op.reply.send(Err(Refusal::new(Status::StoreUnavailable, why)));
         }
     }
 
@@ -533,7 +914,12 @@ impl Shard {
                         Status::StoreUnavailable,
                         outcome_unknown.clone(),
                     )));
-                    settled.push((w.seq, w.asset, matches!(w.outcome, Outcome::Registered)));
+                    settled.push(Settled {
+                        seq: w.seq,
+                        asset: w.asset,
+                        counter: w.counter,
+                        outcome: w.outcome,
+                    });
                 }
                 let durable = commit.await.is_ok();
                 self.settle_parts(settled.into_iter(), durable);
@@ -553,6 +939,9 @@ impl Shard {
             asset_writes: Vec::new(),
         };
         let mut waiters = Vec::with_capacity(n);
+        // One write per asset per batch (the last wins; a registration stays an insert),
+        // so a store can apply the writes in any order.
+        let mut written: HashMap<Uuid, usize> = HashMap::new();
         st.inflight_batches += 1;
         for mut op in st.pending.drain(..n) {
             let seq = st.next_seq;
@@ -566,7 +955,18 @@ impl Shard {
                 reply: op.reply,
             });
             if let Some(w) = op.write {
-                batch.asset_writes.push(w);
+                match written.get(&w.asset) {
+                    Some(&at) => {
+                        let earlier = &mut batch.asset_writes[at];
+                        earlier.state = w.state;
+                        earlier.counter = w.counter;
+                        earlier.insert |= w.insert;
+                    }
+                    None => {
+                        written.insert(w.asset, batch.asset_writes.len());
+                        batch.asset_writes.push(w);
+                    }
+                }
             }
             batch.records.push(op.record);
         }
@@ -576,30 +976,72 @@ impl Shard {
     /// Brings the registry in line with a batch's fate.
     fn settle(&self, waiters: &[Waiter], durable: bool) {
         self.settle_parts(
-            waiters
-                .iter()
-                .map(|w| (w.seq, w.asset, matches!(w.outcome, Outcome::Registered))),
+            waiters.iter().map(|w| Settled {
+                seq: w.seq,
+                asset: w.asset,
+                counter: w.counter,
+                outcome: w.outcome,
+            }),
             durable,
         );
     }
 
-    /// `parts`: (sequence number, asset, is a registration) of each record of the batch.
-    /// Durable: registrations become real and the durable sequence moves forward. Not
-    /// durable: registrations are forgotten and numbering resynchronises.
-    fn settle_parts(&self, parts: impl Iterator<Item = (u64, Uuid, bool)>, durable: bool) {
-        let mut st = self.state.borrow_mut();
+    /// Durable: registrations become real, lifecycle operations become what the store
+    /// holds, and the durable sequence moves forward. Not durable: registrations are
+    /// forgotten, lifecycle operations undone (with everything accepted on top of them),
+    /// and numbering resynchronises.
+    fn settle_parts(&self, parts: impl Iterator<Item = Settled>, durable: bool) {
+        let mut guard = self.state.borrow_mut();
+        let st = &mut *guard;
         let mut last_seq = None;
-        for (seq, asset, registration) in parts {
-            last_seq = Some(seq);
-            if !registration {
-                continue;
-            }
-            if durable {
-                if let Some(e) = st.assets.get_mut(&asset) {
-                    e.durable = true;
+        for part in parts {
+            last_seq = Some(part.seq);
+            match part.outcome {
+                Outcome::Derived => {}
+                Outcome::Registered => {
+                    if durable {
+                        if let Some(e) = st.assets.get_mut(&part.asset) {
+                            e.durable = true;
+                        }
+                    } else {
+                        st.assets.remove(&part.asset);
+                    }
                 }
-            } else {
-                st.assets.remove(&asset);
+                Outcome::Rotated { token, .. } | Outcome::Transitioned { token, .. } => {
+                    if durable {
+                        if let Some(e) = st.assets.get_mut(&part.asset) {
+                            if let Some(at) = e.in_flight.iter().position(|f| f.token == token) {
+                                // Settles come in sequence order: this is the oldest.
+                                let f = e.in_flight.remove(at).unwrap_or(InFlight {
+                                    token,
+                                    visible: e.durable_state,
+                                    then: e.durable_state,
+                                    counter: e.durable_counter,
+                                });
+                                let from = e.durable_state;
+                                *st.transitions.entry((from, f.visible)).or_default() += 1;
+                                if f.visible != f.then {
+                                    *st.transitions.entry((f.visible, f.then)).or_default() += 1;
+                                }
+                                e.durable_state = f.then;
+                                e.durable_counter = f.counter;
+                            }
+                        }
+                        if let Outcome::Rotated { rotation_id, .. } = part.outcome {
+                            st.rotations.confirm(rotation_id, part.seq, &self.limits);
+                        }
+                    } else {
+                        undo_lifecycle(
+                            st,
+                            &part.asset,
+                            token,
+                            "an earlier lifecycle operation of this asset was not committed",
+                        );
+                        if let Outcome::Rotated { rotation_id, .. } = part.outcome {
+                            st.rotations.by_id.remove(&rotation_id);
+                        }
+                    }
+                }
             }
         }
         if durable {
@@ -627,10 +1069,84 @@ impl Shard {
                     counter: 0,
                     shard: self.id,
                 }),
+                Outcome::Rotated {
+                    rotation_id,
+                    previous,
+                    ..
+                } => ShardReply::Rotated(Rotated {
+                    asset: w.asset,
+                    rotation_id,
+                    counter: w.counter,
+                    previous_counter: previous,
+                    receipt: Receipt {
+                        shard: self.id,
+                        seq: w.seq,
+                    },
+                    replayed: false,
+                }),
+                Outcome::Transitioned { state, .. } => ShardReply::Asset(AssetInfo {
+                    asset: w.asset,
+                    state,
+                    counter: w.counter,
+                    shard: self.id,
+                }),
             };
             // The caller may have gone (connection closed): its record is durable anyway.
             let _ = w.reply.send(Ok(reply));
         }
+    }
+}
+
+/// One record of a batch, as its fate is settled.
+struct Settled {
+    seq: u64,
+    asset: Uuid,
+    #[allow(dead_code)]
+    counter: u64,
+    outcome: Outcome,
+}
+
+/// A lifecycle operation (`token`) of `asset` did not commit: it is dropped with every
+/// lifecycle operation accepted after it (the later ones in flight fail by the sequence
+/// gap; they change nothing when they settle), and every request of the asset still
+/// waiting to be sealed, accepted on top of it, is answered STORE_UNAVAILABLE.
+fn undo_lifecycle(st: &mut ShardState, asset: &Uuid, token: u64, why: &str) {
+    if let Some(e) = st.assets.get_mut(asset) {
+        e.in_flight.retain(|f| f.token < token);
+    }
+    let pending = std::mem::take(&mut st.pending);
+    for op in pending {
+        if op.record.asset != *asset {
+            st.pending.push_back(op);
+            continue;
+        }
+        if let Outcome::Rotated { rotation_id, .. } = op.outcome {
+            st.rotations.by_id.remove(&rotation_id);
+        }
+        let _ = op.reply.send(Err(Refusal::new(
+            Status::StoreUnavailable,
+            format!("not committed: {why}"),
+        )));
+    }
+}
+
+fn retired(asset: &Uuid) -> Refusal {
+    Refusal::new(
+        Status::AssetRetired,
+        format!("asset {asset} is retired: it answers only STATUS"),
+    )
+}
+
+fn durable_entry_mut<'a>(
+    assets: &'a mut HashMap<Uuid, AssetEntry>,
+    asset: &Uuid,
+) -> Result<&'a mut AssetEntry, Refusal> {
+    match assets.get_mut(asset) {
+        Some(e) if e.durable => Ok(e),
+        _ => Err(Refusal::new(
+            Status::UnknownAsset,
+            format!("asset {asset} is not registered"),
+        )),
     }
 }
 
@@ -670,7 +1186,7 @@ mod tests {
     struct ScriptedStore(Rc<Script>);
 
     impl ShardStore for ScriptedStore {
-        fn load(&self) -> LocalFuture<Result<ShardSnapshot, StoreError>> {
+        fn load_with(&self, _: crate::store::RotationWindow) -> LocalFuture<Result<ShardSnapshot, StoreError>> {
             Box::pin(async { Ok(ShardSnapshot::default()) })
         }
 
@@ -713,6 +1229,8 @@ mod tests {
             commit_timeout: Duration::from_millis(200),
             pending_max: 3,
             assets_max: 10,
+            rotation_id_retention: Duration::from_secs(3600),
+            rotation_ids_max: 4,
         }
     }
 
@@ -904,6 +1422,232 @@ mod tests {
                 s.execute(ShardOp::Status { asset: a }).await,
                 Ok(ShardReply::Asset(_))
             ));
+        });
+    }
+
+    fn rotate(a: Uuid, id: u128, expected: Option<u64>) -> ShardOp {
+        ShardOp::Rotate {
+            asset: a,
+            rotation_id: Uuid::from_u128(id),
+            expected_counter: expected,
+            requester: Arc::from("operator"),
+            request_id: 7,
+        }
+    }
+
+    fn lifecycle(a: Uuid, op: LifecycleOp) -> ShardOp {
+        ShardOp::Lifecycle {
+            asset: a,
+            op,
+            requester: Arc::from("operator"),
+            request_id: 8,
+        }
+    }
+
+    fn rotated(r: OpResult) -> Rotated {
+        match r {
+            Ok(ShardReply::Rotated(r)) => r,
+            other => panic!("expected a rotation, got {other:?}"),
+        }
+    }
+
+    fn state_of(s: &Shard, a: Uuid) -> (AssetState, u64) {
+        match s.accept(ShardOp::Status { asset: a }) {
+            Ok(Accepted::Now(ShardReply::Asset(info))) => (info.state, info.counter),
+            _ => panic!("status answers at once"),
+        }
+    }
+
+    fn counter_of(r: OpResult) -> u64 {
+        match r {
+            Ok(ShardReply::Derived { counter, .. }) => counter,
+            other => panic!("expected a derivation, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_rotation_moves_the_counter_once_and_its_id_again_answers_the_first_result() {
+        run(async {
+            let script = Rc::new(Script::default());
+            let s = shard(&script, limits());
+            let (a, b) = (asset(20), asset(21));
+            s.execute(register(a)).await.unwrap();
+            s.execute(register(b)).await.unwrap();
+            let first = rotated(s.execute(rotate(a, 1, None)).await);
+            assert_eq!((first.previous_counter, first.counter, first.replayed), (0, 1, false));
+            // The same id again: the first answer, nothing new committed.
+            let records = script.committed.borrow().iter().map(|b| b.records.len()).sum::<usize>();
+            let again = rotated(s.execute(rotate(a, 1, None)).await);
+            assert_eq!((again.counter, again.receipt, again.replayed), (1, first.receipt, true));
+            let after = script.committed.borrow().iter().map(|b| b.records.len()).sum::<usize>();
+            assert_eq!(records, after);
+            // The id on another asset is refused; so is a stale expected counter.
+            let e = s.execute(rotate(b, 1, None)).await.unwrap_err();
+            assert_eq!(e.status, Status::RotationIdReused);
+            let e = s.execute(rotate(a, 2, Some(0))).await.unwrap_err();
+            assert_eq!(e.status, Status::CounterMismatch);
+            assert!(e.message.contains("at counter 1, not the expected 0"), "{}", e.message);
+            assert_eq!(state_of(&s, a), (AssetState::Active, 1));
+            assert_eq!(rotated(s.execute(rotate(a, 2, Some(1))).await).counter, 2);
+            assert_eq!(counter_of(s.execute(derive(a)).await), 2);
+            // The ROTATE records carry their ids, and the asset row the new counter.
+            let batches = script.committed.borrow();
+            let ids: Vec<_> = batches
+                .iter()
+                .flat_map(|b| &b.records)
+                .filter(|r| r.event == AuditEvent::Rotate)
+                .map(|r| (r.rotation_id, r.counter))
+                .collect();
+            assert_eq!(ids, [(Some(Uuid::from_u128(1)), 1), (Some(Uuid::from_u128(2)), 2)]);
+            let last_write = batches
+                .iter()
+                .flat_map(|b| &b.asset_writes)
+                .filter(|w| w.asset == a)
+                .last()
+                .cloned();
+            assert_eq!(
+                last_write,
+                Some(AssetWrite { asset: a, state: AssetState::Active, counter: 2, insert: false })
+            );
+            drop(batches);
+            let counts = s.take_transition_counts();
+            assert_eq!(counts.get(&(AssetState::Active, AssetState::Rotating)), Some(&2));
+            assert_eq!(counts.get(&(AssetState::Rotating, AssetState::Active)), Some(&2));
+        });
+    }
+
+    #[test]
+    fn derivations_during_a_rotation_use_the_new_counter_and_commit_after_it() {
+        run(async {
+            let script = Rc::new(Script::default());
+            let s = shard(&script, limits());
+            let a = asset(22);
+            s.execute(register(a)).await.unwrap();
+            script.delay.set(Duration::from_millis(30));
+            let before = accepted(&s, derive(a));
+            let rotation = accepted(&s, rotate(a, 9, None));
+            // ROTATING while the rotation waits for its commit, at the durable counter.
+            assert_eq!(state_of(&s, a), (AssetState::Rotating, 0));
+            let during = accepted(&s, derive(a));
+            // A second rotation or a suspension waits for this one.
+            assert!(matches!(s.accept(rotate(a, 10, None)), Err(r) if r.status == Status::Busy));
+            assert!(matches!(s.accept(lifecycle(a, LifecycleOp::Suspend)), Err(r) if r.status == Status::Busy));
+            let (before, rotation, during) = (before.await.unwrap(), rotation.await.unwrap(), during.await.unwrap());
+            let r = rotated(rotation);
+            assert_eq!(counter_of(before.clone()), 0);
+            assert_eq!(counter_of(during.clone()), 1);
+            assert!(seq_of(before) < r.receipt.seq && r.receipt.seq < seq_of(during));
+            assert_eq!(state_of(&s, a), (AssetState::Active, 1));
+        });
+    }
+
+    #[test]
+    fn a_rotation_that_fails_to_commit_changes_nothing_and_takes_its_followers_with_it() {
+        run(async {
+            let script = Rc::new(Script::default());
+            let mut l = limits();
+            l.commit_batches_inflight_max = 1;
+            l.pending_max = 8;
+            let s = shard(&script, l);
+            let a = asset(23);
+            s.execute(register(a)).await.unwrap();
+            script.delay.set(Duration::from_millis(20));
+            fail_next_commit(&script, "disk gone");
+            let rotation = accepted(&s, rotate(a, 5, None));
+            // Accepted while the rotation's batch is sealed and in flight: still pending.
+            glommio::timer::sleep(Duration::from_millis(5)).await;
+            let follower = accepted(&s, derive(a));
+            assert_eq!(refused_status(rotation).await, Status::StoreUnavailable);
+            assert_eq!(refused_status(follower).await, Status::StoreUnavailable);
+            script.delay.set(Duration::ZERO);
+            assert_eq!(state_of(&s, a), (AssetState::Active, 0));
+            assert_eq!(counter_of(s.execute(derive(a)).await), 0);
+            // The id was not spent: the retry rotates.
+            let r = rotated(s.execute(rotate(a, 5, None)).await);
+            assert_eq!((r.counter, r.replayed), (1, false));
+        });
+    }
+
+    #[test]
+    fn suspend_resume_retire_and_what_each_state_refuses() {
+        run(async {
+            let script = Rc::new(Script::default());
+            let s = shard(&script, limits());
+            let a = asset(24);
+            s.execute(register(a)).await.unwrap();
+            let suspended = s.execute(lifecycle(a, LifecycleOp::Suspend)).await.unwrap();
+            assert!(matches!(suspended, ShardReply::Asset(AssetInfo { state: AssetState::Suspended, .. })));
+            assert_eq!(s.execute(derive(a)).await.unwrap_err().status, Status::AssetSuspended);
+            assert_eq!(s.execute(rotate(a, 1, None)).await.unwrap_err().status, Status::AssetSuspended);
+            let again = s.execute(lifecycle(a, LifecycleOp::Suspend)).await.unwrap_err();
+            assert_eq!(again.status, Status::InvalidTransition);
+            assert!(again.message.contains("is SUSPENDED"), "{}", again.message);
+            s.execute(lifecycle(a, LifecycleOp::Resume)).await.unwrap();
+            assert_eq!(counter_of(s.execute(derive(a)).await), 0);
+            let e = s.execute(lifecycle(a, LifecycleOp::Resume)).await.unwrap_err();
+            assert_eq!(e.status, Status::InvalidTransition);
+            s.execute(lifecycle(a, LifecycleOp::Retire)).await.unwrap();
+            for op in [
+                derive(a),
+                rotate(a, 2, None),
+                lifecycle(a, LifecycleOp::Resume),
+                lifecycle(a, LifecycleOp::Suspend),
+                lifecycle(a, LifecycleOp::Retire),
+            ] {
+                assert_eq!(s.execute(op).await.unwrap_err().status, Status::AssetRetired);
+            }
+            assert_eq!(state_of(&s, a), (AssetState::Retired, 0));
+            let events: Vec<AuditEvent> = script
+                .committed
+                .borrow()
+                .iter()
+                .flat_map(|b| &b.records)
+                .map(|r| r.event)
+                .collect();
+            use AuditEvent::*;
+            assert_eq!(events, [Register, Suspend, Resume, Derive, Retire]);
+            let counts = s.take_transition_counts();
+            assert_eq!(counts.get(&(AssetState::Active, AssetState::Suspended)), Some(&1));
+            assert_eq!(counts.get(&(AssetState::Suspended, AssetState::Active)), Some(&1));
+            assert_eq!(counts.get(&(AssetState::Active, AssetState::Retired)), Some(&1));
+        });
+    }
+
+    #[test]
+    fn a_suspension_that_fails_to_commit_is_undone() {
+        run(async {
+            let script = Rc::new(Script::default());
+            let s = shard(&script, limits());
+            let a = asset(25);
+            s.execute(register(a)).await.unwrap();
+            fail_next_commit(&script, "down");
+            let e = s.execute(lifecycle(a, LifecycleOp::Suspend)).await.unwrap_err();
+            assert_eq!(e.status, Status::StoreUnavailable);
+            assert_eq!(state_of(&s, a), (AssetState::Active, 0));
+            assert_eq!(counter_of(s.execute(derive(a)).await), 0);
+            assert!(s.take_transition_counts().is_empty());
+        });
+    }
+
+    #[test]
+    fn one_write_per_asset_per_batch() {
+        run(async {
+            let script = Rc::new(Script::default());
+            let s = shard(&script, limits());
+            let a = asset(26);
+            s.execute(register(a)).await.unwrap();
+            // Accepted before the committer runs: one batch.
+            let one = accepted(&s, lifecycle(a, LifecycleOp::Suspend));
+            let two = accepted(&s, lifecycle(a, LifecycleOp::Resume));
+            one.await.unwrap().unwrap();
+            two.await.unwrap().unwrap();
+            let batches = script.committed.borrow();
+            let last = batches.last().unwrap();
+            assert_eq!(last.records.len(), 2);
+            assert_eq!(
+                last.asset_writes,
+                [AssetWrite { asset: a, state: AssetState::Active, counter: 0, insert: false }]
+            );
         });
     }
 

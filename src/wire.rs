@@ -33,7 +33,7 @@ pub const SHARD_HASH_JUMP_FNV1A64: u8 = 1;
 /// Length of a derived key on the wire.
 pub const KEY_LEN: usize = 32;
 
-/// Request opcodes. Numbers are never reused; later issues add operations above 0x07.
+/// Request opcodes. Numbers are never reused; later issues add operations above 0x0B.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
 pub enum Opcode {
@@ -47,10 +47,18 @@ pub enum Opcode {
     Unseal = 0x06,
     /// The appliance's seal state (any authenticated client).
     SealStatus = 0x07,
+    /// Operator: move an asset's counter forward by one (idempotent by rotation id).
+    Rotate = 0x08,
+    /// Operator: stop derivations of an asset.
+    Suspend = 0x09,
+    /// Operator: serve a suspended asset again.
+    Resume = 0x0A,
+    /// Admin: retire an asset for good (it answers only STATUS afterwards).
+    Retire = 0x0B,
 }
 
 impl Opcode {
-    pub const ALL: [Opcode; 7] = [
+    pub const ALL: [Opcode; 11] = [
         Opcode::Hello,
         Opcode::Register,
         Opcode::Derive,
@@ -58,6 +66,10 @@ impl Opcode {
         Opcode::Seal,
         Opcode::Unseal,
         Opcode::SealStatus,
+        Opcode::Rotate,
+        Opcode::Suspend,
+        Opcode::Resume,
+        Opcode::Retire,
     ];
 
     pub fn from_u8(value: u8) -> Option<Opcode> {
@@ -82,10 +94,20 @@ pub enum Status {
     InvalidRegion = 12,
     InvalidPurpose = 13,
     InvalidTtl = 14,
+    /// ROTATE: the rotation id is not an RFC 4122 UUID.
+    InvalidRotationId = 15,
     UnknownAsset = 20,
     AssetExists = 21,
     AssetSuspended = 22,
     AssetRetired = 23,
+    /// ROTATE with an expected counter that is not the asset's counter (compare-and-set).
+    CounterMismatch = 24,
+    /// ROTATE: the rotation id was already used for another asset.
+    RotationIdReused = 25,
+    /// ROTATE: the counter is at its largest value (2^63-1) and cannot move forward.
+    CounterExhausted = 26,
+    /// SUSPEND / RESUME / RETIRE from a state that does not allow it.
+    InvalidTransition = 27,
     Busy = 30,
     StoreUnavailable = 31,
     Sealed = 32,
@@ -106,7 +128,7 @@ pub enum Status {
 }
 
 impl Status {
-    pub const ALL: [Status; 26] = [
+    pub const ALL: [Status; 31] = [
         Status::Ok,
         Status::UnsupportedVersion,
         Status::MalformedFrame,
@@ -118,10 +140,15 @@ impl Status {
         Status::InvalidRegion,
         Status::InvalidPurpose,
         Status::InvalidTtl,
+        Status::InvalidRotationId,
         Status::UnknownAsset,
         Status::AssetExists,
         Status::AssetSuspended,
         Status::AssetRetired,
+        Status::CounterMismatch,
+        Status::RotationIdReused,
+        Status::CounterExhausted,
+        Status::InvalidTransition,
         Status::Busy,
         Status::StoreUnavailable,
         Status::Sealed,
@@ -153,6 +180,11 @@ impl Status {
             Status::InvalidRegion => "INVALID_REGION",
             Status::InvalidPurpose => "INVALID_PURPOSE",
             Status::InvalidTtl => "INVALID_TTL",
+            Status::InvalidRotationId => "INVALID_ROTATION_ID",
+            Status::CounterMismatch => "COUNTER_MISMATCH",
+            Status::RotationIdReused => "ROTATION_ID_REUSED",
+            Status::CounterExhausted => "COUNTER_EXHAUSTED",
+            Status::InvalidTransition => "INVALID_TRANSITION",
             Status::UnknownAsset => "UNKNOWN_ASSET",
             Status::AssetExists => "ASSET_EXISTS",
             Status::AssetSuspended => "ASSET_SUSPENDED",
@@ -443,6 +475,23 @@ pub enum Request {
     /// A share (empty: ask the HSM provider to unseal now), after an optional reset.
     Unseal { reset: bool, share: ShareText },
     SealStatus,
+    Rotate(RotateBody),
+    Suspend { asset: Uuid },
+    Resume { asset: Uuid },
+    Retire { asset: Uuid },
+}
+
+/// ROTATE flag: `expected_counter` holds (compare-and-set).
+pub const ROTATE_FLAG_EXPECTED: u8 = 0x01;
+
+/// Body of a ROTATE request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RotateBody {
+    pub asset: Uuid,
+    /// Chosen by the caller; the same id sent again returns the first result.
+    pub rotation_id: Uuid,
+    /// Rotate only if the asset's counter is this one.
+    pub expected_counter: Option<u64>,
 }
 
 impl Request {
@@ -455,6 +504,10 @@ impl Request {
             Request::Seal => Opcode::Seal,
             Request::Unseal { .. } => Opcode::Unseal,
             Request::SealStatus => Opcode::SealStatus,
+            Request::Rotate(_) => Opcode::Rotate,
+            Request::Suspend { .. } => Opcode::Suspend,
+            Request::Resume { .. } => Opcode::Resume,
+            Request::Retire { .. } => Opcode::Retire,
         }
     }
 
@@ -483,6 +536,39 @@ impl Request {
             Opcode::Register => Request::Register {
                 asset: r.uuid("asset_id")?,
             },
+            Opcode::Suspend => Request::Suspend {
+                asset: r.uuid("asset_id")?,
+            },
+            Opcode::Resume => Request::Resume {
+                asset: r.uuid("asset_id")?,
+            },
+            Opcode::Retire => Request::Retire {
+                asset: r.uuid("asset_id")?,
+            },
+            Opcode::Rotate => {
+                let asset = r.uuid("asset_id")?;
+                let rotation_id = r.uuid("rotation_id")?;
+                let flags = r.u8("flags")?;
+                if flags & !ROTATE_FLAG_EXPECTED != 0 {
+                    return Err(WireError::BadField {
+                        field: "flags",
+                        reason: "reserved bits set",
+                    });
+                }
+                let expected = r.u64("expected_counter")?;
+                if flags & ROTATE_FLAG_EXPECTED == 0 && expected != 0 {
+                    // One encoding per request: without the flag the field is zero.
+                    return Err(WireError::BadField {
+                        field: "expected_counter",
+                        reason: "non-zero without the EXPECTED flag",
+                    });
+                }
+                Request::Rotate(RotateBody {
+                    asset,
+                    rotation_id,
+                    expected_counter: (flags & ROTATE_FLAG_EXPECTED != 0).then_some(expected),
+                })
+            }
             Opcode::Status => Request::Status {
                 asset: r.uuid("asset_id")?,
             },
@@ -517,8 +603,20 @@ impl Request {
                 out.push(if *reset { UNSEAL_FLAG_RESET } else { 0 });
                 put_short(out, share.as_str().as_bytes());
             }
-            Request::Register { asset } | Request::Status { asset } => {
-                out.extend_from_slice(asset.as_bytes())
+            Request::Register { asset }
+            | Request::Status { asset }
+            | Request::Suspend { asset }
+            | Request::Resume { asset }
+            | Request::Retire { asset } => out.extend_from_slice(asset.as_bytes()),
+            Request::Rotate(b) => {
+                out.extend_from_slice(b.asset.as_bytes());
+                out.extend_from_slice(b.rotation_id.as_bytes());
+                out.push(if b.expected_counter.is_some() {
+                    ROTATE_FLAG_EXPECTED
+                } else {
+                    0
+                });
+                out.extend_from_slice(&b.expected_counter.unwrap_or(0).to_be_bytes());
             }
             Request::Derive(d) => {
                 out.extend_from_slice(d.asset.as_bytes());
@@ -589,6 +687,18 @@ impl std::fmt::Debug for Derived {
             .field("receipt", &self.receipt)
             .finish()
     }
+}
+
+/// What ROTATE answers: the asset's new counter, where the rotation's record sits, and
+/// whether this is the answer to an earlier request with the same rotation id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Rotated {
+    pub asset: Uuid,
+    pub rotation_id: Uuid,
+    pub counter: u64,
+    pub previous_counter: u64,
+    pub receipt: Receipt,
+    pub replayed: bool,
 }
 
 /// The appliance's seal state, as SEAL, UNSEAL and SEAL_STATUS report it. Codes are on
@@ -733,6 +843,7 @@ pub enum Reply {
     Asset(AssetInfo),
     Derived(Derived),
     Seal(SealInfo),
+    Rotated(Rotated),
     Refused(Refusal),
 }
 
@@ -769,6 +880,16 @@ impl Reply {
                 out.extend_from_slice(&d.key[..]);
                 out.extend_from_slice(&d.receipt.shard.to_be_bytes());
                 out.extend_from_slice(&d.receipt.seq.to_be_bytes());
+            }
+            Reply::Rotated(r) => {
+                out.extend_from_slice(&(Status::Ok as u16).to_be_bytes());
+                out.extend_from_slice(r.asset.as_bytes());
+                out.extend_from_slice(r.rotation_id.as_bytes());
+                out.extend_from_slice(&r.counter.to_be_bytes());
+                out.extend_from_slice(&r.previous_counter.to_be_bytes());
+                out.extend_from_slice(&r.receipt.shard.to_be_bytes());
+                out.extend_from_slice(&r.receipt.seq.to_be_bytes());
+                out.push(u8::from(r.replayed));
             }
             Reply::Seal(s) => {
                 out.extend_from_slice(&(Status::Ok as u16).to_be_bytes());
@@ -827,7 +948,39 @@ impl Reply {
                     max_frame_body_bytes: r.u32("max_frame_body_bytes")?,
                     max_inflight_per_connection: r.u32("max_inflight_per_connection")?,
                 }),
-                Opcode::Register | Opcode::Status => {
+                Opcode::Rotate => {
+                    let asset = r.uuid("asset_id")?;
+                    let rotation_id = r.uuid("rotation_id")?;
+                    let counter = r.u64("counter")?;
+                    let previous_counter = r.u64("previous_counter")?;
+                    let receipt = Receipt {
+                        shard: r.u16("shard")?,
+                        seq: r.u64("seq")?,
+                    };
+                    let replayed = match r.u8("replayed")? {
+                        0 => false,
+                        1 => true,
+                        _ => {
+                            return Err(WireError::BadField {
+                                field: "replayed",
+                                reason: "not 0 or 1",
+                            })
+                        }
+                    };
+                    Reply::Rotated(Rotated {
+                        asset,
+                        rotation_id,
+                        counter,
+                        previous_counter,
+                        receipt,
+                        replayed,
+                    })
+                }
+                Opcode::Register
+                | Opcode::Status
+                | Opcode::Suspend
+                | Opcode::Resume
+                | Opcode::Retire => {
                     let asset = r.uuid("asset_id")?;
                     let state = AssetState::from_u8(r.u8("state")?).ok_or(WireError::BadField {
                         field: "state",
@@ -972,6 +1125,25 @@ mod tests {
             Request::Derive(derive_body()),
             Request::Seal,
             Request::SealStatus,
+            Request::Suspend {
+                asset: Uuid::from_bytes([4; 16]),
+            },
+            Request::Resume {
+                asset: Uuid::from_bytes([5; 16]),
+            },
+            Request::Retire {
+                asset: Uuid::from_bytes([6; 16]),
+            },
+            Request::Rotate(RotateBody {
+                asset: Uuid::from_bytes([7; 16]),
+                rotation_id: Uuid::from_bytes([8; 16]),
+                expected_counter: None,
+            }),
+            Request::Rotate(RotateBody {
+                asset: Uuid::from_bytes([7; 16]),
+                rotation_id: Uuid::from_bytes([8; 16]),
+                expected_counter: Some(u64::MAX),
+            }),
             Request::Unseal {
                 reset: false,
                 share: ShareText::new(""),
@@ -1116,6 +1288,58 @@ mod tests {
     }
 
     #[test]
+    fn rotate_bodies_are_checked() {
+        let mut body = vec![0u8; 41];
+        body[32] = 0x02;
+        assert_eq!(
+            Request::decode(Opcode::Rotate as u8, &body),
+            Err(WireError::BadField {
+                field: "flags",
+                reason: "reserved bits set"
+            })
+        );
+        body[32] = 0;
+        assert_eq!(
+            Request::decode(Opcode::Rotate as u8, &body[..40]),
+            Err(WireError::Truncated {
+                field: "expected_counter",
+                needed: 1
+            })
+        );
+        // Without the flag the expected counter must be zero (one encoding per request).
+        body[32] = 0;
+        body[40] = 9;
+        assert_eq!(
+            Request::decode(Opcode::Rotate as u8, &body),
+            Err(WireError::BadField {
+                field: "expected_counter",
+                reason: "non-zero without the EXPECTED flag"
+            })
+        );
+        body[40] = 0;
+        assert!(matches!(
+            Request::decode(Opcode::Rotate as u8, &body),
+            Ok(Request::Rotate(RotateBody {
+                expected_counter: None,
+                ..
+            }))
+        ));
+        let mut reply = Vec::new();
+        Reply::Rotated(Rotated {
+            asset: Uuid::nil(),
+            rotation_id: Uuid::nil(),
+            counter: 1,
+            previous_counter: 0,
+            receipt: Receipt { shard: 0, seq: 1 },
+            replayed: false,
+        })
+        .encode(Opcode::Rotate as u8, 1, &mut reply);
+        let last = reply.len() - 1;
+        reply[last] = 2;
+        assert!(Reply::decode(Opcode::Rotate, &reply[HEADER_LEN..]).is_err());
+    }
+
+    #[test]
     fn opcode_numbers_are_stable() {
         let expected = [
             (Opcode::Hello, 0x01),
@@ -1125,12 +1349,16 @@ mod tests {
             (Opcode::Seal, 0x05),
             (Opcode::Unseal, 0x06),
             (Opcode::SealStatus, 0x07),
+            (Opcode::Rotate, 0x08),
+            (Opcode::Suspend, 0x09),
+            (Opcode::Resume, 0x0A),
+            (Opcode::Retire, 0x0B),
         ];
         for (op, number) in expected {
             assert_eq!(op as u8, number);
             assert_eq!(Opcode::from_u8(number), Some(op));
         }
-        assert_eq!(Opcode::from_u8(0x08), None);
+        assert_eq!(Opcode::from_u8(0x0C), None);
         for (code, n) in [
             (SealStateCode::Unsealed, 1),
             (SealStateCode::ServingStale, 2),
@@ -1197,6 +1425,26 @@ mod tests {
                 }),
             ),
             (
+                Opcode::Rotate,
+                Reply::Rotated(Rotated {
+                    asset: Uuid::from_bytes([1; 16]),
+                    rotation_id: Uuid::from_bytes([2; 16]),
+                    counter: 8,
+                    previous_counter: 7,
+                    receipt: Receipt { shard: 1, seq: 99 },
+                    replayed: true,
+                }),
+            ),
+            (
+                Opcode::Retire,
+                Reply::Asset(AssetInfo {
+                    asset: Uuid::from_bytes([3; 16]),
+                    state: AssetState::Retired,
+                    counter: 8,
+                    shard: 0,
+                }),
+            ),
+            (
                 Opcode::Unseal,
                 Reply::Refused(Refusal {
                     status: Status::SeedMismatch,
@@ -1225,7 +1473,7 @@ mod tests {
     #[test]
     fn status_numbers_are_stable() {
         // Changing any of these breaks deployed clients: add new numbers instead.
-        let expected: [(Status, u16); 26] = [
+        let expected: [(Status, u16); 31] = [
             (Status::Ok, 0),
             (Status::UnsupportedVersion, 1),
             (Status::MalformedFrame, 2),
@@ -1237,10 +1485,15 @@ mod tests {
             (Status::InvalidRegion, 12),
             (Status::InvalidPurpose, 13),
             (Status::InvalidTtl, 14),
+            (Status::InvalidRotationId, 15),
             (Status::UnknownAsset, 20),
             (Status::AssetExists, 21),
             (Status::AssetSuspended, 22),
             (Status::AssetRetired, 23),
+            (Status::CounterMismatch, 24),
+            (Status::RotationIdReused, 25),
+            (Status::CounterExhausted, 26),
+            (Status::InvalidTransition, 27),
             (Status::Busy, 30),
             (Status::StoreUnavailable, 31),
             (Status::Sealed, 32),
@@ -1273,6 +1526,14 @@ mod tests {
         }
         .encode(6, &mut unseal);
         crate::testing::mutation_sweep(&unseal, 5_000, 5, 0x51ab1e, fuzz_decode);
+        let mut rotate = Vec::new();
+        Request::Rotate(RotateBody {
+            asset: Uuid::from_bytes([0x11; 16]),
+            rotation_id: Uuid::from_bytes([0x22; 16]),
+            expected_counter: Some(3),
+        })
+        .encode(8, &mut rotate);
+        crate::testing::mutation_sweep(&rotate, 5_000, 5, 0x707a7e, fuzz_decode);
         let mut reply = Vec::new();
         Reply::Seal(SealInfo {
             state: SealStateCode::Sealed,

@@ -27,7 +27,7 @@ fn postgres_store_needs_migrate_then_serves_and_survives_sigkill() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("version 1"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("version 2"));
     // Migrating again changes nothing.
     assert!(app.custodyd(&["migrate"]).status.success());
 
@@ -347,4 +347,57 @@ fn audit_partitions_are_made_ahead_and_remade_while_running() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+#[test]
+fn rotations_and_suspensions_are_durable_on_postgres_and_a_rotation_id_survives_a_restart() {
+    let Some(db) = PgDatabase::create("lifecycle") else {
+        return;
+    };
+    let mut app = TestAppliance::prepare_with(&format!(
+        "{}\n[policy]\noperators = [\"test-client\"]\n",
+        db.store_section()
+    ));
+    assert!(app.custodyd(&["migrate"]).status.success());
+    app.launch();
+    let (a, id) = (asset(4401), uuid::Uuid::new_v4());
+    let rt = runtime();
+    let first = rt.block_on(async {
+        let c = Client::connect(&app.client_config()).await.unwrap();
+        c.register(a).await.unwrap();
+        let r = c.rotate(a, id, None).await.unwrap();
+        c.rotate(a, uuid::Uuid::new_v4(), Some(1)).await.unwrap();
+        c.suspend(a).await.unwrap();
+        r
+    });
+    app.kill9();
+    app.launch();
+    rt.block_on(async {
+        let c = Client::connect(&app.client_config()).await.unwrap();
+        let s = c.status(a).await.unwrap();
+        assert_eq!((s.state, s.counter), (custody::lifecycle::AssetState::Suspended, 2));
+        let again = c.rotate(a, id, None).await.unwrap();
+        assert_eq!((again.counter, again.receipt, again.replayed), (1, first.receipt, true));
+        c.resume(a).await.unwrap();
+        let d = c.derive(derive_body(a, "m/44'/0'/0'/0'/1")).await.unwrap();
+        assert_eq!(d.counter, 2);
+    });
+    let events: Vec<(String, u64)> = db
+        .audit_rows()
+        .into_iter()
+        .filter(|r| r.3 == a)
+        .map(|r| (r.2, r.4))
+        .collect();
+    let expected: Vec<(String, u64)> = [
+        ("REGISTER", 0),
+        ("ROTATE", 1),
+        ("ROTATE", 2),
+        ("SUSPEND", 2),
+        ("RESUME", 2),
+        ("DERIVE", 2),
+    ]
+    .iter()
+    .map(|(e, c)| (e.to_string(), *c))
+    .collect();
+    assert_eq!(events, expected);
 }

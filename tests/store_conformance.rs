@@ -12,7 +12,7 @@ use custody::lifecycle::AssetState;
 use custody::router::shard_of;
 use custody::store::postgres::{self, PgConfig, PgStore};
 use custody::store::sqlite::{SqliteReader, SqliteStore};
-use custody::store::{AssetWrite, CommitBatch, Store, StoreError};
+use custody::store::{AssetWrite, CommitBatch, RotationWindow, Store, StoreError};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -78,7 +78,7 @@ impl Backend {
             ..admin.clone()
         };
         let c = postgres::connect(&config).await.unwrap();
-        assert_eq!(postgres::migrate(&c).await.unwrap(), 1);
+        assert_eq!(postgres::migrate(&c).await.unwrap(), 2);
         let ownership = postgres::acquire_ownership(&c, Uuid::new_v4(), config.owner_lease)
             .await
             .unwrap();
@@ -170,6 +170,7 @@ fn record(shard: u16, seq: u64, event: AuditEvent, asset: Uuid) -> AuditRecord {
         request_id: seq,
         ts_ms: 1_795_000_000_000 + seq,
         derive: None,
+        rotation_id: None,
     }
 }
 
@@ -183,6 +184,19 @@ fn register(shard: u16, seq: u64, asset: Uuid) -> CommitBatch {
             counter: 0,
             insert: true,
         }],
+    }
+}
+
+fn rotation_id() -> Uuid {
+    Uuid::parse_str("0b9f3c5e-8d1a-4f6b-9c2d-3e4f5a6b7c8d").unwrap()
+}
+
+fn write(asset: Uuid, state: AssetState, counter: u64) -> AssetWrite {
+    AssetWrite {
+        asset,
+        state,
+        counter,
+        insert: false,
     }
 }
 
@@ -230,17 +244,70 @@ async fn conformance(backend: Backend) {
         }
         // Still usable after a refusal.
         s1.commit(derive(1, 5..=5, a)).await.unwrap();
+
+        // Lifecycle: a rotation (with its id) and a suspension update the asset row.
+        let mut rotation = record(1, 6, AuditEvent::Rotate, a);
+        rotation.counter = 1;
+        rotation.rotation_id = Some(rotation_id());
+        let mut suspension = record(1, 7, AuditEvent::Suspend, a);
+        suspension.counter = 1;
+        suspension.state = AssetState::Suspended;
+        s1.commit(CommitBatch {
+            shard: 1,
+            records: vec![rotation],
+            asset_writes: vec![write(a, AssetState::Active, 1)],
+        })
+        .await
+        .unwrap();
+        s1.commit(CommitBatch {
+            shard: 1,
+            records: vec![suspension],
+            asset_writes: vec![write(a, AssetState::Suspended, 1)],
+        })
+        .await
+        .unwrap();
+        // A counter moving backward (I2), or an update of an asset that does not exist,
+        // fails the whole batch: no record, no sequence step.
+        for bad in [write(a, AssetState::Active, 0), write(Uuid::new_v4(), AssetState::Active, 3)] {
+            let refused = s1
+                .commit(CommitBatch {
+                    shard: 1,
+                    records: vec![record(1, 8, AuditEvent::Resume, a)],
+                    asset_writes: vec![bad.clone()],
+                })
+                .await;
+            assert!(refused.is_err(), "{bad:?} was committed");
+        }
     }
     // Restart: a new store instance sees exactly what was committed.
     let store = backend.open();
     let s1 = store.open_shard(1, 2).load().await.unwrap();
-    assert_eq!(s1.last_seq, 5);
+    assert_eq!(s1.last_seq, 7);
     assert_eq!(
         s1.assets.iter().map(|x| x.asset).collect::<Vec<_>>(),
         vec![a]
     );
-    assert_eq!(s1.assets[0].state, AssetState::Active);
-    assert_eq!(s1.assets[0].counter, 0);
+    assert_eq!(s1.assets[0].state, AssetState::Suspended);
+    assert_eq!(s1.assets[0].counter, 1);
+    assert_eq!(s1.rotations.len(), 1);
+    let r = s1.rotations[0];
+    assert_eq!((r.rotation_id, r.asset, r.counter, r.seq), (rotation_id(), a, 1, 6));
+    // The window: nothing newer than an hour from now, and at most `max`.
+    let later = store
+        .open_shard(1, 2)
+        .load_with(RotationWindow {
+            since_ms: custody::audit::now_ms() + 3_600_000,
+            max: 10,
+        })
+        .await
+        .unwrap();
+    assert!(later.rotations.is_empty());
+    let none = store
+        .open_shard(1, 2)
+        .load_with(RotationWindow { since_ms: 0, max: 0 })
+        .await
+        .unwrap();
+    assert!(none.rotations.is_empty());
     let s0 = store.open_shard(0, 2).load().await.unwrap();
     assert_eq!((s0.last_seq, s0.assets.len()), (1, 1));
     drop(store);
@@ -253,6 +320,8 @@ async fn conformance(backend: Backend) {
         (1, 3, "DERIVE".into(), a, 0),
         (1, 4, "DERIVE".into(), a, 0),
         (1, 5, "DERIVE".into(), a, 0),
+        (1, 6, "ROTATE".into(), a, 1),
+        (1, 7, "SUSPEND".into(), a, 1),
     ];
     assert_eq!(audit, expected);
     backend.drop_database().await;
@@ -269,6 +338,80 @@ fn postgres_conforms() {
         if let Some(backend) = Backend::postgres().await {
             conformance(backend).await;
         }
+    });
+}
+
+#[test]
+fn postgres_version_1_migrates_to_2_keeping_every_row() {
+    run(async {
+        let Ok(url) = std::env::var("CUSTODY_TEST_DATABASE_URL") else {
+            assert!(std::env::var("CUSTODY_REQUIRE_SERVICES").as_deref() != Ok("1"));
+            return;
+        };
+        let admin = common::PgDatabase::parse_url(&url);
+        let name = format!("custody_v1_{}", std::process::id());
+        let a = postgres::connect(&admin).await.unwrap();
+        for sql in [
+            format!("DROP DATABASE IF EXISTS {name}"),
+            format!("CREATE DATABASE {name}"),
+        ] {
+            a.batch_execute(&sql).await.unwrap();
+        }
+        let config = PgConfig {
+            dbname: name.clone(),
+            ..admin.clone()
+        };
+        let c = postgres::connect(&config).await.unwrap();
+        c.batch_execute(&format!(
+            "BEGIN; {}; COMMIT;",
+            include_str!("../appliance/sql/postgres/0001_init.sql")
+        ))
+        .await
+        .unwrap();
+        c.batch_execute(
+            "INSERT INTO custody_keys VALUES ('6ba7b810-9dad-11d1-80b4-00c04fd430c8', 'ACTIVE', 4, now(), now());
+             INSERT INTO custody_shard_seq VALUES (0, 1);
+             INSERT INTO custody_audit_log (shard, seq, logged_at, event, asset_id, counter,
+                 state_at_event, requester, request_id)
+             VALUES (0, 1, now(), 'DERIVE', '6ba7b810-9dad-11d1-80b4-00c04fd430c8', 4, 'ACTIVE', 'old', 9);",
+        )
+        .await
+        .unwrap();
+        assert_eq!(postgres::schema_version(&c).await.unwrap(), 1);
+        assert_eq!(postgres::migrate(&c).await.unwrap(), 2);
+        assert_eq!(
+            postgres::audit_rows(&c).await.unwrap(),
+            vec![(
+                0,
+                1,
+                "DERIVE".to_owned(),
+                Uuid::parse_str("6ba7b810-9dad-11d1-80b4-00c04fd430c8").unwrap(),
+                4
+            )]
+        );
+        let nulls: i64 = c
+            .query_one(
+                "SELECT count(*) FROM custody_audit_log WHERE rotation_id IS NULL",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(nulls, 1);
+        // The new events are allowed now; migrating again changes nothing.
+        c.batch_execute(
+            "INSERT INTO custody_audit_log (shard, seq, logged_at, event, asset_id, counter,
+                 state_at_event, requester, request_id, rotation_id)
+             VALUES (0, 2, now(), 'ROTATE', '6ba7b810-9dad-11d1-80b4-00c04fd430c8', 5, 'ACTIVE', 'op', 1,
+                 '0b9f3c5e-8d1a-4f6b-9c2d-3e4f5a6b7c8d')",
+        )
+        .await
+        .unwrap();
+        assert_eq!(postgres::migrate(&c).await.unwrap(), 2);
+        drop(c);
+        let _ = a
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .await;
     });
 }
 

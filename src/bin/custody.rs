@@ -5,6 +5,8 @@
 //! custody [CONNECTION] register ASSET_ID
 //! custody [CONNECTION] status ASSET_ID
 //! custody [CONNECTION] derive ASSET_ID --path PATH --region REGION --purpose PURPOSE --ttl SECONDS
+//! custody [CONNECTION] rotate ASSET_ID [--rotation-id UUID] [--expect-counter N]
+//! custody [CONNECTION] suspend | resume | retire ASSET_ID
 //! custody [CONNECTION] seal | unseal [--share-file FILE] [--reset] | seal-status
 //! custody dev-certs DIR [--client-cn NAME]
 //! custody dev-seed FILE
@@ -34,6 +36,14 @@ const USAGE: &str = "usage:
   custody [CONNECTION] derive ASSET_ID --path \"m/44'/0'/0'/0'/7\" --region US-EAST --purpose TRADING --ttl 300
   custody dev-certs DIR [--client-cn NAME]   write a development CA, server and client certificate
   custody dev-seed FILE                      write a random development seed (NOT for production)
+  custody [CONNECTION] rotate ASSET_ID [--rotation-id UUID] [--expect-counter N]
+                         operator: move the asset's counter forward by one (a new key);
+                         the rotation id (printed; a new one unless given) makes a retry
+                         safe: the same id again answers the first result; with
+                         --expect-counter it rotates only from that counter
+  custody [CONNECTION] suspend ASSET_ID      operator: stop derivations of the asset
+  custody [CONNECTION] resume ASSET_ID       operator: serve a suspended asset again
+  custody [CONNECTION] retire ASSET_ID       admin: retire the asset for good (STATUS only)
   custody [CONNECTION] seal-status           the appliance's seal state (and unseal progress)
   custody [CONNECTION] seal                  admin: drop the unsealed seed at once
   custody [CONNECTION] unseal [--share-file FILE] [--reset]
@@ -102,6 +112,8 @@ struct Args {
     asset: Option<String>,
     counter: Option<u64>,
     write_seed: Option<PathBuf>,
+    rotation_id: Option<String>,
+    expect_counter: Option<u64>,
 }
 
 fn parse_args() -> anyhow::Result<Option<Args>> {
@@ -136,6 +148,8 @@ fn parse_args() -> anyhow::Result<Option<Args>> {
             Long("asset") => a.asset = Some(p.value()?.string()?),
             Long("counter") => a.counter = Some(p.value()?.parse()?),
             Long("write-seed") => a.write_seed = Some(p.value()?.into()),
+            Long("rotation-id") => a.rotation_id = Some(p.value()?.string()?),
+            Long("expect-counter") => a.expect_counter = Some(p.value()?.parse()?),
             Long("help") | Short('h') => {
                 println!("{USAGE}");
                 return Ok(None);
@@ -192,7 +206,8 @@ fn real_main() -> anyhow::Result<i32> {
         }
         "init" => init(&args),
         "recover" => recover(&args),
-        "hello" | "register" | "status" | "derive" | "seal" | "unseal" | "seal-status" => {
+        "hello" | "register" | "status" | "derive" | "seal" | "unseal" | "seal-status"
+        | "rotate" | "suspend" | "resume" | "retire" => {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
@@ -506,6 +521,49 @@ async fn client_command(command: &str, args: &Args) -> anyhow::Result<i32> {
             .await
             .map(|s| seal_text(&s, args.json)),
         "seal" => client.seal().await.map(|s| seal_text(&s, args.json)),
+        "suspend" => client
+            .suspend(asset_arg(args)?)
+            .await
+            .map(|a| asset_text(&a, args.json, "suspended")),
+        "resume" => client
+            .resume(asset_arg(args)?)
+            .await
+            .map(|a| asset_text(&a, args.json, "resumed")),
+        "retire" => client
+            .retire(asset_arg(args)?)
+            .await
+            .map(|a| asset_text(&a, args.json, "retired")),
+        "rotate" => {
+            let asset = asset_arg(args)?;
+            let rotation_id = match &args.rotation_id {
+                Some(text) => Uuid::parse_str(text)
+                    .with_context(|| format!("--rotation-id {text:?} is not a UUID"))?,
+                None => Uuid::new_v4(),
+            };
+            if args.rotation_id.is_none() && !args.json {
+                // Printed first, so a retry after a lost answer can reuse it.
+                eprintln!("rotation id {rotation_id} (pass it as --rotation-id to retry safely)");
+            }
+            client
+                .rotate(asset, rotation_id, args.expect_counter)
+                .await
+                .map(|r| {
+                    if args.json {
+                        serde_json::to_string_pretty(&r).unwrap_or_default()
+                    } else {
+                        format!(
+                            "{}: asset {} counter {} -> {} (rotation {}, receipt shard {} seq {})",
+                            if r.replayed { "already rotated" } else { "rotated" },
+                            r.asset,
+                            r.previous_counter,
+                            r.counter,
+                            r.rotation_id,
+                            r.receipt.shard,
+                            r.receipt.seq
+                        )
+                    }
+                })
+        }
         "unseal" => unseal(&client, args).await?,
         _ => unreachable!("dispatched above"),
     };

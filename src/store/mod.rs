@@ -23,7 +23,7 @@ use std::pin::Pin;
 use uuid::Uuid;
 
 /// Version of the schema this build writes. A store with a newer schema is refused.
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// Errors of the store layer.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -79,12 +79,42 @@ pub struct StoredAsset {
     pub counter: u64,
 }
 
-/// What a shard needs at start-up: its assets and where its audit sequence stands.
+/// A committed rotation, as a shard reloads it to recognise its id when it comes again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RecentRotation {
+    pub rotation_id: Uuid,
+    pub asset: Uuid,
+    /// The counter the rotation set.
+    pub counter: u64,
+    pub seq: u64,
+    pub ts_ms: u64,
+}
+
+/// Which committed rotations a shard reloads at start-up: those since `since_ms` (Unix
+/// milliseconds), at most the `max` most recent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RotationWindow {
+    pub since_ms: u64,
+    pub max: usize,
+}
+
+impl RotationWindow {
+    /// Every rotation, up to 100,000 of the newest (tests and tools).
+    pub const ALL: RotationWindow = RotationWindow {
+        since_ms: 0,
+        max: 100_000,
+    };
+}
+
+/// What a shard needs at start-up: its assets, where its audit sequence stands, and its
+/// recent rotations.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ShardSnapshot {
     pub assets: Vec<StoredAsset>,
     /// The highest sequence number committed for this shard (0 if none).
     pub last_seq: u64,
+    /// The rotations inside the requested window, oldest first.
+    pub rotations: Vec<RecentRotation>,
 }
 
 /// A future that stays on the executor that created it.
@@ -92,8 +122,16 @@ pub type LocalFuture<T> = Pin<Box<dyn Future<Output = T> + 'static>>;
 
 /// A shard's handle on the store. Lives on the shard's core.
 pub trait ShardStore {
-    /// Loads the assets this shard owns and its last audit sequence number.
-    fn load(&self) -> LocalFuture<Result<ShardSnapshot, StoreError>>;
+    /// Loads the assets this shard owns, its last audit sequence number and its
+    /// rotations inside `rotations`.
+    fn load_with(
+        &self,
+        rotations: RotationWindow,
+    ) -> LocalFuture<Result<ShardSnapshot, StoreError>>;
+    /// [`ShardStore::load_with`] the rotations of [`RotationWindow::ALL`].
+    fn load(&self) -> LocalFuture<Result<ShardSnapshot, StoreError>> {
+        self.load_with(RotationWindow::ALL)
+    }
     /// Commits a batch durably; `Ok` only once the transaction is on disk.
     fn commit(&self, batch: CommitBatch) -> LocalFuture<Result<(), StoreError>>;
 }

@@ -10,7 +10,8 @@
 
 use super::pg_tls::{PgTls, SslMode};
 use super::{
-    CommitBatch, LocalFuture, ShardSnapshot, ShardStore, Store, StoreError, StoredAsset,
+    CommitBatch, LocalFuture, RecentRotation, RotationWindow, ShardSnapshot, ShardStore, Store,
+    StoreError, StoredAsset,
     SCHEMA_VERSION,
 };
 use crate::lifecycle::AssetState;
@@ -26,7 +27,10 @@ use std::time::Duration;
 use tokio_postgres::{Client, NoTls, Statement};
 use uuid::Uuid;
 
-const MIGRATIONS: [&str; 1] = [include_str!("../../appliance/sql/postgres/0001_init.sql")];
+const MIGRATIONS: [&str; 2] = [
+    include_str!("../../appliance/sql/postgres/0001_init.sql"),
+    include_str!("../../appliance/sql/postgres/0002_lifecycle.sql"),
+];
 
 /// A connection (and its first queries) slower than this counts as failed.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -425,7 +429,10 @@ struct Session {
 
 /// A whole batch in one statement, hence one implicit transaction and one round trip:
 /// move the shard's sequence row forward only if the batch continues it, and insert the
-/// records and registrations only if it did. The counts say which happened.
+/// records and registrations and apply the lifecycle updates only if it did. The counts
+/// say which happened. An update that would move a counter backward (I2) matches no row,
+/// and then the statement raises an error, so nothing of the batch is kept. (The shard
+/// sends at most one write per asset per batch.)
 const COMMIT_BATCH_SQL: &str = "\
 WITH own AS (
     SELECT 1 FROM custody_owner WHERE id = 1 AND token = $20 FOR SHARE
@@ -436,14 +443,15 @@ WITH own AS (
 ), audit AS (
     INSERT INTO custody_audit_log (shard, seq, logged_at, event, asset_id, counter,
         state_at_event, requester, request_id, derivation_path, purpose, region, ttl_s,
-        scheme_version)
+        scheme_version, rotation_id)
     SELECT $1, u.seq, to_timestamp(u.ts_ms / 1000.0), u.event, u.asset_id, u.counter,
-        u.state, u.requester, u.request_id, u.path, u.purpose, u.region, u.ttl_s, u.scheme
+        u.state, u.requester, u.request_id, u.path, u.purpose, u.region, u.ttl_s, u.scheme,
+        u.rotation_id
     FROM unnest($4::bigint[], $5::bigint[], $6::text[], $7::uuid[], $8::bigint[],
         $9::text[], $10::text[], $11::bigint[], $12::text[], $13::text[], $14::text[],
-        $15::integer[], $16::smallint[])
+        $15::integer[], $16::smallint[], $21::uuid[])
         AS u(seq, ts_ms, event, asset_id, counter, state, requester, request_id, path,
-             purpose, region, ttl_s, scheme)
+             purpose, region, ttl_s, scheme, rotation_id)
     WHERE EXISTS (SELECT 1 FROM adv)
     RETURNING 1
 ), keys AS (
@@ -452,9 +460,21 @@ WITH own AS (
     FROM unnest($17::uuid[], $18::text[], $19::bigint[]) AS k(asset_id, state, counter)
     WHERE EXISTS (SELECT 1 FROM adv)
     RETURNING 1
+), upd AS (
+    UPDATE custody_keys k SET state = w.state, derivation_counter = w.counter, updated_at = now()
+    FROM unnest($22::uuid[], $23::text[], $24::bigint[]) AS w(asset_id, state, counter)
+    WHERE k.asset_id = w.asset_id AND k.derivation_counter <= w.counter
+        AND EXISTS (SELECT 1 FROM adv)
+    RETURNING 1
 )
 SELECT (SELECT count(*) FROM adv), (SELECT count(*) FROM audit), (SELECT count(*) FROM keys),
-    (SELECT last_seq FROM custody_shard_seq WHERE shard = $1), (SELECT count(*) FROM own)";
+    (SELECT last_seq FROM custody_shard_seq WHERE shard = $1), (SELECT count(*) FROM own),
+    CASE WHEN (SELECT count(*) FROM adv) = 1 AND (SELECT count(*) FROM upd) <> cardinality($22::uuid[])
+        -- not a constant, so the planner cannot fold it: raised only when this branch runs
+        THEN ('custody: a lifecycle update matched ' || (SELECT count(*) FROM upd)
+            || ' asset rows, not ' || cardinality($22::uuid[])
+            || ' (missing asset or counter regression)')::integer
+        ELSE (SELECT count(*) FROM upd)::integer END";
 
 struct PgShardInner {
     config: PgConfig,
@@ -536,7 +556,7 @@ impl PgShardInner {
         }))
     }
 
-    async fn load(&self) -> Result<ShardSnapshot, StoreError> {
+    async fn load(&self, window: RotationWindow) -> Result<ShardSnapshot, StoreError> {
         let s = self.session().await?;
         if self.shard == 0 {
             ensure_partitions(&s.client).await?;
@@ -593,9 +613,43 @@ impl PgShardInner {
                 })?,
             });
         }
+        let since = i64::try_from(window.since_ms).unwrap_or(i64::MAX);
+        let max = i64::try_from(window.max).unwrap_or(i64::MAX);
+        let rows = s
+            .client
+            .query(
+                "SELECT rotation_id, asset_id, counter, seq, \
+                 (extract(epoch FROM logged_at) * 1000)::bigint \
+                 FROM custody_audit_log \
+                 WHERE shard = $1 AND event = 'ROTATE' \
+                 AND logged_at >= to_timestamp($2::bigint / 1000.0) \
+                 ORDER BY logged_at DESC, seq DESC LIMIT $3",
+                &[&shard, &since, &max],
+            )
+            .await
+            .map_err(pg_err)?;
+        let mut rotations = Vec::with_capacity(rows.len());
+        for row in rows.iter().rev() {
+            let rotation_id: Option<Uuid> = row.get(0);
+            let number = |i: usize| -> Result<u64, StoreError> {
+                let v: i64 = row.get(i);
+                u64::try_from(v)
+                    .map_err(|_| StoreError::Corrupt(format!("ROTATE record: column {i} is {v}")))
+            };
+            rotations.push(RecentRotation {
+                rotation_id: rotation_id.ok_or_else(|| {
+                    StoreError::Corrupt("ROTATE record without a rotation id".into())
+                })?,
+                asset: row.get(1),
+                counter: number(2)?,
+                seq: number(3)?,
+                ts_ms: number(4)?,
+            });
+        }
         Ok(ShardSnapshot {
             assets,
             last_seq: last.max(0) as u64,
+            rotations,
         })
     }
 
@@ -626,6 +680,7 @@ impl PgShardInner {
         let mut region: Vec<Option<&str>> = Vec::with_capacity(batch.records.len());
         let mut ttl: Vec<Option<i32>> = Vec::with_capacity(batch.records.len());
         let mut scheme: Vec<Option<i16>> = Vec::with_capacity(batch.records.len());
+        let mut rotation: Vec<Option<Uuid>> = Vec::with_capacity(batch.records.len());
         for r in &batch.records {
             seq.push(to_i64(r.seq, "seq")?);
             ts_ms.push(r.ts_ms as i64);
@@ -640,19 +695,22 @@ impl PgShardInner {
             region.push(r.derive.as_ref().map(|d| &*d.region));
             ttl.push(r.derive.as_ref().map(|d| d.ttl_s as i32));
             scheme.push(r.derive.as_ref().map(|d| i16::from(d.scheme_version)));
+            rotation.push(r.rotation_id);
         }
-        if batch.asset_writes.iter().any(|w| !w.insert) {
-            return Err(StoreError::Corrupt(
-                "asset updates are not supported by this schema version".into(),
-            ));
+        let (mut ids, mut states, mut counters) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut upd_ids, mut upd_states, mut upd_counters) = (Vec::new(), Vec::new(), Vec::new());
+        for w in &batch.asset_writes {
+            let counter = to_i64(w.counter, "counter")?;
+            if w.insert {
+                ids.push(w.asset);
+                states.push(w.state.name());
+                counters.push(counter);
+            } else {
+                upd_ids.push(w.asset);
+                upd_states.push(w.state.name());
+                upd_counters.push(counter);
+            }
         }
-        let ids: Vec<Uuid> = batch.asset_writes.iter().map(|w| w.asset).collect();
-        let states: Vec<&str> = batch.asset_writes.iter().map(|w| w.state.name()).collect();
-        let counters = batch
-            .asset_writes
-            .iter()
-            .map(|w| to_i64(w.counter, "counter"))
-            .collect::<Result<Vec<i64>, _>>()?;
         let row = s
             .client
             .query_one(
@@ -678,11 +736,16 @@ impl PgShardInner {
                     &states,
                     &counters,
                     &self.token,
+                    &rotation,
+                    &upd_ids,
+                    &upd_states,
+                    &upd_counters,
                 ],
             )
             .await
             .map_err(pg_err)?;
         let (advanced, audited, registered): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
+        let updated: i32 = row.get(5);
         let owner: i64 = row.get(4);
         if owner != 1 {
             (self.on_fenced)(format!(
@@ -699,12 +762,16 @@ impl PgShardInner {
                 found: first.seq,
             });
         }
-        if audited != batch.records.len() as i64 || registered != ids.len() as i64 {
+        if audited != batch.records.len() as i64
+            || registered != ids.len() as i64
+            || updated as usize != upd_ids.len()
+        {
             // Cannot happen inside one statement; refuse to call it committed if it does.
             return Err(StoreError::Corrupt(format!(
-                "batch wrote {audited} of {} records and {registered} of {} registrations",
+                "batch wrote {audited} of {} records, {registered} of {} registrations and {updated} of {} updates",
                 batch.records.len(),
-                ids.len()
+                ids.len(),
+                upd_ids.len()
             )));
         }
         Ok(())
@@ -712,9 +779,12 @@ impl PgShardInner {
 }
 
 impl ShardStore for PgShard {
-    fn load(&self) -> LocalFuture<Result<ShardSnapshot, StoreError>> {
+    fn load_with(
+        &self,
+        rotations: RotationWindow,
+    ) -> LocalFuture<Result<ShardSnapshot, StoreError>> {
         let inner = self.inner.clone();
-        Box::pin(async move { inner.load().await })
+        Box::pin(async move { inner.load(rotations).await })
     }
 
     fn commit(&self, batch: CommitBatch) -> LocalFuture<Result<(), StoreError>> {

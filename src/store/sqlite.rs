@@ -9,8 +9,8 @@
 
 use super::handoff::{completion, CommitQueue, Completer, SubmitError};
 use super::{
-    AssetWrite, CommitBatch, LocalFuture, ShardSnapshot, ShardStore, Store, StoreError,
-    StoredAsset, SCHEMA_VERSION,
+    AssetWrite, CommitBatch, LocalFuture, RecentRotation, RotationWindow, ShardSnapshot,
+    ShardStore, Store, StoreError, StoredAsset, SCHEMA_VERSION,
 };
 use crate::audit::AuditEvent;
 use crate::bounds;
@@ -26,13 +26,17 @@ use std::time::{Duration, Instant};
 const ACTIVE_SHARD_WINDOW: Duration = Duration::from_millis(5);
 use uuid::Uuid;
 
-const MIGRATIONS: [&str; 1] = [include_str!("../../appliance/sql/sqlite/0001_init.sql")];
+const MIGRATIONS: [&str; 2] = [
+    include_str!("../../appliance/sql/sqlite/0001_init.sql"),
+    include_str!("../../appliance/sql/sqlite/0002_lifecycle.sql"),
+];
 
 enum Job {
     Commit(CommitBatch, Completer<Result<(), StoreError>>),
     Load {
         shard: u16,
         shard_count: u16,
+        rotations: RotationWindow,
         done: Completer<Result<ShardSnapshot, StoreError>>,
     },
 }
@@ -201,11 +205,15 @@ fn submit_error(e: SubmitError<Job>) -> StoreError {
 }
 
 impl ShardStore for SqliteShard {
-    fn load(&self) -> LocalFuture<Result<ShardSnapshot, StoreError>> {
+    fn load_with(
+        &self,
+        rotations: RotationWindow,
+    ) -> LocalFuture<Result<ShardSnapshot, StoreError>> {
         let (done, pending) = completion();
         let submitted = self.queue.submit(Job::Load {
             shard: self.shard,
             shard_count: self.shard_count,
+            rotations,
             done,
         });
         Box::pin(async move {
@@ -328,9 +336,10 @@ fn commit_thread(mut conn: Connection, queue: CommitQueue<Job>, linger: Duration
                 Job::Load {
                     shard,
                     shard_count,
+                    rotations,
                     done,
                 } => {
-                    let snapshot = load_shard(&conn, shard, shard_count);
+                    let snapshot = load_shard(&conn, shard, shard_count, rotations);
                     if let Ok(s) = &snapshot {
                         committed_seq.insert(shard, s.last_seq);
                     }
@@ -401,8 +410,8 @@ fn write_batches<'a>(
             .prepare_cached(
                 "INSERT INTO custody_audit_log (shard, seq, event, asset_id, counter, \
                  state_at_event, requester, request_id, ts_ms, derivation_path, purpose, \
-                 region, ttl_s, scheme_version) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+                 region, ttl_s, scheme_version, rotation_id) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
             )
             .map_err(sql_err)?;
         let mut insert_key = tx
@@ -437,6 +446,7 @@ fn write_batches<'a>(
                         r.derive.as_ref().map(|d| &*d.region),
                         r.derive.as_ref().map(|d| d.ttl_s),
                         r.derive.as_ref().map(|d| d.scheme_version),
+                        r.rotation_id.map(|id| id.hyphenated().to_string()),
                     ])
                     .map_err(sql_err)?;
             }
@@ -475,6 +485,7 @@ fn load_shard(
     conn: &Connection,
     shard: u16,
     shard_count: u16,
+    window: RotationWindow,
 ) -> Result<ShardSnapshot, StoreError> {
     let mut stmt = conn
         .prepare_cached("SELECT asset_id, state, derivation_counter FROM custody_keys")
@@ -490,7 +501,49 @@ fn load_shard(
     Ok(ShardSnapshot {
         assets,
         last_seq: last_seq(conn, shard)?,
+        rotations: recent_rotations(conn, shard, window)?,
     })
+}
+
+/// The shard's rotations since `window.since_ms`, at most `window.max` of the newest,
+/// oldest first (through the partial index on ROTATE records).
+fn recent_rotations(
+    conn: &Connection,
+    shard: u16,
+    window: RotationWindow,
+) -> Result<Vec<RecentRotation>, StoreError> {
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT rotation_id, asset_id, counter, seq, ts_ms FROM custody_audit_log \
+             WHERE shard = ?1 AND event = 'ROTATE' AND ts_ms >= ?2 \
+             ORDER BY ts_ms DESC, seq DESC LIMIT ?3",
+        )
+        .map_err(sql_err)?;
+    let since = i64::try_from(window.since_ms).unwrap_or(i64::MAX);
+    let max = i64::try_from(window.max).unwrap_or(i64::MAX);
+    let mut rows = stmt.query(params![shard, since, max]).map_err(sql_err)?;
+    let mut out = Vec::new();
+    while let Some(row) = rows.next().map_err(sql_err)? {
+        let uuid = |i: usize| -> Result<Uuid, StoreError> {
+            let text: Option<String> = row.get(i).map_err(sql_err)?;
+            text.as_deref()
+                .and_then(|t| Uuid::parse_str(t).ok())
+                .ok_or_else(|| StoreError::Corrupt(format!("ROTATE record: column {i} is not a UUID")))
+        };
+        let number = |i: usize| -> Result<u64, StoreError> {
+            let v: i64 = row.get(i).map_err(sql_err)?;
+            u64::try_from(v).map_err(|_| StoreError::Corrupt(format!("ROTATE record: column {i} is {v}")))
+        };
+        out.push(RecentRotation {
+            rotation_id: uuid(0)?,
+            asset: uuid(1)?,
+            counter: number(2)?,
+            seq: number(3)?,
+            ts_ms: number(4)?,
+        });
+    }
+    out.reverse();
+    Ok(out)
 }
 
 fn stored_asset(row: &rusqlite::Row<'_>) -> Result<StoredAsset, StoreError> {
@@ -524,6 +577,7 @@ pub struct AuditRow {
     pub region: Option<String>,
     pub ttl_s: Option<u32>,
     pub scheme_version: Option<u8>,
+    pub rotation_id: Option<Uuid>,
 }
 
 /// Read-only access to a store file, for verification while or after the appliance runs.
@@ -564,8 +618,8 @@ impl SqliteReader {
             .conn
             .prepare(
                 "SELECT shard, seq, event, asset_id, counter, state_at_event, requester, \
-                 request_id, ts_ms, derivation_path, purpose, region, ttl_s, scheme_version \
-                 FROM custody_audit_log ORDER BY shard, seq",
+                 request_id, ts_ms, derivation_path, purpose, region, ttl_s, scheme_version, \
+                 rotation_id FROM custody_audit_log ORDER BY shard, seq",
             )
             .map_err(sql_err)?;
         let mut rows = stmt.query([]).map_err(sql_err)?;
@@ -603,6 +657,10 @@ fn audit_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<AuditRow> {
         region: row.get(11)?,
         ttl_s: row.get(12)?,
         scheme_version: row.get(13)?,
+        rotation_id: match row.get::<_, Option<String>>(14)? {
+            Some(text) => Some(Uuid::parse_str(&text).map_err(|e| bad(14, e.to_string()))?),
+            None => None,
+        },
     })
 }
 
@@ -625,6 +683,7 @@ mod tests {
             request_id: seq,
             ts_ms: 1,
             derive: None,
+            rotation_id: None,
         }
     }
 
@@ -724,6 +783,50 @@ mod tests {
             wal_max <= bound,
             "WAL grew to {wal_max} bytes (bound {bound})"
         );
+    }
+
+    #[test]
+    fn a_version_1_store_migrates_to_2_keeping_every_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v1.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(MIGRATIONS[0]).unwrap();
+            conn.pragma_update(None, "user_version", 1).unwrap();
+            conn.execute_batch(
+                "INSERT INTO custody_keys VALUES ('6ba7b810-9dad-11d1-80b4-00c04fd430c8', 'ACTIVE', 4, 1, 1);
+                 INSERT INTO custody_audit_log (shard, seq, event, asset_id, counter, state_at_event,
+                     requester, request_id, ts_ms, derivation_path, purpose, region, ttl_s, scheme_version)
+                 VALUES (0, 1, 'DERIVE', '6ba7b810-9dad-11d1-80b4-00c04fd430c8', 4, 'ACTIVE', 'old', 9, 5,
+                     'm/44''/0''/0''/0''/1', 'TRADING', 'US-EAST', 60, 1);",
+            )
+            .unwrap();
+            // Version 1 refuses the new events.
+            assert!(conn
+                .execute(
+                    "INSERT INTO custody_audit_log (shard, seq, event, asset_id, counter, state_at_event, requester, request_id, ts_ms) VALUES (0, 2, 'ROTATE', 'x', 5, 'ACTIVE', 'r', 1, 6)",
+                    [],
+                )
+                .is_err());
+        }
+        drop(SqliteStore::open(&path, 1, Duration::ZERO).unwrap());
+        let reader = SqliteReader::open(&path).unwrap();
+        let rows = reader.audit_rows().unwrap();
+        assert_eq!(rows.len(), 1);
+        let r = &rows[0];
+        assert_eq!(
+            (r.seq, r.event, r.counter, r.requester.as_str(), r.rotation_id),
+            (1, AuditEvent::Derive, 4, "old", None)
+        );
+        assert_eq!(r.derivation_path.as_deref(), Some("m/44'/0'/0'/0'/1"));
+        let conn = Connection::open(&path).unwrap();
+        let version: u32 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        conn.execute(
+            "INSERT INTO custody_audit_log (shard, seq, event, asset_id, counter, state_at_event, requester, request_id, ts_ms, rotation_id) VALUES (0, 2, 'ROTATE', 'x', 5, 'ACTIVE', 'r', 1, 6, 'id')",
+            [],
+        )
+        .unwrap();
     }
 
     #[test]
