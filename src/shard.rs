@@ -1651,6 +1651,167 @@ mod tests {
         });
     }
 
+    /// One step of a generated lifecycle history.
+    #[derive(Clone, Debug)]
+    enum Step {
+        Derive(u8),
+        Rotate(u8, bool),
+        /// A rotation id used before (by any asset).
+        RotateAgain(u8),
+        Op(u8, LifecycleOp),
+        FailNextCommit,
+        /// Let outstanding batches commit before the next step.
+        Settle,
+    }
+
+    fn step() -> impl proptest::strategy::Strategy<Value = Step> {
+        use proptest::prelude::*;
+        let a = 0u8..2;
+        prop_oneof![
+            4 => a.clone().prop_map(Step::Derive),
+            2 => (a.clone(), any::<bool>()).prop_map(|(a, cas)| Step::Rotate(a, cas)),
+            1 => a.clone().prop_map(Step::RotateAgain),
+            1 => a.clone().prop_map(|a| Step::Op(a, LifecycleOp::Suspend)),
+            1 => a.clone().prop_map(|a| Step::Op(a, LifecycleOp::Resume)),
+            1 => (0u8..8).prop_filter_map("retire rarely", |n| (n == 0).then_some(Step::Op(n % 2, LifecycleOp::Retire))),
+            1 => Just(Step::FailNextCommit),
+            2 => Just(Step::Settle),
+        ]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+        /// Any history of derivations, rotations (new, repeated, compare-and-set),
+        /// transitions and failed commits, with operations in flight together, keeps I2 and
+        /// I3 in the committed log, answers OK only for what was committed, and leaves the
+        /// shard where the committed log says it is.
+        #[test]
+        fn lifecycle_histories_keep_i2_and_i3(steps in proptest::collection::vec(step(), 1..60)) {
+            run(async move {
+                let script = Rc::new(Script::default());
+                let mut l = limits();
+                l.pending_max = 64;
+                l.rotation_ids_max = 1000;
+                let s = shard(&script, l);
+                let assets = [asset(40), asset(41)];
+                for a in assets {
+                    s.execute(register(a)).await.unwrap();
+                }
+                let mut waiting: Vec<(Step, oneshot::Receiver<OpResult>)> = Vec::new();
+                let mut answers: Vec<(Step, OpResult)> = Vec::new();
+                let mut next_id = 1u128;
+                let mut used_ids: Vec<u128> = Vec::new();
+                for st in steps {
+                    let op = match &st {
+                        Step::Derive(a) => derive(assets[*a as usize]),
+                        Step::Rotate(a, cas) => {
+                            let id = next_id;
+                            next_id += 1;
+                            used_ids.push(id);
+                            let a = assets[*a as usize];
+                            let expected = if *cas { Some(state_of(&s, a).1) } else { None };
+                            rotate(a, id, expected)
+                        }
+                        Step::RotateAgain(a) => match used_ids.last() {
+                            Some(id) => rotate(assets[*a as usize], *id, None),
+                            None => continue,
+                        },
+                        Step::Op(a, op) => lifecycle(assets[*a as usize], *op),
+                        Step::FailNextCommit => {
+                            fail_next_commit(&script, "injected");
+                            continue;
+                        }
+                        Step::Settle => {
+                            for (st, rx) in waiting.drain(..) {
+                                answers.push((st, rx.await.unwrap()));
+                            }
+                            continue;
+                        }
+                    };
+                    match s.accept(op) {
+                        Ok(Accepted::Now(reply)) => answers.push((st, Ok(reply))),
+                        Ok(Accepted::AfterCommit(rx)) => waiting.push((st, rx)),
+                        Err(refusal) => answers.push((st, Err(refusal))),
+                    }
+                }
+                for (st, rx) in waiting.drain(..) {
+                    answers.push((st, rx.await.unwrap()));
+                }
+                let log: Vec<AuditRecord> = script
+                    .committed
+                    .borrow()
+                    .iter()
+                    .flat_map(|b| b.records.clone())
+                    .collect();
+                // Dense sequence numbers: nothing lost, nothing twice.
+                for (i, r) in log.iter().enumerate() {
+                    assert_eq!(r.seq, i as u64 + 1);
+                }
+                for a in assets {
+                    let mine: Vec<&AuditRecord> = log.iter().filter(|r| r.asset == a).collect();
+                    let (mut counter, mut state) = (0u64, AssetState::Active);
+                    for r in &mine {
+                        match r.event {
+                            AuditEvent::Register => {}
+                            // I2: each rotation moves the counter forward by exactly one.
+                            AuditEvent::Rotate => {
+                                assert_eq!(r.counter, counter + 1, "rotation at seq {}", r.seq);
+                                assert_eq!(state, AssetState::Active);
+                                counter = r.counter;
+                            }
+                            // I3: a derivation uses the counter of the last rotation before it,
+                            // and only while the asset serves.
+                            AuditEvent::Derive => {
+                                assert_eq!(r.counter, counter, "derivation at seq {}", r.seq);
+                                assert_eq!(state, AssetState::Active, "derivation at seq {}", r.seq);
+                            }
+                            AuditEvent::Suspend | AuditEvent::Resume | AuditEvent::Retire => {
+                                assert_eq!(r.counter, counter);
+                                let t = match r.event {
+                                    AuditEvent::Suspend => Transition::Suspend,
+                                    AuditEvent::Resume => Transition::Resume,
+                                    _ => Transition::Retire,
+                                };
+                                state = lifecycle::apply(state, t).expect("a legal transition");
+                                assert_eq!(r.state, state);
+                            }
+                        }
+                    }
+                    // The shard ends where its committed log says.
+                    assert_eq!(state_of(&s, a), (state, counter));
+                }
+                // OK answers are committed; each rotation id moved one counter at most once.
+                let mut rotations_by_id: HashMap<Uuid, u64> = HashMap::new();
+                for r in log.iter().filter(|r| r.event == AuditEvent::Rotate) {
+                    let id = r.rotation_id.expect("a ROTATE record has its id");
+                    assert!(rotations_by_id.insert(id, r.counter).is_none(), "id {id} rotated twice");
+                }
+                for (st, answer) in &answers {
+                    match answer {
+                        Ok(ShardReply::Derived { counter, receipt }) => {
+                            let r = &log[receipt.seq as usize - 1];
+                            assert_eq!((r.event, r.counter), (AuditEvent::Derive, *counter), "{st:?}");
+                        }
+                        Ok(ShardReply::Rotated(rot)) => {
+                            let r = &log[rot.receipt.seq as usize - 1];
+                            assert_eq!(
+                                (r.event, r.counter, r.rotation_id),
+                                (AuditEvent::Rotate, rot.counter, Some(rot.rotation_id)),
+                                "{st:?}"
+                            );
+                        }
+                        Ok(ShardReply::Asset(info)) => {
+                            let committed = log.iter().any(|r| r.asset == info.asset && r.state == info.state);
+                            assert!(committed, "{st:?} answered {info:?} without a record");
+                        }
+                        Err(_) => {}
+                    }
+                }
+            });
+        }
+    }
+
     #[test]
     fn a_late_commit_answers_store_unavailable_but_keeps_the_truth() {
         run(async {
