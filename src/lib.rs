@@ -12,7 +12,8 @@
 //! - [`policy`]: the field rules every request passes before it reaches a shard.
 //! - [`router`]: asset → shard hash, and the bounded mesh between cores.
 //! - [`shard`]: the owning core's registry, audit records and group commit.
-//! - [`lifecycle`]: asset states and their transitions.
+//! - [`lifecycle`]: asset states and their transitions (rotate, suspend, resume, retire
+//!   are applied by the owning shard and audited like derivations).
 //! - [`audit`]: the audit record of every acknowledged operation.
 //! - [`store`]: the durable store trait, the shard→commit-thread hand-off, SQLite, and
 //!   PostgreSQL driven on each core (with TLS, single owner, partitions).
