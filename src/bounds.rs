@@ -58,3 +58,6 @@ pub const SHARE_TEXT_BYTES_MAX: usize = 160;
 
 /// Most rotation ids one shard may be configured to remember.
 pub const ROTATION_IDS_PER_SHARD_CAP: usize = 10_000_000;
+
+/// Most rate-limit buckets one shard may be configured to keep.
+pub const RATE_LIMIT_BUCKETS_PER_SHARD_CAP: usize = 10_000_000;

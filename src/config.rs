@@ -144,6 +144,8 @@ pub struct Limits {
     pub rotation_id_retention: Duration,
     /// Most rotation ids each shard remembers (the oldest are forgotten first).
     pub rotation_ids_max_per_shard: u32,
+    /// Rate-limit buckets each shard keeps (one per active requester and asset).
+    pub rate_limit_buckets_per_shard: u32,
 }
 
 #[derive(Clone, Debug)]
@@ -151,8 +153,12 @@ pub struct Policy {
     pub regions: Vec<String>,
     /// Identities with the admin role: seal, unseal and retire (and what operators may).
     pub admins: Vec<String>,
-    /// Identities with the operator role: rotate, suspend and resume.
+    /// Identities with the operator role: register, rotate, suspend and resume.
     pub operators: Vec<String>,
+    /// Identities with the auditor role: status.
+    pub auditors: Vec<String>,
+    /// Every identity's roles and each role's rate limit, as the gate checks them.
+    pub access: crate::policy::AccessPolicy,
 }
 
 /// A key of the configuration: where it lives, its default, and what it means.
@@ -216,10 +222,15 @@ pub const KEYS: &[KeyDoc] = &[
     KeyDoc { key: "limits.max_pending_per_shard", default: "16384", doc: "requests a shard holds waiting for their commit; more are answered BUSY" },
     KeyDoc { key: "limits.max_assets_per_shard", default: "1000000", doc: "assets each shard's registry holds" },
     KeyDoc { key: "limits.rotation_id_retention_s", default: "86400", doc: "a rotation id is remembered this long: the same id sent again answers the first result instead of rotating again" },
+    KeyDoc { key: "limits.rate_limit", default: "\"100/60s\"", doc: "requests each requester may make on each asset, as <requests>/<seconds>s (GCRA: that many at once, then one per period/requests); policy.rate_limits overrides it per role" },
+    KeyDoc { key: "limits.rate_limit_buckets_per_shard", default: "100000", doc: "rate-limit buckets (requester, asset) each shard keeps; idle ones are dropped, and when all are busy a new caller is refused RATE_LIMITED" },
     KeyDoc { key: "limits.rotation_ids_max_per_shard", default: "100000", doc: "most rotation ids each shard remembers; past it the oldest are forgotten first" },
     KeyDoc { key: "policy.regions", default: "[\"US-EAST\", \"EU-WEST\", \"APAC\"]", doc: "compliance regions a derivation may name" },
     KeyDoc { key: "policy.admins", default: "[]", doc: "client identities with the admin role: `custody seal`, `custody unseal` and `custody retire` over the wire, and what operators may (none by default)" },
-    KeyDoc { key: "policy.operators", default: "[]", doc: "client identities with the operator role: `custody rotate`, `custody suspend` and `custody resume` (none by default)" },
+    KeyDoc { key: "policy.operators", default: "[]", doc: "client identities with the operator role: register, `custody rotate`, `custody suspend`, `custody resume`, and status (none by default)" },
+    KeyDoc { key: "policy.auditors", default: "[]", doc: "client identities with the auditor role: status (none by default)" },
+    KeyDoc { key: "policy.derivers", default: "[]", doc: "client identities with the deriver role, each `{ identity = \"…\", purposes = [\"TRADING\", …], regions = [\"US-EAST\", …] }`: it may derive only for those purposes and regions. An identity with no role is refused everything but HELLO and SEAL_STATUS" },
+    KeyDoc { key: "policy.rate_limits", default: "{}", doc: "per-role rate limits overriding limits.rate_limit, e.g. `{ auditor = \"10000/60s\" }`; roles: deriver, operator, admin, auditor" },
 ];
 
 impl Config {
@@ -634,7 +645,12 @@ pub fn resolve(table: &toml::Table, base_dir: &Path, file: &str) -> Result<Confi
 
     let admins = r.string_list("policy.admins", &[]);
     let operators = r.string_list("policy.operators", &[]);
-    for (key, names) in [("policy.admins", &admins), ("policy.operators", &operators)] {
+    let auditors = r.string_list("policy.auditors", &[]);
+    for (key, names) in [
+        ("policy.admins", &admins),
+        ("policy.operators", &operators),
+        ("policy.auditors", &auditors),
+    ] {
         if let Some(list) = names {
             for (i, name) in list.iter().enumerate() {
                 if name.is_empty() || list[..i].contains(name) {
@@ -643,6 +659,42 @@ pub fn resolve(table: &toml::Table, base_dir: &Path, file: &str) -> Result<Confi
             }
         }
     }
+
+    let default_limit = match r.string("limits.rate_limit", "100/60s") {
+        Some(text) => match crate::ratelimit::RateLimit::parse(&text) {
+            Ok(l) => Some(l),
+            Err(e) => r.problem("limits.rate_limit", e),
+        },
+        None => None,
+    };
+    let buckets = r.int(
+        "limits.rate_limit_buckets_per_shard",
+        100_000,
+        1,
+        bounds::RATE_LIMIT_BUCKETS_PER_SHARD_CAP as i64,
+    );
+    let role_limits = r.rate_limits("policy.rate_limits", default_limit);
+    let derivers = r.derivers("policy.derivers", regions.as_deref().unwrap_or(&[]));
+    let access = match (&admins, &operators, &auditors, derivers, role_limits) {
+        (Some(admins), Some(operators), Some(auditors), Some(derivers), Some(limits)) => {
+            let mut grants: std::collections::HashMap<String, crate::policy::Grants> =
+                std::collections::HashMap::new();
+            for (identity, d) in derivers {
+                grants.entry(identity).or_default().deriver = Some(d);
+            }
+            for a in admins {
+                grants.entry(a.clone()).or_default().admin = true;
+            }
+            for o in operators {
+                grants.entry(o.clone()).or_default().operator = true;
+            }
+            for a in auditors {
+                grants.entry(a.clone()).or_default().auditor = true;
+            }
+            Some(crate::policy::AccessPolicy::new(grants, limits))
+        }
+        _ => None,
+    };
 
     r.unknown_keys();
 
@@ -711,6 +763,9 @@ pub fn resolve(table: &toml::Table, base_dir: &Path, file: &str) -> Result<Confi
         Some(regions),
         Some(admins),
         Some(operators),
+        Some(auditors),
+        Some(access),
+        Some(buckets),
         Some(rotation_retention),
         Some(rotation_ids_max),
         Some(stats_log_interval),
@@ -743,6 +798,9 @@ pub fn resolve(table: &toml::Table, base_dir: &Path, file: &str) -> Result<Confi
         regions,
         admins,
         operators,
+        auditors,
+        access,
+        buckets,
         rotation_retention,
         rotation_ids_max,
         stats_interval,
@@ -813,11 +871,14 @@ pub fn resolve(table: &toml::Table, base_dir: &Path, file: &str) -> Result<Confi
             max_assets_per_shard: assets_max as u64,
             rotation_id_retention: Duration::from_secs(rotation_retention as u64),
             rotation_ids_max_per_shard: rotation_ids_max as u32,
+            rate_limit_buckets_per_shard: buckets as u32,
         },
         policy: Policy {
             regions,
             admins,
             operators,
+            auditors,
+            access,
         },
     })
 }
@@ -918,6 +979,118 @@ impl Resolver<'_> {
                 format!("expected a list of strings, found {}", v.type_str()),
             ),
         }
+    }
+
+    /// `policy.rate_limits`: a table of role name → "<requests>/<seconds>s"; every role
+    /// not named gets `default` (in the order of [`crate::policy::Role::ALL`]).
+    fn rate_limits(
+        &mut self,
+        key: &'static str,
+        default: Option<crate::ratelimit::RateLimit>,
+    ) -> Option<[crate::ratelimit::RateLimit; 4]> {
+        use crate::policy::Role;
+        let default = default?;
+        let mut out = [default; 4];
+        let table = match self.raw(key).cloned() {
+            None => return Some(out),
+            Some(toml::Value::Table(t)) => t,
+            Some(v) => {
+                return self.problem(key, format!("expected a table of role = \"N/Ss\", found {}", v.type_str()))
+            }
+        };
+        let mut ok = true;
+        for (role, value) in table {
+            let Some(r) = Role::ALL.into_iter().find(|r| r.name() == role) else {
+                self.problem::<()>(key, format!("{role:?} is not a role (deriver, operator, admin, auditor)"));
+                ok = false;
+                continue;
+            };
+            match value.as_str().map(crate::ratelimit::RateLimit::parse) {
+                Some(Ok(l)) => out[r as usize] = l,
+                Some(Err(e)) => {
+                    self.problem::<()>(key, format!("{role}: {e}"));
+                    ok = false;
+                }
+                None => {
+                    self.problem::<()>(key, format!("{role}: expected a string like \"100/60s\""));
+                    ok = false;
+                }
+            }
+        }
+        ok.then_some(out)
+    }
+
+    /// `policy.derivers`: a list of `{ identity, purposes, regions }`; every purpose a
+    /// known one, every region a configured one, no identity twice.
+    fn derivers(
+        &mut self,
+        key: &'static str,
+        configured: &[String],
+    ) -> Option<Vec<(String, crate::policy::DeriverGrant)>> {
+        let items = match self.raw(key).cloned() {
+            None => return Some(Vec::new()),
+            Some(toml::Value::Array(items)) => items,
+            Some(v) => return self.problem(key, format!("expected a list of tables, found {}", v.type_str())),
+        };
+        let mut out: Vec<(String, crate::policy::DeriverGrant)> = Vec::new();
+        let mut ok = true;
+        for (i, item) in items.into_iter().enumerate() {
+            let at = format!("{key}[{i}]");
+            let Some(t) = item.as_table() else {
+                self.problem::<()>(&at, "expected a table { identity, purposes, regions }".into());
+                ok = false;
+                continue;
+            };
+            if let Some(extra) = t.keys().find(|k| !["identity", "purposes", "regions"].contains(&k.as_str())) {
+                self.problem::<()>(&at, format!("unknown field {extra:?} (identity, purposes, regions)"));
+                ok = false;
+            }
+            let identity = t.get("identity").and_then(|v| v.as_str()).unwrap_or("").to_owned();
+            if identity.is_empty() || out.iter().any(|(id, _)| *id == identity) {
+                self.problem::<()>(&at, format!("identity {identity:?}: missing, empty or listed twice"));
+                ok = false;
+            }
+            let strings = |field: &str| -> Option<Vec<String>> {
+                t.get(field)?.as_array()?.iter().map(|v| v.as_str().map(str::to_owned)).collect()
+            };
+            let mut purposes = Vec::new();
+            match strings("purposes") {
+                Some(list) if !list.is_empty() => {
+                    for name in list {
+                        match crate::policy::Purpose::from_name(&name) {
+                            Some(p) if !purposes.contains(&p) => purposes.push(p),
+                            Some(_) => {}
+                            None => {
+                                self.problem::<()>(&at, format!("purpose {name:?} is not TRADING, SETTLEMENT, AUDIT or BACKUP"));
+                                ok = false;
+                            }
+                        }
+                    }
+                }
+                _ => {
+                    self.problem::<()>(&at, "purposes: a non-empty list of purpose names is required".into());
+                    ok = false;
+                }
+            }
+            let regions = match strings("regions") {
+                Some(list) if !list.is_empty() => {
+                    for name in &list {
+                        if !configured.contains(name) {
+                            self.problem::<()>(&at, format!("region {name:?} is not in policy.regions"));
+                            ok = false;
+                        }
+                    }
+                    list
+                }
+                _ => {
+                    self.problem::<()>(&at, "regions: a non-empty list of configured regions is required".into());
+                    ok = false;
+                    Vec::new()
+                }
+            };
+            out.push((identity, crate::policy::DeriverGrant { purposes, regions }));
+        }
+        ok.then_some(out)
     }
 
     fn unknown_keys(&mut self) {
@@ -1136,6 +1309,49 @@ mod tests {
         let err = resolve(&parse(&bad, "t.toml").unwrap(), dir.path(), "t.toml").unwrap_err();
         assert_eq!(err.problems[0].key, "store.postgres_sslrootcert");
         assert!(err.problems[0].message.contains("no certificate"), "{err}");
+    }
+
+    #[test]
+    fn roles_and_rate_limits_resolve_into_the_access_policy() {
+        use crate::policy::{Need, Purpose};
+        let c = resolve_text(&format!(
+            "{MINIMAL}\n[limits]\nrate_limit = \"10/1s\"\n[policy]\nadmins = [\"root-ops\"]\nauditors = [\"audit\"]\nderivers = [{{ identity = \"svc\", purposes = [\"TRADING\"], regions = [\"APAC\"] }}]\nrate_limits = {{ auditor = \"500/60s\" }}\n"
+        ))
+        .unwrap();
+        let access = &c.policy.access;
+        let trading = Need::Derive { purpose: Purpose::Trading, region: "APAC" };
+        assert_eq!(access.authorize("svc", trading).unwrap().unwrap().to_string(), "10/1s");
+        assert_eq!(access.authorize("audit", Need::Status).unwrap().unwrap().to_string(), "500/60s");
+        assert!(access.authorize("svc", Need::Status).is_err());
+        assert!(access.authorize("root-ops", Need::Operator).is_ok());
+        assert!(access.authorize("nobody", Need::Anyone).is_ok());
+        assert_eq!(
+            access.authorize("nobody", trading).unwrap_err().reason,
+            crate::policy::DenyReason::NoRole
+        );
+
+        let err = resolve_text(&format!(
+            "{MINIMAL}\n[limits]\nrate_limit = \"lots\"\n[policy]\nderivers = [{{ identity = \"svc\", purposes = [\"GAMBLING\"], regions = [\"MARS\"], extra = 1 }}, {{ identity = \"svc\", purposes = [], regions = [\"APAC\"] }}]\nrate_limits = {{ janitor = \"1/1s\" }}\n"
+        ))
+        .unwrap_err();
+        let said = err.to_string();
+        for expected in [
+            "limits.rate_limit: \"lots\" is not <requests>/<seconds>s",
+            "policy.derivers[0]: unknown field \"extra\"",
+            "policy.derivers[0]: purpose \"GAMBLING\"",
+            "policy.derivers[0]: region \"MARS\" is not in policy.regions",
+            "policy.derivers[1]: identity \"svc\": missing, empty or listed twice",
+            "policy.derivers[1]: purposes: a non-empty list",
+        ] {
+            assert!(said.contains(expected), "{expected}\n{said}");
+        }
+        let err = resolve_text(&format!(
+            "{MINIMAL}\n[policy]\nrate_limits = {{ janitor = \"1/1s\", admin = \"0/1s\" }}\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("\"janitor\" is not a role"), "{err}");
+        assert!(err.contains("admin: \"0/1s\""), "{err}");
     }
 
     #[test]

@@ -38,6 +38,7 @@ pub mod lifecycle;
 pub mod locked;
 pub mod net;
 pub mod policy;
+pub mod ratelimit;
 pub mod router;
 pub mod seal;
 pub mod server;

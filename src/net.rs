@@ -9,11 +9,11 @@
 
 use crate::config::{IdentitySource, Limits};
 use crate::kdf::SCHEME_V1;
-use crate::policy::{check_asset_id, FieldRules};
+use crate::policy::{check_asset_id, AccessPolicy, Denied, DenyReason, FieldRules, Need};
 use crate::router::ShardRouter;
 use crate::seal::cache::{clock_ms, CoreKey, SealState, SeedCache};
 use crate::seal::shamir::ShareError;
-use crate::shard::{LifecycleOp, ShardOp, ShardReply};
+use crate::shard::{LifecycleOp, RateCheck, ShardOp, ShardReply};
 use crate::signal::LocalSignal;
 use crate::tls;
 use crate::wire::{
@@ -50,11 +50,10 @@ pub struct CoreContext {
     pub acceptor: futures_rustls::TlsAcceptor,
     pub hello: HelloInfo,
     pub connections: Cell<u32>,
-    /// Identities with the admin role (`policy.admins`): SEAL, UNSEAL, RETIRE, and what
-    /// operators may.
-    pub admins: Arc<[String]>,
-    /// Identities with the operator role (`policy.operators`): ROTATE, SUSPEND, RESUME.
-    pub operators: Arc<[String]>,
+    /// Who may do what, and at which rate (`[policy]`).
+    pub access: Arc<AccessPolicy>,
+    /// Requests the policy refused on this core, by [`DenyReason`] (for metrics).
+    pub denials: RefCell<[u64; 4]>,
     pub seal_provider: ProviderCode,
 }
 
@@ -267,8 +266,23 @@ async fn read_loop<S: AsyncRead + Unpin>(
     }
 }
 
-fn is_in(list: &[String], identity: &str) -> bool {
-    list.iter().any(|name| name == identity)
+/// A refusal by the policy: counted by reason, logged, answered FORBIDDEN.
+fn deny(
+    ctx: &CoreContext,
+    identity: &str,
+    outbox: &Outbox,
+    opcode: u8,
+    request_id: u64,
+    denied: Denied,
+) {
+    ctx.denials.borrow_mut()[denied.reason as usize] += 1;
+    match denied.reason {
+        DenyReason::Purpose | DenyReason::Region => {
+            tracing::debug!(%identity, opcode, reason = denied.reason.name(), "request denied")
+        }
+        _ => tracing::info!(%identity, opcode, reason = denied.reason.name(), "request denied"),
+    }
+    outbox.refuse(opcode, request_id, denied.refusal)
 }
 
 /// A rotation id must be an RFC 4122 UUID, as an asset id must.
@@ -308,19 +322,33 @@ fn dispatch(
             return outbox.refuse(opcode, request_id, Refusal::new(e.status(), e.to_string()))
         }
     };
+    // The policy gate: who may do this (an identity with no role only HELLO and
+    // SEAL_STATUS), then the fields, then (DERIVE) the deriver's purposes and regions.
+    let need = match &request {
+        Request::Hello | Request::SealStatus => Need::Anyone,
+        Request::Seal | Request::Unseal { .. } | Request::Retire { .. } => Need::Admin,
+        Request::Register { .. }
+        | Request::Rotate(_)
+        | Request::Suspend { .. }
+        | Request::Resume { .. } => Need::Operator,
+        Request::Status { .. } => Need::Status,
+        // Checked with its purpose and region once the fields are.
+        Request::Derive(_) => Need::Anyone,
+    };
+    let mut limit = match ctx.access.authorize(identity, need) {
+        Ok(limit) => limit,
+        Err(denied) => return deny(ctx, identity, outbox, opcode, request_id, denied),
+    };
+    if matches!(request, Request::Derive(_)) {
+        if let Err(denied) = ctx.access.require_a_role(identity) {
+            return deny(ctx, identity, outbox, opcode, request_id, denied);
+        }
+    }
     let op = match request {
         Request::Hello => return outbox.push(opcode, request_id, &Reply::Hello(ctx.hello)),
         Request::SealStatus => {
             let info = seal_info(ctx.key.cache(), ctx.seal_provider);
             return outbox.push(opcode, request_id, &Reply::Seal(info));
-        }
-        Request::Seal | Request::Unseal { .. } if !is_in(&ctx.admins, identity) => {
-            tracing::warn!(%identity, opcode, "seal operation refused: not an admin");
-            let refusal = Refusal::new(
-                Status::Forbidden,
-                format!("SEAL and UNSEAL need the admin role; {identity:?} is not in policy.admins"),
-            );
-            return outbox.refuse(opcode, request_id, refusal);
         }
         Request::Seal => {
             let cache = ctx.key.cache();
@@ -387,24 +415,6 @@ fn dispatch(
             },
             Err(refusal) => return outbox.refuse(opcode, request_id, refusal),
         },
-        Request::Rotate(_) | Request::Suspend { .. } | Request::Resume { .. }
-            if !is_in(&ctx.operators, identity) && !is_in(&ctx.admins, identity) =>
-        {
-            tracing::warn!(%identity, opcode, "lifecycle operation refused: not an operator");
-            let refusal = Refusal::new(
-                Status::Forbidden,
-                format!("ROTATE, SUSPEND and RESUME need the operator role; {identity:?} is not in policy.operators (or policy.admins)"),
-            );
-            return outbox.refuse(opcode, request_id, refusal);
-        }
-        Request::Retire { .. } if !is_in(&ctx.admins, identity) => {
-            tracing::warn!(%identity, "retire refused: not an admin");
-            let refusal = Refusal::new(
-                Status::Forbidden,
-                format!("RETIRE needs the admin role; {identity:?} is not in policy.admins"),
-            );
-            return outbox.refuse(opcode, request_id, refusal);
-        }
         Request::Rotate(body) => {
             if let Err(refusal) = check_asset_id(&body.asset) {
                 return outbox.refuse(opcode, request_id, refusal);
@@ -437,18 +447,32 @@ fn dispatch(
             }
         }
         Request::Derive(body) => match ctx.rules.check_derive(&body) {
-            // Sealed: refused before anything is audited.
-            Ok(_) if !ctx.key.serving() => {
-                return outbox.refuse(opcode, request_id, sealed_refusal(ctx.key.cache()))
+            Ok(request) => {
+                let need = Need::Derive {
+                    purpose: request.purpose,
+                    region: &request.region,
+                };
+                match ctx.access.authorize(identity, need) {
+                    Ok(l) => limit = l,
+                    Err(denied) => return deny(ctx, identity, outbox, opcode, request_id, denied),
+                }
+                // Sealed: refused before anything is audited.
+                if !ctx.key.serving() {
+                    return outbox.refuse(opcode, request_id, sealed_refusal(ctx.key.cache()));
+                }
+                ShardOp::Derive {
+                    request,
+                    requester: identity.clone(),
+                    request_id,
+                }
             }
-            Ok(request) => ShardOp::Derive {
-                request,
-                requester: identity.clone(),
-                request_id,
-            },
             Err(refusal) => return outbox.refuse(opcode, request_id, refusal),
         },
     };
+    let rate = limit.map(|limit| RateCheck {
+        requester: identity.clone(),
+        limit,
+    });
     if outbox.inflight.get() >= ctx.limits.max_inflight_per_connection {
         let mut refusal = Refusal::new(
             Status::Busy,
@@ -469,7 +493,7 @@ fn dispatch(
     let ctx = ctx.clone();
     let outbox = outbox.clone();
     glommio::spawn_local(async move {
-        match ctx.router.route(op).await {
+        match ctx.router.route(op, rate).await {
             Ok(ShardReply::Asset(info)) => outbox.push(opcode, request_id, &Reply::Asset(info)),
             Ok(ShardReply::Rotated(r)) => outbox.push(opcode, request_id, &Reply::Rotated(r)),
             Ok(ShardReply::Derived { counter, receipt }) => match derivation {

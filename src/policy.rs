@@ -5,6 +5,7 @@
 //! rate limits and the region switch build on it in the lifecycle-and-policy issue.
 
 use crate::kdf::{DerivationPath, PathError};
+pub use crate::ratelimit::RateLimit;
 use crate::wire::{DeriveBody, Refusal, Status};
 use std::sync::Arc;
 use uuid::{Uuid, Variant};
@@ -123,6 +124,209 @@ impl FieldRules {
             purpose,
             ttl_s: body.ttl_s,
         })
+    }
+}
+
+/// The roles of the policy. An identity may hold several.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Role {
+    /// DERIVE, within its purposes and regions.
+    Deriver,
+    /// REGISTER, ROTATE, SUSPEND, RESUME (and STATUS).
+    Operator,
+    /// RETIRE, SEAL, UNSEAL, and what an operator may.
+    Admin,
+    /// STATUS (reconciliation and audit reads come with the audit issue).
+    Auditor,
+}
+
+impl Role {
+    pub const ALL: [Role; 4] = [Role::Deriver, Role::Operator, Role::Admin, Role::Auditor];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Deriver => "deriver",
+            Role::Operator => "operator",
+            Role::Admin => "admin",
+            Role::Auditor => "auditor",
+        }
+    }
+}
+
+/// What a deriver may ask for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeriverGrant {
+    pub purposes: Vec<Purpose>,
+    pub regions: Vec<String>,
+}
+
+/// The roles one identity holds.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Grants {
+    pub deriver: Option<DeriverGrant>,
+    pub operator: bool,
+    pub admin: bool,
+    pub auditor: bool,
+}
+
+impl Grants {
+    fn any(&self) -> bool {
+        self.deriver.is_some() || self.operator || self.admin || self.auditor
+    }
+}
+
+/// What a request needs from the policy.
+#[derive(Clone, Copy, Debug)]
+pub enum Need<'a> {
+    /// HELLO and SEAL_STATUS: any authenticated client.
+    Anyone,
+    Derive {
+        purpose: Purpose,
+        region: &'a str,
+    },
+    /// REGISTER, ROTATE, SUSPEND, RESUME.
+    Operator,
+    /// RETIRE, SEAL, UNSEAL.
+    Admin,
+    /// STATUS.
+    Status,
+}
+
+/// Why the policy refused a request (the label of the denial counter).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DenyReason {
+    /// The identity holds no role at all.
+    NoRole,
+    /// It lacks the role the operation needs.
+    Role,
+    /// A deriver asked for a purpose it is not granted.
+    Purpose,
+    /// A deriver asked for a region it is not granted.
+    Region,
+}
+
+impl DenyReason {
+    pub const ALL: [DenyReason; 4] = [
+        DenyReason::NoRole,
+        DenyReason::Role,
+        DenyReason::Purpose,
+        DenyReason::Region,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            DenyReason::NoRole => "no_role",
+            DenyReason::Role => "role",
+            DenyReason::Purpose => "purpose",
+            DenyReason::Region => "region",
+        }
+    }
+}
+
+/// A refusal by the policy, with its reason for the counters.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Denied {
+    pub reason: DenyReason,
+    pub refusal: Refusal,
+}
+
+/// Identities, their roles, and each role's rate limit. Pure; built from the config.
+#[derive(Clone, Debug)]
+pub struct AccessPolicy {
+    grants: std::collections::HashMap<String, Grants>,
+    limits: [RateLimit; 4],
+}
+
+impl AccessPolicy {
+    /// `limits`: each role's rate limit, in the order of [`Role::ALL`].
+    pub fn new(grants: std::collections::HashMap<String, Grants>, limits: [RateLimit; 4]) -> AccessPolicy {
+        AccessPolicy { grants, limits }
+    }
+
+    pub fn grants(&self, identity: &str) -> Option<&Grants> {
+        self.grants.get(identity)
+    }
+
+    fn limit(&self, role: Role) -> RateLimit {
+        self.limits[role as usize]
+    }
+
+    /// Refuses an identity that holds no role (before its request's fields are looked at).
+    pub fn require_a_role(&self, identity: &str) -> Result<(), Denied> {
+        match self.grants.get(identity) {
+            Some(g) if g.any() => Ok(()),
+            _ => Err(Denied {
+                reason: DenyReason::NoRole,
+                refusal: Refusal::new(
+                    Status::Forbidden,
+                    format!("identity {identity:?} has no role in the policy (policy.derivers, operators, admins, auditors)"),
+                ),
+            }),
+        }
+    }
+
+    /// Whether `identity` may do what `need` says: the rate limit of the role that allows
+    /// it (`None` for what anyone may do), or why not.
+    pub fn authorize(&self, identity: &str, need: Need<'_>) -> Result<Option<RateLimit>, Denied> {
+        if let Need::Anyone = need {
+            return Ok(None);
+        }
+        let deny = |reason, message: String| Denied {
+            reason,
+            refusal: Refusal::new(Status::Forbidden, message),
+        };
+        self.require_a_role(identity)?;
+        let Some(g) = self.grants.get(identity) else {
+            return Err(deny(DenyReason::NoRole, format!("identity {identity:?} has no role")));
+        };
+        match need {
+            Need::Anyone => Ok(None),
+            Need::Derive { purpose, region } => {
+                let Some(d) = &g.deriver else {
+                    return Err(deny(
+                        DenyReason::Role,
+                        format!("DERIVE needs the deriver role; {identity:?} is not in policy.derivers"),
+                    ));
+                };
+                if !d.purposes.contains(&purpose) {
+                    return Err(deny(
+                        DenyReason::Purpose,
+                        format!("{identity:?} may not derive for purpose {} (granted: {})", purpose.name(),
+                            d.purposes.iter().map(|p| p.name()).collect::<Vec<_>>().join(", ")),
+                    ));
+                }
+                if !d.regions.iter().any(|r| r == region) {
+                    return Err(deny(
+                        DenyReason::Region,
+                        format!("{identity:?} may not derive in region {region} (granted: {})", d.regions.join(", ")),
+                    ));
+                }
+                Ok(Some(self.limit(Role::Deriver)))
+            }
+            Need::Operator if g.operator => Ok(Some(self.limit(Role::Operator))),
+            Need::Operator | Need::Admin if g.admin => Ok(Some(self.limit(Role::Admin))),
+            Need::Operator => Err(deny(
+                DenyReason::Role,
+                format!("this operation needs the operator role; {identity:?} is not in policy.operators (or policy.admins)"),
+            )),
+            Need::Admin => Err(deny(
+                DenyReason::Role,
+                format!("this operation needs the admin role; {identity:?} is not in policy.admins"),
+            )),
+            Need::Status => {
+                // The most generous limit among the roles that may read status.
+                [(g.auditor, Role::Auditor), (g.operator, Role::Operator), (g.admin, Role::Admin)]
+                    .into_iter()
+                    .filter(|(held, _)| *held)
+                    .map(|(_, role)| self.limit(role))
+                    .max_by_key(|l| u128::from(l.requests) * 1_000_000_000 / l.period.as_nanos().max(1))
+                    .map(Some)
+                    .ok_or_else(|| deny(
+                        DenyReason::Role,
+                        format!("STATUS needs the auditor, operator or admin role; {identity:?} holds none of them"),
+                    ))
+            }
+        }
     }
 }
 

@@ -9,7 +9,7 @@
 //! forwards the operation over the glommio channel mesh (bounded; a full channel answers
 //! BUSY) and awaits the reply the owner sends back on the same mesh.
 
-use crate::shard::{OpResult, Shard, ShardOp};
+use crate::shard::{OpResult, RateCheck, Shard, ShardOp};
 use crate::wire::{Refusal, Status};
 use glommio::channels::channel_mesh::{Receivers, Senders};
 use std::cell::{Cell, RefCell};
@@ -50,7 +50,12 @@ pub fn shard_of(asset: &Uuid, shard_count: u16) -> u16 {
 /// What travels between cores.
 #[derive(Debug)]
 pub enum MeshMsg {
-    Forward { from: u16, ticket: u64, op: ShardOp },
+    Forward {
+        from: u16,
+        ticket: u64,
+        op: ShardOp,
+        rate: Option<RateCheck>,
+    },
     Reply { ticket: u64, result: OpResult },
 }
 
@@ -83,10 +88,10 @@ impl ShardRouter {
     }
 
     /// Runs `op` on the shard that owns its asset.
-    pub async fn route(&self, op: ShardOp) -> OpResult {
+    pub async fn route(&self, op: ShardOp, rate: Option<RateCheck>) -> OpResult {
         let owner = shard_of(op.asset(), self.shard_count);
         if owner == self.shard.id() {
-            return self.shard.execute(op).await;
+            return self.shard.execute_limited(op, rate).await;
         }
         let Some(senders) = &self.senders else {
             return Err(Refusal::new(
@@ -102,6 +107,7 @@ impl ShardRouter {
             from: self.shard.id(),
             ticket,
             op,
+            rate,
         };
         if senders.try_send_to(owner as usize, msg).is_err() {
             self.waiting.borrow_mut().remove(&ticket);
@@ -145,10 +151,15 @@ impl ShardRouter {
                     let _ = tx.send(result);
                 }
             }
-            MeshMsg::Forward { from, ticket, op } => {
+            MeshMsg::Forward {
+                from,
+                ticket,
+                op,
+                rate,
+            } => {
                 let router = self.clone();
                 glommio::spawn_local(async move {
-                    let result = router.shard.execute(op).await;
+                    let result = router.shard.execute_limited(op, rate).await;
                     if let Some(senders) = &router.senders {
                         // Awaiting here is bounded by the requests the peer has in flight.
                         let _ = senders

@@ -263,6 +263,7 @@ async fn core_main(core: usize, setup: CoreSetup) -> Result<(), String> {
         assets_max: config.limits.max_assets_per_shard as usize,
         rotation_id_retention: config.limits.rotation_id_retention,
         rotation_ids_max: config.limits.rotation_ids_max_per_shard as usize,
+        rate_limit_buckets: config.limits.rate_limit_buckets_per_shard as usize,
     };
     let shard = Rc::new(Shard::new(shard_id, snapshot, limits, shard_store));
     let assets = shard.asset_count();
@@ -298,8 +299,8 @@ async fn core_main(core: usize, setup: CoreSetup) -> Result<(), String> {
             max_inflight_per_connection: config.limits.max_inflight_per_connection,
         },
         connections: Cell::new(0),
-        admins: config.policy.admins.clone().into(),
-        operators: config.policy.operators.clone().into(),
+        access: Arc::new(config.policy.access.clone()),
+        denials: Default::default(),
         seal_provider: match &config.seal {
             crate::config::SealConfig::Dev { .. } => ProviderCode::Dev,
             crate::config::SealConfig::Pkcs11 { .. } => ProviderCode::Pkcs11,

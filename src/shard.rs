@@ -37,6 +37,14 @@ pub enum ShardReply {
     Rotated(Rotated),
 }
 
+/// Who asks, and within which rate limit: the owning shard keeps a GCRA bucket per
+/// (requester, asset).
+#[derive(Clone, Debug)]
+pub struct RateCheck {
+    pub requester: Arc<str>,
+    pub limit: crate::ratelimit::RateLimit,
+}
+
 /// The largest counter an asset may reach: the stores keep it as a signed 64-bit integer.
 pub const COUNTER_MAX: u64 = i64::MAX as u64;
 
@@ -129,6 +137,8 @@ pub struct ShardLimits {
     pub rotation_id_retention: Duration,
     /// Most rotation ids remembered (oldest forgotten first).
     pub rotation_ids_max: usize,
+    /// Most rate-limit buckets kept.
+    pub rate_limit_buckets: usize,
 }
 
 /// A lifecycle operation accepted but not yet settled: what the asset looks like while
@@ -295,6 +305,10 @@ pub struct Shard {
     state: RefCell<ShardState>,
     kick: LocalSignal,
     commit_stats: RefCell<CommitStats>,
+    limiter: RefCell<crate::ratelimit::RateLimiter>,
+    /// The limiter's clock starts with the shard.
+    started: Instant,
+    rate_limited: std::cell::Cell<u64>,
 }
 
 /// Group-commit figures of one shard since they were last taken: batch sizes and commit
@@ -376,6 +390,7 @@ impl Shard {
             .into_iter()
             .map(|a| (a.asset, AssetEntry::new(a.state, a.counter, true)))
             .collect();
+        let buckets = limits.rate_limit_buckets;
         let mut rotations = RotationIndex::default();
         for r in &snapshot.rotations {
             rotations.load(r, &limits);
@@ -397,6 +412,9 @@ impl Shard {
             store,
             kick: LocalSignal::new(),
             commit_stats: RefCell::new(CommitStats::default()),
+            limiter: RefCell::new(crate::ratelimit::RateLimiter::new(buckets)),
+            started: Instant::now(),
+            rate_limited: std::cell::Cell::new(0),
         }
     }
 
@@ -416,6 +434,48 @@ impl Shard {
 
     pub fn asset_count(&self) -> usize {
         self.state.borrow().assets.len()
+    }
+
+    /// Requests refused by the rate limit so far (for metrics).
+    pub fn rate_limited(&self) -> u64 {
+        self.rate_limited.get()
+    }
+
+    /// [`Shard::execute`] after the (requester, asset) rate limit, if any.
+    pub async fn execute_limited(&self, op: ShardOp, rate: Option<RateCheck>) -> OpResult {
+        if let Some(rc) = rate {
+            let now_ns = self.started.elapsed().as_nanos() as u64;
+            let checked =
+                self.limiter
+                    .borrow_mut()
+                    .check(&rc.requester, *op.asset(), rc.limit, now_ns);
+            if let Err(limited) = checked {
+                self.rate_limited.set(self.rate_limited.get() + 1);
+                let (retry_after, message) = match limited {
+                    crate::ratelimit::Limited::Rate { retry_after } => (
+                        retry_after,
+                        format!(
+                            "{:?} is over its rate limit of {} on asset {}",
+                            &*rc.requester,
+                            rc.limit,
+                            op.asset()
+                        ),
+                    ),
+                    crate::ratelimit::Limited::Full { retry_after } => (
+                        retry_after,
+                        format!(
+                            "shard {} keeps its limit of rate-limit buckets (limits.rate_limit_buckets_per_shard), all busy",
+                            self.id
+                        ),
+                    ),
+                };
+                let mut refusal = Refusal::new(Status::RateLimited, message);
+                refusal.retry_after_ms =
+                    u32::try_from(retry_after.as_nanos().div_ceil(1_000_000)).unwrap_or(u32::MAX);
+                return Err(refusal);
+            }
+        }
+        self.execute(op).await
     }
 
     /// Runs an operation: refused at once, answered at once (status), or answered once
@@ -1231,6 +1291,7 @@ mod tests {
             assets_max: 10,
             rotation_id_retention: Duration::from_secs(3600),
             rotation_ids_max: 4,
+            rate_limit_buckets: 16,
         }
     }
 

@@ -355,8 +355,9 @@ fn rotations_and_suspensions_are_durable_on_postgres_and_a_rotation_id_survives_
         return;
     };
     let mut app = TestAppliance::prepare_with(&format!(
-        "{}\n[policy]\noperators = [\"test-client\"]\n",
-        db.store_section()
+        "{}\n[policy]\n{}",
+        db.store_section(),
+        common::TEST_ROLES
     ));
     assert!(app.custodyd(&["migrate"]).status.success());
     app.launch();

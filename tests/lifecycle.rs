@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{asset, derive_body, read_audit, runtime, TestAppliance};
+use common::{asset, derive_body, read_audit, runtime, TestAppliance, TEST_ROLES};
 use custody::audit::AuditEvent;
 use custody::client::{Client, ClientError};
 use custody::lifecycle::AssetState;
@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 fn operator_appliance(admins: &str) -> TestAppliance {
     TestAppliance::start_with(&format!(
-        "[policy]\noperators = [\"test-client\"]\nadmins = {admins}\n"
+        "[policy]\n{TEST_ROLES}admins = {admins}\n"
     ))
 }
 
@@ -220,7 +220,7 @@ fn suspend_resume_retire_with_their_roles_statuses_and_audit() {
     });
     // As an admin, through the CLI.
     app.kill9();
-    app.reconfigure("[policy]\nadmins = [\"test-client\"]\n");
+    app.reconfigure(&format!("[policy]\n{TEST_ROLES}admins = [\"test-client\"]\n"));
     app.launch();
     let (certs, addr) = (app.certs().display().to_string(), app.addr.to_string());
     let a_text = a.to_string();
@@ -277,21 +277,94 @@ fn suspend_resume_retire_with_their_roles_statuses_and_audit() {
 }
 
 #[test]
-fn an_identity_without_a_role_cannot_change_an_asset() {
-    let app = TestAppliance::start();
+fn the_gate_refuses_by_role_purpose_and_region_and_counts_on() {
+    // A deriver of TRADING in US-EAST only, and auditor: no operator role.
+    let app = TestAppliance::start_with(
+        "[policy]\nderivers = [{ identity = \"test-client\", purposes = [\"TRADING\"], regions = [\"US-EAST\"] }]\nauditors = [\"test-client\"]\n",
+    );
     let a = asset(7101);
     runtime().block_on(async {
         let c = Client::connect(&app.client_config()).await.unwrap();
-        c.register(a).await.unwrap();
         for e in [
+            c.register(a).await.unwrap_err(),
             c.rotate(a, uuid::Uuid::new_v4(), None).await.unwrap_err(),
             c.suspend(a).await.unwrap_err(),
             c.resume(a).await.unwrap_err(),
             c.retire(a).await.unwrap_err(),
+            c.seal().await.unwrap_err(),
         ] {
-            let status = status_of(e);
-            assert_eq!(status, Status::Forbidden);
+            assert_eq!(status_of(e), Status::Forbidden);
         }
-        assert_eq!(c.status(a).await.unwrap().counter, 0);
+        // The auditor reads status (of an asset nobody could register here).
+        assert_eq!(status_of(c.status(a).await.unwrap_err()), Status::UnknownAsset);
+        // Purpose and region outside the grant: FORBIDDEN, saying which.
+        let mut body = derive_body(a, "m/44'/0'/0'/0'/1");
+        body.purpose = custody::policy::Purpose::Settlement as u8;
+        let e = c.derive(body.clone()).await.unwrap_err();
+        assert_eq!(e.status(), Some(Status::Forbidden));
+        assert!(e.to_string().contains("purpose SETTLEMENT"), "{e}");
+        body.purpose = custody::policy::Purpose::Trading as u8;
+        body.region = "EU-WEST".into();
+        let e = c.derive(body.clone()).await.unwrap_err();
+        assert!(e.to_string().contains("region EU-WEST"), "{e}");
+        // Within the grant, the request goes on to the shard (which does not know `a`).
+        body.region = "US-EAST".into();
+        assert_eq!(status_of(c.derive(body).await.unwrap_err()), Status::UnknownAsset);
     });
+}
+
+#[test]
+fn an_identity_without_a_role_gets_only_hello_and_the_seal_state() {
+    let app = TestAppliance::start_with("[policy]\nregions = [\"US-EAST\", \"EU-WEST\", \"APAC\"]\n");
+    let a = asset(7102);
+    runtime().block_on(async {
+        let c = Client::connect(&app.client_config()).await.unwrap();
+        c.hello().await.unwrap();
+        c.seal_status().await.unwrap();
+        // Refused before its fields are even looked at (this path is invalid).
+        let e = c.derive(derive_body(a, "m/0")).await.unwrap_err();
+        assert_eq!(e.status(), Some(Status::Forbidden));
+        assert!(e.to_string().contains("has no role"), "{e}");
+        for e in [
+            c.register(a).await.unwrap_err(),
+            c.status(a).await.unwrap_err(),
+            c.rotate(a, uuid::Uuid::new_v4(), None).await.unwrap_err(),
+        ] {
+            assert_eq!(status_of(e), Status::Forbidden);
+        }
+    });
+}
+
+#[test]
+fn the_rate_limit_holds_each_requester_and_asset_to_its_rate_and_says_when_to_retry() {
+    // 5 requests per 60 s for derivers; operators and auditors unlimited in practice.
+    let app = TestAppliance::start_with(
+        "[policy]\nderivers = [{ identity = \"test-client\", purposes = [\"TRADING\"], regions = [\"US-EAST\"] }]\noperators = [\"test-client\"]\nrate_limits = { deriver = \"5/60s\", operator = \"1000/1s\" }\n",
+    );
+    let (a, b) = (asset(7201), asset(7202));
+    runtime().block_on(async {
+        let c = Client::connect(&app.client_config()).await.unwrap();
+        c.register(a).await.unwrap();
+        c.register(b).await.unwrap();
+        for i in 0..5 {
+            c.derive(derive_body(a, &format!("m/44'/0'/0'/0'/{i}"))).await.unwrap();
+        }
+        // The sixth within the period is refused, with when to retry (12 s = 60 s / 5).
+        let e = c.derive(derive_body(a, "m/44'/0'/0'/0'/5")).await.unwrap_err();
+        match e {
+            ClientError::Refused(r) => {
+                assert_eq!(r.status, Status::RateLimited);
+                assert!((11_000..=12_000).contains(&r.retry_after_ms), "{}", r.retry_after_ms);
+                assert!(r.message.contains("5/60s"), "{}", r.message);
+            }
+            other => panic!("{other}"),
+        }
+        // Another asset has its own bucket; nothing was audited for the refused request.
+        c.derive(derive_body(b, "m/44'/0'/0'/0'/1")).await.unwrap();
+    });
+    let derives = read_audit(&app.db_path())
+        .into_iter()
+        .filter(|r| r.event == AuditEvent::Derive)
+        .count();
+    assert_eq!(derives, 6);
 }

@@ -410,8 +410,9 @@ fn a_sealed_file_swapped_while_running_is_refused_not_served() {
 fn operators_seal_and_unseal_over_the_wire_and_the_init_shares_recover_the_seed() {
     let Some(hsm) = SoftHsm::new() else { return };
     let mut app = TestAppliance::prepare_with(&format!(
-        "{}\n[policy]\nadmins = [\"test-client\"]\n",
-        hsm.seal_section("")
+        "{}\n[policy]\n{}admins = [\"test-client\"]\n",
+        hsm.seal_section(""),
+        common::TEST_ROLES
     ));
     app.set_env("SOFTHSM2_CONF", &hsm.conf().display().to_string());
     let out = init(&app, &["--threshold", "2", "--shares", "3"]);

@@ -27,7 +27,8 @@ fn text(out: &Output) -> String {
 
 fn shamir_appliance(admins: &str) -> TestAppliance {
     TestAppliance::prepare_with(&format!(
-        "[seal]\nprovider = \"shamir\"\n\n[policy]\nadmins = {admins}\n"
+        "[seal]\nprovider = \"shamir\"\n\n[policy]\n{}admins = {admins}\n",
+        common::TEST_ROLES
     ))
 }
 

@@ -194,10 +194,13 @@ fn demo(o: Options) -> anyhow::Result<i32> {
         None => String::new(),
     };
     let config = dir.join("custody.toml");
+    // The harness's client registers, derives and reads status; its rate limit is set out
+    // of the way of the measurement (the limiter still runs on every request).
+    const POLICY_SECTION: &str = "\n[policy]\nderivers = [{ identity = \"custody-load\", purposes = [\"TRADING\", \"SETTLEMENT\", \"AUDIT\", \"BACKUP\"], regions = [\"US-EAST\", \"EU-WEST\", \"APAC\"] }]\noperators = [\"custody-load\"]\nauditors = [\"custody-load\"]\nrate_limits = { deriver = \"1000000000/1s\", operator = \"1000000000/1s\", auditor = \"1000000000/1s\" }\n";
     std::fs::write(
         &config,
         format!(
-            "# written by custody-load demo\n[server]\nlisten = \"{addr}\"\ncores = {}\nstate_dir = \"{}\"\nlog_level = \"info\"\nstats_log_interval_s = 1\n\n[tls]\ncert = \"certs/server.pem\"\nkey = \"certs/server.key\"\nclient_ca = \"certs/ca.pem\"\n\n{store_section}{seal_section}",
+            "# written by custody-load demo\n[server]\nlisten = \"{addr}\"\ncores = {}\nstate_dir = \"{}\"\nlog_level = \"info\"\nstats_log_interval_s = 1\n\n[tls]\ncert = \"certs/server.pem\"\nkey = \"certs/server.key\"\nclient_ca = \"certs/ca.pem\"\n\n{store_section}{seal_section}{POLICY_SECTION}",
             o.cores.unwrap_or(0),
             dir.display()
         ),

@@ -11,6 +11,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// The roles the test client holds unless a test writes its own `[policy]` (which can
+/// start from these lines): deriver of every purpose in every default region, operator and
+/// auditor, with generous rate limits.
+pub const TEST_ROLES: &str = "derivers = [{ identity = \"test-client\", purposes = [\"TRADING\", \"SETTLEMENT\", \"AUDIT\", \"BACKUP\"], regions = [\"US-EAST\", \"EU-WEST\", \"APAC\"] }]\noperators = [\"test-client\"]\nauditors = [\"test-client\"]\nrate_limits = { deriver = \"1000000000/1s\", operator = \"1000000000/1s\", auditor = \"1000000000/1s\", admin = \"1000000000/1s\" }\n";
+
 pub struct TestAppliance {
     pub dir: tempfile::TempDir,
     pub addr: SocketAddr,
@@ -55,13 +60,20 @@ impl TestAppliance {
     }
 
     fn write_config(&self) {
+        // Unless the test writes its own [policy], the test client holds every role but
+        // admin, with rate limits out of the way of load tests.
+        let policy = if self.extra_config.contains("[policy]") {
+            String::new()
+        } else {
+            format!("\n[policy]\n{TEST_ROLES}")
+        };
         let text = format!(
             "[server]\nlisten = \"{}\"\ncores = 2\nstate_dir = \"{}\"\nlog_level = \"warn\"\n\n\
              [tls]\ncert = \"certs/server.pem\"\nkey = \"certs/server.key\"\nclient_ca = \"certs/ca.pem\"\n\n{}",
             self.addr,
             self.dir.path().display(),
             self.extra_config
-        );
+        ) + &policy;
         std::fs::write(self.config_path(), text).expect("config");
     }
 
