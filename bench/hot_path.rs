@@ -87,6 +87,51 @@ fn gate(c: &mut Criterion) {
     c.bench_function("policy/check_derive", |b| {
         b.iter(|| rules.check_derive(black_box(&b0)).unwrap())
     });
+    // The role check of a deriver among 1,000 identities.
+    use custody::policy::{AccessPolicy, DeriverGrant, Grants, Need, Purpose, RateLimit};
+    let limit = RateLimit::parse("100/60s").unwrap();
+    let grants = (0..1000)
+        .map(|i| {
+            (
+                format!("svc-{i}"),
+                Grants {
+                    deriver: Some(DeriverGrant {
+                        purposes: vec![Purpose::Trading, Purpose::Settlement],
+                        regions: vec!["US-EAST".into(), "EU-WEST".into()],
+                    }),
+                    ..Grants::default()
+                },
+            )
+        })
+        .collect();
+    let access = AccessPolicy::new(grants, [limit; 4]);
+    c.bench_function("policy/authorize derive (1,000 identities)", |b| {
+        b.iter(|| {
+            access
+                .authorize(
+                    black_box("svc-517"),
+                    Need::Derive {
+                        purpose: Purpose::Settlement,
+                        region: "EU-WEST",
+                    },
+                )
+                .unwrap()
+        })
+    });
+    // GCRA on a live bucket among 10,000 (requester, asset) buckets.
+    let mut limiter = custody::ratelimit::RateLimiter::new(100_000);
+    let who: std::sync::Arc<str> = std::sync::Arc::from("svc-517");
+    let generous = RateLimit::parse("1000000000/1s").unwrap();
+    for n in 0..10_000u128 {
+        limiter.check(&who, Uuid::from_u128(n), generous, 0).unwrap();
+    }
+    let mut now = 0u64;
+    c.bench_function("ratelimit/check (10,000 buckets)", |b| {
+        b.iter(|| {
+            now += 1_000;
+            limiter.check(&who, black_box(Uuid::from_u128(4242)), generous, now)
+        })
+    });
     c.bench_function("router/shard_of (2 shards)", |b| {
         b.iter(|| custody::router::shard_of(black_box(&b0.asset), 2))
     });

@@ -47,6 +47,9 @@ OPTIONS:
                     verified and dropped
   --seal-ttl S      (demo) the seed cache's TTL (seal.cache_ttl_s; default 300): the
                     report counts the refreshes through the seal provider in the window
+  --rotate-percent P  this share of the requests (0-100, default 0) are ROTATEs of the
+                    chosen asset instead of DERIVEs; the latency figures stay the
+                    derivations' (so p99 with and without rotations compare directly)
   --json            print the report as JSON";
 
 /// A request that has not answered after this long counts as an error (TIMEOUT).
@@ -67,6 +70,7 @@ struct Options {
     addr: Option<SocketAddr>,
     certs: Option<PathBuf>,
     verify_db: Option<PathBuf>,
+    rotate_percent: f64,
     json: bool,
 }
 
@@ -96,6 +100,7 @@ fn real_main() -> anyhow::Result<i32> {
         addr: None,
         certs: None,
         verify_db: None,
+        rotate_percent: 0.0,
         json: false,
     };
     let mut command = None;
@@ -115,6 +120,7 @@ fn real_main() -> anyhow::Result<i32> {
             Long("addr") => o.addr = Some(p.value()?.parse()?),
             Long("certs") => o.certs = Some(p.value()?.into()),
             Long("verify-db") => o.verify_db = Some(p.value()?.into()),
+            Long("rotate-percent") => o.rotate_percent = p.value()?.parse()?,
             Long("json") => o.json = true,
             Long("help") | Short('h') => {
                 println!("{USAGE}");
@@ -126,6 +132,9 @@ fn real_main() -> anyhow::Result<i32> {
     }
     if o.rate == 0 || o.connections == 0 || o.depth == 0 || o.assets == 0 {
         bail!("--rate, --connections, --depth and --assets must be positive");
+    }
+    if !(0.0..=100.0).contains(&o.rotate_percent) {
+        bail!("--rotate-percent must be between 0 and 100");
     }
     match command.as_deref() {
         Some("demo") => demo(o),
@@ -332,6 +341,9 @@ struct Stats {
     live_errors: u64,
     live_latency_us: Option<Histogram<u64>>,
     answered: u64,
+    rotations_sent: u64,
+    rotations_ok: u64,
+    rotations_busy: u64,
 }
 
 struct Report {
@@ -539,19 +551,38 @@ fn drive(o: &Options, addr: SocketAddr, certs: &Path, seed: u64) -> anyhow::Resu
         rng ^= rng >> 7;
         rng ^= rng << 17;
         let asset = assets[(rng % assets.len() as u64) as usize];
-        let body = DeriveBody {
-            asset,
-            path: format!("m/44'/0'/0'/0'/{}", i % 1000),
-            region: "US-EAST".into(),
-            purpose: 1,
-            ttl_s: 300,
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        let rotate = (rng % 1_000_000) < (o.rotate_percent * 10_000.0) as u64;
+        let request = if rotate {
+            let mut id = [0u8; 16];
+            id[..8].copy_from_slice(&rng.to_le_bytes());
+            id[8..].copy_from_slice(&(i ^ seed).to_le_bytes());
+            Request::Rotate(custody::wire::RotateBody {
+                asset,
+                rotation_id: uuid::Builder::from_random_bytes(id).into_uuid(),
+                expected_counter: None,
+            })
+        } else {
+            Request::Derive(DeriveBody {
+                asset,
+                path: format!("m/44'/0'/0'/0'/{}", i % 1000),
+                region: "US-EAST".into(),
+                purpose: 1,
+                ttl_s: 300,
+            })
         };
         inflight[conn].fetch_add(1, Ordering::AcqRel);
-        lock(&stats).sent += 1;
+        {
+            let mut s = lock(&stats);
+            s.sent += 1;
+            s.rotations_sent += u64::from(rotate);
+        }
         let stats = stats.clone();
         let slot = inflight[conn].clone();
         clients[conn].start(
-            &Request::Derive(body),
+            &request,
             Box::new(move |result| {
                 let done = Instant::now();
                 slot.fetch_sub(1, Ordering::AcqRel);
@@ -574,6 +605,16 @@ fn drive(o: &Options, addr: SocketAddr, certs: &Path, seed: u64) -> anyhow::Resu
                                 let _ = h.record(latency_us);
                             }
                         }
+                        return;
+                    }
+                    Ok(Reply::Rotated(_)) => {
+                        s.rotations_ok += 1;
+                        return;
+                    }
+                    // Another rotation of the asset is being committed: the documented
+                    // answer (retry), not a failure.
+                    Ok(Reply::Refused(r)) if rotate && r.status == custody::wire::Status::Busy => {
+                        s.rotations_busy += 1;
                         return;
                     }
                     Ok(Reply::Refused(r)) => {
@@ -705,6 +746,10 @@ fn finish(o: &Options, report: Report, audit: Option<AuditSource>) -> anyhow::Re
             "shards": report.shards,
             "requests_sent": s.sent,
             "requests_ok": s.ok,
+            "rotate_percent": o.rotate_percent,
+            "rotations_sent": s.rotations_sent,
+            "rotations_ok": s.rotations_ok,
+            "rotations_busy": s.rotations_busy,
             "errors": s.errors,
             "measured_ok": s.measured_ok,
             "measured_errors": s.measured_errors,
@@ -742,6 +787,12 @@ fn finish(o: &Options, report: Report, audit: Option<AuditSource>) -> anyhow::Re
             s.sent, s.ok, errors_total, s.measured_ok, s.measured_errors
         );
         println!("  throughput  {throughput:.0} req/s (measured window)");
+        if o.rotate_percent > 0.0 {
+            println!(
+                "  rotations   {} of {} sent answered OK, {} BUSY (another rotation of the asset in flight) ({} % of requests; the figures are the derivations')",
+                s.rotations_ok, s.rotations_sent, s.rotations_busy, o.rotate_percent
+            );
+        }
         println!(
             "  latency     p50 {:.3} ms   p90 {:.3} ms   p99 {:.3} ms   p99.9 {:.3} ms   max {:.3} ms",
             ms(0.5),
