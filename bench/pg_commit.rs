@@ -58,6 +58,7 @@ fn record(shard: u16, seq: u64, asset: Uuid, path: &DerivationPath) -> AuditReco
             scheme_version: 1,
         }),
         rotation_id: None,
+        switched_region: None,
     }
 }
 
@@ -172,6 +173,7 @@ async fn run(admin: PgConfig) -> Result<(), custody::store::StoreError> {
         .expect("shard 1");
     unnest
         .commit(CommitBatch {
+            region_writes: Vec::new(),
             shard: 0,
             records: vec![AuditRecord {
                 event: AuditEvent::Register,
@@ -226,6 +228,7 @@ async fn run(admin: PgConfig) -> Result<(), custody::store::StoreError> {
             let (mut t_unnest, mut t_copy) = (Vec::new(), Vec::new());
             for _ in 0..ROUNDS {
                 let batch = |shard: u16, after: u64| CommitBatch {
+                    region_writes: Vec::new(),
                     shard,
                     records: (1..=size as u64)
                         .map(|i| record(shard, after + i, asset, &path))

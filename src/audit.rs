@@ -22,16 +22,22 @@ pub enum AuditEvent {
     Resume,
     /// Terminal.
     Retire,
+    /// An admin enabled a compliance region (`switched_region`; no asset: nil).
+    RegionEnable,
+    /// An admin disabled a compliance region.
+    RegionDisable,
 }
 
 impl AuditEvent {
-    pub const ALL: [AuditEvent; 6] = [
+    pub const ALL: [AuditEvent; 8] = [
         AuditEvent::Register,
         AuditEvent::Derive,
         AuditEvent::Rotate,
         AuditEvent::Suspend,
         AuditEvent::Resume,
         AuditEvent::Retire,
+        AuditEvent::RegionEnable,
+        AuditEvent::RegionDisable,
     ];
 
     pub fn name(self) -> &'static str {
@@ -42,6 +48,8 @@ impl AuditEvent {
             AuditEvent::Suspend => "SUSPEND",
             AuditEvent::Resume => "RESUME",
             AuditEvent::Retire => "RETIRE",
+            AuditEvent::RegionEnable => "REGION_ENABLE",
+            AuditEvent::RegionDisable => "REGION_DISABLE",
         }
     }
 
@@ -84,6 +92,9 @@ pub struct AuditRecord {
     /// The rotation's id (ROTATE only): a rotation sent again with the same id returns
     /// the first result.
     pub rotation_id: Option<Uuid>,
+    /// The region a REGION_ENABLE / REGION_DISABLE switched (stored in the `region`
+    /// column, which a derivation uses for its own region).
+    pub switched_region: Option<Arc<str>>,
 }
 
 /// Wall-clock milliseconds since the Unix epoch (0 if the clock is before 1970).

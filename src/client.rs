@@ -327,6 +327,29 @@ impl Client {
         asset_reply(self.call(&Request::Resume { asset }).await?, Opcode::Resume)
     }
 
+    /// The configured regions and whether each is enabled.
+    pub async fn regions(&self) -> Result<Vec<(String, bool)>, ClientError> {
+        match self.call(&Request::Regions).await? {
+            Reply::Regions(list) => Ok(list),
+            Reply::Refused(r) => Err(ClientError::Refused(r)),
+            _ => Err(ClientError::UnexpectedReply(Opcode::Regions)),
+        }
+    }
+
+    /// Admin: enables or disables a configured region (durable, audited); the answer
+    /// comes once every core refuses (or serves) it.
+    pub async fn set_region(&self, region: &str, enabled: bool) -> Result<Vec<(String, bool)>, ClientError> {
+        let request = Request::SetRegion {
+            region: region.to_owned(),
+            enabled,
+        };
+        match self.call(&request).await? {
+            Reply::Regions(list) => Ok(list),
+            Reply::Refused(r) => Err(ClientError::Refused(r)),
+            _ => Err(ClientError::UnexpectedReply(Opcode::SetRegion)),
+        }
+    }
+
     /// Admin: retires the asset for good.
     pub async fn retire(&self, asset: Uuid) -> Result<AssetInfo, ClientError> {
         asset_reply(self.call(&Request::Retire { asset }).await?, Opcode::Retire)

@@ -39,6 +39,7 @@ pub mod locked;
 pub mod net;
 pub mod policy;
 pub mod ratelimit;
+pub mod regions;
 pub mod router;
 pub mod seal;
 pub mod server;
@@ -47,6 +48,11 @@ pub mod signal;
 pub mod store;
 pub mod tls;
 pub mod wire;
+
+/// The synchronisation primitives [`regions`] is written against (loom swaps these).
+pub(crate) mod sync {
+    pub use std::sync::atomic::{AtomicBool, Ordering};
+}
 
 /// Helpers shared by the unit tests of several modules.
 #[cfg(test)]

@@ -326,7 +326,10 @@ fn dispatch(
     // SEAL_STATUS), then the fields, then (DERIVE) the deriver's purposes and regions.
     let need = match &request {
         Request::Hello | Request::SealStatus => Need::Anyone,
-        Request::Seal | Request::Unseal { .. } | Request::Retire { .. } => Need::Admin,
+        Request::Seal | Request::Unseal { .. } | Request::Retire { .. } | Request::SetRegion { .. } => {
+            Need::Admin
+        }
+        Request::Regions => Need::AnyRole,
         Request::Register { .. }
         | Request::Rotate(_)
         | Request::Suspend { .. }
@@ -346,6 +349,28 @@ fn dispatch(
     }
     let op = match request {
         Request::Hello => return outbox.push(opcode, request_id, &Reply::Hello(ctx.hello)),
+        Request::Regions => {
+            let list = ctx.rules.switch().snapshot();
+            return outbox.push(opcode, request_id, &Reply::Regions(list));
+        }
+        Request::SetRegion { region, enabled } => match ctx.rules.switch().index(&region) {
+            Some(index) => {
+                tracing::warn!(%identity, %region, enabled, "region switch requested");
+                ShardOp::SetRegion {
+                    index,
+                    enabled,
+                    requester: identity.clone(),
+                    request_id,
+                }
+            }
+            None => {
+                let refusal = Refusal::new(
+                    Status::InvalidRegion,
+                    format!("region {region:?} is not configured (policy.regions)"),
+                );
+                return outbox.refuse(opcode, request_id, refusal);
+            }
+        },
         Request::SealStatus => {
             let info = seal_info(ctx.key.cache(), ctx.seal_provider);
             return outbox.push(opcode, request_id, &Reply::Seal(info));
@@ -496,6 +521,7 @@ fn dispatch(
         match ctx.router.route(op, rate).await {
             Ok(ShardReply::Asset(info)) => outbox.push(opcode, request_id, &Reply::Asset(info)),
             Ok(ShardReply::Rotated(r)) => outbox.push(opcode, request_id, &Reply::Rotated(r)),
+            Ok(ShardReply::Regions(list)) => outbox.push(opcode, request_id, &Reply::Regions(list)),
             Ok(ShardReply::Derived { counter, receipt }) => match derivation {
                 Some((asset, path)) => match ctx.key.derive(&asset, counter, &path)
                 {

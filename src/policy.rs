@@ -65,17 +65,29 @@ pub struct CheckedDerive {
     pub ttl_s: u32,
 }
 
-/// The configured regions, in configuration order.
+/// The configured regions, in configuration order, and their switch.
 #[derive(Clone, Debug)]
 pub struct FieldRules {
     regions: Vec<Arc<str>>,
+    switch: Arc<crate::regions::RegionSwitch>,
 }
 
 impl FieldRules {
+    /// Rules with a switch of their own (every region enabled).
     pub fn new(regions: Vec<String>) -> FieldRules {
+        FieldRules::with_switch(Arc::new(crate::regions::RegionSwitch::new(&regions)), regions)
+    }
+
+    /// Rules that read the appliance's shared region switch.
+    pub fn with_switch(switch: Arc<crate::regions::RegionSwitch>, regions: Vec<String>) -> FieldRules {
         FieldRules {
             regions: regions.into_iter().map(Arc::from).collect(),
+            switch,
         }
+    }
+
+    pub fn switch(&self) -> &Arc<crate::regions::RegionSwitch> {
+        &self.switch
     }
 
     /// Checks a DERIVE body field by field, in wire order.
@@ -84,11 +96,17 @@ impl FieldRules {
         let path = DerivationPath::parse(&body.path).map_err(|e: PathError| {
             Refusal::new(Status::InvalidPath, format!("path {:?}: {e}", body.path))
         })?;
-        let region = self
-            .regions
-            .iter()
-            .find(|r| ***r == *body.region)
-            .cloned()
+        let index = self.regions.iter().position(|r| **r == *body.region);
+        if let Some(i) = index {
+            if !self.switch.is_enabled(i) {
+                return Err(Refusal::new(
+                    Status::RegionDisabled,
+                    format!("region {} is disabled by an admin", body.region),
+                ));
+            }
+        }
+        let region = index
+            .map(|i| self.regions[i].clone())
             .ok_or_else(|| {
                 Refusal::new(
                     Status::InvalidRegion,
@@ -190,6 +208,8 @@ pub enum Need<'a> {
     Admin,
     /// STATUS.
     Status,
+    /// REGIONS: any identity that holds a role.
+    AnyRole,
 }
 
 /// Why the policy refused a request (the label of the denial counter).
@@ -303,6 +323,7 @@ impl AccessPolicy {
                 }
                 Ok(Some(self.limit(Role::Deriver)))
             }
+            Need::AnyRole => Ok(None),
             Need::Operator if g.operator => Ok(Some(self.limit(Role::Operator))),
             Need::Operator | Need::Admin if g.admin => Ok(Some(self.limit(Role::Admin))),
             Need::Operator => Err(deny(
@@ -345,6 +366,30 @@ pub fn check_asset_id(asset: &Uuid) -> Result<(), Refusal> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn region_switches_load_set_and_a_disabled_region_is_refused() {
+        use crate::regions::RegionSwitch;
+        let s = Arc::new(RegionSwitch::new(&["US-EAST".into(), "EU-WEST".into()]));
+        assert!(s.is_enabled(0) && s.is_enabled(1));
+        assert_eq!(s.index("EU-WEST"), Some(1));
+        assert_eq!(s.index("eu-west"), None);
+        let unknown = s.load(&[("EU-WEST".into(), false), ("MARS".into(), false)]);
+        assert_eq!(unknown, ["MARS"]);
+        assert_eq!(
+            s.snapshot(),
+            [("US-EAST".to_string(), true), ("EU-WEST".to_string(), false)]
+        );
+        assert!(!s.is_enabled(7), "an index out of range is not enabled");
+        let rules = FieldRules::with_switch(s.clone(), vec!["US-EAST".into(), "EU-WEST".into()]);
+        let mut b = body();
+        assert_eq!(rules.check_derive(&b).unwrap_err().status, Status::RegionDisabled);
+        b.region = "APAC".into();
+        assert_eq!(rules.check_derive(&b).unwrap_err().status, Status::InvalidRegion);
+        s.set(1, true);
+        b.region = "EU-WEST".into();
+        assert!(rules.check_derive(&b).is_ok());
+    }
 
     fn rules() -> FieldRules {
         FieldRules::new(vec!["US-EAST".into(), "EU-WEST".into(), "APAC".into()])

@@ -89,7 +89,7 @@ impl ShardRouter {
 
     /// Runs `op` on the shard that owns its asset.
     pub async fn route(&self, op: ShardOp, rate: Option<RateCheck>) -> OpResult {
-        let owner = shard_of(op.asset(), self.shard_count);
+        let owner = op.owner(self.shard_count);
         if owner == self.shard.id() {
             return self.shard.execute_limited(op, rate).await;
         }

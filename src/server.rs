@@ -66,6 +66,8 @@ struct CoreSetup {
     tls: Arc<rustls::ServerConfig>,
     mesh: Option<MeshBuilder<MeshMsg, glommio::channels::channel_mesh::Full>>,
     events: mpsc::Sender<CoreEvent>,
+    /// The regions' switch, shared by every core.
+    regions: Arc<crate::regions::RegionSwitch>,
 }
 
 enum CoreEvent {
@@ -147,6 +149,7 @@ pub fn run(config: Config) -> Result<(), ServerError> {
         tls,
         mesh,
         events,
+        regions: Arc::new(crate::regions::RegionSwitch::new(&config.policy.regions)),
     };
     let online = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -265,7 +268,15 @@ async fn core_main(core: usize, setup: CoreSetup) -> Result<(), String> {
         rotation_ids_max: config.limits.rotation_ids_max_per_shard as usize,
         rate_limit_buckets: config.limits.rate_limit_buckets_per_shard as usize,
     };
-    let shard = Rc::new(Shard::new(shard_id, snapshot, limits, shard_store));
+    // Every core applies the stored region switches before it listens, so none serves a
+    // disabled region at start-up.
+    let shard = Rc::new(Shard::new(
+        shard_id,
+        snapshot,
+        limits,
+        shard_store,
+        setup.regions.clone(),
+    ));
     let assets = shard.asset_count();
     glommio::spawn_local(shard.clone().run_committer()).detach();
     if let Some(every) = config.server.stats_log_interval {
@@ -285,7 +296,7 @@ async fn core_main(core: usize, setup: CoreSetup) -> Result<(), String> {
         router,
         key: CoreKey::new(setup.key.clone())
             .map_err(|e| format!("the core's derivation scratch: {e}"))?,
-        rules: FieldRules::new(config.policy.regions.clone()),
+        rules: FieldRules::with_switch(setup.regions.clone(), config.policy.regions.clone()),
         limits: config.limits.clone(),
         identity: config.tls.identity,
         require_client_cert: config.tls.require_client_cert,

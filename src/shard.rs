@@ -30,11 +30,13 @@ use uuid::Uuid;
 /// What a shard answers. A derivation's key is not part of it: the connection's core
 /// derives the key from the durable counter once the reply arrives, so a key exists only
 /// after its audit record is durable, and never crosses cores or waits in a queue.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ShardReply {
     Asset(AssetInfo),
     Derived { counter: u64, receipt: Receipt },
     Rotated(Rotated),
+    /// After SET_REGION: every configured region and whether it is enabled.
+    Regions(Vec<(String, bool)>),
 }
 
 /// Who asks, and within which rate limit: the owning shard keeps a GCRA bucket per
@@ -110,7 +112,18 @@ pub enum ShardOp {
         requester: Arc<str>,
         request_id: u64,
     },
+    /// Switch a configured region (its index in the configuration) on or off. Shard 0
+    /// commits every switch.
+    SetRegion {
+        index: usize,
+        enabled: bool,
+        requester: Arc<str>,
+        request_id: u64,
+    },
 }
+
+/// The asset of operations that have none (a region switch): the nil UUID.
+const NO_ASSET: Uuid = Uuid::nil();
 
 impl ShardOp {
     pub fn asset(&self) -> &Uuid {
@@ -120,6 +133,16 @@ impl ShardOp {
             | ShardOp::Rotate { asset, .. }
             | ShardOp::Lifecycle { asset, .. } => asset,
             ShardOp::Derive { request, .. } => &request.asset,
+            ShardOp::SetRegion { .. } => &NO_ASSET,
+        }
+    }
+
+    /// The shard that runs this operation: the asset's owner, or shard 0 for a region
+    /// switch.
+    pub fn owner(&self, shard_count: u16) -> u16 {
+        match self {
+            ShardOp::SetRegion { .. } => 0,
+            _ => crate::router::shard_of(self.asset(), shard_count),
         }
     }
 }
@@ -203,6 +226,10 @@ enum Outcome {
         state: AssetState,
         token: u64,
     },
+    RegionSet {
+        index: usize,
+        enabled: bool,
+    },
 }
 
 /// A rotation the shard remembers by id.
@@ -268,6 +295,7 @@ struct PendingOp {
     accepted_at: Instant,
     record: AuditRecord,
     write: Option<AssetWrite>,
+    region_write: Option<crate::store::RegionWrite>,
     outcome: Outcome,
     reply: oneshot::Sender<OpResult>,
 }
@@ -306,6 +334,8 @@ pub struct Shard {
     kick: LocalSignal,
     commit_stats: RefCell<CommitStats>,
     limiter: RefCell<crate::ratelimit::RateLimiter>,
+    /// The regions' switch every core reads; this shard sets it after a durable switch.
+    regions: Arc<crate::regions::RegionSwitch>,
     /// The limiter's clock starts with the shard.
     started: Instant,
     rate_limited: std::cell::Cell<u64>,
@@ -384,7 +414,11 @@ impl Shard {
         snapshot: ShardSnapshot,
         limits: ShardLimits,
         store: Box<dyn ShardStore>,
+        regions: Arc<crate::regions::RegionSwitch>,
     ) -> Shard {
+        for unknown in regions.load(&snapshot.regions) {
+            tracing::warn!(region = %unknown, "the store has a switch for a region that is not configured; ignored");
+        }
         let assets = snapshot
             .assets
             .into_iter()
@@ -413,6 +447,7 @@ impl Shard {
             kick: LocalSignal::new(),
             commit_stats: RefCell::new(CommitStats::default()),
             limiter: RefCell::new(crate::ratelimit::RateLimiter::new(buckets)),
+            regions,
             started: Instant::now(),
             rate_limited: std::cell::Cell::new(0),
         }
@@ -525,6 +560,52 @@ impl Shard {
                 requester,
                 request_id,
             } => self.accept_lifecycle(&mut st, asset, op, requester, request_id),
+            ShardOp::SetRegion {
+                index,
+                enabled,
+                requester,
+                request_id,
+            } => {
+                let Some(name) = self.regions.name(index).cloned() else {
+                    return Err(Refusal::new(
+                        Status::InvalidRegion,
+                        format!("no configured region at position {index}"),
+                    ));
+                };
+                self.check_room(&st)?;
+                let record = AuditRecord {
+                    shard: self.id,
+                    seq: 0,
+                    event: if enabled {
+                        AuditEvent::RegionEnable
+                    } else {
+                        AuditEvent::RegionDisable
+                    },
+                    asset: NO_ASSET,
+                    counter: 0,
+                    state: AssetState::Active,
+                    requester,
+                    request_id,
+                    ts_ms: now_ms(),
+                    derive: None,
+                    rotation_id: None,
+                    switched_region: Some(name.clone()),
+                };
+                let (reply, rx) = oneshot::channel();
+                st.pending.push_back(PendingOp {
+                    accepted_at: Instant::now(),
+                    record,
+                    write: None,
+                    region_write: Some(crate::store::RegionWrite {
+                        region: name.to_string(),
+                        enabled,
+                    }),
+                    outcome: Outcome::RegionSet { index, enabled },
+                    reply,
+                });
+                self.kick.notify();
+                Ok(Accepted::AfterCommit(rx))
+            }
             ShardOp::Register {
                 asset,
                 requester,
@@ -560,6 +641,7 @@ impl Shard {
                     ts_ms: now_ms(),
                     derive: None,
                     rotation_id: None,
+                    switched_region: None,
                 };
                 let write = AssetWrite {
                     asset,
@@ -610,6 +692,7 @@ impl Shard {
                         scheme_version: SCHEME_V1,
                     }),
                     rotation_id: None,
+                    switched_region: None,
                 };
                 Ok(self.enqueue(&mut st, record, None, Outcome::Derived))
             }
@@ -728,6 +811,7 @@ impl Shard {
             ts_ms,
             derive: None,
             rotation_id: Some(rotation_id),
+            switched_region: None,
         };
         let write = AssetWrite {
             asset,
@@ -795,6 +879,7 @@ impl Shard {
             ts_ms: now_ms(),
             derive: None,
             rotation_id: None,
+            switched_region: None,
         };
         let write = AssetWrite {
             asset,
@@ -833,6 +918,7 @@ impl Shard {
             accepted_at: Instant::now(),
             record,
             write,
+            region_write: None,
             outcome,
             reply,
         });
@@ -915,7 +1001,7 @@ impl Shard {
                         st.rotations.by_id.remove(&rotation_id);
                     }
                 }
-                Outcome::Derived => {}
+                Outcome::Derived | Outcome::RegionSet { .. } => {}
             }
             let _ = op.reply.send(Err(Refusal::new(Status::StoreUnavailable, why)));
         }
@@ -997,6 +1083,7 @@ impl Shard {
             shard: self.id,
             records: Vec::with_capacity(n),
             asset_writes: Vec::new(),
+            region_writes: Vec::new(),
         };
         let mut waiters = Vec::with_capacity(n);
         // One write per asset per batch (the last wins; a registration stays an insert),
@@ -1014,6 +1101,9 @@ impl Shard {
                 outcome: op.outcome,
                 reply: op.reply,
             });
+            if let Some(w) = op.region_write {
+                batch.region_writes.push(w);
+            }
             if let Some(w) = op.write {
                 match written.get(&w.asset) {
                     Some(&at) => {
@@ -1058,6 +1148,13 @@ impl Shard {
             last_seq = Some(part.seq);
             match part.outcome {
                 Outcome::Derived => {}
+                Outcome::RegionSet { index, enabled } => {
+                    // Set before the answer goes: every request checked after it, on
+                    // any core, sees the switch.
+                    if durable {
+                        self.regions.set(index, enabled);
+                    }
+                }
                 Outcome::Registered => {
                     if durable {
                         if let Some(e) = st.assets.get_mut(&part.asset) {
@@ -1144,6 +1241,7 @@ impl Shard {
                     },
                     replayed: false,
                 }),
+                Outcome::RegionSet { .. } => ShardReply::Regions(self.regions.snapshot()),
                 Outcome::Transitioned { state, .. } => ShardReply::Asset(AssetInfo {
                     asset: w.asset,
                     state,
@@ -1301,6 +1399,7 @@ mod tests {
             ShardSnapshot::default(),
             limits,
             Box::new(ScriptedStore(script.clone())),
+            Arc::new(crate::regions::RegionSwitch::new(&["US-EAST".into(), "EU-WEST".into()])),
         ));
         glommio::spawn_local(shard.clone().run_committer()).detach();
         shard
@@ -1814,7 +1913,9 @@ mod tests {
                     let (mut counter, mut state) = (0u64, AssetState::Active);
                     for r in &mine {
                         match r.event {
-                            AuditEvent::Register => {}
+                            AuditEvent::Register
+                            | AuditEvent::RegionEnable
+                            | AuditEvent::RegionDisable => {}
                             // I2: each rotation moves the counter forward by exactly one.
                             AuditEvent::Rotate => {
                                 assert_eq!(r.counter, counter + 1, "rotation at seq {}", r.seq);
@@ -1866,7 +1967,7 @@ mod tests {
                             let committed = log.iter().any(|r| r.asset == info.asset && r.state == info.state);
                             assert!(committed, "{st:?} answered {info:?} without a record");
                         }
-                        Err(_) => {}
+                        Ok(ShardReply::Regions(_)) | Err(_) => {}
                     }
                 }
             });

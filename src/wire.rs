@@ -33,7 +33,7 @@ pub const SHARD_HASH_JUMP_FNV1A64: u8 = 1;
 /// Length of a derived key on the wire.
 pub const KEY_LEN: usize = 32;
 
-/// Request opcodes. Numbers are never reused; later issues add operations above 0x0B.
+/// Request opcodes. Numbers are never reused; later issues add operations above 0x0D.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
 pub enum Opcode {
@@ -55,10 +55,14 @@ pub enum Opcode {
     Resume = 0x0A,
     /// Admin: retire an asset for good (it answers only STATUS afterwards).
     Retire = 0x0B,
+    /// Admin: enable or disable a compliance region (durable, audited).
+    SetRegion = 0x0C,
+    /// Any role: the configured regions and whether each is enabled.
+    Regions = 0x0D,
 }
 
 impl Opcode {
-    pub const ALL: [Opcode; 11] = [
+    pub const ALL: [Opcode; 13] = [
         Opcode::Hello,
         Opcode::Register,
         Opcode::Derive,
@@ -70,6 +74,8 @@ impl Opcode {
         Opcode::Suspend,
         Opcode::Resume,
         Opcode::Retire,
+        Opcode::SetRegion,
+        Opcode::Regions,
     ];
 
     pub fn from_u8(value: u8) -> Option<Opcode> {
@@ -96,6 +102,8 @@ pub enum Status {
     InvalidTtl = 14,
     /// ROTATE: the rotation id is not an RFC 4122 UUID.
     InvalidRotationId = 15,
+    /// DERIVE in a configured region that an admin disabled.
+    RegionDisabled = 16,
     UnknownAsset = 20,
     AssetExists = 21,
     AssetSuspended = 22,
@@ -128,7 +136,7 @@ pub enum Status {
 }
 
 impl Status {
-    pub const ALL: [Status; 31] = [
+    pub const ALL: [Status; 32] = [
         Status::Ok,
         Status::UnsupportedVersion,
         Status::MalformedFrame,
@@ -141,6 +149,7 @@ impl Status {
         Status::InvalidPurpose,
         Status::InvalidTtl,
         Status::InvalidRotationId,
+        Status::RegionDisabled,
         Status::UnknownAsset,
         Status::AssetExists,
         Status::AssetSuspended,
@@ -181,6 +190,7 @@ impl Status {
             Status::InvalidPurpose => "INVALID_PURPOSE",
             Status::InvalidTtl => "INVALID_TTL",
             Status::InvalidRotationId => "INVALID_ROTATION_ID",
+            Status::RegionDisabled => "REGION_DISABLED",
             Status::CounterMismatch => "COUNTER_MISMATCH",
             Status::RotationIdReused => "ROTATION_ID_REUSED",
             Status::CounterExhausted => "COUNTER_EXHAUSTED",
@@ -479,6 +489,8 @@ pub enum Request {
     Suspend { asset: Uuid },
     Resume { asset: Uuid },
     Retire { asset: Uuid },
+    SetRegion { region: String, enabled: bool },
+    Regions,
 }
 
 /// ROTATE flag: `expected_counter` holds (compare-and-set).
@@ -508,6 +520,8 @@ impl Request {
             Request::Suspend { .. } => Opcode::Suspend,
             Request::Resume { .. } => Opcode::Resume,
             Request::Retire { .. } => Opcode::Retire,
+            Request::SetRegion { .. } => Opcode::SetRegion,
+            Request::Regions => Opcode::Regions,
         }
     }
 
@@ -517,6 +531,23 @@ impl Request {
         let mut r = Reader::new(body);
         let request = match op {
             Opcode::Hello => Request::Hello,
+            Opcode::Regions => Request::Regions,
+            Opcode::SetRegion => {
+                let enabled = match r.u8("enabled")? {
+                    0 => false,
+                    1 => true,
+                    _ => {
+                        return Err(WireError::BadField {
+                            field: "enabled",
+                            reason: "not 0 or 1",
+                        })
+                    }
+                };
+                let region = r
+                    .short_ascii("region", bounds::REGION_TEXT_BYTES_MAX)?
+                    .to_owned();
+                Request::SetRegion { region, enabled }
+            }
             Opcode::Seal => Request::Seal,
             Opcode::SealStatus => Request::SealStatus,
             Opcode::Unseal => {
@@ -598,7 +629,11 @@ impl Request {
         }
         .encode(out);
         match self {
-            Request::Hello | Request::Seal | Request::SealStatus => {}
+            Request::Hello | Request::Seal | Request::SealStatus | Request::Regions => {}
+            Request::SetRegion { region, enabled } => {
+                out.push(u8::from(*enabled));
+                put_short(out, region.as_bytes());
+            }
             Request::Unseal { reset, share } => {
                 out.push(if *reset { UNSEAL_FLAG_RESET } else { 0 });
                 put_short(out, share.as_str().as_bytes());
@@ -844,6 +879,8 @@ pub enum Reply {
     Derived(Derived),
     Seal(SealInfo),
     Rotated(Rotated),
+    /// The configured regions, in configuration order, and whether each is enabled.
+    Regions(Vec<(String, bool)>),
     Refused(Refusal),
 }
 
@@ -880,6 +917,16 @@ impl Reply {
                 out.extend_from_slice(&d.key[..]);
                 out.extend_from_slice(&d.receipt.shard.to_be_bytes());
                 out.extend_from_slice(&d.receipt.seq.to_be_bytes());
+            }
+            Reply::Regions(list) => {
+                out.extend_from_slice(&(Status::Ok as u16).to_be_bytes());
+                // At most 255 regions are configured (config checks it).
+                let n = list.len().min(255);
+                out.push(n as u8);
+                for (name, enabled) in &list[..n] {
+                    put_short(out, name.as_bytes());
+                    out.push(u8::from(*enabled));
+                }
             }
             Reply::Rotated(r) => {
                 out.extend_from_slice(&(Status::Ok as u16).to_be_bytes());
@@ -948,6 +995,27 @@ impl Reply {
                     max_frame_body_bytes: r.u32("max_frame_body_bytes")?,
                     max_inflight_per_connection: r.u32("max_inflight_per_connection")?,
                 }),
+                Opcode::SetRegion | Opcode::Regions => {
+                    let n = r.u8("count")?;
+                    let mut list = Vec::with_capacity(n.into());
+                    for _ in 0..n {
+                        let name = r
+                            .short_ascii("region", bounds::REGION_TEXT_BYTES_MAX)?
+                            .to_owned();
+                        let enabled = match r.u8("enabled")? {
+                            0 => false,
+                            1 => true,
+                            _ => {
+                                return Err(WireError::BadField {
+                                    field: "enabled",
+                                    reason: "not 0 or 1",
+                                })
+                            }
+                        };
+                        list.push((name, enabled));
+                    }
+                    Reply::Regions(list)
+                }
                 Opcode::Rotate => {
                     let asset = r.uuid("asset_id")?;
                     let rotation_id = r.uuid("rotation_id")?;
@@ -1139,6 +1207,11 @@ mod tests {
                 rotation_id: Uuid::from_bytes([8; 16]),
                 expected_counter: None,
             }),
+            Request::Regions,
+            Request::SetRegion {
+                region: "EU-WEST".into(),
+                enabled: false,
+            },
             Request::Rotate(RotateBody {
                 asset: Uuid::from_bytes([7; 16]),
                 rotation_id: Uuid::from_bytes([8; 16]),
@@ -1353,12 +1426,14 @@ mod tests {
             (Opcode::Suspend, 0x09),
             (Opcode::Resume, 0x0A),
             (Opcode::Retire, 0x0B),
+            (Opcode::SetRegion, 0x0C),
+            (Opcode::Regions, 0x0D),
         ];
         for (op, number) in expected {
             assert_eq!(op as u8, number);
             assert_eq!(Opcode::from_u8(number), Some(op));
         }
-        assert_eq!(Opcode::from_u8(0x0C), None);
+        assert_eq!(Opcode::from_u8(0x0E), None);
         for (code, n) in [
             (SealStateCode::Unsealed, 1),
             (SealStateCode::ServingStale, 2),
@@ -1436,6 +1511,14 @@ mod tests {
                 }),
             ),
             (
+                Opcode::Regions,
+                Reply::Regions(vec![("US-EAST".into(), true), ("EU-WEST".into(), false)]),
+            ),
+            (
+                Opcode::SetRegion,
+                Reply::Regions(vec![]),
+            ),
+            (
                 Opcode::Retire,
                 Reply::Asset(AssetInfo {
                     asset: Uuid::from_bytes([3; 16]),
@@ -1473,7 +1556,7 @@ mod tests {
     #[test]
     fn status_numbers_are_stable() {
         // Changing any of these breaks deployed clients: add new numbers instead.
-        let expected: [(Status, u16); 31] = [
+        let expected: [(Status, u16); 32] = [
             (Status::Ok, 0),
             (Status::UnsupportedVersion, 1),
             (Status::MalformedFrame, 2),
@@ -1486,6 +1569,7 @@ mod tests {
             (Status::InvalidPurpose, 13),
             (Status::InvalidTtl, 14),
             (Status::InvalidRotationId, 15),
+            (Status::RegionDisabled, 16),
             (Status::UnknownAsset, 20),
             (Status::AssetExists, 21),
             (Status::AssetSuspended, 22),

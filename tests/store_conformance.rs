@@ -12,7 +12,7 @@ use custody::lifecycle::AssetState;
 use custody::router::shard_of;
 use custody::store::postgres::{self, PgConfig, PgStore};
 use custody::store::sqlite::{SqliteReader, SqliteStore};
-use custody::store::{AssetWrite, CommitBatch, RotationWindow, Store, StoreError};
+use custody::store::{AssetWrite, CommitBatch, RegionWrite, RotationWindow, Store, StoreError};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -171,11 +171,13 @@ fn record(shard: u16, seq: u64, event: AuditEvent, asset: Uuid) -> AuditRecord {
         ts_ms: 1_795_000_000_000 + seq,
         derive: None,
         rotation_id: None,
+        switched_region: None,
     }
 }
 
 fn register(shard: u16, seq: u64, asset: Uuid) -> CommitBatch {
     CommitBatch {
+        region_writes: Vec::new(),
         shard,
         records: vec![record(shard, seq, AuditEvent::Register, asset)],
         asset_writes: vec![AssetWrite {
@@ -202,6 +204,7 @@ fn write(asset: Uuid, state: AssetState, counter: u64) -> AssetWrite {
 
 fn derive(shard: u16, seqs: std::ops::RangeInclusive<u64>, asset: Uuid) -> CommitBatch {
     CommitBatch {
+        region_writes: Vec::new(),
         shard,
         records: seqs
             .map(|s| record(shard, s, AuditEvent::Derive, asset))
@@ -253,6 +256,7 @@ async fn conformance(backend: Backend) {
         suspension.counter = 1;
         suspension.state = AssetState::Suspended;
         s1.commit(CommitBatch {
+            region_writes: Vec::new(),
             shard: 1,
             records: vec![rotation],
             asset_writes: vec![write(a, AssetState::Active, 1)],
@@ -260,6 +264,7 @@ async fn conformance(backend: Backend) {
         .await
         .unwrap();
         s1.commit(CommitBatch {
+            region_writes: Vec::new(),
             shard: 1,
             records: vec![suspension],
             asset_writes: vec![write(a, AssetState::Suspended, 1)],
@@ -271,6 +276,7 @@ async fn conformance(backend: Backend) {
         for bad in [write(a, AssetState::Active, 0), write(Uuid::new_v4(), AssetState::Active, 3)] {
             let refused = s1
                 .commit(CommitBatch {
+                    region_writes: Vec::new(),
                     shard: 1,
                     records: vec![record(1, 8, AuditEvent::Resume, a)],
                     asset_writes: vec![bad.clone()],
@@ -278,11 +284,26 @@ async fn conformance(backend: Backend) {
                 .await;
             assert!(refused.is_err(), "{bad:?} was committed");
         }
+        // A region switch: its record (nil asset, the region named) and the durable switch.
+        let mut switch = record(1, 8, AuditEvent::RegionDisable, Uuid::nil());
+        switch.switched_region = Some(Arc::from("EU-WEST"));
+        s1.commit(CommitBatch {
+            shard: 1,
+            records: vec![switch],
+            asset_writes: vec![],
+            region_writes: vec![RegionWrite {
+                region: "EU-WEST".into(),
+                enabled: false,
+            }],
+        })
+        .await
+        .unwrap();
     }
     // Restart: a new store instance sees exactly what was committed.
     let store = backend.open();
     let s1 = store.open_shard(1, 2).load().await.unwrap();
-    assert_eq!(s1.last_seq, 7);
+    assert_eq!(s1.last_seq, 8);
+    assert_eq!(s1.regions, [("EU-WEST".to_string(), false)]);
     assert_eq!(
         s1.assets.iter().map(|x| x.asset).collect::<Vec<_>>(),
         vec![a]
@@ -322,6 +343,7 @@ async fn conformance(backend: Backend) {
         (1, 5, "DERIVE".into(), a, 0),
         (1, 6, "ROTATE".into(), a, 1),
         (1, 7, "SUSPEND".into(), a, 1),
+        (1, 8, "REGION_DISABLE".into(), Uuid::nil(), 0),
     ];
     assert_eq!(audit, expected);
     backend.drop_database().await;

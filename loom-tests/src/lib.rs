@@ -6,7 +6,7 @@
 
 /// The synchronisation primitives `handoff` is written against: loom's here.
 pub(crate) mod sync {
-    pub use loom::sync::atomic::{AtomicU64, Ordering};
+    pub use loom::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     pub use loom::sync::{Arc, Condvar, Mutex, MutexGuard};
 }
 
@@ -15,3 +15,6 @@ pub mod handoff;
 
 #[path = "../../src/seal/slot.rs"]
 pub mod slot;
+
+#[path = "../../src/regions.rs"]
+pub mod regions;

@@ -7,6 +7,7 @@
 //! custody [CONNECTION] derive ASSET_ID --path PATH --region REGION --purpose PURPOSE --ttl SECONDS
 //! custody [CONNECTION] rotate ASSET_ID [--rotation-id UUID] [--expect-counter N]
 //! custody [CONNECTION] suspend | resume | retire ASSET_ID
+//! custody [CONNECTION] regions | region enable|disable REGION
 //! custody [CONNECTION] seal | unseal [--share-file FILE] [--reset] | seal-status
 //! custody dev-certs DIR [--client-cn NAME]
 //! custody dev-seed FILE
@@ -44,6 +45,11 @@ const USAGE: &str = "usage:
   custody [CONNECTION] suspend ASSET_ID      operator: stop derivations of the asset
   custody [CONNECTION] resume ASSET_ID       operator: serve a suspended asset again
   custody [CONNECTION] retire ASSET_ID       admin: retire the asset for good (STATUS only)
+  custody [CONNECTION] regions               the configured regions and which are enabled
+  custody [CONNECTION] region disable|enable REGION
+                         admin: switch a compliance region off (derivations in it are
+                         refused REGION_DISABLED on every core once this answers) or on;
+                         durable and audited
   custody [CONNECTION] seal-status           the appliance's seal state (and unseal progress)
   custody [CONNECTION] seal                  admin: drop the unsealed seed at once
   custody [CONNECTION] unseal [--share-file FILE] [--reset]
@@ -207,7 +213,7 @@ fn real_main() -> anyhow::Result<i32> {
         "init" => init(&args),
         "recover" => recover(&args),
         "hello" | "register" | "status" | "derive" | "seal" | "unseal" | "seal-status"
-        | "rotate" | "suspend" | "resume" | "retire" => {
+        | "rotate" | "suspend" | "resume" | "retire" | "regions" | "region" => {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
@@ -521,6 +527,22 @@ async fn client_command(command: &str, args: &Args) -> anyhow::Result<i32> {
             .await
             .map(|s| seal_text(&s, args.json)),
         "seal" => client.seal().await.map(|s| seal_text(&s, args.json)),
+        "regions" => client.regions().await.map(|l| regions_text(&l, args.json)),
+        "region" => {
+            let (what, name) = match args.positional.as_slice() {
+                [w, n] => (w.as_str(), n.as_str()),
+                _ => bail!("usage: custody region enable|disable REGION"),
+            };
+            let enabled = match what {
+                "enable" => true,
+                "disable" => false,
+                other => bail!("custody region {other:?}: enable or disable"),
+            };
+            client
+                .set_region(name, enabled)
+                .await
+                .map(|l| regions_text(&l, args.json))
+        }
         "suspend" => client
             .suspend(asset_arg(args)?)
             .await
@@ -726,6 +748,20 @@ fn seal_text(s: &SealInfo, json: bool) -> String {
         ));
     }
     out
+}
+
+fn regions_text(list: &[(String, bool)], json: bool) -> String {
+    if json {
+        let v: Vec<_> = list
+            .iter()
+            .map(|(r, e)| serde_json::json!({ "region": r, "enabled": e }))
+            .collect();
+        return serde_json::to_string_pretty(&v).unwrap_or_default();
+    }
+    list.iter()
+        .map(|(r, e)| format!("{r} {}", if *e { "enabled" } else { "DISABLED" }))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 fn hex(bytes: &[u8]) -> String {

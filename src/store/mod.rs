@@ -61,14 +61,22 @@ pub struct AssetWrite {
     pub insert: bool,
 }
 
-/// One shard's batch: its audit records in sequence order and the asset changes they
-/// describe. Committed whole or not at all, and only if its first record continues the
-/// shard's committed sequence (a store never writes a gap).
+/// A compliance region switched on or off, committed with its audit record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RegionWrite {
+    pub region: String,
+    pub enabled: bool,
+}
+
+/// One shard's batch: its audit records in sequence order and the asset (and region)
+/// changes they describe. Committed whole or not at all, and only if its first record
+/// continues the shard's committed sequence (a store never writes a gap).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct CommitBatch {
     pub shard: u16,
     pub records: Vec<AuditRecord>,
     pub asset_writes: Vec<AssetWrite>,
+    pub region_writes: Vec<RegionWrite>,
 }
 
 /// An asset as the store holds it.
@@ -115,6 +123,8 @@ pub struct ShardSnapshot {
     pub last_seq: u64,
     /// The rotations inside the requested window, oldest first.
     pub rotations: Vec<RecentRotation>,
+    /// Every region switch the store holds: (region, enabled).
+    pub regions: Vec<(String, bool)>,
 }
 
 /// A future that stays on the executor that created it.

@@ -466,6 +466,13 @@ WITH own AS (
     WHERE k.asset_id = w.asset_id AND k.derivation_counter <= w.counter
         AND EXISTS (SELECT 1 FROM adv)
     RETURNING 1
+), regions AS (
+    INSERT INTO custody_regions (region, enabled, updated_at)
+    SELECT g.region, g.enabled, now()
+    FROM unnest($25::text[], $26::boolean[]) AS g(region, enabled)
+    WHERE EXISTS (SELECT 1 FROM adv)
+    ON CONFLICT (region) DO UPDATE SET enabled = excluded.enabled, updated_at = excluded.updated_at
+    RETURNING 1
 )
 SELECT (SELECT count(*) FROM adv), (SELECT count(*) FROM audit), (SELECT count(*) FROM keys),
     (SELECT last_seq FROM custody_shard_seq WHERE shard = $1), (SELECT count(*) FROM own),
@@ -646,10 +653,19 @@ impl PgShardInner {
                 ts_ms: number(4)?,
             });
         }
+        let regions = s
+            .client
+            .query("SELECT region, enabled FROM custody_regions ORDER BY region", &[])
+            .await
+            .map_err(pg_err)?
+            .iter()
+            .map(|row| (row.get::<_, String>(0), row.get::<_, bool>(1)))
+            .collect();
         Ok(ShardSnapshot {
             assets,
             last_seq: last.max(0) as u64,
             rotations,
+            regions,
         })
     }
 
@@ -692,13 +708,20 @@ impl PgShardInner {
             request_id.push(r.request_id as i64);
             path.push(r.derive.as_ref().map(|d| d.path.to_string()));
             purpose.push(r.derive.as_ref().map(|d| d.purpose.name()));
-            region.push(r.derive.as_ref().map(|d| &*d.region));
+            region.push(
+                r.derive
+                    .as_ref()
+                    .map(|d| &*d.region)
+                    .or(r.switched_region.as_deref()),
+            );
             ttl.push(r.derive.as_ref().map(|d| d.ttl_s as i32));
             scheme.push(r.derive.as_ref().map(|d| i16::from(d.scheme_version)));
             rotation.push(r.rotation_id);
         }
         let (mut ids, mut states, mut counters) = (Vec::new(), Vec::new(), Vec::new());
         let (mut upd_ids, mut upd_states, mut upd_counters) = (Vec::new(), Vec::new(), Vec::new());
+        let region_names: Vec<&str> = batch.region_writes.iter().map(|w| w.region.as_str()).collect();
+        let region_enabled: Vec<bool> = batch.region_writes.iter().map(|w| w.enabled).collect();
         for w in &batch.asset_writes {
             let counter = to_i64(w.counter, "counter")?;
             if w.insert {
@@ -740,6 +763,8 @@ impl PgShardInner {
                     &upd_ids,
                     &upd_states,
                     &upd_counters,
+                    &region_names,
+                    &region_enabled,
                 ],
             )
             .await

@@ -420,6 +420,13 @@ fn write_batches<'a>(
                  updated_ms) VALUES (?1, ?2, ?3, ?4, ?4)",
             )
             .map_err(sql_err)?;
+        let mut upsert_region = tx
+            .prepare_cached(
+                "INSERT INTO custody_regions (region, enabled, updated_ms) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT (region) DO UPDATE SET enabled = excluded.enabled, \
+                 updated_ms = excluded.updated_ms",
+            )
+            .map_err(sql_err)?;
         let mut update_key = tx
             .prepare_cached(
                 "UPDATE custody_keys SET state = ?2, derivation_counter = ?3, updated_ms = ?4 \
@@ -443,11 +450,19 @@ fn write_batches<'a>(
                         r.ts_ms as i64,
                         r.derive.as_ref().map(|d| d.path.to_string()),
                         r.derive.as_ref().map(|d| d.purpose.name()),
-                        r.derive.as_ref().map(|d| &*d.region),
+                        r.derive
+                            .as_ref()
+                            .map(|d| &*d.region)
+                            .or(r.switched_region.as_deref()),
                         r.derive.as_ref().map(|d| d.ttl_s),
                         r.derive.as_ref().map(|d| d.scheme_version),
                         r.rotation_id.map(|id| id.hyphenated().to_string()),
                     ])
+                    .map_err(sql_err)?;
+            }
+            for w in &batch.region_writes {
+                upsert_region
+                    .execute(params![w.region, w.enabled, now])
                     .map_err(sql_err)?;
             }
             for AssetWrite {
@@ -502,7 +517,18 @@ fn load_shard(
         assets,
         last_seq: last_seq(conn, shard)?,
         rotations: recent_rotations(conn, shard, window)?,
+        regions: stored_regions(conn)?,
     })
+}
+
+fn stored_regions(conn: &Connection) -> Result<Vec<(String, bool)>, StoreError> {
+    let mut stmt = conn
+        .prepare_cached("SELECT region, enabled FROM custody_regions ORDER BY region")
+        .map_err(sql_err)?;
+    let rows = stmt
+        .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, bool>(1)?)))
+        .map_err(sql_err)?;
+    rows.collect::<Result<Vec<_>, _>>().map_err(sql_err)
 }
 
 /// The shard's rotations since `window.since_ms`, at most `window.max` of the newest,
@@ -684,11 +710,13 @@ mod tests {
             ts_ms: 1,
             derive: None,
             rotation_id: None,
+            switched_region: None,
         }
     }
 
     fn register_batch(shard: u16, seq: u64, asset: Uuid) -> CommitBatch {
         CommitBatch {
+            region_writes: Vec::new(),
             shard,
             records: vec![record(shard, seq, asset)],
             asset_writes: vec![AssetWrite {
