@@ -50,6 +50,10 @@ OPTIONS:
   --rotate-percent P  this share of the requests (0-100, default 0) are ROTATEs of the
                     chosen asset instead of DERIVEs; the latency figures stay the
                     derivations' (so p99 with and without rotations compare directly)
+  --toggle-region-ms MS  switch the region EU-WEST off and on again every MS ms on a
+                    connection of its own (the derivations use US-EAST); the report
+                    gives the switch's answer latency (SET_REGION is committed, then
+                    in force on every core)
   --json            print the report as JSON";
 
 /// A request that has not answered after this long counts as an error (TIMEOUT).
@@ -71,6 +75,7 @@ struct Options {
     certs: Option<PathBuf>,
     verify_db: Option<PathBuf>,
     rotate_percent: f64,
+    toggle_region_ms: Option<u64>,
     json: bool,
 }
 
@@ -101,6 +106,7 @@ fn real_main() -> anyhow::Result<i32> {
         certs: None,
         verify_db: None,
         rotate_percent: 0.0,
+        toggle_region_ms: None,
         json: false,
     };
     let mut command = None;
@@ -121,6 +127,7 @@ fn real_main() -> anyhow::Result<i32> {
             Long("certs") => o.certs = Some(p.value()?.into()),
             Long("verify-db") => o.verify_db = Some(p.value()?.into()),
             Long("rotate-percent") => o.rotate_percent = p.value()?.parse()?,
+            Long("toggle-region-ms") => o.toggle_region_ms = Some(p.value()?.parse()?),
             Long("json") => o.json = true,
             Long("help") | Short('h') => {
                 println!("{USAGE}");
@@ -205,7 +212,7 @@ fn demo(o: Options) -> anyhow::Result<i32> {
     let config = dir.join("custody.toml");
     // The harness's client registers, derives and reads status; its rate limit is set out
     // of the way of the measurement (the limiter still runs on every request).
-    const POLICY_SECTION: &str = "\n[policy]\nderivers = [{ identity = \"custody-load\", purposes = [\"TRADING\", \"SETTLEMENT\", \"AUDIT\", \"BACKUP\"], regions = [\"US-EAST\", \"EU-WEST\", \"APAC\"] }]\noperators = [\"custody-load\"]\nauditors = [\"custody-load\"]\nrate_limits = { deriver = \"1000000000/1s\", operator = \"1000000000/1s\", auditor = \"1000000000/1s\" }\n";
+    const POLICY_SECTION: &str = "\n[policy]\nderivers = [{ identity = \"custody-load\", purposes = [\"TRADING\", \"SETTLEMENT\", \"AUDIT\", \"BACKUP\"], regions = [\"US-EAST\", \"EU-WEST\", \"APAC\"] }]\noperators = [\"custody-load\"]\nauditors = [\"custody-load\"]\nadmins = [\"custody-load\"]\nrate_limits = { deriver = \"1000000000/1s\", operator = \"1000000000/1s\", auditor = \"1000000000/1s\" }\n";
     std::fs::write(
         &config,
         format!(
@@ -356,6 +363,20 @@ struct Report {
     commits: Option<CommitFigures>,
     /// Refreshes of the seed cache through the seal provider in the window (demo only).
     seal_refreshes: Option<usize>,
+    /// Answer latency of each region switch (`--toggle-region-ms`), microseconds.
+    region_switch_us: Vec<u64>,
+}
+
+fn lock_vec<T>(m: &Mutex<Vec<T>>) -> std::sync::MutexGuard<'_, Vec<T>> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// (count, p50, max) of microsecond samples, in milliseconds.
+fn switch_figures(samples: &[u64]) -> Option<(usize, f64, f64)> {
+    let mut v = samples.to_vec();
+    v.sort_unstable();
+    let mid = *v.get(v.len() / 2)?;
+    Some((v.len(), mid as f64 / 1000.0, *v.last()? as f64 / 1000.0))
 }
 
 /// Counts the appliance's `seed cache: refreshed` log lines whose `at_ms` falls in `window`.
@@ -477,6 +498,31 @@ fn drive(o: &Options, addr: SocketAddr, certs: &Path, seed: u64) -> anyhow::Resu
     let inflight: Vec<Arc<AtomicUsize>> = (0..o.connections).map(|_| Arc::default()).collect();
 
     let finished = Arc::new(AtomicBool::new(false));
+    // The region switcher: its own connection, EU-WEST off and on every N ms, each
+    // answer's latency recorded.
+    let switch_us = Arc::new(Mutex::new(Vec::<u64>::new()));
+    let switcher = match o.toggle_region_ms {
+        Some(every) => {
+            let (finished, switch_us) = (finished.clone(), switch_us.clone());
+            let config = client_config(addr, certs);
+            Some(rt.spawn(async move {
+                let client = Client::connect(&config).await?;
+                let mut enabled = true;
+                while !finished.load(Ordering::Relaxed) {
+                    tokio::time::sleep(Duration::from_millis(every)).await;
+                    enabled = !enabled;
+                    let sent = Instant::now();
+                    client.set_region("EU-WEST", enabled).await?;
+                    lock_vec(&switch_us).push(sent.elapsed().as_micros() as u64);
+                }
+                if !enabled {
+                    client.set_region("EU-WEST", true).await?;
+                }
+                anyhow::Ok(())
+            }))
+        }
+        None => None,
+    };
     let reporter = {
         let stats = stats.clone();
         let finished = finished.clone();
@@ -651,6 +697,10 @@ fn drive(o: &Options, addr: SocketAddr, certs: &Path, seed: u64) -> anyhow::Resu
     }
     finished.store(true, Ordering::Relaxed);
     let _ = reporter.join();
+    if let Some(switcher) = switcher {
+        rt.block_on(switcher)??;
+    }
+    let switch_us = std::mem::take(&mut *lock_vec(&switch_us));
     drop(clients);
     drop(rt);
     let stats = std::mem::take(&mut *lock(&stats));
@@ -676,6 +726,7 @@ fn drive(o: &Options, addr: SocketAddr, certs: &Path, seed: u64) -> anyhow::Resu
         ),
         commits: None,
         seal_refreshes: None,
+        region_switch_us: switch_us,
     })
 }
 
@@ -750,6 +801,9 @@ fn finish(o: &Options, report: Report, audit: Option<AuditSource>) -> anyhow::Re
             "rotations_sent": s.rotations_sent,
             "rotations_ok": s.rotations_ok,
             "rotations_busy": s.rotations_busy,
+            "region_switches": switch_figures(&report.region_switch_us).map(|(n, p50, max)| serde_json::json!({
+                "count": n, "answer_ms_p50": p50, "answer_ms_max": max,
+            })),
             "errors": s.errors,
             "measured_ok": s.measured_ok,
             "measured_errors": s.measured_errors,
@@ -787,6 +841,11 @@ fn finish(o: &Options, report: Report, audit: Option<AuditSource>) -> anyhow::Re
             s.sent, s.ok, errors_total, s.measured_ok, s.measured_errors
         );
         println!("  throughput  {throughput:.0} req/s (measured window)");
+        if let Some((n, p50, max)) = switch_figures(&report.region_switch_us) {
+            println!(
+                "  regions     {n} switches of EU-WEST answered in p50 {p50:.3} ms, max {max:.3} ms (in force on every core from the answer)"
+            );
+        }
         if o.rotate_percent > 0.0 {
             println!(
                 "  rotations   {} of {} sent answered OK, {} BUSY (another rotation of the asset in flight) ({} % of requests; the figures are the derivations')",
