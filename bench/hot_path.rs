@@ -24,9 +24,19 @@ fn kdf(c: &mut Criterion) {
     let asset = body().asset;
     let path = DerivationPath::parse(&body().path).unwrap();
     let mut scratch = custody::kdf::Scratch::new().expect("locked memory");
-    c.bench_function("kdf/derive in the core's locked scratch (the appliance's path)", |b| {
-        b.iter(|| key.derive_in(&mut scratch, black_box(&asset), black_box(7), black_box(&path)))
-    });
+    c.bench_function(
+        "kdf/derive in the core's locked scratch (the appliance's path)",
+        |b| {
+            b.iter(|| {
+                key.derive_in(
+                    &mut scratch,
+                    black_box(&asset),
+                    black_box(7),
+                    black_box(&path),
+                )
+            })
+        },
+    );
     c.bench_function("kdf/derive (stack scratch, wiped)", |b| {
         b.iter(|| key.derive(black_box(&asset), black_box(7), black_box(&path)))
     });
@@ -40,7 +50,11 @@ fn kdf(c: &mut Criterion) {
                 mac.update(&[0, 0, 0, 1]);
                 mac.update(custody::kdf::LABEL_V1);
                 mac.update(&[0]);
-                mac.update(&custody::kdf::context_v1(black_box(&asset), black_box(7), black_box(&path)));
+                mac.update(&custody::kdf::context_v1(
+                    black_box(&asset),
+                    black_box(7),
+                    black_box(&path),
+                ));
                 mac.update(&[0, 0, 1, 0]);
                 mac.finalize().into_bytes()
             })
@@ -123,7 +137,9 @@ fn gate(c: &mut Criterion) {
     let who: std::sync::Arc<str> = std::sync::Arc::from("svc-517");
     let generous = RateLimit::parse("1000000000/1s").unwrap();
     for n in 0..10_000u128 {
-        limiter.check(&who, Uuid::from_u128(n), generous, 0).unwrap();
+        limiter
+            .check(&who, Uuid::from_u128(n), generous, 0)
+            .unwrap();
     }
     let mut now = 0u64;
     c.bench_function("ratelimit/check (10,000 buckets)", |b| {

@@ -319,7 +319,10 @@ impl Client {
 
     /// Operator: stops derivations of the asset.
     pub async fn suspend(&self, asset: Uuid) -> Result<AssetInfo, ClientError> {
-        asset_reply(self.call(&Request::Suspend { asset }).await?, Opcode::Suspend)
+        asset_reply(
+            self.call(&Request::Suspend { asset }).await?,
+            Opcode::Suspend,
+        )
     }
 
     /// Operator: serves a suspended asset again.
@@ -338,7 +341,11 @@ impl Client {
 
     /// Admin: enables or disables a configured region (durable, audited); the answer
     /// comes once every core refuses (or serves) it.
-    pub async fn set_region(&self, region: &str, enabled: bool) -> Result<Vec<(String, bool)>, ClientError> {
+    pub async fn set_region(
+        &self,
+        region: &str,
+        enabled: bool,
+    ) -> Result<Vec<(String, bool)>, ClientError> {
         let request = Request::SetRegion {
             region: region.to_owned(),
             enabled,

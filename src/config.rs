@@ -995,13 +995,22 @@ impl Resolver<'_> {
             None => return Some(out),
             Some(toml::Value::Table(t)) => t,
             Some(v) => {
-                return self.problem(key, format!("expected a table of role = \"N/Ss\", found {}", v.type_str()))
+                return self.problem(
+                    key,
+                    format!(
+                        "expected a table of role = \"N/Ss\", found {}",
+                        v.type_str()
+                    ),
+                )
             }
         };
         let mut ok = true;
         for (role, value) in table {
             let Some(r) = Role::ALL.into_iter().find(|r| r.name() == role) else {
-                self.problem::<()>(key, format!("{role:?} is not a role (deriver, operator, admin, auditor)"));
+                self.problem::<()>(
+                    key,
+                    format!("{role:?} is not a role (deriver, operator, admin, auditor)"),
+                );
                 ok = false;
                 continue;
             };
@@ -1030,28 +1039,53 @@ impl Resolver<'_> {
         let items = match self.raw(key).cloned() {
             None => return Some(Vec::new()),
             Some(toml::Value::Array(items)) => items,
-            Some(v) => return self.problem(key, format!("expected a list of tables, found {}", v.type_str())),
+            Some(v) => {
+                return self.problem(
+                    key,
+                    format!("expected a list of tables, found {}", v.type_str()),
+                )
+            }
         };
         let mut out: Vec<(String, crate::policy::DeriverGrant)> = Vec::new();
         let mut ok = true;
         for (i, item) in items.into_iter().enumerate() {
             let at = format!("{key}[{i}]");
             let Some(t) = item.as_table() else {
-                self.problem::<()>(&at, "expected a table { identity, purposes, regions }".into());
+                self.problem::<()>(
+                    &at,
+                    "expected a table { identity, purposes, regions }".into(),
+                );
                 ok = false;
                 continue;
             };
-            if let Some(extra) = t.keys().find(|k| !["identity", "purposes", "regions"].contains(&k.as_str())) {
-                self.problem::<()>(&at, format!("unknown field {extra:?} (identity, purposes, regions)"));
+            if let Some(extra) = t
+                .keys()
+                .find(|k| !["identity", "purposes", "regions"].contains(&k.as_str()))
+            {
+                self.problem::<()>(
+                    &at,
+                    format!("unknown field {extra:?} (identity, purposes, regions)"),
+                );
                 ok = false;
             }
-            let identity = t.get("identity").and_then(|v| v.as_str()).unwrap_or("").to_owned();
+            let identity = t
+                .get("identity")
+                .and_then(|v| v.as_str())
+                .unwrap_or("")
+                .to_owned();
             if identity.is_empty() || out.iter().any(|(id, _)| *id == identity) {
-                self.problem::<()>(&at, format!("identity {identity:?}: missing, empty or listed twice"));
+                self.problem::<()>(
+                    &at,
+                    format!("identity {identity:?}: missing, empty or listed twice"),
+                );
                 ok = false;
             }
             let strings = |field: &str| -> Option<Vec<String>> {
-                t.get(field)?.as_array()?.iter().map(|v| v.as_str().map(str::to_owned)).collect()
+                t.get(field)?
+                    .as_array()?
+                    .iter()
+                    .map(|v| v.as_str().map(str::to_owned))
+                    .collect()
             };
             let mut purposes = Vec::new();
             match strings("purposes") {
@@ -1068,7 +1102,10 @@ impl Resolver<'_> {
                     }
                 }
                 _ => {
-                    self.problem::<()>(&at, "purposes: a non-empty list of purpose names is required".into());
+                    self.problem::<()>(
+                        &at,
+                        "purposes: a non-empty list of purpose names is required".into(),
+                    );
                     ok = false;
                 }
             }
@@ -1076,14 +1113,20 @@ impl Resolver<'_> {
                 Some(list) if !list.is_empty() => {
                     for name in &list {
                         if !configured.contains(name) {
-                            self.problem::<()>(&at, format!("region {name:?} is not in policy.regions"));
+                            self.problem::<()>(
+                                &at,
+                                format!("region {name:?} is not in policy.regions"),
+                            );
                             ok = false;
                         }
                     }
                     list
                 }
                 _ => {
-                    self.problem::<()>(&at, "regions: a non-empty list of configured regions is required".into());
+                    self.problem::<()>(
+                        &at,
+                        "regions: a non-empty list of configured regions is required".into(),
+                    );
                     ok = false;
                     Vec::new()
                 }
@@ -1319,9 +1362,26 @@ mod tests {
         ))
         .unwrap();
         let access = &c.policy.access;
-        let trading = Need::Derive { purpose: Purpose::Trading, region: "APAC" };
-        assert_eq!(access.authorize("svc", trading).unwrap().unwrap().to_string(), "10/1s");
-        assert_eq!(access.authorize("audit", Need::Status).unwrap().unwrap().to_string(), "500/60s");
+        let trading = Need::Derive {
+            purpose: Purpose::Trading,
+            region: "APAC",
+        };
+        assert_eq!(
+            access
+                .authorize("svc", trading)
+                .unwrap()
+                .unwrap()
+                .to_string(),
+            "10/1s"
+        );
+        assert_eq!(
+            access
+                .authorize("audit", Need::Status)
+                .unwrap()
+                .unwrap()
+                .to_string(),
+            "500/60s"
+        );
         assert!(access.authorize("svc", Need::Status).is_err());
         assert!(access.authorize("root-ops", Need::Operator).is_ok());
         assert!(access.authorize("nobody", Need::Anyone).is_ok());

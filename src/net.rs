@@ -326,9 +326,10 @@ fn dispatch(
     // SEAL_STATUS), then the fields, then (DERIVE) the deriver's purposes and regions.
     let need = match &request {
         Request::Hello | Request::SealStatus => Need::Anyone,
-        Request::Seal | Request::Unseal { .. } | Request::Retire { .. } | Request::SetRegion { .. } => {
-            Need::Admin
-        }
+        Request::Seal
+        | Request::Unseal { .. }
+        | Request::Retire { .. }
+        | Request::SetRegion { .. } => Need::Admin,
         Request::Regions => Need::AnyRole,
         Request::Register { .. }
         | Request::Rotate(_)
@@ -523,8 +524,7 @@ fn dispatch(
             Ok(ShardReply::Rotated(r)) => outbox.push(opcode, request_id, &Reply::Rotated(r)),
             Ok(ShardReply::Regions(list)) => outbox.push(opcode, request_id, &Reply::Regions(list)),
             Ok(ShardReply::Derived { counter, receipt }) => match derivation {
-                Some((asset, path)) => match ctx.key.derive(&asset, counter, &path)
-                {
+                Some((asset, path)) => match ctx.key.derive(&asset, counter, &path) {
                     Some(key) => {
                         let reply = Reply::Derived(Derived {
                             counter,
@@ -583,16 +583,27 @@ pub fn seal_info(cache: &SeedCache, provider: ProviderCode) -> SealInfo {
     let (threshold, shares) = set.map_or((0, 0), |s| (s.threshold, s.shares));
     let (state, since, received, reason) = match status.state {
         SealState::Unsealed => (SealStateCode::Unsealed, 0, 0, String::new()),
-        SealState::ServingStale { since_ms } => {
-            (SealStateCode::ServingStale, unix(since_ms), 0, String::new())
-        }
+        SealState::ServingStale { since_ms } => (
+            SealStateCode::ServingStale,
+            unix(since_ms),
+            0,
+            String::new(),
+        ),
         SealState::Sealed { since_ms } => (SealStateCode::Sealed, unix(since_ms), 0, String::new()),
         SealState::Unsealing {
             since_ms, received, ..
-        } => (SealStateCode::Unsealing, unix(since_ms), received, String::new()),
-        SealState::SealedByOperator { since_ms } => {
-            (SealStateCode::SealedByOperator, unix(since_ms), 0, String::new())
-        }
+        } => (
+            SealStateCode::Unsealing,
+            unix(since_ms),
+            received,
+            String::new(),
+        ),
+        SealState::SealedByOperator { since_ms } => (
+            SealStateCode::SealedByOperator,
+            unix(since_ms),
+            0,
+            String::new(),
+        ),
         SealState::SealedByFailure { since_ms, reason } => {
             (SealStateCode::SealedByFailure, unix(since_ms), 0, reason)
         }

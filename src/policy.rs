@@ -75,11 +75,17 @@ pub struct FieldRules {
 impl FieldRules {
     /// Rules with a switch of their own (every region enabled).
     pub fn new(regions: Vec<String>) -> FieldRules {
-        FieldRules::with_switch(Arc::new(crate::regions::RegionSwitch::new(&regions)), regions)
+        FieldRules::with_switch(
+            Arc::new(crate::regions::RegionSwitch::new(&regions)),
+            regions,
+        )
     }
 
     /// Rules that read the appliance's shared region switch.
-    pub fn with_switch(switch: Arc<crate::regions::RegionSwitch>, regions: Vec<String>) -> FieldRules {
+    pub fn with_switch(
+        switch: Arc<crate::regions::RegionSwitch>,
+        regions: Vec<String>,
+    ) -> FieldRules {
         FieldRules {
             regions: regions.into_iter().map(Arc::from).collect(),
             switch,
@@ -105,18 +111,16 @@ impl FieldRules {
                 ));
             }
         }
-        let region = index
-            .map(|i| self.regions[i].clone())
-            .ok_or_else(|| {
-                Refusal::new(
-                    Status::InvalidRegion,
-                    format!(
-                        "region {:?} is not configured (configured: {})",
-                        body.region,
-                        self.regions.join(", ")
-                    ),
-                )
-            })?;
+        let region = index.map(|i| self.regions[i].clone()).ok_or_else(|| {
+            Refusal::new(
+                Status::InvalidRegion,
+                format!(
+                    "region {:?} is not configured (configured: {})",
+                    body.region,
+                    self.regions.join(", ")
+                ),
+            )
+        })?;
         let purpose = Purpose::from_u8(body.purpose).ok_or_else(|| {
             Refusal::new(
                 Status::InvalidPurpose,
@@ -259,7 +263,10 @@ pub struct AccessPolicy {
 
 impl AccessPolicy {
     /// `limits`: each role's rate limit, in the order of [`Role::ALL`].
-    pub fn new(grants: std::collections::HashMap<String, Grants>, limits: [RateLimit; 4]) -> AccessPolicy {
+    pub fn new(
+        grants: std::collections::HashMap<String, Grants>,
+        limits: [RateLimit; 4],
+    ) -> AccessPolicy {
         AccessPolicy { grants, limits }
     }
 
@@ -297,7 +304,10 @@ impl AccessPolicy {
         };
         self.require_a_role(identity)?;
         let Some(g) = self.grants.get(identity) else {
-            return Err(deny(DenyReason::NoRole, format!("identity {identity:?} has no role")));
+            return Err(deny(
+                DenyReason::NoRole,
+                format!("identity {identity:?} has no role"),
+            ));
         };
         match need {
             Need::Anyone => Ok(None),
@@ -378,14 +388,23 @@ mod tests {
         assert_eq!(unknown, ["MARS"]);
         assert_eq!(
             s.snapshot(),
-            [("US-EAST".to_string(), true), ("EU-WEST".to_string(), false)]
+            [
+                ("US-EAST".to_string(), true),
+                ("EU-WEST".to_string(), false)
+            ]
         );
         assert!(!s.is_enabled(7), "an index out of range is not enabled");
         let rules = FieldRules::with_switch(s.clone(), vec!["US-EAST".into(), "EU-WEST".into()]);
         let mut b = body();
-        assert_eq!(rules.check_derive(&b).unwrap_err().status, Status::RegionDisabled);
+        assert_eq!(
+            rules.check_derive(&b).unwrap_err().status,
+            Status::RegionDisabled
+        );
         b.region = "APAC".into();
-        assert_eq!(rules.check_derive(&b).unwrap_err().status, Status::InvalidRegion);
+        assert_eq!(
+            rules.check_derive(&b).unwrap_err().status,
+            Status::InvalidRegion
+        );
         s.set(1, true);
         b.region = "EU-WEST".into();
         assert!(rules.check_derive(&b).is_ok());

@@ -171,7 +171,11 @@ mod tests {
         let lim = limit(100, 60);
         let step = 600_000_000;
         for i in 0..144_000u64 {
-            assert_eq!(l.check(&who, Uuid::nil(), lim, i * step), Ok(()), "call {i}");
+            assert_eq!(
+                l.check(&who, Uuid::nil(), lim, i * step),
+                Ok(()),
+                "call {i}"
+            );
         }
         // Twice as fast is held to the limit: half refused over a long run.
         let mut l = RateLimiter::new(4);
@@ -186,7 +190,8 @@ mod tests {
         let mut l = RateLimiter::new(3);
         let lim = limit(1, 10);
         for n in 0..3u128 {
-            l.check(&Arc::from(format!("r{n}")), Uuid::nil(), lim, 0).unwrap();
+            l.check(&Arc::from(format!("r{n}")), Uuid::nil(), lim, 0)
+                .unwrap();
         }
         // Full of busy buckets: a fourth caller waits until the first goes idle.
         assert_eq!(
@@ -206,7 +211,16 @@ mod tests {
         assert_eq!(RateLimit::parse("100/60s"), Ok(limit(100, 60)));
         assert_eq!(RateLimit::parse(" 5 / 1s"), Ok(limit(5, 1)));
         assert_eq!(limit(100, 60).to_string(), "100/60s");
-        for bad in ["", "100", "100/60", "0/60s", "100/0s", "x/1s", "1/100000s", "-1/1s"] {
+        for bad in [
+            "",
+            "100",
+            "100/60",
+            "0/60s",
+            "100/0s",
+            "x/1s",
+            "1/100000s",
+            "-1/1s",
+        ] {
             assert!(RateLimit::parse(bad).is_err(), "{bad:?}");
         }
     }

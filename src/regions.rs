@@ -14,6 +14,8 @@ use std::sync::Arc;
 pub struct RegionSwitch {
     names: Vec<Arc<str>>,
     enabled: Vec<AtomicBool>,
+    /// Whether the stored switches were applied (by the first core to start).
+    loaded: AtomicBool,
 }
 
 impl RegionSwitch {
@@ -22,7 +24,22 @@ impl RegionSwitch {
         RegionSwitch {
             names: names.iter().map(|n| Arc::from(n.as_str())).collect(),
             enabled: names.iter().map(|_| AtomicBool::new(true)).collect(),
+            loaded: AtomicBool::new(false),
         }
+    }
+
+    /// [`RegionSwitch::load`] by the first caller only: the first core to start applies
+    /// what the store holds before any core listens; a later core's snapshot (possibly
+    /// older than a switch committed meanwhile) is not applied over it.
+    pub fn load_once(&self, stored: &[(String, bool)]) -> Vec<String> {
+        if self
+            .loaded
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return Vec::new();
+        }
+        self.load(stored)
     }
 
     /// The position of a configured region.

@@ -56,7 +56,10 @@ pub enum MeshMsg {
         op: ShardOp,
         rate: Option<RateCheck>,
     },
-    Reply { ticket: u64, result: OpResult },
+    Reply {
+        ticket: u64,
+        result: OpResult,
+    },
 }
 
 /// One core's view of the shards: its own, and the mesh to the others.

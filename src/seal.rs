@@ -209,12 +209,16 @@ pub fn init(
     }
     if create_key && !matches!(config, SealConfig::Pkcs11 { .. }) {
         return Err(SealError::Hsm(
-            "--create-key makes a wrapping key on the HSM: only for seal.provider = \"pkcs11\"".into(),
+            "--create-key makes a wrapping key on the HSM: only for seal.provider = \"pkcs11\""
+                .into(),
         ));
     }
     if let ShareOutput::Dir(dir) = &split.output {
         if !dir.is_dir() {
-            return Err(file_err(dir, "not a directory (create it first, mode 0700)"));
+            return Err(file_err(
+                dir,
+                "not a directory (create it first, mode 0700)",
+            ));
         }
     }
     let imported = import.is_some();

@@ -17,7 +17,9 @@ use crate::kdf::SCHEME_V1;
 use crate::lifecycle::{self, AssetState, Transition};
 use crate::policy::CheckedDerive;
 use crate::signal::LocalSignal;
-use crate::store::{AssetWrite, CommitBatch, RecentRotation, ShardSnapshot, ShardStore, StoreError};
+use crate::store::{
+    AssetWrite, CommitBatch, RecentRotation, ShardSnapshot, ShardStore, StoreError,
+};
 use crate::wire::{AssetInfo, Receipt, Refusal, Rotated, Status};
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
@@ -33,7 +35,10 @@ use uuid::Uuid;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ShardReply {
     Asset(AssetInfo),
-    Derived { counter: u64, receipt: Receipt },
+    Derived {
+        counter: u64,
+        receipt: Receipt,
+    },
     Rotated(Rotated),
     /// After SET_REGION: every configured region and whether it is enabled.
     Regions(Vec<(String, bool)>),
@@ -202,13 +207,17 @@ impl AssetEntry {
 
     /// The state new requests see.
     fn state(&self) -> AssetState {
-        self.in_flight.back().map_or(self.durable_state, |f| f.visible)
+        self.in_flight
+            .back()
+            .map_or(self.durable_state, |f| f.visible)
     }
 
     /// The counter new derivations use (a rotation in flight: its new counter, since
     /// such a derivation is committed only after the rotation is).
     fn counter(&self) -> u64 {
-        self.in_flight.back().map_or(self.durable_counter, |f| f.counter)
+        self.in_flight
+            .back()
+            .map_or(self.durable_counter, |f| f.counter)
     }
 }
 
@@ -416,7 +425,7 @@ impl Shard {
         store: Box<dyn ShardStore>,
         regions: Arc<crate::regions::RegionSwitch>,
     ) -> Shard {
-        for unknown in regions.load(&snapshot.regions) {
+        for unknown in regions.load_once(&snapshot.regions) {
             tracing::warn!(region = %unknown, "the store has a switch for a region that is not configured; ignored");
         }
         let assets = snapshot
@@ -478,7 +487,18 @@ impl Shard {
 
     /// [`Shard::execute`] after the (requester, asset) rate limit, if any.
     pub async fn execute_limited(&self, op: ShardOp, rate: Option<RateCheck>) -> OpResult {
-        if let Some(rc) = rate {
+        // Buckets only for assets that exist (and registrations, which operators make and
+        // `limits.max_assets_per_shard` bounds): random asset ids cannot fill the table.
+        let counted = match &op {
+            ShardOp::Register { .. } | ShardOp::SetRegion { .. } => true,
+            other => self
+                .state
+                .borrow()
+                .assets
+                .get(other.asset())
+                .is_some_and(|e| e.durable),
+        };
+        if let Some(rc) = rate.filter(|_| counted) {
             let now_ns = self.started.elapsed().as_nanos() as u64;
             let checked =
                 self.limiter
@@ -532,10 +552,19 @@ impl Shard {
         match op {
             ShardOp::Status { asset } => {
                 let entry = durable_entry(&st.assets, &asset)?;
-                // The durable counter: a rotation in flight shows as ROTATING until it is.
+                // What the store holds; a rotation in flight shows as ROTATING until it is
+                // durable (other transitions in flight are not reported before they are).
+                let rotating = entry
+                    .in_flight
+                    .iter()
+                    .any(|f| f.visible == AssetState::Rotating);
                 Ok(Accepted::Now(ShardReply::Asset(AssetInfo {
                     asset,
-                    state: entry.state(),
+                    state: if rotating {
+                        AssetState::Rotating
+                    } else {
+                        entry.durable_state
+                    },
                     counter: entry.durable_counter,
                     shard: self.id,
                 })))
@@ -726,7 +755,7 @@ impl Shard {
                     asset,
                     rotation_id,
                     counter: m.counter,
-                    previous_counter: m.counter - 1,
+                    previous_counter: m.counter.saturating_sub(1),
                     receipt: Receipt {
                         shard: self.id,
                         seq,
@@ -751,7 +780,9 @@ impl Shard {
             AssetState::Rotating => {
                 let mut refusal = Refusal::new(
                     Status::Busy,
-                    format!("a rotation of asset {asset} is being committed; rotate again once it is"),
+                    format!(
+                        "a rotation of asset {asset} is being committed; rotate again once it is"
+                    ),
                 );
                 refusal.retry_after_ms = 1;
                 return Err(refusal);
@@ -778,7 +809,9 @@ impl Shard {
         if previous >= COUNTER_MAX {
             return Err(Refusal::new(
                 Status::CounterExhausted,
-                format!("asset {asset} is at the largest counter ({COUNTER_MAX}); it cannot rotate"),
+                format!(
+                    "asset {asset} is at the largest counter ({COUNTER_MAX}); it cannot rotate"
+                ),
             ));
         }
         let counter = previous + 1;
@@ -845,7 +878,10 @@ impl Shard {
             AssetState::Rotating => {
                 let mut refusal = Refusal::new(
                     Status::Busy,
-                    format!("a rotation of asset {asset} is being committed; {} it once it is", op.name()),
+                    format!(
+                        "a rotation of asset {asset} is being committed; {} it once it is",
+                        op.name()
+                    ),
                 );
                 refusal.retry_after_ms = 1;
                 return Err(refusal);
@@ -856,7 +892,10 @@ impl Shard {
         let to = lifecycle::apply(from, op.transition()).map_err(|_| {
             Refusal::new(
                 Status::InvalidTransition,
-                format!("asset {asset} is {from}: {} does not apply; nothing changed", op.name()),
+                format!(
+                    "asset {asset} is {from}: {} does not apply; nothing changed",
+                    op.name()
+                ),
             )
         })?;
         let counter = entry.counter();
@@ -887,7 +926,12 @@ impl Shard {
             counter,
             insert: false,
         };
-        Ok(self.enqueue(st, record, Some(write), Outcome::Transitioned { state: to, token }))
+        Ok(self.enqueue(
+            st,
+            record,
+            Some(write),
+            Outcome::Transitioned { state: to, token },
+        ))
     }
 
     fn check_room(&self, st: &ShardState) -> Result<(), Refusal> {
@@ -1003,7 +1047,9 @@ impl Shard {
                 }
                 Outcome::Derived | Outcome::RegionSet { .. } => {}
             }
-            let _ = op.reply.send(Err(Refusal::new(Status::StoreUnavailable, why)));
+            let _ = op
+                .reply
+                .send(Err(Refusal::new(Status::StoreUnavailable, why)));
         }
     }
 
@@ -1102,7 +1148,15 @@ impl Shard {
                 reply: op.reply,
             });
             if let Some(w) = op.region_write {
-                batch.region_writes.push(w);
+                // One write per region per batch too (the last wins).
+                match batch
+                    .region_writes
+                    .iter_mut()
+                    .find(|r| r.region == w.region)
+                {
+                    Some(earlier) => earlier.enabled = w.enabled,
+                    None => batch.region_writes.push(w),
+                }
             }
             if let Some(w) = op.write {
                 match written.get(&w.asset) {
@@ -1344,7 +1398,10 @@ mod tests {
     struct ScriptedStore(Rc<Script>);
 
     impl ShardStore for ScriptedStore {
-        fn load_with(&self, _: crate::store::RotationWindow) -> LocalFuture<Result<ShardSnapshot, StoreError>> {
+        fn load_with(
+            &self,
+            _: crate::store::RotationWindow,
+        ) -> LocalFuture<Result<ShardSnapshot, StoreError>> {
             Box::pin(async { Ok(ShardSnapshot::default()) })
         }
 
@@ -1399,7 +1456,10 @@ mod tests {
             ShardSnapshot::default(),
             limits,
             Box::new(ScriptedStore(script.clone())),
-            Arc::new(crate::regions::RegionSwitch::new(&["US-EAST".into(), "EU-WEST".into()])),
+            Arc::new(crate::regions::RegionSwitch::new(&[
+                "US-EAST".into(),
+                "EU-WEST".into(),
+            ])),
         ));
         glommio::spawn_local(shard.clone().run_committer()).detach();
         shard
@@ -1634,19 +1694,39 @@ mod tests {
             s.execute(register(a)).await.unwrap();
             s.execute(register(b)).await.unwrap();
             let first = rotated(s.execute(rotate(a, 1, None)).await);
-            assert_eq!((first.previous_counter, first.counter, first.replayed), (0, 1, false));
+            assert_eq!(
+                (first.previous_counter, first.counter, first.replayed),
+                (0, 1, false)
+            );
             // The same id again: the first answer, nothing new committed.
-            let records = script.committed.borrow().iter().map(|b| b.records.len()).sum::<usize>();
+            let records = script
+                .committed
+                .borrow()
+                .iter()
+                .map(|b| b.records.len())
+                .sum::<usize>();
             let again = rotated(s.execute(rotate(a, 1, None)).await);
-            assert_eq!((again.counter, again.receipt, again.replayed), (1, first.receipt, true));
-            let after = script.committed.borrow().iter().map(|b| b.records.len()).sum::<usize>();
+            assert_eq!(
+                (again.counter, again.receipt, again.replayed),
+                (1, first.receipt, true)
+            );
+            let after = script
+                .committed
+                .borrow()
+                .iter()
+                .map(|b| b.records.len())
+                .sum::<usize>();
             assert_eq!(records, after);
             // The id on another asset is refused; so is a stale expected counter.
             let e = s.execute(rotate(b, 1, None)).await.unwrap_err();
             assert_eq!(e.status, Status::RotationIdReused);
             let e = s.execute(rotate(a, 2, Some(0))).await.unwrap_err();
             assert_eq!(e.status, Status::CounterMismatch);
-            assert!(e.message.contains("at counter 1, not the expected 0"), "{}", e.message);
+            assert!(
+                e.message.contains("at counter 1, not the expected 0"),
+                "{}",
+                e.message
+            );
             assert_eq!(state_of(&s, a), (AssetState::Active, 1));
             assert_eq!(rotated(s.execute(rotate(a, 2, Some(1))).await).counter, 2);
             assert_eq!(counter_of(s.execute(derive(a)).await), 2);
@@ -1658,7 +1738,10 @@ mod tests {
                 .filter(|r| r.event == AuditEvent::Rotate)
                 .map(|r| (r.rotation_id, r.counter))
                 .collect();
-            assert_eq!(ids, [(Some(Uuid::from_u128(1)), 1), (Some(Uuid::from_u128(2)), 2)]);
+            assert_eq!(
+                ids,
+                [(Some(Uuid::from_u128(1)), 1), (Some(Uuid::from_u128(2)), 2)]
+            );
             let last_write = batches
                 .iter()
                 .flat_map(|b| &b.asset_writes)
@@ -1667,12 +1750,23 @@ mod tests {
                 .cloned();
             assert_eq!(
                 last_write,
-                Some(AssetWrite { asset: a, state: AssetState::Active, counter: 2, insert: false })
+                Some(AssetWrite {
+                    asset: a,
+                    state: AssetState::Active,
+                    counter: 2,
+                    insert: false
+                })
             );
             drop(batches);
             let counts = s.take_transition_counts();
-            assert_eq!(counts.get(&(AssetState::Active, AssetState::Rotating)), Some(&2));
-            assert_eq!(counts.get(&(AssetState::Rotating, AssetState::Active)), Some(&2));
+            assert_eq!(
+                counts.get(&(AssetState::Active, AssetState::Rotating)),
+                Some(&2)
+            );
+            assert_eq!(
+                counts.get(&(AssetState::Rotating, AssetState::Active)),
+                Some(&2)
+            );
         });
     }
 
@@ -1691,8 +1785,14 @@ mod tests {
             let during = accepted(&s, derive(a));
             // A second rotation or a suspension waits for this one.
             assert!(matches!(s.accept(rotate(a, 10, None)), Err(r) if r.status == Status::Busy));
-            assert!(matches!(s.accept(lifecycle(a, LifecycleOp::Suspend)), Err(r) if r.status == Status::Busy));
-            let (before, rotation, during) = (before.await.unwrap(), rotation.await.unwrap(), during.await.unwrap());
+            assert!(
+                matches!(s.accept(lifecycle(a, LifecycleOp::Suspend)), Err(r) if r.status == Status::Busy)
+            );
+            let (before, rotation, during) = (
+                before.await.unwrap(),
+                rotation.await.unwrap(),
+                during.await.unwrap(),
+            );
             let r = rotated(rotation);
             assert_eq!(counter_of(before.clone()), 0);
             assert_eq!(counter_of(during.clone()), 1);
@@ -1736,15 +1836,33 @@ mod tests {
             let a = asset(24);
             s.execute(register(a)).await.unwrap();
             let suspended = s.execute(lifecycle(a, LifecycleOp::Suspend)).await.unwrap();
-            assert!(matches!(suspended, ShardReply::Asset(AssetInfo { state: AssetState::Suspended, .. })));
-            assert_eq!(s.execute(derive(a)).await.unwrap_err().status, Status::AssetSuspended);
-            assert_eq!(s.execute(rotate(a, 1, None)).await.unwrap_err().status, Status::AssetSuspended);
-            let again = s.execute(lifecycle(a, LifecycleOp::Suspend)).await.unwrap_err();
+            assert!(matches!(
+                suspended,
+                ShardReply::Asset(AssetInfo {
+                    state: AssetState::Suspended,
+                    ..
+                })
+            ));
+            assert_eq!(
+                s.execute(derive(a)).await.unwrap_err().status,
+                Status::AssetSuspended
+            );
+            assert_eq!(
+                s.execute(rotate(a, 1, None)).await.unwrap_err().status,
+                Status::AssetSuspended
+            );
+            let again = s
+                .execute(lifecycle(a, LifecycleOp::Suspend))
+                .await
+                .unwrap_err();
             assert_eq!(again.status, Status::InvalidTransition);
             assert!(again.message.contains("is SUSPENDED"), "{}", again.message);
             s.execute(lifecycle(a, LifecycleOp::Resume)).await.unwrap();
             assert_eq!(counter_of(s.execute(derive(a)).await), 0);
-            let e = s.execute(lifecycle(a, LifecycleOp::Resume)).await.unwrap_err();
+            let e = s
+                .execute(lifecycle(a, LifecycleOp::Resume))
+                .await
+                .unwrap_err();
             assert_eq!(e.status, Status::InvalidTransition);
             s.execute(lifecycle(a, LifecycleOp::Retire)).await.unwrap();
             for op in [
@@ -1754,7 +1872,10 @@ mod tests {
                 lifecycle(a, LifecycleOp::Suspend),
                 lifecycle(a, LifecycleOp::Retire),
             ] {
-                assert_eq!(s.execute(op).await.unwrap_err().status, Status::AssetRetired);
+                assert_eq!(
+                    s.execute(op).await.unwrap_err().status,
+                    Status::AssetRetired
+                );
             }
             assert_eq!(state_of(&s, a), (AssetState::Retired, 0));
             let events: Vec<AuditEvent> = script
@@ -1767,9 +1888,18 @@ mod tests {
             use AuditEvent::*;
             assert_eq!(events, [Register, Suspend, Resume, Derive, Retire]);
             let counts = s.take_transition_counts();
-            assert_eq!(counts.get(&(AssetState::Active, AssetState::Suspended)), Some(&1));
-            assert_eq!(counts.get(&(AssetState::Suspended, AssetState::Active)), Some(&1));
-            assert_eq!(counts.get(&(AssetState::Active, AssetState::Retired)), Some(&1));
+            assert_eq!(
+                counts.get(&(AssetState::Active, AssetState::Suspended)),
+                Some(&1)
+            );
+            assert_eq!(
+                counts.get(&(AssetState::Suspended, AssetState::Active)),
+                Some(&1)
+            );
+            assert_eq!(
+                counts.get(&(AssetState::Active, AssetState::Retired)),
+                Some(&1)
+            );
         });
     }
 
@@ -1781,7 +1911,10 @@ mod tests {
             let a = asset(25);
             s.execute(register(a)).await.unwrap();
             fail_next_commit(&script, "down");
-            let e = s.execute(lifecycle(a, LifecycleOp::Suspend)).await.unwrap_err();
+            let e = s
+                .execute(lifecycle(a, LifecycleOp::Suspend))
+                .await
+                .unwrap_err();
             assert_eq!(e.status, Status::StoreUnavailable);
             assert_eq!(state_of(&s, a), (AssetState::Active, 0));
             assert_eq!(counter_of(s.execute(derive(a)).await), 0);
@@ -1806,7 +1939,12 @@ mod tests {
             assert_eq!(last.records.len(), 2);
             assert_eq!(
                 last.asset_writes,
-                [AssetWrite { asset: a, state: AssetState::Active, counter: 0, insert: false }]
+                [AssetWrite {
+                    asset: a,
+                    state: AssetState::Active,
+                    counter: 0,
+                    insert: false
+                }]
             );
         });
     }
@@ -1972,6 +2110,59 @@ mod tests {
                 }
             });
         }
+    }
+
+    #[test]
+    fn review_cases_regions_merge_status_is_durable_and_unknown_assets_take_no_bucket() {
+        run(async {
+            let script = Rc::new(Script::default());
+            let s = shard(&script, limits());
+            let a = asset(30);
+            s.execute(register(a)).await.unwrap();
+            // Two switches of one region in one batch: one region write, the last.
+            let switch = |enabled| ShardOp::SetRegion {
+                index: 1,
+                enabled,
+                requester: Arc::from("admin"),
+                request_id: 9,
+            };
+            let one = accepted(&s, switch(false));
+            let two = accepted(&s, switch(true));
+            one.await.unwrap().unwrap();
+            let regions = two.await.unwrap().unwrap();
+            assert_eq!(
+                regions,
+                ShardReply::Regions(vec![("US-EAST".into(), true), ("EU-WEST".into(), true)])
+            );
+            let last = script.committed.borrow().last().cloned().unwrap();
+            assert_eq!(last.records.len(), 2);
+            assert_eq!(
+                last.region_writes,
+                [crate::store::RegionWrite {
+                    region: "EU-WEST".into(),
+                    enabled: true
+                }]
+            );
+            // STATUS reports a suspension only once it is durable.
+            script.delay.set(Duration::from_millis(20));
+            let suspended = accepted(&s, lifecycle(a, LifecycleOp::Suspend));
+            assert_eq!(state_of(&s, a), (AssetState::Active, 0));
+            suspended.await.unwrap().unwrap();
+            assert_eq!(state_of(&s, a), (AssetState::Suspended, 0));
+            // A rate-limited request on an unknown asset makes no bucket.
+            let rc = RateCheck {
+                requester: Arc::from("svc"),
+                limit: crate::ratelimit::RateLimit::parse("1/60s").unwrap(),
+            };
+            for _ in 0..3 {
+                let e = s
+                    .execute_limited(derive(asset(31)), Some(rc.clone()))
+                    .await
+                    .unwrap_err();
+                assert_eq!(e.status, Status::UnknownAsset);
+            }
+            assert_eq!(s.limiter.borrow().buckets(), 0);
+        });
     }
 
     #[test]

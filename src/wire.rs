@@ -478,18 +478,34 @@ pub const UNSEAL_FLAG_RESET: u8 = 0x01;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Request {
     Hello,
-    Register { asset: Uuid },
+    Register {
+        asset: Uuid,
+    },
     Derive(DeriveBody),
-    Status { asset: Uuid },
+    Status {
+        asset: Uuid,
+    },
     Seal,
     /// A share (empty: ask the HSM provider to unseal now), after an optional reset.
-    Unseal { reset: bool, share: ShareText },
+    Unseal {
+        reset: bool,
+        share: ShareText,
+    },
     SealStatus,
     Rotate(RotateBody),
-    Suspend { asset: Uuid },
-    Resume { asset: Uuid },
-    Retire { asset: Uuid },
-    SetRegion { region: String, enabled: bool },
+    Suspend {
+        asset: Uuid,
+    },
+    Resume {
+        asset: Uuid,
+    },
+    Retire {
+        asset: Uuid,
+    },
+    SetRegion {
+        region: String,
+        enabled: bool,
+    },
     Regions,
 }
 
@@ -795,9 +811,13 @@ pub enum ProviderCode {
 
 impl ProviderCode {
     pub fn from_u8(code: u8) -> Option<ProviderCode> {
-        [ProviderCode::Dev, ProviderCode::Pkcs11, ProviderCode::Shamir]
-            .into_iter()
-            .find(|p| *p as u8 == code)
+        [
+            ProviderCode::Dev,
+            ProviderCode::Pkcs11,
+            ProviderCode::Shamir,
+        ]
+        .into_iter()
+        .find(|p| *p as u8 == code)
     }
 
     pub fn name(self) -> &'static str {
@@ -1514,10 +1534,7 @@ mod tests {
                 Opcode::Regions,
                 Reply::Regions(vec![("US-EAST".into(), true), ("EU-WEST".into(), false)]),
             ),
-            (
-                Opcode::SetRegion,
-                Reply::Regions(vec![]),
-            ),
+            (Opcode::SetRegion, Reply::Regions(vec![])),
             (
                 Opcode::Retire,
                 Reply::Asset(AssetInfo {

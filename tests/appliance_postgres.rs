@@ -376,9 +376,15 @@ fn rotations_and_suspensions_are_durable_on_postgres_and_a_rotation_id_survives_
     rt.block_on(async {
         let c = Client::connect(&app.client_config()).await.unwrap();
         let s = c.status(a).await.unwrap();
-        assert_eq!((s.state, s.counter), (custody::lifecycle::AssetState::Suspended, 2));
+        assert_eq!(
+            (s.state, s.counter),
+            (custody::lifecycle::AssetState::Suspended, 2)
+        );
         let again = c.rotate(a, id, None).await.unwrap();
-        assert_eq!((again.counter, again.receipt, again.replayed), (1, first.receipt, true));
+        assert_eq!(
+            (again.counter, again.receipt, again.replayed),
+            (1, first.receipt, true)
+        );
         c.resume(a).await.unwrap();
         let d = c.derive(derive_body(a, "m/44'/0'/0'/0'/1")).await.unwrap();
         assert_eq!(d.counter, 2);

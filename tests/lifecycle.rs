@@ -15,13 +15,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 fn operator_appliance(admins: &str) -> TestAppliance {
-    TestAppliance::start_with(&format!(
-        "[policy]\n{TEST_ROLES}admins = {admins}\n"
-    ))
+    TestAppliance::start_with(&format!("[policy]\n{TEST_ROLES}admins = {admins}\n"))
 }
 
 fn status_of(e: ClientError) -> Status {
-    e.status().unwrap_or_else(|| panic!("expected a refusal, got {e}"))
+    e.status()
+        .unwrap_or_else(|| panic!("expected a refusal, got {e}"))
 }
 
 #[test]
@@ -88,11 +87,17 @@ fn rotation_under_load_loses_nothing_and_no_stale_counter_follows_its_acknowledg
             .iter()
             .filter(|(sent, c)| sent > acked_at && c < counter)
             .count();
-        assert_eq!(stale, 0, "derivations sent after rotation {counter} used an older counter");
+        assert_eq!(
+            stale, 0,
+            "derivations sent after rotation {counter} used an older counter"
+        );
     }
     // Every counter from 0 to 5 served someone: no pause in service around a rotation.
     for c in 0..=5 {
-        assert!(seen.iter().any(|(_, got)| *got == c), "counter {c} never served");
+        assert!(
+            seen.iter().any(|(_, got)| *got == c),
+            "counter {c} never served"
+        );
     }
     drop(seen);
 
@@ -220,7 +225,9 @@ fn suspend_resume_retire_with_their_roles_statuses_and_audit() {
     });
     // As an admin, through the CLI.
     app.kill9();
-    app.reconfigure(&format!("[policy]\n{TEST_ROLES}admins = [\"test-client\"]\n"));
+    app.reconfigure(&format!(
+        "[policy]\n{TEST_ROLES}admins = [\"test-client\"]\n"
+    ));
     app.launch();
     let (certs, addr) = (app.certs().display().to_string(), app.addr.to_string());
     let a_text = a.to_string();
@@ -296,7 +303,10 @@ fn the_gate_refuses_by_role_purpose_and_region_and_counts_on() {
             assert_eq!(status_of(e), Status::Forbidden);
         }
         // The auditor reads status (of an asset nobody could register here).
-        assert_eq!(status_of(c.status(a).await.unwrap_err()), Status::UnknownAsset);
+        assert_eq!(
+            status_of(c.status(a).await.unwrap_err()),
+            Status::UnknownAsset
+        );
         // Purpose and region outside the grant: FORBIDDEN, saying which.
         let mut body = derive_body(a, "m/44'/0'/0'/0'/1");
         body.purpose = custody::policy::Purpose::Settlement as u8;
@@ -309,13 +319,17 @@ fn the_gate_refuses_by_role_purpose_and_region_and_counts_on() {
         assert!(e.to_string().contains("region EU-WEST"), "{e}");
         // Within the grant, the request goes on to the shard (which does not know `a`).
         body.region = "US-EAST".into();
-        assert_eq!(status_of(c.derive(body).await.unwrap_err()), Status::UnknownAsset);
+        assert_eq!(
+            status_of(c.derive(body).await.unwrap_err()),
+            Status::UnknownAsset
+        );
     });
 }
 
 #[test]
 fn an_identity_without_a_role_gets_only_hello_and_the_seal_state() {
-    let app = TestAppliance::start_with("[policy]\nregions = [\"US-EAST\", \"EU-WEST\", \"APAC\"]\n");
+    let app =
+        TestAppliance::start_with("[policy]\nregions = [\"US-EAST\", \"EU-WEST\", \"APAC\"]\n");
     let a = asset(7102);
     runtime().block_on(async {
         let c = Client::connect(&app.client_config()).await.unwrap();
@@ -347,14 +361,23 @@ fn the_rate_limit_holds_each_requester_and_asset_to_its_rate_and_says_when_to_re
         c.register(a).await.unwrap();
         c.register(b).await.unwrap();
         for i in 0..5 {
-            c.derive(derive_body(a, &format!("m/44'/0'/0'/0'/{i}"))).await.unwrap();
+            c.derive(derive_body(a, &format!("m/44'/0'/0'/0'/{i}")))
+                .await
+                .unwrap();
         }
         // The sixth within the period is refused, with when to retry (12 s = 60 s / 5).
-        let e = c.derive(derive_body(a, "m/44'/0'/0'/0'/5")).await.unwrap_err();
+        let e = c
+            .derive(derive_body(a, "m/44'/0'/0'/0'/5"))
+            .await
+            .unwrap_err();
         match e {
             ClientError::Refused(r) => {
                 assert_eq!(r.status, Status::RateLimited);
-                assert!((11_000..=12_000).contains(&r.retry_after_ms), "{}", r.retry_after_ms);
+                assert!(
+                    (11_000..=12_000).contains(&r.retry_after_ms),
+                    "{}",
+                    r.retry_after_ms
+                );
                 assert!(r.message.contains("5/60s"), "{}", r.message);
             }
             other => panic!("{other}"),

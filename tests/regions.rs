@@ -70,14 +70,27 @@ fn a_disabled_region_is_refused_on_every_core_at_once_durably_and_audited() {
     });
     let switches: Vec<(AuditEvent, Option<String>, String)> = read_audit(&app.db_path())
         .into_iter()
-        .filter(|r| matches!(r.event, AuditEvent::RegionEnable | AuditEvent::RegionDisable))
+        .filter(|r| {
+            matches!(
+                r.event,
+                AuditEvent::RegionEnable | AuditEvent::RegionDisable
+            )
+        })
         .map(|r| (r.event, r.region, r.requester))
         .collect();
     assert_eq!(
         switches,
         [
-            (AuditEvent::RegionDisable, Some("EU-WEST".into()), "test-client".into()),
-            (AuditEvent::RegionEnable, Some("EU-WEST".into()), "test-client".into()),
+            (
+                AuditEvent::RegionDisable,
+                Some("EU-WEST".into()),
+                "test-client".into()
+            ),
+            (
+                AuditEvent::RegionEnable,
+                Some("EU-WEST".into()),
+                "test-client".into()
+            ),
         ]
     );
 }
@@ -89,7 +102,12 @@ fn only_admins_switch_regions_and_any_role_lists_them() {
         let c = Client::connect(&app.client_config()).await.unwrap();
         let e = c.set_region("APAC", false).await.unwrap_err();
         assert_eq!(e.status(), Some(Status::Forbidden));
-        assert!(c.regions().await.unwrap().iter().all(|(_, enabled)| *enabled));
+        assert!(c
+            .regions()
+            .await
+            .unwrap()
+            .iter()
+            .all(|(_, enabled)| *enabled));
     });
     // Through the CLI.
     let out = app.custody(&[

@@ -130,7 +130,13 @@ fn init(app: &TestAppliance, extra: &[&str]) -> std::process::Output {
     let _ = std::fs::remove_dir_all(&shares);
     std::fs::create_dir(&shares).unwrap();
     let shares = shares.display().to_string();
-    let mut args = vec!["init", "--config", config.as_str(), "--share-dir", shares.as_str()];
+    let mut args = vec![
+        "init",
+        "--config",
+        config.as_str(),
+        "--share-dir",
+        shares.as_str(),
+    ];
     args.extend_from_slice(extra);
     app.custody(&args)
 }
@@ -417,7 +423,11 @@ fn operators_seal_and_unseal_over_the_wire_and_the_init_shares_recover_the_seed(
     app.set_env("SOFTHSM2_CONF", &hsm.conf().display().to_string());
     let out = init(&app, &["--threshold", "2", "--shares", "3"]);
     assert!(out.status.success(), "{}", text(&out));
-    assert!(text(&out).contains("split into 3 shares, any 2 of which"), "{}", text(&out));
+    assert!(
+        text(&out).contains("split into 3 shares, any 2 of which"),
+        "{}",
+        text(&out)
+    );
     app.launch();
     let a = asset(2718);
     let path = "m/44'/0'/0'/0'/4";
@@ -429,7 +439,11 @@ fn operators_seal_and_unseal_over_the_wire_and_the_init_shares_recover_the_seed(
         app.custody(&all)
     };
     let out = cli(&["seal-status"]);
-    assert!(text(&out).contains("seal state UNSEALED (provider pkcs11)"), "{}", text(&out));
+    assert!(
+        text(&out).contains("seal state UNSEALED (provider pkcs11)"),
+        "{}",
+        text(&out)
+    );
     assert!(text(&out).contains("provider calls ok 1"), "{}", text(&out));
 
     let out = cli(&["seal"]);
@@ -472,6 +486,14 @@ fn operators_seal_and_unseal_over_the_wire_and_the_init_shares_recover_the_seed(
         &c,
     ]);
     assert!(out.status.success(), "{}", text(&out));
-    assert!(text(&out).contains("matches the appliance's seed"), "{}", text(&out));
-    assert!(text(&out).contains(&format!("key          {}", hex(&key))), "{}", text(&out));
+    assert!(
+        text(&out).contains("matches the appliance's seed"),
+        "{}",
+        text(&out)
+    );
+    assert!(
+        text(&out).contains(&format!("key          {}", hex(&key))),
+        "{}",
+        text(&out)
+    );
 }

@@ -94,8 +94,12 @@ fn starts_sealed_unseals_with_k_shares_refuses_bad_ones_and_seals_again() {
         assert_eq!(mode, 0o600, "{}", f.display());
     }
     let set_file = app.dir.path().join("share-set.json");
-    let set: serde_json::Value = serde_json::from_slice(&std::fs::read(&set_file).unwrap()).unwrap();
-    assert_eq!((set["threshold"].as_u64(), set["shares"].as_u64()), (Some(3), Some(5)));
+    let set: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&set_file).unwrap()).unwrap();
+    assert_eq!(
+        (set["threshold"].as_u64(), set["shares"].as_u64()),
+        (Some(3), Some(5))
+    );
     let shares: Vec<Share> = files.iter().map(|f| read_share_file(f).unwrap()).collect();
 
     app.launch();
@@ -104,8 +108,16 @@ fn starts_sealed_unseals_with_k_shares_refuses_bad_ones_and_seals_again() {
     assert_eq!(try_derive(&app, a, path), Err(Status::Sealed));
     let out = cli(&app, &["seal-status"]);
     assert!(out.status.success(), "{}", text(&out));
-    assert!(text(&out).contains("seal state SEALED (provider shamir)"), "{}", text(&out));
-    assert!(text(&out).contains("unseal progress 0/3 (of 5 shares)"), "{}", text(&out));
+    assert!(
+        text(&out).contains("seal state SEALED (provider shamir)"),
+        "{}",
+        text(&out)
+    );
+    assert!(
+        text(&out).contains("unseal progress 0/3 (of 5 shares)"),
+        "{}",
+        text(&out)
+    );
 
     // One share in: progress 1/3, still sealed.
     let f1 = files[0].to_str().unwrap();
@@ -117,7 +129,11 @@ fn starts_sealed_unseals_with_k_shares_refuses_bad_ones_and_seals_again() {
     let out = cli(&app, &["unseal", "--share-file", f1]);
     assert_eq!(out.status.code(), Some(3), "{}", text(&out));
     assert!(text(&out).contains("SHARE_REPEATED"), "{}", text(&out));
-    assert!(text(&out).contains("share number 1 was already submitted"), "{}", text(&out));
+    assert!(
+        text(&out).contains("share number 1 was already submitted"),
+        "{}",
+        text(&out)
+    );
 
     runtime().block_on(async {
         let c = Client::connect(&app.client_config()).await.unwrap();
@@ -159,17 +175,27 @@ fn starts_sealed_unseals_with_k_shares_refuses_bad_ones_and_seals_again() {
 
     // Shares 5, 2 and 4 (any three) unseal it.
     for (i, f) in [4usize, 1, 3].iter().enumerate() {
-        let out = cli(&app, &["unseal", "--share-file", files[*f].to_str().unwrap()]);
+        let out = cli(
+            &app,
+            &["unseal", "--share-file", files[*f].to_str().unwrap()],
+        );
         assert!(out.status.success(), "{}", text(&out));
         if i < 2 {
-            assert!(text(&out).contains(&format!("unseal progress {}/3", i + 1)), "{}", text(&out));
+            assert!(
+                text(&out).contains(&format!("unseal progress {}/3", i + 1)),
+                "{}",
+                text(&out)
+            );
         } else {
             assert!(text(&out).contains("seal state UNSEALED"), "{}", text(&out));
         }
     }
     let (counter, key) = try_derive(&app, a, path).expect("serves once unsealed");
     // A share after unsealing changes nothing.
-    let out = cli(&app, &["unseal", "--share-file", files[0].to_str().unwrap()]);
+    let out = cli(
+        &app,
+        &["unseal", "--share-file", files[0].to_str().unwrap()],
+    );
     assert!(text(&out).contains("ALREADY_UNSEALED"), "{}", text(&out));
 
     // `custody recover` with three other shares derives the same key offline, and the seed
@@ -208,7 +234,11 @@ fn starts_sealed_unseals_with_k_shares_refuses_bad_ones_and_seals_again() {
             .map(|i| u8::from_str_radix(&seed_hex[2 * i..2 * i + 2], 16).unwrap())
             .collect();
         let indices: [u32; PATH_DEPTH] = *DerivationPath::parse(path).unwrap().indices();
-        let expected = openssl_kbkdf(&openssl, &seed, &spec_context(a.as_bytes(), counter, &indices));
+        let expected = openssl_kbkdf(
+            &openssl,
+            &seed,
+            &spec_context(a.as_bytes(), counter, &indices),
+        );
         assert_eq!(hex(&expected), hex(&key), "custody and OpenSSL agree");
     }
 
@@ -222,12 +252,17 @@ fn starts_sealed_unseals_with_k_shares_refuses_bad_ones_and_seals_again() {
         match try_derive(&app, a, path) {
             Err(Status::Sealed) if n >= 8 => break,
             Err(Status::Sealed) => continue,
-            other => assert!(Instant::now() < deadline, "still serving after seal: {other:?}"),
+            other => assert!(
+                Instant::now() < deadline,
+                "still serving after seal: {other:?}"
+            ),
         }
     }
     // k shares again, the same key again.
     for f in [&files[1], &files[2], &files[3]] {
-        assert!(cli(&app, &["unseal", "--share-file", f.to_str().unwrap()]).status.success());
+        assert!(cli(&app, &["unseal", "--share-file", f.to_str().unwrap()])
+            .status
+            .success());
     }
     let again = try_derive(&app, a, path).unwrap();
     assert_eq!(again.1, key);
@@ -239,7 +274,10 @@ fn starts_sealed_unseals_with_k_shares_refuses_bad_ones_and_seals_again() {
         assert!(!log.contains(&line.as_str()[60..100]), "a share in the log");
     }
     assert!(!log.contains(&hex(&key)));
-    assert!(log.contains("waiting for 3 of the 5 unseal shares"), "{log}");
+    assert!(
+        log.contains("waiting for 3 of the 5 unseal shares"),
+        "{log}"
+    );
 }
 
 #[test]
@@ -252,13 +290,23 @@ fn only_admins_seal_and_unseal_and_anyone_reads_the_state() {
         let share = read_share_file(&files[0]).unwrap().encode();
         let e = c.unseal(share.as_str(), false).await.unwrap_err();
         assert_eq!(refused_status(e), Status::Forbidden);
-        assert_eq!(refused_status(c.seal().await.unwrap_err()), Status::Forbidden);
+        assert_eq!(
+            refused_status(c.seal().await.unwrap_err()),
+            Status::Forbidden
+        );
         let s = c.seal_status().await.unwrap();
-        assert_eq!((s.state, s.shares_received, s.threshold), (SealStateCode::Sealed, 0, 2));
+        assert_eq!(
+            (s.state, s.shares_received, s.threshold),
+            (SealStateCode::Sealed, 0, 2)
+        );
     });
     let out = cli(&app, &["seal"]);
     assert_eq!(out.status.code(), Some(3));
-    assert!(text(&out).contains("FORBIDDEN") && text(&out).contains("policy.admins"), "{}", text(&out));
+    assert!(
+        text(&out).contains("FORBIDDEN") && text(&out).contains("policy.admins"),
+        "{}",
+        text(&out)
+    );
 }
 
 #[test]
@@ -269,11 +317,23 @@ fn init_and_recover_refuse_what_they_cannot_stand_behind() {
     std::fs::create_dir(&dir).unwrap();
     let d = dir.to_str().unwrap();
     for (args, says) in [
-        (vec!["--share-dir", d, "--threshold", "4", "--shares", "3"], "4-of-3 split is not allowed"),
-        (vec!["--share-dir", d, "--threshold", "1"], "1-of-5 split is not allowed"),
-        (vec!["--share-dir", d, "--print-shares"], "exactly one of --share-dir"),
+        (
+            vec!["--share-dir", d, "--threshold", "4", "--shares", "3"],
+            "4-of-3 split is not allowed",
+        ),
+        (
+            vec!["--share-dir", d, "--threshold", "1"],
+            "1-of-5 split is not allowed",
+        ),
+        (
+            vec!["--share-dir", d, "--print-shares"],
+            "exactly one of --share-dir",
+        ),
         (vec![], "exactly one of --share-dir"),
-        (vec!["--share-dir", "/nonexistent/shares"], "not a directory"),
+        (
+            vec!["--share-dir", "/nonexistent/shares"],
+            "not a directory",
+        ),
     ] {
         let mut all = vec!["init", "--config", config.as_str()];
         all.extend_from_slice(&args);
@@ -286,7 +346,16 @@ fn init_and_recover_refuse_what_they_cannot_stand_behind() {
     assert!(!app.dir.path().join("share-set.json").exists());
 
     // Printed shares: shown once, each a valid share line.
-    let out = app.custody(&["init", "--config", &config, "--print-shares", "--threshold", "2", "--shares", "3"]);
+    let out = app.custody(&[
+        "init",
+        "--config",
+        &config,
+        "--print-shares",
+        "--threshold",
+        "2",
+        "--shares",
+        "3",
+    ]);
     assert!(out.status.success(), "{}", text(&out));
     let printed: Vec<String> = String::from_utf8_lossy(&out.stdout)
         .lines()
@@ -298,7 +367,11 @@ fn init_and_recover_refuse_what_they_cannot_stand_behind() {
     // A second init never replaces the share set.
     let again = app.custody(&["init", "--config", &config, "--print-shares"]);
     assert!(!again.status.success());
-    assert!(text(&again).contains("refusing to overwrite"), "{}", text(&again));
+    assert!(
+        text(&again).contains("refusing to overwrite"),
+        "{}",
+        text(&again)
+    );
 
     // recover: one share is too few; shares from stdin work; a wrong fingerprint is refused.
     let share_file = app.dir.path().join("one.txt");
@@ -306,7 +379,11 @@ fn init_and_recover_refuse_what_they_cannot_stand_behind() {
     std::fs::set_permissions(&share_file, std::fs::Permissions::from_mode(0o600)).unwrap();
     let out = app.custody(&["recover", "--share", share_file.to_str().unwrap()]);
     assert!(!out.status.success());
-    assert!(text(&out).contains("1 shares given, this seed needs 2"), "{}", text(&out));
+    assert!(
+        text(&out).contains("1 shares given, this seed needs 2"),
+        "{}",
+        text(&out)
+    );
     let recover_stdin = |extra: &[&str]| {
         use std::io::Write;
         let mut args = vec!["recover", "--share", "-"];
@@ -319,15 +396,28 @@ fn init_and_recover_refuse_what_they_cannot_stand_behind() {
             .spawn()
             .unwrap();
         let input = format!("{}\n\n{}\n", printed[2], printed[0]);
-        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
         child.wait_with_output().unwrap()
     };
     let out = recover_stdin(&["--config", &config]);
     assert!(out.status.success(), "{}", text(&out));
-    assert!(text(&out).contains("matches the appliance's seed"), "{}", text(&out));
+    assert!(
+        text(&out).contains("matches the appliance's seed"),
+        "{}",
+        text(&out)
+    );
     let out = recover_stdin(&["--fingerprint", "00112233445566778899aabbccddeeff"]);
     assert!(!out.status.success());
-    assert!(text(&out).contains("not the expected 00112233445566778899aabbccddeeff"), "{}", text(&out));
+    assert!(
+        text(&out).contains("not the expected 00112233445566778899aabbccddeeff"),
+        "{}",
+        text(&out)
+    );
     // A share file others can read is refused.
     std::fs::set_permissions(&share_file, std::fs::Permissions::from_mode(0o644)).unwrap();
     let out = app.custody(&["recover", "--share", share_file.to_str().unwrap()]);

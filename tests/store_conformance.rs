@@ -273,7 +273,10 @@ async fn conformance(backend: Backend) {
         .unwrap();
         // A counter moving backward (I2), or an update of an asset that does not exist,
         // fails the whole batch: no record, no sequence step.
-        for bad in [write(a, AssetState::Active, 0), write(Uuid::new_v4(), AssetState::Active, 3)] {
+        for bad in [
+            write(a, AssetState::Active, 0),
+            write(Uuid::new_v4(), AssetState::Active, 3),
+        ] {
             let refused = s1
                 .commit(CommitBatch {
                     region_writes: Vec::new(),
@@ -298,21 +301,45 @@ async fn conformance(backend: Backend) {
         })
         .await
         .unwrap();
+        // Retired is terminal in the store too: a later update of the row is refused.
+        let mut retirement = record(1, 9, AuditEvent::Retire, a);
+        retirement.counter = 1;
+        retirement.state = AssetState::Retired;
+        s1.commit(CommitBatch {
+            shard: 1,
+            records: vec![retirement],
+            asset_writes: vec![write(a, AssetState::Retired, 1)],
+            region_writes: vec![],
+        })
+        .await
+        .unwrap();
+        let revived = s1
+            .commit(CommitBatch {
+                shard: 1,
+                records: vec![record(1, 10, AuditEvent::Resume, a)],
+                asset_writes: vec![write(a, AssetState::Active, 1)],
+                region_writes: vec![],
+            })
+            .await;
+        assert!(revived.is_err(), "a retired asset was brought back");
     }
     // Restart: a new store instance sees exactly what was committed.
     let store = backend.open();
     let s1 = store.open_shard(1, 2).load().await.unwrap();
-    assert_eq!(s1.last_seq, 8);
+    assert_eq!(s1.last_seq, 9);
     assert_eq!(s1.regions, [("EU-WEST".to_string(), false)]);
     assert_eq!(
         s1.assets.iter().map(|x| x.asset).collect::<Vec<_>>(),
         vec![a]
     );
-    assert_eq!(s1.assets[0].state, AssetState::Suspended);
+    assert_eq!(s1.assets[0].state, AssetState::Retired);
     assert_eq!(s1.assets[0].counter, 1);
     assert_eq!(s1.rotations.len(), 1);
     let r = s1.rotations[0];
-    assert_eq!((r.rotation_id, r.asset, r.counter, r.seq), (rotation_id(), a, 1, 6));
+    assert_eq!(
+        (r.rotation_id, r.asset, r.counter, r.seq),
+        (rotation_id(), a, 1, 6)
+    );
     // The window: nothing newer than an hour from now, and at most `max`.
     let later = store
         .open_shard(1, 2)
@@ -325,7 +352,10 @@ async fn conformance(backend: Backend) {
     assert!(later.rotations.is_empty());
     let none = store
         .open_shard(1, 2)
-        .load_with(RotationWindow { since_ms: 0, max: 0 })
+        .load_with(RotationWindow {
+            since_ms: 0,
+            max: 0,
+        })
         .await
         .unwrap();
     assert!(none.rotations.is_empty());
@@ -344,6 +374,7 @@ async fn conformance(backend: Backend) {
         (1, 6, "ROTATE".into(), a, 1),
         (1, 7, "SUSPEND".into(), a, 1),
         (1, 8, "REGION_DISABLE".into(), Uuid::nil(), 0),
+        (1, 9, "RETIRE".into(), a, 1),
     ];
     assert_eq!(audit, expected);
     backend.drop_database().await;

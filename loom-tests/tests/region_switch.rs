@@ -22,7 +22,10 @@ fn a_request_checked_after_the_switch_answered_sees_it() {
         };
         // Another core's gate: once the answer is out, EU-WEST is refused.
         if answered.load(Ordering::Acquire) {
-            assert!(!switch.is_enabled(1), "a request after the answer saw the old switch");
+            assert!(
+                !switch.is_enabled(1),
+                "a request after the answer saw the old switch"
+            );
         }
         assert!(switch.is_enabled(0), "other regions are untouched");
         shard.join().unwrap();

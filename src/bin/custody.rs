@@ -383,7 +383,12 @@ fn recover(args: &Args) -> anyhow::Result<i32> {
             let parsed = custody::kdf::DerivationPath::parse(path)
                 .map_err(|e| anyhow::anyhow!("--path {path:?}: {e}"))?;
             let key = custody::kdf::DerivationKey::new(&seed)?;
-            Some((asset, path.clone(), counter, key.derive(&asset, counter, &parsed)))
+            Some((
+                asset,
+                path.clone(),
+                counter,
+                key.derive(&asset, counter, &parsed),
+            ))
         }
         _ => bail!("to derive a key give all three of --asset, --path and --counter"),
     };
@@ -416,7 +421,9 @@ fn recover(args: &Args) -> anyhow::Result<i32> {
         );
         match &expected {
             Some(_) => println!("  fingerprint  {fingerprint} (matches the appliance's seed)"),
-            None => println!("  fingerprint  {fingerprint} (not compared: give --config or --fingerprint)"),
+            None => println!(
+                "  fingerprint  {fingerprint} (not compared: give --config or --fingerprint)"
+            ),
         }
         if let Some((asset, path, counter, key)) = &derived {
             println!("  key          {}", hex(&key[..]));
@@ -562,7 +569,7 @@ async fn client_command(command: &str, args: &Args) -> anyhow::Result<i32> {
                     .with_context(|| format!("--rotation-id {text:?} is not a UUID"))?,
                 None => Uuid::new_v4(),
             };
-            if args.rotation_id.is_none() && !args.json {
+            if args.rotation_id.is_none() {
                 // Printed first, so a retry after a lost answer can reuse it.
                 eprintln!("rotation id {rotation_id} (pass it as --rotation-id to retry safely)");
             }
@@ -736,7 +743,10 @@ fn seal_text(s: &SealInfo, json: bool) -> String {
         out.push_str(&format!("\n  since {} (Unix ms)", s.since_unix_ms));
     }
     if s.key_unsealed_unix_ms > 0 {
-        out.push_str(&format!("\n  key unsealed at {} (Unix ms)", s.key_unsealed_unix_ms));
+        out.push_str(&format!(
+            "\n  key unsealed at {} (Unix ms)",
+            s.key_unsealed_unix_ms
+        ));
     }
     if s.state == SealStateCode::SealedByFailure && !s.reason.is_empty() {
         out.push_str(&format!("\n  reason {}", s.reason));

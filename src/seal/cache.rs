@@ -183,7 +183,6 @@ impl SeedCache {
         Ok(cache)
     }
 
-
     /// A cache for the `shamir` provider: it starts sealed, with no thread and no
     /// provider; [`SeedCache::submit_share`] unseals it once `set.threshold` shares of the
     /// set's seed are in. Its key has no TTL: it serves until an operator seals.
@@ -356,7 +355,6 @@ impl SeedCache {
         }
     }
 
-
     /// Stops the seal thread and drops the key (for the graceful shutdown).
     pub fn stop(&self) {
         drop(self.slot.seal());
@@ -368,7 +366,9 @@ impl SeedCache {
         if s.state != state {
             match &state {
                 SealState::Unsealed => tracing::info!("seed cache: unsealed"),
-                SealState::Sealed { .. } => tracing::warn!("seed cache: sealed, waiting for shares"),
+                SealState::Sealed { .. } => {
+                    tracing::warn!("seed cache: sealed, waiting for shares")
+                }
                 SealState::Unsealing { .. } => {}
                 SealState::ServingStale { .. } => {
                     tracing::warn!(
@@ -960,7 +960,11 @@ mod tests {
         assert_eq!((p.received, p.threshold, p.unsealed), (1, 2, false));
         assert!(matches!(
             cache.status().state,
-            SealState::Unsealing { received: 1, threshold: 2, .. }
+            SealState::Unsealing {
+                received: 1,
+                threshold: 2,
+                ..
+            }
         ));
         assert!(matches!(
             cache.submit_share(&shares[2].encode()),
@@ -990,7 +994,10 @@ mod tests {
         cache.seal();
         core.refresh();
         assert!(!core.serving() && !core.holds_key());
-        assert!(matches!(cache.status().state, SealState::SealedByOperator { .. }));
+        assert!(matches!(
+            cache.status().state,
+            SealState::SealedByOperator { .. }
+        ));
         assert!(!cache.submit_share(&shares[1].encode()).unwrap().unsealed);
         assert!(cache.submit_share(&shares[0].encode()).unwrap().unsealed);
         core.refresh();

@@ -196,7 +196,11 @@ impl Share {
         }
         let text = text.trim();
         let mut parts = text.split(':');
-        let mut next = || parts.next().ok_or_else(|| bad("too few ':'-separated fields"));
+        let mut next = || {
+            parts
+                .next()
+                .ok_or_else(|| bad("too few ':'-separated fields"))
+        };
         let format = next()?;
         if format != SHARE_FORMAT {
             return Err(bad(&format!("it does not start with {SHARE_FORMAT:?}")));
@@ -230,11 +234,17 @@ impl Share {
             value: [0u8; SEED_LEN],
         };
         if !hex_into(value_hex, &mut share.value) {
-            return Err(bad(&format!("the share is not {} hex digits", 2 * SEED_LEN)));
+            return Err(bad(&format!(
+                "the share is not {} hex digits",
+                2 * SEED_LEN
+            )));
         }
         let mut given = [0u8; CHECK_LEN];
         if !hex_into(check_hex, &mut given) {
-            return Err(bad(&format!("the check is not {} hex digits", 2 * CHECK_LEN)));
+            return Err(bad(&format!(
+                "the check is not {} hex digits",
+                2 * CHECK_LEN
+            )));
         }
         if given != check(seed_id, threshold, index, &share.value) {
             return Err(ShareError::Checksum);
@@ -320,9 +330,8 @@ pub fn split(
     for start in 0..n {
         let subset: Vec<&Share> = (0..k).map(|j| &out[(start + j) % n]).collect();
         let numbers: Vec<String> = subset.iter().map(|s| s.index.to_string()).collect();
-        let rebuilt = combine(&subset).map_err(|e| {
-            ShamirError::Verify(format!("{} ({e})", numbers.join(", ")))
-        })?;
+        let rebuilt = combine(&subset)
+            .map_err(|e| ShamirError::Verify(format!("{} ({e})", numbers.join(", "))))?;
         if rebuilt.expose() != seed.expose() {
             return Err(ShamirError::Verify(numbers.join(", ")));
         }
@@ -440,8 +449,7 @@ impl ShareSet {
     pub fn read(path: &Path) -> Result<ShareSet, ShamirError> {
         use std::os::unix::fs::MetadataExt;
         let shown = path.display().to_string();
-        let meta =
-            std::fs::metadata(path).map_err(|e| ShamirError::Io(format!("{shown}: {e}")))?;
+        let meta = std::fs::metadata(path).map_err(|e| ShamirError::Io(format!("{shown}: {e}")))?;
         let mode = meta.permissions().mode() & 0o777;
         if mode & 0o077 != 0 {
             return Err(ShamirError::TooOpen { path: shown, mode });
@@ -492,7 +500,10 @@ pub fn share_file_name(index: u8) -> String {
 
 /// Writes each share to `dir/share-<n>.txt` (mode 0600, never over an existing file).
 /// Every target is checked free before the first is written.
-pub fn write_share_files(dir: &Path, shares: &[Share]) -> Result<Vec<std::path::PathBuf>, ShamirError> {
+pub fn write_share_files(
+    dir: &Path,
+    shares: &[Share],
+) -> Result<Vec<std::path::PathBuf>, ShamirError> {
     let paths: Vec<_> = shares
         .iter()
         .map(|s| dir.join(share_file_name(s.index)))
@@ -693,7 +704,11 @@ pub fn fuzz_decode(data: &[u8]) {
         }
         if let Ok(set) = ShareSet::parse(text) {
             let json = serde_json::to_string(&set).expect("a share set serializes");
-            assert_eq!(ShareSet::parse(&json).ok(), Some(set), "share set round trip");
+            assert_eq!(
+                ShareSet::parse(&json).ok(),
+                Some(set),
+                "share set round trip"
+            );
         }
     }
 }
@@ -747,7 +762,13 @@ mod tests {
     fn split_parameters_are_bounded() {
         let s = seed(1);
         let id = Uuid::new_v4();
-        for (k, n) in [(1, 3), (0, 0), (4, 3), (2, MAX_SHARES + 1), (MAX_SHARES + 1, MAX_SHARES + 1)] {
+        for (k, n) in [
+            (1, 3),
+            (0, 0),
+            (4, 3),
+            (2, MAX_SHARES + 1),
+            (MAX_SHARES + 1, MAX_SHARES + 1),
+        ] {
             assert!(
                 matches!(split(&s, id, k, n), Err(ShamirError::Parameters { .. })),
                 "{k}-of-{n}"
@@ -788,7 +809,9 @@ mod tests {
             );
         }
         // Errors never echo the share.
-        let e = Share::parse(&line[..line.len() - 1]).unwrap_err().to_string();
+        let e = Share::parse(&line[..line.len() - 1])
+            .unwrap_err()
+            .to_string();
         assert!(!e.contains(&line[60..100]), "{e}");
     }
 
@@ -799,31 +822,54 @@ mod tests {
         let shares = split(&s, id, 3, 5).unwrap();
         let mut gate = ShareGate::new(set_for(&s, id, 3, 5)).unwrap();
         let t0 = Instant::now();
-        let Ok(Submitted::Progress { received: 1, threshold: 3 }) =
-            gate.submit(&shares[4].encode(), t0)
+        let Ok(Submitted::Progress {
+            received: 1,
+            threshold: 3,
+        }) = gate.submit(&shares[4].encode(), t0)
         else {
             panic!("first share")
         };
         // Repeated, damaged, other seed, other threshold: refused, progress unchanged.
         assert_eq!(
             gate.submit(&shares[4].encode(), t0).err(),
-            Some(ShareError::Repeated { index: 5, received: 1, threshold: 3 })
+            Some(ShareError::Repeated {
+                index: 5,
+                received: 1,
+                threshold: 3
+            })
         );
-        assert_eq!(gate.submit("nonsense", t0).err().map(|e| matches!(e, ShareError::Malformed(_))), Some(true));
+        assert_eq!(
+            gate.submit("nonsense", t0)
+                .err()
+                .map(|e| matches!(e, ShareError::Malformed(_))),
+            Some(true)
+        );
         let other = split(&s, Uuid::new_v4(), 3, 5).unwrap();
-        assert!(matches!(gate.submit(&other[0].encode(), t0), Err(ShareError::OtherSeed { .. })));
+        assert!(matches!(
+            gate.submit(&other[0].encode(), t0),
+            Err(ShareError::OtherSeed { .. })
+        ));
         let two_of = split(&s, id, 2, 5).unwrap();
         assert!(matches!(
             gate.submit(&two_of[0].encode(), t0),
-            Err(ShareError::ThresholdMismatch { share: 2, expected: 3 })
+            Err(ShareError::ThresholdMismatch {
+                share: 2,
+                expected: 3
+            })
         ));
         let beyond = Share::from_parts(id, 3, 6, [1; SEED_LEN]);
         assert!(matches!(
             gate.submit(&beyond.encode(), t0),
-            Err(ShareError::NoSuchShare { index: 6, shares: 5 })
+            Err(ShareError::NoSuchShare {
+                index: 6,
+                shares: 5
+            })
         ));
         assert_eq!(gate.progress(t0), (1, 3));
-        assert!(matches!(gate.submit(&shares[0].encode(), t0), Ok(Submitted::Progress { received: 2, .. })));
+        assert!(matches!(
+            gate.submit(&shares[0].encode(), t0),
+            Ok(Submitted::Progress { received: 2, .. })
+        ));
         match gate.submit(&shares[2].encode(), t0) {
             Ok(Submitted::Unsealed(got)) => assert_eq!(got.expose(), s.expose()),
             _ => panic!("third share should unseal"),
@@ -872,7 +918,10 @@ mod tests {
         gate.submit(&shares[0].encode(), t0).ok().unwrap();
         let later = t0 + UNSEAL_PROGRESS_TIMEOUT;
         assert_eq!(gate.progress(later), (0, 2));
-        assert!(matches!(gate.submit(&shares[1].encode(), later), Ok(Submitted::Progress { received: 1, .. })));
+        assert!(matches!(
+            gate.submit(&shares[1].encode(), later),
+            Ok(Submitted::Progress { received: 1, .. })
+        ));
     }
 
     #[test]
@@ -895,7 +944,10 @@ mod tests {
             assert!(ShareSet::parse(&v.to_string()).is_err(), "{field}={bad}");
         }
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
-        assert!(matches!(ShareSet::read(&path), Err(ShamirError::TooOpen { .. })));
+        assert!(matches!(
+            ShareSet::read(&path),
+            Err(ShamirError::TooOpen { .. })
+        ));
     }
 
     #[test]

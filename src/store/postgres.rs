@@ -11,8 +11,7 @@
 use super::pg_tls::{PgTls, SslMode};
 use super::{
     CommitBatch, LocalFuture, RecentRotation, RotationWindow, ShardSnapshot, ShardStore, Store,
-    StoreError, StoredAsset,
-    SCHEMA_VERSION,
+    StoreError, StoredAsset, SCHEMA_VERSION,
 };
 use crate::lifecycle::AssetState;
 use crate::router::shard_of;
@@ -464,7 +463,7 @@ WITH own AS (
     UPDATE custody_keys k SET state = w.state, derivation_counter = w.counter, updated_at = now()
     FROM unnest($22::uuid[], $23::text[], $24::bigint[]) AS w(asset_id, state, counter)
     WHERE k.asset_id = w.asset_id AND k.derivation_counter <= w.counter
-        AND EXISTS (SELECT 1 FROM adv)
+        AND k.state <> 'RETIRED' AND EXISTS (SELECT 1 FROM adv)
     RETURNING 1
 ), regions AS (
     INSERT INTO custody_regions (region, enabled, updated_at)
@@ -655,7 +654,10 @@ impl PgShardInner {
         }
         let regions = s
             .client
-            .query("SELECT region, enabled FROM custody_regions ORDER BY region", &[])
+            .query(
+                "SELECT region, enabled FROM custody_regions ORDER BY region",
+                &[],
+            )
             .await
             .map_err(pg_err)?
             .iter()
@@ -720,7 +722,11 @@ impl PgShardInner {
         }
         let (mut ids, mut states, mut counters) = (Vec::new(), Vec::new(), Vec::new());
         let (mut upd_ids, mut upd_states, mut upd_counters) = (Vec::new(), Vec::new(), Vec::new());
-        let region_names: Vec<&str> = batch.region_writes.iter().map(|w| w.region.as_str()).collect();
+        let region_names: Vec<&str> = batch
+            .region_writes
+            .iter()
+            .map(|w| w.region.as_str())
+            .collect();
         let region_enabled: Vec<bool> = batch.region_writes.iter().map(|w| w.enabled).collect();
         for w in &batch.asset_writes {
             let counter = to_i64(w.counter, "counter")?;

@@ -430,7 +430,7 @@ fn write_batches<'a>(
         let mut update_key = tx
             .prepare_cached(
                 "UPDATE custody_keys SET state = ?2, derivation_counter = ?3, updated_ms = ?4 \
-                 WHERE asset_id = ?1 AND derivation_counter <= ?3",
+                 WHERE asset_id = ?1 AND derivation_counter <= ?3 AND state <> 'RETIRED'",
             )
             .map_err(sql_err)?;
         let now = crate::audit::now_ms() as i64;
@@ -554,11 +554,14 @@ fn recent_rotations(
             let text: Option<String> = row.get(i).map_err(sql_err)?;
             text.as_deref()
                 .and_then(|t| Uuid::parse_str(t).ok())
-                .ok_or_else(|| StoreError::Corrupt(format!("ROTATE record: column {i} is not a UUID")))
+                .ok_or_else(|| {
+                    StoreError::Corrupt(format!("ROTATE record: column {i} is not a UUID"))
+                })
         };
         let number = |i: usize| -> Result<u64, StoreError> {
             let v: i64 = row.get(i).map_err(sql_err)?;
-            u64::try_from(v).map_err(|_| StoreError::Corrupt(format!("ROTATE record: column {i} is {v}")))
+            u64::try_from(v)
+                .map_err(|_| StoreError::Corrupt(format!("ROTATE record: column {i} is {v}")))
         };
         out.push(RecentRotation {
             rotation_id: uuid(0)?,
@@ -843,12 +846,20 @@ mod tests {
         assert_eq!(rows.len(), 1);
         let r = &rows[0];
         assert_eq!(
-            (r.seq, r.event, r.counter, r.requester.as_str(), r.rotation_id),
+            (
+                r.seq,
+                r.event,
+                r.counter,
+                r.requester.as_str(),
+                r.rotation_id
+            ),
             (1, AuditEvent::Derive, 4, "old", None)
         );
         assert_eq!(r.derivation_path.as_deref(), Some("m/44'/0'/0'/0'/1"));
         let conn = Connection::open(&path).unwrap();
-        let version: u32 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+        let version: u32 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
         assert_eq!(version, SCHEMA_VERSION);
         conn.execute(
             "INSERT INTO custody_audit_log (shard, seq, event, asset_id, counter, state_at_event, requester, request_id, ts_ms, rotation_id) VALUES (0, 2, 'ROTATE', 'x', 5, 'ACTIVE', 'r', 1, 6, 'id')",
