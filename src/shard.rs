@@ -326,6 +326,10 @@ struct ShardState {
     durable_next: u64,
     /// A batch failed: once no batch is in flight, numbering restarts at `durable_next`.
     resync: bool,
+    /// The store's log is ahead of what this shard believes is durable (a commit that was
+    /// reported failed had in fact landed): re-read the shard from the store before
+    /// anything more is accepted.
+    reload: bool,
     pending: VecDeque<PendingOp>,
     inflight_batches: usize,
     rotations: RotationIndex,
@@ -445,6 +449,7 @@ impl Shard {
                 next_seq: snapshot.last_seq + 1,
                 durable_next: snapshot.last_seq + 1,
                 resync: false,
+                reload: false,
                 pending: VecDeque::with_capacity(limits.pending_max.min(4096)),
                 inflight_batches: 0,
                 rotations,
@@ -549,6 +554,17 @@ impl Shard {
 
     fn accept(&self, op: ShardOp) -> Result<Accepted, Refusal> {
         let mut st = self.state.borrow_mut();
+        if st.reload {
+            let mut refusal = Refusal::new(
+                Status::StoreUnavailable,
+                format!(
+                    "shard {} is re-reading its state from the store; retry",
+                    self.id
+                ),
+            );
+            refusal.retry_after_ms = 10;
+            return Err(refusal);
+        }
         match op {
             ShardOp::Status { asset } => {
                 let entry = durable_entry(&st.assets, &asset)?;
@@ -977,6 +993,11 @@ impl Shard {
                 let st = self.state.borrow();
                 (st.pending.len(), st.inflight_batches, st.resync)
             };
+            let reload = self.state.borrow().reload;
+            if reload && inflight == 0 {
+                self.reload_from_store().await;
+                continue;
+            }
             if resync && inflight == 0 {
                 // Every batch sealed before the failure has been heard from: number again
                 // from the last durable record.
@@ -1005,6 +1026,52 @@ impl Shard {
             let sealed_at = Instant::now();
             let commit = self.store.commit(batch);
             glommio::spawn_local(self.clone().finish_batch(commit, waiters, sealed_at)).detach();
+        }
+    }
+
+    /// Re-reads the shard's assets, rotations, region switches and sequence from the
+    /// store, after answering STORE_UNAVAILABLE to everything still waiting to be sealed
+    /// (it was accepted against the old picture). Retries until the store answers.
+    async fn reload_from_store(&self) {
+        let pending = std::mem::take(&mut self.state.borrow_mut().pending);
+        for op in pending {
+            let _ = op.reply.send(Err(Refusal::new(
+                Status::StoreUnavailable,
+                "not committed: the shard is re-reading its state from the store",
+            )));
+        }
+        let window = crate::store::RotationWindow {
+            since_ms: now_ms().saturating_sub(self.limits.rotation_id_retention.as_millis() as u64),
+            max: self.limits.rotation_ids_max,
+        };
+        match self.store.load_with(window).await {
+            Ok(snapshot) => {
+                let mut st = self.state.borrow_mut();
+                st.assets = snapshot
+                    .assets
+                    .iter()
+                    .map(|a| (a.asset, AssetEntry::new(a.state, a.counter, true)))
+                    .collect();
+                st.rotations = RotationIndex::default();
+                for r in &snapshot.rotations {
+                    st.rotations.load(r, &self.limits);
+                }
+                self.regions.load(&snapshot.regions);
+                st.next_seq = snapshot.last_seq + 1;
+                st.durable_next = snapshot.last_seq + 1;
+                st.resync = false;
+                st.reload = false;
+                tracing::warn!(
+                    shard = self.id,
+                    assets = st.assets.len(),
+                    last_seq = snapshot.last_seq,
+                    "shard re-read from the store"
+                );
+            }
+            Err(e) => {
+                tracing::warn!(shard = self.id, error = %e, "re-reading the shard from the store failed; retrying");
+                glommio::timer::sleep(Duration::from_millis(100)).await;
+            }
         }
     }
 
@@ -1080,8 +1147,19 @@ impl Shard {
                 self.settle(&waiters, false);
                 if let StoreError::SequenceGap { expected, .. } = e {
                     // The store says where its log continues: everything before that is
-                    // durable, whatever this shard heard about it.
+                    // durable, whatever this shard heard about it. If that is further
+                    // than this shard knows, a batch it took for failed had landed: its
+                    // registry may be wrong, so it re-reads the store.
                     let mut st = self.state.borrow_mut();
+                    if expected > st.durable_next {
+                        tracing::error!(
+                            shard = self.id,
+                            expected,
+                            believed = st.durable_next,
+                            "the store holds records this shard took for not committed; re-reading the shard from the store"
+                        );
+                        st.reload = true;
+                    }
                     st.durable_next = st.durable_next.max(expected);
                 }
                 let message = format!("commit failed: {e}");
@@ -1393,16 +1471,44 @@ mod tests {
         /// How long each commit takes.
         delay: Cell<Duration>,
         committed: RefCell<Vec<CommitBatch>>,
+        /// The next commit lands but is reported failed (a connection lost after COMMIT).
+        land_then_fail: Cell<bool>,
     }
 
     struct ScriptedStore(Rc<Script>);
 
     impl ShardStore for ScriptedStore {
+        /// What the committed batches add up to, as a real store would load it.
         fn load_with(
             &self,
             _: crate::store::RotationWindow,
         ) -> LocalFuture<Result<ShardSnapshot, StoreError>> {
-            Box::pin(async { Ok(ShardSnapshot::default()) })
+            let mut snap = ShardSnapshot::default();
+            let mut assets: Vec<crate::store::StoredAsset> = Vec::new();
+            for b in self.0.committed.borrow().iter() {
+                for r in &b.records {
+                    snap.last_seq = r.seq;
+                    if let (AuditEvent::Rotate, Some(id)) = (r.event, r.rotation_id) {
+                        snap.rotations.push(RecentRotation {
+                            rotation_id: id,
+                            asset: r.asset,
+                            counter: r.counter,
+                            seq: r.seq,
+                            ts_ms: r.ts_ms,
+                        });
+                    }
+                }
+                for w in &b.asset_writes {
+                    assets.retain(|a| a.asset != w.asset);
+                    assets.push(crate::store::StoredAsset {
+                        asset: w.asset,
+                        state: w.state,
+                        counter: w.counter,
+                    });
+                }
+            }
+            snap.assets = assets;
+            Box::pin(async move { Ok(snap) })
         }
 
         fn commit(&self, batch: CommitBatch) -> LocalFuture<Result<(), StoreError>> {
@@ -1426,6 +1532,12 @@ mod tests {
                         expected: last + 1,
                         found: first,
                     });
+                }
+                if script.land_then_fail.replace(false) {
+                    script.committed.borrow_mut().push(batch);
+                    return Err(StoreError::Unavailable(
+                        "connection lost after COMMIT".into(),
+                    ));
                 }
                 let outcome = script.outcomes.borrow_mut().pop_front().unwrap_or(Ok(()));
                 if outcome.is_ok() {
@@ -2163,6 +2275,57 @@ mod tests {
             }
             assert_eq!(s.limiter.borrow().buckets(), 0);
         });
+    }
+
+    #[test]
+    fn a_commit_reported_failed_that_had_landed_makes_the_shard_reread_the_store() {
+        run(async {
+            let script = Rc::new(Script::default());
+            let s = shard(&script, limits());
+            let a = asset(32);
+            s.execute(register(a)).await.unwrap();
+            script.land_then_fail.set(true);
+            // Reported failed, but durable in the store.
+            let e = s.execute(rotate(a, 77, None)).await.unwrap_err();
+            assert_eq!(e.status, Status::StoreUnavailable);
+            assert_eq!(state_of(&s, a), (AssetState::Active, 0), "undone in memory");
+            // The next batch finds the store ahead: refused, and the shard re-reads it.
+            let e = s.execute(derive(a)).await.unwrap_err();
+            assert_eq!(e.status, Status::StoreUnavailable);
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while state_of_or_busy(&s, a) != Some((AssetState::Active, 1)) {
+                assert!(
+                    Instant::now() < deadline,
+                    "the shard did not re-read the store"
+                );
+                glommio::timer::sleep(Duration::from_millis(5)).await;
+            }
+            // It knows the rotation now: the id answers its result; derivations use it.
+            let again = rotated(s.execute(rotate(a, 77, None)).await);
+            assert_eq!((again.counter, again.replayed), (1, true));
+            assert_eq!(counter_of(s.execute(derive(a)).await), 1);
+            // And the log holds no derivation at the old counter after the rotation.
+            let log: Vec<AuditRecord> = script
+                .committed
+                .borrow()
+                .iter()
+                .flat_map(|b| b.records.clone())
+                .collect();
+            for (i, r) in log.iter().enumerate() {
+                assert_eq!(r.seq, i as u64 + 1);
+            }
+            assert!(log
+                .iter()
+                .filter(|r| r.event == AuditEvent::Derive)
+                .all(|r| r.counter == 1));
+        });
+    }
+
+    fn state_of_or_busy(s: &Shard, a: Uuid) -> Option<(AssetState, u64)> {
+        match s.accept(ShardOp::Status { asset: a }) {
+            Ok(Accepted::Now(ShardReply::Asset(info))) => Some((info.state, info.counter)),
+            _ => None,
+        }
     }
 
     #[test]
