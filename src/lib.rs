@@ -9,9 +9,12 @@
 //! - [`net`]: accepts on the shared port, TLS handshake, reads frames, writes replies.
 //! - [`tls`]: rustls configuration; the requester is the client certificate's identity.
 //! - [`wire`]: the sans-IO codec of protocol v1 (frames, requests, replies, statuses).
-//! - [`policy`]: the field rules every request passes before it reaches a shard.
+//! - [`policy`]: the gate every request passes before it reaches a shard: the identity's
+//!   roles (deriver by purpose and region, operator, admin, auditor) and the field rules,
+//!   with [`regions`] (the compliance regions' on/off switch shared by every core).
 //! - [`router`]: asset → shard hash, and the bounded mesh between cores.
-//! - [`shard`]: the owning core's registry, audit records and group commit.
+//! - [`shard`]: the owning core's registry, audit records and group commit; the
+//!   (requester, asset) rate limit of [`ratelimit`] is kept here.
 //! - [`lifecycle`]: asset states and their transitions (rotate, suspend, resume, retire
 //!   are applied by the owning shard and audited like derivations).
 //! - [`audit`]: the audit record of every acknowledged operation.
