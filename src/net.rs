@@ -9,7 +9,7 @@
 
 use crate::config::{IdentitySource, Limits};
 use crate::kdf::SCHEME_V1;
-use crate::policy::{check_asset_id, AccessPolicy, Denied, DenyReason, FieldRules, Need};
+use crate::policy::{check_asset_id, Denied, DenyReason, FieldRules, Need};
 use crate::router::ShardRouter;
 use crate::seal::cache::{clock_ms, CoreKey, SealState, SeedCache};
 use crate::seal::shamir::ShareError;
@@ -50,8 +50,8 @@ pub struct CoreContext {
     pub acceptor: futures_rustls::TlsAcceptor,
     pub hello: HelloInfo,
     pub connections: Cell<u32>,
-    /// Who may do what, and at which rate (`[policy]`).
-    pub access: Arc<AccessPolicy>,
+    /// Who may do what, and at which rate (`[policy]`; replaced whole on SIGHUP).
+    pub access: crate::policy::CorePolicy,
     /// Requests the policy refused on this core, by [`DenyReason`] (for metrics).
     pub denials: RefCell<[u64; 4]>,
     pub seal_provider: ProviderCode,
@@ -339,12 +339,13 @@ fn dispatch(
         // Checked with its purpose and region once the fields are.
         Request::Derive(_) => Need::Anyone,
     };
-    let mut limit = match ctx.access.authorize(identity, need) {
+    let access = ctx.access.get();
+    let mut limit = match access.authorize(identity, need) {
         Ok(limit) => limit,
         Err(denied) => return deny(ctx, identity, outbox, opcode, request_id, denied),
     };
     if matches!(request, Request::Derive(_)) {
-        if let Err(denied) = ctx.access.require_a_role(identity) {
+        if let Err(denied) = access.require_a_role(identity) {
             return deny(ctx, identity, outbox, opcode, request_id, denied);
         }
     }
@@ -478,7 +479,7 @@ fn dispatch(
                     purpose: request.purpose,
                     region: &request.region,
                 };
-                match ctx.access.authorize(identity, need) {
+                match access.authorize(identity, need) {
                     Ok(l) => limit = l,
                     Err(denied) => return deny(ctx, identity, outbox, opcode, request_id, denied),
                 }

@@ -68,6 +68,8 @@ struct CoreSetup {
     events: mpsc::Sender<CoreEvent>,
     /// The regions' switch, shared by every core.
     regions: Arc<crate::regions::RegionSwitch>,
+    /// The access policy in force (replaced on SIGHUP).
+    policy: Arc<crate::policy::PolicyCell>,
 }
 
 enum CoreEvent {
@@ -89,6 +91,19 @@ enum CoreEvent {
 /// Runs the appliance until the process is stopped. Returns only on a start-up failure or
 /// when a core stops.
 pub fn run(config: Config) -> Result<(), ServerError> {
+    run_with_reload(config, None)
+}
+
+/// [`run`], and with `config_file`, SIGHUP re-reads it and puts its `[policy]` roles and
+/// rate limits in force, whole or not at all (see [`reload_policy`]).
+pub fn run_with_reload(
+    config: Config,
+    config_file: Option<std::path::PathBuf>,
+) -> Result<(), ServerError> {
+    let policy = Arc::new(crate::policy::PolicyCell::new(config.policy.access.clone()));
+    if let Some(file) = config_file {
+        spawn_reloader(file, config.clone(), policy.clone());
+    }
     std::fs::create_dir_all(&config.server.state_dir).map_err(|e| ServerError::StateDir {
         path: config.server.state_dir.display().to_string(),
         reason: e.to_string(),
@@ -150,6 +165,7 @@ pub fn run(config: Config) -> Result<(), ServerError> {
         mesh,
         events,
         regions: Arc::new(crate::regions::RegionSwitch::new(&config.policy.regions)),
+        policy: policy.clone(),
     };
     let online = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -310,7 +326,7 @@ async fn core_main(core: usize, setup: CoreSetup) -> Result<(), String> {
             max_inflight_per_connection: config.limits.max_inflight_per_connection,
         },
         connections: Cell::new(0),
-        access: Arc::new(config.policy.access.clone()),
+        access: crate::policy::CorePolicy::new(setup.policy.clone()),
         denials: Default::default(),
         seal_provider: match &config.seal {
             crate::config::SealConfig::Dev { .. } => ProviderCode::Dev,
@@ -368,4 +384,53 @@ async fn log_commit_stats(shard: Rc<Shard>, every: std::time::Duration) {
 
 fn bind(addr: SocketAddr) -> glommio::Result<glommio::net::TcpListener, ()> {
     glommio::net::TcpListener::bind(addr)
+}
+
+/// Re-reads the configuration file and, if it resolves and changes nothing that needs a
+/// restart, puts its access policy in force. A bad file changes nothing: the policy in
+/// force stays, and the problems are returned (and logged).
+pub fn reload_policy(
+    file: &std::path::Path,
+    running: &Config,
+    cell: &crate::policy::PolicyCell,
+) -> Result<(), String> {
+    let new = crate::config::load(file).map_err(|e| e.to_string().trim_end().to_owned())?;
+    if new.policy.regions != running.policy.regions {
+        return Err("policy.regions changed: the list of regions takes a restart (switch a region off with `custody region disable` instead)".into());
+    }
+    cell.replace(new.policy.access.clone());
+    Ok(())
+}
+
+/// A thread that waits for SIGHUP (blocked in every other thread, since it is blocked
+/// here before the executors start) and reloads the policy.
+fn spawn_reloader(file: std::path::PathBuf, running: Config, cell: Arc<crate::policy::PolicyCell>) {
+    // SAFETY: sigset manipulation on a local set, and pthread_sigmask on this thread; the
+    // threads spawned afterwards inherit the mask, so only the reloader takes SIGHUP.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    unsafe {
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGHUP);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+    let spawned = std::thread::Builder::new()
+        .name("custody-reload".into())
+        .spawn(move || loop {
+            let mut signal: libc::c_int = 0;
+            // SAFETY: waits for a signal of `set`, which this thread has blocked.
+            if unsafe { libc::sigwait(&set, &mut signal) } != 0 {
+                continue;
+            }
+            match reload_policy(&file, &running, &cell) {
+                Ok(()) => tracing::warn!(file = %file.display(), "SIGHUP: policy reloaded"),
+                Err(problems) => tracing::error!(
+                    file = %file.display(),
+                    %problems,
+                    "SIGHUP: policy not reloaded; the policy in force is unchanged"
+                ),
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start the reload thread: SIGHUP will not reload the policy");
+    }
 }

@@ -141,6 +141,7 @@ fn real_main() -> anyhow::Result<i32> {
             }
         }
         "run" => {
+            let file = config.clone().or_else(|| positional.first().cloned());
             let Some(config) = load_config(config, &positional, "run")? else {
                 return Ok(2);
             };
@@ -157,7 +158,7 @@ fn real_main() -> anyhow::Result<i32> {
                 eprintln!("custodyd: cannot make the process undumpable: {e}");
                 return Ok(1);
             }
-            match custody::server::run(config) {
+            match custody::server::run_with_reload(config, file) {
                 Ok(()) => Ok(0),
                 Err(e) => {
                     eprintln!("custodyd stopped: {e}");
