@@ -151,13 +151,8 @@ pub struct Limits {
 #[derive(Clone, Debug)]
 pub struct Policy {
     pub regions: Vec<String>,
-    /// Identities with the admin role: seal, unseal and retire (and what operators may).
-    pub admins: Vec<String>,
-    /// Identities with the operator role: register, rotate, suspend and resume.
-    pub operators: Vec<String>,
-    /// Identities with the auditor role: status.
-    pub auditors: Vec<String>,
-    /// Every identity's roles and each role's rate limit, as the gate checks them.
+    /// Every identity's roles (`policy.derivers`, `operators`, `admins`, `auditors`) and
+    /// each role's rate limit, as the gate checks them.
     pub access: crate::policy::AccessPolicy,
 }
 
@@ -761,9 +756,6 @@ pub fn resolve(table: &toml::Table, base_dir: &Path, file: &str) -> Result<Confi
         Some(pending_max),
         Some(assets_max),
         Some(regions),
-        Some(admins),
-        Some(operators),
-        Some(auditors),
         Some(access),
         Some(buckets),
         Some(rotation_retention),
@@ -796,9 +788,6 @@ pub fn resolve(table: &toml::Table, base_dir: &Path, file: &str) -> Result<Confi
         pending_max,
         assets_max,
         regions,
-        admins,
-        operators,
-        auditors,
         access,
         buckets,
         rotation_retention,
@@ -873,13 +862,7 @@ pub fn resolve(table: &toml::Table, base_dir: &Path, file: &str) -> Result<Confi
             rotation_ids_max_per_shard: rotation_ids_max as u32,
             rate_limit_buckets_per_shard: buckets as u32,
         },
-        policy: Policy {
-            regions,
-            admins,
-            operators,
-            auditors,
-            access,
-        },
+        policy: Policy { regions, access },
     })
 }
 

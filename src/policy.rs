@@ -280,8 +280,13 @@ impl AccessPolicy {
 
     /// Refuses an identity that holds no role (before its request's fields are looked at).
     pub fn require_a_role(&self, identity: &str) -> Result<(), Denied> {
+        self.roles_of(identity).map(|_| ())
+    }
+
+    /// The identity's grants, if it holds any role: one lookup.
+    fn roles_of(&self, identity: &str) -> Result<&Grants, Denied> {
         match self.grants.get(identity) {
-            Some(g) if g.any() => Ok(()),
+            Some(g) if g.any() => Ok(g),
             _ => Err(Denied {
                 reason: DenyReason::NoRole,
                 refusal: Refusal::new(
@@ -302,13 +307,7 @@ impl AccessPolicy {
             reason,
             refusal: Refusal::new(Status::Forbidden, message),
         };
-        self.require_a_role(identity)?;
-        let Some(g) = self.grants.get(identity) else {
-            return Err(deny(
-                DenyReason::NoRole,
-                format!("identity {identity:?} has no role"),
-            ));
-        };
+        let g = self.roles_of(identity)?;
         match need {
             Need::Anyone => Ok(None),
             Need::Derive { purpose, region } => {
@@ -411,14 +410,14 @@ impl CorePolicy {
         }
     }
 
-    /// The policy to check this request against.
-    pub fn get(&self) -> Arc<AccessPolicy> {
+    /// The policy to check this request against, borrowed from this core's copy (no
+    /// reference count shared by the cores is touched per request).
+    pub fn get(&self) -> std::cell::Ref<'_, AccessPolicy> {
         let generation = self.cell.generation();
-        let mut copy = self.copy.borrow_mut();
-        if copy.0 != generation {
-            *copy = (generation, self.cell.current());
+        if self.copy.borrow().0 != generation {
+            *self.copy.borrow_mut() = (generation, self.cell.current());
         }
-        copy.1.clone()
+        std::cell::Ref::map(self.copy.borrow(), |c| &*c.1)
     }
 }
 

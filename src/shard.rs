@@ -1187,7 +1187,6 @@ impl Shard {
                     settled.push(Settled {
                         seq: w.seq,
                         asset: w.asset,
-                        counter: w.counter,
                         outcome: w.outcome,
                     });
                 }
@@ -1261,7 +1260,6 @@ impl Shard {
             waiters.iter().map(|w| Settled {
                 seq: w.seq,
                 asset: w.asset,
-                counter: w.counter,
                 outcome: w.outcome,
             }),
             durable,
@@ -1299,14 +1297,9 @@ impl Shard {
                 Outcome::Rotated { token, .. } | Outcome::Transitioned { token, .. } => {
                     if durable {
                         if let Some(e) = st.assets.get_mut(&part.asset) {
-                            if let Some(at) = e.in_flight.iter().position(|f| f.token == token) {
-                                // Settles come in sequence order: this is the oldest.
-                                let f = e.in_flight.remove(at).unwrap_or(InFlight {
-                                    token,
-                                    visible: e.durable_state,
-                                    then: e.durable_state,
-                                    counter: e.durable_counter,
-                                });
+                            // Settles come in sequence order: this is the oldest.
+                            let at = e.in_flight.iter().position(|f| f.token == token);
+                            if let Some(f) = at.and_then(|at| e.in_flight.remove(at)) {
                                 let from = e.durable_state;
                                 *st.transitions.entry((from, f.visible)).or_default() += 1;
                                 if f.visible != f.then {
@@ -1391,8 +1384,6 @@ impl Shard {
 struct Settled {
     seq: u64,
     asset: Uuid,
-    #[allow(dead_code)]
-    counter: u64,
     outcome: Outcome,
 }
 
