@@ -96,13 +96,20 @@ fn codec(c: &mut Criterion) {
 }
 
 fn gate(c: &mut Criterion) {
-    let rules = FieldRules::new(vec!["US-EAST".into(), "EU-WEST".into(), "APAC".into()]);
+    let regions: Vec<String> = vec!["US-EAST".into(), "EU-WEST".into(), "APAC".into()];
+    let rules = FieldRules::with_switch(std::sync::Arc::new(custody::regions::RegionSwitch::new(
+        &regions,
+    )));
+    let table = custody::policy::RegionTable::in_order(&regions);
     let b0 = body();
     c.bench_function("policy/check_derive", |b| {
-        b.iter(|| rules.check_derive(black_box(&b0)).unwrap())
+        b.iter(|| rules.check_derive(black_box(&b0), &table).unwrap())
     });
     // The role check of a deriver among 1,000 identities.
-    use custody::policy::{AccessPolicy, DeriverGrant, Grants, Need, Purpose, RateLimit};
+    // Each deriver is limited to one of 64 asset groups of 1,000 assets each.
+    use custody::policy::{
+        AccessPolicy, AssetGroups, DeriverGrant, Grants, Need, Purpose, RateLimit,
+    };
     let limit = RateLimit::parse("100/60s").unwrap();
     let grants = (0..1000)
         .map(|i| {
@@ -112,19 +119,37 @@ fn gate(c: &mut Criterion) {
                     deriver: Some(DeriverGrant {
                         purposes: vec![Purpose::Trading, Purpose::Settlement],
                         regions: vec!["US-EAST".into(), "EU-WEST".into()],
+                        asset_groups: Some((vec![format!("desk-{}", i % 64)], 1u64 << (i % 64))),
                     }),
                     ..Grants::default()
                 },
             )
         })
         .collect();
-    let access = AccessPolicy::new(grants, [limit; 4]);
+    let id = |g: u64, a: u64| {
+        let mut b = [0u8; 16];
+        b[..8].copy_from_slice(&g.to_be_bytes());
+        b[8..].copy_from_slice(&a.to_be_bytes());
+        uuid::Builder::from_random_bytes(b).into_uuid()
+    };
+    let groups = AssetGroups::new(
+        (0..64u64)
+            .map(|g| {
+                let members = (0..1000u64).map(|a| id(g, a)).collect();
+                (format!("desk-{g}"), members)
+            })
+            .collect(),
+    );
+    // svc-517 is in desk-5 (517 % 64); its asset is the 7th of desk-5.
+    let grouped = id(5, 7);
+    let access = AccessPolicy::new(grants, [limit; 4]).with_asset_groups(groups);
     c.bench_function("policy/authorize derive (1,000 identities)", |b| {
         b.iter(|| {
             access
                 .authorize(
                     black_box("svc-517"),
                     Need::Derive {
+                        asset: &grouped,
                         purpose: Purpose::Settlement,
                         region: "EU-WEST",
                     },

@@ -61,3 +61,13 @@ pub const ROTATION_IDS_PER_SHARD_CAP: usize = 10_000_000;
 
 /// Most rate-limit buckets one shard may be configured to keep.
 pub const RATE_LIMIT_BUCKETS_PER_SHARD_CAP: usize = 10_000_000;
+
+/// Most regions `policy.regions` may name (the configured regions, at start or after a reload).
+pub const REGIONS_MAX: usize = 255;
+
+/// Most asset groups `policy.asset_groups` may define (a deriver's grant holds them as one
+/// 64-bit mask, so the check is one AND).
+pub const ASSET_GROUPS_MAX: usize = 64;
+
+/// Most memberships (asset, group) all of `policy.asset_groups` may list together.
+pub const ASSET_GROUP_MEMBERS_MAX: usize = 1_000_000;

@@ -339,6 +339,16 @@ impl Client {
         }
     }
 
+    /// Admin: has the appliance re-read its configuration file and put its `[policy]` in
+    /// force (whole, or not at all: POLICY_INVALID lists the file's problems).
+    pub async fn policy_reload(&self) -> Result<crate::wire::PolicyReloaded, ClientError> {
+        match self.call(&Request::PolicyReload).await? {
+            Reply::PolicyReloaded(p) => Ok(p),
+            Reply::Refused(r) => Err(ClientError::Refused(r)),
+            _ => Err(ClientError::UnexpectedReply(Opcode::PolicyReload)),
+        }
+    }
+
     /// Admin: enables or disables a configured region (durable, audited); the answer
     /// comes once every core refuses (or serves) it.
     pub async fn set_region(

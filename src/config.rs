@@ -224,7 +224,8 @@ pub const KEYS: &[KeyDoc] = &[
     KeyDoc { key: "policy.admins", default: "[]", doc: "client identities with the admin role: `custody seal`, `custody unseal` and `custody retire` over the wire, and what operators may (none by default)" },
     KeyDoc { key: "policy.operators", default: "[]", doc: "client identities with the operator role: register, `custody rotate`, `custody suspend`, `custody resume`, and status (none by default)" },
     KeyDoc { key: "policy.auditors", default: "[]", doc: "client identities with the auditor role: status (none by default)" },
-    KeyDoc { key: "policy.derivers", default: "[]", doc: "client identities with the deriver role, each `{ identity = \"…\", purposes = [\"TRADING\", …], regions = [\"US-EAST\", …] }`: it may derive only for those purposes and regions. An identity with no role is refused everything but HELLO and SEAL_STATUS" },
+    KeyDoc { key: "policy.derivers", default: "[]", doc: "client identities with the deriver role, each `{ identity = \"…\", purposes = [\"TRADING\", …], regions = [\"US-EAST\", …] }` and optionally `asset_groups = [\"desk-fx\", …]`: it may derive only for those purposes and regions (and assets of those groups). An identity with no role is refused everything but HELLO and SEAL_STATUS" },
+    KeyDoc { key: "policy.asset_groups", default: "{}", doc: "named sets of asset ids a deriver may be limited to, e.g. `{ desk-fx = [\"0b9f…\", …] }`; a deriver with `asset_groups = [\"desk-fx\"]` may derive only assets of those groups (at most 64 groups, 1,000,000 memberships in all)" },
     KeyDoc { key: "policy.rate_limits", default: "{}", doc: "per-role rate limits overriding limits.rate_limit, e.g. `{ auditor = \"10000/60s\" }`; roles: deriver, operator, admin, auditor" },
 ];
 
@@ -613,10 +614,10 @@ pub fn resolve(table: &toml::Table, base_dir: &Path, file: &str) -> Result<Confi
 
     let regions = r.string_list("policy.regions", &["US-EAST", "EU-WEST", "APAC"]);
     if let Some(list) = &regions {
-        if list.is_empty() || list.len() > 255 {
+        if list.is_empty() || list.len() > bounds::REGIONS_MAX {
             r.problem::<()>(
                 "policy.regions",
-                "must name between 1 and 255 regions".into(),
+                format!("must name between 1 and {} regions", bounds::REGIONS_MAX),
             );
         }
         for (i, name) in list.iter().enumerate() {
@@ -669,9 +670,30 @@ pub fn resolve(table: &toml::Table, base_dir: &Path, file: &str) -> Result<Confi
         bounds::RATE_LIMIT_BUCKETS_PER_SHARD_CAP as i64,
     );
     let role_limits = r.rate_limits("policy.rate_limits", default_limit);
-    let derivers = r.derivers("policy.derivers", regions.as_deref().unwrap_or(&[]));
-    let access = match (&admins, &operators, &auditors, derivers, role_limits) {
-        (Some(admins), Some(operators), Some(auditors), Some(derivers), Some(limits)) => {
+    let groups = r.asset_groups("policy.asset_groups");
+    let derivers = r.derivers(
+        "policy.derivers",
+        regions.as_deref().unwrap_or(&[]),
+        groups.as_ref(),
+    );
+    let access = match (
+        &admins,
+        &operators,
+        &auditors,
+        derivers,
+        role_limits,
+        groups,
+        &regions,
+    ) {
+        (
+            Some(admins),
+            Some(operators),
+            Some(auditors),
+            Some(derivers),
+            Some(limits),
+            Some(groups),
+            Some(regions),
+        ) => {
             let mut grants: std::collections::HashMap<String, crate::policy::Grants> =
                 std::collections::HashMap::new();
             for (identity, d) in derivers {
@@ -686,7 +708,11 @@ pub fn resolve(table: &toml::Table, base_dir: &Path, file: &str) -> Result<Confi
             for a in auditors {
                 grants.entry(a.clone()).or_default().auditor = true;
             }
-            Some(crate::policy::AccessPolicy::new(grants, limits))
+            Some(
+                crate::policy::AccessPolicy::new(grants, limits)
+                    .with_asset_groups(groups)
+                    .with_regions(crate::policy::RegionTable::in_order(regions)),
+            )
         }
         _ => None,
     };
@@ -1012,12 +1038,100 @@ impl Resolver<'_> {
         ok.then_some(out)
     }
 
-    /// `policy.derivers`: a list of `{ identity, purposes, regions }`; every purpose a
-    /// known one, every region a configured one, no identity twice.
+    /// `policy.asset_groups`: a table of group name → list of asset ids (RFC 4122 UUIDs),
+    /// within [`bounds::ASSET_GROUPS_MAX`] groups and [`bounds::ASSET_GROUP_MEMBERS_MAX`]
+    /// memberships.
+    fn asset_groups(&mut self, key: &'static str) -> Option<crate::policy::AssetGroups> {
+        let table = match self.raw(key).cloned() {
+            None => return Some(crate::policy::AssetGroups::default()),
+            Some(toml::Value::Table(t)) => t,
+            Some(v) => {
+                return self.problem(
+                    key,
+                    format!(
+                        "expected a table of group = [asset ids], found {}",
+                        v.type_str()
+                    ),
+                )
+            }
+        };
+        if table.len() > bounds::ASSET_GROUPS_MAX {
+            return self.problem(
+                key,
+                format!(
+                    "{} groups: at most {} may be defined",
+                    table.len(),
+                    bounds::ASSET_GROUPS_MAX
+                ),
+            );
+        }
+        let members: usize = table
+            .values()
+            .map(|v| v.as_array().map_or(0, |a| a.len()))
+            .sum();
+        if members > bounds::ASSET_GROUP_MEMBERS_MAX {
+            return self.problem(
+                key,
+                format!(
+                    "{members} memberships: at most {} may be listed",
+                    bounds::ASSET_GROUP_MEMBERS_MAX
+                ),
+            );
+        }
+        let mut ok = true;
+        let mut groups = Vec::with_capacity(table.len());
+        for (name, value) in table {
+            let at = format!("{key}.{name}");
+            let name_ok = !name.is_empty()
+                && name.len() <= 64
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+            if !name_ok {
+                self.problem::<()>(
+                    &at,
+                    "a group name is 1-64 characters of A-Z, a-z, 0-9, '-', '_' and '.'".into(),
+                );
+                ok = false;
+            }
+            let Some(items) = value.as_array() else {
+                self.problem::<()>(
+                    &at,
+                    format!("expected a list of asset ids, found {}", value.type_str()),
+                );
+                ok = false;
+                continue;
+            };
+            let mut assets = Vec::with_capacity(items.len());
+            for item in items {
+                let parsed = item
+                    .as_str()
+                    .and_then(|t| uuid::Uuid::parse_str(t).ok())
+                    .filter(|u| crate::policy::check_asset_id(u).is_ok());
+                match parsed {
+                    Some(u) => assets.push(u),
+                    None => {
+                        self.problem::<()>(
+                            &at,
+                            format!("{item}: not an RFC 4122 asset id (a UUID, variant 10, version 1-8)"),
+                        );
+                        ok = false;
+                    }
+                }
+            }
+            groups.push((name, assets));
+        }
+        ok.then(|| crate::policy::AssetGroups::new(groups))
+    }
+
+    /// `policy.derivers`: a list of `{ identity, purposes, regions, asset_groups? }`;
+    /// every purpose a known one, every region a configured one, every group a defined
+    /// one, no identity twice.
     fn derivers(
         &mut self,
         key: &'static str,
         configured: &[String],
+        groups: Option<&crate::policy::AssetGroups>,
     ) -> Option<Vec<(String, crate::policy::DeriverGrant)>> {
         let items = match self.raw(key).cloned() {
             None => return Some(Vec::new()),
@@ -1041,13 +1155,12 @@ impl Resolver<'_> {
                 ok = false;
                 continue;
             };
-            if let Some(extra) = t
-                .keys()
-                .find(|k| !["identity", "purposes", "regions"].contains(&k.as_str()))
-            {
+            if let Some(extra) = t.keys().find(|k| {
+                !["identity", "purposes", "regions", "asset_groups"].contains(&k.as_str())
+            }) {
                 self.problem::<()>(
                     &at,
-                    format!("unknown field {extra:?} (identity, purposes, regions)"),
+                    format!("unknown field {extra:?} (identity, purposes, regions, asset_groups)"),
                 );
                 ok = false;
             }
@@ -1114,7 +1227,43 @@ impl Resolver<'_> {
                     Vec::new()
                 }
             };
-            out.push((identity, crate::policy::DeriverGrant { purposes, regions }));
+            let asset_groups = match t.get("asset_groups") {
+                None => None,
+                Some(_) => match (strings("asset_groups"), groups) {
+                    (Some(names), Some(groups)) if !names.is_empty() => match groups.mask(&names) {
+                        Ok(mask) => Some((names, mask)),
+                        Err(unknown) => {
+                            self.problem::<()>(
+                                &at,
+                                format!("asset group {unknown:?} is not in policy.asset_groups"),
+                            );
+                            ok = false;
+                            None
+                        }
+                    },
+                    // The groups themselves are wrong: reported there.
+                    (Some(names), None) if !names.is_empty() => {
+                        ok = false;
+                        None
+                    }
+                    _ => {
+                        self.problem::<()>(
+                            &at,
+                            "asset_groups: a non-empty list of group names (leave it out for every asset)".into(),
+                        );
+                        ok = false;
+                        None
+                    }
+                },
+            };
+            out.push((
+                identity,
+                crate::policy::DeriverGrant {
+                    purposes,
+                    regions,
+                    asset_groups,
+                },
+            ));
         }
         ok.then_some(out)
     }
@@ -1345,7 +1494,9 @@ mod tests {
         ))
         .unwrap();
         let access = &c.policy.access;
+        let asset = uuid::Uuid::parse_str("0b9f3c5e-8d1a-4f6b-9c2d-3e4f5a6b7c8d").unwrap();
         let trading = Need::Derive {
+            asset: &asset,
             purpose: Purpose::Trading,
             region: "APAC",
         };
@@ -1395,6 +1546,62 @@ mod tests {
         .to_string();
         assert!(err.contains("\"janitor\" is not a role"), "{err}");
         assert!(err.contains("admin: \"0/1s\""), "{err}");
+    }
+
+    #[test]
+    fn asset_groups_resolve_and_every_mistake_is_named() {
+        use crate::policy::{DenyReason, Need, Purpose};
+        let fx = "0b9f3c5e-8d1a-4f6b-9c2d-3e4f5a6b7c8d";
+        let c = resolve_text(&format!(
+            "{MINIMAL}\n[policy]\nderivers = [{{ identity = \"fx\", purposes = [\"TRADING\"], regions = [\"APAC\"], asset_groups = [\"desk-fx\"] }}]\n[policy.asset_groups]\ndesk-fx = [\"{fx}\"]\ndesk-rates = []\n"
+        ))
+        .unwrap();
+        let access = &c.policy.access;
+        assert_eq!(access.asset_groups().len(), 2);
+        let need = |asset| Need::Derive {
+            asset,
+            purpose: Purpose::Trading,
+            region: "APAC",
+        };
+        let member = uuid::Uuid::parse_str(fx).unwrap();
+        assert!(access.authorize("fx", need(&member)).is_ok());
+        let other = uuid::Uuid::new_v4();
+        assert_eq!(
+            access.authorize("fx", need(&other)).unwrap_err().reason,
+            DenyReason::AssetGroup
+        );
+
+        let err = resolve_text(&format!(
+            "{MINIMAL}\n[policy]\nderivers = [{{ identity = \"a\", purposes = [\"TRADING\"], regions = [\"APAC\"], asset_groups = [\"desk-eq\"] }}, {{ identity = \"b\", purposes = [\"TRADING\"], regions = [\"APAC\"], asset_groups = [] }}]\n[policy.asset_groups]\n\"bad name\" = [\"{fx}\"]\ndesk-rates = [\"00000000-0000-0000-0000-000000000000\", 7]\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        for expected in [
+            "policy.asset_groups.bad name: a group name is 1-64 characters",
+            "policy.asset_groups.desk-rates: \"00000000-0000-0000-0000-000000000000\": not an RFC 4122 asset id",
+            "policy.asset_groups.desk-rates: 7: not an RFC 4122 asset id",
+            "policy.derivers[1]: asset_groups: a non-empty list",
+        ] {
+            assert!(err.contains(expected), "{expected}\n{err}");
+        }
+        let err = resolve_text(&format!(
+            "{MINIMAL}\n[policy]\nderivers = [{{ identity = \"a\", purposes = [\"TRADING\"], regions = [\"APAC\"], asset_groups = [\"desk-eq\"] }}]\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains(
+                "policy.derivers[0]: asset group \"desk-eq\" is not in policy.asset_groups"
+            ),
+            "{err}"
+        );
+        let many: String = (0..=crate::bounds::ASSET_GROUPS_MAX)
+            .map(|i| format!("g{i} = []\n"))
+            .collect();
+        let err = resolve_text(&format!("{MINIMAL}\n[policy.asset_groups]\n{many}"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("65 groups: at most 64"), "{err}");
     }
 
     #[test]

@@ -10,8 +10,9 @@
 //! - [`tls`]: rustls configuration; the requester is the client certificate's identity.
 //! - [`wire`]: the sans-IO codec of protocol v1 (frames, requests, replies, statuses).
 //! - [`policy`]: the gate every request passes before it reaches a shard: the identity's
-//!   roles (deriver by purpose and region, operator, admin, auditor) and the field rules,
-//!   with [`regions`] (the compliance regions' on/off switch shared by every core).
+//!   roles (deriver by purpose, region and asset group, operator, admin, auditor) and the
+//!   field rules, with [`regions`] (the compliance regions' on/off switch shared by every
+//!   core); the whole policy is replaced on a reload (SIGHUP or POLICY_RELOAD).
 //! - [`router`]: asset → shard hash, and the bounded mesh between cores.
 //! - [`shard`]: the owning core's registry, audit records and group commit; the
 //!   (requester, asset) rate limit of [`ratelimit`] is kept here.
@@ -55,6 +56,7 @@ pub mod wire;
 /// The synchronisation primitives [`regions`] is written against (loom swaps these).
 pub(crate) mod sync {
     pub use std::sync::atomic::{AtomicBool, Ordering};
+    pub use std::sync::{Mutex, MutexGuard};
 }
 
 /// Helpers shared by the unit tests of several modules.

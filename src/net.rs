@@ -53,7 +53,10 @@ pub struct CoreContext {
     /// Who may do what, and at which rate (`[policy]`; replaced whole on SIGHUP).
     pub access: crate::policy::CorePolicy,
     /// Requests the policy refused on this core, by [`DenyReason`] (for metrics).
-    pub denials: RefCell<[u64; 4]>,
+    pub denials: RefCell<[u64; DenyReason::ALL.len()]>,
+    /// Re-reads the configuration file on an admin's POLICY_RELOAD (`None`: started
+    /// without a file).
+    pub reloader: Option<Arc<crate::server::Reloader>>,
     pub seal_provider: ProviderCode,
 }
 
@@ -277,12 +280,64 @@ fn deny(
 ) {
     ctx.denials.borrow_mut()[denied.reason as usize] += 1;
     match denied.reason {
-        DenyReason::Purpose | DenyReason::Region => {
+        DenyReason::Purpose | DenyReason::Region | DenyReason::AssetGroup => {
             tracing::debug!(%identity, opcode, reason = denied.reason.name(), "request denied")
         }
         _ => tracing::info!(%identity, opcode, reason = denied.reason.name(), "request denied"),
     }
     outbox.refuse(opcode, request_id, denied.refusal)
+}
+
+/// POLICY_RELOAD: re-reads the configuration file on a thread of its own (file I/O stays
+/// off the executor) and answers with the policy now in force, or every problem of the
+/// file (the policy in force unchanged).
+fn policy_reload(
+    ctx: &CoreContext,
+    identity: &Arc<str>,
+    outbox: &Rc<Outbox>,
+    opcode: u8,
+    request_id: u64,
+) {
+    let Some(reloader) = ctx.reloader.clone() else {
+        let refusal = Refusal::new(
+            Status::ReloadUnavailable,
+            "the appliance was started without a configuration file (--config) to re-read",
+        );
+        return outbox.refuse(opcode, request_id, refusal);
+    };
+    let outbox = outbox.clone();
+    let trigger = format!("POLICY_RELOAD by {identity:?}");
+    glommio::spawn_local(async move {
+        let (done, result) = crate::store::handoff::completion();
+        if let Err(e) = std::thread::Builder::new()
+            .name("custody-reload-request".into())
+            .spawn(move || done.complete(reloader.reload(&trigger)))
+        {
+            tracing::error!(error = %e, "cannot start a thread for the policy reload");
+        }
+        let result = result.await.unwrap_or_else(|_| {
+            Err("the reload could not run (no thread); the policy in force is unchanged".into())
+        });
+        match result {
+            Ok(r) => {
+                let reply = wire::PolicyReloaded {
+                    generation: r.generation,
+                    identities: u32::try_from(r.identities).unwrap_or(u32::MAX),
+                    regions: u16::try_from(r.regions).unwrap_or(u16::MAX),
+                    asset_groups: u16::try_from(r.asset_groups).unwrap_or(u16::MAX),
+                };
+                outbox.push(opcode, request_id, &Reply::PolicyReloaded(reply))
+            }
+            Err(problems) => {
+                let refusal = Refusal::new(
+                    Status::PolicyInvalid,
+                    format!("policy not reloaded, the policy in force is unchanged: {problems}"),
+                );
+                outbox.refuse(opcode, request_id, refusal)
+            }
+        }
+    })
+    .detach();
 }
 
 /// A rotation id must be an RFC 4122 UUID, as an asset id must.
@@ -329,7 +384,8 @@ fn dispatch(
         Request::Seal
         | Request::Unseal { .. }
         | Request::Retire { .. }
-        | Request::SetRegion { .. } => Need::Admin,
+        | Request::SetRegion { .. }
+        | Request::PolicyReload => Need::Admin,
         Request::Regions => Need::AnyRole,
         Request::Register { .. }
         | Request::Rotate(_)
@@ -352,14 +408,15 @@ fn dispatch(
     let op = match request {
         Request::Hello => return outbox.push(opcode, request_id, &Reply::Hello(ctx.hello)),
         Request::Regions => {
-            let list = ctx.rules.switch().snapshot();
+            let list = access.regions().states(ctx.rules.switch());
             return outbox.push(opcode, request_id, &Reply::Regions(list));
         }
-        Request::SetRegion { region, enabled } => match ctx.rules.switch().index(&region) {
-            Some(index) => {
+        Request::PolicyReload => return policy_reload(ctx, identity, outbox, opcode, request_id),
+        Request::SetRegion { region, enabled } => match access.regions().find(&region) {
+            Some((_, slot)) => {
                 tracing::warn!(%identity, %region, enabled, "region switch requested");
                 ShardOp::SetRegion {
-                    index,
+                    index: slot,
                     enabled,
                     requester: identity.clone(),
                     request_id,
@@ -473,9 +530,10 @@ fn dispatch(
                 Err(refusal) => return outbox.refuse(opcode, request_id, refusal),
             }
         }
-        Request::Derive(body) => match ctx.rules.check_derive(&body) {
+        Request::Derive(body) => match ctx.rules.check_derive(&body, access.regions()) {
             Ok(request) => {
                 let need = Need::Derive {
+                    asset: &request.asset,
                     purpose: request.purpose,
                     region: &request.region,
                 };
@@ -523,7 +581,10 @@ fn dispatch(
         match ctx.router.route(op, rate).await {
             Ok(ShardReply::Asset(info)) => outbox.push(opcode, request_id, &Reply::Asset(info)),
             Ok(ShardReply::Rotated(r)) => outbox.push(opcode, request_id, &Reply::Rotated(r)),
-            Ok(ShardReply::Regions(list)) => outbox.push(opcode, request_id, &Reply::Regions(list)),
+            Ok(ShardReply::RegionSet { .. }) => {
+                let list = ctx.access.get().regions().states(ctx.rules.switch());
+                outbox.push(opcode, request_id, &Reply::Regions(list))
+            }
             Ok(ShardReply::Derived { counter, receipt }) => match derivation {
                 Some((asset, path)) => match ctx.key.derive(&asset, counter, &path) {
                     Some(key) => {

@@ -65,62 +65,96 @@ pub struct CheckedDerive {
     pub ttl_s: u32,
 }
 
-/// The configured regions, in configuration order, and their switch.
+/// The configured regions, in configuration order, each with its slot in the region
+/// switch. Part of the policy, so a reload replaces the list whole.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RegionTable {
+    names: Vec<Arc<str>>,
+    slots: Vec<usize>,
+}
+
+impl RegionTable {
+    /// The regions in slots `0..names.len()`, as a switch made from the same list holds them.
+    pub fn in_order(names: &[String]) -> RegionTable {
+        RegionTable {
+            names: names.iter().map(|n| Arc::from(n.as_str())).collect(),
+            slots: (0..names.len()).collect(),
+        }
+    }
+
+    /// The regions with the slots a switch gave them ([`crate::regions::RegionSwitch::claim`]).
+    pub fn with_slots(names: &[String], slots: Vec<usize>) -> RegionTable {
+        debug_assert_eq!(names.len(), slots.len());
+        RegionTable {
+            names: names.iter().map(|n| Arc::from(n.as_str())).collect(),
+            slots,
+        }
+    }
+
+    /// A configured region's name (shared) and slot.
+    pub fn find(&self, name: &str) -> Option<(&Arc<str>, usize)> {
+        let i = self.names.iter().position(|n| **n == *name)?;
+        Some((&self.names[i], self.slots[i]))
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        self.names.iter().map(|n| n.to_string()).collect()
+    }
+
+    /// Every configured region and whether it is enabled, in configuration order.
+    pub fn states(&self, switch: &crate::regions::RegionSwitch) -> Vec<(String, bool)> {
+        self.names
+            .iter()
+            .zip(&self.slots)
+            .map(|(n, &slot)| (n.to_string(), switch.is_enabled(slot)))
+            .collect()
+    }
+}
+
+/// The field rules, reading the appliance's region switch.
 #[derive(Clone, Debug)]
 pub struct FieldRules {
-    regions: Vec<Arc<str>>,
     switch: Arc<crate::regions::RegionSwitch>,
 }
 
 impl FieldRules {
-    /// Rules with a switch of their own (every region enabled).
-    pub fn new(regions: Vec<String>) -> FieldRules {
-        FieldRules::with_switch(
-            Arc::new(crate::regions::RegionSwitch::new(&regions)),
-            regions,
-        )
-    }
-
     /// Rules that read the appliance's shared region switch.
-    pub fn with_switch(
-        switch: Arc<crate::regions::RegionSwitch>,
-        regions: Vec<String>,
-    ) -> FieldRules {
-        FieldRules {
-            regions: regions.into_iter().map(Arc::from).collect(),
-            switch,
-        }
+    pub fn with_switch(switch: Arc<crate::regions::RegionSwitch>) -> FieldRules {
+        FieldRules { switch }
     }
 
     pub fn switch(&self) -> &Arc<crate::regions::RegionSwitch> {
         &self.switch
     }
 
-    /// Checks a DERIVE body field by field, in wire order.
-    pub fn check_derive(&self, body: &DeriveBody) -> Result<CheckedDerive, Refusal> {
+    /// Checks a DERIVE body field by field, in wire order; `regions` are the configured
+    /// regions of the policy in force.
+    pub fn check_derive(
+        &self,
+        body: &DeriveBody,
+        regions: &RegionTable,
+    ) -> Result<CheckedDerive, Refusal> {
         check_asset_id(&body.asset)?;
         let path = DerivationPath::parse(&body.path).map_err(|e: PathError| {
             Refusal::new(Status::InvalidPath, format!("path {:?}: {e}", body.path))
         })?;
-        let index = self.regions.iter().position(|r| **r == *body.region);
-        if let Some(i) = index {
-            if !self.switch.is_enabled(i) {
-                return Err(Refusal::new(
-                    Status::RegionDisabled,
-                    format!("region {} is disabled by an admin", body.region),
-                ));
-            }
-        }
-        let region = index.map(|i| self.regions[i].clone()).ok_or_else(|| {
-            Refusal::new(
+        let Some((region, slot)) = regions.find(&body.region) else {
+            return Err(Refusal::new(
                 Status::InvalidRegion,
                 format!(
                     "region {:?} is not configured (configured: {})",
                     body.region,
-                    self.regions.join(", ")
+                    regions.names().join(", ")
                 ),
-            )
-        })?;
+            ));
+        };
+        if !self.switch.is_enabled(slot) {
+            return Err(Refusal::new(
+                Status::RegionDisabled,
+                format!("region {} is disabled by an admin", body.region),
+            ));
+        }
+        let region = region.clone();
         let purpose = Purpose::from_u8(body.purpose).ok_or_else(|| {
             Refusal::new(
                 Status::InvalidPurpose,
@@ -180,6 +214,59 @@ impl Role {
 pub struct DeriverGrant {
     pub purposes: Vec<Purpose>,
     pub regions: Vec<String>,
+    /// The asset groups it is limited to (`None`: every asset), by name and as a mask of
+    /// the policy's [`AssetGroups`].
+    pub asset_groups: Option<(Vec<String>, u64)>,
+}
+
+/// Named sets of assets that a deriver's grant may be limited to (`policy.asset_groups`).
+/// A group's bit is its position; an asset may be in several groups.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AssetGroups {
+    names: Vec<String>,
+    members: std::collections::HashMap<Uuid, u64>,
+}
+
+impl AssetGroups {
+    /// At most [`crate::bounds::ASSET_GROUPS_MAX`] groups (the config checks it); the
+    /// groups past the bound are dropped.
+    pub fn new(groups: Vec<(String, Vec<Uuid>)>) -> AssetGroups {
+        let mut out = AssetGroups::default();
+        for (bit, (name, assets)) in groups
+            .into_iter()
+            .take(crate::bounds::ASSET_GROUPS_MAX)
+            .enumerate()
+        {
+            for a in assets {
+                *out.members.entry(a).or_default() |= 1u64 << bit;
+            }
+            out.names.push(name);
+        }
+        out
+    }
+
+    /// The mask of the named groups, or the first name that is not a group.
+    pub fn mask<'a>(&self, names: &'a [String]) -> Result<u64, &'a str> {
+        names.iter().try_fold(0u64, |mask, n| {
+            match self.names.iter().position(|g| g == n) {
+                Some(bit) => Ok(mask | 1u64 << bit),
+                None => Err(n.as_str()),
+            }
+        })
+    }
+
+    /// The mask of the groups `asset` is in (0: none).
+    pub fn of(&self, asset: &Uuid) -> u64 {
+        self.members.get(asset).copied().unwrap_or(0)
+    }
+
+    pub fn len(&self) -> usize {
+        self.names.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.names.is_empty()
+    }
 }
 
 /// The roles one identity holds.
@@ -203,6 +290,7 @@ pub enum Need<'a> {
     /// HELLO and SEAL_STATUS: any authenticated client.
     Anyone,
     Derive {
+        asset: &'a Uuid,
         purpose: Purpose,
         region: &'a str,
     },
@@ -227,14 +315,17 @@ pub enum DenyReason {
     Purpose,
     /// A deriver asked for a region it is not granted.
     Region,
+    /// A deriver limited to asset groups asked for an asset outside them.
+    AssetGroup,
 }
 
 impl DenyReason {
-    pub const ALL: [DenyReason; 4] = [
+    pub const ALL: [DenyReason; 5] = [
         DenyReason::NoRole,
         DenyReason::Role,
         DenyReason::Purpose,
         DenyReason::Region,
+        DenyReason::AssetGroup,
     ];
 
     pub fn name(self) -> &'static str {
@@ -243,6 +334,7 @@ impl DenyReason {
             DenyReason::Role => "role",
             DenyReason::Purpose => "purpose",
             DenyReason::Region => "region",
+            DenyReason::AssetGroup => "asset_group",
         }
     }
 }
@@ -254,20 +346,54 @@ pub struct Denied {
     pub refusal: Refusal,
 }
 
-/// Identities, their roles, and each role's rate limit. Pure; built from the config.
+/// Identities, their roles, each role's rate limit, the asset groups and the configured
+/// regions: everything a reload replaces, as one value. Pure; built from the config.
 #[derive(Clone, Debug)]
 pub struct AccessPolicy {
     grants: std::collections::HashMap<String, Grants>,
     limits: [RateLimit; 4],
+    groups: AssetGroups,
+    regions: RegionTable,
 }
 
 impl AccessPolicy {
-    /// `limits`: each role's rate limit, in the order of [`Role::ALL`].
+    /// `limits`: each role's rate limit, in the order of [`Role::ALL`]. No asset groups
+    /// and no regions until [`AccessPolicy::with_asset_groups`] and
+    /// [`AccessPolicy::with_regions`].
     pub fn new(
         grants: std::collections::HashMap<String, Grants>,
         limits: [RateLimit; 4],
     ) -> AccessPolicy {
-        AccessPolicy { grants, limits }
+        AccessPolicy {
+            grants,
+            limits,
+            groups: AssetGroups::default(),
+            regions: RegionTable::default(),
+        }
+    }
+
+    /// The asset groups the grants' masks refer to.
+    pub fn with_asset_groups(mut self, groups: AssetGroups) -> AccessPolicy {
+        self.groups = groups;
+        self
+    }
+
+    pub fn with_regions(mut self, regions: RegionTable) -> AccessPolicy {
+        self.regions = regions;
+        self
+    }
+
+    pub fn regions(&self) -> &RegionTable {
+        &self.regions
+    }
+
+    pub fn asset_groups(&self) -> &AssetGroups {
+        &self.groups
+    }
+
+    /// How many identities hold a role.
+    pub fn identities(&self) -> usize {
+        self.grants.values().filter(|g| g.any()).count()
     }
 
     pub fn grants(&self, identity: &str) -> Option<&Grants> {
@@ -310,7 +436,11 @@ impl AccessPolicy {
         let g = self.roles_of(identity)?;
         match need {
             Need::Anyone => Ok(None),
-            Need::Derive { purpose, region } => {
+            Need::Derive {
+                asset,
+                purpose,
+                region,
+            } => {
                 let Some(d) = &g.deriver else {
                     return Err(deny(
                         DenyReason::Role,
@@ -329,6 +459,14 @@ impl AccessPolicy {
                         DenyReason::Region,
                         format!("{identity:?} may not derive in region {region} (granted: {})", d.regions.join(", ")),
                     ));
+                }
+                if let Some((names, mask)) = &d.asset_groups {
+                    if self.groups.of(asset) & mask == 0 {
+                        return Err(deny(
+                            DenyReason::AssetGroup,
+                            format!("{identity:?} may not derive asset {asset}: it is in none of the asset groups granted ({})", names.join(", ")),
+                        ));
+                    }
                 }
                 Ok(Some(self.limit(Role::Deriver)))
             }
@@ -375,12 +513,14 @@ impl PolicyCell {
         }
     }
 
-    /// Puts `policy` in force (whole: cores see either the old one or this one).
-    pub fn replace(&self, policy: AccessPolicy) {
+    /// Puts `policy` in force (whole: cores see either the old one or this one) and
+    /// returns its generation.
+    pub fn replace(&self, policy: AccessPolicy) -> u64 {
         let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
         *current = Arc::new(policy);
         self.generation
-            .fetch_add(1, std::sync::atomic::Ordering::Release);
+            .fetch_add(1, std::sync::atomic::Ordering::Release)
+            + 1
     }
 
     pub fn generation(&self) -> u64 {
@@ -440,38 +580,146 @@ mod tests {
     #[test]
     fn region_switches_load_set_and_a_disabled_region_is_refused() {
         use crate::regions::RegionSwitch;
-        let s = Arc::new(RegionSwitch::new(&["US-EAST".into(), "EU-WEST".into()]));
+        let names: Vec<String> = vec!["US-EAST".into(), "EU-WEST".into()];
+        let s = Arc::new(RegionSwitch::new(&names));
         assert!(s.is_enabled(0) && s.is_enabled(1));
-        assert_eq!(s.index("EU-WEST"), Some(1));
-        assert_eq!(s.index("eu-west"), None);
-        let unknown = s.load(&[("EU-WEST".into(), false), ("MARS".into(), false)]);
-        assert_eq!(unknown, ["MARS"]);
+        assert_eq!(s.slot("EU-WEST"), Some(1));
+        assert_eq!(s.slot("eu-west"), None);
+        // A stored switch of a region not configured now is remembered in a slot.
+        let lost = s.load(&[("EU-WEST".into(), false), ("MARS".into(), false)]);
+        assert!(lost.is_empty());
+        assert_eq!(s.slot("MARS"), Some(2));
+        assert!(!s.is_enabled(2));
+        let table = RegionTable::in_order(&names);
         assert_eq!(
-            s.snapshot(),
+            table.states(&s),
             [
                 ("US-EAST".to_string(), true),
                 ("EU-WEST".to_string(), false)
             ]
         );
-        assert!(!s.is_enabled(7), "an index out of range is not enabled");
-        let rules = FieldRules::with_switch(s.clone(), vec!["US-EAST".into(), "EU-WEST".into()]);
+        assert!(!s.is_enabled(7000), "a slot out of range is not enabled");
+        let rules = FieldRules::with_switch(s.clone());
         let mut b = body();
         assert_eq!(
-            rules.check_derive(&b).unwrap_err().status,
+            rules.check_derive(&b, &table).unwrap_err().status,
             Status::RegionDisabled
         );
         b.region = "APAC".into();
         assert_eq!(
-            rules.check_derive(&b).unwrap_err().status,
+            rules.check_derive(&b, &table).unwrap_err().status,
             Status::InvalidRegion
+        );
+        b.region = "MARS".into();
+        assert_eq!(
+            rules.check_derive(&b, &table).unwrap_err().status,
+            Status::InvalidRegion,
+            "a remembered but unconfigured region is not configured"
         );
         s.set(1, true);
         b.region = "EU-WEST".into();
-        assert!(rules.check_derive(&b).is_ok());
+        assert!(rules.check_derive(&b, &table).is_ok());
+    }
+
+    #[test]
+    fn a_reload_claims_slots_whole_and_a_region_comes_back_with_its_switch() {
+        use crate::regions::RegionSwitch;
+        let s = RegionSwitch::with_slots(&["US-EAST".into(), "EU-WEST".into()], 4);
+        s.set(1, false);
+        // EU-WEST removed, APAC added: APAC takes a new slot, enabled.
+        let next: Vec<String> = vec!["US-EAST".into(), "APAC".into()];
+        let slots = s.claim(&next).unwrap();
+        assert_eq!(slots, [0, 2]);
+        let table = RegionTable::with_slots(&next, slots);
+        assert_eq!(
+            table.states(&s),
+            [("US-EAST".to_string(), true), ("APAC".to_string(), true)]
+        );
+        assert_eq!(table.find("EU-WEST"), None);
+        // Three new regions do not fit the one free slot: nothing is claimed.
+        let too_many: Vec<String> = vec!["A".into(), "B".into(), "EU-WEST".into(), "C".into()];
+        let err = s.claim(&too_many).unwrap_err();
+        assert_eq!(err, crate::regions::SlotsFull { needed: 3, free: 1 });
+        assert_eq!(s.slot("A"), None);
+        // EU-WEST comes back disabled, as an admin left it.
+        let back: Vec<String> = vec!["EU-WEST".into(), "APAC".into()];
+        let slots = s.claim(&back).unwrap();
+        let table = RegionTable::with_slots(&back, slots);
+        assert_eq!(
+            table.states(&s),
+            [("EU-WEST".to_string(), false), ("APAC".to_string(), true)]
+        );
+    }
+
+    #[test]
+    fn asset_groups_limit_a_deriver_and_are_counted_apart() {
+        let fx = Uuid::parse_str("0b9f3c5e-8d1a-4f6b-9c2d-3e4f5a6b7c8d").unwrap();
+        let rates = Uuid::parse_str("1b9f3c5e-8d1a-4f6b-9c2d-3e4f5a6b7c8d").unwrap();
+        let other = Uuid::parse_str("2b9f3c5e-8d1a-4f6b-9c2d-3e4f5a6b7c8d").unwrap();
+        let groups = AssetGroups::new(vec![
+            ("desk-fx".into(), vec![fx]),
+            ("desk-rates".into(), vec![rates, fx]),
+        ]);
+        assert_eq!(groups.of(&fx), 0b11);
+        assert_eq!(groups.of(&other), 0);
+        assert_eq!(groups.mask(&["desk-rates".into()]), Ok(0b10));
+        assert_eq!(groups.mask(&["desk-equities".into()]), Err("desk-equities"));
+        let grant = |asset_groups| Grants {
+            deriver: Some(DeriverGrant {
+                purposes: vec![Purpose::Trading],
+                regions: vec!["US-EAST".into()],
+                asset_groups,
+            }),
+            ..Grants::default()
+        };
+        let limit = RateLimit::parse("100/60s").unwrap();
+        let policy = AccessPolicy::new(
+            [
+                (
+                    "rates".to_string(),
+                    grant(Some((vec!["desk-rates".into()], 0b10))),
+                ),
+                ("any".to_string(), grant(None)),
+            ]
+            .into_iter()
+            .collect(),
+            [limit; 4],
+        )
+        .with_asset_groups(groups);
+        let need = |asset| Need::Derive {
+            asset,
+            purpose: Purpose::Trading,
+            region: "US-EAST",
+        };
+        assert!(policy.authorize("rates", need(&rates)).is_ok());
+        assert!(
+            policy.authorize("rates", need(&fx)).is_ok(),
+            "fx is in both groups"
+        );
+        let denied = policy.authorize("rates", need(&other)).unwrap_err();
+        assert_eq!(denied.reason, DenyReason::AssetGroup);
+        assert!(
+            denied.refusal.message.contains("desk-rates"),
+            "{}",
+            denied.refusal.message
+        );
+        assert!(
+            policy.authorize("any", need(&other)).is_ok(),
+            "no groups: every asset"
+        );
+        assert_eq!(policy.identities(), 2);
     }
 
     fn rules() -> FieldRules {
-        FieldRules::new(vec!["US-EAST".into(), "EU-WEST".into(), "APAC".into()])
+        FieldRules::with_switch(Arc::new(crate::regions::RegionSwitch::new(&three())))
+    }
+
+    fn three() -> Vec<String> {
+        vec!["US-EAST".into(), "EU-WEST".into(), "APAC".into()]
+    }
+
+    fn table() -> RegionTable {
+        RegionTable::in_order(&three())
     }
 
     fn body() -> DeriveBody {
@@ -486,7 +734,7 @@ mod tests {
 
     #[test]
     fn a_good_request_passes() {
-        let checked = rules().check_derive(&body()).unwrap();
+        let checked = rules().check_derive(&body(), &table()).unwrap();
         assert_eq!(&*checked.region, "EU-WEST");
         assert_eq!(checked.purpose, Purpose::Settlement);
     }
@@ -524,12 +772,12 @@ mod tests {
         for (mutate, status) in cases {
             let mut b = body();
             mutate(&mut b);
-            let refusal = rules().check_derive(&b).unwrap_err();
+            let refusal = rules().check_derive(&b, &table()).unwrap_err();
             assert_eq!(refusal.status, status, "{b:?}: {}", refusal.message);
         }
         let mut b = body();
         b.ttl_s = 3600;
-        assert!(rules().check_derive(&b).is_ok());
+        assert!(rules().check_derive(&b, &table()).is_ok());
     }
 
     #[test]

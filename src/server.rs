@@ -68,8 +68,10 @@ struct CoreSetup {
     events: mpsc::Sender<CoreEvent>,
     /// The regions' switch, shared by every core.
     regions: Arc<crate::regions::RegionSwitch>,
-    /// The access policy in force (replaced on SIGHUP).
+    /// The access policy in force (replaced on SIGHUP and POLICY_RELOAD).
     policy: Arc<crate::policy::PolicyCell>,
+    /// Re-reads the configuration file (`None` when the appliance was given no file).
+    reloader: Option<Arc<Reloader>>,
 }
 
 enum CoreEvent {
@@ -94,16 +96,24 @@ pub fn run(config: Config) -> Result<(), ServerError> {
     run_with_reload(config, None)
 }
 
-/// [`run`], and with `config_file`, SIGHUP re-reads it and puts its `[policy]` roles and
-/// rate limits in force, whole or not at all (see [`reload_policy`]).
+/// [`run`], and with `config_file`, SIGHUP (and an admin's POLICY_RELOAD) re-reads it and
+/// puts its `[policy]` in force, whole or not at all (see [`Reloader`]).
 pub fn run_with_reload(
     config: Config,
     config_file: Option<std::path::PathBuf>,
 ) -> Result<(), ServerError> {
     let policy = Arc::new(crate::policy::PolicyCell::new(config.policy.access.clone()));
-    if let Some(file) = config_file {
-        spawn_reloader(file, config.clone(), policy.clone());
-    }
+    let regions = Arc::new(crate::regions::RegionSwitch::new(&config.policy.regions));
+    let reloader = config_file.map(|file| {
+        let reloader = Arc::new(Reloader {
+            file,
+            cell: policy.clone(),
+            switch: regions.clone(),
+            one_at_a_time: std::sync::Mutex::new(()),
+        });
+        spawn_sighup_thread(reloader.clone());
+        reloader
+    });
     std::fs::create_dir_all(&config.server.state_dir).map_err(|e| ServerError::StateDir {
         path: config.server.state_dir.display().to_string(),
         reason: e.to_string(),
@@ -164,8 +174,9 @@ pub fn run_with_reload(
         tls,
         mesh,
         events,
-        regions: Arc::new(crate::regions::RegionSwitch::new(&config.policy.regions)),
+        regions,
         policy: policy.clone(),
+        reloader,
     };
     let online = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -312,7 +323,7 @@ async fn core_main(core: usize, setup: CoreSetup) -> Result<(), String> {
         router,
         key: CoreKey::new(setup.key.clone())
             .map_err(|e| format!("the core's derivation scratch: {e}"))?,
-        rules: FieldRules::with_switch(setup.regions.clone(), config.policy.regions.clone()),
+        rules: FieldRules::with_switch(setup.regions.clone()),
         limits: config.limits.clone(),
         identity: config.tls.identity,
         require_client_cert: config.tls.require_client_cert,
@@ -328,6 +339,7 @@ async fn core_main(core: usize, setup: CoreSetup) -> Result<(), String> {
         connections: Cell::new(0),
         access: crate::policy::CorePolicy::new(setup.policy.clone()),
         denials: Default::default(),
+        reloader: setup.reloader.clone(),
         seal_provider: match &config.seal {
             crate::config::SealConfig::Dev { .. } => ProviderCode::Dev,
             crate::config::SealConfig::Pkcs11 { .. } => ProviderCode::Pkcs11,
@@ -386,25 +398,90 @@ fn bind(addr: SocketAddr) -> glommio::Result<glommio::net::TcpListener, ()> {
     glommio::net::TcpListener::bind(addr)
 }
 
-/// Re-reads the configuration file and, if it resolves and changes nothing that needs a
-/// restart, puts its access policy in force. A bad file changes nothing: the policy in
-/// force stays, and the problems are returned (and logged).
-pub fn reload_policy(
-    file: &std::path::Path,
-    running: &Config,
-    cell: &crate::policy::PolicyCell,
-) -> Result<(), String> {
-    let new = crate::config::load(file).map_err(|e| e.to_string().trim_end().to_owned())?;
-    if new.policy.regions != running.policy.regions {
-        return Err("policy.regions changed: the list of regions takes a restart (switch a region off with `custody region disable` instead)".into());
+/// What a reload put in force.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReloadReport {
+    /// The policy's generation now in force (1 at start, one more per reload).
+    pub generation: u64,
+    pub identities: usize,
+    pub regions: usize,
+    pub asset_groups: usize,
+}
+
+/// Re-reads the configuration file and puts its `[policy]` (roles, rate limits, asset
+/// groups, regions) in force: whole, or, when the file does not resolve, not at all. On
+/// SIGHUP and on an admin's POLICY_RELOAD; one reload at a time. Keys outside `[policy]`
+/// and `limits.rate_limit` take a restart.
+pub struct Reloader {
+    file: std::path::PathBuf,
+    cell: Arc<crate::policy::PolicyCell>,
+    switch: Arc<crate::regions::RegionSwitch>,
+    one_at_a_time: std::sync::Mutex<()>,
+}
+
+impl Reloader {
+    pub fn file(&self) -> &std::path::Path {
+        &self.file
     }
-    cell.replace(new.policy.access.clone());
-    Ok(())
+
+    /// Blocking (reads the file): call it off the executors. `trigger` (SIGHUP, or who
+    /// asked) goes into the log line that says what happened.
+    pub fn reload(&self, trigger: &str) -> Result<ReloadReport, String> {
+        let outcome = self.reload_quietly();
+        match &outcome {
+            Ok(r) => tracing::warn!(
+                trigger,
+                file = %self.file.display(),
+                generation = r.generation,
+                identities = r.identities,
+                regions = r.regions,
+                asset_groups = r.asset_groups,
+                "policy reloaded"
+            ),
+            Err(problems) => tracing::error!(
+                trigger,
+                file = %self.file.display(),
+                %problems,
+                "policy not reloaded; the policy in force is unchanged"
+            ),
+        }
+        outcome
+    }
+
+    fn reload_quietly(&self) -> Result<ReloadReport, String> {
+        let _one = self.one_at_a_time.lock().unwrap_or_else(|p| p.into_inner());
+        let new =
+            crate::config::load(&self.file).map_err(|e| e.to_string().trim_end().to_owned())?;
+        // New regions get a slot (with the switch the store holds for them, if any), all
+        // or none; a region left out keeps its slot and switch for a later reload.
+        let slots = self
+            .switch
+            .claim(&new.policy.regions)
+            .map_err(|e| format!("policy.regions: {e}"))?;
+        let access = new
+            .policy
+            .access
+            .with_regions(crate::policy::RegionTable::with_slots(
+                &new.policy.regions,
+                slots,
+            ));
+        let report = ReloadReport {
+            generation: 0,
+            identities: access.identities(),
+            regions: new.policy.regions.len(),
+            asset_groups: access.asset_groups().len(),
+        };
+        let generation = self.cell.replace(access);
+        Ok(ReloadReport {
+            generation,
+            ..report
+        })
+    }
 }
 
 /// A thread that waits for SIGHUP (blocked in every other thread, since it is blocked
 /// here before the executors start) and reloads the policy.
-fn spawn_reloader(file: std::path::PathBuf, running: Config, cell: Arc<crate::policy::PolicyCell>) {
+fn spawn_sighup_thread(reloader: Arc<Reloader>) {
     // SAFETY: sigset manipulation on a local set, and pthread_sigmask on this thread; the
     // threads spawned afterwards inherit the mask, so only the reloader takes SIGHUP.
     let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
@@ -421,14 +498,8 @@ fn spawn_reloader(file: std::path::PathBuf, running: Config, cell: Arc<crate::po
             if unsafe { libc::sigwait(&set, &mut signal) } != 0 {
                 continue;
             }
-            match reload_policy(&file, &running, &cell) {
-                Ok(()) => tracing::warn!(file = %file.display(), "SIGHUP: policy reloaded"),
-                Err(problems) => tracing::error!(
-                    file = %file.display(),
-                    %problems,
-                    "SIGHUP: policy not reloaded; the policy in force is unchanged"
-                ),
-            }
+            // The outcome is logged by the reload.
+            let _ = reloader.reload("SIGHUP");
         });
     if let Err(e) = spawned {
         tracing::error!(error = %e, "cannot start the reload thread: SIGHUP will not reload the policy");

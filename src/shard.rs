@@ -40,8 +40,12 @@ pub enum ShardReply {
         receipt: Receipt,
     },
     Rotated(Rotated),
-    /// After SET_REGION: every configured region and whether it is enabled.
-    Regions(Vec<(String, bool)>),
+    /// After SET_REGION: the region's slot in the switch and its new state (in force on
+    /// every core before this reply was sent).
+    RegionSet {
+        slot: usize,
+        enabled: bool,
+    },
 }
 
 /// Who asks, and within which rate limit: the owning shard keeps a GCRA bucket per
@@ -117,7 +121,7 @@ pub enum ShardOp {
         requester: Arc<str>,
         request_id: u64,
     },
-    /// Switch a configured region (its index in the configuration) on or off. Shard 0
+    /// Switch a configured region (its slot in the region switch) on or off. Shard 0
     /// commits every switch.
     SetRegion {
         index: usize,
@@ -429,8 +433,8 @@ impl Shard {
         store: Box<dyn ShardStore>,
         regions: Arc<crate::regions::RegionSwitch>,
     ) -> Shard {
-        for unknown in regions.load_once(&snapshot.regions) {
-            tracing::warn!(region = %unknown, "the store has a switch for a region that is not configured; ignored");
+        for lost in regions.load_once(&snapshot.regions) {
+            tracing::warn!(region = %lost, "the store has a switch for a region the region switch has no slot left for; ignored (a reload that configures it starts it enabled)");
         }
         let assets = snapshot
             .assets
@@ -611,10 +615,10 @@ impl Shard {
                 requester,
                 request_id,
             } => {
-                let Some(name) = self.regions.name(index).cloned() else {
+                let Some(name) = self.regions.name(index) else {
                     return Err(Refusal::new(
                         Status::InvalidRegion,
-                        format!("no configured region at position {index}"),
+                        format!("no region in slot {index} of the region switch"),
                     ));
                 };
                 self.check_room(&st)?;
@@ -1056,7 +1060,9 @@ impl Shard {
                 for r in &snapshot.rotations {
                     st.rotations.load(r, &self.limits);
                 }
-                self.regions.load(&snapshot.regions);
+                for lost in self.regions.load(&snapshot.regions) {
+                    tracing::warn!(region = %lost, "the store has a switch for a region the region switch has no slot left for; ignored");
+                }
                 st.next_seq = snapshot.last_seq + 1;
                 st.durable_next = snapshot.last_seq + 1;
                 st.resync = false;
@@ -1366,7 +1372,10 @@ impl Shard {
                     },
                     replayed: false,
                 }),
-                Outcome::RegionSet { .. } => ShardReply::Regions(self.regions.snapshot()),
+                Outcome::RegionSet { index, enabled } => ShardReply::RegionSet {
+                    slot: index,
+                    enabled,
+                },
                 Outcome::Transitioned { state, .. } => ShardReply::Asset(AssetInfo {
                     asset: w.asset,
                     state,
@@ -2208,7 +2217,7 @@ mod tests {
                             let committed = log.iter().any(|r| r.asset == info.asset && r.state == info.state);
                             assert!(committed, "{st:?} answered {info:?} without a record");
                         }
-                        Ok(ShardReply::Regions(_)) | Err(_) => {}
+                        Ok(ShardReply::RegionSet { .. }) | Err(_) => {}
                     }
                 }
             });
@@ -2235,7 +2244,10 @@ mod tests {
             let regions = two.await.unwrap().unwrap();
             assert_eq!(
                 regions,
-                ShardReply::Regions(vec![("US-EAST".into(), true), ("EU-WEST".into(), true)])
+                ShardReply::RegionSet {
+                    slot: 1,
+                    enabled: true
+                }
             );
             let last = script.committed.borrow().last().cloned().unwrap();
             assert_eq!(last.records.len(), 2);

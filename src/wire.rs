@@ -33,7 +33,7 @@ pub const SHARD_HASH_JUMP_FNV1A64: u8 = 1;
 /// Length of a derived key on the wire.
 pub const KEY_LEN: usize = 32;
 
-/// Request opcodes. Numbers are never reused; later issues add operations above 0x0D.
+/// Request opcodes. Numbers are never reused; later issues add operations above 0x0E.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
 pub enum Opcode {
@@ -59,10 +59,12 @@ pub enum Opcode {
     SetRegion = 0x0C,
     /// Any role: the configured regions and whether each is enabled.
     Regions = 0x0D,
+    /// Admin: re-read the configuration file and put its `[policy]` in force (as SIGHUP).
+    PolicyReload = 0x0E,
 }
 
 impl Opcode {
-    pub const ALL: [Opcode; 13] = [
+    pub const ALL: [Opcode; 14] = [
         Opcode::Hello,
         Opcode::Register,
         Opcode::Derive,
@@ -76,6 +78,7 @@ impl Opcode {
         Opcode::Retire,
         Opcode::SetRegion,
         Opcode::Regions,
+        Opcode::PolicyReload,
     ];
 
     pub fn from_u8(value: u8) -> Option<Opcode> {
@@ -133,10 +136,15 @@ pub enum Status {
     SeedMismatch = 62,
     /// UNSEAL: a share was sent to an appliance that is already unsealed.
     AlreadyUnsealed = 63,
+    /// POLICY_RELOAD: the configuration file does not resolve (the message lists every
+    /// problem); the policy in force is unchanged.
+    PolicyInvalid = 70,
+    /// POLICY_RELOAD: the appliance was started without a configuration file to re-read.
+    ReloadUnavailable = 71,
 }
 
 impl Status {
-    pub const ALL: [Status; 32] = [
+    pub const ALL: [Status; 34] = [
         Status::Ok,
         Status::UnsupportedVersion,
         Status::MalformedFrame,
@@ -169,6 +177,8 @@ impl Status {
         Status::ShareRepeated,
         Status::SeedMismatch,
         Status::AlreadyUnsealed,
+        Status::PolicyInvalid,
+        Status::ReloadUnavailable,
     ];
 
     pub fn from_u16(value: u16) -> Option<Status> {
@@ -210,6 +220,8 @@ impl Status {
             Status::ShareRepeated => "SHARE_REPEATED",
             Status::SeedMismatch => "SEED_MISMATCH",
             Status::AlreadyUnsealed => "ALREADY_UNSEALED",
+            Status::PolicyInvalid => "POLICY_INVALID",
+            Status::ReloadUnavailable => "RELOAD_UNAVAILABLE",
         }
     }
 
@@ -507,6 +519,7 @@ pub enum Request {
         enabled: bool,
     },
     Regions,
+    PolicyReload,
 }
 
 /// ROTATE flag: `expected_counter` holds (compare-and-set).
@@ -538,6 +551,7 @@ impl Request {
             Request::Retire { .. } => Opcode::Retire,
             Request::SetRegion { .. } => Opcode::SetRegion,
             Request::Regions => Opcode::Regions,
+            Request::PolicyReload => Opcode::PolicyReload,
         }
     }
 
@@ -548,6 +562,7 @@ impl Request {
         let request = match op {
             Opcode::Hello => Request::Hello,
             Opcode::Regions => Request::Regions,
+            Opcode::PolicyReload => Request::PolicyReload,
             Opcode::SetRegion => {
                 let enabled = match r.u8("enabled")? {
                     0 => false,
@@ -645,7 +660,11 @@ impl Request {
         }
         .encode(out);
         match self {
-            Request::Hello | Request::Seal | Request::SealStatus | Request::Regions => {}
+            Request::Hello
+            | Request::Seal
+            | Request::SealStatus
+            | Request::Regions
+            | Request::PolicyReload => {}
             Request::SetRegion { region, enabled } => {
                 out.push(u8::from(*enabled));
                 put_short(out, region.as_bytes());
@@ -750,6 +769,19 @@ pub struct Rotated {
     pub previous_counter: u64,
     pub receipt: Receipt,
     pub replayed: bool,
+}
+
+/// What POLICY_RELOAD answers: the policy now in force.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct PolicyReloaded {
+    /// The policy's generation (1 at start, one more per reload).
+    pub generation: u64,
+    /// Identities that hold a role.
+    pub identities: u32,
+    /// Configured regions.
+    pub regions: u16,
+    /// Asset groups defined.
+    pub asset_groups: u16,
 }
 
 /// The appliance's seal state, as SEAL, UNSEAL and SEAL_STATUS report it. Codes are on
@@ -901,6 +933,7 @@ pub enum Reply {
     Rotated(Rotated),
     /// The configured regions, in configuration order, and whether each is enabled.
     Regions(Vec<(String, bool)>),
+    PolicyReloaded(PolicyReloaded),
     Refused(Refusal),
 }
 
@@ -947,6 +980,13 @@ impl Reply {
                     put_short(out, name.as_bytes());
                     out.push(u8::from(*enabled));
                 }
+            }
+            Reply::PolicyReloaded(p) => {
+                out.extend_from_slice(&(Status::Ok as u16).to_be_bytes());
+                out.extend_from_slice(&p.generation.to_be_bytes());
+                out.extend_from_slice(&p.identities.to_be_bytes());
+                out.extend_from_slice(&p.regions.to_be_bytes());
+                out.extend_from_slice(&p.asset_groups.to_be_bytes());
             }
             Reply::Rotated(r) => {
                 out.extend_from_slice(&(Status::Ok as u16).to_be_bytes());
@@ -1036,6 +1076,12 @@ impl Reply {
                     }
                     Reply::Regions(list)
                 }
+                Opcode::PolicyReload => Reply::PolicyReloaded(PolicyReloaded {
+                    generation: r.u64("generation")?,
+                    identities: r.u32("identities")?,
+                    regions: r.u16("regions")?,
+                    asset_groups: r.u16("asset_groups")?,
+                }),
                 Opcode::Rotate => {
                     let asset = r.uuid("asset_id")?;
                     let rotation_id = r.uuid("rotation_id")?;
@@ -1448,12 +1494,13 @@ mod tests {
             (Opcode::Retire, 0x0B),
             (Opcode::SetRegion, 0x0C),
             (Opcode::Regions, 0x0D),
+            (Opcode::PolicyReload, 0x0E),
         ];
         for (op, number) in expected {
             assert_eq!(op as u8, number);
             assert_eq!(Opcode::from_u8(number), Some(op));
         }
-        assert_eq!(Opcode::from_u8(0x0E), None);
+        assert_eq!(Opcode::from_u8(0x0F), None);
         for (code, n) in [
             (SealStateCode::Unsealed, 1),
             (SealStateCode::ServingStale, 2),
@@ -1536,6 +1583,15 @@ mod tests {
             ),
             (Opcode::SetRegion, Reply::Regions(vec![])),
             (
+                Opcode::PolicyReload,
+                Reply::PolicyReloaded(PolicyReloaded {
+                    generation: 3,
+                    identities: 12,
+                    regions: 4,
+                    asset_groups: 2,
+                }),
+            ),
+            (
                 Opcode::Retire,
                 Reply::Asset(AssetInfo {
                     asset: Uuid::from_bytes([3; 16]),
@@ -1573,7 +1629,7 @@ mod tests {
     #[test]
     fn status_numbers_are_stable() {
         // Changing any of these breaks deployed clients: add new numbers instead.
-        let expected: [(Status, u16); 32] = [
+        let expected: [(Status, u16); 34] = [
             (Status::Ok, 0),
             (Status::UnsupportedVersion, 1),
             (Status::MalformedFrame, 2),
@@ -1606,6 +1662,8 @@ mod tests {
             (Status::ShareRepeated, 61),
             (Status::SeedMismatch, 62),
             (Status::AlreadyUnsealed, 63),
+            (Status::PolicyInvalid, 70),
+            (Status::ReloadUnavailable, 71),
         ];
         for (status, number) in expected {
             assert_eq!(status as u16, number);

@@ -1,12 +1,12 @@
-//! SIGHUP reloads the policy (roles and rate limits) without a restart, whole or not at
-//! all: connections stay up, a bad file leaves the policy in force, and a change that
-//! needs a restart (the list of regions) is refused.
+//! SIGHUP and `custody policy reload` (POLICY_RELOAD) reload the policy (roles, rate
+//! limits, asset groups, regions) without a restart, whole or not at all: connections stay
+//! up, a bad file leaves the policy in force, and a region brought back keeps its switch.
 
 mod common;
 
 use common::{asset, runtime, TestAppliance, TEST_ROLES};
-use custody::client::Client;
-use custody::wire::Status;
+use custody::client::{Client, ClientError};
+use custody::wire::{DeriveBody, Status};
 use std::time::{Duration, Instant};
 
 const NO_OPERATOR: &str = "[policy]\nderivers = [{ identity = \"test-client\", purposes = [\"TRADING\"], regions = [\"US-EAST\"] }]\nauditors = [\"test-client\"]\n";
@@ -64,18 +64,18 @@ fn sighup_reloads_the_policy_whole_or_not_at_all_on_live_connections() {
     assert!(app.log().contains("GAMBLING"), "{}", app.log());
     register_until(&c, &rt, &mut n, None);
 
-    // Changing the list of regions takes a restart: refused whole.
+    // The list of regions reloads too: a new region is configured on every core.
     app.reconfigure(&format!(
-        "[policy]\nregions = [\"US-EAST\"]\n{NO_OPERATOR_BODY}"
+        "[policy]\nregions = [\"US-EAST\", \"LATAM\"]\n{NO_OPERATOR_BODY}operators = [\"test-client\"]\n"
     ));
     sighup(&app);
     let deadline = Instant::now() + Duration::from_secs(5);
-    while !app.log().contains("the list of regions takes a restart") {
-        assert!(
-            Instant::now() < deadline,
-            "no refusal logged:\n{}",
-            app.log()
-        );
+    loop {
+        let regions = rt.block_on(c.regions()).unwrap();
+        if regions == [("US-EAST".to_string(), true), ("LATAM".to_string(), true)] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "regions still {regions:?}");
         std::thread::sleep(Duration::from_millis(20));
     }
     register_until(&c, &rt, &mut n, None);
@@ -88,3 +88,130 @@ fn sighup_reloads_the_policy_whole_or_not_at_all_on_live_connections() {
 }
 
 const NO_OPERATOR_BODY: &str = "derivers = [{ identity = \"test-client\", purposes = [\"TRADING\"], regions = [\"US-EAST\"] }]\nauditors = [\"test-client\"]\n";
+
+const ADMIN_ROLES: &str =
+    "operators = [\"test-client\"]\nauditors = [\"test-client\"]\nadmins = [\"test-client\"]\n";
+
+fn derive_in(
+    c: &Client,
+    rt: &tokio::runtime::Runtime,
+    a: uuid::Uuid,
+    region: &str,
+) -> Option<Status> {
+    let body = DeriveBody {
+        asset: a,
+        path: "m/44'/0'/0'/0'/1".into(),
+        region: region.into(),
+        purpose: 1,
+        ttl_s: 300,
+    };
+    rt.block_on(c.derive(body)).err().and_then(|e| e.status())
+}
+
+fn refused(result: Result<custody::wire::PolicyReloaded, ClientError>) -> (Status, String) {
+    match result {
+        Err(ClientError::Refused(r)) => (r.status, r.message),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+#[test]
+fn policy_reload_over_the_wire_puts_regions_and_asset_groups_in_force() {
+    let (fx, rates) = (asset(9101), asset(9102));
+    let mut app = TestAppliance::start_with(&format!(
+        "[policy]\n{ADMIN_ROLES}derivers = [{{ identity = \"test-client\", purposes = [\"TRADING\"], regions = [\"US-EAST\"] }}]\n"
+    ));
+    let rt = runtime();
+    let c = rt.block_on(Client::connect(&app.client_config())).unwrap();
+    for a in [fx, rates] {
+        rt.block_on(c.register(a)).unwrap();
+    }
+    assert_eq!(derive_in(&c, &rt, fx, "LATAM"), Some(Status::InvalidRegion));
+    assert_eq!(derive_in(&c, &rt, rates, "US-EAST"), None);
+
+    // A new region, and the deriver limited to the desk-fx group.
+    let with_latam = format!(
+        "[policy]\nregions = [\"US-EAST\", \"LATAM\"]\n{ADMIN_ROLES}derivers = [{{ identity = \"test-client\", purposes = [\"TRADING\"], regions = [\"US-EAST\", \"LATAM\"], asset_groups = [\"desk-fx\"] }}]\n[policy.asset_groups]\ndesk-fx = [\"{fx}\"]\n"
+    );
+    app.reconfigure(&with_latam);
+    let r = rt.block_on(c.policy_reload()).unwrap();
+    assert_eq!(
+        (r.generation, r.identities, r.regions, r.asset_groups),
+        (2, 1, 2, 1)
+    );
+    assert_eq!(derive_in(&c, &rt, fx, "LATAM"), None);
+    assert_eq!(
+        derive_in(&c, &rt, rates, "US-EAST"),
+        Some(Status::Forbidden)
+    );
+    let out = app.custody(&[
+        "--addr",
+        &app.addr.to_string(),
+        "--certs",
+        app.certs().to_str().unwrap(),
+        "policy",
+        "reload",
+    ]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && said.contains("generation 3"),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Switched off, then removed from the list, then brought back: still off.
+    rt.block_on(c.set_region("LATAM", false)).unwrap();
+    app.reconfigure(&format!(
+        "[policy]\nregions = [\"US-EAST\"]\n{ADMIN_ROLES}derivers = [{{ identity = \"test-client\", purposes = [\"TRADING\"], regions = [\"US-EAST\"] }}]\n"
+    ));
+    rt.block_on(c.policy_reload()).unwrap();
+    assert_eq!(derive_in(&c, &rt, fx, "LATAM"), Some(Status::InvalidRegion));
+    assert_eq!(
+        rt.block_on(c.regions()).unwrap(),
+        [("US-EAST".to_string(), true)]
+    );
+    let (status, _) = refused_region(rt.block_on(c.set_region("LATAM", true)));
+    assert_eq!(
+        status,
+        Status::InvalidRegion,
+        "a removed region cannot be switched"
+    );
+    app.reconfigure(&with_latam);
+    rt.block_on(c.policy_reload()).unwrap();
+    assert_eq!(
+        derive_in(&c, &rt, fx, "LATAM"),
+        Some(Status::RegionDisabled)
+    );
+
+    // A bad file is refused whole, with its problems; the policy in force stays.
+    app.reconfigure(&format!(
+        "[policy]\nregions = [\"US-EAST\", \"LATAM\", \"MARS\"]\n{ADMIN_ROLES}derivers = [{{ identity = \"test-client\", purposes = [\"TRADING\"], regions = [\"US-EAST\"], asset_groups = [\"desk-eq\"] }}]\n"
+    ));
+    let (status, message) = refused(rt.block_on(c.policy_reload()));
+    assert_eq!(status, Status::PolicyInvalid);
+    assert!(message.contains("desk-eq"), "{message}");
+    assert_eq!(
+        rt.block_on(c.regions()).unwrap(),
+        [("US-EAST".to_string(), true), ("LATAM".to_string(), false)],
+        "MARS was not half-applied"
+    );
+    assert_eq!(
+        derive_in(&c, &rt, rates, "US-EAST"),
+        Some(Status::Forbidden)
+    );
+    assert_eq!(derive_in(&c, &rt, fx, "US-EAST"), None);
+
+    // Without the admin role, POLICY_RELOAD is refused (and the file is not read).
+    app.reconfigure(&with_latam.replace("admins = [\"test-client\"]\n", ""));
+    rt.block_on(c.policy_reload()).unwrap();
+    let (status, _) = refused(rt.block_on(c.policy_reload()));
+    assert_eq!(status, Status::Forbidden);
+    assert!(app.is_running());
+}
+
+fn refused_region(result: Result<Vec<(String, bool)>, ClientError>) -> (Status, String) {
+    match result {
+        Err(ClientError::Refused(r)) => (r.status, r.message),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}

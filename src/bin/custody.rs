@@ -8,6 +8,7 @@
 //! custody [CONNECTION] rotate ASSET_ID [--rotation-id UUID] [--expect-counter N]
 //! custody [CONNECTION] suspend | resume | retire ASSET_ID
 //! custody [CONNECTION] regions | region enable|disable REGION
+//! custody [CONNECTION] policy reload
 //! custody [CONNECTION] seal | unseal [--share-file FILE] [--reset] | seal-status
 //! custody dev-certs DIR [--client-cn NAME]
 //! custody dev-seed FILE
@@ -50,6 +51,10 @@ const USAGE: &str = "usage:
                          admin: switch a compliance region off (derivations in it are
                          refused REGION_DISABLED on every core once this answers) or on;
                          durable and audited
+  custody [CONNECTION] policy reload         admin: the appliance re-reads its configuration
+                         file and puts its [policy] (roles, rate limits, asset groups,
+                         regions) in force, whole or not at all (as SIGHUP does); a bad
+                         file is refused with every problem listed
   custody [CONNECTION] seal-status           the appliance's seal state (and unseal progress)
   custody [CONNECTION] seal                  admin: drop the unsealed seed at once
   custody [CONNECTION] unseal [--share-file FILE] [--reset]
@@ -213,7 +218,7 @@ fn real_main() -> anyhow::Result<i32> {
         "init" => init(&args),
         "recover" => recover(&args),
         "hello" | "register" | "status" | "derive" | "seal" | "unseal" | "seal-status"
-        | "rotate" | "suspend" | "resume" | "retire" | "regions" | "region" => {
+        | "rotate" | "suspend" | "resume" | "retire" | "regions" | "region" | "policy" => {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
@@ -549,6 +554,21 @@ async fn client_command(command: &str, args: &Args) -> anyhow::Result<i32> {
                 .set_region(name, enabled)
                 .await
                 .map(|l| regions_text(&l, args.json))
+        }
+        "policy" => {
+            if args.positional.as_slice() != ["reload"] {
+                bail!("usage: custody policy reload");
+            }
+            client.policy_reload().await.map(|p| {
+                if args.json {
+                    serde_json::to_string_pretty(&p).unwrap_or_default()
+                } else {
+                    format!(
+                        "policy reloaded: generation {}, {} identities with a role, {} regions, {} asset groups",
+                        p.generation, p.identities, p.regions, p.asset_groups
+                    )
+                }
+            })
         }
         "suspend" => client
             .suspend(asset_arg(args)?)
