@@ -163,14 +163,14 @@ fn gate(c: &mut Criterion) {
     let generous = RateLimit::parse("1000000000/1s").unwrap();
     for n in 0..10_000u128 {
         limiter
-            .check(&who, Uuid::from_u128(n), generous, 0)
+            .check(&who, Uuid::from_u128(n), 0, generous, 0)
             .unwrap();
     }
     let mut now = 0u64;
     c.bench_function("ratelimit/check (10,000 buckets)", |b| {
         b.iter(|| {
             now += 1_000;
-            limiter.check(&who, black_box(Uuid::from_u128(4242)), generous, now)
+            limiter.check(&who, black_box(Uuid::from_u128(4242)), 0, generous, now)
         })
     });
     c.bench_function("router/shard_of (2 shards)", |b| {

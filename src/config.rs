@@ -109,6 +109,10 @@ pub struct Server {
     pub log_level: tracing::Level,
     /// Each shard logs its commit figures this often; `None` = never.
     pub stats_log_interval: Option<Duration>,
+    /// The admin HTTP listener (/metrics, /healthz, /readyz); `None` = off.
+    pub admin_listen: Option<SocketAddr>,
+    /// How often each core publishes its figures for the metrics.
+    pub metrics_publish: Duration,
 }
 
 #[derive(Clone, Debug)]
@@ -166,6 +170,8 @@ pub struct KeyDoc {
 /// Every key, its default and its meaning: the reference config is checked against this.
 pub const KEYS: &[KeyDoc] = &[
     KeyDoc { key: "server.listen", default: "\"127.0.0.1:7443\"", doc: "address every core listens on (SO_REUSEPORT)" },
+    KeyDoc { key: "server.admin_listen", default: "\"127.0.0.1:7480\"", doc: "address of the admin HTTP listener: GET /metrics (Prometheus), /healthz (alive: no core stuck), /readyz (unsealed, store taking commits); keep it on loopback or a management network; \"\" = off" },
+    KeyDoc { key: "server.metrics_publish_ms", default: "1000", doc: "how often each core publishes its figures for /metrics and /healthz (a scrape sees figures at most this old; a core silent for 3 intervals, at least 2 s, fails /healthz); 50-60000" },
     KeyDoc { key: "server.cores", default: "0", doc: "executors to run, one per core; 0 = every online core" },
     KeyDoc { key: "server.state_dir", default: "\"/var/lib/custody\"", doc: "directory for the store and the lock file" },
     KeyDoc { key: "server.log_level", default: "\"info\"", doc: "error, warn, info, debug or trace" },
@@ -309,6 +315,27 @@ pub fn resolve(table: &toml::Table, base_dir: &Path, file: &str) -> Result<Confi
     let stats_interval = r
         .int("server.stats_log_interval_s", 60, 0, 86_400)
         .map(|s| (s > 0).then(|| Duration::from_secs(s as u64)));
+    let admin_listen = r
+        .string("server.admin_listen", "127.0.0.1:7480")
+        .and_then(|s| {
+            if s.is_empty() {
+                return Some(None);
+            }
+            match s.parse::<SocketAddr>() {
+                Ok(a) if Some(a) == listen => r.problem(
+                    "server.admin_listen",
+                    format!("{s:?} is server.listen's address too"),
+                ),
+                Ok(a) => Some(Some(a)),
+                Err(e) => r.problem(
+                    "server.admin_listen",
+                    format!("{s:?} is not IP:port or \"\" ({e})"),
+                ),
+            }
+        });
+    let metrics_publish = r
+        .int("server.metrics_publish_ms", 1000, 50, 60_000)
+        .map(|ms| Duration::from_millis(ms as u64));
 
     let cert = r.required_path("tls.cert", base_dir);
     let key = r.required_path("tls.key", base_dir);
@@ -787,6 +814,8 @@ pub fn resolve(table: &toml::Table, base_dir: &Path, file: &str) -> Result<Confi
         Some(rotation_retention),
         Some(rotation_ids_max),
         Some(stats_log_interval),
+        Some(admin_listen),
+        Some(metrics_publish),
     ) = (
         listen,
         cores,
@@ -819,6 +848,8 @@ pub fn resolve(table: &toml::Table, base_dir: &Path, file: &str) -> Result<Confi
         rotation_retention,
         rotation_ids_max,
         stats_interval,
+        admin_listen,
+        metrics_publish,
     )
     else {
         // Every None above recorded a problem, so this is unreachable; report it anyway.
@@ -837,6 +868,8 @@ pub fn resolve(table: &toml::Table, base_dir: &Path, file: &str) -> Result<Confi
             state_dir: state_dir.clone(),
             log_level,
             stats_log_interval,
+            admin_listen,
+            metrics_publish,
         },
         tls: Tls {
             cert,
@@ -1505,6 +1538,7 @@ mod tests {
                 .authorize("svc", trading)
                 .unwrap()
                 .unwrap()
+                .limit
                 .to_string(),
             "10/1s"
         );
@@ -1513,6 +1547,7 @@ mod tests {
                 .authorize("audit", Need::Status)
                 .unwrap()
                 .unwrap()
+                .limit
                 .to_string(),
             "500/60s"
         );

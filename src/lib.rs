@@ -28,7 +28,9 @@
 //!   submitted with UNSEAL; every init also writes shares for `custody recover`), and the
 //!   `dev` provider.
 //!
-//! Around the request path: [`config`] (two-stage TOML), [`bounds`] (hard caps),
+//! Around the request path: [`metrics`] (per-core figures merged at scrape time, and
+//! the admin listener: /metrics, /healthz, /readyz), [`config`] (two-stage TOML),
+//! [`bounds`] (hard caps),
 //! [`locked`] (locked, undumpable, zeroizing memory for the keyed state),
 //! [`signal`] (lock-free wake-ups between tasks of one core),
 //! [`client`] (the tokio client library the CLI and the load harness use).
@@ -40,6 +42,7 @@ pub mod config;
 pub mod kdf;
 pub mod lifecycle;
 pub mod locked;
+pub mod metrics;
 pub mod net;
 pub mod policy;
 pub mod ratelimit;

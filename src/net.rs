@@ -54,6 +54,9 @@ pub struct CoreContext {
     pub access: crate::policy::CorePolicy,
     /// Requests the policy refused on this core, by [`DenyReason`] (for metrics).
     pub denials: RefCell<[u64; DenyReason::ALL.len()]>,
+    /// This core's request, latency and connection counters (published to the metrics
+    /// registry by the core itself).
+    pub metrics: Rc<RefCell<crate::metrics::NetMetrics>>,
     /// Re-reads the configuration file on an admin's POLICY_RELOAD (`None`: started
     /// without a file).
     pub reloader: Option<Arc<crate::server::Reloader>>,
@@ -66,6 +69,7 @@ pub async fn accept_loop(ctx: Rc<CoreContext>, listener: TcpListener) {
         match listener.accept().await {
             Ok(stream) => {
                 if ctx.connections.get() >= ctx.limits.max_connections_per_core {
+                    ctx.metrics.borrow_mut().connections_refused += 1;
                     tracing::warn!(
                         limit = ctx.limits.max_connections_per_core,
                         "connection refused: limits.max_connections_per_core reached"
@@ -73,6 +77,7 @@ pub async fn accept_loop(ctx: Rc<CoreContext>, listener: TcpListener) {
                     drop(stream);
                     continue;
                 }
+                ctx.metrics.borrow_mut().connections_accepted += 1;
                 let guard = ConnectionGuard::new(ctx.clone());
                 glommio::spawn_local(async move {
                     serve(&guard.0, stream).await;
@@ -116,10 +121,12 @@ async fn serve(ctx: &Rc<CoreContext>, stream: TcpStream) {
     let tls = match handshake {
         Some(Ok(tls)) => tls,
         Some(Err(e)) => {
+            ctx.metrics.borrow_mut().handshake_failed += 1;
             tracing::debug!(?peer, error = %e, "TLS handshake refused");
             return;
         }
         None => {
+            ctx.metrics.borrow_mut().handshake_timed_out += 1;
             tracing::debug!(?peer, "TLS handshake timed out");
             return;
         }
@@ -128,6 +135,7 @@ async fn serve(ctx: &Rc<CoreContext>, stream: TcpStream) {
         Some(cert) => match tls::identity_of(cert, ctx.identity) {
             Ok(id) => id,
             Err(e) => {
+                ctx.metrics.borrow_mut().certificate_refused += 1;
                 tracing::debug!(?peer, error = %e, "client certificate refused");
                 return;
             }
@@ -137,7 +145,7 @@ async fn serve(ctx: &Rc<CoreContext>, stream: TcpStream) {
     };
     tracing::debug!(?peer, %identity, "connection established");
     let stream = Rc::new(RefCell::new(tls));
-    let outbox = Rc::new(Outbox::default());
+    let outbox = Rc::new(Outbox::new(ctx.metrics.clone()));
     let writer = glommio::spawn_local(write_loop(Half(stream.clone()), outbox.clone()));
     read_loop(ctx, &identity, Half(stream), &outbox).await;
     // Let every request already accepted finish and be answered, then close.
@@ -151,7 +159,6 @@ async fn serve(ctx: &Rc<CoreContext>, stream: TcpStream) {
 }
 
 /// Replies waiting to be written, and the connection's in-flight count.
-#[derive(Default)]
 struct Outbox {
     buf: RefCell<Vec<u8>>,
     /// Data was added, or the connection is closing.
@@ -163,6 +170,8 @@ struct Outbox {
     inflight: Cell<u32>,
     closing: Cell<bool>,
     failed: Cell<bool>,
+    /// The core's counters: every reply is counted by opcode and status.
+    metrics: Rc<RefCell<crate::metrics::NetMetrics>>,
 }
 
 impl Drop for Outbox {
@@ -173,7 +182,25 @@ impl Drop for Outbox {
 }
 
 impl Outbox {
+    fn new(metrics: Rc<RefCell<crate::metrics::NetMetrics>>) -> Outbox {
+        Outbox {
+            buf: RefCell::default(),
+            ready: LocalSignal::default(),
+            drained: LocalSignal::default(),
+            idle: LocalSignal::default(),
+            inflight: Cell::new(0),
+            closing: Cell::new(false),
+            failed: Cell::new(false),
+            metrics,
+        }
+    }
+
     fn push(&self, opcode: u8, request_id: u64, reply: &Reply) {
+        let status = match reply {
+            Reply::Refused(r) => r.status,
+            _ => Status::Ok,
+        };
+        self.metrics.borrow_mut().count_reply(opcode, status);
         reply.encode(opcode, request_id, &mut self.buf.borrow_mut());
         self.ready.notify();
     }
@@ -371,6 +398,7 @@ fn dispatch(
     body: &[u8],
 ) {
     let (opcode, request_id) = (header.opcode, header.request_id);
+    let started = std::time::Instant::now();
     let request = match Request::decode(opcode, body) {
         Ok(r) => r,
         Err(e) => {
@@ -554,9 +582,10 @@ fn dispatch(
             Err(refusal) => return outbox.refuse(opcode, request_id, refusal),
         },
     };
-    let rate = limit.map(|limit| RateCheck {
+    let rate = limit.map(|allowed| RateCheck {
         requester: identity.clone(),
-        limit,
+        role: allowed.role,
+        limit: allowed.limit,
     });
     if outbox.inflight.get() >= ctx.limits.max_inflight_per_connection {
         let mut refusal = Refusal::new(
@@ -578,6 +607,7 @@ fn dispatch(
     let ctx = ctx.clone();
     let outbox = outbox.clone();
     glommio::spawn_local(async move {
+        let is_derive = derivation.is_some();
         match ctx.router.route(op, rate).await {
             Ok(ShardReply::Asset(info)) => outbox.push(opcode, request_id, &Reply::Asset(info)),
             Ok(ShardReply::Rotated(r)) => outbox.push(opcode, request_id, &Reply::Rotated(r)),
@@ -607,6 +637,12 @@ fn dispatch(
                 ),
             },
             Err(refusal) => outbox.refuse(opcode, request_id, refusal),
+        }
+        if is_derive {
+            ctx.metrics
+                .borrow_mut()
+                .derive_latency
+                .record(started.elapsed());
         }
         let left = outbox.inflight.get() - 1;
         outbox.inflight.set(left);

@@ -304,6 +304,15 @@ pub enum Need<'a> {
     AnyRole,
 }
 
+/// What the policy allows a request under: the role that allows it and that role's rate
+/// limit. Each (requester, asset, role) has a bucket of its own, so a deriver's use does
+/// not spend the same identity's operator budget.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Allowance {
+    pub role: Role,
+    pub limit: RateLimit,
+}
+
 /// Why the policy refused a request (the label of the denial counter).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DenyReason {
@@ -400,8 +409,11 @@ impl AccessPolicy {
         self.grants.get(identity)
     }
 
-    fn limit(&self, role: Role) -> RateLimit {
-        self.limits[role as usize]
+    fn allowance(&self, role: Role) -> Allowance {
+        Allowance {
+            role,
+            limit: self.limits[role as usize],
+        }
     }
 
     /// Refuses an identity that holds no role (before its request's fields are looked at).
@@ -425,7 +437,7 @@ impl AccessPolicy {
 
     /// Whether `identity` may do what `need` says: the rate limit of the role that allows
     /// it (`None` for what anyone may do), or why not.
-    pub fn authorize(&self, identity: &str, need: Need<'_>) -> Result<Option<RateLimit>, Denied> {
+    pub fn authorize(&self, identity: &str, need: Need<'_>) -> Result<Option<Allowance>, Denied> {
         if let Need::Anyone = need {
             return Ok(None);
         }
@@ -468,11 +480,11 @@ impl AccessPolicy {
                         ));
                     }
                 }
-                Ok(Some(self.limit(Role::Deriver)))
+                Ok(Some(self.allowance(Role::Deriver)))
             }
             Need::AnyRole => Ok(None),
-            Need::Operator if g.operator => Ok(Some(self.limit(Role::Operator))),
-            Need::Operator | Need::Admin if g.admin => Ok(Some(self.limit(Role::Admin))),
+            Need::Operator if g.operator => Ok(Some(self.allowance(Role::Operator))),
+            Need::Operator | Need::Admin if g.admin => Ok(Some(self.allowance(Role::Admin))),
             Need::Operator => Err(deny(
                 DenyReason::Role,
                 format!("this operation needs the operator role; {identity:?} is not in policy.operators (or policy.admins)"),
@@ -486,8 +498,8 @@ impl AccessPolicy {
                 [(g.auditor, Role::Auditor), (g.operator, Role::Operator), (g.admin, Role::Admin)]
                     .into_iter()
                     .filter(|(held, _)| *held)
-                    .map(|(_, role)| self.limit(role))
-                    .max_by_key(|l| u128::from(l.requests) * 1_000_000_000 / l.period.as_nanos().max(1))
+                    .map(|(_, role)| self.allowance(role))
+                    .max_by_key(|a| u128::from(a.limit.requests) * 1_000_000_000 / a.limit.period.as_nanos().max(1))
                     .map(Some)
                     .ok_or_else(|| deny(
                         DenyReason::Role,

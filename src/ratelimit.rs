@@ -75,8 +75,9 @@ pub enum Limited {
 
 /// One shard's buckets.
 pub struct RateLimiter {
-    /// TAT of each (requester, asset), in nanoseconds on the caller's clock.
-    tat: HashMap<(Arc<str>, Uuid), u64>,
+    /// TAT of each (requester, asset, class), in nanoseconds on the caller's clock. The
+    /// class keeps one identity's budgets apart (the gate passes the role).
+    tat: HashMap<(Arc<str>, Uuid, u8), u64>,
     max_buckets: usize,
 }
 
@@ -92,16 +93,18 @@ impl RateLimiter {
         self.tat.len()
     }
 
-    /// Takes one request of `requester` on `asset` at `now_ns`, or says when to retry.
+    /// Takes one request of `requester` on `asset` in `class` at `now_ns`, or says when
+    /// to retry.
     pub fn check(
         &mut self,
         requester: &Arc<str>,
         asset: Uuid,
+        class: u8,
         limit: RateLimit,
         now_ns: u64,
     ) -> Result<(), Limited> {
         let (t, tau) = (limit.interval_ns(), limit.tolerance_ns());
-        let key = (requester.clone(), asset);
+        let key = (requester.clone(), asset, class);
         if let Some(tat) = self.tat.get_mut(&key) {
             let start = (*tat).max(now_ns);
             if start - now_ns > tau {
@@ -147,20 +150,22 @@ mod tests {
         let a = Uuid::from_u128(1);
         let lim = limit(100, 60);
         for i in 0..100 {
-            assert_eq!(l.check(&who, a, lim, 0), Ok(()), "request {i}");
+            assert_eq!(l.check(&who, a, 0, lim, 0), Ok(()), "request {i}");
         }
         // The 101st at the same instant waits one interval (0.6 s), to the nanosecond.
         assert_eq!(
-            l.check(&who, a, lim, 0),
+            l.check(&who, a, 0, lim, 0),
             Err(Limited::Rate {
                 retry_after: Duration::from_millis(600)
             })
         );
-        assert!(l.check(&who, a, lim, 600_000_000 - 1).is_err());
-        assert_eq!(l.check(&who, a, lim, 600_000_000), Ok(()));
+        assert!(l.check(&who, a, 0, lim, 600_000_000 - 1).is_err());
+        assert_eq!(l.check(&who, a, 0, lim, 600_000_000), Ok(()));
         // Other assets and other requesters have their own buckets.
-        assert_eq!(l.check(&who, Uuid::from_u128(2), lim, 0), Ok(()));
-        assert_eq!(l.check(&Arc::from("other"), a, lim, 0), Ok(()));
+        assert_eq!(l.check(&who, Uuid::from_u128(2), 0, lim, 0), Ok(()));
+        assert_eq!(l.check(&Arc::from("other"), a, 0, lim, 0), Ok(()));
+        // And so has the same requester under another role (class).
+        assert_eq!(l.check(&who, a, 1, lim, 0), Ok(()));
     }
 
     #[test]
@@ -172,7 +177,7 @@ mod tests {
         let step = 600_000_000;
         for i in 0..144_000u64 {
             assert_eq!(
-                l.check(&who, Uuid::nil(), lim, i * step),
+                l.check(&who, Uuid::nil(), 0, lim, i * step),
                 Ok(()),
                 "call {i}"
             );
@@ -180,7 +185,7 @@ mod tests {
         // Twice as fast is held to the limit: half refused over a long run.
         let mut l = RateLimiter::new(4);
         let refused = (0..20_000u64)
-            .filter(|i| l.check(&who, Uuid::nil(), lim, i * step / 2).is_err())
+            .filter(|i| l.check(&who, Uuid::nil(), 0, lim, i * step / 2).is_err())
             .count();
         assert!((9_900..=10_000).contains(&refused), "{refused}");
     }
@@ -190,19 +195,22 @@ mod tests {
         let mut l = RateLimiter::new(3);
         let lim = limit(1, 10);
         for n in 0..3u128 {
-            l.check(&Arc::from(format!("r{n}")), Uuid::nil(), lim, 0)
+            l.check(&Arc::from(format!("r{n}")), Uuid::nil(), 0, lim, 0)
                 .unwrap();
         }
         // Full of busy buckets: a fourth caller waits until the first goes idle.
         assert_eq!(
-            l.check(&Arc::from("r3"), Uuid::nil(), lim, 5 * S),
+            l.check(&Arc::from("r3"), Uuid::nil(), 0, lim, 5 * S),
             Err(Limited::Full {
                 retry_after: Duration::from_secs(5)
             })
         );
         assert_eq!(l.buckets(), 3);
         // Once they are idle they are dropped to make room.
-        assert_eq!(l.check(&Arc::from("r3"), Uuid::nil(), lim, 10 * S), Ok(()));
+        assert_eq!(
+            l.check(&Arc::from("r3"), Uuid::nil(), 0, lim, 10 * S),
+            Ok(())
+        );
         assert_eq!(l.buckets(), 1);
     }
 

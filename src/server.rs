@@ -44,6 +44,8 @@ pub enum ServerError {
     Core { core: usize, reason: String },
     #[error("lost ownership of the store: {0}")]
     Fenced(String),
+    #[error("cannot open the admin listener (server.admin_listen) on {addr}: {reason} (is another process using the port? \"\" turns it off)")]
+    Admin { addr: SocketAddr, reason: String },
 }
 
 impl ServerError {
@@ -72,6 +74,8 @@ struct CoreSetup {
     policy: Arc<crate::policy::PolicyCell>,
     /// Re-reads the configuration file (`None` when the appliance was given no file).
     reloader: Option<Arc<Reloader>>,
+    /// Where each core publishes its figures for /metrics and /healthz.
+    metrics: Arc<crate::metrics::Registry>,
 }
 
 enum CoreEvent {
@@ -165,6 +169,21 @@ pub fn run_with_reload(
         }
     };
     let tls = crate::tls::server_config(&config.tls)?;
+    let metrics = Arc::new(crate::metrics::Registry::new(
+        cores,
+        key.clone(),
+        policy.clone(),
+        config.server.metrics_publish,
+    ));
+    if let Some(addr) = config.server.admin_listen {
+        let bound = crate::metrics::spawn_admin_listener(addr, metrics.clone()).map_err(|e| {
+            ServerError::Admin {
+                addr,
+                reason: e.to_string(),
+            }
+        })?;
+        tracing::info!(admin = %bound, "admin listener: /metrics, /healthz, /readyz");
+    }
     let mesh = (cores > 1)
         .then(|| MeshBuilder::full(cores, config.limits.cross_core_queue_depth as usize));
     let setup = CoreSetup {
@@ -177,6 +196,7 @@ pub fn run_with_reload(
         regions,
         policy: policy.clone(),
         reloader,
+        metrics,
     };
     let online = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -309,7 +329,7 @@ async fn core_main(core: usize, setup: CoreSetup) -> Result<(), String> {
     if let Some(every) = config.server.stats_log_interval {
         glommio::spawn_local(log_commit_stats(shard.clone(), every)).detach();
     }
-    let router = Rc::new(ShardRouter::new(shard, cores, senders));
+    let router = Rc::new(ShardRouter::new(shard.clone(), cores, senders));
     if let Some(receivers) = receivers {
         glommio::spawn_local(router.clone().serve_mesh(receivers)).detach();
     }
@@ -339,6 +359,7 @@ async fn core_main(core: usize, setup: CoreSetup) -> Result<(), String> {
         connections: Cell::new(0),
         access: crate::policy::CorePolicy::new(setup.policy.clone()),
         denials: Default::default(),
+        metrics: Default::default(),
         reloader: setup.reloader.clone(),
         seal_provider: match &config.seal {
             crate::config::SealConfig::Dev { .. } => ProviderCode::Dev,
@@ -358,6 +379,20 @@ async fn core_main(core: usize, setup: CoreSetup) -> Result<(), String> {
         })
         .detach();
     }
+    // Publish this core's figures for the metrics, from now on (a core that stops
+    // publishing fails /healthz).
+    {
+        let ctx = ctx.clone();
+        let registry = setup.metrics.clone();
+        let every = config.server.metrics_publish;
+        glommio::spawn_local(async move {
+            loop {
+                publish_figures(core, &ctx, &shard, &registry);
+                glommio::timer::sleep(every).await;
+            }
+        })
+        .detach();
+    }
     let _ = setup.events.send(CoreEvent::Ready {
         core,
         shard: shard_id,
@@ -365,6 +400,27 @@ async fn core_main(core: usize, setup: CoreSetup) -> Result<(), String> {
     });
     accept_loop(ctx, listener).await;
     Ok(())
+}
+
+/// Copies the core's and its shard's figures into the core's slot of the registry.
+fn publish_figures(
+    core: usize,
+    ctx: &CoreContext,
+    shard: &Shard,
+    registry: &crate::metrics::Registry,
+) {
+    let Some(slot) = registry.slot(core) else {
+        return;
+    };
+    let net = ctx.metrics.borrow();
+    let figures = shard.figures();
+    let denials = *ctx.denials.borrow();
+    slot.lock().unwrap_or_else(|p| p.into_inner()).publish(
+        &net,
+        &figures,
+        denials,
+        u64::from(ctx.connections.get()),
+    );
 }
 
 /// Logs the shard's group-commit figures every `every` (one line per shard, nothing when

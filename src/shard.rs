@@ -53,6 +53,8 @@ pub enum ShardReply {
 #[derive(Clone, Debug)]
 pub struct RateCheck {
     pub requester: Arc<str>,
+    /// The role the request is allowed under: its own bucket.
+    pub role: crate::policy::Role,
     pub limit: crate::ratelimit::RateLimit,
 }
 
@@ -350,6 +352,8 @@ pub struct Shard {
     state: RefCell<ShardState>,
     kick: LocalSignal,
     commit_stats: RefCell<CommitStats>,
+    /// Cumulative figures for the metrics (the core publishes them).
+    figures: RefCell<crate::metrics::ShardFigures>,
     limiter: RefCell<crate::ratelimit::RateLimiter>,
     /// The regions' switch every core reads; this shard sets it after a durable switch.
     regions: Arc<crate::regions::RegionSwitch>,
@@ -464,6 +468,7 @@ impl Shard {
             store,
             kick: LocalSignal::new(),
             commit_stats: RefCell::new(CommitStats::default()),
+            figures: RefCell::new(crate::metrics::ShardFigures::default()),
             limiter: RefCell::new(crate::ratelimit::RateLimiter::new(buckets)),
             regions,
             started: Instant::now(),
@@ -483,6 +488,20 @@ impl Shard {
     /// The lifecycle transitions committed since the last call (for metrics).
     pub fn take_transition_counts(&self) -> TransitionCounts {
         std::mem::take(&mut self.state.borrow_mut().transitions)
+    }
+
+    /// The shard's cumulative figures for the metrics, brought up to date.
+    pub fn figures(&self) -> std::cell::Ref<'_, crate::metrics::ShardFigures> {
+        let transitions = self.take_transition_counts();
+        {
+            let mut f = self.figures.borrow_mut();
+            for (k, v) in transitions {
+                *f.transitions.entry(k).or_default() += v;
+            }
+            f.rate_limited = self.rate_limited.get();
+            f.assets = self.state.borrow().assets.len() as u64;
+        }
+        self.figures.borrow()
     }
 
     pub fn asset_count(&self) -> usize {
@@ -509,10 +528,13 @@ impl Shard {
         };
         if let Some(rc) = rate.filter(|_| counted) {
             let now_ns = self.started.elapsed().as_nanos() as u64;
-            let checked =
-                self.limiter
-                    .borrow_mut()
-                    .check(&rc.requester, *op.asset(), rc.limit, now_ns);
+            let checked = self.limiter.borrow_mut().check(
+                &rc.requester,
+                *op.asset(),
+                rc.role as u8,
+                rc.limit,
+                now_ns,
+            );
             if let Err(limited) = checked {
                 self.rate_limited.set(self.rate_limited.get() + 1);
                 let (retry_after, message) = match limited {
@@ -1139,11 +1161,22 @@ impl Shard {
             None
         })
         .await;
-        self.commit_stats.borrow_mut().record(
-            waiters.len(),
-            sealed_at.elapsed(),
-            matches!(in_time, Some(Ok(()))),
-        );
+        let committed = matches!(in_time, Some(Ok(())));
+        let took = sealed_at.elapsed();
+        self.commit_stats
+            .borrow_mut()
+            .record(waiters.len(), took, committed);
+        {
+            let mut f = self.figures.borrow_mut();
+            f.store_ok = committed;
+            if committed {
+                f.commit.record(took);
+                f.batch_records.saturating_record(waiters.len() as u64);
+                f.batch_records_sum += waiters.len() as u64;
+            } else {
+                f.commits_failed += 1;
+            }
+        }
         match in_time {
             Some(Ok(())) => {
                 self.settle(&waiters, true);
@@ -1219,7 +1252,12 @@ impl Shard {
         // so a store can apply the writes in any order.
         let mut written: HashMap<Uuid, usize> = HashMap::new();
         st.inflight_batches += 1;
+        let now = Instant::now();
+        let mut figures = self.figures.borrow_mut();
         for mut op in st.pending.drain(..n) {
+            figures
+                .queue_wait
+                .record(now.saturating_duration_since(op.accepted_at));
             let seq = st.next_seq;
             st.next_seq += 1;
             op.record.seq = seq;
@@ -1296,6 +1334,7 @@ impl Shard {
                         if let Some(e) = st.assets.get_mut(&part.asset) {
                             e.durable = true;
                         }
+                        self.figures.borrow_mut().registered += 1;
                     } else {
                         st.assets.remove(&part.asset);
                     }
@@ -2267,6 +2306,7 @@ mod tests {
             // A rate-limited request on an unknown asset makes no bucket.
             let rc = RateCheck {
                 requester: Arc::from("svc"),
+                role: crate::policy::Role::Deriver,
                 limit: crate::ratelimit::RateLimit::parse("1/60s").unwrap(),
             };
             for _ in 0..3 {

@@ -191,6 +191,9 @@ fn demo(o: Options) -> anyhow::Result<i32> {
         .local_addr()?
         .port();
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let admin_port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
     let database = match &o.postgres {
         Some(url) => Some(TempDatabase::create(url)?),
         None => None,
@@ -216,7 +219,7 @@ fn demo(o: Options) -> anyhow::Result<i32> {
     std::fs::write(
         &config,
         format!(
-            "# written by custody-load demo\n[server]\nlisten = \"{addr}\"\ncores = {}\nstate_dir = \"{}\"\nlog_level = \"info\"\nstats_log_interval_s = 1\n\n[tls]\ncert = \"certs/server.pem\"\nkey = \"certs/server.key\"\nclient_ca = \"certs/ca.pem\"\n\n{store_section}{seal_section}{POLICY_SECTION}",
+            "# written by custody-load demo\n[server]\nlisten = \"{addr}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\ncores = {}\nstate_dir = \"{}\"\nlog_level = \"info\"\nstats_log_interval_s = 1\n\n[tls]\ncert = \"certs/server.pem\"\nkey = \"certs/server.key\"\nclient_ca = \"certs/ca.pem\"\n\n{store_section}{seal_section}{POLICY_SECTION}",
             o.cores.unwrap_or(0),
             dir.display()
         ),

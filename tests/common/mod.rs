@@ -19,6 +19,8 @@ pub const TEST_ROLES: &str = "derivers = [{ identity = \"test-client\", purposes
 pub struct TestAppliance {
     pub dir: tempfile::TempDir,
     pub addr: SocketAddr,
+    /// The admin listener (/metrics, /healthz, /readyz).
+    pub admin: SocketAddr,
     child: Option<Child>,
     extra_config: String,
     env: Vec<(String, String)>,
@@ -44,12 +46,10 @@ impl TestAppliance {
             .expect("temp dir");
         custody::tls::write_dev_certs(&dir.path().join("certs"), "test-client").expect("dev certs");
         custody::seal::write_dev_seed(&dir.path().join("dev-seed.bin")).expect("dev seed");
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port();
+        let port = free_port();
         let app = TestAppliance {
             addr: ([127, 0, 0, 1], port).into(),
+            admin: ([127, 0, 0, 1], free_port()).into(),
             dir,
             child: None,
             extra_config: extra_config.to_owned(),
@@ -68,9 +68,10 @@ impl TestAppliance {
             format!("\n[policy]\n{TEST_ROLES}")
         };
         let text = format!(
-            "[server]\nlisten = \"{}\"\ncores = 2\nstate_dir = \"{}\"\nlog_level = \"warn\"\n\n\
+            "[server]\nlisten = \"{}\"\nadmin_listen = \"{}\"\nmetrics_publish_ms = 100\ncores = 2\nstate_dir = \"{}\"\nlog_level = \"warn\"\n\n\
              [tls]\ncert = \"certs/server.pem\"\nkey = \"certs/server.key\"\nclient_ca = \"certs/ca.pem\"\n\n{}",
             self.addr,
+            self.admin,
             self.dir.path().display(),
             self.extra_config
         ) + &policy;
@@ -220,6 +221,35 @@ impl Drop for TestAppliance {
     fn drop(&mut self) {
         self.kill9();
     }
+}
+
+/// A port nobody listens on now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+/// `GET path` on the admin listener: the status code and the body.
+pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to the admin listener");
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .expect("timeout");
+    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").expect("send");
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).expect("read");
+    let code = reply
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP reply: {reply:?}"));
+    let body = reply
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (code, body)
 }
 
 pub fn runtime() -> tokio::runtime::Runtime {

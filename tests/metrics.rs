@@ -1,0 +1,277 @@
+//! The admin listener over real sockets: /metrics in the Prometheus text format with the
+//! figures of real requests (merged over the cores), /healthz and /readyz, and the seal
+//! state as it changes.
+
+mod common;
+
+use common::{asset, derive_body, http_get, runtime, TestAppliance};
+use custody::client::Client;
+use custody::wire::Status;
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+const POLICY: &str = "[policy]\nderivers = [{ identity = \"test-client\", purposes = [\"TRADING\"], regions = [\"US-EAST\"] }]\noperators = [\"test-client\"]\nauditors = [\"test-client\"]\nadmins = [\"test-client\"]\nrate_limits = { deriver = \"2/3600s\", operator = \"1000000/1s\", admin = \"1000000/1s\", auditor = \"1000000/1s\" }\n";
+
+/// Every sample of a scrape by its name and labels, after checking the text format:
+/// `# HELP` and `# TYPE` once per family, before its samples; every sample line
+/// `name{labels} value` with a family declared; a number for every value.
+fn parse_exposition(text: &str) -> HashMap<String, f64> {
+    let mut types: HashMap<String, String> = HashMap::new();
+    let mut helps: Vec<String> = Vec::new();
+    let mut samples = HashMap::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            let name = rest.split(' ').next().unwrap().to_owned();
+            assert!(!helps.contains(&name), "HELP twice for {name}");
+            helps.push(name);
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').expect("TYPE name kind");
+            assert!(["counter", "gauge", "histogram"].contains(&kind), "{line}");
+            assert!(
+                types.insert(name.to_owned(), kind.to_owned()).is_none(),
+                "TYPE twice for {name}"
+            );
+            continue;
+        }
+        assert!(!line.starts_with('#') && !line.is_empty(), "{line:?}");
+        let (key, value) = line.rsplit_once(' ').expect("sample value");
+        let name = key.split('{').next().unwrap();
+        assert!(
+            name.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b':'),
+            "metric name {name:?}"
+        );
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| {
+                name.strip_suffix(s)
+                    .filter(|f| types.get(*f).map(String::as_str) == Some("histogram"))
+            })
+            .unwrap_or(name);
+        assert!(types.contains_key(family), "no TYPE before {line}");
+        if let Some(labels) = key.strip_prefix(name) {
+            if !labels.is_empty() {
+                assert!(
+                    labels.starts_with('{') && labels.ends_with('}'),
+                    "labels of {line}"
+                );
+            }
+        }
+        let v: f64 = value.parse().unwrap_or_else(|_| panic!("value of {line}"));
+        assert!(samples.insert(key.to_owned(), v).is_none(), "{key} twice");
+    }
+    samples
+}
+
+/// Scrapes until `done` holds for the samples (5 s at most): cores publish every 100 ms.
+fn scrape_until(
+    app: &TestAppliance,
+    what: &str,
+    done: impl Fn(&HashMap<String, f64>) -> bool,
+) -> HashMap<String, f64> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (code, body) = http_get(app.admin, "/metrics");
+        assert_eq!(code, 200, "{body}");
+        let samples = parse_exposition(&body);
+        if done(&samples) {
+            return samples;
+        }
+        assert!(Instant::now() < deadline, "{what}:\n{body}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `promtool check metrics` (Prometheus's own linter) on a real scrape. Without promtool
+/// the check is skipped with a notice, unless `CUSTODY_REQUIRE_SERVICES=1`.
+fn promtool_check(scrape: &str) {
+    use std::io::Write;
+    let child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn();
+    let mut child = match child {
+        Ok(c) => c,
+        Err(e) => {
+            assert!(
+                std::env::var("CUSTODY_REQUIRE_SERVICES").as_deref() != Ok("1"),
+                "CUSTODY_REQUIRE_SERVICES=1 but promtool cannot run ({e}); apt-get install prometheus"
+            );
+            eprintln!("promtool not found ({e}): skipping `promtool check metrics`");
+            return;
+        }
+    };
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(scrape.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // promtool exits 0 when clean; lint findings (and format errors) are printed.
+    assert!(
+        out.status.success() && said.trim().is_empty(),
+        "promtool check metrics:\n{said}"
+    );
+}
+
+fn get(samples: &HashMap<String, f64>, key: &str) -> f64 {
+    samples.get(key).copied().unwrap_or(f64::NAN)
+}
+
+#[test]
+fn metrics_count_real_requests_and_health_follows_the_seal() {
+    let mut app = TestAppliance::start_with(POLICY);
+    let rt = runtime();
+    let c = rt.block_on(Client::connect(&app.client_config())).unwrap();
+    let a = asset(7001);
+    rt.block_on(c.register(a)).unwrap();
+    for _ in 0..2 {
+        rt.block_on(c.derive(derive_body(a, "m/44'/0'/0'/0'/1")))
+            .unwrap();
+    }
+    let limited = rt
+        .block_on(c.derive(derive_body(a, "m/44'/0'/0'/0'/1")))
+        .unwrap_err();
+    assert_eq!(limited.status(), Some(Status::RateLimited));
+    let mut body = derive_body(a, "m/44'/0'/0'/0'/1");
+    body.region = "EU-WEST".into();
+    let denied = rt.block_on(c.derive(body)).unwrap_err();
+    assert_eq!(denied.status(), Some(Status::Forbidden));
+    rt.block_on(c.suspend(a)).unwrap();
+    rt.block_on(c.resume(a)).unwrap();
+    rt.block_on(c.rotate(a, uuid::Uuid::new_v4(), None))
+        .unwrap();
+
+    let m = scrape_until(&app, "figures of the requests", |m| {
+        get(m, "custody_requests_total{op=\"ROTATE\",status=\"OK\"}") == 1.0
+    });
+    for (key, want) in [
+        ("custody_requests_total{op=\"DERIVE\",status=\"OK\"}", 2.0),
+        (
+            "custody_requests_total{op=\"DERIVE\",status=\"RATE_LIMITED\"}",
+            1.0,
+        ),
+        (
+            "custody_requests_total{op=\"DERIVE\",status=\"FORBIDDEN\"}",
+            1.0,
+        ),
+        ("custody_requests_total{op=\"REGISTER\",status=\"OK\"}", 1.0),
+        // The two derivations and the rate-limited one reached the shard.
+        ("custody_derivation_latency_seconds_count", 3.0),
+        (
+            "custody_derivation_latency_seconds_bucket{le=\"+Inf\"}",
+            3.0,
+        ),
+        ("custody_denied_requests_total{reason=\"region\"}", 1.0),
+        ("custody_denied_requests_total{reason=\"no_role\"}", 0.0),
+        ("custody_rate_limited_requests_total", 1.0),
+        (
+            "custody_key_lifecycle_transitions_total{from=\"NONE\",to=\"ACTIVE\"}",
+            1.0,
+        ),
+        (
+            "custody_key_lifecycle_transitions_total{from=\"ACTIVE\",to=\"SUSPENDED\"}",
+            1.0,
+        ),
+        (
+            "custody_key_lifecycle_transitions_total{from=\"SUSPENDED\",to=\"ACTIVE\"}",
+            1.0,
+        ),
+        (
+            "custody_key_lifecycle_transitions_total{from=\"ACTIVE\",to=\"ROTATING\"}",
+            1.0,
+        ),
+        (
+            "custody_key_lifecycle_transitions_total{from=\"ROTATING\",to=\"ACTIVE\"}",
+            1.0,
+        ),
+        ("custody_seal_state{state=\"unsealed\"}", 1.0),
+        ("custody_seal_state{state=\"sealed_by_operator\"}", 0.0),
+        ("custody_policy_generation", 1.0),
+    ] {
+        assert_eq!(get(&m, key), want, "{key}");
+    }
+    // Commits: register, 2 derivations, suspend, resume, rotate: 6 records in all.
+    assert_eq!(get(&m, "custody_commit_batch_records_sum"), 6.0);
+    assert!(get(&m, "custody_commit_latency_seconds_count") >= 1.0);
+    assert!(get(&m, "custody_shard_queue_wait_seconds_count") == 6.0);
+    assert!(get(&m, "custody_hsm_calls_total{result=\"ok\"}") >= 1.0);
+    assert!(get(&m, "custody_seed_cache_age_seconds") >= 0.0);
+    let assets: f64 = (0..2)
+        .map(|s| get(&m, &format!("custody_assets{{shard=\"{s}\"}}")))
+        .sum();
+    assert_eq!(assets, 1.0);
+    let accepted: f64 = (0..2)
+        .map(|s| {
+            get(
+                &m,
+                &format!("custody_connections_accepted_total{{core=\"{s}\"}}"),
+            )
+        })
+        .sum();
+    assert!(accepted >= 1.0);
+
+    promtool_check(&http_get(app.admin, "/metrics").1);
+
+    assert_eq!(http_get(app.admin, "/healthz"), (200, "ok\n".into()));
+    assert_eq!(http_get(app.admin, "/readyz"), (200, "ok\n".into()));
+    assert_eq!(http_get(app.admin, "/nowhere").0, 404);
+
+    // Sealed by an admin: not ready, and the state says so at once (read live).
+    rt.block_on(c.seal()).unwrap();
+    let (code, body) = http_get(app.admin, "/readyz");
+    assert_eq!(code, 503);
+    assert!(body.contains("sealed: sealed_by_operator"), "{body}");
+    assert_eq!(http_get(app.admin, "/healthz").0, 200, "alive while sealed");
+    let m = scrape_until(&app, "sealed", |_| true);
+    assert_eq!(
+        get(&m, "custody_seal_state{state=\"sealed_by_operator\"}"),
+        1.0
+    );
+    assert_eq!(get(&m, "custody_seal_state{state=\"unsealed\"}"), 0.0);
+    assert!(!m.contains_key("custody_seed_cache_age_seconds"));
+    // Unsealed again (the provider is called off the executors): ready once it is.
+    rt.block_on(c.unseal("", false)).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while http_get(app.admin, "/readyz").0 != 200 {
+        assert!(Instant::now() < deadline, "not ready after UNSEAL");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(app.is_running());
+}
+
+#[test]
+fn the_admin_listener_refuses_what_it_does_not_serve() {
+    use std::io::{Read, Write};
+    let app = TestAppliance::start();
+    for (request, code) in [
+        ("POST /metrics HTTP/1.1\r\n\r\n", "405"),
+        ("GET metrics\r\n\r\n", "400"),
+        ("HEAD /healthz HTTP/1.1\r\n\r\n", "200"),
+    ] {
+        let mut s = std::net::TcpStream::connect(app.admin).unwrap();
+        s.write_all(request.as_bytes()).unwrap();
+        let mut reply = String::new();
+        s.read_to_string(&mut reply).unwrap();
+        assert_eq!(reply.split(' ').nth(1), Some(code), "{request:?}: {reply}");
+        if request.starts_with("HEAD") {
+            assert!(reply.ends_with("\r\n\r\n"), "HEAD has no body: {reply:?}");
+        }
+    }
+    // A head that never ends is cut off at its bound.
+    let mut s = std::net::TcpStream::connect(app.admin).unwrap();
+    let _ = s.write_all(&vec![b'a'; 9000]);
+    let mut reply = String::new();
+    let _ = s.read_to_string(&mut reply);
+    assert_eq!(reply.split(' ').nth(1), Some("431"), "{reply}");
+}
