@@ -119,12 +119,28 @@ fn starts_sealed_unseals_with_k_shares_refuses_bad_ones_and_seals_again() {
         text(&out)
     );
 
+    // The metrics and the readiness probe say the same (the seal state is read live).
+    let (code, body) = common::http_get(app.admin, "/readyz");
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("sealed: sealed"), "{body}");
+    let (_, m) = common::http_get(app.admin, "/metrics");
+    assert!(m.contains("custody_seal_state{state=\"sealed\"} 1\n"), "{m}");
+
     // One share in: progress 1/3, still sealed.
     let f1 = files[0].to_str().unwrap();
     let out = cli(&app, &["unseal", "--share-file", f1]);
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("UNSEALING"), "{}", text(&out));
     assert!(text(&out).contains("unseal progress 1/3"), "{}", text(&out));
+    let (_, m) = common::http_get(app.admin, "/metrics");
+    for line in [
+        "custody_seal_state{state=\"unsealing\"} 1\n",
+        "custody_seal_state{state=\"sealed\"} 0\n",
+        "custody_unseal_shares_received 1\n",
+        "custody_unseal_shares_threshold 3\n",
+    ] {
+        assert!(m.contains(line), "{line}{m}");
+    }
     // The same share again: SHARE_REPEATED, and the CLI exits 3.
     let out = cli(&app, &["unseal", "--share-file", f1]);
     assert_eq!(out.status.code(), Some(3), "{}", text(&out));
