@@ -227,7 +227,7 @@ pub const KEYS: &[KeyDoc] = &[
     KeyDoc { key: "limits.rate_limit_buckets_per_shard", default: "100000", doc: "rate-limit buckets (requester, asset) each shard keeps; idle ones are dropped, and when all are busy a new caller is refused RATE_LIMITED" },
     KeyDoc { key: "limits.rotation_ids_max_per_shard", default: "100000", doc: "most rotation ids each shard remembers; past it the oldest are forgotten first" },
     KeyDoc { key: "policy.regions", default: "[\"US-EAST\", \"EU-WEST\", \"APAC\"]", doc: "compliance regions a derivation may name" },
-    KeyDoc { key: "policy.admins", default: "[]", doc: "client identities with the admin role: `custody seal`, `custody unseal` and `custody retire` over the wire, and what operators may (none by default)" },
+    KeyDoc { key: "policy.admins", default: "[]", doc: "client identities with the admin role: `custody seal`, `custody unseal`, `custody retire`, `custody region enable|disable` and `custody policy reload` over the wire, and what operators may (none by default)" },
     KeyDoc { key: "policy.operators", default: "[]", doc: "client identities with the operator role: register, `custody rotate`, `custody suspend`, `custody resume`, and status (none by default)" },
     KeyDoc { key: "policy.auditors", default: "[]", doc: "client identities with the auditor role: status (none by default)" },
     KeyDoc { key: "policy.derivers", default: "[]", doc: "client identities with the deriver role, each `{ identity = \"…\", purposes = [\"TRADING\", …], regions = [\"US-EAST\", …] }` and optionally `asset_groups = [\"desk-fx\", …]`: it may derive only for those purposes and regions (and assets of those groups). An identity with no role is refused everything but HELLO and SEAL_STATUS" },
@@ -1274,8 +1274,19 @@ impl Resolver<'_> {
                             None
                         }
                     },
-                    // The groups themselves are wrong: reported there.
+                    // The groups themselves are wrong (reported there): still name a group
+                    // that is not even defined, so every problem is listed at once.
                     (Some(names), None) if !names.is_empty() => {
+                        let defined: Vec<String> = match self.raw("policy.asset_groups") {
+                            Some(toml::Value::Table(t)) => t.keys().cloned().collect(),
+                            _ => Vec::new(),
+                        };
+                        for unknown in names.iter().filter(|n| !defined.contains(n)) {
+                            self.problem::<()>(
+                                &at,
+                                format!("asset group {unknown:?} is not in policy.asset_groups"),
+                            );
+                        }
                         ok = false;
                         None
                     }
@@ -1616,6 +1627,7 @@ mod tests {
             "policy.asset_groups.desk-rates: \"00000000-0000-0000-0000-000000000000\": not an RFC 4122 asset id",
             "policy.asset_groups.desk-rates: 7: not an RFC 4122 asset id",
             "policy.derivers[1]: asset_groups: a non-empty list",
+            "policy.derivers[0]: asset group \"desk-eq\" is not in policy.asset_groups",
         ] {
             assert!(err.contains(expected), "{expected}\n{err}");
         }

@@ -325,28 +325,37 @@ fn policy_reload(
     opcode: u8,
     request_id: u64,
 ) {
-    let Some(reloader) = ctx.reloader.clone() else {
+    let Some(reloader) = &ctx.reloader else {
         let refusal = Refusal::new(
             Status::ReloadUnavailable,
             "the appliance was started without a configuration file (--config) to re-read",
         );
         return outbox.refuse(opcode, request_id, refusal);
     };
+    let Some(ticket) = reloader.try_request() else {
+        let mut refusal = Refusal::new(Status::Busy, "a policy reload is already running");
+        refusal.retry_after_ms = 100;
+        return outbox.refuse(opcode, request_id, refusal);
+    };
+    // Counted in flight, so the connection answers it before it closes.
+    outbox.inflight.set(outbox.inflight.get() + 1);
     let outbox = outbox.clone();
     let trigger = format!("POLICY_RELOAD by {identity:?}");
     glommio::spawn_local(async move {
         let (done, result) = crate::store::handoff::completion();
         if let Err(e) = std::thread::Builder::new()
             .name("custody-reload-request".into())
-            .spawn(move || done.complete(reloader.reload(&trigger)))
+            .spawn(move || {
+                let outcome = ticket.reloader().reload(&trigger);
+                // Released before the answer, so the admin may send the next one at once.
+                drop(ticket);
+                done.complete(outcome)
+            })
         {
             tracing::error!(error = %e, "cannot start a thread for the policy reload");
         }
-        let result = result.await.unwrap_or_else(|_| {
-            Err("the reload could not run (no thread); the policy in force is unchanged".into())
-        });
-        match result {
-            Ok(r) => {
+        match result.await {
+            Ok(Ok(r)) => {
                 let reply = wire::PolicyReloaded {
                     generation: r.generation,
                     identities: u32::try_from(r.identities).unwrap_or(u32::MAX),
@@ -355,13 +364,27 @@ fn policy_reload(
                 };
                 outbox.push(opcode, request_id, &Reply::PolicyReloaded(reply))
             }
-            Err(problems) => {
+            Ok(Err(problems)) => {
                 let refusal = Refusal::new(
                     Status::PolicyInvalid,
                     format!("policy not reloaded, the policy in force is unchanged: {problems}"),
                 );
                 outbox.refuse(opcode, request_id, refusal)
             }
+            // No thread for it: nothing was read or changed.
+            Err(_) => outbox.refuse(
+                opcode,
+                request_id,
+                Refusal::new(
+                    Status::Internal,
+                    "the reload could not run (no thread); the policy in force is unchanged",
+                ),
+            ),
+        }
+        let left = outbox.inflight.get() - 1;
+        outbox.inflight.set(left);
+        if left == 0 {
+            outbox.idle.notify();
         }
     })
     .detach();

@@ -94,7 +94,7 @@ impl RegionTable {
     /// A configured region's name (shared) and slot.
     pub fn find(&self, name: &str) -> Option<(&Arc<str>, usize)> {
         let i = self.names.iter().position(|n| **n == *name)?;
-        Some((&self.names[i], self.slots[i]))
+        Some((self.names.get(i)?, *self.slots.get(i)?))
     }
 
     pub fn names(&self) -> Vec<String> {

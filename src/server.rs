@@ -114,6 +114,7 @@ pub fn run_with_reload(
             cell: policy.clone(),
             switch: regions.clone(),
             one_at_a_time: std::sync::Mutex::new(()),
+            requested: std::sync::atomic::AtomicBool::new(false),
         });
         spawn_sighup_thread(reloader.clone());
         reloader
@@ -473,11 +474,44 @@ pub struct Reloader {
     cell: Arc<crate::policy::PolicyCell>,
     switch: Arc<crate::regions::RegionSwitch>,
     one_at_a_time: std::sync::Mutex<()>,
+    /// An admin's POLICY_RELOAD is running (at most one thread for requests at a time).
+    requested: std::sync::atomic::AtomicBool,
+}
+
+/// The right to run the one requested reload; released when dropped.
+pub struct ReloadTicket(Arc<Reloader>);
+
+impl ReloadTicket {
+    pub fn reloader(&self) -> &Reloader {
+        &self.0
+    }
+}
+
+impl Drop for ReloadTicket {
+    fn drop(&mut self) {
+        self.0
+            .requested
+            .store(false, std::sync::atomic::Ordering::Release);
+    }
 }
 
 impl Reloader {
     pub fn file(&self) -> &std::path::Path {
         &self.file
+    }
+
+    /// The ticket for an admin's reload, unless one is running already (then the caller
+    /// answers BUSY: requests never queue threads).
+    pub fn try_request(self: &Arc<Self>) -> Option<ReloadTicket> {
+        self.requested
+            .compare_exchange(
+                false,
+                true,
+                std::sync::atomic::Ordering::AcqRel,
+                std::sync::atomic::Ordering::Acquire,
+            )
+            .ok()
+            .map(|_| ReloadTicket(self.clone()))
     }
 
     /// Blocking (reads the file): call it off the executors. `trigger` (SIGHUP, or who

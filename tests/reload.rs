@@ -193,7 +193,7 @@ fn policy_reload_over_the_wire_puts_regions_and_asset_groups_in_force() {
     assert_eq!(
         rt.block_on(c.regions()).unwrap(),
         [("US-EAST".to_string(), true), ("LATAM".to_string(), false)],
-        "MARS was not half-applied"
+        "nothing of the bad file was applied"
     );
     assert_eq!(
         derive_in(&c, &rt, rates, "US-EAST"),
@@ -214,4 +214,36 @@ fn refused_region(result: Result<Vec<(String, bool)>, ClientError>) -> (Status, 
         Err(ClientError::Refused(r)) => (r.status, r.message),
         other => panic!("expected a refusal, got {other:?}"),
     }
+}
+
+#[test]
+fn a_reload_needing_more_region_slots_than_remain_is_refused_whole() {
+    let mut app = TestAppliance::start_with(&format!("[policy]\n{ADMIN_ROLES}"));
+    let rt = runtime();
+    let c = rt.block_on(Client::connect(&app.client_config())).unwrap();
+    let regions = |round: usize| -> String {
+        (0..255)
+            .map(|i| format!("\"R{round}-{i}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    // 3 regions at start, then 4 x 255 new ones: 1,023 of the 1,024 slots.
+    for round in 0..4 {
+        app.reconfigure(&format!(
+            "[policy]\nregions = [{}]\n{ADMIN_ROLES}",
+            regions(round)
+        ));
+        let r = rt.block_on(c.policy_reload()).unwrap();
+        assert_eq!(r.regions, 255);
+    }
+    app.reconfigure(&format!(
+        "[policy]\nregions = [\"R0-0\", \"NEW-1\", \"NEW-2\"]\n{ADMIN_ROLES}"
+    ));
+    let (status, message) = refused(rt.block_on(c.policy_reload()));
+    assert_eq!(status, Status::PolicyInvalid);
+    assert!(message.contains("2 new regions need a slot but only 1"), "{message}");
+    // Nothing of it was applied: the last good list is in force.
+    let listed = rt.block_on(c.regions()).unwrap();
+    assert_eq!(listed.len(), 255);
+    assert!(listed.iter().all(|(name, on)| name.starts_with("R3-") && *on));
 }

@@ -124,7 +124,10 @@ fn starts_sealed_unseals_with_k_shares_refuses_bad_ones_and_seals_again() {
     assert_eq!(code, 503, "{body}");
     assert!(body.contains("sealed: sealed"), "{body}");
     let (_, m) = common::http_get(app.admin, "/metrics");
-    assert!(m.contains("custody_seal_state{state=\"sealed\"} 1\n"), "{m}");
+    assert!(
+        m.contains("custody_seal_state{state=\"sealed\"} 1\n"),
+        "{m}"
+    );
 
     // One share in: progress 1/3, still sealed.
     let f1 = files[0].to_str().unwrap();
