@@ -84,6 +84,7 @@ fn codec(c: &mut Criterion) {
         receipt: Receipt {
             shard: 1,
             seq: 1 << 40,
+            hash: [0x11; 32],
         },
     });
     let mut out = Vec::with_capacity(256);

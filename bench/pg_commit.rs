@@ -186,6 +186,7 @@ async fn run(admin: PgConfig) -> Result<(), custody::store::StoreError> {
                 counter: 0,
                 insert: true,
             }],
+            ..Default::default()
         })
         .await?;
     let (mut seq0, mut seq1) = (1u64, 0u64);
@@ -234,6 +235,7 @@ async fn run(admin: PgConfig) -> Result<(), custody::store::StoreError> {
                         .map(|i| record(shard, after + i, asset, &path))
                         .collect(),
                     asset_writes: vec![],
+                    ..Default::default()
                 };
                 let (b0, b1) = (batch(0, seq0), batch(1, seq1));
                 let t = Instant::now();

@@ -23,6 +23,9 @@ use zeroize::Zeroizing;
 pub const LABEL_V1: &[u8; 17] = b"custody/derive/v1";
 /// The scheme version recorded with every derivation (a v2 would get its own label).
 pub const SCHEME_V1: u8 = 1;
+/// KBKDF label of the audit checkpoint key (docs/audit.md): its own label, so the key
+/// that authenticates the audit log is never a derived asset key.
+pub const AUDIT_LABEL_V1: &[u8; 16] = b"custody/audit/v1";
 /// Root seed length.
 pub const SEED_LEN: usize = 32;
 /// Levels in a BIP-44 path: purpose', coin', account', change', index.
@@ -197,6 +200,9 @@ fn copy_states(from: &Sha256, to: &mut Sha256) {
 /// zeroized when the key is dropped ([`Locked`]).
 pub struct DerivationKey {
     keyed: Locked<KeyedStates>,
+    /// HMAC-SHA256 keyed with the audit checkpoint key (KBKDF of the seed with
+    /// [`AUDIT_LABEL_V1`]), locked like the seed's.
+    audit: Locked<KeyedStates>,
 }
 
 /// Working memory for derivations, locked like the key: one per core (the appliance's
@@ -215,19 +221,33 @@ impl Scratch {
 }
 
 impl DerivationKey {
-    /// Keys the HMAC with `seed`; fails only if memory cannot be locked.
+    /// Keys the HMAC with `seed` (and the audit checkpoint HMAC with the seed's audit
+    /// key); fails only if memory cannot be locked.
     pub fn new(seed: &RootSeed) -> Result<DerivationKey, LockError> {
-        let mut keyed = Locked::new(KeyedStates {
+        let keyed = keyed_states(seed.expose())?;
+        let audit_key = audit_key_with(&keyed);
+        let audit = keyed_states(&audit_key)?;
+        Ok(DerivationKey { keyed, audit })
+    }
+
+    /// The MAC of an audit checkpoint: HMAC-SHA256 under the audit key of the shard's
+    /// last sequence number and record hash ([`crate::audit::checkpoint_message`]).
+    pub fn checkpoint_mac(&self, shard: u16, seq: u64, hash: &[u8; 32]) -> [u8; 32] {
+        let mut work = KeyedStates {
             inner: Sha256::new(),
             outer: Sha256::new(),
-        })?;
-        let mut block = Zeroizing::new([0u8; HMAC_BLOCK]);
-        block[..SEED_LEN].copy_from_slice(seed.expose());
-        block.iter_mut().for_each(|b| *b ^= 0x36);
-        keyed.inner.update(&block[..]);
-        block.iter_mut().for_each(|b| *b ^= 0x36 ^ 0x5c);
-        keyed.outer.update(&block[..]);
-        Ok(DerivationKey { keyed })
+        };
+        let mut inner = Zeroizing::new([0u8; 32]);
+        copy_states(&self.audit.inner, &mut work.inner);
+        work.inner
+            .update(crate::audit::checkpoint_message(shard, seq, hash));
+        work.inner.finalize_into_reset((&mut inner[..]).into());
+        let mut mac = [0u8; 32];
+        copy_states(&self.audit.outer, &mut work.outer);
+        work.outer.update(&inner[..]);
+        work.outer.finalize_into_reset((&mut mac[..]).into());
+        crate::locked::wipe(&mut work);
+        mac
     }
 
     /// Derives the v1 key of `asset` at `counter` and `path`, hashing in `scratch` (the
@@ -275,6 +295,45 @@ impl DerivationKey {
         work.outer.finalize_into_reset((&mut key[..]).into());
         key
     }
+}
+
+/// HMAC-SHA256's keyed states for a 32-byte key, in locked memory.
+fn keyed_states(key: &[u8; 32]) -> Result<Locked<KeyedStates>, LockError> {
+    let mut keyed = Locked::new(KeyedStates {
+        inner: Sha256::new(),
+        outer: Sha256::new(),
+    })?;
+    let mut block = Zeroizing::new([0u8; HMAC_BLOCK]);
+    block[..key.len()].copy_from_slice(key);
+    block.iter_mut().for_each(|b| *b ^= 0x36);
+    keyed.inner.update(&block[..]);
+    block.iter_mut().for_each(|b| *b ^= 0x36 ^ 0x5c);
+    keyed.outer.update(&block[..]);
+    Ok(keyed)
+}
+
+/// The audit checkpoint key: KBKDF (one block, as [`DerivationKey::derive`]) of the seed
+/// with [`AUDIT_LABEL_V1`] and an empty context.
+fn audit_key_with(keyed: &KeyedStates) -> Zeroizing<[u8; 32]> {
+    let mut work = keyed.clone();
+    let mut inner = Zeroizing::new([0u8; 32]);
+    work.inner.update(KBKDF_COUNTER_1);
+    work.inner.update(AUDIT_LABEL_V1);
+    work.inner.update([0x00]);
+    work.inner.update(KBKDF_L_256);
+    work.inner.finalize_into_reset((&mut inner[..]).into());
+    let mut key = Zeroizing::new([0u8; 32]);
+    work.outer.update(&inner[..]);
+    work.outer.finalize_into_reset((&mut key[..]).into());
+    crate::locked::wipe(&mut work);
+    key
+}
+
+/// The audit checkpoint key of `seed` (for an offline verifier: `custody reconcile
+/// --offline`, the tests). Treat it as a secret: with it, checkpoints can be forged.
+pub fn audit_key(seed: &RootSeed) -> Result<Zeroizing<[u8; 32]>, LockError> {
+    let keyed = keyed_states(seed.expose())?;
+    Ok(audit_key_with(&keyed))
 }
 
 impl std::fmt::Debug for DerivationKey {

@@ -18,7 +18,9 @@
 //!   (requester, asset) rate limit of [`ratelimit`] is kept here.
 //! - [`lifecycle`]: asset states and their transitions (rotate, suspend, resume, retire
 //!   are applied by the owning shard and audited like derivations).
-//! - [`audit`]: the audit record of every acknowledged operation.
+//! - [`audit`]: the audit record of every acknowledged operation, its canonical encoding
+//!   and hash chain (computed by the shard as it seals a batch; checkpoints MACed with the
+//!   seed's audit key).
 //! - [`store`]: the durable store trait, the shard→commit-thread hand-off, SQLite, and
 //!   PostgreSQL driven on each core (with TLS, single owner, partitions).
 //! - [`kdf`]: NIST SP 800-108 KBKDF with HMAC-SHA256, keyed once per seed; run on the

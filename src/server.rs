@@ -318,13 +318,18 @@ async fn core_main(core: usize, setup: CoreSetup) -> Result<(), String> {
     };
     // Every core applies the stored region switches before it listens, so none serves a
     // disabled region at start-up.
-    let shard = Rc::new(Shard::new(
-        shard_id,
-        snapshot,
-        limits,
-        shard_store,
-        setup.regions.clone(),
-    ));
+    let signer = CoreKey::new(setup.key.clone())
+        .map_err(|e| format!("the shard's checkpoint key view: {e}"))?;
+    let shard = Rc::new(
+        Shard::new(
+            shard_id,
+            snapshot,
+            limits,
+            shard_store,
+            setup.regions.clone(),
+        )
+        .with_signer(Box::new(signer)),
+    );
     let assets = shard.asset_count();
     glommio::spawn_local(shard.clone().run_committer()).detach();
     if let Some(every) = config.server.stats_log_interval {

@@ -48,6 +48,18 @@ pub enum ShardReply {
     },
 }
 
+/// Authenticates audit checkpoints: the MAC of a shard's (sequence number, chain hash)
+/// under the audit key derived from the root seed, or `None` while sealed.
+pub trait CheckpointSigner {
+    fn sign(&self, shard: u16, seq: u64, hash: &[u8; 32]) -> Option<[u8; 32]>;
+}
+
+impl CheckpointSigner for crate::seal::cache::CoreKey {
+    fn sign(&self, shard: u16, seq: u64, hash: &[u8; 32]) -> Option<[u8; 32]> {
+        self.with(|key| key.checkpoint_mac(shard, seq, hash))
+    }
+}
+
 /// Who asks, and within which rate limit: the owning shard keeps a GCRA bucket per
 /// (requester, asset).
 #[derive(Clone, Debug)]
@@ -252,8 +264,9 @@ enum Outcome {
 struct RotationMemo {
     asset: Uuid,
     counter: u64,
-    /// The rotation's record; `None` while its commit is in flight.
-    seq: Option<u64>,
+    /// The rotation's record (sequence number and chain hash); `None` while its commit
+    /// is in flight.
+    seq: Option<(u64, [u8; 32])>,
     ts_ms: u64,
 }
 
@@ -267,11 +280,11 @@ struct RotationIndex {
 }
 
 impl RotationIndex {
-    fn confirm(&mut self, id: Uuid, seq: u64, limits: &ShardLimits) {
+    fn confirm(&mut self, id: Uuid, seq: u64, hash: [u8; 32], limits: &ShardLimits) {
         let Some(m) = self.by_id.get_mut(&id) else {
             return;
         };
-        m.seq = Some(seq);
+        m.seq = Some((seq, hash));
         self.order.push_back((m.ts_ms, id));
         self.evict(limits);
     }
@@ -282,7 +295,7 @@ impl RotationIndex {
             RotationMemo {
                 asset: r.asset,
                 counter: r.counter,
-                seq: Some(r.seq),
+                seq: Some((r.seq, r.hash)),
                 ts_ms: r.ts_ms,
             },
         );
@@ -318,6 +331,8 @@ struct PendingOp {
 /// An operation whose record is in a sealed batch.
 struct Waiter {
     seq: u64,
+    /// The record's chain hash.
+    hash: [u8; 32],
     asset: Uuid,
     counter: u64,
     outcome: Outcome,
@@ -330,6 +345,10 @@ struct ShardState {
     next_seq: u64,
     /// One past the highest number the store has confirmed durable.
     durable_next: u64,
+    /// The chain hash of record `next_seq - 1` (sealed) and of `durable_next - 1`
+    /// (durable): numbering and chaining restart together after a failed batch.
+    head: [u8; 32],
+    durable_head: [u8; 32],
     /// A batch failed: once no batch is in flight, numbering restarts at `durable_next`.
     resync: bool,
     /// The store's log is ahead of what this shard believes is durable (a commit that was
@@ -354,6 +373,10 @@ pub struct Shard {
     commit_stats: RefCell<CommitStats>,
     /// Cumulative figures for the metrics (the core publishes them).
     figures: RefCell<crate::metrics::ShardFigures>,
+    /// Authenticates each batch's checkpoint (`None`: batches go without one).
+    signer: Option<Box<dyn CheckpointSigner>>,
+    /// Reused for the canonical encoding of each record as it is chained.
+    encode_scratch: RefCell<Vec<u8>>,
     limiter: RefCell<crate::ratelimit::RateLimiter>,
     /// The regions' switch every core reads; this shard sets it after a durable switch.
     regions: Arc<crate::regions::RegionSwitch>,
@@ -456,6 +479,8 @@ impl Shard {
                 assets,
                 next_seq: snapshot.last_seq + 1,
                 durable_next: snapshot.last_seq + 1,
+                head: snapshot.last_hash,
+                durable_head: snapshot.last_hash,
                 resync: false,
                 reload: false,
                 pending: VecDeque::with_capacity(limits.pending_max.min(4096)),
@@ -469,11 +494,20 @@ impl Shard {
             kick: LocalSignal::new(),
             commit_stats: RefCell::new(CommitStats::default()),
             figures: RefCell::new(crate::metrics::ShardFigures::default()),
+            signer: None,
+            encode_scratch: RefCell::new(Vec::with_capacity(256)),
             limiter: RefCell::new(crate::ratelimit::RateLimiter::new(buckets)),
             regions,
             started: Instant::now(),
             rate_limited: std::cell::Cell::new(0),
         }
+    }
+
+    /// Authenticates each batch's checkpoint with `signer` (the appliance's: the core's
+    /// view of the seed cache).
+    pub fn with_signer(mut self, signer: Box<dyn CheckpointSigner>) -> Shard {
+        self.signer = Some(signer);
+        self
     }
 
     /// The commit figures since the last call, which starts new ones.
@@ -793,7 +827,7 @@ impl Shard {
                 ));
             }
             return match m.seq {
-                Some(seq) => Ok(Accepted::Now(ShardReply::Rotated(Rotated {
+                Some((seq, hash)) => Ok(Accepted::Now(ShardReply::Rotated(Rotated {
                     asset,
                     rotation_id,
                     counter: m.counter,
@@ -801,6 +835,7 @@ impl Shard {
                     receipt: Receipt {
                         shard: self.id,
                         seq,
+                        hash,
                     },
                     replayed: true,
                 }))),
@@ -1029,6 +1064,7 @@ impl Shard {
                 // from the last durable record.
                 let mut st = self.state.borrow_mut();
                 st.next_seq = st.durable_next;
+                st.head = st.durable_head;
                 st.resync = false;
                 continue;
             }
@@ -1092,6 +1128,8 @@ impl Shard {
                 }
                 st.next_seq = snapshot.last_seq + 1;
                 st.durable_next = snapshot.last_seq + 1;
+                st.head = snapshot.last_hash;
+                st.durable_head = snapshot.last_hash;
                 st.resync = false;
                 st.reload = false;
                 tracing::warn!(
@@ -1230,6 +1268,7 @@ impl Shard {
                     )));
                     settled.push(Settled {
                         seq: w.seq,
+                        hash: w.hash,
                         asset: w.asset,
                         outcome: w.outcome,
                     });
@@ -1251,7 +1290,11 @@ impl Shard {
             records: Vec::with_capacity(n),
             asset_writes: Vec::new(),
             region_writes: Vec::new(),
+            chain_prev: st.head,
+            chain: Vec::with_capacity(n),
+            checkpoint: None,
         };
+        let mut scratch = self.encode_scratch.borrow_mut();
         let mut waiters = Vec::with_capacity(n);
         // One write per asset per batch (the last wins; a registration stays an insert),
         // so a store can apply the writes in any order.
@@ -1266,8 +1309,12 @@ impl Shard {
             let seq = st.next_seq;
             st.next_seq += 1;
             op.record.seq = seq;
+            let hash = crate::audit::chain_hash(&op.record, &st.head, &mut scratch);
+            st.head = hash;
+            batch.chain.push(hash);
             waiters.push(Waiter {
                 seq,
+                hash,
                 asset: op.record.asset,
                 counter: op.record.counter,
                 outcome: op.outcome,
@@ -1300,6 +1347,19 @@ impl Shard {
             }
             batch.records.push(op.record);
         }
+        // The checkpoint: the batch's last position, authenticated (none while sealed; a
+        // later checkpoint covers these records through the chain).
+        if let (Some(last), Some(signer)) = (batch.records.last(), &self.signer) {
+            if let Some(mac) = signer.sign(self.id, last.seq, &st.head) {
+                batch.checkpoint = Some(crate::store::Checkpoint {
+                    shard: self.id,
+                    seq: last.seq,
+                    hash: st.head,
+                    mac,
+                    ts_ms: now_ms(),
+                });
+            }
+        }
         (batch, waiters)
     }
 
@@ -1308,6 +1368,7 @@ impl Shard {
         self.settle_parts(
             waiters.iter().map(|w| Settled {
                 seq: w.seq,
+                hash: w.hash,
                 asset: w.asset,
                 outcome: w.outcome,
             }),
@@ -1324,7 +1385,7 @@ impl Shard {
         let st = &mut *guard;
         let mut last_seq = None;
         for part in parts {
-            last_seq = Some(part.seq);
+            last_seq = Some((part.seq, part.hash));
             match part.outcome {
                 Outcome::Derived => {}
                 Outcome::RegionSet { index, enabled } => {
@@ -1360,7 +1421,8 @@ impl Shard {
                             }
                         }
                         if let Outcome::Rotated { rotation_id, .. } = part.outcome {
-                            st.rotations.confirm(rotation_id, part.seq, &self.limits);
+                            st.rotations
+                                .confirm(rotation_id, part.seq, part.hash, &self.limits);
                         }
                     } else {
                         undo_lifecycle(
@@ -1377,8 +1439,11 @@ impl Shard {
             }
         }
         if durable {
-            if let Some(last) = last_seq {
-                st.durable_next = st.durable_next.max(last + 1);
+            if let Some((last, hash)) = last_seq {
+                if last + 1 > st.durable_next {
+                    st.durable_next = last + 1;
+                    st.durable_head = hash;
+                }
             }
         } else {
             st.resync = true;
@@ -1393,6 +1458,7 @@ impl Shard {
                     receipt: Receipt {
                         shard: self.id,
                         seq: w.seq,
+                        hash: w.hash,
                     },
                 },
                 Outcome::Registered => ShardReply::Asset(AssetInfo {
@@ -1413,6 +1479,7 @@ impl Shard {
                     receipt: Receipt {
                         shard: self.id,
                         seq: w.seq,
+                        hash: w.hash,
                     },
                     replayed: false,
                 }),
@@ -1436,6 +1503,7 @@ impl Shard {
 /// One record of a batch, as its fate is settled.
 struct Settled {
     seq: u64,
+    hash: [u8; 32],
     asset: Uuid,
     outcome: Outcome,
 }
@@ -1530,8 +1598,9 @@ mod tests {
             let mut snap = ShardSnapshot::default();
             let mut assets: Vec<crate::store::StoredAsset> = Vec::new();
             for b in self.0.committed.borrow().iter() {
-                for r in &b.records {
+                for (i, r) in b.records.iter().enumerate() {
                     snap.last_seq = r.seq;
+                    snap.last_hash = b.chain.get(i).copied().unwrap_or(crate::audit::GENESIS);
                     if let (AuditEvent::Rotate, Some(id)) = (r.event, r.rotation_id) {
                         snap.rotations.push(RecentRotation {
                             rotation_id: id,
@@ -1539,6 +1608,7 @@ mod tests {
                             counter: r.counter,
                             seq: r.seq,
                             ts_ms: r.ts_ms,
+                            hash: snap.last_hash,
                         });
                     }
                 }
@@ -2201,6 +2271,18 @@ mod tests {
                 // Dense sequence numbers: nothing lost, nothing twice.
                 for (i, r) in log.iter().enumerate() {
                     assert_eq!(r.seq, i as u64 + 1);
+                }
+                // One hash chain through every committed batch: after a failed batch,
+                // numbering and chaining restart together from the durable head.
+                let mut prev = crate::audit::GENESIS;
+                let mut scratch = Vec::new();
+                for b in script.committed.borrow().iter() {
+                    assert_eq!(b.chain_prev, prev, "batch at seq {}", b.records[0].seq);
+                    assert_eq!(b.chain.len(), b.records.len());
+                    for (r, h) in b.records.iter().zip(&b.chain) {
+                        assert_eq!(*h, crate::audit::chain_hash(r, &prev, &mut scratch), "seq {}", r.seq);
+                        prev = *h;
+                    }
                 }
                 for a in assets {
                     let mine: Vec<&AuditRecord> = log.iter().filter(|r| r.asset == a).collect();

@@ -718,6 +718,13 @@ fn patch_body_len(out: &mut [u8], frame_start: usize) {
 pub struct Receipt {
     pub shard: u16,
     pub seq: u64,
+    /// The record's chain hash (docs/audit.md): what `custody audit prove` checks.
+    #[serde(serialize_with = "hex32")]
+    pub hash: [u8; 32],
+}
+
+fn hex32<S: serde::Serializer>(v: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&v.iter().map(|b| format!("{b:02x}")).collect::<String>())
 }
 
 /// What HELLO reports.
@@ -970,6 +977,7 @@ impl Reply {
                 out.extend_from_slice(&d.key[..]);
                 out.extend_from_slice(&d.receipt.shard.to_be_bytes());
                 out.extend_from_slice(&d.receipt.seq.to_be_bytes());
+                out.extend_from_slice(&d.receipt.hash);
             }
             Reply::Regions(list) => {
                 out.extend_from_slice(&(Status::Ok as u16).to_be_bytes());
@@ -996,6 +1004,7 @@ impl Reply {
                 out.extend_from_slice(&r.previous_counter.to_be_bytes());
                 out.extend_from_slice(&r.receipt.shard.to_be_bytes());
                 out.extend_from_slice(&r.receipt.seq.to_be_bytes());
+                out.extend_from_slice(&r.receipt.hash);
                 out.push(u8::from(r.replayed));
             }
             Reply::Seal(s) => {
@@ -1090,6 +1099,7 @@ impl Reply {
                     let receipt = Receipt {
                         shard: r.u16("shard")?,
                         seq: r.u64("seq")?,
+                        hash: array_at(r.take("hash", 32)?, 0),
                     };
                     let replayed = match r.u8("replayed")? {
                         0 => false,
@@ -1168,6 +1178,7 @@ impl Reply {
                         receipt: Receipt {
                             shard: r.u16("shard")?,
                             seq: r.u64("seq")?,
+                            hash: array_at(r.take("hash", 32)?, 0),
                         },
                     })
                 }
@@ -1469,7 +1480,11 @@ mod tests {
             rotation_id: Uuid::nil(),
             counter: 1,
             previous_counter: 0,
-            receipt: Receipt { shard: 0, seq: 1 },
+            receipt: Receipt {
+                shard: 0,
+                seq: 1,
+                hash: [0xab; 32],
+            },
             replayed: false,
         })
         .encode(Opcode::Rotate as u8, 1, &mut reply);
@@ -1545,7 +1560,11 @@ mod tests {
                     counter: 3,
                     scheme_version: 1,
                     key: zeroize::Zeroizing::new([0x5a; KEY_LEN]),
-                    receipt: Receipt { shard: 1, seq: 77 },
+                    receipt: Receipt {
+                        shard: 1,
+                        seq: 77,
+                        hash: [7; 32],
+                    },
                 }),
             ),
             (
@@ -1573,7 +1592,11 @@ mod tests {
                     rotation_id: Uuid::from_bytes([2; 16]),
                     counter: 8,
                     previous_counter: 7,
-                    receipt: Receipt { shard: 1, seq: 99 },
+                    receipt: Receipt {
+                        shard: 1,
+                        seq: 99,
+                        hash: [9; 32],
+                    },
                     replayed: true,
                 }),
             ),
@@ -1670,6 +1693,41 @@ mod tests {
             assert_eq!(Status::from_u16(number), Some(status));
         }
         assert_eq!(Status::from_u16(6), None);
+    }
+
+    /// The hex dump of docs/protocol.md's DERIVE OK reply is what the encoder writes.
+    #[test]
+    fn the_documented_derive_reply_is_what_the_encoder_writes() {
+        let doc = include_str!("../docs/protocol.md");
+        let at = doc.find("### DERIVE OK reply").expect("section");
+        let dump = doc[at..]
+            .split("```text\n")
+            .nth(1)
+            .and_then(|rest| rest.split("```").next())
+            .expect("hex dump");
+        let documented: Vec<u8> = dump
+            .lines()
+            .flat_map(|line| {
+                line.get(10..58)
+                    .unwrap_or("")
+                    .split_whitespace()
+                    .map(|b| u8::from_str_radix(b, 16).unwrap())
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let mut out = Vec::new();
+        Reply::Derived(Derived {
+            counter: 0,
+            scheme_version: 1,
+            key: zeroize::Zeroizing::new([0x5a; 32]),
+            receipt: Receipt {
+                shard: 3,
+                seq: 42,
+                hash: [0xc3; 32],
+            },
+        })
+        .encode(Opcode::Derive as u8, 1, &mut out);
+        assert_eq!(out, documented);
     }
 
     #[test]

@@ -27,7 +27,7 @@ fn postgres_store_needs_migrate_then_serves_and_survives_sigkill() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("version 2"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("version 3"));
     // Migrating again changes nothing.
     assert!(app.custodyd(&["migrate"]).status.success());
 

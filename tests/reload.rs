@@ -241,9 +241,14 @@ fn a_reload_needing_more_region_slots_than_remain_is_refused_whole() {
     ));
     let (status, message) = refused(rt.block_on(c.policy_reload()));
     assert_eq!(status, Status::PolicyInvalid);
-    assert!(message.contains("2 new regions need a slot but only 1"), "{message}");
+    assert!(
+        message.contains("2 new regions need a slot but only 1"),
+        "{message}"
+    );
     // Nothing of it was applied: the last good list is in force.
     let listed = rt.block_on(c.regions()).unwrap();
     assert_eq!(listed.len(), 255);
-    assert!(listed.iter().all(|(name, on)| name.starts_with("R3-") && *on));
+    assert!(listed
+        .iter()
+        .all(|(name, on)| name.starts_with("R3-") && *on));
 }

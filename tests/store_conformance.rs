@@ -12,7 +12,9 @@ use custody::lifecycle::AssetState;
 use custody::router::shard_of;
 use custody::store::postgres::{self, PgConfig, PgStore};
 use custody::store::sqlite::{SqliteReader, SqliteStore};
-use custody::store::{AssetWrite, CommitBatch, RegionWrite, RotationWindow, Store, StoreError};
+use custody::store::{
+    AssetWrite, Checkpoint, CommitBatch, RegionWrite, RotationWindow, Store, StoreError,
+};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -78,7 +80,10 @@ impl Backend {
             ..admin.clone()
         };
         let c = postgres::connect(&config).await.unwrap();
-        assert_eq!(postgres::migrate(&c).await.unwrap(), 2);
+        assert_eq!(
+            postgres::migrate(&c).await.unwrap(),
+            custody::store::SCHEMA_VERSION
+        );
         let ownership = postgres::acquire_ownership(&c, Uuid::new_v4(), config.owner_lease)
             .await
             .unwrap();
@@ -121,6 +126,19 @@ impl Backend {
             Backend::Postgres { config, .. } => {
                 let c = postgres::connect(config).await.unwrap();
                 postgres::audit_rows(&c).await.unwrap()
+            }
+        }
+    }
+
+    async fn checkpoints(&self) -> Vec<Checkpoint> {
+        match self {
+            Backend::Sqlite { dir } => SqliteReader::open(&dir.path().join("c.db"))
+                .unwrap()
+                .checkpoints()
+                .unwrap(),
+            Backend::Postgres { config, .. } => {
+                let c = postgres::connect(config).await.unwrap();
+                postgres::checkpoints(&c).await.unwrap()
             }
         }
     }
@@ -186,6 +204,7 @@ fn register(shard: u16, seq: u64, asset: Uuid) -> CommitBatch {
             counter: 0,
             insert: true,
         }],
+        ..Default::default()
     }
 }
 
@@ -210,6 +229,7 @@ fn derive(shard: u16, seqs: std::ops::RangeInclusive<u64>, asset: Uuid) -> Commi
             .map(|s| record(shard, s, AuditEvent::Derive, asset))
             .collect(),
         asset_writes: vec![],
+        ..Default::default()
     }
 }
 
@@ -255,11 +275,23 @@ async fn conformance(backend: Backend) {
         let mut suspension = record(1, 7, AuditEvent::Suspend, a);
         suspension.counter = 1;
         suspension.state = AssetState::Suspended;
+        // Chained, with a checkpoint (what a running shard sends; the store keeps, not
+        // checks, the hashes).
         s1.commit(CommitBatch {
             region_writes: Vec::new(),
             shard: 1,
             records: vec![rotation],
             asset_writes: vec![write(a, AssetState::Active, 1)],
+            chain_prev: [5; 32],
+            chain: vec![[6; 32]],
+            checkpoint: Some(Checkpoint {
+                shard: 1,
+                seq: 6,
+                hash: [6; 32],
+                mac: [0xcc; 32],
+                ts_ms: 1_795_000_000_000,
+            }),
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -268,6 +300,7 @@ async fn conformance(backend: Backend) {
             shard: 1,
             records: vec![suspension],
             asset_writes: vec![write(a, AssetState::Suspended, 1)],
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -283,6 +316,7 @@ async fn conformance(backend: Backend) {
                     shard: 1,
                     records: vec![record(1, 8, AuditEvent::Resume, a)],
                     asset_writes: vec![bad.clone()],
+                    ..Default::default()
                 })
                 .await;
             assert!(refused.is_err(), "{bad:?} was committed");
@@ -298,6 +332,7 @@ async fn conformance(backend: Backend) {
                 region: "EU-WEST".into(),
                 enabled: false,
             }],
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -310,6 +345,9 @@ async fn conformance(backend: Backend) {
             records: vec![retirement],
             asset_writes: vec![write(a, AssetState::Retired, 1)],
             region_writes: vec![],
+            chain_prev: [8; 32],
+            chain: vec![[9; 32]],
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -319,6 +357,7 @@ async fn conformance(backend: Backend) {
                 records: vec![record(1, 10, AuditEvent::Resume, a)],
                 asset_writes: vec![write(a, AssetState::Active, 1)],
                 region_writes: vec![],
+                ..Default::default()
             })
             .await;
         assert!(revived.is_err(), "a retired asset was brought back");
@@ -327,6 +366,10 @@ async fn conformance(backend: Backend) {
     let store = backend.open();
     let s1 = store.open_shard(1, 2).load().await.unwrap();
     assert_eq!(s1.last_seq, 9);
+    assert_eq!(
+        s1.last_hash, [9; 32],
+        "the chain continues from the last hash"
+    );
     assert_eq!(s1.regions, [("EU-WEST".to_string(), false)]);
     assert_eq!(
         s1.assets.iter().map(|x| x.asset).collect::<Vec<_>>(),
@@ -340,6 +383,7 @@ async fn conformance(backend: Backend) {
         (r.rotation_id, r.asset, r.counter, r.seq),
         (rotation_id(), a, 1, 6)
     );
+    assert_eq!(r.hash, [6; 32]);
     // The window: nothing newer than an hour from now, and at most `max`.
     let later = store
         .open_shard(1, 2)
@@ -361,6 +405,21 @@ async fn conformance(backend: Backend) {
     assert!(none.rotations.is_empty());
     let s0 = store.open_shard(0, 2).load().await.unwrap();
     assert_eq!((s0.last_seq, s0.assets.len()), (1, 1));
+    assert_eq!(
+        s0.last_hash,
+        custody::audit::GENESIS,
+        "stored without a hash"
+    );
+    assert_eq!(
+        backend.checkpoints().await,
+        vec![Checkpoint {
+            shard: 1,
+            seq: 6,
+            hash: [6; 32],
+            mac: [0xcc; 32],
+            ts_ms: 1_795_000_000_000,
+        }]
+    );
     drop(store);
 
     let audit = backend.audit().await;
@@ -395,7 +454,7 @@ fn postgres_conforms() {
 }
 
 #[test]
-fn postgres_version_1_migrates_to_2_keeping_every_row() {
+fn postgres_version_1_migrates_to_the_latest_keeping_every_row() {
     run(async {
         let Ok(url) = std::env::var("CUSTODY_TEST_DATABASE_URL") else {
             assert!(std::env::var("CUSTODY_REQUIRE_SERVICES").as_deref() != Ok("1"));
@@ -431,7 +490,10 @@ fn postgres_version_1_migrates_to_2_keeping_every_row() {
         .await
         .unwrap();
         assert_eq!(postgres::schema_version(&c).await.unwrap(), 1);
-        assert_eq!(postgres::migrate(&c).await.unwrap(), 2);
+        assert_eq!(
+            postgres::migrate(&c).await.unwrap(),
+            custody::store::SCHEMA_VERSION
+        );
         assert_eq!(
             postgres::audit_rows(&c).await.unwrap(),
             vec![(
@@ -451,6 +513,16 @@ fn postgres_version_1_migrates_to_2_keeping_every_row() {
             .unwrap()
             .get(0);
         assert_eq!(nulls, 1);
+        // A record from before the chain keeps NULL hashes: the unchained prefix.
+        let unchained: i64 = c
+            .query_one(
+                "SELECT count(*) FROM custody_audit_log WHERE hash IS NULL AND prev_hash IS NULL",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(unchained, 1);
         // The new events are allowed now; migrating again changes nothing.
         c.batch_execute(
             "INSERT INTO custody_audit_log (shard, seq, logged_at, event, asset_id, counter,
@@ -460,7 +532,10 @@ fn postgres_version_1_migrates_to_2_keeping_every_row() {
         )
         .await
         .unwrap();
-        assert_eq!(postgres::migrate(&c).await.unwrap(), 2);
+        assert_eq!(
+            postgres::migrate(&c).await.unwrap(),
+            custody::store::SCHEMA_VERSION
+        );
         drop(c);
         let _ = a
             .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))

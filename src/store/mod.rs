@@ -23,7 +23,7 @@ use std::pin::Pin;
 use uuid::Uuid;
 
 /// Version of the schema this build writes. A store with a newer schema is refused.
-pub const SCHEMA_VERSION: u32 = 2;
+pub const SCHEMA_VERSION: u32 = 3;
 
 /// Errors of the store layer.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -77,6 +77,24 @@ pub struct CommitBatch {
     pub records: Vec<AuditRecord>,
     pub asset_writes: Vec<AssetWrite>,
     pub region_writes: Vec<RegionWrite>,
+    /// The chain: the hash before the first record, then each record's hash (one per
+    /// record; empty: the records are stored without hashes, as tools and old tests do).
+    pub chain_prev: [u8; 32],
+    pub chain: Vec<[u8; 32]>,
+    /// The batch's checkpoint (its last record's sequence number and hash, with their
+    /// MAC); `None` while the appliance is sealed (no audit key): a later checkpoint
+    /// covers these records through the chain.
+    pub checkpoint: Option<Checkpoint>,
+}
+
+/// A shard's authenticated position in its chain (docs/audit.md).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Checkpoint {
+    pub shard: u16,
+    pub seq: u64,
+    pub hash: [u8; 32],
+    pub mac: [u8; 32],
+    pub ts_ms: u64,
 }
 
 /// An asset as the store holds it.
@@ -96,6 +114,8 @@ pub struct RecentRotation {
     pub counter: u64,
     pub seq: u64,
     pub ts_ms: u64,
+    /// The ROTATE record's chain hash (all zero for a record stored without one).
+    pub hash: [u8; 32],
 }
 
 /// Which committed rotations a shard reloads at start-up: those since `since_ms` (Unix
@@ -121,10 +141,26 @@ pub struct ShardSnapshot {
     pub assets: Vec<StoredAsset>,
     /// The highest sequence number committed for this shard (0 if none).
     pub last_seq: u64,
+    /// That record's chain hash: where the chain continues ([`crate::audit::GENESIS`]
+    /// when the shard has no record, or its last one predates the chain).
+    pub last_hash: [u8; 32],
     /// The rotations inside the requested window, oldest first.
     pub rotations: Vec<RecentRotation>,
     /// Every region switch the store holds: (region, enabled).
     pub regions: Vec<(String, bool)>,
+}
+
+/// A stored hash column: 32 bytes, or NULL (a record from before the chain).
+pub(crate) fn hash_of(hash: Option<Vec<u8>>, shard: u16, seq: u64) -> Result<[u8; 32], StoreError> {
+    match hash {
+        None => Ok(crate::audit::GENESIS),
+        Some(h) => <[u8; 32]>::try_from(h.as_slice()).map_err(|_| {
+            StoreError::Corrupt(format!(
+                "shard {shard} record {seq}: its hash is {} bytes, not 32",
+                h.len()
+            ))
+        }),
+    }
 }
 
 /// A future that stays on the executor that created it.

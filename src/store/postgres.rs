@@ -26,9 +26,10 @@ use std::time::Duration;
 use tokio_postgres::{Client, NoTls, Statement};
 use uuid::Uuid;
 
-const MIGRATIONS: [&str; 2] = [
+const MIGRATIONS: [&str; 3] = [
     include_str!("../../appliance/sql/postgres/0001_init.sql"),
     include_str!("../../appliance/sql/postgres/0002_lifecycle.sql"),
+    include_str!("../../appliance/sql/postgres/0003_audit_chain.sql"),
 ];
 
 /// A connection (and its first queries) slower than this counts as failed.
@@ -442,16 +443,21 @@ WITH own AS (
 ), audit AS (
     INSERT INTO custody_audit_log (shard, seq, logged_at, event, asset_id, counter,
         state_at_event, requester, request_id, derivation_path, purpose, region, ttl_s,
-        scheme_version, rotation_id)
+        scheme_version, rotation_id, prev_hash, hash)
     SELECT $1, u.seq, to_timestamp(u.ts_ms / 1000.0), u.event, u.asset_id, u.counter,
         u.state, u.requester, u.request_id, u.path, u.purpose, u.region, u.ttl_s, u.scheme,
-        u.rotation_id
+        u.rotation_id, u.prev_hash, u.hash
     FROM unnest($4::bigint[], $5::bigint[], $6::text[], $7::uuid[], $8::bigint[],
         $9::text[], $10::text[], $11::bigint[], $12::text[], $13::text[], $14::text[],
-        $15::integer[], $16::smallint[], $21::uuid[])
+        $15::integer[], $16::smallint[], $21::uuid[], $27::bytea[], $28::bytea[])
         AS u(seq, ts_ms, event, asset_id, counter, state, requester, request_id, path,
-             purpose, region, ttl_s, scheme, rotation_id)
+             purpose, region, ttl_s, scheme, rotation_id, prev_hash, hash)
     WHERE EXISTS (SELECT 1 FROM adv)
+    RETURNING 1
+), checkpoint AS (
+    INSERT INTO custody_audit_checkpoints (shard, seq, hash, mac, logged_at)
+    SELECT $1, $29::bigint, $30::bytea, $31::bytea, to_timestamp($32::bigint / 1000.0)
+    WHERE $29::bigint IS NOT NULL AND EXISTS (SELECT 1 FROM adv)
     RETURNING 1
 ), keys AS (
     INSERT INTO custody_keys (asset_id, state, derivation_counter, created_at, updated_at)
@@ -625,7 +631,7 @@ impl PgShardInner {
             .client
             .query(
                 "SELECT rotation_id, asset_id, counter, seq, \
-                 (extract(epoch FROM logged_at) * 1000)::bigint \
+                 (extract(epoch FROM logged_at) * 1000)::bigint, hash \
                  FROM custody_audit_log \
                  WHERE shard = $1 AND event = 'ROTATE' \
                  AND logged_at >= to_timestamp($2::bigint / 1000.0) \
@@ -642,14 +648,16 @@ impl PgShardInner {
                 u64::try_from(v)
                     .map_err(|_| StoreError::Corrupt(format!("ROTATE record: column {i} is {v}")))
             };
+            let seq = number(3)?;
             rotations.push(RecentRotation {
                 rotation_id: rotation_id.ok_or_else(|| {
                     StoreError::Corrupt("ROTATE record without a rotation id".into())
                 })?,
                 asset: row.get(1),
                 counter: number(2)?,
-                seq: number(3)?,
+                seq,
                 ts_ms: number(4)?,
+                hash: super::hash_of(row.get(5), self.shard, seq)?,
             });
         }
         let regions = s
@@ -663,9 +671,27 @@ impl PgShardInner {
             .iter()
             .map(|row| (row.get::<_, String>(0), row.get::<_, bool>(1)))
             .collect();
+        let last_hash = if last > 0 {
+            let row = s
+                .client
+                .query_opt(
+                    "SELECT hash FROM custody_audit_log WHERE shard = $1 AND seq = $2",
+                    &[&shard, &last],
+                )
+                .await
+                .map_err(pg_err)?;
+            super::hash_of(
+                row.and_then(|r| r.get::<_, Option<Vec<u8>>>(0)),
+                self.shard,
+                last as u64,
+            )?
+        } else {
+            crate::audit::GENESIS
+        };
         Ok(ShardSnapshot {
             assets,
             last_seq: last.max(0) as u64,
+            last_hash,
             rotations,
             regions,
         })
@@ -699,7 +725,22 @@ impl PgShardInner {
         let mut ttl: Vec<Option<i32>> = Vec::with_capacity(batch.records.len());
         let mut scheme: Vec<Option<i16>> = Vec::with_capacity(batch.records.len());
         let mut rotation: Vec<Option<Uuid>> = Vec::with_capacity(batch.records.len());
-        for r in &batch.records {
+        let chained = batch.chain.len() == batch.records.len();
+        let mut prev_hash: Vec<Option<&[u8]>> = Vec::with_capacity(batch.records.len());
+        let mut hash: Vec<Option<&[u8]>> = Vec::with_capacity(batch.records.len());
+        for (i, r) in batch.records.iter().enumerate() {
+            if chained {
+                let prev = if i == 0 {
+                    &batch.chain_prev
+                } else {
+                    &batch.chain[i - 1]
+                };
+                prev_hash.push(Some(&prev[..]));
+                hash.push(Some(&batch.chain[i][..]));
+            } else {
+                prev_hash.push(None);
+                hash.push(None);
+            }
             seq.push(to_i64(r.seq, "seq")?);
             ts_ms.push(r.ts_ms as i64);
             event.push(r.event.name());
@@ -728,6 +769,13 @@ impl PgShardInner {
             .map(|w| w.region.as_str())
             .collect();
         let region_enabled: Vec<bool> = batch.region_writes.iter().map(|w| w.enabled).collect();
+        let checkpoint_seq: Option<i64> = match &batch.checkpoint {
+            Some(c) => Some(to_i64(c.seq, "seq")?),
+            None => None,
+        };
+        let checkpoint_hash: Option<&[u8]> = batch.checkpoint.as_ref().map(|c| &c.hash[..]);
+        let checkpoint_mac: Option<&[u8]> = batch.checkpoint.as_ref().map(|c| &c.mac[..]);
+        let checkpoint_ts: Option<i64> = batch.checkpoint.as_ref().map(|c| c.ts_ms as i64);
         for w in &batch.asset_writes {
             let counter = to_i64(w.counter, "counter")?;
             if w.insert {
@@ -771,6 +819,12 @@ impl PgShardInner {
                     &upd_counters,
                     &region_names,
                     &region_enabled,
+                    &prev_hash,
+                    &hash,
+                    &checkpoint_seq,
+                    &checkpoint_hash,
+                    &checkpoint_mac,
+                    &checkpoint_ts,
                 ],
             )
             .await
@@ -885,6 +939,30 @@ pub async fn audit_rows(client: &Client) -> Result<Vec<(u16, u64, String, Uuid, 
             )
         })
         .collect())
+}
+
+/// Every audit checkpoint, in (shard, seq) order.
+pub async fn checkpoints(client: &Client) -> Result<Vec<super::Checkpoint>, StoreError> {
+    let rows = client
+        .query(
+            "SELECT shard, seq, hash, mac, (extract(epoch FROM logged_at) * 1000)::bigint \
+             FROM custody_audit_checkpoints ORDER BY shard, seq",
+            &[],
+        )
+        .await
+        .map_err(pg_err)?;
+    rows.iter()
+        .map(|r| {
+            let (shard, seq) = (r.get::<_, i16>(0) as u16, r.get::<_, i64>(1) as u64);
+            Ok(super::Checkpoint {
+                shard,
+                seq,
+                hash: super::hash_of(Some(r.get(2)), shard, seq)?,
+                mac: super::hash_of(Some(r.get(3)), shard, seq)?,
+                ts_ms: r.get::<_, i64>(4).max(0) as u64,
+            })
+        })
+        .collect()
 }
 
 /// Takes the store for a new appliance instance, on an executor of its own thread (used

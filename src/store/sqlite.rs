@@ -26,9 +26,10 @@ use std::time::{Duration, Instant};
 const ACTIVE_SHARD_WINDOW: Duration = Duration::from_millis(5);
 use uuid::Uuid;
 
-const MIGRATIONS: [&str; 2] = [
+const MIGRATIONS: [&str; 3] = [
     include_str!("../../appliance/sql/sqlite/0001_init.sql"),
     include_str!("../../appliance/sql/sqlite/0002_lifecycle.sql"),
+    include_str!("../../appliance/sql/sqlite/0003_audit_chain.sql"),
 ];
 
 enum Job {
@@ -410,8 +411,14 @@ fn write_batches<'a>(
             .prepare_cached(
                 "INSERT INTO custody_audit_log (shard, seq, event, asset_id, counter, \
                  state_at_event, requester, request_id, ts_ms, derivation_path, purpose, \
-                 region, ttl_s, scheme_version, rotation_id) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+                 region, ttl_s, scheme_version, rotation_id, prev_hash, hash) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
+            )
+            .map_err(sql_err)?;
+        let mut insert_checkpoint = tx
+            .prepare_cached(
+                "INSERT INTO custody_audit_checkpoints (shard, seq, hash, mac, ts_ms) \
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
             )
             .map_err(sql_err)?;
         let mut insert_key = tx
@@ -436,7 +443,18 @@ fn write_batches<'a>(
         let now = crate::audit::now_ms() as i64;
         let mut asset_text = Uuid::encode_buffer();
         for batch in batches {
-            for r in &batch.records {
+            let chained = batch.chain.len() == batch.records.len();
+            for (i, r) in batch.records.iter().enumerate() {
+                let (prev, hash) = if chained {
+                    let prev = if i == 0 {
+                        &batch.chain_prev
+                    } else {
+                        &batch.chain[i - 1]
+                    };
+                    (Some(&prev[..]), Some(&batch.chain[i][..]))
+                } else {
+                    (None, None)
+                };
                 insert_audit
                     .execute(params![
                         r.shard,
@@ -457,6 +475,19 @@ fn write_batches<'a>(
                         r.derive.as_ref().map(|d| d.ttl_s),
                         r.derive.as_ref().map(|d| d.scheme_version),
                         r.rotation_id.map(|id| id.hyphenated().to_string()),
+                        prev,
+                        hash,
+                    ])
+                    .map_err(sql_err)?;
+            }
+            if let Some(c) = &batch.checkpoint {
+                insert_checkpoint
+                    .execute(params![
+                        c.shard,
+                        to_i64(c.seq, "seq")?,
+                        &c.hash[..],
+                        &c.mac[..],
+                        to_i64(c.ts_ms, "ts_ms")?,
                     ])
                     .map_err(sql_err)?;
             }
@@ -513,12 +544,30 @@ fn load_shard(
             assets.push(stored);
         }
     }
+    let last_seq = last_seq(conn, shard)?;
     Ok(ShardSnapshot {
         assets,
-        last_seq: last_seq(conn, shard)?,
+        last_seq,
+        last_hash: record_hash(conn, shard, last_seq)?,
         rotations: recent_rotations(conn, shard, window)?,
         regions: stored_regions(conn)?,
     })
+}
+
+/// The chain hash of record `seq` of `shard` ([`crate::audit::GENESIS`] for no record or
+/// one stored without a hash).
+fn record_hash(conn: &Connection, shard: u16, seq: u64) -> Result<[u8; 32], StoreError> {
+    if seq == 0 {
+        return Ok(crate::audit::GENESIS);
+    }
+    let hash: Option<Vec<u8>> = conn
+        .query_row(
+            "SELECT hash FROM custody_audit_log WHERE shard = ?1 AND seq = ?2",
+            params![shard, to_i64(seq, "seq")?],
+            |r| r.get(0),
+        )
+        .map_err(sql_err)?;
+    super::hash_of(hash, shard, seq)
 }
 
 fn stored_regions(conn: &Connection) -> Result<Vec<(String, bool)>, StoreError> {
@@ -540,7 +589,7 @@ fn recent_rotations(
 ) -> Result<Vec<RecentRotation>, StoreError> {
     let mut stmt = conn
         .prepare_cached(
-            "SELECT rotation_id, asset_id, counter, seq, ts_ms FROM custody_audit_log \
+            "SELECT rotation_id, asset_id, counter, seq, ts_ms, hash FROM custody_audit_log \
              WHERE shard = ?1 AND event = 'ROTATE' AND ts_ms >= ?2 \
              ORDER BY ts_ms DESC, seq DESC LIMIT ?3",
         )
@@ -563,12 +612,14 @@ fn recent_rotations(
             u64::try_from(v)
                 .map_err(|_| StoreError::Corrupt(format!("ROTATE record: column {i} is {v}")))
         };
+        let seq = number(3)?;
         out.push(RecentRotation {
             rotation_id: uuid(0)?,
             asset: uuid(1)?,
             counter: number(2)?,
-            seq: number(3)?,
+            seq,
             ts_ms: number(4)?,
+            hash: super::hash_of(row.get(5).map_err(sql_err)?, shard, seq)?,
         });
     }
     out.reverse();
@@ -607,6 +658,18 @@ pub struct AuditRow {
     pub ttl_s: Option<u32>,
     pub scheme_version: Option<u8>,
     pub rotation_id: Option<Uuid>,
+    /// The chain (`None` for a record from before schema v3).
+    #[serde(serialize_with = "hex_opt")]
+    pub prev_hash: Option<[u8; 32]>,
+    #[serde(serialize_with = "hex_opt")]
+    pub hash: Option<[u8; 32]>,
+}
+
+fn hex_opt<S: serde::Serializer>(v: &Option<[u8; 32]>, s: S) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(b) => s.serialize_some(&b.iter().map(|x| format!("{x:02x}")).collect::<String>()),
+        None => s.serialize_none(),
+    }
 }
 
 /// Read-only access to a store file, for verification while or after the appliance runs.
@@ -641,6 +704,31 @@ impl SqliteReader {
         Ok(out)
     }
 
+    /// Every audit checkpoint in (shard, seq) order.
+    pub fn checkpoints(&self) -> Result<Vec<super::Checkpoint>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT shard, seq, hash, mac, ts_ms FROM custody_audit_checkpoints \
+                 ORDER BY shard, seq",
+            )
+            .map_err(sql_err)?;
+        let mut rows = stmt.query([]).map_err(sql_err)?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next().map_err(sql_err)? {
+            let shard: u16 = row.get(0).map_err(sql_err)?;
+            let seq = row.get::<_, i64>(1).map_err(sql_err)?.max(0) as u64;
+            out.push(super::Checkpoint {
+                shard,
+                seq,
+                hash: super::hash_of(Some(row.get(2).map_err(sql_err)?), shard, seq)?,
+                mac: super::hash_of(Some(row.get(3).map_err(sql_err)?), shard, seq)?,
+                ts_ms: row.get::<_, i64>(4).map_err(sql_err)?.max(0) as u64,
+            });
+        }
+        Ok(out)
+    }
+
     /// Every audit row in (shard, seq) order.
     pub fn audit_rows(&self) -> Result<Vec<AuditRow>, StoreError> {
         let mut stmt = self
@@ -648,7 +736,7 @@ impl SqliteReader {
             .prepare(
                 "SELECT shard, seq, event, asset_id, counter, state_at_event, requester, \
                  request_id, ts_ms, derivation_path, purpose, region, ttl_s, scheme_version, \
-                 rotation_id FROM custody_audit_log ORDER BY shard, seq",
+                 rotation_id, prev_hash, hash FROM custody_audit_log ORDER BY shard, seq",
             )
             .map_err(sql_err)?;
         let mut rows = stmt.query([]).map_err(sql_err)?;
@@ -690,7 +778,25 @@ fn audit_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<AuditRow> {
             Some(text) => Some(Uuid::parse_str(&text).map_err(|e| bad(14, e.to_string()))?),
             None => None,
         },
+        prev_hash: hash32(row, 15)?,
+        hash: hash32(row, 16)?,
     })
+}
+
+fn hash32(row: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<Option<[u8; 32]>> {
+    match row.get::<_, Option<Vec<u8>>>(i)? {
+        None => Ok(None),
+        Some(b) => <[u8; 32]>::try_from(b.as_slice()).map(Some).map_err(|_| {
+            rusqlite::Error::FromSqlConversionFailure(
+                i,
+                rusqlite::types::Type::Blob,
+                Box::<dyn std::error::Error + Send + Sync>::from(format!(
+                    "{} bytes, not 32",
+                    b.len()
+                )),
+            )
+        }),
+    }
 }
 
 #[cfg(test)]
@@ -728,6 +834,7 @@ mod tests {
                 counter: 0,
                 insert: true,
             }],
+            ..Default::default()
         }
     }
 
