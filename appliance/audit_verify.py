@@ -20,6 +20,7 @@ import json
 import sqlite3
 import struct
 import sys
+import urllib.parse
 import uuid
 
 GENESIS = bytes(32)
@@ -41,7 +42,15 @@ def text8(b):
 
 
 def canonical(r):
-    """The canonical encoding of a record (docs/audit.md, "The record")."""
+    """The canonical encoding of a record (docs/audit.md, "The record"). Columns the
+    encoding leaves out must be empty, or the record is not one custody wrote."""
+    derive_columns = [r[k] for k in ("derivation_path", "purpose", "ttl_s", "scheme_version")]
+    if r["event"] != "DERIVE" and any(v is not None for v in derive_columns):
+        raise ValueError("a %s with derivation fields" % r["event"])
+    if r["event"] not in ("DERIVE", "REGION_ENABLE", "REGION_DISABLE") and r["region"] is not None:
+        raise ValueError("a %s with a region" % r["event"])
+    if r["event"] != "ROTATE" and r["rotation_id"]:
+        raise ValueError("a %s with a rotation id" % r["event"])
     out = struct.pack(">HQB", r["shard"], r["seq"], EVENTS[r["event"]])
     out += uuid.UUID(r["asset_id"]).bytes
     out += struct.pack(">QB", r["counter"], STATES[r["state_at_event"]])
@@ -81,7 +90,7 @@ def checkpoint_mac(key, shard, seq, h):
 
 
 def read_sqlite(path):
-    conn = sqlite3.connect("file:%s?mode=ro" % path, uri=True)
+    conn = sqlite3.connect("file:%s?mode=ro" % urllib.parse.quote(path), uri=True)
     conn.row_factory = sqlite3.Row
     records = [dict(row) for row in conn.execute(
         "SELECT %s FROM custody_audit_log ORDER BY shard, seq" % ", ".join(COLUMNS))]
@@ -89,7 +98,9 @@ def read_sqlite(path):
         "SELECT shard, seq, hash, mac FROM custody_audit_checkpoints ORDER BY shard, seq")]
     for r in records:
         for k in ("prev_hash", "hash"):
-            r[k] = bytes(r[k]) if r[k] is not None else None
+            v = r[k]
+            r[k] = None if v is None else bytes(v) if isinstance(v, (bytes, memoryview)) \
+                else str(v).encode()
     for c in checkpoints:
         c["hash"], c["mac"] = bytes(c["hash"]), bytes(c["mac"])
     return records, checkpoints
@@ -157,7 +168,11 @@ def verify(records, checkpoints, key):
             if r["prev_hash"] != prev:
                 findings.append(("CHAIN_BROKEN", "%s: its previous hash does not link" % where))
                 break
-            h = chain_hash(r, prev)
+            try:
+                h = chain_hash(r, prev)
+            except (KeyError, ValueError, TypeError, AttributeError, struct.error) as e:
+                findings.append(("CHAIN_BROKEN", "%s: its fields are not a record (%s)" % (where, e)))
+                break
             if h != r["hash"]:
                 findings.append(("CHAIN_BROKEN", "%s: its hash does not match its fields" % where))
                 break
@@ -190,13 +205,19 @@ def main():
     src.add_argument("--sqlite", metavar="FILE")
     src.add_argument("--tsv", nargs=2, metavar=("RECORDS", "CHECKPOINTS"))
     seed = p.add_mutually_exclusive_group()
-    seed.add_argument("--seed-file", metavar="FILE", help="the 32-byte root seed (raw)")
+    seed.add_argument("--seed-file", metavar="FILE",
+                      help="the root seed: 32 raw bytes or 64 hex digits")
     seed.add_argument("--seed-hex", metavar="HEX", help="the root seed, 64 hex digits")
     p.add_argument("--json", action="store_true")
     a = p.parse_args()
     key = None
     if a.seed_file or a.seed_hex:
-        s = open(a.seed_file, "rb").read() if a.seed_file else bytes.fromhex(a.seed_hex)
+        if a.seed_file:
+            s = open(a.seed_file, "rb").read()
+            if len(s) != 32:  # 64 hex digits, as `custody recover --write-seed` writes it
+                s = bytes.fromhex(s.decode("ascii").strip())
+        else:
+            s = bytes.fromhex(a.seed_hex)
         if len(s) != 32:
             p.error("the seed is %d bytes, not 32" % len(s))
         key = audit_key(s)

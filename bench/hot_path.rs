@@ -179,12 +179,47 @@ fn gate(c: &mut Criterion) {
     });
 }
 
+/// The audit chain: one record's canonical encoding and SHA-256 (per record, in the shard
+/// as it seals a batch) and one checkpoint MAC (per batch).
+fn audit(c: &mut Criterion) {
+    use custody::audit::{chain_hash, AuditEvent, AuditRecord, DeriveDetail, GENESIS};
+    let record = AuditRecord {
+        shard: 1,
+        seq: 1 << 30,
+        event: AuditEvent::Derive,
+        asset: uuid::Uuid::from_u128(0x0b9f_3c5e_8d1a_4f6b_9c2d_3e4f_5a6b_7c8d),
+        counter: 3,
+        state: custody::lifecycle::AssetState::Active,
+        requester: std::sync::Arc::from("trading-svc"),
+        request_id: 99,
+        ts_ms: 1_795_000_000_000,
+        derive: Some(DeriveDetail {
+            path: custody::kdf::DerivationPath::parse("m/44'/0'/0'/0'/7").unwrap(),
+            purpose: custody::policy::Purpose::Trading,
+            region: std::sync::Arc::from("US-EAST"),
+            ttl_s: 300,
+            scheme_version: 1,
+        }),
+        rotation_id: None,
+        switched_region: None,
+    };
+    let mut scratch = Vec::with_capacity(256);
+    c.bench_function("audit/chain_hash (a DERIVE record)", |b| {
+        b.iter(|| chain_hash(black_box(&record), &GENESIS, &mut scratch))
+    });
+    let key =
+        custody::kdf::DerivationKey::new(&custody::kdf::RootSeed::from_bytes([7; 32])).unwrap();
+    c.bench_function("audit/checkpoint_mac", |b| {
+        b.iter(|| key.checkpoint_mac(1, black_box(1 << 30), &GENESIS))
+    });
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default()
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(2))
         .sample_size(30);
-    targets = kdf, codec, gate
+    targets = kdf, codec, gate, audit
 }
 criterion_main!(benches);

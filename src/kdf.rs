@@ -237,6 +237,29 @@ impl DerivationKey {
             inner: Sha256::new(),
             outer: Sha256::new(),
         };
+        let mac = self.checkpoint_mac_with(&mut work, shard, seq, hash);
+        crate::locked::wipe(&mut work);
+        mac
+    }
+
+    /// [`DerivationKey::checkpoint_mac`] in a locked scratch (the appliance's path).
+    pub fn checkpoint_mac_in(
+        &self,
+        scratch: &mut Scratch,
+        shard: u16,
+        seq: u64,
+        hash: &[u8; 32],
+    ) -> [u8; 32] {
+        self.checkpoint_mac_with(&mut scratch.0, shard, seq, hash)
+    }
+
+    fn checkpoint_mac_with(
+        &self,
+        work: &mut KeyedStates,
+        shard: u16,
+        seq: u64,
+        hash: &[u8; 32],
+    ) -> [u8; 32] {
         let mut inner = Zeroizing::new([0u8; 32]);
         copy_states(&self.audit.inner, &mut work.inner);
         work.inner
@@ -246,7 +269,6 @@ impl DerivationKey {
         copy_states(&self.audit.outer, &mut work.outer);
         work.outer.update(&inner[..]);
         work.outer.finalize_into_reset((&mut mac[..]).into());
-        crate::locked::wipe(&mut work);
         mac
     }
 

@@ -8,7 +8,7 @@
 //! - [`server`]: starts one executor per core, each with its shard, listener and mesh.
 //! - [`net`]: accepts on the shared port, TLS handshake, reads frames, writes replies.
 //! - [`tls`]: rustls configuration; the requester is the client certificate's identity.
-//! - [`wire`]: the sans-IO codec of protocol v1 (frames, requests, replies, statuses).
+//! - [`wire`]: the sans-IO codec of protocol v2 (frames, requests, replies, statuses).
 //! - [`policy`]: the gate every request passes before it reaches a shard: the identity's
 //!   roles (deriver by purpose, region and asset group, operator, admin, auditor) and the
 //!   field rules, with [`regions`] (the compliance regions' on/off switch shared by every
@@ -48,6 +48,7 @@ pub mod metrics;
 pub mod net;
 pub mod policy;
 pub mod ratelimit;
+pub mod reconcile;
 pub mod regions;
 pub mod router;
 pub mod seal;

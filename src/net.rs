@@ -41,7 +41,7 @@ pub struct CoreContext {
     pub router: Rc<ShardRouter>,
     /// Derives each key on the connection's core, after its audit record is durable;
     /// `None` while the seed is sealed.
-    pub key: CoreKey,
+    pub key: Rc<CoreKey>,
     pub rules: FieldRules,
     pub limits: Limits,
     pub identity: IdentitySource,

@@ -318,8 +318,12 @@ async fn core_main(core: usize, setup: CoreSetup) -> Result<(), String> {
     };
     // Every core applies the stored region switches before it listens, so none serves a
     // disabled region at start-up.
-    let signer = CoreKey::new(setup.key.clone())
-        .map_err(|e| format!("the shard's checkpoint key view: {e}"))?;
+    // One view of the seed cache per core, shared by the connections (derivations) and
+    // the shard (checkpoint MACs), so the core's refresh drops a sealed key from both.
+    let key = Rc::new(
+        CoreKey::new(setup.key.clone())
+            .map_err(|e| format!("the core's derivation scratch: {e}"))?,
+    );
     let shard = Rc::new(
         Shard::new(
             shard_id,
@@ -328,7 +332,7 @@ async fn core_main(core: usize, setup: CoreSetup) -> Result<(), String> {
             shard_store,
             setup.regions.clone(),
         )
-        .with_signer(Box::new(signer)),
+        .with_signer(Box::new(key.clone())),
     );
     let assets = shard.asset_count();
     glommio::spawn_local(shard.clone().run_committer()).detach();
@@ -347,8 +351,7 @@ async fn core_main(core: usize, setup: CoreSetup) -> Result<(), String> {
     })?;
     let ctx = Rc::new(CoreContext {
         router,
-        key: CoreKey::new(setup.key.clone())
-            .map_err(|e| format!("the core's derivation scratch: {e}"))?,
+        key,
         rules: FieldRules::with_switch(setup.regions.clone()),
         limits: config.limits.clone(),
         identity: config.tls.identity,

@@ -54,9 +54,9 @@ pub trait CheckpointSigner {
     fn sign(&self, shard: u16, seq: u64, hash: &[u8; 32]) -> Option<[u8; 32]>;
 }
 
-impl CheckpointSigner for crate::seal::cache::CoreKey {
+impl CheckpointSigner for Rc<crate::seal::cache::CoreKey> {
     fn sign(&self, shard: u16, seq: u64, hash: &[u8; 32]) -> Option<[u8; 32]> {
-        self.with(|key| key.checkpoint_mac(shard, seq, hash))
+        self.checkpoint_mac(shard, seq, hash)
     }
 }
 

@@ -1,4 +1,4 @@
-//! Wire protocol v1: a sans-IO codec for frames, requests and replies.
+//! Wire protocol v2: a sans-IO codec for frames, requests and replies.
 //!
 //! `docs/protocol.md` is the byte-by-byte specification; this module is its only
 //! implementation, shared by the appliance and the client library. Nothing here does I/O:
@@ -23,7 +23,7 @@ use uuid::Uuid;
 /// The four bytes every frame starts with.
 pub const MAGIC: [u8; 4] = *b"CSTD";
 /// The only protocol version this build speaks.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 /// Length of the fixed frame header.
 pub const HEADER_LEN: usize = 20;
 /// Bit set in the opcode of every reply.
@@ -240,7 +240,7 @@ impl std::fmt::Display for Status {
     }
 }
 
-/// Why a byte stream or a body is not valid protocol v1.
+/// Why a byte stream or a body is not valid protocol v2.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum WireError {
@@ -1247,7 +1247,7 @@ mod tests {
             &out[..HEADER_LEN],
             &[
                 0x43, 0x53, 0x54, 0x44, // "CSTD"
-                0x01, // version
+                0x02, // version
                 0x04, // STATUS
                 0x00, 0x00, // flags
                 0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07, 0x08, // request id
@@ -1333,8 +1333,8 @@ mod tests {
             Err(WireError::BadMagic)
         );
         assert_eq!(
-            decode_frame(b"CSTD\x02", 1024),
-            Err(WireError::UnsupportedVersion(2))
+            decode_frame(b"CSTD\x01", 1024),
+            Err(WireError::UnsupportedVersion(1))
         );
         let mut out = Vec::new();
         Request::Hello.encode(1, &mut out);

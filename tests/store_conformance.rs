@@ -291,7 +291,6 @@ async fn conformance(backend: Backend) {
                 mac: [0xcc; 32],
                 ts_ms: 1_795_000_000_000,
             }),
-            ..Default::default()
         })
         .await
         .unwrap();

@@ -14,6 +14,7 @@
 //! custody dev-seed FILE
 //! custody init --config FILE (--share-dir DIR | --print-shares) [--shares N] [--threshold K]
 //!              [--import-seed FILE] [--create-key]
+//! custody reconcile --offline --config FILE [--seed-file FILE | --share FILE...]
 //! custody recover --share FILE... [--config FILE | --fingerprint HEX]
 //!                 [--asset ID --path PATH --counter N] [--write-seed FILE]
 //! ```
@@ -69,6 +70,13 @@ const USAGE: &str = "usage:
                          anything is written), write them one per file or print them once,
                          and write the sealed seed (pkcs11) or the share set (shamir);
                          --create-key first makes the wrapping key on the token
+  custody reconcile --offline --config FILE [--seed-file FILE | --share FILE...]
+                         auditor, without the appliance: check the audit log straight in
+                         the store the config names (SQLite file or PostgreSQL): every
+                         shard's hash chain, the checkpoints (their MACs too, given the seed
+                         as a file of 32 bytes or 64 hex digits, or k shares), counter
+                         regressions, and every asset's stored counter against its newest
+                         audited one; exits 1 on any finding (docs/audit.md)
   custody recover --share FILE [--share FILE]... [--config FILE | --fingerprint HEX]
                   [--asset ID --path PATH --counter N] [--write-seed FILE]
                          offline, without the appliance: rebuild the seed from K shares
@@ -123,6 +131,8 @@ struct Args {
     asset: Option<String>,
     counter: Option<u64>,
     write_seed: Option<PathBuf>,
+    offline: bool,
+    seed_file: Option<PathBuf>,
     rotation_id: Option<String>,
     expect_counter: Option<u64>,
 }
@@ -161,6 +171,8 @@ fn parse_args() -> anyhow::Result<Option<Args>> {
             Long("write-seed") => a.write_seed = Some(p.value()?.into()),
             Long("rotation-id") => a.rotation_id = Some(p.value()?.string()?),
             Long("expect-counter") => a.expect_counter = Some(p.value()?.parse()?),
+            Long("offline") => a.offline = true,
+            Long("seed-file") => a.seed_file = Some(p.value()?.into()),
             Long("help") | Short('h') => {
                 println!("{USAGE}");
                 return Ok(None);
@@ -217,6 +229,7 @@ fn real_main() -> anyhow::Result<i32> {
         }
         "init" => init(&args),
         "recover" => recover(&args),
+        "reconcile" => reconcile_offline(&args),
         "hello" | "register" | "status" | "derive" | "seal" | "unseal" | "seal-status"
         | "rotate" | "suspend" | "resume" | "retire" | "regions" | "region" | "policy" => {
             let runtime = tokio::runtime::Builder::new_current_thread()
@@ -229,6 +242,108 @@ fn real_main() -> anyhow::Result<i32> {
             Ok(2)
         }
     }
+}
+
+/// `custody reconcile --offline`: a full run straight against the store.
+fn reconcile_offline(args: &Args) -> anyhow::Result<i32> {
+    use custody::reconcile::{reconcile, Reconciler};
+    if !args.offline {
+        bail!("reconcile needs --offline (this version checks the store directly; the appliance's own periodic run is not built yet)");
+    }
+    let file = args
+        .config
+        .as_ref()
+        .context("reconcile --offline needs --config FILE (the appliance's)")?;
+    let config = match custody::config::load(file) {
+        Ok(c) => c,
+        Err(e) => {
+            eprint!("{e}");
+            return Ok(2);
+        }
+    };
+    let seed = match (&args.seed_file, args.share_inputs.is_empty()) {
+        (Some(_), false) => bail!("give --seed-file or --share, not both"),
+        (Some(path), true) => Some(custody::seal::read_import_seed(path)?),
+        (None, false) => {
+            let shares = read_shares(&args.share_inputs)?;
+            let refs: Vec<&shamir::Share> = shares.iter().collect();
+            Some(shamir::combine(&refs)?)
+        }
+        (None, true) => None,
+    };
+    let key = seed
+        .as_ref()
+        .map(custody::kdf::DerivationKey::new)
+        .transpose()?;
+    drop(seed);
+    let report = match &config.store.backend {
+        custody::config::StoreBackend::Sqlite { path } => {
+            let reader = std::rc::Rc::new(custody::store::sqlite::SqliteReader::open(path)?);
+            let mut r = Reconciler::new();
+            let check = |c: &custody::store::Checkpoint| {
+                key.as_ref().is_some_and(|k| {
+                    constant_time_eq(&k.checkpoint_mac(c.shard, c.seq, &c.hash), &c.mac)
+                })
+            };
+            let mac: Option<custody::reconcile::MacCheck<'_>> = key.as_ref().map(|_| &check as _);
+            futures_lite::future::block_on(reconcile(&mut r, &reader, mac))?
+        }
+        custody::config::StoreBackend::Postgres(pg) => {
+            let pg = pg.clone();
+            custody::store::postgres::on_own_executor("custody-reconcile", move || async move {
+                let client = custody::store::postgres::connect(&pg).await?;
+                let source = custody::store::postgres::PgAuditSource {
+                    client: std::rc::Rc::new(client),
+                };
+                let mut r = Reconciler::new();
+                let check = |c: &custody::store::Checkpoint| {
+                    key.as_ref().is_some_and(|k| {
+                        constant_time_eq(&k.checkpoint_mac(c.shard, c.seq, &c.hash), &c.mac)
+                    })
+                };
+                let mac: Option<custody::reconcile::MacCheck<'_>> =
+                    key.as_ref().map(|_| &check as _);
+                reconcile(&mut r, &source, mac).await
+            })??
+        }
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!(
+            "reconciliation: {} records, {} checkpoints (MACs {}), {} assets, {} drifted (drift ratio {:.6})",
+            report.records_checked,
+            report.checkpoints_checked,
+            if report.macs_checked { "checked" } else { "not checked: no seed" },
+            report.assets_checked,
+            report.assets_drifted,
+            report.drift_ratio
+        );
+        for (shard, m) in &report.shards {
+            println!(
+                "  shard {shard}: checked to seq {}, last good checkpoint {}{}",
+                m.next_seq - 1,
+                m.checkpointed,
+                if m.broken { ", chain BROKEN" } else { "" }
+            );
+        }
+        for f in &report.findings {
+            println!("{f}");
+        }
+        println!(
+            "{}",
+            if report.findings.is_empty() {
+                "no findings".to_owned()
+            } else {
+                format!("{} findings", report.findings.len())
+            }
+        );
+    }
+    Ok(if report.findings.is_empty() { 0 } else { 1 })
+}
+
+fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// The init ceremony's sealing step (`custody init`).

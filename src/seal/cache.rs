@@ -682,6 +682,13 @@ impl CoreKey {
         self.with(|key| key.derive_in(&mut scratch, asset, counter, path))
     }
 
+    /// The MAC of an audit checkpoint with the key that may serve now, computed in this
+    /// core's locked scratch; `None` when sealed (the batch goes without a checkpoint).
+    pub fn checkpoint_mac(&self, shard: u16, seq: u64, hash: &[u8; 32]) -> Option<[u8; 32]> {
+        let mut scratch = self.scratch.borrow_mut();
+        self.with(|key| key.checkpoint_mac_in(&mut scratch, shard, seq, hash))
+    }
+
     /// Takes the cache's key if it changed since the last call (and drops a sealed one).
     pub fn refresh(&self) {
         self.reader.borrow_mut().refresh(&self.cache.slot);

@@ -16,7 +16,7 @@ pub(crate) mod sync {
     pub use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 }
 
-use crate::audit::AuditRecord;
+use crate::audit::{AuditEvent, AuditRecord};
 use crate::lifecycle::AssetState;
 use std::future::Future;
 use std::pin::Pin;
@@ -160,6 +160,38 @@ pub(crate) fn hash_of(hash: Option<Vec<u8>>, shard: u16, seq: u64) -> Result<[u8
                 h.len()
             ))
         }),
+    }
+}
+
+/// An audit row as read back (for verification, the CLI and tests).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct AuditRow {
+    pub shard: u16,
+    pub seq: u64,
+    pub event: AuditEvent,
+    pub asset: Uuid,
+    pub counter: u64,
+    pub state: AssetState,
+    pub requester: String,
+    pub request_id: u64,
+    pub ts_ms: u64,
+    pub derivation_path: Option<String>,
+    pub purpose: Option<String>,
+    pub region: Option<String>,
+    pub ttl_s: Option<u32>,
+    pub scheme_version: Option<u8>,
+    pub rotation_id: Option<Uuid>,
+    /// The chain (`None` for a record from before schema v3).
+    #[serde(serialize_with = "hex_opt")]
+    pub prev_hash: Option<[u8; 32]>,
+    #[serde(serialize_with = "hex_opt")]
+    pub hash: Option<[u8; 32]>,
+}
+
+fn hex_opt<S: serde::Serializer>(v: &Option<[u8; 32]>, s: S) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(b) => s.serialize_some(&b.iter().map(|x| format!("{x:02x}")).collect::<String>()),
+        None => s.serialize_none(),
     }
 }
 

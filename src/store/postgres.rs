@@ -941,6 +941,152 @@ pub async fn audit_rows(client: &Client) -> Result<Vec<(u16, u64, String, Uuid, 
         .collect())
 }
 
+/// A database as the reconciler's source (read-only queries on one connection).
+pub struct PgAuditSource {
+    pub client: Rc<Client>,
+}
+
+const AUDIT_ROW_COLUMNS: &str = "shard, seq, event, asset_id, counter, state_at_event, \
+    requester, request_id, (extract(epoch FROM logged_at) * 1000)::bigint, derivation_path, \
+    purpose, region, ttl_s, scheme_version, rotation_id, prev_hash, hash";
+
+fn audit_row(r: &tokio_postgres::Row) -> Result<super::AuditRow, StoreError> {
+    let (shard, seq) = (r.get::<_, i16>(0) as u16, r.get::<_, i64>(1) as u64);
+    let bad = |what: String| StoreError::Corrupt(format!("shard {shard} record {seq}: {what}"));
+    let event: String = r.get(2);
+    let state: String = r.get(5);
+    let hash = |i: usize| -> Result<Option<[u8; 32]>, StoreError> {
+        match r.get::<_, Option<Vec<u8>>>(i) {
+            None => Ok(None),
+            Some(b) => super::hash_of(Some(b), shard, seq).map(Some),
+        }
+    };
+    Ok(super::AuditRow {
+        shard,
+        seq,
+        event: crate::audit::AuditEvent::from_name(&event)
+            .ok_or_else(|| bad(format!("event {event:?}")))?,
+        asset: r.get(3),
+        counter: r.get::<_, i64>(4) as u64,
+        state: AssetState::from_name(&state).ok_or_else(|| bad(format!("state {state:?}")))?,
+        requester: r.get(6),
+        request_id: r.get::<_, i64>(7) as u64,
+        ts_ms: r.get::<_, i64>(8).max(0) as u64,
+        derivation_path: r.get(9),
+        purpose: r.get(10),
+        region: r.get(11),
+        ttl_s: r.get::<_, Option<i32>>(12).map(|t| t as u32),
+        scheme_version: r.get::<_, Option<i16>>(13).map(|v| v as u8),
+        rotation_id: r.get(14),
+        prev_hash: hash(15)?,
+        hash: hash(16)?,
+    })
+}
+
+fn checkpoint_row(r: &tokio_postgres::Row) -> Result<super::Checkpoint, StoreError> {
+    let (shard, seq) = (r.get::<_, i16>(0) as u16, r.get::<_, i64>(1) as u64);
+    Ok(super::Checkpoint {
+        shard,
+        seq,
+        hash: super::hash_of(Some(r.get(2)), shard, seq)?,
+        mac: super::hash_of(Some(r.get(3)), shard, seq)?,
+        ts_ms: r.get::<_, i64>(4).max(0) as u64,
+    })
+}
+
+impl crate::reconcile::AuditSource for PgAuditSource {
+    fn shards(&self) -> super::LocalFuture<Result<Vec<u16>, StoreError>> {
+        let client = self.client.clone();
+        Box::pin(async move {
+            let rows = client
+                .query(
+                    "SELECT shard FROM custody_shard_seq UNION \
+                     SELECT DISTINCT shard FROM custody_audit_checkpoints ORDER BY 1",
+                    &[],
+                )
+                .await
+                .map_err(pg_err)?;
+            Ok(rows.iter().map(|r| r.get::<_, i16>(0) as u16).collect())
+        })
+    }
+
+    fn records(
+        &self,
+        shard: u16,
+        from_seq: u64,
+        limit: usize,
+    ) -> super::LocalFuture<Result<Vec<super::AuditRow>, StoreError>> {
+        let client = self.client.clone();
+        Box::pin(async move {
+            let from = i64::try_from(from_seq).unwrap_or(i64::MAX);
+            let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+            let rows = client
+                .query(
+                    &format!(
+                        "SELECT {AUDIT_ROW_COLUMNS} FROM custody_audit_log \
+                         WHERE shard = $1 AND seq >= $2 ORDER BY seq LIMIT $3"
+                    ),
+                    &[&(shard as i16), &from, &limit],
+                )
+                .await
+                .map_err(pg_err)?;
+            rows.iter().map(audit_row).collect()
+        })
+    }
+
+    fn checkpoints(
+        &self,
+        shard: u16,
+        from_seq: u64,
+        to_seq: u64,
+    ) -> super::LocalFuture<Result<Vec<super::Checkpoint>, StoreError>> {
+        let client = self.client.clone();
+        Box::pin(async move {
+            let from = i64::try_from(from_seq).unwrap_or(i64::MAX);
+            let to = i64::try_from(to_seq).unwrap_or(i64::MAX);
+            let rows = client
+                .query(
+                    "SELECT shard, seq, hash, mac, (extract(epoch FROM logged_at) * 1000)::bigint \
+                     FROM custody_audit_checkpoints WHERE shard = $1 AND seq >= $2 AND seq <= $3 \
+                     ORDER BY seq",
+                    &[&(shard as i16), &from, &to],
+                )
+                .await
+                .map_err(pg_err)?;
+            rows.iter().map(checkpoint_row).collect()
+        })
+    }
+
+    fn assets(&self) -> super::LocalFuture<Result<Vec<super::StoredAsset>, StoreError>> {
+        let client = self.client.clone();
+        Box::pin(async move {
+            let rows = client
+                .query(
+                    "SELECT asset_id, state, derivation_counter FROM custody_keys",
+                    &[],
+                )
+                .await
+                .map_err(pg_err)?;
+            rows.iter()
+                .map(|row| {
+                    let asset: Uuid = row.get(0);
+                    let state: String = row.get(1);
+                    let counter: i64 = row.get(2);
+                    Ok(super::StoredAsset {
+                        asset,
+                        state: AssetState::from_name(&state).ok_or_else(|| {
+                            StoreError::Corrupt(format!("asset {asset}: state {state:?}"))
+                        })?,
+                        counter: u64::try_from(counter).map_err(|_| {
+                            StoreError::Corrupt(format!("asset {asset}: counter {counter}"))
+                        })?,
+                    })
+                })
+                .collect()
+        })
+    }
+}
+
 /// Every audit checkpoint, in (shard, seq) order.
 pub async fn checkpoints(client: &Client) -> Result<Vec<super::Checkpoint>, StoreError> {
     let rows = client
@@ -951,18 +1097,7 @@ pub async fn checkpoints(client: &Client) -> Result<Vec<super::Checkpoint>, Stor
         )
         .await
         .map_err(pg_err)?;
-    rows.iter()
-        .map(|r| {
-            let (shard, seq) = (r.get::<_, i16>(0) as u16, r.get::<_, i64>(1) as u64);
-            Ok(super::Checkpoint {
-                shard,
-                seq,
-                hash: super::hash_of(Some(r.get(2)), shard, seq)?,
-                mac: super::hash_of(Some(r.get(3)), shard, seq)?,
-                ts_ms: r.get::<_, i64>(4).max(0) as u64,
-            })
-        })
-        .collect()
+    rows.iter().map(checkpoint_row).collect()
 }
 
 /// Takes the store for a new appliance instance, on an executor of its own thread (used

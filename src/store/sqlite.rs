@@ -640,37 +640,7 @@ fn stored_asset(row: &rusqlite::Row<'_>) -> Result<StoredAsset, StoreError> {
     })
 }
 
-/// An audit row as read back (for verification, the CLI and tests).
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
-pub struct AuditRow {
-    pub shard: u16,
-    pub seq: u64,
-    pub event: AuditEvent,
-    pub asset: Uuid,
-    pub counter: u64,
-    pub state: AssetState,
-    pub requester: String,
-    pub request_id: u64,
-    pub ts_ms: u64,
-    pub derivation_path: Option<String>,
-    pub purpose: Option<String>,
-    pub region: Option<String>,
-    pub ttl_s: Option<u32>,
-    pub scheme_version: Option<u8>,
-    pub rotation_id: Option<Uuid>,
-    /// The chain (`None` for a record from before schema v3).
-    #[serde(serialize_with = "hex_opt")]
-    pub prev_hash: Option<[u8; 32]>,
-    #[serde(serialize_with = "hex_opt")]
-    pub hash: Option<[u8; 32]>,
-}
-
-fn hex_opt<S: serde::Serializer>(v: &Option<[u8; 32]>, s: S) -> Result<S::Ok, S::Error> {
-    match v {
-        Some(b) => s.serialize_some(&b.iter().map(|x| format!("{x:02x}")).collect::<String>()),
-        None => s.serialize_none(),
-    }
-}
+pub use super::AuditRow;
 
 /// Read-only access to a store file, for verification while or after the appliance runs.
 pub struct SqliteReader {
@@ -716,15 +686,72 @@ impl SqliteReader {
         let mut rows = stmt.query([]).map_err(sql_err)?;
         let mut out = Vec::new();
         while let Some(row) = rows.next().map_err(sql_err)? {
-            let shard: u16 = row.get(0).map_err(sql_err)?;
-            let seq = row.get::<_, i64>(1).map_err(sql_err)?.max(0) as u64;
-            out.push(super::Checkpoint {
-                shard,
-                seq,
-                hash: super::hash_of(Some(row.get(2).map_err(sql_err)?), shard, seq)?,
-                mac: super::hash_of(Some(row.get(3).map_err(sql_err)?), shard, seq)?,
-                ts_ms: row.get::<_, i64>(4).map_err(sql_err)?.max(0) as u64,
-            });
+            out.push(checkpoint_row(row)?);
+        }
+        Ok(out)
+    }
+
+    /// Every shard with a record or a checkpoint.
+    pub fn shards(&self) -> Result<Vec<u16>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT shard FROM (SELECT DISTINCT shard FROM custody_audit_log \
+                 UNION SELECT DISTINCT shard FROM custody_audit_checkpoints) ORDER BY shard",
+            )
+            .map_err(sql_err)?;
+        let rows = stmt
+            .query_map([], |r| r.get::<_, u16>(0))
+            .map_err(sql_err)?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(sql_err)
+    }
+
+    /// At most `limit` records of `shard` from `from_seq` on (through the primary key).
+    pub fn records(
+        &self,
+        shard: u16,
+        from_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<AuditRow>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT shard, seq, event, asset_id, counter, state_at_event, requester, \
+                 request_id, ts_ms, derivation_path, purpose, region, ttl_s, scheme_version, \
+                 rotation_id, prev_hash, hash FROM custody_audit_log \
+                 WHERE shard = ?1 AND seq >= ?2 ORDER BY seq LIMIT ?3",
+            )
+            .map_err(sql_err)?;
+        let from = i64::try_from(from_seq).unwrap_or(i64::MAX);
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let mut rows = stmt.query(params![shard, from, limit]).map_err(sql_err)?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next().map_err(sql_err)? {
+            out.push(audit_row(row).map_err(sql_err)?);
+        }
+        Ok(out)
+    }
+
+    /// The checkpoints of `shard` with `from_seq <= seq <= to_seq`.
+    pub fn checkpoints_between(
+        &self,
+        shard: u16,
+        from_seq: u64,
+        to_seq: u64,
+    ) -> Result<Vec<super::Checkpoint>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT shard, seq, hash, mac, ts_ms FROM custody_audit_checkpoints \
+                 WHERE shard = ?1 AND seq >= ?2 AND seq <= ?3 ORDER BY seq",
+            )
+            .map_err(sql_err)?;
+        let from = i64::try_from(from_seq).unwrap_or(i64::MAX);
+        let to = i64::try_from(to_seq).unwrap_or(i64::MAX);
+        let mut rows = stmt.query(params![shard, from, to]).map_err(sql_err)?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next().map_err(sql_err)? {
+            out.push(checkpoint_row(row)?);
         }
         Ok(out)
     }
@@ -745,6 +772,51 @@ impl SqliteReader {
             out.push(audit_row(row).map_err(sql_err)?);
         }
         Ok(out)
+    }
+}
+
+fn checkpoint_row(row: &rusqlite::Row<'_>) -> Result<super::Checkpoint, StoreError> {
+    let shard: u16 = row.get(0).map_err(sql_err)?;
+    let seq = row.get::<_, i64>(1).map_err(sql_err)?.max(0) as u64;
+    Ok(super::Checkpoint {
+        shard,
+        seq,
+        hash: super::hash_of(Some(row.get(2).map_err(sql_err)?), shard, seq)?,
+        mac: super::hash_of(Some(row.get(3).map_err(sql_err)?), shard, seq)?,
+        ts_ms: row.get::<_, i64>(4).map_err(sql_err)?.max(0) as u64,
+    })
+}
+
+/// [`SqliteReader`] as the reconciler's source.
+impl crate::reconcile::AuditSource for std::rc::Rc<SqliteReader> {
+    fn shards(&self) -> super::LocalFuture<Result<Vec<u16>, StoreError>> {
+        let r = SqliteReader::shards(self);
+        Box::pin(async move { r })
+    }
+
+    fn records(
+        &self,
+        shard: u16,
+        from_seq: u64,
+        limit: usize,
+    ) -> super::LocalFuture<Result<Vec<AuditRow>, StoreError>> {
+        let r = SqliteReader::records(self, shard, from_seq, limit);
+        Box::pin(async move { r })
+    }
+
+    fn checkpoints(
+        &self,
+        shard: u16,
+        from_seq: u64,
+        to_seq: u64,
+    ) -> super::LocalFuture<Result<Vec<super::Checkpoint>, StoreError>> {
+        let r = self.checkpoints_between(shard, from_seq, to_seq);
+        Box::pin(async move { r })
+    }
+
+    fn assets(&self) -> super::LocalFuture<Result<Vec<StoredAsset>, StoreError>> {
+        let r = SqliteReader::assets(self);
+        Box::pin(async move { r })
     }
 }
 

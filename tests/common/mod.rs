@@ -340,6 +340,19 @@ impl PgDatabase {
         });
     }
 
+    /// Runs statements on this database (tests that tamper with it).
+    pub fn sql(&self, statements: Vec<String>) {
+        let config = self.config.clone();
+        on_executor(move || async move {
+            let c = custody::store::postgres::connect(&config)
+                .await
+                .expect("PostgreSQL reachable");
+            for sql in statements {
+                c.batch_execute(&sql).await.expect("statement");
+            }
+        });
+    }
+
     /// Every audit row as (shard, seq, event, asset, counter), in (shard, seq) order.
     pub fn audit_rows(&self) -> Vec<(u16, u64, String, uuid::Uuid, u64)> {
         let config = self.config.clone();

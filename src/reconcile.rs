@@ -1,0 +1,748 @@
+//! Reconciliation (pure code): the audit log checked against itself (the hash chain and
+//! the checkpoints) and against the counters the store holds.
+//!
+//! Findings, each with where it is:
+//! - `CHAIN_BROKEN`: a gap or a repeat in a shard's numbering, a record whose previous
+//!   hash does not link, whose hash does not match its fields, a record without a hash
+//!   after chained ones, a checkpoint that does not match its record, or whose MAC does
+//!   not verify.
+//! - `COUNTER_REGRESSION`: an asset's audited counters go backward in its shard's order.
+//! - `COUNTER_DRIFT`: an asset's newest audited counter differs from its stored counter
+//!   (or an audited asset is missing from the store's key table).
+//! - `MISSING_AUDIT_ENTRY`: a registered asset whose registration is not audited.
+//!
+//! A [`Reconciler`] keeps, per shard, where it stopped (the watermark: the next sequence
+//! number and the chain head) and, per asset, what the log said so far; a run feeds it the
+//! records and checkpoints past the watermark, in order, then the stored assets. So a run
+//! costs in proportion to the new records (plus one pass over the key table); a full run
+//! starts from a new `Reconciler`.
+
+use crate::audit::{chain_hash, AuditEvent, AuditRecord, GENESIS};
+use crate::store::{Checkpoint, StoredAsset};
+use std::collections::{BTreeMap, HashMap};
+use uuid::Uuid;
+
+/// The kinds of finding (stable names: reports, logs and metrics labels).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum FindingKind {
+    CounterDrift,
+    MissingAuditEntry,
+    CounterRegression,
+    ChainBroken,
+}
+
+impl FindingKind {
+    pub const ALL: [FindingKind; 4] = [
+        FindingKind::CounterDrift,
+        FindingKind::MissingAuditEntry,
+        FindingKind::CounterRegression,
+        FindingKind::ChainBroken,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            FindingKind::CounterDrift => "COUNTER_DRIFT",
+            FindingKind::MissingAuditEntry => "MISSING_AUDIT_ENTRY",
+            FindingKind::CounterRegression => "COUNTER_REGRESSION",
+            FindingKind::ChainBroken => "CHAIN_BROKEN",
+        }
+    }
+}
+
+/// One finding.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Finding {
+    pub kind: FindingKind,
+    pub shard: Option<u16>,
+    pub seq: Option<u64>,
+    pub asset: Option<Uuid>,
+    pub detail: String,
+}
+
+impl std::fmt::Display for Finding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.kind.name())?;
+        if let Some(s) = self.shard {
+            write!(f, " shard {s}")?;
+        }
+        if let Some(q) = self.seq {
+            write!(f, " seq {q}")?;
+        }
+        if let Some(a) = self.asset {
+            write!(f, " asset {a}")?;
+        }
+        write!(f, ": {}", self.detail)
+    }
+}
+
+/// A record as the store holds it: the record and its stored chain hashes (`None` for a
+/// record from before the chain).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LoggedRecord {
+    pub record: AuditRecord,
+    pub prev_hash: Option<[u8; 32]>,
+    pub hash: Option<[u8; 32]>,
+}
+
+/// Where a shard's check stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct ShardMark {
+    /// The next sequence number to check.
+    pub next_seq: u64,
+    /// The hash of the last checked record (the genesis before any chained one).
+    #[serde(skip)]
+    pub head: [u8; 32],
+    /// Whether a chained record was seen (after it, every record must be chained).
+    pub chained: bool,
+    /// The last checkpoint that matched its record (and verified, with a key).
+    pub checkpointed: u64,
+    /// The shard's chain broke: its later records are not checked against it (one finding
+    /// per break, not one per record after it).
+    pub broken: bool,
+}
+
+impl Default for ShardMark {
+    fn default() -> ShardMark {
+        ShardMark {
+            next_seq: 1,
+            head: GENESIS,
+            chained: false,
+            checkpointed: 0,
+            broken: false,
+        }
+    }
+}
+
+/// What the log says of one asset so far.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct AssetLog {
+    registered: bool,
+    /// The counter of its newest record (in shard order; across shards, by time).
+    newest: u64,
+    newest_at: (u64, u16, u64),
+    /// The largest counter of its records in each shard so far, for regressions.
+    max_in_shard: Option<(u16, u64)>,
+}
+
+/// Checks a MAC of a checkpoint (the appliance's or an offline verifier's audit key).
+pub type MacCheck<'a> = &'a dyn Fn(&Checkpoint) -> bool;
+
+/// The figures of a run.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
+pub struct Report {
+    pub records_checked: u64,
+    pub checkpoints_checked: u64,
+    pub assets_checked: u64,
+    pub assets_drifted: u64,
+    /// Drifted assets over assets checked (0 with no asset).
+    pub drift_ratio: f64,
+    /// Whether checkpoint MACs were checked (a key was given).
+    pub macs_checked: bool,
+    pub shards: BTreeMap<u16, ShardMark>,
+    pub findings: Vec<Finding>,
+}
+
+impl Report {
+    pub fn count(&self, kind: FindingKind) -> usize {
+        self.findings.iter().filter(|f| f.kind == kind).count()
+    }
+}
+
+/// The reconciler's memory between runs (bounded by the shards and the assets).
+#[derive(Default)]
+pub struct Reconciler {
+    shards: BTreeMap<u16, ShardMark>,
+    assets: HashMap<Uuid, AssetLog>,
+    scratch: Vec<u8>,
+}
+
+/// One run: feed it each shard's new records and checkpoints, then the stored assets.
+pub struct Run<'r> {
+    r: &'r mut Reconciler,
+    mac: Option<MacCheck<'r>>,
+    report: Report,
+}
+
+impl Reconciler {
+    pub fn new() -> Reconciler {
+        Reconciler::default()
+    }
+
+    /// Where each shard's check stands: a run reads the records from `next_seq` on.
+    pub fn watermark(&self, shard: u16) -> ShardMark {
+        self.shards.get(&shard).copied().unwrap_or_default()
+    }
+
+    /// Starts a run; with `mac`, checkpoint MACs are checked.
+    pub fn run<'r>(&'r mut self, mac: Option<MacCheck<'r>>) -> Run<'r> {
+        Run {
+            report: Report {
+                macs_checked: mac.is_some(),
+                ..Report::default()
+            },
+            r: self,
+            mac,
+        }
+    }
+}
+
+impl Run<'_> {
+    fn find(
+        &mut self,
+        kind: FindingKind,
+        shard: u16,
+        seq: u64,
+        asset: Option<Uuid>,
+        detail: String,
+    ) {
+        self.report.findings.push(Finding {
+            kind,
+            shard: Some(shard),
+            seq: Some(seq),
+            asset,
+            detail,
+        });
+    }
+
+    /// A row whose fields cannot be a record: the chain breaks there.
+    pub fn unreadable(&mut self, shard: u16, seq: u64, why: String) {
+        let mut mark = self.r.watermark(shard);
+        self.report.records_checked += 1;
+        if !mark.broken {
+            self.find(
+                FindingKind::ChainBroken,
+                shard,
+                seq,
+                None,
+                format!("its fields are not a record ({why})"),
+            );
+            mark.broken = true;
+        }
+        mark.next_seq = mark.next_seq.max(seq + 1);
+        self.r.shards.insert(shard, mark);
+    }
+
+    /// One shard's records past its watermark (in sequence order) and its checkpoints
+    /// past it (in sequence order).
+    pub fn shard(&mut self, shard: u16, records: &[LoggedRecord], checkpoints: &[Checkpoint]) {
+        let mut mark = self.r.watermark(shard);
+        let mut cps = checkpoints.iter().peekable();
+        for lr in records {
+            let rec = &lr.record;
+            self.report.records_checked += 1;
+            // A checkpoint before this record (its record was not in the log).
+            while let Some(c) = cps.next_if(|c| c.seq < rec.seq) {
+                self.report.checkpoints_checked += 1;
+                if c.seq >= mark.next_seq {
+                    let detail =
+                        format!("checkpoint {} names a record that is not in the log", c.seq);
+                    self.find(FindingKind::ChainBroken, shard, c.seq, None, detail);
+                }
+            }
+            // A record that breaks the chain is not trusted for the counters either (its
+            // fields may be what was changed): one finding, not its consequences.
+            let mut trusted = true;
+            if !mark.broken {
+                if let Some(detail) = self.link(&mut mark, lr) {
+                    self.find(FindingKind::ChainBroken, shard, rec.seq, None, detail);
+                    mark.broken = true;
+                    trusted = false;
+                }
+            }
+            mark.next_seq = mark.next_seq.max(rec.seq + 1);
+            if let Some(c) = cps.next_if(|c| c.seq == rec.seq) {
+                self.report.checkpoints_checked += 1;
+                match lr.hash {
+                    Some(h) if h == c.hash => match self.mac {
+                        Some(check) if !check(c) => {
+                            let detail = format!("checkpoint {}: its MAC does not verify", c.seq);
+                            self.find(FindingKind::ChainBroken, shard, c.seq, None, detail);
+                        }
+                        _ => {
+                            if !mark.broken {
+                                mark.checkpointed = c.seq;
+                            }
+                        }
+                    },
+                    _ => {
+                        let detail =
+                            format!("checkpoint {}: does not match the record's hash", c.seq);
+                        self.find(FindingKind::ChainBroken, shard, c.seq, None, detail);
+                    }
+                }
+            }
+            if trusted {
+                self.asset_record(shard, rec);
+            }
+        }
+        for c in cps {
+            self.report.checkpoints_checked += 1;
+            let detail = format!("checkpoint {} names a record that is not in the log", c.seq);
+            self.find(FindingKind::ChainBroken, shard, c.seq, None, detail);
+        }
+        self.r.shards.insert(shard, mark);
+    }
+
+    /// Checks `lr` continues the shard's chain; advances the head.
+    fn link(&mut self, mark: &mut ShardMark, lr: &LoggedRecord) -> Option<String> {
+        let rec = &lr.record;
+        if rec.seq != mark.next_seq {
+            return Some(format!(
+                "expected sequence number {}, found {} (a record is missing, repeated or renumbered)",
+                mark.next_seq, rec.seq
+            ));
+        }
+        let Some(hash) = lr.hash else {
+            return mark
+                .chained
+                .then(|| "a record without a hash after chained records".to_owned());
+        };
+        if lr.prev_hash != Some(mark.head) {
+            return Some(
+                "its previous hash does not link (records reordered, inserted or deleted)".into(),
+            );
+        }
+        if chain_hash(rec, &mark.head, &mut self.r.scratch) != hash {
+            return Some("its hash does not match its fields (the record was changed)".into());
+        }
+        mark.head = hash;
+        mark.chained = true;
+        None
+    }
+
+    fn asset_record(&mut self, shard: u16, rec: &AuditRecord) {
+        if rec.asset.is_nil() {
+            return;
+        }
+        let at = (rec.ts_ms, shard, rec.seq);
+        let log = self.r.assets.entry(rec.asset).or_default();
+        if rec.event == AuditEvent::Register {
+            log.registered = true;
+        }
+        let regression = match log.max_in_shard {
+            Some((s, max)) if s == shard && rec.counter < max => Some(max),
+            _ => None,
+        };
+        log.max_in_shard = match log.max_in_shard {
+            Some((s, max)) if s == shard => Some((s, max.max(rec.counter))),
+            _ => Some((shard, rec.counter)),
+        };
+        if at >= log.newest_at {
+            log.newest_at = at;
+            log.newest = rec.counter;
+        }
+        if let Some(max) = regression {
+            let detail = format!(
+                "{} with counter {} after counter {max} (a counter went backward)",
+                rec.event.name(),
+                rec.counter
+            );
+            self.find(
+                FindingKind::CounterRegression,
+                shard,
+                rec.seq,
+                Some(rec.asset),
+                detail,
+            );
+        }
+    }
+
+    /// The stored assets (the key table, whole), then the report.
+    pub fn finish(mut self, stored: &[StoredAsset]) -> Report {
+        let mut seen = std::collections::HashSet::with_capacity(stored.len());
+        for a in stored {
+            seen.insert(a.asset);
+            self.report.assets_checked += 1;
+            match self.r.assets.get(&a.asset).copied() {
+                None => {
+                    self.report.assets_drifted += 1;
+                    self.report.findings.push(Finding {
+                        kind: FindingKind::MissingAuditEntry,
+                        shard: None,
+                        seq: None,
+                        asset: Some(a.asset),
+                        detail: format!(
+                            "registered (counter {}) but no record of it is in the log",
+                            a.counter
+                        ),
+                    });
+                }
+                Some(log) => {
+                    if !log.registered {
+                        self.report.findings.push(Finding {
+                            kind: FindingKind::MissingAuditEntry,
+                            shard: None,
+                            seq: None,
+                            asset: Some(a.asset),
+                            detail: "registered but its registration is not in the log".into(),
+                        });
+                    }
+                    if log.newest != a.counter {
+                        self.report.assets_drifted += 1;
+                        self.report.findings.push(Finding {
+                            kind: FindingKind::CounterDrift,
+                            shard: None,
+                            seq: None,
+                            asset: Some(a.asset),
+                            detail: format!(
+                                "stored counter {} but the newest audited counter is {}",
+                                a.counter, log.newest
+                            ),
+                        });
+                    }
+                }
+            }
+        }
+        let mut missing: Vec<(&Uuid, &AssetLog)> = self
+            .r
+            .assets
+            .iter()
+            .filter(|(id, _)| !seen.contains(*id))
+            .collect();
+        missing.sort_by_key(|(id, _)| **id);
+        for (id, log) in missing {
+            self.report.findings.push(Finding {
+                kind: FindingKind::CounterDrift,
+                shard: None,
+                seq: None,
+                asset: Some(*id),
+                detail: format!(
+                    "audited (newest counter {}) but missing from the key table",
+                    log.newest
+                ),
+            });
+        }
+        self.report.drift_ratio = if self.report.assets_checked == 0 {
+            0.0
+        } else {
+            self.report.assets_drifted as f64 / self.report.assets_checked as f64
+        };
+        self.report.shards = self.r.shards.clone();
+        self.report
+    }
+}
+
+/// The record a stored row describes, or why its fields cannot be a record (a changed
+/// row, found as CHAIN_BROKEN).
+pub fn logged_from_row(row: &crate::store::AuditRow) -> Result<LoggedRecord, String> {
+    use crate::audit::DeriveDetail;
+    use std::sync::Arc;
+    // What the encoding leaves out must be empty: a column the hash does not cover cannot
+    // carry anything.
+    let derive_columns = row.derivation_path.is_some()
+        || row.purpose.is_some()
+        || row.ttl_s.is_some()
+        || row.scheme_version.is_some();
+    let region_event = matches!(
+        row.event,
+        AuditEvent::Derive | AuditEvent::RegionEnable | AuditEvent::RegionDisable
+    );
+    if row.event != AuditEvent::Derive && derive_columns {
+        return Err(format!("a {} with derivation fields", row.event.name()));
+    }
+    if !region_event && row.region.is_some() {
+        return Err(format!("a {} with a region", row.event.name()));
+    }
+    if row.event != AuditEvent::Rotate && row.rotation_id.is_some() {
+        return Err(format!("a {} with a rotation id", row.event.name()));
+    }
+    let derive = match row.event {
+        AuditEvent::Derive => {
+            let text = |v: &Option<String>, what: &str| {
+                v.clone()
+                    .ok_or_else(|| format!("a DERIVE without its {what}"))
+            };
+            let path = text(&row.derivation_path, "path")?;
+            let purpose = text(&row.purpose, "purpose")?;
+            Some(DeriveDetail {
+                path: crate::kdf::DerivationPath::parse(&path)
+                    .map_err(|e| format!("path {path:?}: {e}"))?,
+                purpose: crate::policy::Purpose::from_name(&purpose)
+                    .ok_or_else(|| format!("purpose {purpose:?}"))?,
+                region: Arc::from(text(&row.region, "region")?.as_str()),
+                ttl_s: row.ttl_s.ok_or("a DERIVE without its ttl")?,
+                scheme_version: row.scheme_version.ok_or("a DERIVE without its scheme")?,
+            })
+        }
+        _ => None,
+    };
+    let switched_region = match row.event {
+        AuditEvent::RegionEnable | AuditEvent::RegionDisable => Some(Arc::from(
+            row.region
+                .as_deref()
+                .ok_or("a region switch without its region")?,
+        )),
+        _ => None,
+    };
+    Ok(LoggedRecord {
+        record: AuditRecord {
+            shard: row.shard,
+            seq: row.seq,
+            event: row.event,
+            asset: row.asset,
+            counter: row.counter,
+            state: row.state,
+            requester: Arc::from(row.requester.as_str()),
+            request_id: row.request_id,
+            ts_ms: row.ts_ms,
+            derive,
+            rotation_id: row.rotation_id,
+            switched_region,
+        },
+        prev_hash: row.prev_hash,
+        hash: row.hash,
+    })
+}
+
+/// Records a run reads at a time (bounds its memory).
+pub const PAGE_RECORDS: usize = 50_000;
+
+/// Read access to a store's audit log and key table, for a run.
+pub trait AuditSource {
+    /// Every shard with a record or a checkpoint.
+    fn shards(&self) -> crate::store::LocalFuture<Result<Vec<u16>, crate::store::StoreError>>;
+    /// At most `limit` records of `shard` from `from_seq` on, in sequence order.
+    fn records(
+        &self,
+        shard: u16,
+        from_seq: u64,
+        limit: usize,
+    ) -> crate::store::LocalFuture<Result<Vec<crate::store::AuditRow>, crate::store::StoreError>>;
+    /// The checkpoints of `shard` with `from_seq <= seq <= to_seq`, in sequence order.
+    fn checkpoints(
+        &self,
+        shard: u16,
+        from_seq: u64,
+        to_seq: u64,
+    ) -> crate::store::LocalFuture<Result<Vec<Checkpoint>, crate::store::StoreError>>;
+    /// The whole key table.
+    fn assets(
+        &self,
+    ) -> crate::store::LocalFuture<Result<Vec<StoredAsset>, crate::store::StoreError>>;
+}
+
+/// A run over `source` from the reconciler's watermarks: every shard's new records and
+/// checkpoints, page by page, then the key table.
+pub async fn reconcile(
+    r: &mut Reconciler,
+    source: &dyn AuditSource,
+    mac: Option<MacCheck<'_>>,
+) -> Result<Report, crate::store::StoreError> {
+    let shards = source.shards().await?;
+    let mut run = r.run(mac);
+    for shard in shards {
+        loop {
+            let from = run.r.watermark(shard).next_seq;
+            let rows = source.records(shard, from, PAGE_RECORDS).await?;
+            let Some(last) = rows.last().map(|r| r.seq) else {
+                break;
+            };
+            let cps = source.checkpoints(shard, from, last).await?;
+            let mut page = Vec::with_capacity(rows.len());
+            for row in &rows {
+                match logged_from_row(row) {
+                    Ok(lr) => page.push(lr),
+                    Err(why) => {
+                        run.shard(shard, &page, &[]);
+                        page.clear();
+                        run.unreadable(shard, row.seq, why);
+                    }
+                }
+            }
+            run.shard(shard, &page, &cps);
+            if rows.len() < PAGE_RECORDS {
+                break;
+            }
+        }
+        // Checkpoints past the last record name records that are not there.
+        let next = run.r.watermark(shard).next_seq;
+        let dangling = source.checkpoints(shard, next, u64::MAX >> 1).await?;
+        run.shard(shard, &[], &dangling);
+    }
+    let assets = source.assets().await?;
+    Ok(run.finish(&assets))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lifecycle::AssetState;
+    use std::sync::Arc;
+
+    fn record(shard: u16, seq: u64, event: AuditEvent, asset: Uuid, counter: u64) -> AuditRecord {
+        AuditRecord {
+            shard,
+            seq,
+            event,
+            asset,
+            counter,
+            state: AssetState::Active,
+            requester: Arc::from("t"),
+            request_id: seq,
+            ts_ms: 1_000 + seq,
+            derive: None,
+            rotation_id: None,
+            switched_region: None,
+        }
+    }
+
+    /// Records chained as a shard writes them.
+    fn chained(records: Vec<AuditRecord>, prev: &mut [u8; 32]) -> Vec<LoggedRecord> {
+        let mut scratch = Vec::new();
+        records
+            .into_iter()
+            .map(|record| {
+                let hash = chain_hash(&record, prev, &mut scratch);
+                let lr = LoggedRecord {
+                    record,
+                    prev_hash: Some(*prev),
+                    hash: Some(hash),
+                };
+                *prev = hash;
+                lr
+            })
+            .collect()
+    }
+
+    fn stored(asset: Uuid, counter: u64) -> StoredAsset {
+        StoredAsset {
+            asset,
+            state: AssetState::Active,
+            counter,
+        }
+    }
+
+    #[test]
+    fn a_clean_log_then_an_incremental_run_checks_only_new_records() {
+        let a = Uuid::from_u128(1);
+        let mut head = GENESIS;
+        let first = chained(
+            vec![
+                record(0, 1, AuditEvent::Register, a, 0),
+                record(0, 2, AuditEvent::Derive, a, 0),
+            ],
+            &mut head,
+        );
+        let mut r = Reconciler::new();
+        let mut run = r.run(None);
+        run.shard(0, &first, &[]);
+        let report = run.finish(&[stored(a, 0)]);
+        assert!(report.findings.is_empty(), "{:?}", report.findings);
+        assert_eq!((report.records_checked, report.drift_ratio), (2, 0.0));
+        assert_eq!(r.watermark(0).next_seq, 3);
+        // The next run starts at the watermark: only the rotation is read.
+        let next = chained(vec![record(0, 3, AuditEvent::Rotate, a, 1)], &mut head);
+        let mut run = r.run(None);
+        run.shard(0, &next, &[]);
+        let report = run.finish(&[stored(a, 1)]);
+        assert!(report.findings.is_empty(), "{:?}", report.findings);
+        assert_eq!(report.records_checked, 1);
+        // A stored counter behind the log: drift, half of two assets.
+        let b = Uuid::from_u128(2);
+        let more = chained(vec![record(0, 4, AuditEvent::Register, b, 0)], &mut head);
+        let mut run = r.run(None);
+        run.shard(0, &more, &[]);
+        let report = run.finish(&[stored(a, 0), stored(b, 0)]);
+        assert_eq!(report.count(FindingKind::CounterDrift), 1);
+        assert_eq!(report.drift_ratio, 0.5);
+    }
+
+    #[test]
+    fn regressions_missing_registrations_and_checkpoints_are_found() {
+        let a = Uuid::from_u128(1);
+        // Records from before the chain (no hashes) whose counter goes backward.
+        let legacy: Vec<LoggedRecord> = [
+            record(0, 1, AuditEvent::Derive, a, 0),
+            record(0, 2, AuditEvent::Rotate, a, 1),
+            record(0, 3, AuditEvent::Derive, a, 0),
+        ]
+        .into_iter()
+        .map(|record| LoggedRecord {
+            record,
+            prev_hash: None,
+            hash: None,
+        })
+        .collect();
+        let mut r = Reconciler::new();
+        let mut run = r.run(None);
+        run.shard(0, &legacy, &[]);
+        let report = run.finish(&[stored(a, 0)]);
+        let kinds: Vec<FindingKind> = report.findings.iter().map(|f| f.kind).collect();
+        assert_eq!(
+            kinds,
+            [
+                FindingKind::CounterRegression,
+                FindingKind::MissingAuditEntry
+            ],
+            "{:?}",
+            report.findings
+        );
+
+        // A checkpoint that does not match, one whose MAC fails, one past the log.
+        let mut head = GENESIS;
+        let log = chained(
+            vec![
+                record(1, 1, AuditEvent::Register, a, 0),
+                record(1, 2, AuditEvent::Derive, a, 0),
+            ],
+            &mut head,
+        );
+        let cp = |seq, hash| Checkpoint {
+            shard: 1,
+            seq,
+            hash,
+            mac: [0; 32],
+            ts_ms: 0,
+        };
+        let good_hash = log[1].hash.unwrap();
+        let reject_all = |_: &Checkpoint| false;
+        let mut r = Reconciler::new();
+        let mut run = r.run(Some(&reject_all));
+        run.shard(
+            1,
+            &log,
+            &[cp(1, [9; 32]), cp(2, good_hash), cp(5, good_hash)],
+        );
+        let report = run.finish(&[stored(a, 0)]);
+        let details: Vec<&str> = report.findings.iter().map(|f| f.detail.as_str()).collect();
+        assert_eq!(report.count(FindingKind::ChainBroken), 3, "{details:?}");
+        assert!(details[0].contains("does not match"), "{details:?}");
+        assert!(details[1].contains("MAC does not verify"), "{details:?}");
+        assert!(details[2].contains("not in the log"), "{details:?}");
+        assert_eq!(r.watermark(1).checkpointed, 0);
+    }
+
+    #[test]
+    fn rows_with_columns_the_hash_does_not_cover_are_refused() {
+        let row = crate::store::AuditRow {
+            shard: 0,
+            seq: 1,
+            event: AuditEvent::Register,
+            asset: Uuid::from_u128(1),
+            counter: 0,
+            state: AssetState::Active,
+            requester: "t".into(),
+            request_id: 1,
+            ts_ms: 1,
+            derivation_path: None,
+            purpose: None,
+            region: None,
+            ttl_s: None,
+            scheme_version: None,
+            rotation_id: None,
+            prev_hash: None,
+            hash: None,
+        };
+        assert!(logged_from_row(&row).is_ok());
+        for spoil in [
+            |r: &mut crate::store::AuditRow| r.purpose = Some("TRADING".into()),
+            |r: &mut crate::store::AuditRow| r.region = Some("EU-WEST".into()),
+            |r: &mut crate::store::AuditRow| r.rotation_id = Some(Uuid::nil()),
+        ] {
+            let mut bad = row.clone();
+            spoil(&mut bad);
+            assert!(logged_from_row(&bad).is_err(), "{bad:?}");
+        }
+    }
+}
