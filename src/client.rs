@@ -339,6 +339,19 @@ impl Client {
         }
     }
 
+    /// Auditor: the appliance reconciles its audit log now (from its last run, or in
+    /// full) and reports.
+    pub async fn reconcile(
+        &self,
+        full: bool,
+    ) -> Result<crate::wire::ReconcileSummary, ClientError> {
+        match self.call(&Request::Reconcile { full }).await? {
+            Reply::Reconciled(r) => Ok(r),
+            Reply::Refused(r) => Err(ClientError::Refused(r)),
+            _ => Err(ClientError::UnexpectedReply(Opcode::Reconcile)),
+        }
+    }
+
     /// Admin: has the appliance re-read its configuration file and put its `[policy]` in
     /// force (whole, or not at all: POLICY_INVALID lists the file's problems).
     pub async fn policy_reload(&self) -> Result<crate::wire::PolicyReloaded, ClientError> {

@@ -98,6 +98,14 @@ pub struct Config {
     pub seal_timing: crate::seal::cache::CacheTiming,
     pub limits: Limits,
     pub policy: Policy,
+    pub audit: AuditConfig,
+}
+
+/// The appliance's own reconciliation of the audit log (`[audit]`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AuditConfig {
+    /// How often the appliance reconciles the new records; `None` = only on demand.
+    pub reconcile_interval: Option<Duration>,
 }
 
 #[derive(Clone, Debug)]
@@ -224,6 +232,7 @@ pub const KEYS: &[KeyDoc] = &[
     KeyDoc { key: "limits.max_assets_per_shard", default: "1000000", doc: "assets each shard's registry holds" },
     KeyDoc { key: "limits.rotation_id_retention_s", default: "86400", doc: "a rotation id is remembered this long: the same id sent again answers the first result instead of rotating again" },
     KeyDoc { key: "limits.rate_limit", default: "\"100/60s\"", doc: "requests each requester may make on each asset, as <requests>/<seconds>s (GCRA: that many at once, then one per period/requests); policy.rate_limits overrides it per role" },
+    KeyDoc { key: "audit.reconcile_interval_s", default: "60", doc: "every this many seconds the appliance reconciles the audit records written since its last run (chain, checkpoints, counters; docs/audit.md) on a thread of its own; 0 = only on demand (`custody reconcile`)" },
     KeyDoc { key: "limits.rate_limit_buckets_per_shard", default: "100000", doc: "rate-limit buckets (requester, asset) each shard keeps; idle ones are dropped, and when all are busy a new caller is refused RATE_LIMITED" },
     KeyDoc { key: "limits.rotation_ids_max_per_shard", default: "100000", doc: "most rotation ids each shard remembers; past it the oldest are forgotten first" },
     KeyDoc { key: "policy.regions", default: "[\"US-EAST\", \"EU-WEST\", \"APAC\"]", doc: "compliance regions a derivation may name" },
@@ -336,6 +345,9 @@ pub fn resolve(table: &toml::Table, base_dir: &Path, file: &str) -> Result<Confi
     let metrics_publish = r
         .int("server.metrics_publish_ms", 1000, 50, 60_000)
         .map(|ms| Duration::from_millis(ms as u64));
+    let reconcile_interval = r
+        .int("audit.reconcile_interval_s", 60, 0, 86_400)
+        .map(|s| (s > 0).then(|| Duration::from_secs(s as u64)));
 
     let cert = r.required_path("tls.cert", base_dir);
     let key = r.required_path("tls.key", base_dir);
@@ -816,6 +828,7 @@ pub fn resolve(table: &toml::Table, base_dir: &Path, file: &str) -> Result<Confi
         Some(stats_log_interval),
         Some(admin_listen),
         Some(metrics_publish),
+        Some(reconcile_interval),
     ) = (
         listen,
         cores,
@@ -850,6 +863,7 @@ pub fn resolve(table: &toml::Table, base_dir: &Path, file: &str) -> Result<Confi
         stats_interval,
         admin_listen,
         metrics_publish,
+        reconcile_interval,
     )
     else {
         // Every None above recorded a problem, so this is unreachable; report it anyway.
@@ -922,6 +936,7 @@ pub fn resolve(table: &toml::Table, base_dir: &Path, file: &str) -> Result<Confi
             rate_limit_buckets_per_shard: buckets as u32,
         },
         policy: Policy { regions, access },
+        audit: AuditConfig { reconcile_interval },
     })
 }
 

@@ -30,6 +30,10 @@
 //!   submitted with UNSEAL; every init also writes shares for `custody recover`), and the
 //!   `dev` provider.
 //!
+//! Beside the request path: [`reconcile`] (the audit log checked against its chain,
+//! checkpoints and the counters; pure) run by [`auditor`] (a thread of its own, every
+//! `audit.reconcile_interval_s` and on RECONCILE).
+//!
 //! Around the request path: [`metrics`] (per-core figures merged at scrape time, and
 //! the admin listener: /metrics, /healthz, /readyz), [`config`] (two-stage TOML),
 //! [`bounds`] (hard caps),
@@ -38,6 +42,7 @@
 //! [`client`] (the tokio client library the CLI and the load harness use).
 
 pub mod audit;
+pub mod auditor;
 pub mod bounds;
 pub mod client;
 pub mod config;

@@ -231,6 +231,7 @@ pub struct Registry {
     seal: Arc<SeedCache>,
     policy: Arc<crate::policy::PolicyCell>,
     publish_every: Duration,
+    auditor: Option<Arc<Mutex<crate::auditor::AuditorStatus>>>,
 }
 
 /// What /healthz and /readyz found.
@@ -254,7 +255,17 @@ impl Registry {
             seal,
             policy,
             publish_every,
+            auditor: None,
         }
+    }
+
+    /// The reconciliation's figures (read at scrape time).
+    pub fn with_auditor(
+        mut self,
+        status: Option<Arc<Mutex<crate::auditor::AuditorStatus>>>,
+    ) -> Registry {
+        self.auditor = status;
+        self
     }
 
     /// Core `core`'s slot: only that core's publisher and the scraper lock it.
@@ -313,7 +324,12 @@ impl Registry {
 
     /// The Prometheus text exposition (format 0.0.4) of every metric.
     pub fn render(&self) -> String {
-        render(&self.snapshot(), &self.seal, self.policy.generation())
+        let mut out = render(&self.snapshot(), &self.seal, self.policy.generation());
+        if let Some(status) = &self.auditor {
+            let s = status.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            render_auditor(&mut out, &s);
+        }
+        out
     }
 }
 
@@ -673,6 +689,83 @@ fn render(cores: &[CoreFigures], seal: &SeedCache, policy_generation: u64) -> St
     out
 }
 
+fn render_auditor(out: &mut String, s: &crate::auditor::AuditorStatus) {
+    let mut f = Family { out };
+    f.head(
+        "custody_audit_reconciliation_drift_ratio",
+        "gauge",
+        "Assets whose stored counter differs from their newest audited counter, over the assets checked, at the last reconciliation.",
+    );
+    f.sample(
+        "custody_audit_reconciliation_drift_ratio",
+        "",
+        s.drift_ratio,
+    );
+    f.head(
+        "custody_audit_chain_broken_shards",
+        "gauge",
+        "Shards whose audit hash chain or checkpoints did not verify (CHAIN_BROKEN).",
+    );
+    f.sample("custody_audit_chain_broken_shards", "", s.broken_shards);
+    f.head(
+        "custody_audit_reconciliation_findings_total",
+        "counter",
+        "Reconciliation findings by kind, over every run (drift is found again at each run until fixed).",
+    );
+    for (i, kind) in crate::reconcile::FindingKind::ALL.iter().enumerate() {
+        f.sample(
+            "custody_audit_reconciliation_findings_total",
+            &format!("kind=\"{}\"", kind.name()),
+            s.findings[i],
+        );
+    }
+    f.head(
+        "custody_audit_reconciliation_runs_total",
+        "counter",
+        "Reconciliation runs, by result.",
+    );
+    f.sample(
+        "custody_audit_reconciliation_runs_total",
+        "result=\"ok\"",
+        s.runs,
+    );
+    f.sample(
+        "custody_audit_reconciliation_runs_total",
+        "result=\"failed\"",
+        s.failed_runs,
+    );
+    f.head(
+        "custody_audit_reconciliation_records_checked_total",
+        "counter",
+        "Audit records the reconciliation checked.",
+    );
+    f.sample(
+        "custody_audit_reconciliation_records_checked_total",
+        "",
+        s.records_checked,
+    );
+    f.head(
+        "custody_audit_reconciliation_last_run_timestamp_seconds",
+        "gauge",
+        "When the last reconciliation finished (Unix time; 0 before the first).",
+    );
+    f.sample(
+        "custody_audit_reconciliation_last_run_timestamp_seconds",
+        "",
+        s.last_run_unix_ms as f64 / 1e3,
+    );
+    f.head(
+        "custody_audit_reconciliation_duration_seconds",
+        "gauge",
+        "How long the last reconciliation took.",
+    );
+    f.sample(
+        "custody_audit_reconciliation_duration_seconds",
+        "",
+        s.last_duration.as_secs_f64(),
+    );
+}
+
 /// The metric label of an opcode.
 pub fn opcode_name(op: Opcode) -> &'static str {
     match op {
@@ -690,6 +783,7 @@ pub fn opcode_name(op: Opcode) -> &'static str {
         Opcode::SetRegion => "SET_REGION",
         Opcode::Regions => "REGIONS",
         Opcode::PolicyReload => "POLICY_RELOAD",
+        Opcode::Reconcile => "RECONCILE",
     }
 }
 

@@ -57,6 +57,8 @@ pub struct CoreContext {
     /// This core's request, latency and connection counters (published to the metrics
     /// registry by the core itself).
     pub metrics: Rc<RefCell<crate::metrics::NetMetrics>>,
+    /// The appliance's reconciliation thread (RECONCILE).
+    pub auditor: Option<Arc<crate::auditor::Auditor>>,
     /// Re-reads the configuration file on an admin's POLICY_RELOAD (`None`: started
     /// without a file).
     pub reloader: Option<Arc<crate::server::Reloader>>,
@@ -390,6 +392,70 @@ fn policy_reload(
     .detach();
 }
 
+/// RECONCILE: a run of the auditor thread (from its watermark, or full), answered with
+/// its figures and its first findings.
+fn reconcile(
+    ctx: &CoreContext,
+    identity: &Arc<str>,
+    outbox: &Rc<Outbox>,
+    opcode: u8,
+    request_id: u64,
+    full: bool,
+) {
+    let pending = ctx.auditor.as_ref().and_then(|a| a.request(full));
+    let Some(pending) = pending else {
+        let mut refusal = Refusal::new(
+            Status::Busy,
+            "reconciliations are queued already; ask again shortly",
+        );
+        refusal.retry_after_ms = 1000;
+        return outbox.refuse(opcode, request_id, refusal);
+    };
+    tracing::info!(%identity, full, "reconciliation requested");
+    outbox.inflight.set(outbox.inflight.get() + 1);
+    let outbox = outbox.clone();
+    glommio::spawn_local(async move {
+        match pending.await {
+            Ok(Ok(report)) => {
+                let summary = wire::ReconcileSummary {
+                    records_checked: report.records_checked,
+                    checkpoints_checked: report.checkpoints_checked,
+                    assets_checked: report.assets_checked,
+                    assets_drifted: report.assets_drifted,
+                    macs_checked: report.macs_checked,
+                    findings_total: u32::try_from(report.findings.len()).unwrap_or(u32::MAX),
+                    findings: report
+                        .findings
+                        .iter()
+                        .take(wire::RECONCILE_FINDINGS_MAX)
+                        .map(|f| f.to_string())
+                        .collect(),
+                };
+                outbox.push(opcode, request_id, &Reply::Reconciled(summary))
+            }
+            Ok(Err(why)) => outbox.refuse(
+                opcode,
+                request_id,
+                Refusal::new(
+                    Status::StoreUnavailable,
+                    format!("reconciliation did not run: {why}"),
+                ),
+            ),
+            Err(_) => outbox.refuse(
+                opcode,
+                request_id,
+                Refusal::new(Status::Internal, "the auditor thread stopped"),
+            ),
+        }
+        let left = outbox.inflight.get() - 1;
+        outbox.inflight.set(left);
+        if left == 0 {
+            outbox.idle.notify();
+        }
+    })
+    .detach();
+}
+
 /// A rotation id must be an RFC 4122 UUID, as an asset id must.
 fn check_rotation_id(id: &uuid::Uuid) -> Result<(), Refusal> {
     check_asset_id(id).map_err(|_| {
@@ -442,7 +508,8 @@ fn dispatch(
         | Request::Rotate(_)
         | Request::Suspend { .. }
         | Request::Resume { .. } => Need::Operator,
-        Request::Status { .. } => Need::Status,
+        // Reconciliation is an auditor's read (operators and admins may too).
+        Request::Status { .. } | Request::Reconcile { .. } => Need::Status,
         // Checked with its purpose and region once the fields are.
         Request::Derive(_) => Need::Anyone,
     };
@@ -463,6 +530,9 @@ fn dispatch(
             return outbox.push(opcode, request_id, &Reply::Regions(list));
         }
         Request::PolicyReload => return policy_reload(ctx, identity, outbox, opcode, request_id),
+        Request::Reconcile { full } => {
+            return reconcile(ctx, identity, outbox, opcode, request_id, full)
+        }
         Request::SetRegion { region, enabled } => match access.regions().find(&region) {
             Some((_, slot)) => {
                 tracing::warn!(%identity, %region, enabled, "region switch requested");

@@ -125,6 +125,11 @@ struct AssetLog {
     max_in_shard: Option<(u16, u64)>,
 }
 
+/// Compares two MACs in constant time.
+pub fn mac_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 /// Checks a MAC of a checkpoint (the appliance's or an offline verifier's audit key).
 pub type MacCheck<'a> = &'a dyn Fn(&Checkpoint) -> bool;
 

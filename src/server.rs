@@ -76,6 +76,8 @@ struct CoreSetup {
     reloader: Option<Arc<Reloader>>,
     /// Where each core publishes its figures for /metrics and /healthz.
     metrics: Arc<crate::metrics::Registry>,
+    /// The reconciliation thread.
+    auditor: Option<Arc<crate::auditor::Auditor>>,
 }
 
 enum CoreEvent {
@@ -170,12 +172,26 @@ pub fn run_with_reload(
         }
     };
     let tls = crate::tls::server_config(&config.tls)?;
-    let metrics = Arc::new(crate::metrics::Registry::new(
-        cores,
+    let auditor = match crate::auditor::Auditor::spawn(
+        config.store.backend.clone(),
         key.clone(),
-        policy.clone(),
-        config.server.metrics_publish,
-    ));
+        config.audit.reconcile_interval,
+    ) {
+        Ok(a) => Some(Arc::new(a)),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the auditor thread: no reconciliation will run");
+            None
+        }
+    };
+    let metrics = Arc::new(
+        crate::metrics::Registry::new(
+            cores,
+            key.clone(),
+            policy.clone(),
+            config.server.metrics_publish,
+        )
+        .with_auditor(auditor.as_ref().map(|a| a.status())),
+    );
     if let Some(addr) = config.server.admin_listen {
         let bound = crate::metrics::spawn_admin_listener(addr, metrics.clone()).map_err(|e| {
             ServerError::Admin {
@@ -198,6 +214,7 @@ pub fn run_with_reload(
         policy: policy.clone(),
         reloader,
         metrics,
+        auditor,
     };
     let online = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -370,6 +387,7 @@ async fn core_main(core: usize, setup: CoreSetup) -> Result<(), String> {
         denials: Default::default(),
         metrics: Default::default(),
         reloader: setup.reloader.clone(),
+        auditor: setup.auditor.clone(),
         seal_provider: match &config.seal {
             crate::config::SealConfig::Dev { .. } => ProviderCode::Dev,
             crate::config::SealConfig::Pkcs11 { .. } => ProviderCode::Pkcs11,

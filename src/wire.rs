@@ -33,7 +33,7 @@ pub const SHARD_HASH_JUMP_FNV1A64: u8 = 1;
 /// Length of a derived key on the wire.
 pub const KEY_LEN: usize = 32;
 
-/// Request opcodes. Numbers are never reused; later issues add operations above 0x0E.
+/// Request opcodes. Numbers are never reused; later issues add operations above 0x0F.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
 pub enum Opcode {
@@ -61,10 +61,12 @@ pub enum Opcode {
     Regions = 0x0D,
     /// Admin: re-read the configuration file and put its `[policy]` in force (as SIGHUP).
     PolicyReload = 0x0E,
+    /// Auditor: reconcile the audit log now (incremental, or full) and report.
+    Reconcile = 0x0F,
 }
 
 impl Opcode {
-    pub const ALL: [Opcode; 14] = [
+    pub const ALL: [Opcode; 15] = [
         Opcode::Hello,
         Opcode::Register,
         Opcode::Derive,
@@ -79,6 +81,7 @@ impl Opcode {
         Opcode::SetRegion,
         Opcode::Regions,
         Opcode::PolicyReload,
+        Opcode::Reconcile,
     ];
 
     pub fn from_u8(value: u8) -> Option<Opcode> {
@@ -520,6 +523,28 @@ pub enum Request {
     },
     Regions,
     PolicyReload,
+    Reconcile {
+        full: bool,
+    },
+}
+
+/// RECONCILE flag: a full run from the first record (else from the last run's watermark).
+pub const RECONCILE_FLAG_FULL: u8 = 0x01;
+/// Findings a RECONCILE reply carries at most (the appliance's log has every one).
+pub const RECONCILE_FINDINGS_MAX: usize = 16;
+
+/// What RECONCILE answers (the drift ratio is `assets_drifted / assets_checked`).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct ReconcileSummary {
+    pub records_checked: u64,
+    pub checkpoints_checked: u64,
+    pub assets_checked: u64,
+    pub assets_drifted: u64,
+    pub macs_checked: bool,
+    /// Findings of the run in all.
+    pub findings_total: u32,
+    /// The first [`RECONCILE_FINDINGS_MAX`] of them, one line each.
+    pub findings: Vec<String>,
 }
 
 /// ROTATE flag: `expected_counter` holds (compare-and-set).
@@ -552,6 +577,7 @@ impl Request {
             Request::SetRegion { .. } => Opcode::SetRegion,
             Request::Regions => Opcode::Regions,
             Request::PolicyReload => Opcode::PolicyReload,
+            Request::Reconcile { .. } => Opcode::Reconcile,
         }
     }
 
@@ -563,6 +589,18 @@ impl Request {
             Opcode::Hello => Request::Hello,
             Opcode::Regions => Request::Regions,
             Opcode::PolicyReload => Request::PolicyReload,
+            Opcode::Reconcile => {
+                let flags = r.u8("flags")?;
+                if flags & !RECONCILE_FLAG_FULL != 0 {
+                    return Err(WireError::BadField {
+                        field: "flags",
+                        reason: "unknown flag bits",
+                    });
+                }
+                Request::Reconcile {
+                    full: flags & RECONCILE_FLAG_FULL != 0,
+                }
+            }
             Opcode::SetRegion => {
                 let enabled = match r.u8("enabled")? {
                     0 => false,
@@ -665,6 +703,9 @@ impl Request {
             | Request::SealStatus
             | Request::Regions
             | Request::PolicyReload => {}
+            Request::Reconcile { full } => {
+                out.push(if *full { RECONCILE_FLAG_FULL } else { 0 });
+            }
             Request::SetRegion { region, enabled } => {
                 out.push(u8::from(*enabled));
                 put_short(out, region.as_bytes());
@@ -941,6 +982,7 @@ pub enum Reply {
     /// The configured regions, in configuration order, and whether each is enabled.
     Regions(Vec<(String, bool)>),
     PolicyReloaded(PolicyReloaded),
+    Reconciled(ReconcileSummary),
     Refused(Refusal),
 }
 
@@ -995,6 +1037,26 @@ impl Reply {
                 out.extend_from_slice(&p.identities.to_be_bytes());
                 out.extend_from_slice(&p.regions.to_be_bytes());
                 out.extend_from_slice(&p.asset_groups.to_be_bytes());
+            }
+            Reply::Reconciled(r) => {
+                out.extend_from_slice(&(Status::Ok as u16).to_be_bytes());
+                for v in [
+                    r.records_checked,
+                    r.checkpoints_checked,
+                    r.assets_checked,
+                    r.assets_drifted,
+                ] {
+                    out.extend_from_slice(&v.to_be_bytes());
+                }
+                out.push(u8::from(r.macs_checked));
+                out.extend_from_slice(&r.findings_total.to_be_bytes());
+                let n = r.findings.len().min(RECONCILE_FINDINGS_MAX);
+                out.push(n as u8);
+                for f in &r.findings[..n] {
+                    let f = truncate_utf8(f, bounds::ERROR_MESSAGE_BYTES_MAX);
+                    out.extend_from_slice(&(f.len() as u16).to_be_bytes());
+                    out.extend_from_slice(f.as_bytes());
+                }
             }
             Reply::Rotated(r) => {
                 out.extend_from_slice(&(Status::Ok as u16).to_be_bytes());
@@ -1084,6 +1146,46 @@ impl Reply {
                         list.push((name, enabled));
                     }
                     Reply::Regions(list)
+                }
+                Opcode::Reconcile => {
+                    let records_checked = r.u64("records_checked")?;
+                    let checkpoints_checked = r.u64("checkpoints_checked")?;
+                    let assets_checked = r.u64("assets_checked")?;
+                    let assets_drifted = r.u64("assets_drifted")?;
+                    let macs_checked = match r.u8("macs_checked")? {
+                        0 => false,
+                        1 => true,
+                        _ => {
+                            return Err(WireError::BadField {
+                                field: "macs_checked",
+                                reason: "not 0 or 1",
+                            })
+                        }
+                    };
+                    let findings_total = r.u32("findings_total")?;
+                    let n = r.u8("findings")? as usize;
+                    if n > RECONCILE_FINDINGS_MAX {
+                        return Err(WireError::BadField {
+                            field: "findings",
+                            reason: "more than 16",
+                        });
+                    }
+                    let mut findings = Vec::with_capacity(n);
+                    for _ in 0..n {
+                        findings.push(
+                            r.text("finding", bounds::ERROR_MESSAGE_BYTES_MAX)?
+                                .to_owned(),
+                        );
+                    }
+                    Reply::Reconciled(ReconcileSummary {
+                        records_checked,
+                        checkpoints_checked,
+                        assets_checked,
+                        assets_drifted,
+                        macs_checked,
+                        findings_total,
+                        findings,
+                    })
                 }
                 Opcode::PolicyReload => Reply::PolicyReloaded(PolicyReloaded {
                     generation: r.u64("generation")?,
@@ -1510,12 +1612,13 @@ mod tests {
             (Opcode::SetRegion, 0x0C),
             (Opcode::Regions, 0x0D),
             (Opcode::PolicyReload, 0x0E),
+            (Opcode::Reconcile, 0x0F),
         ];
         for (op, number) in expected {
             assert_eq!(op as u8, number);
             assert_eq!(Opcode::from_u8(number), Some(op));
         }
-        assert_eq!(Opcode::from_u8(0x0F), None);
+        assert_eq!(Opcode::from_u8(0x10), None);
         for (code, n) in [
             (SealStateCode::Unsealed, 1),
             (SealStateCode::ServingStale, 2),

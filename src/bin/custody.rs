@@ -14,6 +14,7 @@
 //! custody dev-seed FILE
 //! custody init --config FILE (--share-dir DIR | --print-shares) [--shares N] [--threshold K]
 //!              [--import-seed FILE] [--create-key]
+//! custody [CONNECTION] reconcile [--full]
 //! custody reconcile --offline --config FILE [--seed-file FILE | --share FILE...]
 //! custody recover --share FILE... [--config FILE | --fingerprint HEX]
 //!                 [--asset ID --path PATH --counter N] [--write-seed FILE]
@@ -70,6 +71,10 @@ const USAGE: &str = "usage:
                          anything is written), write them one per file or print them once,
                          and write the sealed seed (pkcs11) or the share set (shamir);
                          --create-key first makes the wrapping key on the token
+  custody [CONNECTION] reconcile [--full]
+                         auditor: the appliance reconciles its audit log now (the records
+                         since its last run, or with --full every one) and reports the
+                         figures and its first findings; exits 1 on any finding
   custody reconcile --offline --config FILE [--seed-file FILE | --share FILE...]
                          auditor, without the appliance: check the audit log straight in
                          the store the config names (SQLite file or PostgreSQL): every
@@ -132,6 +137,7 @@ struct Args {
     counter: Option<u64>,
     write_seed: Option<PathBuf>,
     offline: bool,
+    full: bool,
     seed_file: Option<PathBuf>,
     rotation_id: Option<String>,
     expect_counter: Option<u64>,
@@ -172,6 +178,7 @@ fn parse_args() -> anyhow::Result<Option<Args>> {
             Long("rotation-id") => a.rotation_id = Some(p.value()?.string()?),
             Long("expect-counter") => a.expect_counter = Some(p.value()?.parse()?),
             Long("offline") => a.offline = true,
+            Long("full") => a.full = true,
             Long("seed-file") => a.seed_file = Some(p.value()?.into()),
             Long("help") | Short('h') => {
                 println!("{USAGE}");
@@ -229,9 +236,10 @@ fn real_main() -> anyhow::Result<i32> {
         }
         "init" => init(&args),
         "recover" => recover(&args),
-        "reconcile" => reconcile_offline(&args),
+        "reconcile" if args.offline => reconcile_offline(&args),
         "hello" | "register" | "status" | "derive" | "seal" | "unseal" | "seal-status"
-        | "rotate" | "suspend" | "resume" | "retire" | "regions" | "region" | "policy" => {
+        | "rotate" | "suspend" | "resume" | "retire" | "regions" | "region" | "policy"
+        | "reconcile" => {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
@@ -244,12 +252,37 @@ fn real_main() -> anyhow::Result<i32> {
     }
 }
 
+fn reconcile_text(s: &custody::wire::ReconcileSummary) -> String {
+    let ratio = if s.assets_checked == 0 {
+        0.0
+    } else {
+        s.assets_drifted as f64 / s.assets_checked as f64
+    };
+    let mut out = format!(
+        "reconciliation: {} records, {} checkpoints (MACs {}), {} assets, {} drifted (drift ratio {ratio:.6}), {} findings",
+        s.records_checked,
+        s.checkpoints_checked,
+        if s.macs_checked { "checked" } else { "not checked: sealed" },
+        s.assets_checked,
+        s.assets_drifted,
+        s.findings_total
+    );
+    for f in &s.findings {
+        out.push('\n');
+        out.push_str(f);
+    }
+    if s.findings_total as usize > s.findings.len() {
+        out.push_str(&format!(
+            "\n… and {} more (the appliance's log has them all)",
+            s.findings_total as usize - s.findings.len()
+        ));
+    }
+    out
+}
+
 /// `custody reconcile --offline`: a full run straight against the store.
 fn reconcile_offline(args: &Args) -> anyhow::Result<i32> {
     use custody::reconcile::{reconcile, Reconciler};
-    if !args.offline {
-        bail!("reconcile needs --offline (this version checks the store directly; the appliance's own periodic run is not built yet)");
-    }
     let file = args
         .config
         .as_ref()
@@ -282,7 +315,7 @@ fn reconcile_offline(args: &Args) -> anyhow::Result<i32> {
             let mut r = Reconciler::new();
             let check = |c: &custody::store::Checkpoint| {
                 key.as_ref().is_some_and(|k| {
-                    constant_time_eq(&k.checkpoint_mac(c.shard, c.seq, &c.hash), &c.mac)
+                    custody::reconcile::mac_eq(&k.checkpoint_mac(c.shard, c.seq, &c.hash), &c.mac)
                 })
             };
             let mac: Option<custody::reconcile::MacCheck<'_>> = key.as_ref().map(|_| &check as _);
@@ -298,7 +331,10 @@ fn reconcile_offline(args: &Args) -> anyhow::Result<i32> {
                 let mut r = Reconciler::new();
                 let check = |c: &custody::store::Checkpoint| {
                     key.as_ref().is_some_and(|k| {
-                        constant_time_eq(&k.checkpoint_mac(c.shard, c.seq, &c.hash), &c.mac)
+                        custody::reconcile::mac_eq(
+                            &k.checkpoint_mac(c.shard, c.seq, &c.hash),
+                            &c.mac,
+                        )
                     })
                 };
                 let mac: Option<custody::reconcile::MacCheck<'_>> =
@@ -340,10 +376,6 @@ fn reconcile_offline(args: &Args) -> anyhow::Result<i32> {
         );
     }
     Ok(if report.findings.is_empty() { 0 } else { 1 })
-}
-
-fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// The init ceremony's sealing step (`custody init`).
@@ -669,6 +701,27 @@ async fn client_command(command: &str, args: &Args) -> anyhow::Result<i32> {
                 .set_region(name, enabled)
                 .await
                 .map(|l| regions_text(&l, args.json))
+        }
+        "reconcile" => {
+            let r = client.reconcile(args.full).await;
+            if let Ok(summary) = &r {
+                if summary.findings_total > 0 {
+                    let text = if args.json {
+                        serde_json::to_string_pretty(summary).unwrap_or_default()
+                    } else {
+                        reconcile_text(summary)
+                    };
+                    println!("{text}");
+                    return Ok(1);
+                }
+            }
+            r.map(|s| {
+                if args.json {
+                    serde_json::to_string_pretty(&s).unwrap_or_default()
+                } else {
+                    reconcile_text(&s)
+                }
+            })
         }
         "policy" => {
             if args.positional.as_slice() != ["reload"] {

@@ -1,0 +1,220 @@
+//! The appliance's own reconciliation: a thread of its own (never an executor core) that
+//! runs [`crate::reconcile`] over the store every `audit.reconcile_interval_s`, from its
+//! watermarks (so a run costs in proportion to the new records), and on an auditor's
+//! RECONCILE (incremental, or full from scratch). It reads through a connection of its own
+//! (SQLite: read-only; PostgreSQL: its own session), so the derive path never waits for
+//! it. Findings are logged as structured events and counted for the metrics.
+
+use crate::config::StoreBackend;
+use crate::reconcile::{reconcile, FindingKind, Reconciler, Report};
+use crate::seal::cache::{CoreKey, SeedCache};
+use crate::store::handoff::{completion, Completer, Pending};
+use std::sync::mpsc::{sync_channel, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Requests that may wait for the auditor thread (more are answered BUSY).
+const AUDITOR_QUEUE_DEPTH: usize = 4;
+/// Findings logged per run (the report has them all; the log says how many were left out).
+const FINDINGS_LOGGED_PER_RUN: usize = 100;
+
+/// What the metrics show of the reconciliation.
+#[derive(Clone, Debug, Default)]
+pub struct AuditorStatus {
+    pub runs: u64,
+    pub failed_runs: u64,
+    pub last_run_unix_ms: u64,
+    pub last_duration: Duration,
+    pub drift_ratio: f64,
+    /// Shards whose chain broke (a reconciler state: it stays until a full run finds the
+    /// chain whole again).
+    pub broken_shards: u64,
+    pub records_checked: u64,
+    /// Findings by [`FindingKind`] (in the order of [`FindingKind::ALL`]) over every run.
+    pub findings: [u64; 4],
+    pub last_error: Option<String>,
+}
+
+struct Job {
+    full: bool,
+    done: Completer<Result<Report, String>>,
+}
+
+/// A handle on the auditor thread.
+pub struct Auditor {
+    jobs: SyncSender<Job>,
+    status: Arc<Mutex<AuditorStatus>>,
+}
+
+impl Auditor {
+    /// Starts the thread. `interval`: how often it runs on its own (`None`: on demand).
+    pub fn spawn(
+        backend: StoreBackend,
+        cache: Arc<SeedCache>,
+        interval: Option<Duration>,
+    ) -> std::io::Result<Auditor> {
+        let (jobs, rx) = sync_channel::<Job>(AUDITOR_QUEUE_DEPTH);
+        let status = Arc::new(Mutex::new(AuditorStatus::default()));
+        let shared = status.clone();
+        std::thread::Builder::new()
+            .name("custody-auditor".into())
+            .spawn(move || {
+                let ex = match glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+                    .io_memory(256 * 1024)
+                    .make()
+                {
+                    Ok(ex) => ex,
+                    Err(e) => {
+                        tracing::error!(error = %e, "the auditor cannot start: no reconciliation will run");
+                        return;
+                    }
+                };
+                ex.run(async move {
+                    let mut worker = Worker {
+                        backend,
+                        key: None,
+                        cache,
+                        reconciler: Reconciler::new(),
+                        source: None,
+                        status: shared,
+                    };
+                    let wait = interval.unwrap_or(Duration::from_secs(86_400 * 365));
+                    loop {
+                        let (full, done) = match rx.recv_timeout(wait) {
+                            Ok(job) => (job.full, Some(job.done)),
+                            Err(RecvTimeoutError::Timeout) if interval.is_some() => (false, None),
+                            Err(RecvTimeoutError::Timeout) => continue,
+                            Err(RecvTimeoutError::Disconnected) => break,
+                        };
+                        let outcome = worker.run(full).await;
+                        if let Some(done) = done {
+                            done.complete(outcome);
+                        }
+                    }
+                });
+            })?;
+        Ok(Auditor { jobs, status })
+    }
+
+    /// Asks for a run; `None` when the queue is full (answer BUSY).
+    pub fn request(&self, full: bool) -> Option<Pending<Result<Report, String>>> {
+        let (done, pending) = completion();
+        match self.jobs.try_send(Job { full, done }) {
+            Ok(()) => Some(pending),
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => None,
+        }
+    }
+
+    pub fn status(&self) -> Arc<Mutex<AuditorStatus>> {
+        self.status.clone()
+    }
+}
+
+enum Source {
+    Sqlite(std::rc::Rc<crate::store::sqlite::SqliteReader>),
+    Postgres(crate::store::postgres::PgAuditSource),
+}
+
+struct Worker {
+    backend: StoreBackend,
+    cache: Arc<SeedCache>,
+    key: Option<CoreKey>,
+    reconciler: Reconciler,
+    source: Option<Source>,
+    status: Arc<Mutex<AuditorStatus>>,
+}
+
+impl Worker {
+    async fn open(&self) -> Result<Source, String> {
+        match &self.backend {
+            StoreBackend::Sqlite { path } => crate::store::sqlite::SqliteReader::open(path)
+                .map(|r| Source::Sqlite(std::rc::Rc::new(r)))
+                .map_err(|e| e.to_string()),
+            StoreBackend::Postgres(pg) => crate::store::postgres::connect(pg)
+                .await
+                .map(|c| {
+                    Source::Postgres(crate::store::postgres::PgAuditSource {
+                        client: std::rc::Rc::new(c),
+                    })
+                })
+                .map_err(|e| e.to_string()),
+        }
+    }
+
+    async fn run(&mut self, full: bool) -> Result<Report, String> {
+        let started = Instant::now();
+        if full {
+            self.reconciler = Reconciler::new();
+        }
+        if self.source.is_none() {
+            match self.open().await {
+                Ok(s) => self.source = Some(s),
+                Err(e) => return Err(self.failed(format!("cannot read the store: {e}"))),
+            }
+        }
+        if self.key.is_none() {
+            self.key = CoreKey::new(self.cache.clone()).ok();
+        }
+        self.key.as_ref().map(CoreKey::refresh);
+        // Checkpoint MACs are checked while unsealed; a seal during the run leaves the rest
+        // of its checkpoints unchecked (never reported as forged).
+        let key = self.key.as_ref().filter(|k| k.serving());
+        let check = |c: &crate::store::Checkpoint| match key
+            .and_then(|k| k.checkpoint_mac(c.shard, c.seq, &c.hash))
+        {
+            Some(mac) => crate::reconcile::mac_eq(&mac, &c.mac),
+            None => true,
+        };
+        let mac: Option<crate::reconcile::MacCheck<'_>> = key.map(|_| &check as _);
+        let source: &dyn crate::reconcile::AuditSource = match self.source.as_ref() {
+            Some(Source::Sqlite(r)) => r,
+            Some(Source::Postgres(p)) => p,
+            None => return Err(self.failed("no store connection".into())),
+        };
+        let outcome = reconcile(&mut self.reconciler, source, mac).await;
+        let report = match outcome {
+            Ok(r) => r,
+            Err(e) => {
+                // A new connection next time (the database may have restarted).
+                self.source = None;
+                return Err(self.failed(format!("reading the store: {e}")));
+            }
+        };
+        for f in report.findings.iter().take(FINDINGS_LOGGED_PER_RUN) {
+            tracing::error!(
+                kind = f.kind.name(),
+                shard = ?f.shard,
+                seq = ?f.seq,
+                asset = ?f.asset,
+                detail = %f.detail,
+                "audit reconciliation finding"
+            );
+        }
+        if report.findings.len() > FINDINGS_LOGGED_PER_RUN {
+            tracing::error!(
+                more = report.findings.len() - FINDINGS_LOGGED_PER_RUN,
+                "audit reconciliation: more findings than logged (custody reconcile shows them all)"
+            );
+        }
+        let mut s = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        s.runs += 1;
+        s.last_run_unix_ms = crate::audit::now_ms();
+        s.last_duration = started.elapsed();
+        s.drift_ratio = report.drift_ratio;
+        s.broken_shards = report.shards.values().filter(|m| m.broken).count() as u64;
+        s.records_checked += report.records_checked;
+        for (i, kind) in FindingKind::ALL.iter().enumerate() {
+            s.findings[i] += report.count(*kind) as u64;
+        }
+        s.last_error = None;
+        Ok(report)
+    }
+
+    fn failed(&self, why: String) -> String {
+        tracing::error!(error = %why, "audit reconciliation did not run");
+        let mut s = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        s.failed_runs += 1;
+        s.last_error = Some(why.clone());
+        why
+    }
+}
