@@ -35,10 +35,30 @@ pub struct AuditorStatus {
     pub last_error: Option<String>,
 }
 
-struct Job {
-    full: bool,
-    done: Completer<Result<Report, String>>,
+enum Job {
+    Reconcile {
+        full: bool,
+        done: Completer<Result<Report, String>>,
+    },
+    Prove {
+        shard: u16,
+        seq: u64,
+        hash: [u8; 32],
+        done: Completer<Result<Proof, String>>,
+    },
 }
+
+/// What proving a receipt found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Proof {
+    pub verdict: crate::reconcile::Verdict,
+    /// The checkpoint that covers the record (0: none).
+    pub checkpoint_seq: u64,
+    pub detail: String,
+}
+
+/// The records a proof reads at most between a receipt and its checkpoint.
+const PROOF_RECORDS_MAX: usize = 200_000;
 
 /// A handle on the auditor thread.
 pub struct Auditor {
@@ -80,15 +100,21 @@ impl Auditor {
                     };
                     let wait = interval.unwrap_or(Duration::from_secs(86_400 * 365));
                     loop {
-                        let (full, done) = match rx.recv_timeout(wait) {
-                            Ok(job) => (job.full, Some(job.done)),
-                            Err(RecvTimeoutError::Timeout) if interval.is_some() => (false, None),
-                            Err(RecvTimeoutError::Timeout) => continue,
+                        match rx.recv_timeout(wait) {
+                            Ok(Job::Reconcile { full, done }) => {
+                                done.complete(worker.run(full).await)
+                            }
+                            Ok(Job::Prove {
+                                shard,
+                                seq,
+                                hash,
+                                done,
+                            }) => done.complete(worker.prove(shard, seq, &hash).await),
+                            Err(RecvTimeoutError::Timeout) if interval.is_some() => {
+                                let _ = worker.run(false).await;
+                            }
+                            Err(RecvTimeoutError::Timeout) => {}
                             Err(RecvTimeoutError::Disconnected) => break,
-                        };
-                        let outcome = worker.run(full).await;
-                        if let Some(done) = done {
-                            done.complete(outcome);
                         }
                     }
                 });
@@ -99,7 +125,26 @@ impl Auditor {
     /// Asks for a run; `None` when the queue is full (answer BUSY).
     pub fn request(&self, full: bool) -> Option<Pending<Result<Report, String>>> {
         let (done, pending) = completion();
-        match self.jobs.try_send(Job { full, done }) {
+        match self.jobs.try_send(Job::Reconcile { full, done }) {
+            Ok(()) => Some(pending),
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => None,
+        }
+    }
+
+    /// Asks for the proof of a receipt; `None` when the queue is full (answer BUSY).
+    pub fn prove(
+        &self,
+        shard: u16,
+        seq: u64,
+        hash: [u8; 32],
+    ) -> Option<Pending<Result<Proof, String>>> {
+        let (done, pending) = completion();
+        match self.jobs.try_send(Job::Prove {
+            shard,
+            seq,
+            hash,
+            done,
+        }) {
             Ok(()) => Some(pending),
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => None,
         }
@@ -208,6 +253,77 @@ impl Worker {
         }
         s.last_error = None;
         Ok(report)
+    }
+
+    /// Reads the record of a receipt and the chain up to the first checkpoint at or after
+    /// it, and proves it ([`crate::reconcile::prove`]).
+    async fn prove(&mut self, shard: u16, seq: u64, hash: &[u8; 32]) -> Result<Proof, String> {
+        if self.source.is_none() {
+            self.source = Some(
+                self.open()
+                    .await
+                    .map_err(|e| format!("cannot read the store: {e}"))?,
+            );
+        }
+        if self.key.is_none() {
+            self.key = CoreKey::new(self.cache.clone()).ok();
+        }
+        self.key.as_ref().map(CoreKey::refresh);
+        let source: &dyn crate::reconcile::AuditSource = match self.source.as_ref() {
+            Some(Source::Sqlite(r)) => r,
+            Some(Source::Postgres(p)) => p,
+            None => return Err("no store connection".into()),
+        };
+        let read = async {
+            let cps = source
+                .checkpoints(shard, seq, seq.saturating_add(PROOF_RECORDS_MAX as u64))
+                .await?;
+            let cp = cps.into_iter().next();
+            let upto = cp.map_or(1, |c| (c.seq - seq + 1) as usize);
+            let rows = source
+                .records(shard, seq, upto.min(PROOF_RECORDS_MAX))
+                .await?;
+            Ok::<_, crate::store::StoreError>((cp, rows))
+        };
+        let (cp, rows) = match read.await {
+            Ok(x) => x,
+            Err(e) => {
+                self.source = None;
+                return Err(format!("reading the store: {e}"));
+            }
+        };
+        let mut records = Vec::with_capacity(rows.len());
+        for row in &rows {
+            match crate::reconcile::logged_from_row(row) {
+                Ok(lr) => records.push(lr),
+                Err(why) => {
+                    return Ok(Proof {
+                        verdict: crate::reconcile::Verdict::Broken,
+                        checkpoint_seq: 0,
+                        detail: format!("record {}: its fields are not a record ({why})", row.seq),
+                    })
+                }
+            }
+        }
+        let key = self.key.as_ref().filter(|k| k.serving());
+        let check = |c: &crate::store::Checkpoint| match key
+            .and_then(|k| k.checkpoint_mac(c.shard, c.seq, &c.hash))
+        {
+            Some(mac) => crate::reconcile::mac_eq(&mac, &c.mac),
+            None => false,
+        };
+        let mac: Option<crate::reconcile::MacCheck<'_>> = key.map(|_| &check as _);
+        let (verdict, detail) = crate::reconcile::prove(seq, hash, &records, cp.as_ref(), mac);
+        Ok(Proof {
+            verdict,
+            checkpoint_seq: match verdict {
+                crate::reconcile::Verdict::Proven | crate::reconcile::Verdict::Unauthenticated => {
+                    cp.map_or(0, |c| c.seq)
+                }
+                _ => 0,
+            },
+            detail,
+        })
     }
 
     fn failed(&self, why: String) -> String {

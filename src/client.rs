@@ -339,6 +339,19 @@ impl Client {
         }
     }
 
+    /// Auditor: has the appliance prove that a receipt's record is in the log, under a
+    /// checkpoint.
+    pub async fn prove_receipt(
+        &self,
+        receipt: crate::wire::Receipt,
+    ) -> Result<crate::wire::ProofInfo, ClientError> {
+        match self.call(&Request::ProveReceipt(receipt)).await? {
+            Reply::Proof(p) => Ok(p),
+            Reply::Refused(r) => Err(ClientError::Refused(r)),
+            _ => Err(ClientError::UnexpectedReply(Opcode::ProveReceipt)),
+        }
+    }
+
     /// Auditor: the appliance reconciles its audit log now (from its last run, or in
     /// full) and reports.
     pub async fn reconcile(

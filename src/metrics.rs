@@ -40,7 +40,7 @@ const LATENCY_BUCKETS_S: [f64; 15] = [
 /// Bucket bounds of the commit batch size histogram (records).
 const BATCH_BUCKETS: [f64; 10] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1024.0];
 /// Opcode slots of the request counters: slot 0 counts requests with an unknown opcode.
-const OPCODE_SLOTS: usize = 16;
+const OPCODE_SLOTS: usize = 32;
 
 /// A latency histogram in microseconds (2 significant figures: 1 % resolution).
 pub fn latency_histogram() -> Histogram<u64> {
@@ -784,6 +784,7 @@ pub fn opcode_name(op: Opcode) -> &'static str {
         Opcode::Regions => "REGIONS",
         Opcode::PolicyReload => "POLICY_RELOAD",
         Opcode::Reconcile => "RECONCILE",
+        Opcode::ProveReceipt => "PROVE_RECEIPT",
     }
 }
 

@@ -197,6 +197,15 @@ impl Outbox {
         }
     }
 
+    /// A request counted in flight was answered.
+    fn finished_one(&self) {
+        let left = self.inflight.get().saturating_sub(1);
+        self.inflight.set(left);
+        if left == 0 {
+            self.idle.notify();
+        }
+    }
+
     fn push(&self, opcode: u8, request_id: u64, reply: &Reply) {
         let status = match reply {
             Reply::Refused(r) => r.status,
@@ -383,11 +392,7 @@ fn policy_reload(
                 ),
             ),
         }
-        let left = outbox.inflight.get() - 1;
-        outbox.inflight.set(left);
-        if left == 0 {
-            outbox.idle.notify();
-        }
+        outbox.finished_one();
     })
     .detach();
 }
@@ -447,11 +452,56 @@ fn reconcile(
                 Refusal::new(Status::Internal, "the auditor thread stopped"),
             ),
         }
-        let left = outbox.inflight.get() - 1;
-        outbox.inflight.set(left);
-        if left == 0 {
-            outbox.idle.notify();
+        outbox.finished_one();
+    })
+    .detach();
+}
+
+/// PROVE_RECEIPT: the auditor thread reads the receipt's record and the chain to the first
+/// checkpoint after it, and says what it found.
+fn prove_receipt(
+    ctx: &CoreContext,
+    outbox: &Rc<Outbox>,
+    opcode: u8,
+    request_id: u64,
+    receipt: wire::Receipt,
+) {
+    let pending = ctx
+        .auditor
+        .as_ref()
+        .and_then(|a| a.prove(receipt.shard, receipt.seq, receipt.hash));
+    let Some(pending) = pending else {
+        let mut refusal = Refusal::new(
+            Status::Busy,
+            "the auditor has work queued already; ask again shortly",
+        );
+        refusal.retry_after_ms = 1000;
+        return outbox.refuse(opcode, request_id, refusal);
+    };
+    outbox.inflight.set(outbox.inflight.get() + 1);
+    let outbox = outbox.clone();
+    glommio::spawn_local(async move {
+        match pending.await {
+            Ok(Ok(p)) => {
+                let info = wire::ProofInfo {
+                    verdict: p.verdict as u8,
+                    checkpoint_seq: p.checkpoint_seq,
+                    detail: p.detail,
+                };
+                outbox.push(opcode, request_id, &Reply::Proof(info))
+            }
+            Ok(Err(why)) => outbox.refuse(
+                opcode,
+                request_id,
+                Refusal::new(Status::StoreUnavailable, format!("no proof: {why}")),
+            ),
+            Err(_) => outbox.refuse(
+                opcode,
+                request_id,
+                Refusal::new(Status::Internal, "the auditor thread stopped"),
+            ),
         }
+        outbox.finished_one();
     })
     .detach();
 }
@@ -509,7 +559,9 @@ fn dispatch(
         | Request::Suspend { .. }
         | Request::Resume { .. } => Need::Operator,
         // Reconciliation is an auditor's read (operators and admins may too).
-        Request::Status { .. } | Request::Reconcile { .. } => Need::Status,
+        Request::Status { .. } | Request::Reconcile { .. } | Request::ProveReceipt(_) => {
+            Need::Status
+        }
         // Checked with its purpose and region once the fields are.
         Request::Derive(_) => Need::Anyone,
     };
@@ -532,6 +584,9 @@ fn dispatch(
         Request::PolicyReload => return policy_reload(ctx, identity, outbox, opcode, request_id),
         Request::Reconcile { full } => {
             return reconcile(ctx, identity, outbox, opcode, request_id, full)
+        }
+        Request::ProveReceipt(receipt) => {
+            return prove_receipt(ctx, outbox, opcode, request_id, receipt)
         }
         Request::SetRegion { region, enabled } => match access.regions().find(&region) {
             Some((_, slot)) => {
@@ -737,11 +792,7 @@ fn dispatch(
                 .derive_latency
                 .record(started.elapsed());
         }
-        let left = outbox.inflight.get() - 1;
-        outbox.inflight.set(left);
-        if left == 0 {
-            outbox.idle.notify();
-        }
+        outbox.finished_one();
     })
     .detach();
 }

@@ -719,6 +719,49 @@ mod tests {
     }
 
     #[test]
+    fn proofs_say_what_they_found() {
+        let a = Uuid::from_u128(1);
+        let mut head = GENESIS;
+        let log = chained(
+            vec![
+                record(0, 1, AuditEvent::Register, a, 0),
+                record(0, 2, AuditEvent::Derive, a, 0),
+                record(0, 3, AuditEvent::Derive, a, 0),
+            ],
+            &mut head,
+        );
+        let h1 = log[0].hash.unwrap();
+        let cp = Checkpoint {
+            shard: 0,
+            seq: 3,
+            hash: head,
+            mac: [0; 32],
+            ts_ms: 0,
+        };
+        let yes = |_: &Checkpoint| true;
+        let no = |_: &Checkpoint| false;
+        let verdict =
+            |records: &[LoggedRecord], cp: Option<&Checkpoint>, mac: Option<MacCheck<'_>>| {
+                prove(1, &h1, records, cp, mac).0
+            };
+        assert_eq!(verdict(&log, Some(&cp), Some(&yes)), Verdict::Proven);
+        assert_eq!(verdict(&log, Some(&cp), Some(&no)), Verdict::Broken);
+        assert_eq!(verdict(&log, Some(&cp), None), Verdict::Unauthenticated);
+        assert_eq!(verdict(&log, None, Some(&yes)), Verdict::Unauthenticated);
+        assert_eq!(verdict(&log[1..], Some(&cp), Some(&yes)), Verdict::NotFound);
+        let mut changed = log.clone();
+        changed[1].record.counter = 9;
+        assert_eq!(verdict(&changed, Some(&cp), Some(&yes)), Verdict::Broken);
+        let mut first = log.clone();
+        first[0].record.counter = 9;
+        assert_eq!(verdict(&first, Some(&cp), Some(&yes)), Verdict::Broken);
+        assert_eq!(
+            prove(1, &[1; 32], &log, Some(&cp), Some(&yes)).0,
+            Verdict::Mismatch
+        );
+    }
+
+    #[test]
     fn rows_with_columns_the_hash_does_not_cover_are_refused() {
         let row = crate::store::AuditRow {
             shard: 0,
@@ -749,5 +792,122 @@ mod tests {
             spoil(&mut bad);
             assert!(logged_from_row(&bad).is_err(), "{bad:?}");
         }
+    }
+}
+
+/// What a receipt's proof found (codes on the wire: never renumber).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+#[repr(u8)]
+pub enum Verdict {
+    /// The record is there with the receipt's hash, its fields match it, and a checkpoint
+    /// at or after it verifies through the chain.
+    Proven = 1,
+    /// The record is there and matches, but no checkpoint covers it yet (its batch went
+    /// while sealed, or the newest checkpoints are missing).
+    Unauthenticated = 2,
+    /// A record is there with another hash than the receipt's.
+    Mismatch = 3,
+    /// No record at the receipt's shard and sequence number.
+    NotFound = 4,
+    /// The chain from the record to the checkpoint, or the checkpoint, does not verify.
+    Broken = 5,
+}
+
+impl Verdict {
+    pub fn from_u8(v: u8) -> Option<Verdict> {
+        [
+            Verdict::Proven,
+            Verdict::Unauthenticated,
+            Verdict::Mismatch,
+            Verdict::NotFound,
+            Verdict::Broken,
+        ]
+        .into_iter()
+        .find(|x| *x as u8 == v)
+    }
+}
+
+/// Proves a receipt (shard, seq, hash): `records` are the log's records from `seq` on
+/// (up to and including the checkpoint's), `checkpoint` the first at or after `seq`.
+pub fn prove(
+    seq: u64,
+    hash: &[u8; 32],
+    records: &[LoggedRecord],
+    checkpoint: Option<&Checkpoint>,
+    mac: Option<MacCheck<'_>>,
+) -> (Verdict, String) {
+    let Some(first) = records.first().filter(|r| r.record.seq == seq) else {
+        return (Verdict::NotFound, format!("no record {seq} in the log"));
+    };
+    if first.hash.as_ref() != Some(hash) {
+        return (
+            Verdict::Mismatch,
+            "the record at the receipt's position has another hash".into(),
+        );
+    }
+    let mut scratch = Vec::new();
+    let Some(prev) = first.prev_hash else {
+        return (Verdict::Broken, "the record is not chained".into());
+    };
+    if chain_hash(&first.record, &prev, &mut scratch) != *hash {
+        return (
+            Verdict::Broken,
+            "the record's fields do not match its hash (changed)".into(),
+        );
+    }
+    let Some(cp) = checkpoint else {
+        return (
+            Verdict::Unauthenticated,
+            "no checkpoint covers the record yet".into(),
+        );
+    };
+    let mut head = *hash;
+    for lr in records
+        .iter()
+        .skip(1)
+        .take_while(|r| r.record.seq <= cp.seq)
+    {
+        let ok = lr.prev_hash == Some(head)
+            && lr
+                .hash
+                .is_some_and(|h| chain_hash(&lr.record, &head, &mut scratch) == h);
+        if !ok {
+            return (
+                Verdict::Broken,
+                format!(
+                    "the chain breaks at record {} before checkpoint {}",
+                    lr.record.seq, cp.seq
+                ),
+            );
+        }
+        head = lr.hash.unwrap_or(head);
+    }
+    let reached = records.last().map(|r| r.record.seq) >= Some(cp.seq);
+    if !reached || head != cp.hash {
+        return (
+            Verdict::Broken,
+            format!(
+                "checkpoint {} does not match the chain from the record",
+                cp.seq
+            ),
+        );
+    }
+    match mac {
+        Some(check) if !check(cp) => (
+            Verdict::Broken,
+            format!("checkpoint {}: its MAC does not verify", cp.seq),
+        ),
+        Some(_) => (
+            Verdict::Proven,
+            format!("covered by checkpoint {} (MAC verified)", cp.seq),
+        ),
+        None => (
+            Verdict::Unauthenticated,
+            format!(
+                "covered by checkpoint {}, whose MAC was not checked (sealed)",
+                cp.seq
+            ),
+        ),
     }
 }

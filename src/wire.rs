@@ -33,7 +33,7 @@ pub const SHARD_HASH_JUMP_FNV1A64: u8 = 1;
 /// Length of a derived key on the wire.
 pub const KEY_LEN: usize = 32;
 
-/// Request opcodes. Numbers are never reused; later issues add operations above 0x0F.
+/// Request opcodes. Numbers are never reused; later issues add operations above 0x10.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
 pub enum Opcode {
@@ -63,10 +63,12 @@ pub enum Opcode {
     PolicyReload = 0x0E,
     /// Auditor: reconcile the audit log now (incremental, or full) and report.
     Reconcile = 0x0F,
+    /// Auditor: prove a receipt (shard, seq, hash) is in the log, under a checkpoint.
+    ProveReceipt = 0x10,
 }
 
 impl Opcode {
-    pub const ALL: [Opcode; 15] = [
+    pub const ALL: [Opcode; 16] = [
         Opcode::Hello,
         Opcode::Register,
         Opcode::Derive,
@@ -82,6 +84,7 @@ impl Opcode {
         Opcode::Regions,
         Opcode::PolicyReload,
         Opcode::Reconcile,
+        Opcode::ProveReceipt,
     ];
 
     pub fn from_u8(value: u8) -> Option<Opcode> {
@@ -526,6 +529,17 @@ pub enum Request {
     Reconcile {
         full: bool,
     },
+    ProveReceipt(Receipt),
+}
+
+/// What PROVE_RECEIPT answers.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct ProofInfo {
+    /// [`crate::reconcile::Verdict`]'s code.
+    pub verdict: u8,
+    /// The checkpoint that covers the record (0: none).
+    pub checkpoint_seq: u64,
+    pub detail: String,
 }
 
 /// RECONCILE flag: a full run from the first record (else from the last run's watermark).
@@ -578,6 +592,7 @@ impl Request {
             Request::Regions => Opcode::Regions,
             Request::PolicyReload => Opcode::PolicyReload,
             Request::Reconcile { .. } => Opcode::Reconcile,
+            Request::ProveReceipt(_) => Opcode::ProveReceipt,
         }
     }
 
@@ -589,6 +604,11 @@ impl Request {
             Opcode::Hello => Request::Hello,
             Opcode::Regions => Request::Regions,
             Opcode::PolicyReload => Request::PolicyReload,
+            Opcode::ProveReceipt => Request::ProveReceipt(Receipt {
+                shard: r.u16("shard")?,
+                seq: r.u64("seq")?,
+                hash: array_at(r.take("hash", 32)?, 0),
+            }),
             Opcode::Reconcile => {
                 let flags = r.u8("flags")?;
                 if flags & !RECONCILE_FLAG_FULL != 0 {
@@ -705,6 +725,11 @@ impl Request {
             | Request::PolicyReload => {}
             Request::Reconcile { full } => {
                 out.push(if *full { RECONCILE_FLAG_FULL } else { 0 });
+            }
+            Request::ProveReceipt(receipt) => {
+                out.extend_from_slice(&receipt.shard.to_be_bytes());
+                out.extend_from_slice(&receipt.seq.to_be_bytes());
+                out.extend_from_slice(&receipt.hash);
             }
             Request::SetRegion { region, enabled } => {
                 out.push(u8::from(*enabled));
@@ -983,6 +1008,7 @@ pub enum Reply {
     Regions(Vec<(String, bool)>),
     PolicyReloaded(PolicyReloaded),
     Reconciled(ReconcileSummary),
+    Proof(ProofInfo),
     Refused(Refusal),
 }
 
@@ -1037,6 +1063,14 @@ impl Reply {
                 out.extend_from_slice(&p.identities.to_be_bytes());
                 out.extend_from_slice(&p.regions.to_be_bytes());
                 out.extend_from_slice(&p.asset_groups.to_be_bytes());
+            }
+            Reply::Proof(p) => {
+                out.extend_from_slice(&(Status::Ok as u16).to_be_bytes());
+                out.push(p.verdict);
+                out.extend_from_slice(&p.checkpoint_seq.to_be_bytes());
+                let detail = truncate_utf8(&p.detail, bounds::ERROR_MESSAGE_BYTES_MAX);
+                out.extend_from_slice(&(detail.len() as u16).to_be_bytes());
+                out.extend_from_slice(detail.as_bytes());
             }
             Reply::Reconciled(r) => {
                 out.extend_from_slice(&(Status::Ok as u16).to_be_bytes());
@@ -1147,6 +1181,13 @@ impl Reply {
                     }
                     Reply::Regions(list)
                 }
+                Opcode::ProveReceipt => Reply::Proof(ProofInfo {
+                    verdict: r.u8("verdict")?,
+                    checkpoint_seq: r.u64("checkpoint_seq")?,
+                    detail: r
+                        .text("detail", bounds::ERROR_MESSAGE_BYTES_MAX)?
+                        .to_owned(),
+                }),
                 Opcode::Reconcile => {
                     let records_checked = r.u64("records_checked")?;
                     let checkpoints_checked = r.u64("checkpoints_checked")?;
@@ -1613,12 +1654,13 @@ mod tests {
             (Opcode::Regions, 0x0D),
             (Opcode::PolicyReload, 0x0E),
             (Opcode::Reconcile, 0x0F),
+            (Opcode::ProveReceipt, 0x10),
         ];
         for (op, number) in expected {
             assert_eq!(op as u8, number);
             assert_eq!(Opcode::from_u8(number), Some(op));
         }
-        assert_eq!(Opcode::from_u8(0x10), None);
+        assert_eq!(Opcode::from_u8(0x11), None);
         for (code, n) in [
             (SealStateCode::Unsealed, 1),
             (SealStateCode::ServingStale, 2),

@@ -307,3 +307,63 @@ fn the_appliance_reconciles_on_its_own_and_on_demand() {
         app.log()
     );
 }
+
+/// A receipt kept by a client is proven through the appliance: its record, with that
+/// hash, under a checkpoint whose MAC verifies; a wrong hash or position is not.
+#[test]
+fn a_kept_receipt_is_proven_and_a_wrong_one_is_not() {
+    use custody::reconcile::Verdict;
+    let app = TestAppliance::start();
+    let rt = runtime();
+    let c = rt.block_on(Client::connect(&app.client_config())).unwrap();
+    let a = asset(801);
+    let receipts: Vec<custody::wire::Receipt> = rt.block_on(async {
+        c.register(a).await.unwrap();
+        let mut out = Vec::new();
+        for _ in 0..3 {
+            out.push(
+                c.derive(derive_body(a, "m/44'/0'/0'/0'/2"))
+                    .await
+                    .unwrap()
+                    .receipt,
+            );
+        }
+        out
+    });
+    for r in &receipts {
+        let p = rt.block_on(c.prove_receipt(*r)).unwrap();
+        assert_eq!(Verdict::from_u8(p.verdict), Some(Verdict::Proven), "{p:?}");
+        assert!(p.checkpoint_seq >= r.seq, "{p:?}");
+    }
+    let mut wrong = receipts[0];
+    wrong.hash[0] ^= 1;
+    let p = rt.block_on(c.prove_receipt(wrong)).unwrap();
+    assert_eq!(
+        Verdict::from_u8(p.verdict),
+        Some(Verdict::Mismatch),
+        "{p:?}"
+    );
+    let mut nowhere = receipts[0];
+    nowhere.seq = 1_000_000;
+    let p = rt.block_on(c.prove_receipt(nowhere)).unwrap();
+    assert_eq!(
+        Verdict::from_u8(p.verdict),
+        Some(Verdict::NotFound),
+        "{p:?}"
+    );
+    // The CLI says the same, and exits 0 only when proven.
+    let r = receipts[1];
+    let hex: String = r.hash.iter().map(|b| format!("{b:02x}")).collect();
+    let out = app.custody(&[
+        "--addr",
+        &app.addr.to_string(),
+        "--certs",
+        app.certs().to_str().unwrap(),
+        "prove",
+        &r.shard.to_string(),
+        &r.seq.to_string(),
+        &hex,
+    ]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && said.starts_with("PROVEN"), "{said}");
+}

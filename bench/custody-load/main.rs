@@ -9,7 +9,10 @@
 //! and latency is measured from that scheduled time, not from when the request could be
 //! sent, so a stall shows up in the figures instead of hiding (no coordinated omission).
 //! Requests scheduled during the warm-up are served but left out of the figures. At the
-//! end every acknowledged derivation's receipt (shard, seq) is looked up in the audit log.
+//! end every acknowledged derivation's receipt (shard, seq) is looked up in the audit log,
+//! and (demo) the appliance reconciles its whole audit log. Exit status: 0, 4 when an
+//! acknowledged derivation has no audit record, 5 when the reconciliation finds anything
+//! (drift above 0 among it).
 
 use anyhow::{bail, Context};
 use custody::client::{Client, ClientConfig, ClientError};
@@ -29,7 +32,8 @@ use uuid::Uuid;
 const USAGE: &str = "usage:
   custody-load demo [OPTIONS]
       start custodyd (embedded SQLite store, dev seal, dev certificates in a fresh
-      directory), drive it, verify the audit log, stop it
+      directory), drive it, verify the audit log, have it reconcile its whole audit
+      log (exit 5 on any finding), stop it
   custody-load run --addr HOST:PORT --certs DIR [OPTIONS] [--verify-db FILE]
       drive a running appliance (assets are registered first)
 
@@ -284,6 +288,16 @@ fn demo(o: Options) -> anyhow::Result<i32> {
     std::thread::sleep(Duration::from_millis(1100));
     report.commits = commit_figures(&dir.join("custodyd.stderr"), report.measured_unix_ms);
     report.seal_refreshes = seal_refreshes(&dir.join("custodyd.stderr"), report.measured_unix_ms);
+    // The run ends with the appliance's full reconciliation of its audit log.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    report.reconciliation = Some(rt.block_on(async {
+        let c = Client::connect(&client_config(addr, &certs)).await?;
+        c.reconcile(true)
+            .await
+            .map_err(|e| anyhow::anyhow!("reconciliation after the run: {e}"))
+    })?);
     let audit = match &database {
         Some(db) => AuditSource::Postgres(db.config.clone()),
         None => AuditSource::Sqlite(dir.join("custody.db")),
@@ -368,6 +382,8 @@ struct Report {
     seal_refreshes: Option<usize>,
     /// Answer latency of each region switch (`--toggle-region-ms`), microseconds.
     region_switch_us: Vec<u64>,
+    /// The appliance's full reconciliation after the run (demo only).
+    reconciliation: Option<custody::wire::ReconcileSummary>,
 }
 
 fn lock_vec<T>(m: &Mutex<Vec<T>>) -> std::sync::MutexGuard<'_, Vec<T>> {
@@ -730,6 +746,7 @@ fn drive(o: &Options, addr: SocketAddr, certs: &Path, seed: u64) -> anyhow::Resu
         commits: None,
         seal_refreshes: None,
         region_switch_us: switch_us,
+        reconciliation: None,
     })
 }
 
@@ -826,6 +843,12 @@ fn finish(o: &Options, report: Report, audit: Option<AuditSource>) -> anyhow::Re
             "audit": audit.as_ref().map(|a| serde_json::json!({
                 "acknowledged": a.acknowledged, "found": a.found, "missing": a.missing, "mismatched": a.mismatched,
             })),
+            "reconciliation": report.reconciliation.as_ref().map(|r| serde_json::json!({
+                "records_checked": r.records_checked, "checkpoints_checked": r.checkpoints_checked,
+                "assets_checked": r.assets_checked, "assets_drifted": r.assets_drifted,
+                "drift_ratio": r.assets_drifted as f64 / r.assets_checked.max(1) as f64,
+                "macs_checked": r.macs_checked, "findings": r.findings_total,
+            })),
         });
         println!("{}", serde_json::to_string_pretty(&json)?);
     } else {
@@ -897,11 +920,36 @@ fn finish(o: &Options, report: Report, audit: Option<AuditSource>) -> anyhow::Re
             ),
             None => println!("  audit       not checked (give --verify-db FILE)"),
         }
+        if let Some(r) = &report.reconciliation {
+            println!(
+                "  reconcile   {} records, {} checkpoints (MACs {}), {} assets: drift ratio {:.6}, {} findings",
+                r.records_checked,
+                r.checkpoints_checked,
+                if r.macs_checked { "checked" } else { "not checked" },
+                r.assets_checked,
+                r.assets_drifted as f64 / r.assets_checked.max(1) as f64,
+                r.findings_total
+            );
+            for f in &r.findings {
+                println!("              {f}");
+            }
+        }
     }
     let audit_ok = audit
         .map(|a| a.missing == 0 && a.mismatched == 0)
         .unwrap_or(true);
-    Ok(if audit_ok { 0 } else { 4 })
+    // Any drift or other finding of the closing reconciliation fails the run.
+    let reconciled = report
+        .reconciliation
+        .as_ref()
+        .is_none_or(|r| r.findings_total == 0);
+    Ok(if !audit_ok {
+        4
+    } else if !reconciled {
+        5
+    } else {
+        0
+    })
 }
 
 struct AuditCheck {

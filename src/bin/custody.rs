@@ -15,6 +15,7 @@
 //! custody init --config FILE (--share-dir DIR | --print-shares) [--shares N] [--threshold K]
 //!              [--import-seed FILE] [--create-key]
 //! custody [CONNECTION] reconcile [--full]
+//! custody [CONNECTION] prove SHARD SEQ HASH
 //! custody reconcile --offline --config FILE [--seed-file FILE | --share FILE...]
 //! custody recover --share FILE... [--config FILE | --fingerprint HEX]
 //!                 [--asset ID --path PATH --counter N] [--write-seed FILE]
@@ -71,6 +72,10 @@ const USAGE: &str = "usage:
                          anything is written), write them one per file or print them once,
                          and write the sealed seed (pkcs11) or the share set (shamir);
                          --create-key first makes the wrapping key on the token
+  custody [CONNECTION] prove SHARD SEQ HASH
+                         auditor: prove a receipt (as DERIVE and ROTATE print it) is in
+                         the audit log: its record has that hash and a checkpoint after
+                         it verifies (exit 1 unless PROVEN)
   custody [CONNECTION] reconcile [--full]
                          auditor: the appliance reconciles its audit log now (the records
                          since its last run, or with --full every one) and reports the
@@ -239,7 +244,7 @@ fn real_main() -> anyhow::Result<i32> {
         "reconcile" if args.offline => reconcile_offline(&args),
         "hello" | "register" | "status" | "derive" | "seal" | "unseal" | "seal-status"
         | "rotate" | "suspend" | "resume" | "retire" | "regions" | "region" | "policy"
-        | "reconcile" => {
+        | "reconcile" | "prove" => {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
@@ -701,6 +706,45 @@ async fn client_command(command: &str, args: &Args) -> anyhow::Result<i32> {
                 .set_region(name, enabled)
                 .await
                 .map(|l| regions_text(&l, args.json))
+        }
+        "prove" => {
+            let (shard, seq, hash) = match args.positional.as_slice() {
+                [s, q, h] => (s, q, h),
+                _ => bail!("usage: custody prove SHARD SEQ HASH (the receipt's three parts)"),
+            };
+            let shard: u16 = shard.parse().with_context(|| format!("SHARD {shard:?}"))?;
+            let seq: u64 = seq.parse().with_context(|| format!("SEQ {seq:?}"))?;
+            let bytes = (0..hash.len())
+                .step_by(2)
+                .map(|i| hash.get(i..i + 2).and_then(|b| u8::from_str_radix(b, 16).ok()))
+                .collect::<Option<Vec<u8>>>()
+                .and_then(|v| <[u8; 32]>::try_from(v).ok())
+                .with_context(|| format!("HASH {hash:?} is not 64 hex digits"))?;
+            let p = client
+                .prove_receipt(custody::wire::Receipt {
+                    shard,
+                    seq,
+                    hash: bytes,
+                })
+                .await;
+            match p {
+                Ok(p) => {
+                    let verdict = custody::reconcile::Verdict::from_u8(p.verdict);
+                    let name = verdict
+                        .map(|v| format!("{v:?}").to_uppercase())
+                        .unwrap_or_else(|| format!("UNKNOWN({})", p.verdict));
+                    if args.json {
+                        println!(
+                            "{}",
+                            serde_json::json!({ "verdict": name, "checkpoint_seq": p.checkpoint_seq, "detail": p.detail })
+                        );
+                    } else {
+                        println!("{name}: {}", p.detail);
+                    }
+                    return Ok(if verdict == Some(custody::reconcile::Verdict::Proven) { 0 } else { 1 });
+                }
+                Err(e) => Err(e),
+            }
         }
         "reconcile" => {
             let r = client.reconcile(args.full).await;
