@@ -98,8 +98,12 @@ impl Auditor {
                         source: None,
                         status: shared,
                     };
-                    let wait = interval.unwrap_or(Duration::from_secs(86_400 * 365));
+                    // The periodic runs keep their pace whatever the requests in between.
+                    let idle = Duration::from_secs(3600);
+                    let mut next_run = interval.map(|i| Instant::now() + i);
                     loop {
+                        let wait = next_run
+                            .map_or(idle, |at| at.saturating_duration_since(Instant::now()));
                         match rx.recv_timeout(wait) {
                             Ok(Job::Reconcile { full, done }) => {
                                 done.complete(worker.run(full).await)
@@ -110,8 +114,9 @@ impl Auditor {
                                 hash,
                                 done,
                             }) => done.complete(worker.prove(shard, seq, &hash).await),
-                            Err(RecvTimeoutError::Timeout) if interval.is_some() => {
+                            Err(RecvTimeoutError::Timeout) if next_run.is_some() => {
                                 let _ = worker.run(false).await;
+                                next_run = interval.map(|i| Instant::now() + i);
                             }
                             Err(RecvTimeoutError::Timeout) => {}
                             Err(RecvTimeoutError::Disconnected) => break,
@@ -275,8 +280,9 @@ impl Worker {
             None => return Err("no store connection".into()),
         };
         let read = async {
+            // A checkpoint at most PROOF_RECORDS_MAX records from the receipt's (inclusive).
             let cps = source
-                .checkpoints(shard, seq, seq.saturating_add(PROOF_RECORDS_MAX as u64))
+                .checkpoints(shard, seq, seq.saturating_add(PROOF_RECORDS_MAX as u64 - 1))
                 .await?;
             let cp = cps.into_iter().next();
             let upto = cp.map_or(1, |c| (c.seq - seq + 1) as usize);
@@ -294,7 +300,11 @@ impl Worker {
         };
         let mut records = Vec::with_capacity(rows.len());
         for row in &rows {
-            match crate::reconcile::logged_from_row(row) {
+            let parsed = match &row.row {
+                Ok(r) => crate::reconcile::logged_from_row(r),
+                Err(why) => Err(why.clone()),
+            };
+            match parsed {
                 Ok(lr) => records.push(lr),
                 Err(why) => {
                     return Ok(Proof {
@@ -305,14 +315,16 @@ impl Worker {
                 }
             }
         }
-        let key = self.key.as_ref().filter(|k| k.serving());
-        let check = |c: &crate::store::Checkpoint| match key
-            .and_then(|k| k.checkpoint_mac(c.shard, c.seq, &c.hash))
-        {
-            Some(mac) => crate::reconcile::mac_eq(&mac, &c.mac),
-            None => false,
-        };
-        let mac: Option<crate::reconcile::MacCheck<'_>> = key.map(|_| &check as _);
+        // The checkpoint's MAC, checked once here: `None` while sealed (the proof then says
+        // the MAC was not checked, never that it failed).
+        let verified: Option<bool> = cp.as_ref().and_then(|c| {
+            self.key
+                .as_ref()
+                .and_then(|k| k.checkpoint_mac(c.shard, c.seq, &c.hash))
+                .map(|mac| crate::reconcile::mac_eq(&mac, &c.mac))
+        });
+        let check = move |_: &crate::store::Checkpoint| verified.unwrap_or(false);
+        let mac: Option<crate::reconcile::MacCheck<'_>> = verified.map(|_| &check as _);
         let (verdict, detail) = crate::reconcile::prove(seq, hash, &records, cp.as_ref(), mac);
         Ok(Proof {
             verdict,

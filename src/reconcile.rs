@@ -155,7 +155,7 @@ impl Report {
 }
 
 /// The reconciler's memory between runs (bounded by the shards and the assets).
-#[derive(Default)]
+#[derive(Clone, Default)]
 pub struct Reconciler {
     shards: BTreeMap<u16, ShardMark>,
     assets: HashMap<Uuid, AssetLog>,
@@ -246,13 +246,16 @@ impl Run<'_> {
                 }
             }
             // A record that breaks the chain is not trusted for the counters either (its
-            // fields may be what was changed): one finding, not its consequences.
+            // fields may be what was changed): one finding, not its consequences. The check
+            // goes on from its stored hash, so a later, separate break is found too.
             let mut trusted = true;
-            if !mark.broken {
-                if let Some(detail) = self.link(&mut mark, lr) {
-                    self.find(FindingKind::ChainBroken, shard, rec.seq, None, detail);
-                    mark.broken = true;
-                    trusted = false;
+            if let Some(detail) = self.link(&mut mark, lr) {
+                self.find(FindingKind::ChainBroken, shard, rec.seq, None, detail);
+                mark.broken = true;
+                trusted = false;
+                if let Some(h) = lr.hash {
+                    mark.head = h;
+                    mark.chained = true;
                 }
             }
             mark.next_seq = mark.next_seq.max(rec.seq + 1);
@@ -283,8 +286,10 @@ impl Run<'_> {
         }
         for c in cps {
             self.report.checkpoints_checked += 1;
-            let detail = format!("checkpoint {} names a record that is not in the log", c.seq);
-            self.find(FindingKind::ChainBroken, shard, c.seq, None, detail);
+            if c.seq >= mark.next_seq {
+                let detail = format!("checkpoint {} names a record that is not in the log", c.seq);
+                self.find(FindingKind::ChainBroken, shard, c.seq, None, detail);
+            }
         }
         self.r.shards.insert(shard, mark);
     }
@@ -333,7 +338,14 @@ impl Run<'_> {
             Some((s, max)) if s == shard => Some((s, max.max(rec.counter))),
             _ => Some((shard, rec.counter)),
         };
-        if at >= log.newest_at {
+        // Newest: in sequence order within a shard (the true order); across shards (the
+        // core count changed) by time.
+        let newer = if log.newest_at.1 == shard && log.newest_at != (0, 0, 0) {
+            rec.seq >= log.newest_at.2
+        } else {
+            at >= log.newest_at
+        };
+        if newer {
             log.newest_at = at;
             log.newest = rec.counter;
         }
@@ -503,17 +515,25 @@ pub fn logged_from_row(row: &crate::store::AuditRow) -> Result<LoggedRecord, Str
 /// Records a run reads at a time (bounds its memory).
 pub const PAGE_RECORDS: usize = 50_000;
 
-/// Read access to a store's audit log and key table, for a run.
+/// Read access to a store's audit log and key table, for a run. A run reads inside one
+/// snapshot ([`AuditSource::begin`] … [`AuditSource::end`]): the records and the key table
+/// as of one instant, so an operation committed meanwhile (its record and its counter
+/// together) is seen whole or not at all, never as drift.
 pub trait AuditSource {
+    /// Starts the run's snapshot (a read transaction).
+    fn begin(&self) -> crate::store::LocalFuture<Result<(), crate::store::StoreError>>;
+    /// Ends it.
+    fn end(&self) -> crate::store::LocalFuture<Result<(), crate::store::StoreError>>;
     /// Every shard with a record or a checkpoint.
     fn shards(&self) -> crate::store::LocalFuture<Result<Vec<u16>, crate::store::StoreError>>;
-    /// At most `limit` records of `shard` from `from_seq` on, in sequence order.
+    /// At most `limit` records of `shard` from `from_seq` on, in sequence order; a row
+    /// whose columns cannot be read is there as its sequence number and why.
     fn records(
         &self,
         shard: u16,
         from_seq: u64,
         limit: usize,
-    ) -> crate::store::LocalFuture<Result<Vec<crate::store::AuditRow>, crate::store::StoreError>>;
+    ) -> crate::store::LocalFuture<Result<Vec<crate::store::RowRead>, crate::store::StoreError>>;
     /// The checkpoints of `shard` with `from_seq <= seq <= to_seq`, in sequence order.
     fn checkpoints(
         &self,
@@ -534,6 +554,23 @@ pub async fn reconcile(
     source: &dyn AuditSource,
     mac: Option<MacCheck<'_>>,
 ) -> Result<Report, crate::store::StoreError> {
+    // On a copy: a run that fails half way leaves the watermarks where they were, so
+    // nothing it passed goes unreported.
+    let mut work = r.clone();
+    source.begin().await?;
+    let outcome = reconcile_in_snapshot(&mut work, source, mac).await;
+    let ended = source.end().await;
+    let report = outcome?;
+    ended?;
+    *r = work;
+    Ok(report)
+}
+
+async fn reconcile_in_snapshot(
+    r: &mut Reconciler,
+    source: &dyn AuditSource,
+    mac: Option<MacCheck<'_>>,
+) -> Result<Report, crate::store::StoreError> {
     let shards = source.shards().await?;
     let mut run = r.run(mac);
     for shard in shards {
@@ -543,13 +580,21 @@ pub async fn reconcile(
             let Some(last) = rows.last().map(|r| r.seq) else {
                 break;
             };
-            let cps = source.checkpoints(shard, from, last).await?;
+            let mut cps = source.checkpoints(shard, from, last).await?;
             let mut page = Vec::with_capacity(rows.len());
             for row in &rows {
-                match logged_from_row(row) {
+                let parsed = match &row.row {
+                    Ok(r) => logged_from_row(r),
+                    Err(why) => Err(why.clone()),
+                };
+                match parsed {
                     Ok(lr) => page.push(lr),
                     Err(why) => {
-                        run.shard(shard, &page, &[]);
+                        // The checkpoints before this row go with the records before it.
+                        let before: Vec<Checkpoint> =
+                            cps.iter().filter(|c| c.seq < row.seq).copied().collect();
+                        cps.retain(|c| c.seq > row.seq);
+                        run.shard(shard, &page, &before);
                         page.clear();
                         run.unreadable(shard, row.seq, why);
                     }
@@ -716,6 +761,87 @@ mod tests {
         assert!(details[1].contains("MAC does not verify"), "{details:?}");
         assert!(details[2].contains("not in the log"), "{details:?}");
         assert_eq!(r.watermark(1).checkpointed, 0);
+    }
+
+    #[test]
+    fn a_second_break_after_the_first_is_found_too_and_a_failed_run_changes_nothing() {
+        let a = Uuid::from_u128(1);
+        let mut head = GENESIS;
+        let mut log = chained(
+            (1..=6)
+                .map(|seq| {
+                    record(
+                        0,
+                        seq,
+                        if seq == 1 {
+                            AuditEvent::Register
+                        } else {
+                            AuditEvent::Derive
+                        },
+                        a,
+                        0,
+                    )
+                })
+                .collect(),
+            &mut head,
+        );
+        log[1].record.request_id = 77; // changed: seq 2
+        log[4].record.request_id = 78; // changed: seq 5
+        let mut r = Reconciler::new();
+        let mut run = r.run(None);
+        run.shard(0, &log, &[]);
+        let report = run.finish(&[stored(a, 0)]);
+        let seqs: Vec<Option<u64>> = report.findings.iter().map(|f| f.seq).collect();
+        assert_eq!(seqs, [Some(2), Some(5)], "{:?}", report.findings);
+
+        // A source that fails half way: the reconciler's state is left as it was.
+        struct Failing;
+        impl AuditSource for Failing {
+            fn begin(&self) -> crate::store::LocalFuture<Result<(), crate::store::StoreError>> {
+                Box::pin(async { Ok(()) })
+            }
+            fn end(&self) -> crate::store::LocalFuture<Result<(), crate::store::StoreError>> {
+                Box::pin(async { Ok(()) })
+            }
+            fn shards(
+                &self,
+            ) -> crate::store::LocalFuture<Result<Vec<u16>, crate::store::StoreError>> {
+                Box::pin(async { Ok(vec![7]) })
+            }
+            fn records(
+                &self,
+                _: u16,
+                _: u64,
+                _: usize,
+            ) -> crate::store::LocalFuture<
+                Result<Vec<crate::store::RowRead>, crate::store::StoreError>,
+            > {
+                Box::pin(async { Ok(Vec::new()) })
+            }
+            fn checkpoints(
+                &self,
+                _: u16,
+                _: u64,
+                _: u64,
+            ) -> crate::store::LocalFuture<Result<Vec<Checkpoint>, crate::store::StoreError>>
+            {
+                Box::pin(async { Ok(Vec::new()) })
+            }
+            fn assets(
+                &self,
+            ) -> crate::store::LocalFuture<Result<Vec<StoredAsset>, crate::store::StoreError>>
+            {
+                Box::pin(async { Err(crate::store::StoreError::Unavailable("down".into())) })
+            }
+        }
+        let before = r.watermark(0);
+        assert!(futures_lite::future::block_on(reconcile(&mut r, &Failing, None)).is_err());
+        assert_eq!(r.watermark(0), before);
+        assert_eq!(
+            r.watermark(7),
+            ShardMark::default(),
+            "the failed run left no mark"
+        );
     }
 
     #[test]

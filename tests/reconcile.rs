@@ -136,6 +136,11 @@ fn sqlite_a_clean_log_has_no_finding_and_each_tampering_its_own() {
             "COUNTER_DRIFT",
         ),
         (
+            "write a row that is not a record",
+            format!("UPDATE custody_audit_log SET state_at_event = 'GONE' WHERE shard = {s} AND seq = 4"),
+            "CHAIN_BROKEN",
+        ),
+        (
             "register an asset without its record",
             "INSERT INTO custody_keys VALUES ('6ba7b810-9dad-41d1-80b4-00c04fd430c8', 'ACTIVE', 0, 1, 1)".into(),
             "MISSING_AUDIT_ENTRY",

@@ -195,6 +195,14 @@ fn hex_opt<S: serde::Serializer>(v: &Option<[u8; 32]>, s: S) -> Result<S::Ok, S:
     }
 }
 
+/// A stored audit row as a reader got it: its sequence number, and the row or why its
+/// columns are not one (a changed row: the reconciler's finding, not a failed run).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RowRead {
+    pub seq: u64,
+    pub row: Result<AuditRow, String>,
+}
+
 /// A future that stays on the executor that created it.
 pub type LocalFuture<T> = Pin<Box<dyn Future<Output = T> + 'static>>;
 

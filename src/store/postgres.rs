@@ -995,6 +995,21 @@ fn checkpoint_row(r: &tokio_postgres::Row) -> Result<super::Checkpoint, StoreErr
 }
 
 impl crate::reconcile::AuditSource for PgAuditSource {
+    fn begin(&self) -> super::LocalFuture<Result<(), StoreError>> {
+        let client = self.client.clone();
+        Box::pin(async move {
+            client
+                .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                .await
+                .map_err(pg_err)
+        })
+    }
+
+    fn end(&self) -> super::LocalFuture<Result<(), StoreError>> {
+        let client = self.client.clone();
+        Box::pin(async move { client.batch_execute("COMMIT").await.map_err(pg_err) })
+    }
+
     fn shards(&self) -> super::LocalFuture<Result<Vec<u16>, StoreError>> {
         let client = self.client.clone();
         Box::pin(async move {
@@ -1015,7 +1030,7 @@ impl crate::reconcile::AuditSource for PgAuditSource {
         shard: u16,
         from_seq: u64,
         limit: usize,
-    ) -> super::LocalFuture<Result<Vec<super::AuditRow>, StoreError>> {
+    ) -> super::LocalFuture<Result<Vec<super::RowRead>, StoreError>> {
         let client = self.client.clone();
         Box::pin(async move {
             let from = i64::try_from(from_seq).unwrap_or(i64::MAX);
@@ -1030,7 +1045,13 @@ impl crate::reconcile::AuditSource for PgAuditSource {
                 )
                 .await
                 .map_err(pg_err)?;
-            rows.iter().map(audit_row).collect()
+            Ok(rows
+                .iter()
+                .map(|r| super::RowRead {
+                    seq: r.get::<_, i64>(1).max(0) as u64,
+                    row: audit_row(r).map_err(|e| e.to_string()),
+                })
+                .collect())
         })
     }
 

@@ -712,7 +712,7 @@ impl SqliteReader {
         shard: u16,
         from_seq: u64,
         limit: usize,
-    ) -> Result<Vec<AuditRow>, StoreError> {
+    ) -> Result<Vec<super::RowRead>, StoreError> {
         let mut stmt = self
             .conn
             .prepare_cached(
@@ -727,7 +727,13 @@ impl SqliteReader {
         let mut rows = stmt.query(params![shard, from, limit]).map_err(sql_err)?;
         let mut out = Vec::new();
         while let Some(row) = rows.next().map_err(sql_err)? {
-            out.push(audit_row(row).map_err(sql_err)?);
+            // The sequence number is the primary key's (an integer); the rest may be
+            // anything someone wrote into the file.
+            let seq = row.get::<_, i64>(1).map_err(sql_err)?.max(0) as u64;
+            out.push(super::RowRead {
+                seq,
+                row: audit_row(row).map_err(|e| e.to_string()),
+            });
         }
         Ok(out)
     }
@@ -789,6 +795,18 @@ fn checkpoint_row(row: &rusqlite::Row<'_>) -> Result<super::Checkpoint, StoreErr
 
 /// [`SqliteReader`] as the reconciler's source.
 impl crate::reconcile::AuditSource for std::rc::Rc<SqliteReader> {
+    fn begin(&self) -> super::LocalFuture<Result<(), StoreError>> {
+        // A deferred read transaction: its snapshot is taken by the first read and kept
+        // until the end (WAL mode: writers go on meanwhile).
+        let r = self.conn.execute_batch("BEGIN DEFERRED").map_err(sql_err);
+        Box::pin(async move { r })
+    }
+
+    fn end(&self) -> super::LocalFuture<Result<(), StoreError>> {
+        let r = self.conn.execute_batch("COMMIT").map_err(sql_err);
+        Box::pin(async move { r })
+    }
+
     fn shards(&self) -> super::LocalFuture<Result<Vec<u16>, StoreError>> {
         let r = SqliteReader::shards(self);
         Box::pin(async move { r })
@@ -799,7 +817,7 @@ impl crate::reconcile::AuditSource for std::rc::Rc<SqliteReader> {
         shard: u16,
         from_seq: u64,
         limit: usize,
-    ) -> super::LocalFuture<Result<Vec<AuditRow>, StoreError>> {
+    ) -> super::LocalFuture<Result<Vec<super::RowRead>, StoreError>> {
         let r = SqliteReader::records(self, shard, from_seq, limit);
         Box::pin(async move { r })
     }
