@@ -526,7 +526,13 @@ pub trait AuditSource {
     fn end(&self) -> crate::store::LocalFuture<Result<(), crate::store::StoreError>>;
     /// Every shard with a record or a checkpoint.
     fn shards(&self) -> crate::store::LocalFuture<Result<Vec<u16>, crate::store::StoreError>>;
-    /// At most `limit` records of `shard` from `from_seq` on, in sequence order; a row
+    /// The highest sequence number of `shard`'s records (0: none).
+    fn last_seq(
+        &self,
+        shard: u16,
+    ) -> crate::store::LocalFuture<Result<u64, crate::store::StoreError>>;
+    /// The records of `shard` with `from_seq <= seq < from_seq + limit` (a bounded range
+    /// of the index, whatever the planner knows), in sequence order; a row
     /// whose columns cannot be read is there as its sequence number and why.
     fn records(
         &self,
@@ -574,11 +580,15 @@ async fn reconcile_in_snapshot(
     let shards = source.shards().await?;
     let mut run = r.run(mac);
     for shard in shards {
-        loop {
-            let from = run.r.watermark(shard).next_seq;
+        let end = source.last_seq(shard).await?;
+        let mut cursor = run.r.watermark(shard).next_seq;
+        while cursor <= end {
+            let from = cursor;
+            cursor = cursor.saturating_add(PAGE_RECORDS as u64);
             let rows = source.records(shard, from, PAGE_RECORDS).await?;
+            // A range with no record (deleted): the next record found shows the gap.
             let Some(last) = rows.last().map(|r| r.seq) else {
-                break;
+                continue;
             };
             let mut cps = source.checkpoints(shard, from, last).await?;
             let mut page = Vec::with_capacity(rows.len());
@@ -601,9 +611,6 @@ async fn reconcile_in_snapshot(
                 }
             }
             run.shard(shard, &page, &cps);
-            if rows.len() < PAGE_RECORDS {
-                break;
-            }
         }
         // Checkpoints past the last record name records that are not there.
         let next = run.r.watermark(shard).next_seq;
@@ -802,6 +809,12 @@ mod tests {
             }
             fn end(&self) -> crate::store::LocalFuture<Result<(), crate::store::StoreError>> {
                 Box::pin(async { Ok(()) })
+            }
+            fn last_seq(
+                &self,
+                _: u16,
+            ) -> crate::store::LocalFuture<Result<u64, crate::store::StoreError>> {
+                Box::pin(async { Ok(3) })
             }
             fn shards(
                 &self,

@@ -1025,6 +1025,20 @@ impl crate::reconcile::AuditSource for PgAuditSource {
         })
     }
 
+    fn last_seq(&self, shard: u16) -> super::LocalFuture<Result<u64, StoreError>> {
+        let client = self.client.clone();
+        Box::pin(async move {
+            let row = client
+                .query_one(
+                    "SELECT COALESCE(max(seq), 0) FROM custody_audit_log WHERE shard = $1",
+                    &[&(shard as i16)],
+                )
+                .await
+                .map_err(pg_err)?;
+            Ok(row.get::<_, i64>(0).max(0) as u64)
+        })
+    }
+
     fn records(
         &self,
         shard: u16,
@@ -1039,7 +1053,7 @@ impl crate::reconcile::AuditSource for PgAuditSource {
                 .query(
                     &format!(
                         "SELECT {AUDIT_ROW_COLUMNS} FROM custody_audit_log \
-                         WHERE shard = $1 AND seq >= $2 ORDER BY seq LIMIT $3"
+                         WHERE shard = $1 AND seq >= $2 AND seq < $2 + $3 ORDER BY seq"
                     ),
                     &[&(shard as i16), &from, &limit],
                 )

@@ -719,7 +719,7 @@ impl SqliteReader {
                 "SELECT shard, seq, event, asset_id, counter, state_at_event, requester, \
                  request_id, ts_ms, derivation_path, purpose, region, ttl_s, scheme_version, \
                  rotation_id, prev_hash, hash FROM custody_audit_log \
-                 WHERE shard = ?1 AND seq >= ?2 ORDER BY seq LIMIT ?3",
+                 WHERE shard = ?1 AND seq >= ?2 AND seq < ?2 + ?3 ORDER BY seq",
             )
             .map_err(sql_err)?;
         let from = i64::try_from(from_seq).unwrap_or(i64::MAX);
@@ -809,6 +809,11 @@ impl crate::reconcile::AuditSource for std::rc::Rc<SqliteReader> {
 
     fn shards(&self) -> super::LocalFuture<Result<Vec<u16>, StoreError>> {
         let r = SqliteReader::shards(self);
+        Box::pin(async move { r })
+    }
+
+    fn last_seq(&self, shard: u16) -> super::LocalFuture<Result<u64, StoreError>> {
+        let r = last_seq(&self.conn, shard);
         Box::pin(async move { r })
     }
 
