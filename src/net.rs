@@ -348,48 +348,67 @@ fn policy_reload(
         refusal.retry_after_ms = 100;
         return outbox.refuse(opcode, request_id, refusal);
     };
-    // Counted in flight, so the connection answers it before it closes.
+    let trigger = format!("POLICY_RELOAD by {identity:?}");
+    let (done, pending) = crate::store::handoff::completion();
+    if let Err(e) = std::thread::Builder::new()
+        .name("custody-reload-request".into())
+        .spawn(move || {
+            let outcome = ticket.reloader().reload(&trigger);
+            // Released before the answer, so the admin may send the next one at once.
+            drop(ticket);
+            done.complete(outcome)
+        })
+    {
+        // The completer went with the closure: the answer below is INTERNAL.
+        tracing::error!(error = %e, "cannot start a thread for the policy reload");
+    }
+    answer_when(
+        outbox,
+        opcode,
+        request_id,
+        pending,
+        |r| {
+            Reply::PolicyReloaded(wire::PolicyReloaded {
+                generation: r.generation,
+                identities: u32::try_from(r.identities).unwrap_or(u32::MAX),
+                regions: u16::try_from(r.regions).unwrap_or(u16::MAX),
+                asset_groups: u16::try_from(r.asset_groups).unwrap_or(u16::MAX),
+            })
+        },
+        |problems| {
+            Refusal::new(
+                Status::PolicyInvalid,
+                format!("policy not reloaded, the policy in force is unchanged: {problems}"),
+            )
+        },
+        // No thread for it: nothing was read or changed.
+        "the reload could not run (no thread); the policy in force is unchanged",
+    );
+}
+
+/// Answers a request whose work runs off this core once `pending` resolves: `ok` makes
+/// the reply, `failed` the refusal of a failure, and a worker gone without an answer is
+/// INTERNAL (`abandoned`). Counted in flight meanwhile, so the connection answers it
+/// before it closes.
+fn answer_when<T: 'static>(
+    outbox: &Rc<Outbox>,
+    opcode: u8,
+    request_id: u64,
+    pending: crate::store::handoff::Pending<Result<T, String>>,
+    ok: impl FnOnce(T) -> Reply + 'static,
+    failed: impl FnOnce(String) -> Refusal + 'static,
+    abandoned: &'static str,
+) {
     outbox.inflight.set(outbox.inflight.get() + 1);
     let outbox = outbox.clone();
-    let trigger = format!("POLICY_RELOAD by {identity:?}");
     glommio::spawn_local(async move {
-        let (done, result) = crate::store::handoff::completion();
-        if let Err(e) = std::thread::Builder::new()
-            .name("custody-reload-request".into())
-            .spawn(move || {
-                let outcome = ticket.reloader().reload(&trigger);
-                // Released before the answer, so the admin may send the next one at once.
-                drop(ticket);
-                done.complete(outcome)
-            })
-        {
-            tracing::error!(error = %e, "cannot start a thread for the policy reload");
-        }
-        match result.await {
-            Ok(Ok(r)) => {
-                let reply = wire::PolicyReloaded {
-                    generation: r.generation,
-                    identities: u32::try_from(r.identities).unwrap_or(u32::MAX),
-                    regions: u16::try_from(r.regions).unwrap_or(u16::MAX),
-                    asset_groups: u16::try_from(r.asset_groups).unwrap_or(u16::MAX),
-                };
-                outbox.push(opcode, request_id, &Reply::PolicyReloaded(reply))
-            }
-            Ok(Err(problems)) => {
-                let refusal = Refusal::new(
-                    Status::PolicyInvalid,
-                    format!("policy not reloaded, the policy in force is unchanged: {problems}"),
-                );
-                outbox.refuse(opcode, request_id, refusal)
-            }
-            // No thread for it: nothing was read or changed.
+        match pending.await {
+            Ok(Ok(value)) => outbox.push(opcode, request_id, &ok(value)),
+            Ok(Err(why)) => outbox.refuse(opcode, request_id, failed(why)),
             Err(_) => outbox.refuse(
                 opcode,
                 request_id,
-                Refusal::new(
-                    Status::Internal,
-                    "the reload could not run (no thread); the policy in force is unchanged",
-                ),
+                Refusal::new(Status::Internal, abandoned),
             ),
         }
         outbox.finished_one();
@@ -417,44 +436,35 @@ fn reconcile(
         return outbox.refuse(opcode, request_id, refusal);
     };
     tracing::info!(%identity, full, "reconciliation requested");
-    outbox.inflight.set(outbox.inflight.get() + 1);
-    let outbox = outbox.clone();
-    glommio::spawn_local(async move {
-        match pending.await {
-            Ok(Ok(report)) => {
-                let summary = wire::ReconcileSummary {
-                    records_checked: report.records_checked,
-                    checkpoints_checked: report.checkpoints_checked,
-                    assets_checked: report.assets_checked,
-                    assets_drifted: report.assets_drifted,
-                    macs_checked: report.macs_checked,
-                    findings_total: u32::try_from(report.findings.len()).unwrap_or(u32::MAX),
-                    findings: report
-                        .findings
-                        .iter()
-                        .take(wire::RECONCILE_FINDINGS_MAX)
-                        .map(|f| f.to_string())
-                        .collect(),
-                };
-                outbox.push(opcode, request_id, &Reply::Reconciled(summary))
-            }
-            Ok(Err(why)) => outbox.refuse(
-                opcode,
-                request_id,
-                Refusal::new(
-                    Status::StoreUnavailable,
-                    format!("reconciliation did not run: {why}"),
-                ),
-            ),
-            Err(_) => outbox.refuse(
-                opcode,
-                request_id,
-                Refusal::new(Status::Internal, "the auditor thread stopped"),
-            ),
-        }
-        outbox.finished_one();
-    })
-    .detach();
+    answer_when(
+        outbox,
+        opcode,
+        request_id,
+        pending,
+        |report| {
+            Reply::Reconciled(wire::ReconcileSummary {
+                records_checked: report.records_checked,
+                checkpoints_checked: report.checkpoints_checked,
+                assets_checked: report.assets_checked,
+                assets_drifted: report.assets_drifted,
+                macs_checked: report.macs_checked,
+                findings_total: u32::try_from(report.findings.len()).unwrap_or(u32::MAX),
+                findings: report
+                    .findings
+                    .iter()
+                    .take(wire::RECONCILE_FINDINGS_MAX)
+                    .map(|f| f.to_string())
+                    .collect(),
+            })
+        },
+        |why| {
+            Refusal::new(
+                Status::StoreUnavailable,
+                format!("reconciliation did not run: {why}"),
+            )
+        },
+        "the auditor thread stopped",
+    );
 }
 
 /// PROVE_RECEIPT: the auditor thread reads the receipt's record and the chain to the first
@@ -478,32 +488,21 @@ fn prove_receipt(
         refusal.retry_after_ms = 1000;
         return outbox.refuse(opcode, request_id, refusal);
     };
-    outbox.inflight.set(outbox.inflight.get() + 1);
-    let outbox = outbox.clone();
-    glommio::spawn_local(async move {
-        match pending.await {
-            Ok(Ok(p)) => {
-                let info = wire::ProofInfo {
-                    verdict: p.verdict as u8,
-                    checkpoint_seq: p.checkpoint_seq,
-                    detail: p.detail,
-                };
-                outbox.push(opcode, request_id, &Reply::Proof(info))
-            }
-            Ok(Err(why)) => outbox.refuse(
-                opcode,
-                request_id,
-                Refusal::new(Status::StoreUnavailable, format!("no proof: {why}")),
-            ),
-            Err(_) => outbox.refuse(
-                opcode,
-                request_id,
-                Refusal::new(Status::Internal, "the auditor thread stopped"),
-            ),
-        }
-        outbox.finished_one();
-    })
-    .detach();
+    answer_when(
+        outbox,
+        opcode,
+        request_id,
+        pending,
+        |p| {
+            Reply::Proof(wire::ProofInfo {
+                verdict: p.verdict as u8,
+                checkpoint_seq: p.checkpoint_seq,
+                detail: p.detail,
+            })
+        },
+        |why| Refusal::new(Status::StoreUnavailable, format!("no proof: {why}")),
+        "the auditor thread stopped",
+    );
 }
 
 /// A rotation id must be an RFC 4122 UUID, as an asset id must.

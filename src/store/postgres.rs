@@ -610,20 +610,9 @@ impl PgShardInner {
         let mut assets = Vec::new();
         for row in rows {
             let asset: Uuid = row.get(0);
-            if shard_of(&asset, self.shard_count) != self.shard {
-                continue;
+            if shard_of(&asset, self.shard_count) == self.shard {
+                assets.push(stored_asset(&row)?);
             }
-            let state: String = row.get(1);
-            let counter: i64 = row.get(2);
-            assets.push(StoredAsset {
-                asset,
-                state: AssetState::from_name(&state).ok_or_else(|| {
-                    StoreError::Corrupt(format!("asset {asset}: state {state:?}"))
-                })?,
-                counter: u64::try_from(counter).map_err(|_| {
-                    StoreError::Corrupt(format!("asset {asset}: counter {counter}"))
-                })?,
-            });
         }
         let since = i64::try_from(window.since_ms).unwrap_or(i64::MAX);
         let max = i64::try_from(window.max).unwrap_or(i64::MAX);
@@ -983,6 +972,20 @@ fn audit_row(r: &tokio_postgres::Row) -> Result<super::AuditRow, StoreError> {
     })
 }
 
+/// A row of `SELECT asset_id, state, derivation_counter FROM custody_keys`.
+fn stored_asset(row: &tokio_postgres::Row) -> Result<StoredAsset, StoreError> {
+    let asset: Uuid = row.get(0);
+    let state: String = row.get(1);
+    let counter: i64 = row.get(2);
+    Ok(StoredAsset {
+        asset,
+        state: AssetState::from_name(&state)
+            .ok_or_else(|| StoreError::Corrupt(format!("asset {asset}: state {state:?}")))?,
+        counter: u64::try_from(counter)
+            .map_err(|_| StoreError::Corrupt(format!("asset {asset}: counter {counter}")))?,
+    })
+}
+
 fn checkpoint_row(r: &tokio_postgres::Row) -> Result<super::Checkpoint, StoreError> {
     let (shard, seq) = (r.get::<_, i16>(0) as u16, r.get::<_, i64>(1) as u64);
     Ok(super::Checkpoint {
@@ -1102,22 +1105,7 @@ impl crate::reconcile::AuditSource for PgAuditSource {
                 )
                 .await
                 .map_err(pg_err)?;
-            rows.iter()
-                .map(|row| {
-                    let asset: Uuid = row.get(0);
-                    let state: String = row.get(1);
-                    let counter: i64 = row.get(2);
-                    Ok(super::StoredAsset {
-                        asset,
-                        state: AssetState::from_name(&state).ok_or_else(|| {
-                            StoreError::Corrupt(format!("asset {asset}: state {state:?}"))
-                        })?,
-                        counter: u64::try_from(counter).map_err(|_| {
-                            StoreError::Corrupt(format!("asset {asset}: counter {counter}"))
-                        })?,
-                    })
-                })
-                .collect()
+            rows.iter().map(stored_asset).collect()
         })
     }
 }
