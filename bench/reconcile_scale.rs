@@ -17,7 +17,7 @@ use custody::audit::{chain_hash, AuditEvent, AuditRecord, DeriveDetail, GENESIS}
 use custody::kdf::{DerivationKey, DerivationPath, RootSeed};
 use custody::lifecycle::AssetState;
 use custody::policy::Purpose;
-use custody::reconcile::{mac_eq, reconcile, Reconciler};
+use custody::reconcile::{mac_eq, reconcile, Pace, Reconciler};
 use custody::store::sqlite::{SqliteReader, SqliteStore};
 use custody::store::{AssetWrite, Checkpoint, CommitBatch, ShardStore, Store};
 use std::rc::Rc;
@@ -218,7 +218,7 @@ fn main() {
             let rss_before = peak_rss_mib();
             let mut r = Reconciler::new();
             let t = Instant::now();
-            let report = reconcile(&mut r, reader, Some(&check)).await.expect("full run");
+            let report = reconcile(&mut r, reader, Some(&check), &Pace::FULL_SPEED).await.expect("full run");
             let full = t.elapsed();
             assert!(report.findings.is_empty(), "{:?}", &report.findings[..report.findings.len().min(5)]);
             println!(
@@ -237,7 +237,7 @@ fn main() {
                 w.write(s, m / SHARDS as u64).await;
             }
             let t = Instant::now();
-            let report = reconcile(&mut r, reader, Some(&check))
+            let report = reconcile(&mut r, reader, Some(&check), &Pace::FULL_SPEED)
                 .await
                 .expect("incremental run");
             let inc = t.elapsed();

@@ -6,7 +6,7 @@
 //! it. Findings are logged as structured events and counted for the metrics.
 
 use crate::config::StoreBackend;
-use crate::reconcile::{reconcile, FindingKind, Reconciler, Report};
+use crate::reconcile::{reconcile, FindingKind, Pace, Reconciler, Report};
 use crate::seal::cache::{CoreKey, SeedCache};
 use crate::store::handoff::{completion, Completer, Pending};
 use std::sync::mpsc::{sync_channel, RecvTimeoutError, SyncSender, TrySendError};
@@ -15,6 +15,9 @@ use std::time::{Duration, Instant};
 
 /// Requests that may wait for the auditor thread (more are answered BUSY).
 const AUDITOR_QUEUE_DEPTH: usize = 4;
+/// Records per page of the appliance's runs: short reads, each its own, so a paced run
+/// never holds the store for long.
+pub const APPLIANCE_PAGE_RECORDS: usize = 5_000;
 /// Findings logged per run (the report has them all; the log says how many were left out).
 const FINDINGS_LOGGED_PER_RUN: usize = 100;
 
@@ -60,6 +63,29 @@ pub struct Proof {
 /// The records a proof reads at most between a receipt and its checkpoint.
 const PROOF_RECORDS_MAX: usize = 200_000;
 
+/// The auditor thread's nice value: it reads and hashes the whole log on a full run, on
+/// the cores the shards run on, and yields them to the derive path (the shards run at
+/// the process's own priority). It still gets a share of a busy machine, so a run
+/// finishes and its read snapshot (which holds back SQLite's WAL checkpoints) ends.
+pub const AUDITOR_NICE: i32 = 19;
+
+/// Lowers the calling thread's scheduling priority to [`AUDITOR_NICE`] (Linux: a nice
+/// value is per thread). A failure is logged: the runs then compete as equals.
+fn lower_priority() {
+    // SAFETY: gettid and setpriority only read and change the calling thread's own
+    // scheduling attributes.
+    let rc = unsafe {
+        let tid = libc::gettid();
+        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, AUDITOR_NICE)
+    };
+    if rc != 0 {
+        tracing::warn!(
+            error = %std::io::Error::last_os_error(),
+            "the auditor thread keeps the process's priority"
+        );
+    }
+}
+
 /// A handle on the auditor thread.
 pub struct Auditor {
     jobs: SyncSender<Job>,
@@ -72,6 +98,7 @@ impl Auditor {
         backend: StoreBackend,
         cache: Arc<SeedCache>,
         interval: Option<Duration>,
+        records_per_s: Option<u64>,
     ) -> std::io::Result<Auditor> {
         let (jobs, rx) = sync_channel::<Job>(AUDITOR_QUEUE_DEPTH);
         let status = Arc::new(Mutex::new(AuditorStatus::default()));
@@ -79,6 +106,7 @@ impl Auditor {
         std::thread::Builder::new()
             .name("custody-auditor".into())
             .spawn(move || {
+                lower_priority();
                 let ex = match glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
                     .io_memory(256 * 1024)
                     .make()
@@ -97,6 +125,7 @@ impl Auditor {
                         reconciler: Reconciler::new(),
                         source: None,
                         status: shared,
+                        records_per_s,
                     };
                     // The periodic runs keep their pace whatever the requests in between.
                     let idle = Duration::from_secs(3600);
@@ -172,6 +201,8 @@ struct Worker {
     reconciler: Reconciler,
     source: Option<Source>,
     status: Arc<Mutex<AuditorStatus>>,
+    /// `audit.reconcile_records_per_s` (`None`: unpaced).
+    records_per_s: Option<u64>,
 }
 
 impl Worker {
@@ -221,7 +252,28 @@ impl Worker {
             Some(Source::Postgres(p)) => p,
             None => return Err(self.failed("no store connection".into())),
         };
-        let outcome = reconcile(&mut self.reconciler, source, mac).await;
+        // Paced: after each page, sleep until the records read so far are due at the
+        // configured rate.
+        let paced_from = Instant::now();
+        let read = std::cell::Cell::new(0u64);
+        let rate = self.records_per_s;
+        let sleep = |records: usize| -> crate::store::LocalFuture<()> {
+            read.set(read.get() + records as u64);
+            let due = rate.map_or(Duration::ZERO, |rate| {
+                Duration::from_secs_f64(read.get() as f64 / rate.max(1) as f64)
+            });
+            let wait = (paced_from + due).saturating_duration_since(Instant::now());
+            Box::pin(async move {
+                if !wait.is_zero() {
+                    glommio::timer::sleep(wait).await;
+                }
+            })
+        };
+        let pace = Pace {
+            page_records: APPLIANCE_PAGE_RECORDS,
+            after_page: rate.map(|_| &sleep as _),
+        };
+        let outcome = reconcile(&mut self.reconciler, source, mac, &pace).await;
         let report = match outcome {
             Ok(r) => r,
             Err(e) => {

@@ -106,6 +106,8 @@ pub struct Config {
 pub struct AuditConfig {
     /// How often the appliance reconciles the new records; `None` = only on demand.
     pub reconcile_interval: Option<Duration>,
+    /// Records per second the appliance's runs read at most; `None` = unpaced.
+    pub reconcile_rate: Option<u64>,
 }
 
 #[derive(Clone, Debug)]
@@ -232,6 +234,7 @@ pub const KEYS: &[KeyDoc] = &[
     KeyDoc { key: "limits.max_assets_per_shard", default: "1000000", doc: "assets each shard's registry holds" },
     KeyDoc { key: "limits.rotation_id_retention_s", default: "86400", doc: "a rotation id is remembered this long: the same id sent again answers the first result instead of rotating again" },
     KeyDoc { key: "limits.rate_limit", default: "\"100/60s\"", doc: "requests each requester may make on each asset, as <requests>/<seconds>s (GCRA: that many at once, then one per period/requests); policy.rate_limits overrides it per role" },
+    KeyDoc { key: "audit.reconcile_records_per_s", default: "50000", doc: "the appliance's reconciliation runs (periodic and on demand) read at most this many audit records a second, in pages of 5,000, so that they take little of the cores the derive path runs on (a full run of N records takes N / this); it must stay above the rate records are written, or the periodic runs fall behind; 0 = as fast as the store answers (`custody reconcile --offline` is never paced)" },
     KeyDoc { key: "audit.reconcile_interval_s", default: "60", doc: "every this many seconds the appliance reconciles the audit records written since its last run (chain, checkpoints, counters; docs/audit.md) on a thread of its own; 0 = only on demand (`custody reconcile`)" },
     KeyDoc { key: "limits.rate_limit_buckets_per_shard", default: "100000", doc: "rate-limit buckets (requester, asset) each shard keeps; idle ones are dropped, and when all are busy a new caller is refused RATE_LIMITED" },
     KeyDoc { key: "limits.rotation_ids_max_per_shard", default: "100000", doc: "most rotation ids each shard remembers; past it the oldest are forgotten first" },
@@ -348,6 +351,9 @@ pub fn resolve(table: &toml::Table, base_dir: &Path, file: &str) -> Result<Confi
     let reconcile_interval = r
         .int("audit.reconcile_interval_s", 60, 0, 86_400)
         .map(|s| (s > 0).then(|| Duration::from_secs(s as u64)));
+    let reconcile_rate = r
+        .int("audit.reconcile_records_per_s", 50_000, 0, 100_000_000)
+        .map(|n| (n > 0).then_some(n as u64));
 
     let cert = r.required_path("tls.cert", base_dir);
     let key = r.required_path("tls.key", base_dir);
@@ -829,6 +835,7 @@ pub fn resolve(table: &toml::Table, base_dir: &Path, file: &str) -> Result<Confi
         Some(admin_listen),
         Some(metrics_publish),
         Some(reconcile_interval),
+        Some(reconcile_rate),
     ) = (
         listen,
         cores,
@@ -864,6 +871,7 @@ pub fn resolve(table: &toml::Table, base_dir: &Path, file: &str) -> Result<Confi
         admin_listen,
         metrics_publish,
         reconcile_interval,
+        reconcile_rate,
     )
     else {
         // Every None above recorded a problem, so this is unreachable; report it anyway.
@@ -936,7 +944,10 @@ pub fn resolve(table: &toml::Table, base_dir: &Path, file: &str) -> Result<Confi
             rate_limit_buckets_per_shard: buckets as u32,
         },
         policy: Policy { regions, access },
-        audit: AuditConfig { reconcile_interval },
+        audit: AuditConfig {
+            reconcile_interval,
+            reconcile_rate,
+        },
     })
 }
 

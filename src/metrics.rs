@@ -152,6 +152,8 @@ pub struct ShardFigures {
     pub registered: u64,
     pub rate_limited: u64,
     pub assets: u64,
+    /// Sequence number of the shard's newest durable audit record.
+    pub audit_head_seq: u64,
 }
 
 impl Default for ShardFigures {
@@ -167,6 +169,7 @@ impl Default for ShardFigures {
             registered: 0,
             rate_limited: 0,
             assets: 0,
+            audit_head_seq: 0,
         }
     }
 }
@@ -219,6 +222,7 @@ impl CoreFigures {
         s.registered = shard.registered;
         s.rate_limited = shard.rate_limited;
         s.assets = shard.assets;
+        s.audit_head_seq = shard.audit_head_seq;
         self.denials = denials;
         self.connections_open = connections_open;
         self.published_ms = clock_ms().max(1);
@@ -483,6 +487,18 @@ fn render(cores: &[CoreFigures], seal: &SeedCache, policy_generation: u64) -> St
             c.shard.commits_failed,
         );
     }
+    f.head(
+        "custody_store_up",
+        "gauge",
+        "1 when the store took the shard's last batch, 0 when it failed (until one commits).",
+    );
+    for (i, c) in cores.iter().enumerate() {
+        f.sample(
+            "custody_store_up",
+            &format!("shard=\"{i}\""),
+            u8::from(c.shard.store_ok),
+        );
+    }
 
     f.head(
         "custody_key_lifecycle_transitions_total",
@@ -534,6 +550,19 @@ fn render(cores: &[CoreFigures], seal: &SeedCache, policy_generation: u64) -> St
     );
     for (i, c) in cores.iter().enumerate() {
         f.sample("custody_assets", &format!("shard=\"{i}\""), c.shard.assets);
+    }
+
+    f.head(
+        "custody_audit_head_seq",
+        "gauge",
+        "Sequence number of each shard's newest durable audit record. It never goes down, across restarts too: a fall means records were cut from the store's log.",
+    );
+    for (i, c) in cores.iter().enumerate() {
+        f.sample(
+            "custody_audit_head_seq",
+            &format!("shard=\"{i}\""),
+            c.shard.audit_head_seq,
+        );
     }
 
     // Connections, per core.

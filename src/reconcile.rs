@@ -553,39 +553,99 @@ pub trait AuditSource {
     ) -> crate::store::LocalFuture<Result<Vec<StoredAsset>, crate::store::StoreError>>;
 }
 
+/// How a run reads: its page size, and what it awaits between pages (the appliance
+/// sleeps there to hold `audit.reconcile_records_per_s`).
+pub struct Pace<'a> {
+    /// Records read at most per page.
+    pub page_records: usize,
+    /// Awaited after each page with the number of records it held.
+    pub after_page: Option<&'a dyn Fn(usize) -> crate::store::LocalFuture<()>>,
+}
+
+impl Pace<'static> {
+    /// As fast as the store answers, in pages of [`PAGE_RECORDS`] (offline and benches).
+    pub const FULL_SPEED: Pace<'static> = Pace {
+        page_records: PAGE_RECORDS,
+        after_page: None,
+    };
+}
+
 /// A run over `source` from the reconciler's watermarks: every shard's new records and
 /// checkpoints, page by page, then the key table.
+///
+/// What must agree is read in one short snapshot: each shard's head (its last sequence
+/// number) and the key table, committed together by the same batches. The records and
+/// checkpoints up to those heads are append-only, so they are read afterwards in pages,
+/// each its own short read, and anything written after the snapshot is left for the next
+/// run. A run thus holds no read transaction open while it hashes: on SQLite a long one
+/// holds back the WAL's checkpoints, and the commits of the derive path pay for it.
 pub async fn reconcile(
     r: &mut Reconciler,
     source: &dyn AuditSource,
     mac: Option<MacCheck<'_>>,
+    pace: &Pace<'_>,
 ) -> Result<Report, crate::store::StoreError> {
     // On a copy: a run that fails half way leaves the watermarks where they were, so
     // nothing it passed goes unreported.
     let mut work = r.clone();
     source.begin().await?;
-    let outcome = reconcile_in_snapshot(&mut work, source, mac).await;
+    let frame = read_frame(source).await;
     let ended = source.end().await;
-    let report = outcome?;
+    let (heads, assets) = frame?;
     ended?;
+    let report = check_up_to(&mut work, source, mac, pace, &heads, &assets).await?;
     *r = work;
     Ok(report)
 }
 
-async fn reconcile_in_snapshot(
+/// A shard as the run's snapshot saw it.
+struct Head {
+    shard: u16,
+    /// Its last record's sequence number.
+    last_seq: u64,
+    /// Checkpoints past that record: they name records that are not there (the last
+    /// ones deleted). Only this snapshot can tell: later checkpoints may be new batches'.
+    dangling: Vec<Checkpoint>,
+}
+
+/// Each shard's head and the key table, read in the caller's snapshot.
+async fn read_frame(
+    source: &dyn AuditSource,
+) -> Result<(Vec<Head>, Vec<StoredAsset>), crate::store::StoreError> {
+    let mut heads = Vec::new();
+    for shard in source.shards().await? {
+        let last_seq = source.last_seq(shard).await?;
+        let dangling = source
+            .checkpoints(shard, last_seq + 1, u64::MAX >> 1)
+            .await?;
+        heads.push(Head {
+            shard,
+            last_seq,
+            dangling,
+        });
+    }
+    Ok((heads, source.assets().await?))
+}
+
+/// Checks every shard's records and checkpoints from its watermark up to its head, then
+/// the key table against them.
+async fn check_up_to(
     r: &mut Reconciler,
     source: &dyn AuditSource,
     mac: Option<MacCheck<'_>>,
+    pace: &Pace<'_>,
+    heads: &[Head],
+    assets: &[StoredAsset],
 ) -> Result<Report, crate::store::StoreError> {
-    let shards = source.shards().await?;
     let mut run = r.run(mac);
-    for shard in shards {
-        let end = source.last_seq(shard).await?;
+    for head in heads {
+        let (shard, end) = (head.shard, head.last_seq);
         let mut cursor = run.r.watermark(shard).next_seq;
         while cursor <= end {
             let from = cursor;
-            cursor = cursor.saturating_add(PAGE_RECORDS as u64);
-            let rows = source.records(shard, from, PAGE_RECORDS).await?;
+            let limit = (end - from + 1).min(pace.page_records.max(1) as u64) as usize;
+            cursor = cursor.saturating_add(limit as u64);
+            let rows = source.records(shard, from, limit).await?;
             // A range with no record (deleted): the next record found shows the gap.
             let Some(last) = rows.last().map(|r| r.seq) else {
                 continue;
@@ -611,14 +671,22 @@ async fn reconcile_in_snapshot(
                 }
             }
             run.shard(shard, &page, &cps);
+            if let Some(after_page) = pace.after_page {
+                after_page(rows.len()).await;
+            }
         }
-        // Checkpoints past the last record name records that are not there.
+        // Checkpoints past the last record checked name records that are not there:
+        // up to the head (records deleted in the middle of a page's range), and past it.
         let next = run.r.watermark(shard).next_seq;
-        let dangling = source.checkpoints(shard, next, u64::MAX >> 1).await?;
+        let mut dangling = if next <= end {
+            source.checkpoints(shard, next, end).await?
+        } else {
+            Vec::new()
+        };
+        dangling.extend(head.dangling.iter().copied());
         run.shard(shard, &[], &dangling);
     }
-    let assets = source.assets().await?;
-    Ok(run.finish(&assets))
+    Ok(run.finish(assets))
 }
 
 #[cfg(test)]
@@ -848,7 +916,13 @@ mod tests {
             }
         }
         let before = r.watermark(0);
-        assert!(futures_lite::future::block_on(reconcile(&mut r, &Failing, None)).is_err());
+        assert!(futures_lite::future::block_on(reconcile(
+            &mut r,
+            &Failing,
+            None,
+            &Pace::FULL_SPEED
+        ))
+        .is_err());
         assert_eq!(r.watermark(0), before);
         assert_eq!(
             r.watermark(7),
@@ -898,6 +972,116 @@ mod tests {
             prove(1, &[1; 32], &log, Some(&cp), Some(&yes)).0,
             Verdict::Mismatch
         );
+    }
+
+    /// A store written to while a run reads it: the run stops at the heads its snapshot
+    /// saw, so a rotation committed meanwhile (its record and its counter together) is not
+    /// half seen as drift; the next run takes it.
+    #[test]
+    fn a_run_stops_at_the_heads_of_its_snapshot() {
+        use std::cell::{Cell, RefCell};
+        fn row_of(lr: &LoggedRecord) -> crate::store::AuditRow {
+            let r = &lr.record;
+            crate::store::AuditRow {
+                shard: r.shard,
+                seq: r.seq,
+                event: r.event,
+                asset: r.asset,
+                counter: r.counter,
+                state: r.state,
+                requester: r.requester.to_string(),
+                request_id: r.request_id,
+                ts_ms: r.ts_ms,
+                derivation_path: None,
+                purpose: None,
+                region: None,
+                ttl_s: None,
+                scheme_version: None,
+                rotation_id: r.rotation_id,
+                prev_hash: lr.prev_hash,
+                hash: lr.hash,
+            }
+        }
+        type Fut<T> = crate::store::LocalFuture<Result<T, crate::store::StoreError>>;
+        struct Growing {
+            rows: RefCell<Vec<crate::store::AuditRow>>,
+            assets: RefCell<Vec<StoredAsset>>,
+            /// Committed at the first page read: a rotation, record and counter.
+            pending: RefCell<Option<(crate::store::AuditRow, StoredAsset)>>,
+            in_snapshot: Cell<bool>,
+        }
+        impl AuditSource for Growing {
+            fn begin(&self) -> Fut<()> {
+                self.in_snapshot.set(true);
+                Box::pin(async { Ok(()) })
+            }
+            fn end(&self) -> Fut<()> {
+                self.in_snapshot.set(false);
+                Box::pin(async { Ok(()) })
+            }
+            fn shards(&self) -> Fut<Vec<u16>> {
+                Box::pin(async { Ok(vec![0]) })
+            }
+            fn last_seq(&self, _: u16) -> Fut<u64> {
+                let last = self.rows.borrow().last().map_or(0, |r| r.seq);
+                Box::pin(async move { Ok(last) })
+            }
+            fn records(&self, _: u16, from: u64, limit: usize) -> Fut<Vec<crate::store::RowRead>> {
+                assert!(
+                    !self.in_snapshot.get(),
+                    "pages are read outside the snapshot"
+                );
+                if let Some((row, asset)) = self.pending.borrow_mut().take() {
+                    self.rows.borrow_mut().push(row);
+                    self.assets.borrow_mut()[0] = asset;
+                }
+                let rows: Vec<_> = self
+                    .rows
+                    .borrow()
+                    .iter()
+                    .filter(|r| r.seq >= from && r.seq < from + limit as u64)
+                    .map(|r| crate::store::RowRead {
+                        seq: r.seq,
+                        row: Ok(r.clone()),
+                    })
+                    .collect();
+                Box::pin(async move { Ok(rows) })
+            }
+            fn checkpoints(&self, _: u16, _: u64, _: u64) -> Fut<Vec<Checkpoint>> {
+                Box::pin(async { Ok(Vec::new()) })
+            }
+            fn assets(&self) -> Fut<Vec<StoredAsset>> {
+                assert!(
+                    self.in_snapshot.get(),
+                    "the key table is read in the snapshot"
+                );
+                let assets = self.assets.borrow().clone();
+                Box::pin(async move { Ok(assets) })
+            }
+        }
+        let a = Uuid::from_u128(7);
+        let mut head = GENESIS;
+        let first = chained(vec![record(0, 1, AuditEvent::Register, a, 0)], &mut head);
+        let mut rotation = record(0, 2, AuditEvent::Rotate, a, 1);
+        rotation.rotation_id = Some(Uuid::from_u128(99));
+        let second = chained(vec![rotation], &mut head);
+        let source = Growing {
+            rows: RefCell::new(vec![row_of(&first[0])]),
+            assets: RefCell::new(vec![stored(a, 0)]),
+            pending: RefCell::new(Some((row_of(&second[0]), stored(a, 1)))),
+            in_snapshot: Cell::new(false),
+        };
+        let mut r = Reconciler::new();
+        let run = |r: &mut Reconciler| {
+            futures_lite::future::block_on(reconcile(r, &source, None, &Pace::FULL_SPEED)).unwrap()
+        };
+        let report = run(&mut r);
+        assert_eq!(report.records_checked, 1, "the rotation is past the head");
+        assert!(report.findings.is_empty(), "{:?}", report.findings);
+        let report = run(&mut r);
+        assert_eq!(report.records_checked, 1, "the next run takes it");
+        assert!(report.findings.is_empty(), "{:?}", report.findings);
+        assert_eq!(report.assets_drifted, 0);
     }
 
     #[test]

@@ -176,6 +176,7 @@ pub fn run_with_reload(
         config.store.backend.clone(),
         key.clone(),
         config.audit.reconcile_interval,
+        config.audit.reconcile_rate,
     ) {
         Ok(a) => Some(Arc::new(a)),
         Err(e) => {

@@ -533,7 +533,9 @@ impl Shard {
                 *f.transitions.entry(k).or_default() += v;
             }
             f.rate_limited = self.rate_limited.get();
-            f.assets = self.state.borrow().assets.len() as u64;
+            let st = self.state.borrow();
+            f.assets = st.assets.len() as u64;
+            f.audit_head_seq = st.durable_next.saturating_sub(1);
         }
         self.figures.borrow()
     }

@@ -69,6 +69,52 @@ fn tamper(db: &Path, sql: &str) {
     c.execute_batch(sql).unwrap();
 }
 
+/// Runs `statements` on `db`, then recomputes every hash of `shard`'s chain with this
+/// repository's verifier, as someone with write access to the store could. `false` when
+/// python3 cannot run (allowed only without CUSTODY_REQUIRE_SERVICES=1).
+fn rewrite_with_recomputed_hashes(db: &Path, shard: u16, statements: &[&str]) -> bool {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("appliance");
+    let statements: String = statements
+        .iter()
+        .map(|sql| format!("c.execute({sql:?})\n"))
+        .collect();
+    let rewrite = format!(
+        r#"
+import sqlite3, sys
+sys.path.insert(0, {dir:?})
+import audit_verify as v
+c = sqlite3.connect({db:?}, timeout=10)
+c.row_factory = sqlite3.Row
+{statements}
+rows = [dict(r) for r in c.execute("SELECT %s FROM custody_audit_log WHERE shard = {shard} ORDER BY seq" % ", ".join(v.COLUMNS))]
+prev = v.GENESIS
+for r in rows:
+    h = v.chain_hash(r, prev)
+    c.execute("UPDATE custody_audit_log SET prev_hash = ?, hash = ? WHERE shard = ? AND seq = ?", (prev, h, r["shard"], r["seq"]))
+    prev = h
+c.commit()
+"#,
+        dir = script.display().to_string(),
+        db = db.display().to_string(),
+    );
+    let out = match Command::new("python3").arg("-c").arg(&rewrite).output() {
+        Ok(out) => out,
+        Err(e) => {
+            assert!(
+                std::env::var("CUSTODY_REQUIRE_SERVICES").as_deref() != Ok("1"),
+                "{e}"
+            );
+            return false;
+        }
+    };
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    true
+}
+
 #[test]
 fn every_record_is_chained_and_checkpointed_and_tampering_is_found() {
     let mut app = TestAppliance::start_with(&format!(
@@ -201,41 +247,11 @@ fn a_rewritten_tail_with_recomputed_hashes_is_caught_by_the_checkpoints() {
         .shard;
     // Change a derivation's counter and recompute every hash after it, as someone with
     // write access to the store (and this repository's verifier) could.
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("appliance");
-    let rewrite = format!(
-        r#"
-import sqlite3, sys
-sys.path.insert(0, {dir:?})
-import audit_verify as v
-c = sqlite3.connect({db:?})
-c.row_factory = sqlite3.Row
-c.execute("UPDATE custody_audit_log SET counter = 77 WHERE shard = {shard} AND seq = 3")
-rows = [dict(r) for r in c.execute("SELECT %s FROM custody_audit_log WHERE shard = {shard} ORDER BY seq" % ", ".join(v.COLUMNS))]
-prev = v.GENESIS
-for r in rows:
-    h = v.chain_hash(r, prev)
-    c.execute("UPDATE custody_audit_log SET prev_hash = ?, hash = ? WHERE shard = ? AND seq = ?", (prev, h, r["shard"], r["seq"]))
-    prev = h
-c.commit()
-"#,
-        dir = script.display().to_string(),
-        db = copy.display().to_string(),
-    );
-    let out = match Command::new("python3").arg("-c").arg(&rewrite).output() {
-        Ok(out) => out,
-        Err(e) => {
-            assert!(
-                std::env::var("CUSTODY_REQUIRE_SERVICES").as_deref() != Ok("1"),
-                "{e}"
-            );
-            return;
-        }
-    };
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let sql =
+        format!("UPDATE custody_audit_log SET counter = 77 WHERE shard = {shard} AND seq = 3");
+    if !rewrite_with_recomputed_hashes(&copy, shard, &[&sql]) {
+        return;
+    }
     let seed = app.dir.path().join("dev-seed.bin");
     let (code, report) = verify(&copy, Some(&seed)).unwrap();
     let found = findings(&report);
@@ -247,4 +263,74 @@ c.commit()
         "{found:?}"
     );
     assert!(!found.is_empty());
+}
+
+/// The chain's limit and what closes it while the appliance runs: a tail rewritten with
+/// recomputed hashes, its checkpoints deleted, passes a reconciliation (nothing
+/// authenticated covers it) until the shard's next record, which links to the hash the
+/// shard kept in memory, not to the rewritten one.
+#[test]
+fn a_tail_rewritten_with_its_checkpoints_deleted_breaks_at_the_next_record() {
+    let app = TestAppliance::start_with(&format!("[policy]\n{}", common::TEST_ROLES));
+    let rt = runtime();
+    let c = rt.block_on(Client::connect(&app.client_config())).unwrap();
+    let a = asset(611);
+    rt.block_on(async {
+        c.register(a).await.unwrap();
+        for _ in 0..5 {
+            c.derive(derive_body(a, "m/44'/0'/0'/0'/9")).await.unwrap();
+        }
+    });
+    let shard = read_audit(&app.db_path())
+        .iter()
+        .find(|r| r.asset == a)
+        .unwrap()
+        .shard;
+    let reconcile = || {
+        let out = app.custody(&[
+            "--addr",
+            &app.addr.to_string(),
+            "--certs",
+            &app.certs().display().to_string(),
+            "--json",
+            "reconcile",
+            "--full",
+        ]);
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "{e}: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+        (out.status.code().unwrap_or(-1), report)
+    };
+    // The live store, behind the appliance's back.
+    let delete =
+        format!("DELETE FROM custody_audit_checkpoints WHERE shard = {shard} AND seq >= 3");
+    let change = format!(
+        "UPDATE custody_audit_log SET requester = 'someone-else' WHERE shard = {shard} AND seq = 3"
+    );
+    if !rewrite_with_recomputed_hashes(&app.db_path(), shard, &[&delete, &change]) {
+        return;
+    }
+    // The limit docs/audit.md states: nothing authenticated covers records 3 to 6 now.
+    let (code, report) = reconcile();
+    assert_eq!(code, 0, "{report:#}");
+    assert_eq!(report["findings_total"].as_u64(), Some(0), "{report:#}");
+    // The shard's next record links to the hash it kept, not to the rewritten tail.
+    rt.block_on(c.derive(derive_body(a, "m/44'/0'/0'/0'/9")))
+        .unwrap();
+    let (code, report) = reconcile();
+    assert_eq!(code, 1, "{report:#}");
+    let findings: Vec<&str> = report["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|f| f.as_str())
+        .collect();
+    assert!(
+        findings.iter().any(|f| f.starts_with("CHAIN_BROKEN")),
+        "{report:#}"
+    );
 }

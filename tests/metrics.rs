@@ -211,6 +211,11 @@ fn metrics_count_real_requests_and_health_follows_the_seal() {
         .map(|s| get(&m, &format!("custody_assets{{shard=\"{s}\"}}")))
         .sum();
     assert_eq!(assets, 1.0);
+    // Each shard numbers its records from 1: the heads add up to the 6 records.
+    let heads: f64 = (0..2)
+        .map(|s| get(&m, &format!("custody_audit_head_seq{{shard=\"{s}\"}}")))
+        .sum();
+    assert_eq!(heads, 6.0);
     let accepted: f64 = (0..2)
         .map(|s| {
             get(
@@ -274,4 +279,142 @@ fn the_admin_listener_refuses_what_it_does_not_serve() {
     let mut reply = String::new();
     let _ = s.read_to_string(&mut reply);
     assert_eq!(reply.split(' ').nth(1), Some("431"), "{reply}");
+}
+
+/// The metric families of a scrape (`# TYPE` lines), with each histogram's series names.
+fn exported_names(scrape: &str) -> std::collections::BTreeSet<String> {
+    let mut names = std::collections::BTreeSet::new();
+    for line in scrape.lines() {
+        let mut words = line.split_whitespace();
+        if let (Some("#"), Some("TYPE"), Some(name), Some(kind)) =
+            (words.next(), words.next(), words.next(), words.next())
+        {
+            names.insert(name.to_owned());
+            if kind == "histogram" {
+                for suffix in ["_bucket", "_sum", "_count"] {
+                    names.insert(format!("{name}{suffix}"));
+                }
+            }
+        }
+    }
+    names
+}
+
+/// Every `custody_…` name in `text`.
+fn custody_names(text: &str) -> std::collections::BTreeSet<String> {
+    let mut names = std::collections::BTreeSet::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("custody_") {
+        let word: String = rest[at..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        // `custody_` inside a longer identifier is not a metric name.
+        let before = rest[..at].chars().next_back();
+        if !before.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_') {
+            names.insert(word.clone());
+        }
+        rest = &rest[at + word.len()..];
+    }
+    names
+}
+
+/// Runs promtool with `args` in `dir`: `None` when promtool is missing (not allowed with
+/// CUSTODY_REQUIRE_SERVICES=1).
+fn promtool(dir: &std::path::Path, args: &[&str]) -> Option<(bool, String)> {
+    match std::process::Command::new("promtool")
+        .args(args)
+        .current_dir(dir)
+        .output()
+    {
+        Ok(out) => Some((
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )),
+        Err(e) => {
+            assert!(
+                std::env::var("CUSTODY_REQUIRE_SERVICES").as_deref() != Ok("1"),
+                "CUSTODY_REQUIRE_SERVICES=1 but promtool cannot run ({e}); apt-get install prometheus"
+            );
+            eprintln!("promtool not found ({e}): skipping the alert rules' checks");
+            None
+        }
+    }
+}
+
+/// The alert rules and the Grafana dashboard refer only to series a running appliance
+/// exports; promtool accepts the rules and their unit tests pass (each alert fires on its
+/// series, at its time, and a healthy appliance raises none).
+#[test]
+fn alerts_and_dashboard_use_only_exported_metrics() {
+    let app = TestAppliance::start();
+    let (code, scrape) = http_get(app.admin, "/metrics");
+    assert_eq!(code, 200);
+    let exported = exported_names(&scrape);
+    assert!(exported.contains("custody_derivation_latency_seconds_bucket"));
+    assert!(exported.contains("custody_audit_reconciliation_drift_ratio"));
+
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("appliance");
+    let alerts = std::fs::read_to_string(root.join("prometheus/alerts.yml")).unwrap();
+    // Names in the rules' expressions (annotations and comments name no series).
+    let exprs: String = alerts
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .filter(|l| !l.contains("summary:") && !l.contains("description:"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let used = custody_names(&exprs);
+    assert!(used.len() >= 10, "{used:?}");
+    let unknown: Vec<_> = used.difference(&exported).collect();
+    assert!(
+        unknown.is_empty(),
+        "alerts.yml uses {unknown:?}, not exported"
+    );
+
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("grafana/custody.json")).unwrap())
+            .expect("the dashboard is JSON");
+    let mut exprs = Vec::new();
+    let mut titles = 0;
+    for panel in dashboard["panels"].as_array().unwrap() {
+        if panel["type"] == "row" {
+            continue;
+        }
+        titles += 1;
+        let targets = panel["targets"].as_array().unwrap();
+        assert!(!targets.is_empty(), "panel {} has no query", panel["title"]);
+        for t in targets {
+            exprs.push(t["expr"].as_str().unwrap().to_owned());
+        }
+    }
+    let used = custody_names(&exprs.join("\n"));
+    let unknown: Vec<_> = used.difference(&exported).collect();
+    assert!(
+        unknown.is_empty(),
+        "custody.json uses {unknown:?}, not exported"
+    );
+    // Every exported family is on the dashboard somewhere.
+    let families: Vec<_> = exported
+        .iter()
+        .filter(|n| !["_bucket", "_sum", "_count"].iter().any(|s| n.ends_with(s)))
+        .filter(|n| {
+            !used.contains(*n)
+                && !used.contains(&format!("{n}_bucket"))
+                && !used.contains(&format!("{n}_sum"))
+        })
+        .collect();
+    assert!(families.is_empty(), "not on the dashboard: {families:?}");
+    assert!(titles >= 20);
+
+    let dir = root.join("prometheus");
+    if let Some((ok, said)) = promtool(&dir, &["check", "rules", "alerts.yml"]) {
+        assert!(ok, "promtool check rules:\n{said}");
+    }
+    if let Some((ok, said)) = promtool(&dir, &["test", "rules", "alerts_test.yml"]) {
+        assert!(ok, "promtool test rules:\n{said}");
+    }
 }

@@ -101,6 +101,14 @@ fn sqlite_a_clean_log_has_no_finding_and_each_tampering_its_own() {
             "CHAIN_BROKEN",
         ),
         (
+            "delete the last record (its checkpoint kept)",
+            format!(
+                "DELETE FROM custody_audit_log WHERE shard = {s} AND seq = \
+                 (SELECT max(seq) FROM custody_audit_log WHERE shard = {s})"
+            ),
+            "CHAIN_BROKEN",
+        ),
+        (
             "change an audited counter",
             format!("UPDATE custody_audit_log SET counter = counter + 5 WHERE shard = {s} AND seq = 4"),
             "CHAIN_BROKEN",

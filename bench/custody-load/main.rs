@@ -58,6 +58,14 @@ OPTIONS:
                     connection of its own (the derivations use US-EAST); the report
                     gives the switch's answer latency (SET_REGION is committed, then
                     in force on every core)
+  --reconcile-phase-s S  during the measured window, alternate S-second phases with
+                    and without full reconciliations (RECONCILE --full back to back on
+                    a connection of its own); each derivation is classed by whether a
+                    reconciliation was in flight at any moment of its life, and the
+                    report gives the latency of both classes from the same run (demo:
+                    the appliance's periodic runs are off, so none runs unseen)
+  --reconcile-rate N  (demo) the appliance's audit.reconcile_records_per_s (default
+                    50000; 0 = unpaced)
   --json            print the report as JSON";
 
 /// A request that has not answered after this long counts as an error (TIMEOUT).
@@ -80,6 +88,8 @@ struct Options {
     verify_db: Option<PathBuf>,
     rotate_percent: f64,
     toggle_region_ms: Option<u64>,
+    reconcile_phase: Option<Duration>,
+    reconcile_rate: Option<u64>,
     json: bool,
 }
 
@@ -111,6 +121,8 @@ fn real_main() -> anyhow::Result<i32> {
         verify_db: None,
         rotate_percent: 0.0,
         toggle_region_ms: None,
+        reconcile_phase: None,
+        reconcile_rate: None,
         json: false,
     };
     let mut command = None;
@@ -132,6 +144,10 @@ fn real_main() -> anyhow::Result<i32> {
             Long("verify-db") => o.verify_db = Some(p.value()?.into()),
             Long("rotate-percent") => o.rotate_percent = p.value()?.parse()?,
             Long("toggle-region-ms") => o.toggle_region_ms = Some(p.value()?.parse()?),
+            Long("reconcile-phase-s") => {
+                o.reconcile_phase = Some(Duration::from_secs_f64(p.value()?.parse()?))
+            }
+            Long("reconcile-rate") => o.reconcile_rate = Some(p.value()?.parse()?),
             Long("json") => o.json = true,
             Long("help") | Short('h') => {
                 println!("{USAGE}");
@@ -143,6 +159,11 @@ fn real_main() -> anyhow::Result<i32> {
     }
     if o.rate == 0 || o.connections == 0 || o.depth == 0 || o.assets == 0 {
         bail!("--rate, --connections, --depth and --assets must be positive");
+    }
+    if o.reconcile_phase
+        .is_some_and(|d| d < Duration::from_millis(100))
+    {
+        bail!("--reconcile-phase-s must be at least 0.1");
     }
     if !(0.0..=100.0).contains(&o.rotate_percent) {
         bail!("--rotate-percent must be between 0 and 100");
@@ -216,6 +237,18 @@ fn demo(o: Options) -> anyhow::Result<i32> {
         Some(ttl) => format!("\n[seal]\ncache_ttl_s = {ttl}\n"),
         None => String::new(),
     };
+    // With --reconcile-phase-s the harness's runs are the only ones: the appliance's own
+    // periodic runs would fall in the quiet phases unseen.
+    let mut audit_section = String::new();
+    if let Some(n) = o.reconcile_rate {
+        audit_section += &format!("reconcile_records_per_s = {n}\n");
+    }
+    if o.reconcile_phase.is_some() {
+        audit_section += "reconcile_interval_s = 0\n";
+    }
+    if !audit_section.is_empty() {
+        audit_section = format!("\n[audit]\n{audit_section}");
+    }
     let config = dir.join("custody.toml");
     // The harness's client registers, derives and reads status; its rate limit is set out
     // of the way of the measurement (the limiter still runs on every request).
@@ -223,7 +256,7 @@ fn demo(o: Options) -> anyhow::Result<i32> {
     std::fs::write(
         &config,
         format!(
-            "# written by custody-load demo\n[server]\nlisten = \"{addr}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\ncores = {}\nstate_dir = \"{}\"\nlog_level = \"info\"\nstats_log_interval_s = 1\n\n[tls]\ncert = \"certs/server.pem\"\nkey = \"certs/server.key\"\nclient_ca = \"certs/ca.pem\"\n\n{store_section}{seal_section}{POLICY_SECTION}",
+            "# written by custody-load demo\n[server]\nlisten = \"{addr}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\ncores = {}\nstate_dir = \"{}\"\nlog_level = \"info\"\nstats_log_interval_s = 1\n\n[tls]\ncert = \"certs/server.pem\"\nkey = \"certs/server.key\"\nclient_ca = \"certs/ca.pem\"\n\n{store_section}{seal_section}{audit_section}{POLICY_SECTION}",
             o.cores.unwrap_or(0),
             dir.display()
         ),
@@ -368,6 +401,20 @@ struct Stats {
     rotations_sent: u64,
     rotations_ok: u64,
     rotations_busy: u64,
+    /// Measured derivations with a reconciliation in flight at some moment of their life
+    /// (`--reconcile-phase-s`), and those without.
+    during_reconcile_us: Option<Histogram<u64>>,
+    quiet_us: Option<Histogram<u64>>,
+}
+
+/// The full reconciliations run during the window (`--reconcile-phase-s`).
+#[derive(Default)]
+struct ReconcileLoad {
+    runs: u64,
+    records: u64,
+    findings: u64,
+    busy_refusals: u64,
+    run_ms: Vec<f64>,
 }
 
 struct Report {
@@ -384,6 +431,8 @@ struct Report {
     region_switch_us: Vec<u64>,
     /// The appliance's full reconciliation after the run (demo only).
     reconciliation: Option<custody::wire::ReconcileSummary>,
+    /// Reconciliations run during the window (`--reconcile-phase-s`).
+    reconcile_load: Option<ReconcileLoad>,
 }
 
 fn lock_vec<T>(m: &Mutex<Vec<T>>) -> std::sync::MutexGuard<'_, Vec<T>> {
@@ -507,6 +556,8 @@ fn drive(o: &Options, addr: SocketAddr, certs: &Path, seed: u64) -> anyhow::Resu
     let stats = Arc::new(Mutex::new(Stats {
         latency_us: Some(Histogram::new_with_bounds(1, 60_000_000, 3)?),
         live_latency_us: Some(Histogram::new_with_bounds(1, 60_000_000, 3)?),
+        during_reconcile_us: Some(Histogram::new_with_bounds(1, 60_000_000, 3)?),
+        quiet_us: Some(Histogram::new_with_bounds(1, 60_000_000, 3)?),
         ..Stats::default()
     }));
     let total = (o.rate as f64 * (o.warmup + o.duration).as_secs_f64()).round() as u64;
@@ -538,6 +589,54 @@ fn drive(o: &Options, addr: SocketAddr, certs: &Path, seed: u64) -> anyhow::Resu
                     client.set_region("EU-WEST", true).await?;
                 }
                 anyhow::Ok(())
+            }))
+        }
+        None => None,
+    };
+    // The reconciler load: in odd phases of the measured window, full reconciliations
+    // back to back on a connection of its own. `epoch` is odd while one is in flight and
+    // moves on at every start and end, so a derivation can tell whether its life crossed
+    // one (`epoch` at its scheduled time odd, or different at its answer).
+    let epoch = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let reconciler = match o.reconcile_phase {
+        Some(phase) => {
+            let (finished, epoch) = (finished.clone(), epoch.clone());
+            let config = client_config(addr, certs);
+            Some(rt.spawn(async move {
+                let client = Client::connect(&config).await?;
+                let mut load = ReconcileLoad::default();
+                loop {
+                    let now = Instant::now();
+                    if finished.load(Ordering::Relaxed) || now >= measure_until {
+                        break;
+                    }
+                    let in_window = now.saturating_duration_since(measure_from);
+                    let phase_no = (in_window.as_nanos() / phase.as_nanos().max(1)) as u64;
+                    if now < measure_from || phase_no % 2 == 0 {
+                        // A quiet phase: sleep to the next reconciling one.
+                        let next = measure_from + phase * (phase_no as u32 | 1);
+                        tokio::time::sleep_until(next.into()).await;
+                        continue;
+                    }
+                    epoch.fetch_add(1, Ordering::AcqRel);
+                    let sent = Instant::now();
+                    let result = client.reconcile(true).await;
+                    epoch.fetch_add(1, Ordering::AcqRel);
+                    match result {
+                        Ok(r) => {
+                            load.runs += 1;
+                            load.records += r.records_checked;
+                            load.findings += u64::from(r.findings_total);
+                            load.run_ms.push(sent.elapsed().as_secs_f64() * 1000.0);
+                        }
+                        Err(ClientError::Refused(r)) if r.status == custody::wire::Status::Busy => {
+                            load.busy_refusals += 1;
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                        }
+                        Err(e) => return Err(anyhow::anyhow!("reconciliation under load: {e}")),
+                    }
+                }
+                anyhow::Ok(load)
             }))
         }
         None => None,
@@ -646,6 +745,8 @@ fn drive(o: &Options, addr: SocketAddr, certs: &Path, seed: u64) -> anyhow::Resu
         }
         let stats = stats.clone();
         let slot = inflight[conn].clone();
+        let epoch_at_schedule = epoch.load(Ordering::Acquire);
+        let epoch = epoch.clone();
         clients[conn].start(
             &request,
             Box::new(move |result| {
@@ -667,6 +768,16 @@ fn drive(o: &Options, addr: SocketAddr, certs: &Path, seed: u64) -> anyhow::Resu
                             s.measured_ok += 1;
                             s.last_measured_done = Some(done);
                             if let Some(h) = s.latency_us.as_mut() {
+                                let _ = h.record(latency_us);
+                            }
+                            let crossed = epoch_at_schedule % 2 == 1
+                                || epoch.load(Ordering::Acquire) != epoch_at_schedule;
+                            let class = if crossed {
+                                s.during_reconcile_us.as_mut()
+                            } else {
+                                s.quiet_us.as_mut()
+                            };
+                            if let Some(h) = class {
                                 let _ = h.record(latency_us);
                             }
                         }
@@ -719,6 +830,10 @@ fn drive(o: &Options, addr: SocketAddr, certs: &Path, seed: u64) -> anyhow::Resu
     if let Some(switcher) = switcher {
         rt.block_on(switcher)??;
     }
+    let reconcile_load = match reconciler {
+        Some(r) => Some(rt.block_on(r)??),
+        None => None,
+    };
     let switch_us = std::mem::take(&mut *lock_vec(&switch_us));
     drop(clients);
     drop(rt);
@@ -747,6 +862,7 @@ fn drive(o: &Options, addr: SocketAddr, certs: &Path, seed: u64) -> anyhow::Resu
         seal_refreshes: None,
         region_switch_us: switch_us,
         reconciliation: None,
+        reconcile_load,
     })
 }
 
@@ -806,6 +922,24 @@ fn finish(o: &Options, report: Report, audit: Option<AuditSource>) -> anyhow::Re
     let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
     let throughput = s.measured_ok as f64 / report.measured_elapsed.as_secs_f64();
     let errors_total: u64 = s.errors.values().sum();
+    // With `--reconcile-phase-s`: the derivations' latency with and without a full
+    // reconciliation in flight, and what the reconciliations did.
+    let classes = report.reconcile_load.as_ref().map(|load| {
+        let figures = |h: Option<&Histogram<u64>>| {
+            h.filter(|h| !h.is_empty()).map(|h| {
+                let q = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+                (h.len(), q(0.5), q(0.99), q(0.999), h.max() as f64 / 1000.0)
+            })
+        };
+        let mut run_ms = load.run_ms.clone();
+        run_ms.sort_by(f64::total_cmp);
+        (
+            figures(s.during_reconcile_us.as_ref()),
+            figures(s.quiet_us.as_ref()),
+            run_ms.get(run_ms.len() / 2).copied(),
+            load,
+        )
+    });
     if o.json {
         let json = serde_json::json!({
             "rate_target": o.rate,
@@ -843,6 +977,17 @@ fn finish(o: &Options, report: Report, audit: Option<AuditSource>) -> anyhow::Re
             "audit": audit.as_ref().map(|a| serde_json::json!({
                 "acknowledged": a.acknowledged, "found": a.found, "missing": a.missing, "mismatched": a.mismatched,
             })),
+            "reconcile_load": classes.as_ref().map(|(during, quiet, run_p50, load)| {
+                let class = |c: &Option<(u64, f64, f64, f64, f64)>| c.map(|(n, p50, p99, p999, max)| serde_json::json!({
+                    "derivations": n, "p50_ms": p50, "p99_ms": p99, "p99_9_ms": p999, "max_ms": max,
+                }));
+                serde_json::json!({
+                    "phase_s": o.reconcile_phase.map(|d| d.as_secs_f64()),
+                    "runs": load.runs, "records_checked": load.records, "findings": load.findings,
+                    "busy_refusals": load.busy_refusals, "run_ms_p50": run_p50,
+                    "during_reconciliation": class(during), "without": class(quiet),
+                })
+            }),
             "reconciliation": report.reconciliation.as_ref().map(|r| serde_json::json!({
                 "records_checked": r.records_checked, "checkpoints_checked": r.checkpoints_checked,
                 "assets_checked": r.assets_checked, "assets_drifted": r.assets_drifted,
@@ -886,6 +1031,25 @@ fn finish(o: &Options, report: Report, audit: Option<AuditSource>) -> anyhow::Re
             ms(0.999),
             h.max() as f64 / 1000.0
         );
+        if let Some((during, quiet, run_p50, load)) = &classes {
+            println!(
+                "  reconciling {} full runs in the {:.1} s phases ({} records checked, run p50 {}, {} findings, {} BUSY)",
+                load.runs,
+                o.reconcile_phase.map(|d| d.as_secs_f64()).unwrap_or(0.0),
+                load.records,
+                run_p50.map(|m| format!("{m:.0} ms")).unwrap_or_else(|| "-".into()),
+                load.findings,
+                load.busy_refusals
+            );
+            for (name, class) in [("during", during), ("without", quiet)] {
+                match class {
+                    Some((n, p50, p99, p999, max)) => println!(
+                        "    {name:<8} {n:>8} derivations  p50 {p50:.3} ms   p99 {p99:.3} ms   p99.9 {p999:.3} ms   max {max:.3} ms"
+                    ),
+                    None => println!("    {name:<8} no derivations"),
+                }
+            }
+        }
         if s.errors.is_empty() {
             println!("  errors      none");
         } else {
@@ -942,7 +1106,11 @@ fn finish(o: &Options, report: Report, audit: Option<AuditSource>) -> anyhow::Re
     let reconciled = report
         .reconciliation
         .as_ref()
-        .is_none_or(|r| r.findings_total == 0);
+        .is_none_or(|r| r.findings_total == 0)
+        && report
+            .reconcile_load
+            .as_ref()
+            .is_none_or(|l| l.findings == 0);
     Ok(if !audit_ok {
         4
     } else if !reconciled {

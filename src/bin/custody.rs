@@ -287,7 +287,7 @@ fn reconcile_text(s: &custody::wire::ReconcileSummary) -> String {
 
 /// `custody reconcile --offline`: a full run straight against the store.
 fn reconcile_offline(args: &Args) -> anyhow::Result<i32> {
-    use custody::reconcile::{reconcile, Reconciler};
+    use custody::reconcile::{reconcile, Pace, Reconciler};
     let file = args
         .config
         .as_ref()
@@ -324,7 +324,7 @@ fn reconcile_offline(args: &Args) -> anyhow::Result<i32> {
                 })
             };
             let mac: Option<custody::reconcile::MacCheck<'_>> = key.as_ref().map(|_| &check as _);
-            futures_lite::future::block_on(reconcile(&mut r, &reader, mac))?
+            futures_lite::future::block_on(reconcile(&mut r, &reader, mac, &Pace::FULL_SPEED))?
         }
         custody::config::StoreBackend::Postgres(pg) => {
             let pg = pg.clone();
@@ -344,7 +344,7 @@ fn reconcile_offline(args: &Args) -> anyhow::Result<i32> {
                 };
                 let mac: Option<custody::reconcile::MacCheck<'_>> =
                     key.as_ref().map(|_| &check as _);
-                reconcile(&mut r, &source, mac).await
+                reconcile(&mut r, &source, mac, &Pace::FULL_SPEED).await
             })??
         }
     };
