@@ -13,6 +13,6 @@ for r in $(seq 1 "$rounds"); do
     "$load" demo --rotate-percent "$pct" --json 2>/dev/null | python3 -c "
 import json, sys
 d = json.load(sys.stdin); l = d['latency_ms']
-print('%-6s %-8s %10.0f %9.3f %9.3f %9.3f %9.3f %7d %12d' % ('$r', '$pct %', d['throughput_rps'], l['p50'], l['p99'], l['p99_9'], l['max'], sum(d['errors'].values()), d['rotations_ok']))"
+print('%-6s %-8s %10.0f %9.3f %9.3f %9.3f %9.3f %7d %12d' % ('$r', '$pct %', d['throughput_rps'], l['p50'], l['p99'], l['p99_9'], l['max'], sum(d['errors'].values()), d['by_op'].get('rotate', {}).get('ok', 0)))"
   done
 done

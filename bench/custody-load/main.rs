@@ -3,16 +3,26 @@
 //! ```text
 //! custody-load demo [OPTIONS]                   start custodyd on the embedded store, drive it, verify
 //! custody-load run --addr A --certs DIR [OPTIONS] [--verify-db FILE]   drive a running appliance
+//! custody-load article --postgres URL [OPTIONS]   the same schedule against the article's design
+//! custody-load compare --postgres URL [OPTIONS]   custody on PostgreSQL, then the article's design
 //! ```
 //!
 //! Open loop at a constant rate: a pacing thread schedules each request at its own time,
 //! and latency is measured from that scheduled time, not from when the request could be
 //! sent, so a stall shows up in the figures instead of hiding (no coordinated omission).
-//! Requests scheduled during the warm-up are served but left out of the figures. At the
-//! end every acknowledged derivation's receipt (shard, seq) is looked up in the audit log,
-//! and (demo) the appliance reconciles its whole audit log. Exit status: 0, 4 when an
-//! acknowledged derivation has no audit record, 5 when the reconciliation finds anything
-//! (drift above 0 among it).
+//! Requests scheduled during the warm-up are served but left out of the figures. The
+//! assets are picked uniformly or by a Zipf law, the operations by a mix of DERIVE,
+//! ROTATE and STATUS. At the end a sample of the acknowledged derivations' receipts
+//! (all of them up to a million) is looked up in the audit log, and the appliance
+//! reconciles its whole audit log. Memory stays bounded for a run of any length (a 24 h
+//! soak): histograms, counters and a fixed-size sample of the receipts; the live line
+//! shows the harness's and (demo) the appliance's resident memory. Exit status: 0; 4 when
+//! an acknowledged derivation has no audit record; 5 when a reconciliation finds anything
+//! (drift above 0 among it); 6 when the derivations' p99 misses `--slo-p99`.
+
+mod article;
+mod stats;
+mod workload;
 
 use anyhow::{bail, Context};
 use custody::client::{Client, ClientConfig, ClientError};
@@ -20,14 +30,16 @@ use custody::store::postgres::{self, PgConfig};
 use custody::store::sqlite::SqliteReader;
 use custody::wire::{DeriveBody, Receipt, Reply, Request};
 use hdrhistogram::Histogram;
-use std::collections::{BTreeMap, HashMap};
+use stats::{Answer, Percentiles, Recorder};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use uuid::Uuid;
+use workload::{AssetPicker, Distribution, Mix, Op, Rng};
 
 const USAGE: &str = "usage:
   custody-load demo [OPTIONS]
@@ -35,15 +47,30 @@ const USAGE: &str = "usage:
       directory), drive it, verify the audit log, have it reconcile its whole audit
       log (exit 5 on any finding), stop it
   custody-load run --addr HOST:PORT --certs DIR [OPTIONS] [--verify-db FILE]
-      drive a running appliance (assets are registered first)
+      drive a running appliance (client.pem/client.key/ca.pem in DIR; the client needs
+      the deriver, operator and auditor roles), then have it reconcile its audit log
+  custody-load article --postgres URL [OPTIONS]
+      the same schedule against the article's design in a fresh database at URL: one
+      transaction per request (advisory lock, row lock, audit INSERT, COMMIT), over
+      --article-connections connections
+  custody-load compare --postgres URL [OPTIONS]
+      demo on PostgreSQL, then article, with the same options; prints both reports and
+      a table of the two
 
-OPTIONS:
+options:
   --rate N          requests per second (default 15000)
-  --duration S      measured seconds (default 10)
+  --duration S      measured seconds (default 10; a soak: 86400)
   --warmup S        seconds before the measurement, excluded from the figures (default 1)
   --connections N   TLS connections (default 4)
   --depth N         requests in flight per connection at most (default 256)
   --assets N        assets to register and spread the load over (default 1000)
+  --distribution D  how requests pick their asset: uniform (default), zipf (s = 1) or
+                    zipf:S (rank k gets weight 1/k^S)
+  --mix M           the operations, as weights: derive=90,rotate=5,status=5 (default
+                    derive=100); latency is reported per operation
+  --rotate-percent P  the same as --mix derive=100-P,rotate=P
+  --slo-p99 D       exit 6 when the derivations' p99 is above D (e.g. 35ms, 0.05s)
+  --no-reconcile    (run) skip the closing reconciliation (it needs the auditor role)
   --cores N         (demo) appliance cores (default: all)
   --state-dir DIR   (demo) where to put the appliance's files (default: a new temp dir)
   --postgres URL    (demo) use PostgreSQL at URL (e.g. postgresql://root@127.0.0.1/test)
@@ -51,9 +78,6 @@ OPTIONS:
                     verified and dropped
   --seal-ttl S      (demo) the seed cache's TTL (seal.cache_ttl_s; default 300): the
                     report counts the refreshes through the seal provider in the window
-  --rotate-percent P  this share of the requests (0-100, default 0) are ROTATEs of the
-                    chosen asset instead of DERIVEs; the latency figures stay the
-                    derivations' (so p99 with and without rotations compare directly)
   --toggle-region-ms MS  switch the region EU-WEST off and on again every MS ms on a
                     connection of its own (the derivations use US-EAST); the report
                     gives the switch's answer latency (SET_REGION is committed, then
@@ -66,7 +90,10 @@ OPTIONS:
                     the appliance's periodic runs are off, so none runs unseen)
   --reconcile-rate N  (demo) the appliance's audit.reconcile_records_per_s (default
                     50000; 0 = unpaced)
-  --json            print the report as JSON";
+  --article-connections N  (article, compare) PostgreSQL connections for the article's
+                    design, each one transaction at a time (default 16: pgbench's best
+                    on this hardware, bench/article/run.sh)
+  --json            print the report as JSON (and no live line)";
 
 /// A request that has not answered after this long counts as an error (TIMEOUT).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -79,6 +106,10 @@ struct Options {
     connections: usize,
     depth: usize,
     assets: usize,
+    distribution: Distribution,
+    mix: Mix,
+    slo_p99: Option<Duration>,
+    reconcile_at_end: bool,
     cores: Option<usize>,
     state_dir: Option<PathBuf>,
     postgres: Option<String>,
@@ -86,10 +117,10 @@ struct Options {
     addr: Option<SocketAddr>,
     certs: Option<PathBuf>,
     verify_db: Option<PathBuf>,
-    rotate_percent: f64,
     toggle_region_ms: Option<u64>,
     reconcile_phase: Option<Duration>,
     reconcile_rate: Option<u64>,
+    article_connections: usize,
     json: bool,
 }
 
@@ -112,6 +143,10 @@ fn real_main() -> anyhow::Result<i32> {
         connections: 4,
         depth: 256,
         assets: 1000,
+        distribution: Distribution::Uniform,
+        mix: Mix::default(),
+        slo_p99: None,
+        reconcile_at_end: true,
         cores: None,
         state_dir: None,
         postgres: None,
@@ -119,10 +154,10 @@ fn real_main() -> anyhow::Result<i32> {
         addr: None,
         certs: None,
         verify_db: None,
-        rotate_percent: 0.0,
         toggle_region_ms: None,
         reconcile_phase: None,
         reconcile_rate: None,
+        article_connections: 16,
         json: false,
     };
     let mut command = None;
@@ -135,6 +170,11 @@ fn real_main() -> anyhow::Result<i32> {
             Long("connections") => o.connections = p.value()?.parse()?,
             Long("depth") => o.depth = p.value()?.parse()?,
             Long("assets") => o.assets = p.value()?.parse()?,
+            Long("distribution") => o.distribution = Distribution::parse(&p.value()?.string()?)?,
+            Long("mix") => o.mix = Mix::parse(&p.value()?.string()?)?,
+            Long("rotate-percent") => o.mix = Mix::rotate_percent(p.value()?.parse()?)?,
+            Long("slo-p99") => o.slo_p99 = Some(workload::parse_duration(&p.value()?.string()?)?),
+            Long("no-reconcile") => o.reconcile_at_end = false,
             Long("cores") => o.cores = Some(p.value()?.parse()?),
             Long("state-dir") => o.state_dir = Some(p.value()?.into()),
             Long("postgres") => o.postgres = Some(p.value()?.string()?),
@@ -142,12 +182,12 @@ fn real_main() -> anyhow::Result<i32> {
             Long("addr") => o.addr = Some(p.value()?.parse()?),
             Long("certs") => o.certs = Some(p.value()?.into()),
             Long("verify-db") => o.verify_db = Some(p.value()?.into()),
-            Long("rotate-percent") => o.rotate_percent = p.value()?.parse()?,
             Long("toggle-region-ms") => o.toggle_region_ms = Some(p.value()?.parse()?),
             Long("reconcile-phase-s") => {
                 o.reconcile_phase = Some(Duration::from_secs_f64(p.value()?.parse()?))
             }
             Long("reconcile-rate") => o.reconcile_rate = Some(p.value()?.parse()?),
+            Long("article-connections") => o.article_connections = p.value()?.parse()?,
             Long("json") => o.json = true,
             Long("help") | Short('h') => {
                 println!("{USAGE}");
@@ -157,31 +197,58 @@ fn real_main() -> anyhow::Result<i32> {
             _ => return Err(arg.unexpected().into()),
         }
     }
-    if o.rate == 0 || o.connections == 0 || o.depth == 0 || o.assets == 0 {
-        bail!("--rate, --connections, --depth and --assets must be positive");
+    if o.rate == 0
+        || o.connections == 0
+        || o.depth == 0
+        || o.assets == 0
+        || o.article_connections == 0
+    {
+        bail!(
+            "--rate, --connections, --depth, --assets and --article-connections must be positive"
+        );
     }
     if o.reconcile_phase
         .is_some_and(|d| d < Duration::from_millis(100))
     {
         bail!("--reconcile-phase-s must be at least 0.1");
     }
-    if !(0.0..=100.0).contains(&o.rotate_percent) {
-        bail!("--rotate-percent must be between 0 and 100");
-    }
     match command.as_deref() {
-        Some("demo") => demo(o),
+        Some("demo") => Ok(demo(o)?.0),
         Some("run") => {
             let addr = o.addr.context("run needs --addr")?;
             let certs = o.certs.clone().context("run needs --certs DIR")?;
-            let report = drive(&o, addr, &certs, 0)?;
+            let mut report = drive(&o, addr, &certs, 0, None)?;
+            if o.reconcile_at_end {
+                report.reconciliation = Some(closing_reconciliation(addr, &certs)?);
+            }
             let audit = o.verify_db.clone().map(AuditSource::Sqlite);
-            finish(&o, report, audit)
+            Ok(finish(&o, report, audit)?.0)
         }
+        Some("article") => Ok(article(&o)?.0),
+        Some("compare") => compare(o),
         _ => {
             eprintln!("{USAGE}");
             Ok(2)
         }
     }
+}
+
+/// The appliance's full reconciliation of its audit log, asked for after the run.
+fn closing_reconciliation(
+    addr: SocketAddr,
+    certs: &Path,
+) -> anyhow::Result<custody::wire::ReconcileSummary> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let c = Client::connect(&client_config(addr, certs)).await?;
+        c.reconcile(true).await.map_err(|e| {
+            anyhow::anyhow!(
+                "the closing reconciliation: {e} (the client needs the auditor role; --no-reconcile skips it)"
+            )
+        })
+    })
 }
 
 /// The appliance started by `demo`; killed when dropped.
@@ -197,7 +264,7 @@ impl Drop for Appliance {
     }
 }
 
-fn demo(o: Options) -> anyhow::Result<i32> {
+fn demo(o: Options) -> anyhow::Result<(i32, Headline)> {
     let (dir, _temp) = match &o.state_dir {
         Some(d) => (d.clone(), None),
         None => {
@@ -316,29 +383,106 @@ fn demo(o: Options) -> anyhow::Result<i32> {
         );
     }
     wait_ready(&mut appliance, addr, &certs, &dir)?;
-    let mut report = drive(&o, addr, &certs, 1)?;
+    let mut report = drive(&o, addr, &certs, 1, Some(appliance.child.id()))?;
     // The last second's figures are logged a moment after the run ends.
     std::thread::sleep(Duration::from_millis(1100));
     report.commits = commit_figures(&dir.join("custodyd.stderr"), report.measured_unix_ms);
     report.seal_refreshes = seal_refreshes(&dir.join("custodyd.stderr"), report.measured_unix_ms);
     // The run ends with the appliance's full reconciliation of its audit log.
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    report.reconciliation = Some(rt.block_on(async {
-        let c = Client::connect(&client_config(addr, &certs)).await?;
-        c.reconcile(true)
-            .await
-            .map_err(|e| anyhow::anyhow!("reconciliation after the run: {e}"))
-    })?);
+    report.reconciliation = Some(closing_reconciliation(addr, &certs)?);
     let audit = match &database {
         Some(db) => AuditSource::Postgres(db.config.clone()),
         None => AuditSource::Sqlite(dir.join("custody.db")),
     };
-    let code = finish(&o, report, Some(audit))?;
+    let outcome = finish(&o, report, Some(audit))?;
     drop(appliance);
     drop(database);
-    Ok(code)
+    Ok(outcome)
+}
+
+/// The article's design on PostgreSQL, driven by the same schedule.
+fn article(o: &Options) -> anyhow::Result<(i32, Headline)> {
+    let url = o
+        .postgres
+        .as_deref()
+        .context("article needs --postgres URL")?;
+    let database = TempDatabase::create(url)?;
+    if !o.json {
+        eprintln!(
+            "custody-load: the article's design in PostgreSQL database {}, {} connections",
+            database.config.dbname, o.article_connections
+        );
+    }
+    let o = Options {
+        connections: o.article_connections,
+        ..o.clone()
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("custody-load-pg")
+        .enable_all()
+        .build()?;
+    let target = rt.block_on(article::start(&database.config, o.connections, o.assets))?;
+    let session = Session::new(&o, 2);
+    session.run(&o, &target, o.assets, None, None)?;
+    let rows = rt.block_on(article::audit_rows(&database.config))?;
+    drop(target);
+    drop(rt);
+    let (rec, memory, measured_unix_ms) = session.take(None);
+    let report = Report {
+        shards: 0,
+        measured_unix_ms,
+        rec,
+        commits: None,
+        seal_refreshes: None,
+        region_switch_us: None,
+        reconciliation: None,
+        reconcile_load: None,
+        memory,
+        article_audit_rows: Some(rows),
+    };
+    let outcome = finish(&o, report, None)?;
+    drop(database);
+    Ok(outcome)
+}
+
+/// custody on PostgreSQL, then the article's design, with the same options.
+fn compare(o: Options) -> anyhow::Result<i32> {
+    if o.postgres.is_none() {
+        bail!("compare needs --postgres URL");
+    }
+    let (custody_code, custody) = demo(o.clone())?;
+    let (article_code, article) = article(&o)?;
+    let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
+    println!(
+        "\ncustody-load compare: {} req/s target, {} s, {} assets ({}), mix {}",
+        o.rate,
+        o.duration.as_secs_f64(),
+        o.assets,
+        o.distribution.describe(),
+        o.mix.describe()
+    );
+    println!(
+        "  {:<22} {:>12} {:>10} {:>10} {:>10} {:>10}",
+        "", "throughput", "p50 ms", "p99 ms", "p99.9 ms", "errors"
+    );
+    for (name, h) in [
+        ("custody (PostgreSQL)", &custody),
+        ("article's design", &article),
+    ] {
+        println!(
+            "  {:<22} {:>12.0} {:>10.3} {:>10.3} {:>10.3} {:>10}",
+            name, h.throughput, h.p50, h.p99, h.p999, h.errors
+        );
+    }
+    println!(
+        "  custody / article: {:.1}x the throughput, {:.3}x the p99",
+        ratio(custody.throughput, article.throughput),
+        ratio(custody.p99, article.p99)
+    );
+    // custody must pass its own checks; the article is measured, not judged.
+    let _ = article_code;
+    Ok(custody_code)
 }
 
 fn wait_ready(
@@ -385,66 +529,72 @@ fn client_config(addr: SocketAddr, certs: &Path) -> ClientConfig {
     }
 }
 
-#[derive(Default)]
-struct Stats {
-    sent: u64,
-    ok: u64,
-    errors: BTreeMap<String, u64>,
-    latency_us: Option<Histogram<u64>>,
-    measured_ok: u64,
-    measured_errors: u64,
-    last_measured_done: Option<Instant>,
-    receipts: Vec<(Receipt, Uuid, u64)>,
-    live_errors: u64,
-    live_latency_us: Option<Histogram<u64>>,
-    answered: u64,
-    rotations_sent: u64,
-    rotations_ok: u64,
-    rotations_busy: u64,
-    /// Measured derivations with a reconciliation in flight at some moment of their life
-    /// (`--reconcile-phase-s`), and those without.
-    during_reconcile_us: Option<Histogram<u64>>,
-    quiet_us: Option<Histogram<u64>>,
-}
-
 /// The full reconciliations run during the window (`--reconcile-phase-s`).
-#[derive(Default)]
 struct ReconcileLoad {
     runs: u64,
     records: u64,
     findings: u64,
     busy_refusals: u64,
-    run_ms: Vec<f64>,
+    run_us: Histogram<u64>,
+}
+
+/// Resident memory seen during the run (the live line samples it every second).
+#[derive(Clone, Copy, Default)]
+struct Memory {
+    harness_max_kib: u64,
+    /// The appliance's (demo): at the first and last sample, and the largest.
+    appliance_first_kib: Option<u64>,
+    appliance_last_kib: Option<u64>,
+    appliance_max_kib: u64,
+}
+
+impl Memory {
+    fn sample(&mut self, appliance_pid: Option<u32>) {
+        if let Some(kib) = rss_kib("self") {
+            self.harness_max_kib = self.harness_max_kib.max(kib);
+        }
+        if let Some(kib) = appliance_pid.and_then(|pid| rss_kib(&pid.to_string())) {
+            self.appliance_first_kib.get_or_insert(kib);
+            self.appliance_last_kib = Some(kib);
+            self.appliance_max_kib = self.appliance_max_kib.max(kib);
+        }
+    }
+}
+
+/// VmRSS of /proc/`pid`, KiB.
+fn rss_kib(pid: &str) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 struct Report {
     shards: u16,
-    stats: Stats,
-    measured_elapsed: Duration,
+    rec: Recorder<(Receipt, Uuid, u64)>,
     /// The measured window, milliseconds since the Unix epoch.
     measured_unix_ms: (u64, u64),
     /// The appliance's group-commit figures in the window (demo only).
     commits: Option<CommitFigures>,
     /// Refreshes of the seed cache through the seal provider in the window (demo only).
     seal_refreshes: Option<usize>,
-    /// Answer latency of each region switch (`--toggle-region-ms`), microseconds.
-    region_switch_us: Vec<u64>,
-    /// The appliance's full reconciliation after the run (demo only).
+    /// Answer latency of the region switches (`--toggle-region-ms`), microseconds.
+    region_switch_us: Option<Histogram<u64>>,
+    /// The appliance's full reconciliation after the run.
     reconciliation: Option<custody::wire::ReconcileSummary>,
     /// Reconciliations run during the window (`--reconcile-phase-s`).
     reconcile_load: Option<ReconcileLoad>,
+    memory: Memory,
+    /// The article's design (`article`): rows in its audit log at the end.
+    article_audit_rows: Option<u64>,
 }
 
-fn lock_vec<T>(m: &Mutex<Vec<T>>) -> std::sync::MutexGuard<'_, Vec<T>> {
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// (count, p50, max) of microsecond samples, in milliseconds.
-fn switch_figures(samples: &[u64]) -> Option<(usize, f64, f64)> {
-    let mut v = samples.to_vec();
-    v.sort_unstable();
-    let mid = *v.get(v.len() / 2)?;
-    Some((v.len(), mid as f64 / 1000.0, *v.last()? as f64 / 1000.0))
 }
 
 /// Counts the appliance's `seed cache: refreshed` log lines whose `at_ms` falls in `window`.
@@ -522,21 +672,330 @@ fn commit_figures(log: &Path, window: (u64, u64)) -> Option<CommitFigures> {
     })
 }
 
-fn lock(stats: &Mutex<Stats>) -> std::sync::MutexGuard<'_, Stats> {
-    match stats.lock() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
+/// A derivation's receipt, with the asset and counter it must show in the audit log.
+type Kept = (Receipt, Uuid, u64);
+/// The recorder the reply callbacks share.
+type SharedRecorder = Arc<Mutex<Recorder<Kept>>>;
+
+/// What a target calls once per request with its answer (and a derivation's receipt).
+type Done = Box<dyn FnOnce(Answer, Option<Kept>) + Send>;
+
+/// Where the schedule's requests go: custody over its wire protocol, or the article's
+/// design on PostgreSQL (`custody-load article`).
+trait Target {
+    /// Starts request `i` (`op` on asset number `asset`) on connection `conn`.
+    fn start(&self, conn: usize, i: u64, op: Op, asset: usize, done: Done);
+}
+
+/// custody over TLS: the registered assets, one client per connection.
+struct CustodyTarget {
+    clients: Vec<Arc<Client>>,
+    assets: Vec<Uuid>,
+    seed: u64,
+}
+
+impl Target for CustodyTarget {
+    fn start(&self, conn: usize, i: u64, op: Op, asset: usize, done: Done) {
+        let asset = self.assets[asset];
+        let request = match op {
+            Op::Rotate => {
+                let mut id = [0u8; 16];
+                id[..8].copy_from_slice(&i.to_le_bytes());
+                id[8..].copy_from_slice(&(self.seed ^ crate_run_nonce()).to_le_bytes());
+                Request::Rotate(custody::wire::RotateBody {
+                    asset,
+                    rotation_id: uuid::Builder::from_random_bytes(id).into_uuid(),
+                    expected_counter: None,
+                })
+            }
+            Op::Status => Request::Status { asset },
+            Op::Derive => Request::Derive(DeriveBody {
+                asset,
+                path: format!("m/44'/0'/0'/0'/{}", i % 1000),
+                region: "US-EAST".into(),
+                purpose: 1,
+                ttl_s: 300,
+            }),
+        };
+        self.clients[conn].start(
+            &request,
+            Box::new(move |result| {
+                let mut receipt = None;
+                let answer = match result {
+                    Ok(Reply::Derived(d)) if op == Op::Derive => {
+                        receipt = Some((d.receipt, asset, d.counter));
+                        Answer::Ok
+                    }
+                    Ok(Reply::Rotated(_)) if op == Op::Rotate => Answer::Ok,
+                    Ok(Reply::Asset(_)) if op == Op::Status => Answer::Ok,
+                    // Another rotation of the asset is being committed: the documented
+                    // answer (retry), not a failure.
+                    Ok(Reply::Refused(r))
+                        if op == Op::Rotate && r.status == custody::wire::Status::Busy =>
+                    {
+                        Answer::RotationBusy
+                    }
+                    Ok(Reply::Refused(r)) => Answer::Error(r.status.name().to_owned()),
+                    Ok(_) => Answer::Error("UNEXPECTED_REPLY".to_owned()),
+                    Err(ClientError::Closed) => Answer::Error("CONNECTION_CLOSED".to_owned()),
+                    Err(e) => Answer::Error(format!("CLIENT: {e}")),
+                };
+                done(answer, receipt);
+            }),
+        );
     }
 }
 
-/// Registers the assets, then runs the open-loop load and collects the figures.
+/// Prints the live line every second (unless `json`) and samples resident memory.
+fn spawn_reporter(
+    rec: SharedRecorder,
+    finished: Arc<AtomicBool>,
+    memory: Arc<Mutex<Memory>>,
+    start: Instant,
+    json: bool,
+    appliance_pid: Option<u32>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("custody-load-live".into())
+        .spawn(move || {
+            let mut next = start + Duration::from_secs(1);
+            while !finished.load(Ordering::Relaxed) {
+                let now = Instant::now();
+                if now < next {
+                    std::thread::sleep((next - now).min(Duration::from_millis(100)));
+                    continue;
+                }
+                next += Duration::from_secs(1);
+                let live = lock(&rec).take_live();
+                let mem = {
+                    let mut m = lock(&memory);
+                    m.sample(appliance_pid);
+                    *m
+                };
+                if !json {
+                    let appliance = mem
+                        .appliance_last_kib
+                        .map(|k| format!(", custodyd {} MiB", k / 1024))
+                        .unwrap_or_default();
+                    eprintln!(
+                        "  {:>5.0}s  {:>6} req/s  errors {:>5}  p99 {:>7.3} ms  rss {} MiB{appliance}",
+                        start.elapsed().as_secs_f64(),
+                        live.ok,
+                        live.errors,
+                        live.p99_ms,
+                        rss_kib("self").unwrap_or(0) / 1024,
+                    );
+                }
+            }
+        })
+}
+
+/// The open loop: each request at its scheduled time, on a connection with room (waiting
+/// for one counts: latency runs from the scheduled time), then the last answers.
+/// `epoch`: the reconciler load's (see [`drive`]), to class each derivation.
+#[allow(clippy::too_many_arguments)]
+fn run_schedule(
+    o: &Options,
+    target: &dyn Target,
+    assets: usize,
+    seed: u64,
+    start: Instant,
+    rec: &SharedRecorder,
+    finished: &AtomicBool,
+    epoch: Option<&Arc<AtomicU64>>,
+) -> anyhow::Result<()> {
+    let picker = AssetPicker::new(assets, o.distribution);
+    let total = (o.rate as f64 * (o.warmup + o.duration).as_secs_f64()).round() as u64;
+    let interval_ns = 1e9 / o.rate as f64;
+    let inflight: Vec<Arc<AtomicUsize>> = (0..o.connections).map(|_| Arc::default()).collect();
+    // SAFETY: prctl with PR_SET_TIMERSLACK only changes this thread's timer slack.
+    unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1u64, 0u64, 0u64, 0u64) };
+    let mut rng = Rng::new(seed);
+    for i in 0..total {
+        let scheduled = start + Duration::from_nanos((i as f64 * interval_ns) as u64);
+        let now = Instant::now();
+        if scheduled > now {
+            std::thread::sleep(scheduled - now);
+        }
+        // Waiting on a slow target is measured (the schedule falls behind and the
+        // latency shows it); only a target that answers nothing for REQUEST_TIMEOUT ends
+        // the run.
+        let mut waiting_since = Instant::now();
+        let mut answered_before = None;
+        let conn = loop {
+            let first = (i as usize) % o.connections;
+            let found = (0..o.connections)
+                .map(|k| (first + k) % o.connections)
+                .find(|&c| inflight[c].load(Ordering::Acquire) < o.depth);
+            let answered = found.is_none().then(|| lock(rec).answered);
+            if answered != answered_before {
+                waiting_since = Instant::now();
+                answered_before = answered;
+            }
+            match found {
+                Some(c) => break c,
+                None if waiting_since.elapsed() > REQUEST_TIMEOUT => {
+                    finished.store(true, Ordering::Relaxed);
+                    bail!(
+                        "every connection has had {} requests unanswered for {} s: the target stopped answering",
+                        o.depth,
+                        REQUEST_TIMEOUT.as_secs()
+                    );
+                }
+                None => std::thread::sleep(Duration::from_micros(20)),
+            }
+        };
+        let op = o.mix.pick(rng.next_u64());
+        let asset = picker.pick(rng.next_f64());
+        inflight[conn].fetch_add(1, Ordering::AcqRel);
+        lock(rec).sent(op);
+        let rec = rec.clone();
+        let slot = inflight[conn].clone();
+        let epoch = epoch.cloned();
+        let epoch_at_schedule = epoch.as_ref().map(|e| e.load(Ordering::Acquire));
+        target.start(
+            conn,
+            i,
+            op,
+            asset,
+            Box::new(move |answer, receipt| {
+                let done = Instant::now();
+                slot.fetch_sub(1, Ordering::AcqRel);
+                let reconciling = epoch
+                    .zip(epoch_at_schedule)
+                    .map(|(e, at)| at % 2 == 1 || e.load(Ordering::Acquire) != at);
+                let mut r = lock(&rec);
+                if let Some(receipt) = receipt {
+                    r.receipts.add(receipt);
+                }
+                r.answered(op, scheduled, done, answer, reconciling);
+            }),
+        );
+    }
+    // Wait for the last answers while they keep coming; what has not answered after
+    // REQUEST_TIMEOUT without any progress timed out.
+    let mut deadline = Instant::now() + REQUEST_TIMEOUT;
+    let mut answered_before = 0;
+    loop {
+        let (sent, answered) = {
+            let r = lock(rec);
+            (r.sent_total(), r.answered)
+        };
+        if answered >= sent {
+            break;
+        }
+        if answered != answered_before {
+            answered_before = answered;
+            deadline = Instant::now() + REQUEST_TIMEOUT;
+        }
+        if Instant::now() > deadline {
+            lock(rec).timed_out(sent - answered);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(())
+}
+
+/// One measured run: its schedule's start, the window, the recorder and the live line.
+struct Session {
+    start: Instant,
+    measure_from: Instant,
+    measure_until: Instant,
+    seed: u64,
+    rec: SharedRecorder,
+    finished: Arc<AtomicBool>,
+    memory: Arc<Mutex<Memory>>,
+}
+
+impl Session {
+    fn new(o: &Options, seed: u64) -> Session {
+        let start = Instant::now() + Duration::from_millis(20);
+        let measure_from = start + o.warmup;
+        let measure_until = measure_from + o.duration;
+        Session {
+            start,
+            measure_from,
+            measure_until,
+            seed,
+            rec: Arc::new(Mutex::new(Recorder::new(measure_from, measure_until, seed))),
+            finished: Arc::new(AtomicBool::new(false)),
+            memory: Arc::new(Mutex::new(Memory::default())),
+        }
+    }
+
+    /// Runs the schedule against `target` with the live line, to its last answer; then
+    /// `finished` is set (the switcher and the reconciler load stop on it).
+    fn run(
+        &self,
+        o: &Options,
+        target: &dyn Target,
+        assets: usize,
+        appliance_pid: Option<u32>,
+        epoch: Option<&Arc<AtomicU64>>,
+    ) -> anyhow::Result<()> {
+        let reporter = spawn_reporter(
+            self.rec.clone(),
+            self.finished.clone(),
+            self.memory.clone(),
+            self.start,
+            o.json,
+            appliance_pid,
+        )?;
+        let outcome = run_schedule(
+            o,
+            target,
+            assets,
+            self.seed,
+            self.start,
+            &self.rec,
+            &self.finished,
+            epoch,
+        );
+        self.finished.store(true, Ordering::Relaxed);
+        let _ = reporter.join();
+        outcome
+    }
+
+    /// The figures (every reply callback is gone with its target, or they are taken
+    /// out anyway), the memory samples, and the window on the wall clock.
+    fn take(self, appliance_pid: Option<u32>) -> (Recorder<Kept>, Memory, (u64, u64)) {
+        let rec = std::mem::replace(
+            &mut *lock(&self.rec),
+            Recorder::new(self.measure_from, self.measure_until, self.seed),
+        );
+        let mut memory = *lock(&self.memory);
+        memory.sample(appliance_pid);
+        let window = window_unix_ms(self.measure_from, rec.summary().elapsed);
+        (rec, memory, window)
+    }
+}
+
+/// The measured window on the wall clock (Unix ms), to pick the appliance's log lines.
+fn window_unix_ms(measure_from: Instant, elapsed: Duration) -> (u64, u64) {
+    let from = custody::audit::now_ms().saturating_sub(
+        Instant::now()
+            .saturating_duration_since(measure_from)
+            .as_millis() as u64,
+    );
+    (from, from + elapsed.as_millis() as u64)
+}
+
+/// Registers the assets, then runs the open-loop load against custody and collects the
+/// figures.
 ///
 /// Threads: this thread paces (sleeping until each request's scheduled time, with the
 /// timer slack lowered) and starts each request itself with [`Client::start`]; one tokio
 /// worker runs the connections and records each reply as it arrives; a reporter prints a
 /// live line every second. No per-request task or channel hop sits between the schedule
 /// and the socket.
-fn drive(o: &Options, addr: SocketAddr, certs: &Path, seed: u64) -> anyhow::Result<Report> {
+fn drive(
+    o: &Options,
+    addr: SocketAddr,
+    certs: &Path,
+    seed: u64,
+    appliance_pid: Option<u32>,
+) -> anyhow::Result<Report> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .thread_name("custody-load-io")
@@ -552,25 +1011,18 @@ fn drive(o: &Options, addr: SocketAddr, certs: &Path, seed: u64) -> anyhow::Resu
         let assets = register_assets(&clients, o.assets, seed).await?;
         anyhow::Ok((clients, hello, assets))
     })?;
+    let target = CustodyTarget {
+        clients,
+        assets,
+        seed,
+    };
 
-    let stats = Arc::new(Mutex::new(Stats {
-        latency_us: Some(Histogram::new_with_bounds(1, 60_000_000, 3)?),
-        live_latency_us: Some(Histogram::new_with_bounds(1, 60_000_000, 3)?),
-        during_reconcile_us: Some(Histogram::new_with_bounds(1, 60_000_000, 3)?),
-        quiet_us: Some(Histogram::new_with_bounds(1, 60_000_000, 3)?),
-        ..Stats::default()
-    }));
-    let total = (o.rate as f64 * (o.warmup + o.duration).as_secs_f64()).round() as u64;
-    let interval_ns = 1e9 / o.rate as f64;
-    let start = Instant::now() + Duration::from_millis(20);
-    let measure_from = start + o.warmup;
-    let measure_until = measure_from + o.duration;
-    let inflight: Vec<Arc<AtomicUsize>> = (0..o.connections).map(|_| Arc::default()).collect();
-
-    let finished = Arc::new(AtomicBool::new(false));
+    let session = Session::new(o, seed);
+    let (measure_from, measure_until) = (session.measure_from, session.measure_until);
+    let finished = session.finished.clone();
     // The region switcher: its own connection, EU-WEST off and on every N ms, each
     // answer's latency recorded.
-    let switch_us = Arc::new(Mutex::new(Vec::<u64>::new()));
+    let switch_us = Arc::new(Mutex::new(stats::latency_histogram()));
     let switcher = match o.toggle_region_ms {
         Some(every) => {
             let (finished, switch_us) = (finished.clone(), switch_us.clone());
@@ -583,7 +1035,7 @@ fn drive(o: &Options, addr: SocketAddr, certs: &Path, seed: u64) -> anyhow::Resu
                     enabled = !enabled;
                     let sent = Instant::now();
                     client.set_region("EU-WEST", enabled).await?;
-                    lock_vec(&switch_us).push(sent.elapsed().as_micros() as u64);
+                    let _ = lock(&switch_us).record((sent.elapsed().as_micros() as u64).max(1));
                 }
                 if !enabled {
                     client.set_region("EU-WEST", true).await?;
@@ -597,14 +1049,20 @@ fn drive(o: &Options, addr: SocketAddr, certs: &Path, seed: u64) -> anyhow::Resu
     // back to back on a connection of its own. `epoch` is odd while one is in flight and
     // moves on at every start and end, so a derivation can tell whether its life crossed
     // one (`epoch` at its scheduled time odd, or different at its answer).
-    let epoch = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let epoch = Arc::new(AtomicU64::new(0));
     let reconciler = match o.reconcile_phase {
         Some(phase) => {
             let (finished, epoch) = (finished.clone(), epoch.clone());
             let config = client_config(addr, certs);
             Some(rt.spawn(async move {
                 let client = Client::connect(&config).await?;
-                let mut load = ReconcileLoad::default();
+                let mut load = ReconcileLoad {
+                    runs: 0,
+                    records: 0,
+                    findings: 0,
+                    busy_refusals: 0,
+                    run_us: stats::latency_histogram(),
+                };
                 loop {
                     let now = Instant::now();
                     if finished.load(Ordering::Relaxed) || now >= measure_until {
@@ -627,7 +1085,9 @@ fn drive(o: &Options, addr: SocketAddr, certs: &Path, seed: u64) -> anyhow::Resu
                             load.runs += 1;
                             load.records += r.records_checked;
                             load.findings += u64::from(r.findings_total);
-                            load.run_ms.push(sent.elapsed().as_secs_f64() * 1000.0);
+                            let _ = load
+                                .run_us
+                                .record((sent.elapsed().as_micros() as u64).max(1));
                         }
                         Err(ClientError::Refused(r)) if r.status == custody::wire::Status::Busy => {
                             load.busy_refusals += 1;
@@ -641,192 +1101,13 @@ fn drive(o: &Options, addr: SocketAddr, certs: &Path, seed: u64) -> anyhow::Resu
         }
         None => None,
     };
-    let reporter = {
-        let stats = stats.clone();
-        let finished = finished.clone();
-        let json = o.json;
-        std::thread::Builder::new()
-            .name("custody-load-live".into())
-            .spawn(move || {
-                let mut last_ok = 0;
-                let mut next = start + Duration::from_secs(1);
-                while !finished.load(Ordering::Relaxed) {
-                    let now = Instant::now();
-                    if now < next {
-                        std::thread::sleep((next - now).min(Duration::from_millis(100)));
-                        continue;
-                    }
-                    next += Duration::from_secs(1);
-                    let mut s = lock(&stats);
-                    let p99 = s
-                        .live_latency_us
-                        .as_ref()
-                        .map(|h| h.value_at_quantile(0.99))
-                        .unwrap_or(0);
-                    if !json {
-                        eprintln!(
-                            "  {:>4.0}s  {:>6} req/s  errors {:>5}  p99 {:>7.3} ms",
-                            start.elapsed().as_secs_f64(),
-                            s.ok - last_ok,
-                            s.live_errors,
-                            p99 as f64 / 1000.0
-                        );
-                    }
-                    last_ok = s.ok;
-                    s.live_errors = 0;
-                    if let Some(h) = s.live_latency_us.as_mut() {
-                        h.reset();
-                    }
-                }
-            })?
-    };
-
-    // SAFETY: prctl with PR_SET_TIMERSLACK only changes this thread's timer slack.
-    unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1u64, 0u64, 0u64, 0u64) };
-    let mut rng = 0x2545_f491_4f6c_dd1du64 ^ seed;
-    for i in 0..total {
-        let scheduled = start + Duration::from_nanos((i as f64 * interval_ns) as u64);
-        let now = Instant::now();
-        if scheduled > now {
-            std::thread::sleep(scheduled - now);
-        }
-        // A connection with room; if every one is at its depth, wait (the delay counts:
-        // latency runs from the scheduled time).
-        let waiting_since = Instant::now();
-        let conn = loop {
-            let first = (i as usize) % o.connections;
-            let found = (0..o.connections)
-                .map(|k| (first + k) % o.connections)
-                .find(|&c| inflight[c].load(Ordering::Acquire) < o.depth);
-            match found {
-                Some(c) => break c,
-                None if waiting_since.elapsed() > REQUEST_TIMEOUT => {
-                    finished.store(true, Ordering::Relaxed);
-                    bail!(
-                        "every connection has had {} requests unanswered for {} s: the appliance stopped answering",
-                        o.depth,
-                        REQUEST_TIMEOUT.as_secs()
-                    );
-                }
-                None => std::thread::sleep(Duration::from_micros(20)),
-            }
-        };
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        let asset = assets[(rng % assets.len() as u64) as usize];
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        let rotate = (rng % 1_000_000) < (o.rotate_percent * 10_000.0) as u64;
-        let request = if rotate {
-            let mut id = [0u8; 16];
-            id[..8].copy_from_slice(&rng.to_le_bytes());
-            id[8..].copy_from_slice(&(i ^ seed).to_le_bytes());
-            Request::Rotate(custody::wire::RotateBody {
-                asset,
-                rotation_id: uuid::Builder::from_random_bytes(id).into_uuid(),
-                expected_counter: None,
-            })
-        } else {
-            Request::Derive(DeriveBody {
-                asset,
-                path: format!("m/44'/0'/0'/0'/{}", i % 1000),
-                region: "US-EAST".into(),
-                purpose: 1,
-                ttl_s: 300,
-            })
-        };
-        inflight[conn].fetch_add(1, Ordering::AcqRel);
-        {
-            let mut s = lock(&stats);
-            s.sent += 1;
-            s.rotations_sent += u64::from(rotate);
-        }
-        let stats = stats.clone();
-        let slot = inflight[conn].clone();
-        let epoch_at_schedule = epoch.load(Ordering::Acquire);
-        let epoch = epoch.clone();
-        clients[conn].start(
-            &request,
-            Box::new(move |result| {
-                let done = Instant::now();
-                slot.fetch_sub(1, Ordering::AcqRel);
-                let latency_us =
-                    (done.saturating_duration_since(scheduled).as_micros() as u64).max(1);
-                let measured = scheduled >= measure_from && scheduled < measure_until;
-                let mut s = lock(&stats);
-                s.answered += 1;
-                match result {
-                    Ok(Reply::Derived(d)) => {
-                        s.ok += 1;
-                        s.receipts.push((d.receipt, asset, d.counter));
-                        if let Some(h) = s.live_latency_us.as_mut() {
-                            let _ = h.record(latency_us);
-                        }
-                        if measured {
-                            s.measured_ok += 1;
-                            s.last_measured_done = Some(done);
-                            if let Some(h) = s.latency_us.as_mut() {
-                                let _ = h.record(latency_us);
-                            }
-                            let crossed = epoch_at_schedule % 2 == 1
-                                || epoch.load(Ordering::Acquire) != epoch_at_schedule;
-                            let class = if crossed {
-                                s.during_reconcile_us.as_mut()
-                            } else {
-                                s.quiet_us.as_mut()
-                            };
-                            if let Some(h) = class {
-                                let _ = h.record(latency_us);
-                            }
-                        }
-                        return;
-                    }
-                    Ok(Reply::Rotated(_)) => {
-                        s.rotations_ok += 1;
-                        return;
-                    }
-                    // Another rotation of the asset is being committed: the documented
-                    // answer (retry), not a failure.
-                    Ok(Reply::Refused(r)) if rotate && r.status == custody::wire::Status::Busy => {
-                        s.rotations_busy += 1;
-                        return;
-                    }
-                    Ok(Reply::Refused(r)) => {
-                        *s.errors.entry(r.status.name().to_owned()).or_default() += 1
-                    }
-                    Ok(_) => *s.errors.entry("UNEXPECTED_REPLY".to_owned()).or_default() += 1,
-                    Err(ClientError::Closed) => {
-                        *s.errors.entry("CONNECTION_CLOSED".to_owned()).or_default() += 1
-                    }
-                    Err(e) => *s.errors.entry(format!("CLIENT: {e}")).or_default() += 1,
-                }
-                s.live_errors += 1;
-                if measured {
-                    s.measured_errors += 1;
-                }
-            }),
-        );
-    }
-    // Wait for the last answers; whatever has not answered by then timed out.
-    let deadline = Instant::now() + REQUEST_TIMEOUT;
-    loop {
-        let (sent, answered) = {
-            let s = lock(&stats);
-            (s.sent, s.answered)
-        };
-        if answered >= sent {
-            break;
-        }
-        if Instant::now() > deadline {
-            *lock(&stats).errors.entry("TIMEOUT".into()).or_default() += sent - answered;
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    finished.store(true, Ordering::Relaxed);
-    let _ = reporter.join();
+    session.run(
+        o,
+        &target,
+        target.assets.len(),
+        appliance_pid,
+        o.reconcile_phase.is_some().then_some(&epoch),
+    )?;
     if let Some(switcher) = switcher {
         rt.block_on(switcher)??;
     }
@@ -834,35 +1115,21 @@ fn drive(o: &Options, addr: SocketAddr, certs: &Path, seed: u64) -> anyhow::Resu
         Some(r) => Some(rt.block_on(r)??),
         None => None,
     };
-    let switch_us = std::mem::take(&mut *lock_vec(&switch_us));
-    drop(clients);
+    drop(target);
     drop(rt);
-    let stats = std::mem::take(&mut *lock(&stats));
-    let measured_elapsed = stats
-        .last_measured_done
-        .map(|t| t.saturating_duration_since(measure_from))
-        .unwrap_or(o.duration)
-        .max(o.duration);
-    // The window on the wall clock, to pick the appliance's commit figures that fall in it.
-    let unix_now = custody::audit::now_ms();
-    let measured_from_unix_ms = unix_now.saturating_sub(
-        Instant::now()
-            .saturating_duration_since(measure_from)
-            .as_millis() as u64,
-    );
+    let (rec, memory, measured_unix_ms) = session.take(appliance_pid);
+    let switches = std::mem::replace(&mut *lock(&switch_us), stats::latency_histogram());
     Ok(Report {
         shards: hello.shard_count,
-        stats,
-        measured_elapsed,
-        measured_unix_ms: (
-            measured_from_unix_ms,
-            measured_from_unix_ms + measured_elapsed.as_millis() as u64,
-        ),
+        measured_unix_ms,
+        rec,
         commits: None,
         seal_refreshes: None,
-        region_switch_us: switch_us,
+        region_switch_us: (!switches.is_empty()).then_some(switches),
         reconciliation: None,
         reconcile_load,
+        memory,
+        article_audit_rows: None,
     })
 }
 
@@ -912,34 +1179,47 @@ fn crate_run_nonce() -> u64 {
 }
 
 /// Prints the report, verifies the audit log, and gives the exit code.
-fn finish(o: &Options, report: Report, audit: Option<AuditSource>) -> anyhow::Result<i32> {
-    let s = &report.stats;
+/// A run's main figures, for `compare`.
+struct Headline {
+    throughput: f64,
+    p50: f64,
+    p99: f64,
+    p999: f64,
+    errors: u64,
+}
+
+fn finish(
+    o: &Options,
+    report: Report,
+    audit: Option<AuditSource>,
+) -> anyhow::Result<(i32, Headline)> {
+    let rec = &report.rec;
     let audit = match audit {
-        Some(source) => Some(verify_audit(source, &s.receipts)?),
+        Some(source) => Some(verify_audit(
+            source,
+            rec.receipts.items(),
+            rec.receipts.seen(),
+        )?),
         None => None,
     };
-    let h = s.latency_us.as_ref().context("no histogram")?;
-    let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
-    let throughput = s.measured_ok as f64 / report.measured_elapsed.as_secs_f64();
-    let errors_total: u64 = s.errors.values().sum();
-    // With `--reconcile-phase-s`: the derivations' latency with and without a full
-    // reconciliation in flight, and what the reconciliations did.
-    let classes = report.reconcile_load.as_ref().map(|load| {
-        let figures = |h: Option<&Histogram<u64>>| {
-            h.filter(|h| !h.is_empty()).map(|h| {
-                let q = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
-                (h.len(), q(0.5), q(0.99), q(0.999), h.max() as f64 / 1000.0)
-            })
-        };
-        let mut run_ms = load.run_ms.clone();
-        run_ms.sort_by(f64::total_cmp);
-        (
-            figures(s.during_reconcile_us.as_ref()),
-            figures(s.quiet_us.as_ref()),
-            run_ms.get(run_ms.len() / 2).copied(),
-            load,
-        )
-    });
+    let summary = rec.summary();
+    let derive = summary.latency[Op::Derive.index()];
+    let errors_total = rec.errors_total();
+    let slo_missed = match (o.slo_p99, derive) {
+        (Some(slo), Some(p)) => p.p99 > slo.as_secs_f64() * 1000.0,
+        // No derivation measured: the objective cannot be said to hold.
+        (Some(_), None) => true,
+        (None, _) => false,
+    };
+    let ops: Vec<Op> = Op::ALL
+        .into_iter()
+        .filter(|op| o.mix.share(*op) > 0.0)
+        .collect();
+    let load = report.reconcile_load.as_ref();
+    let run_ms_p50 = load
+        .filter(|l| !l.run_us.is_empty())
+        .map(|l| l.run_us.value_at_quantile(0.5) as f64 / 1000.0);
+    let mem = &report.memory;
     if o.json {
         let json = serde_json::json!({
             "rate_target": o.rate,
@@ -948,23 +1228,29 @@ fn finish(o: &Options, report: Report, audit: Option<AuditSource>) -> anyhow::Re
             "connections": o.connections,
             "depth": o.depth,
             "assets": o.assets,
+            "distribution": o.distribution.describe(),
+            "mix": o.mix.describe(),
             "shards": report.shards,
-            "requests_sent": s.sent,
-            "requests_ok": s.ok,
-            "rotate_percent": o.rotate_percent,
-            "rotations_sent": s.rotations_sent,
-            "rotations_ok": s.rotations_ok,
-            "rotations_busy": s.rotations_busy,
-            "region_switches": switch_figures(&report.region_switch_us).map(|(n, p50, max)| serde_json::json!({
-                "count": n, "answer_ms_p50": p50, "answer_ms_max": max,
-            })),
-            "errors": s.errors,
-            "measured_ok": s.measured_ok,
-            "measured_errors": s.measured_errors,
-            "throughput_rps": throughput,
-            "latency_ms": {
-                "p50": ms(0.5), "p90": ms(0.9), "p99": ms(0.99), "p99_9": ms(0.999),
-                "max": h.max() as f64 / 1000.0,
+            "requests_sent": rec.sent_total(),
+            "requests_ok": rec.ok.iter().sum::<u64>(),
+            "by_op": ops.iter().map(|op| (op.name().to_owned(), serde_json::json!({
+                "sent": rec.sent[op.index()], "ok": rec.ok[op.index()],
+                "latency_ms": summary.latency[op.index()].map(|p| p.json()),
+            }))).collect::<serde_json::Map<_, _>>(),
+            "rotations_busy": rec.rotations_busy,
+            "region_switches": report.region_switch_us.as_ref().and_then(Percentiles::of).map(|p| p.json()),
+            "errors": rec.errors,
+            "measured_ok": rec.measured_ok,
+            "measured_errors": rec.measured_errors,
+            "throughput_rps": summary.throughput,
+            "latency_ms": derive.map(|p| p.json()),
+            "slo_p99_ms": o.slo_p99.map(|d| d.as_secs_f64() * 1000.0),
+            "slo_met": o.slo_p99.map(|_| !slo_missed),
+            "memory_mib": {
+                "harness_max": mem.harness_max_kib as f64 / 1024.0,
+                "appliance_first": mem.appliance_first_kib.map(|k| k as f64 / 1024.0),
+                "appliance_last": mem.appliance_last_kib.map(|k| k as f64 / 1024.0),
+                "appliance_max": mem.appliance_first_kib.map(|_| mem.appliance_max_kib as f64 / 1024.0),
             },
             "commits": report.commits.as_ref().map(|c| serde_json::json!({
                 "shard_seconds": c.intervals, "batches": c.batches, "records": c.records,
@@ -974,20 +1260,18 @@ fn finish(o: &Options, report: Report, audit: Option<AuditSource>) -> anyhow::Re
                 "commit_ms": { "p50": c.commit_p50_ms, "p99": c.commit_p99_ms, "max": c.commit_max_ms },
             })),
             "seal_refreshes": report.seal_refreshes,
+            "article_audit_rows": report.article_audit_rows,
             "audit": audit.as_ref().map(|a| serde_json::json!({
-                "acknowledged": a.acknowledged, "found": a.found, "missing": a.missing, "mismatched": a.mismatched,
+                "acknowledged": a.acknowledged, "checked": a.checked, "found": a.found,
+                "missing": a.missing, "mismatched": a.mismatched,
             })),
-            "reconcile_load": classes.as_ref().map(|(during, quiet, run_p50, load)| {
-                let class = |c: &Option<(u64, f64, f64, f64, f64)>| c.map(|(n, p50, p99, p999, max)| serde_json::json!({
-                    "derivations": n, "p50_ms": p50, "p99_ms": p99, "p99_9_ms": p999, "max_ms": max,
-                }));
-                serde_json::json!({
-                    "phase_s": o.reconcile_phase.map(|d| d.as_secs_f64()),
-                    "runs": load.runs, "records_checked": load.records, "findings": load.findings,
-                    "busy_refusals": load.busy_refusals, "run_ms_p50": run_p50,
-                    "during_reconciliation": class(during), "without": class(quiet),
-                })
-            }),
+            "reconcile_load": load.map(|l| serde_json::json!({
+                "phase_s": o.reconcile_phase.map(|d| d.as_secs_f64()),
+                "runs": l.runs, "records_checked": l.records, "findings": l.findings,
+                "busy_refusals": l.busy_refusals, "run_ms_p50": run_ms_p50,
+                "during_reconciliation": summary.during.map(|p| p.json()),
+                "without": summary.quiet.map(|p| p.json()),
+            })),
             "reconciliation": report.reconciliation.as_ref().map(|r| serde_json::json!({
                 "records_checked": r.records_checked, "checkpoints_checked": r.checkpoints_checked,
                 "assets_checked": r.assets_checked, "assets_drifted": r.assets_drifted,
@@ -998,69 +1282,116 @@ fn finish(o: &Options, report: Report, audit: Option<AuditSource>) -> anyhow::Re
         println!("{}", serde_json::to_string_pretty(&json)?);
     } else {
         println!(
-            "custody-load: {} req/s target for {:.0} s after {:.0} s warm-up; {} connections, depth {}, {} assets, {} shards",
+            "custody-load: {} req/s target for {:.0} s after {:.0} s warm-up; {} connections, depth {}, {} assets ({}), mix {}{}",
             o.rate,
             o.duration.as_secs_f64(),
             o.warmup.as_secs_f64(),
             o.connections,
             o.depth,
             o.assets,
-            report.shards
+            o.distribution.describe(),
+            o.mix.describe(),
+            if report.shards > 0 {
+                format!(", {} shards", report.shards)
+            } else {
+                ", the article's design".to_owned()
+            }
         );
         println!(
             "  requests    {} sent, {} ok, {} errors ({} measured ok, {} measured errors)",
-            s.sent, s.ok, errors_total, s.measured_ok, s.measured_errors
+            rec.sent_total(),
+            rec.ok.iter().sum::<u64>(),
+            errors_total,
+            rec.measured_ok,
+            rec.measured_errors
         );
-        println!("  throughput  {throughput:.0} req/s (measured window)");
-        if let Some((n, p50, max)) = switch_figures(&report.region_switch_us) {
-            println!(
-                "  regions     {n} switches of EU-WEST answered in p50 {p50:.3} ms, max {max:.3} ms (in force on every core from the answer)"
-            );
-        }
-        if o.rotate_percent > 0.0 {
-            println!(
-                "  rotations   {} of {} sent answered OK, {} BUSY (another rotation of the asset in flight) ({} % of requests; the figures are the derivations')",
-                s.rotations_ok, s.rotations_sent, s.rotations_busy, o.rotate_percent
-            );
-        }
         println!(
-            "  latency     p50 {:.3} ms   p90 {:.3} ms   p99 {:.3} ms   p99.9 {:.3} ms   max {:.3} ms",
-            ms(0.5),
-            ms(0.9),
-            ms(0.99),
-            ms(0.999),
-            h.max() as f64 / 1000.0
+            "  throughput  {:.0} req/s (measured window)",
+            summary.throughput
         );
-        if let Some((during, quiet, run_p50, load)) = &classes {
+        if let Some(p) = report.region_switch_us.as_ref().and_then(Percentiles::of) {
+            println!(
+                "  regions     {} switches of EU-WEST answered in p50 {:.3} ms, max {:.3} ms (in force on every core from the answer)",
+                p.count, p.p50, p.max
+            );
+        }
+        for op in &ops {
+            let name = if *op == Op::Derive {
+                "latency"
+            } else {
+                op.name()
+            };
+            match summary.latency[op.index()] {
+                Some(p) => println!(
+                    "  {name:<11} p50 {:.3} ms   p90 {:.3} ms   p99 {:.3} ms   p99.9 {:.3} ms   max {:.3} ms{}",
+                    p.p50,
+                    p.p90,
+                    p.p99,
+                    p.p999,
+                    p.max,
+                    if ops.len() > 1 { format!("   ({} measured)", p.count) } else { String::new() }
+                ),
+                None => println!("  {name:<11} none measured"),
+            }
+        }
+        if rec.rotations_busy > 0 {
+            println!(
+                "  rotations   {} answered BUSY (another rotation of the asset in flight: the documented answer, to retry)",
+                rec.rotations_busy
+            );
+        }
+        if let (Some(slo), Some(p)) = (o.slo_p99, derive) {
+            println!(
+                "  objective   p99 {:.3} ms against {:.3} ms: {}",
+                p.p99,
+                slo.as_secs_f64() * 1000.0,
+                if slo_missed { "MISSED" } else { "met" }
+            );
+        }
+        if let Some(l) = load {
             println!(
                 "  reconciling {} full runs in the {:.1} s phases ({} records checked, run p50 {}, {} findings, {} BUSY)",
-                load.runs,
+                l.runs,
                 o.reconcile_phase.map(|d| d.as_secs_f64()).unwrap_or(0.0),
-                load.records,
-                run_p50.map(|m| format!("{m:.0} ms")).unwrap_or_else(|| "-".into()),
-                load.findings,
-                load.busy_refusals
+                l.records,
+                run_ms_p50.map(|m| format!("{m:.0} ms")).unwrap_or_else(|| "-".into()),
+                l.findings,
+                l.busy_refusals
             );
-            for (name, class) in [("during", during), ("without", quiet)] {
+            for (name, class) in [("during", summary.during), ("without", summary.quiet)] {
                 match class {
-                    Some((n, p50, p99, p999, max)) => println!(
-                        "    {name:<8} {n:>8} derivations  p50 {p50:.3} ms   p99 {p99:.3} ms   p99.9 {p999:.3} ms   max {max:.3} ms"
+                    Some(p) => println!(
+                        "    {name:<8} {:>8} derivations  p50 {:.3} ms   p99 {:.3} ms   p99.9 {:.3} ms   max {:.3} ms",
+                        p.count, p.p50, p.p99, p.p999, p.max
                     ),
                     None => println!("    {name:<8} no derivations"),
                 }
             }
         }
-        if s.errors.is_empty() {
+        if rec.errors.is_empty() {
             println!("  errors      none");
         } else {
-            let list: Vec<String> = s.errors.iter().map(|(k, v)| format!("{k} {v}")).collect();
+            let list: Vec<String> = rec.errors.iter().map(|(k, v)| format!("{k} {v}")).collect();
             println!("  errors      {}", list.join(", "));
         }
+        let appliance = match (mem.appliance_first_kib, mem.appliance_last_kib) {
+            (Some(first), Some(last)) => format!(
+                "; custodyd {} MiB at the start, {} MiB at the end, {} MiB at most",
+                first / 1024,
+                last / 1024,
+                mem.appliance_max_kib / 1024
+            ),
+            _ => String::new(),
+        };
+        println!(
+            "  memory      harness {} MiB at most{appliance}",
+            mem.harness_max_kib / 1024
+        );
         if let Some(c) = &report.commits {
             println!(
                 "  commits     {} batches ({:.0}/s), {:.1} records per batch, {} failed; per shard-second (median of {}): batch p50 {} p99 {} (max {}), commit p50 {:.3} ms p99 {:.3} ms (max {:.3} ms)",
                 c.batches,
-                c.batches as f64 / report.measured_elapsed.as_secs_f64(),
+                c.batches as f64 / summary.elapsed.as_secs_f64(),
                 c.records as f64 / c.batches.max(1) as f64,
                 c.failed,
                 c.intervals,
@@ -1077,54 +1408,83 @@ fn finish(o: &Options, report: Report, audit: Option<AuditSource>) -> anyhow::Re
                 "  seal        {n} refreshes of the seed cache through the provider in the window"
             );
         }
-        match &audit {
-            Some(a) => println!(
+        match (&audit, report.article_audit_rows) {
+            (_, Some(rows)) => println!(
+                "  audit       {rows} rows in the article's audit log for {} acknowledged derivations",
+                rec.ok[Op::Derive.index()]
+            ),
+            (Some(a), None) if a.checked == a.acknowledged => println!(
                 "  audit       {} of {} acknowledged derivations have their durable audit record ({} missing, {} mismatched)",
                 a.found, a.acknowledged, a.missing, a.mismatched
             ),
-            None => println!("  audit       not checked (give --verify-db FILE)"),
+            (Some(a), None) => println!(
+                "  audit       {} of a uniform sample of {} (of {} acknowledged derivations) have their durable audit record ({} missing, {} mismatched)",
+                a.found, a.checked, a.acknowledged, a.missing, a.mismatched
+            ),
+            (None, None) => println!("  audit       not checked (give --verify-db FILE)"),
         }
-        if let Some(r) = &report.reconciliation {
-            println!(
-                "  reconcile   {} records, {} checkpoints (MACs {}), {} assets: drift ratio {:.6}, {} findings",
-                r.records_checked,
-                r.checkpoints_checked,
-                if r.macs_checked { "checked" } else { "not checked" },
-                r.assets_checked,
-                r.assets_drifted as f64 / r.assets_checked.max(1) as f64,
-                r.findings_total
-            );
-            for f in &r.findings {
-                println!("              {f}");
+        match &report.reconciliation {
+            Some(r) => {
+                println!(
+                    "  reconcile   {} records, {} checkpoints (MACs {}), {} assets: drift ratio {:.6}, {} findings",
+                    r.records_checked,
+                    r.checkpoints_checked,
+                    if r.macs_checked { "checked" } else { "not checked" },
+                    r.assets_checked,
+                    r.assets_drifted as f64 / r.assets_checked.max(1) as f64,
+                    r.findings_total
+                );
+                for f in &r.findings {
+                    println!("              {f}");
+                }
             }
+            None if report.article_audit_rows.is_some() => {
+                println!(
+                    "  reconcile   none (the article's design has no reconciliation of its own)"
+                )
+            }
+            None => println!("  reconcile   not asked for (--no-reconcile)"),
         }
     }
     let audit_ok = audit
         .map(|a| a.missing == 0 && a.mismatched == 0)
-        .unwrap_or(true);
-    // Any drift or other finding of the closing reconciliation fails the run.
+        .unwrap_or(true)
+        && report
+            .article_audit_rows
+            .is_none_or(|rows| rows >= rec.ok[Op::Derive.index()]);
+    // Any drift or other finding of a reconciliation fails the run.
     let reconciled = report
         .reconciliation
         .as_ref()
         .is_none_or(|r| r.findings_total == 0)
-        && report
-            .reconcile_load
-            .as_ref()
-            .is_none_or(|l| l.findings == 0);
-    Ok(if !audit_ok {
+        && load.is_none_or(|l| l.findings == 0);
+    let code = if !audit_ok {
         4
     } else if !reconciled {
         5
+    } else if slo_missed {
+        6
     } else {
         0
-    })
+    };
+    let headline = Headline {
+        throughput: summary.throughput,
+        p50: derive.map_or(f64::NAN, |p| p.p50),
+        p99: derive.map_or(f64::NAN, |p| p.p99),
+        p999: derive.map_or(f64::NAN, |p| p.p999),
+        errors: errors_total,
+    };
+    Ok((code, headline))
 }
 
 struct AuditCheck {
-    acknowledged: usize,
-    found: usize,
-    missing: usize,
-    mismatched: usize,
+    /// Derivations acknowledged in the run.
+    acknowledged: u64,
+    /// Receipts looked up: all of them, or a uniform sample of [`stats::RECEIPTS_KEPT`].
+    checked: u64,
+    found: u64,
+    missing: u64,
+    mismatched: u64,
 }
 
 /// Where the audit log to check is.
@@ -1133,52 +1493,76 @@ enum AuditSource {
     Postgres(PgConfig),
 }
 
+/// Looks the receipts up in the audit log: each must be a DERIVE of its asset with its
+/// counter. Reads, per shard, only the ranges of the log that hold receipts, in pages, so
+/// memory stays bounded whatever the log's size.
 fn verify_audit(
     source: AuditSource,
     receipts: &[(Receipt, Uuid, u64)],
+    acknowledged: u64,
 ) -> anyhow::Result<AuditCheck> {
-    // (shard, seq) → (asset, counter, is a derivation)
-    let rows: HashMap<(u16, u64), (Uuid, u64, bool)> = match source {
-        AuditSource::Sqlite(db) => SqliteReader::open(&db)?
-            .audit_rows()?
-            .into_iter()
-            .map(|r| {
-                (
-                    (r.shard, r.seq),
-                    (
-                        r.asset,
-                        r.counter,
-                        r.event == custody::audit::AuditEvent::Derive,
-                    ),
-                )
-            })
-            .collect(),
+    let mut sorted: Vec<&(Receipt, Uuid, u64)> = receipts.iter().collect();
+    sorted.sort_by_key(|(r, _, _)| (r.shard, r.seq));
+    let sorted: Vec<(u16, u64, Uuid, u64)> = sorted
+        .into_iter()
+        .map(|(r, a, c)| (r.shard, r.seq, *a, *c))
+        .collect();
+    async fn check(
+        source: &dyn custody::reconcile::AuditSource,
+        receipts: &[(u16, u64, Uuid, u64)],
+    ) -> Result<(u64, u64, u64), custody::store::StoreError> {
+        const PAGE: usize = 50_000;
+        let (mut found, mut missing, mut mismatched) = (0, 0, 0);
+        let mut i = 0;
+        while i < receipts.len() {
+            let (shard, from) = (receipts[i].0, receipts[i].1);
+            let rows: HashMap<u64, custody::store::RowRead> = source
+                .records(shard, from, PAGE)
+                .await?
+                .into_iter()
+                .map(|r| (r.seq, r))
+                .collect();
+            while i < receipts.len() && receipts[i].0 == shard && receipts[i].1 < from + PAGE as u64
+            {
+                let (_, seq, asset, counter) = receipts[i];
+                match rows.get(&seq).map(|r| &r.row) {
+                    Some(Ok(row))
+                        if row.event == custody::audit::AuditEvent::Derive
+                            && row.asset == asset
+                            && row.counter == counter =>
+                    {
+                        found += 1
+                    }
+                    Some(_) => mismatched += 1,
+                    None => missing += 1,
+                }
+                i += 1;
+            }
+        }
+        Ok((found, missing, mismatched))
+    }
+    let (found, missing, mismatched) = match source {
+        AuditSource::Sqlite(db) => {
+            let reader = std::rc::Rc::new(SqliteReader::open(&db)?);
+            futures_lite::future::block_on(check(&reader, &sorted))?
+        }
         AuditSource::Postgres(config) => {
             postgres::on_own_executor("custody-load-db", move || async move {
                 let client = postgres::connect(&config).await?;
-                postgres::audit_rows(&client).await
+                let source = postgres::PgAuditSource {
+                    client: std::rc::Rc::new(client),
+                };
+                check(&source, &sorted).await
             })??
-            .into_iter()
-            .map(|(shard, seq, event, asset, counter)| {
-                ((shard, seq), (asset, counter, event == "DERIVE"))
-            })
-            .collect()
         }
     };
-    let mut check = AuditCheck {
-        acknowledged: receipts.len(),
-        found: 0,
-        missing: 0,
-        mismatched: 0,
-    };
-    for (receipt, asset, counter) in receipts {
-        match rows.get(&(receipt.shard, receipt.seq)) {
-            Some((a, c, true)) if a == asset && c == counter => check.found += 1,
-            Some(_) => check.mismatched += 1,
-            None => check.missing += 1,
-        }
-    }
-    Ok(check)
+    Ok(AuditCheck {
+        acknowledged,
+        checked: receipts.len() as u64,
+        found,
+        missing,
+        mismatched,
+    })
 }
 
 /// A fresh PostgreSQL database for one demo run, dropped afterwards.

@@ -73,7 +73,8 @@ impl std::fmt::Debug for PgConfig {
 }
 
 impl PgConfig {
-    fn driver_config(&self) -> tokio_postgres::Config {
+    /// The driver's settings (the address is not among them: connect with `connect_raw`).
+    pub fn driver_config(&self) -> tokio_postgres::Config {
         let mut c = tokio_postgres::Config::new();
         c.dbname(&self.dbname)
             .user(&self.user)

@@ -1,0 +1,451 @@
+//! The figures of a run. Every latency runs from the request's scheduled time, not from
+//! when it could be sent, so a stall anywhere (the appliance, the network, the harness
+//! itself) shows in the figures instead of hiding (no coordinated omission). Requests
+//! scheduled outside the measured window (the warm-up) are served and counted but left
+//! out of the latency figures. Memory is bounded whatever the run's length: histograms,
+//! counters and a fixed-size uniform sample of the receipts.
+
+use crate::workload::{Op, Rng};
+use hdrhistogram::Histogram;
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+/// Receipts kept for the audit check at the end (a uniform sample past this many).
+pub const RECEIPTS_KEPT: usize = 1_000_000;
+/// Distinct error names counted; more are counted as OTHER.
+const ERROR_NAMES_MAX: usize = 64;
+
+/// The histogram every latency goes into: 1 µs to 60 s, 3 significant digits.
+pub fn latency_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds")
+}
+
+/// How a request ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Answer {
+    Ok,
+    /// A ROTATE refused BUSY (another rotation of the asset in flight): the documented
+    /// answer, to retry; neither a success nor a failure.
+    RotationBusy,
+    /// Refused or failed; the status name (or a client error).
+    Error(String),
+}
+
+/// A uniform sample of at most `cap` items from a stream of unknown length (algorithm R).
+pub struct Reservoir<T> {
+    cap: usize,
+    seen: u64,
+    items: Vec<T>,
+    rng: Rng,
+}
+
+impl<T> Reservoir<T> {
+    pub fn new(cap: usize, seed: u64) -> Reservoir<T> {
+        Reservoir {
+            cap,
+            seen: 0,
+            items: Vec::new(),
+            rng: Rng::new(seed),
+        }
+    }
+
+    pub fn add(&mut self, item: T) {
+        self.seen += 1;
+        if self.items.len() < self.cap {
+            self.items.push(item);
+        } else {
+            let j = self.rng.next_u64() % self.seen;
+            if (j as usize) < self.cap {
+                self.items[j as usize] = item;
+            }
+        }
+    }
+
+    /// Items offered in all.
+    pub fn seen(&self) -> u64 {
+        self.seen
+    }
+
+    pub fn items(&self) -> &[T] {
+        &self.items
+    }
+}
+
+/// Percentiles of one histogram, in milliseconds.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Percentiles {
+    pub count: u64,
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub p999: f64,
+    pub max: f64,
+}
+
+impl Percentiles {
+    pub fn of(h: &Histogram<u64>) -> Option<Percentiles> {
+        if h.is_empty() {
+            return None;
+        }
+        let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+        Some(Percentiles {
+            count: h.len(),
+            p50: ms(0.5),
+            p90: ms(0.9),
+            p99: ms(0.99),
+            p999: ms(0.999),
+            max: h.max() as f64 / 1000.0,
+        })
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "count": self.count, "p50": self.p50, "p90": self.p90, "p99": self.p99,
+            "p99_9": self.p999, "max": self.max,
+        })
+    }
+}
+
+/// What the live line shows for the last second.
+pub struct Live {
+    pub ok: u64,
+    pub errors: u64,
+    pub p99_ms: f64,
+}
+
+/// Everything a run counts.
+pub struct Recorder<R> {
+    /// The measured window: requests scheduled in `[from, until)`.
+    from: Instant,
+    until: Instant,
+    pub sent: [u64; 3],
+    pub answered: u64,
+    pub ok: [u64; 3],
+    pub rotations_busy: u64,
+    pub errors: BTreeMap<String, u64>,
+    pub measured_ok: u64,
+    pub measured_errors: u64,
+    last_measured_done: Option<Instant>,
+    /// Measured latency per operation.
+    latency: [Histogram<u64>; 3],
+    /// Measured derivations with a reconciliation in flight at some moment of their life,
+    /// and those without (`--reconcile-phase-s`).
+    during: Histogram<u64>,
+    quiet: Histogram<u64>,
+    live_ok: u64,
+    live_errors: u64,
+    live_latency: Histogram<u64>,
+    pub receipts: Reservoir<R>,
+}
+
+/// The measured figures.
+pub struct Summary {
+    /// The window's length, or longer when its last answers came after it.
+    pub elapsed: Duration,
+    pub throughput: f64,
+    pub latency: [Option<Percentiles>; 3],
+    pub during: Option<Percentiles>,
+    pub quiet: Option<Percentiles>,
+}
+
+impl<R> Recorder<R> {
+    pub fn new(from: Instant, until: Instant, seed: u64) -> Recorder<R> {
+        Recorder {
+            from,
+            until,
+            sent: [0; 3],
+            answered: 0,
+            ok: [0; 3],
+            rotations_busy: 0,
+            errors: BTreeMap::new(),
+            measured_ok: 0,
+            measured_errors: 0,
+            last_measured_done: None,
+            latency: [
+                latency_histogram(),
+                latency_histogram(),
+                latency_histogram(),
+            ],
+            during: latency_histogram(),
+            quiet: latency_histogram(),
+            live_ok: 0,
+            live_errors: 0,
+            live_latency: latency_histogram(),
+            receipts: Reservoir::new(RECEIPTS_KEPT, seed),
+        }
+    }
+
+    pub fn sent(&mut self, op: Op) {
+        self.sent[op.index()] += 1;
+    }
+
+    pub fn sent_total(&self) -> u64 {
+        self.sent.iter().sum()
+    }
+
+    /// Records one answer. `reconciling`: whether a reconciliation was in flight during
+    /// the request's life (`None`: not measured).
+    pub fn answered(
+        &mut self,
+        op: Op,
+        scheduled: Instant,
+        done: Instant,
+        answer: Answer,
+        reconciling: Option<bool>,
+    ) {
+        self.answered += 1;
+        let latency_us = (done.saturating_duration_since(scheduled).as_micros() as u64).max(1);
+        let measured = scheduled >= self.from && scheduled < self.until;
+        match answer {
+            Answer::Ok => {
+                self.ok[op.index()] += 1;
+                self.live_ok += 1;
+                if op == Op::Derive {
+                    let _ = self.live_latency.record(latency_us);
+                }
+                if measured {
+                    self.measured_ok += 1;
+                    self.last_measured_done =
+                        Some(self.last_measured_done.map_or(done, |t| t.max(done)));
+                    let _ = self.latency[op.index()].record(latency_us);
+                    if op == Op::Derive {
+                        match reconciling {
+                            Some(true) => {
+                                let _ = self.during.record(latency_us);
+                            }
+                            Some(false) => {
+                                let _ = self.quiet.record(latency_us);
+                            }
+                            None => {}
+                        }
+                    }
+                }
+            }
+            Answer::RotationBusy => self.rotations_busy += 1,
+            Answer::Error(name) => {
+                let name = if self.errors.len() < ERROR_NAMES_MAX || self.errors.contains_key(&name)
+                {
+                    name
+                } else {
+                    "OTHER".to_owned()
+                };
+                *self.errors.entry(name).or_default() += 1;
+                self.live_errors += 1;
+                if measured {
+                    self.measured_errors += 1;
+                }
+            }
+        }
+    }
+
+    /// Requests that never answered (counted as TIMEOUT).
+    pub fn timed_out(&mut self, n: u64) {
+        if n > 0 {
+            *self.errors.entry("TIMEOUT".into()).or_default() += n;
+        }
+    }
+
+    /// The last second's figures, for the live line; starts the next second.
+    pub fn take_live(&mut self) -> Live {
+        let live = Live {
+            ok: self.live_ok,
+            errors: self.live_errors,
+            p99_ms: self.live_latency.value_at_quantile(0.99) as f64 / 1000.0,
+        };
+        self.live_ok = 0;
+        self.live_errors = 0;
+        self.live_latency.reset();
+        live
+    }
+
+    pub fn summary(&self) -> Summary {
+        let window = self.until.saturating_duration_since(self.from);
+        let elapsed = self
+            .last_measured_done
+            .map(|t| t.saturating_duration_since(self.from))
+            .unwrap_or(window)
+            .max(window);
+        Summary {
+            elapsed,
+            throughput: self.measured_ok as f64 / elapsed.as_secs_f64().max(1e-9),
+            latency: [0, 1, 2].map(|i| Percentiles::of(&self.latency[i])),
+            during: Percentiles::of(&self.during),
+            quiet: Percentiles::of(&self.quiet),
+        }
+    }
+
+    pub fn errors_total(&self) -> u64 {
+        self.errors.values().sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A synthetic schedule with known latencies: 1,000 requests a second for 11 s, the
+    /// first second warm-up.
+    fn schedule() -> (Instant, Vec<Instant>, Recorder<()>) {
+        let t0 = Instant::now();
+        let times: Vec<Instant> = (0..11_000).map(|i| t0 + Duration::from_millis(i)).collect();
+        let rec = Recorder::new(t0 + Duration::from_secs(1), t0 + Duration::from_secs(11), 1);
+        (t0, times, rec)
+    }
+
+    #[test]
+    fn percentiles_come_from_the_window_only() {
+        let (_, times, mut rec) = schedule();
+        for (i, &at) in times.iter().enumerate() {
+            rec.sent(Op::Derive);
+            let latency = if i < 1000 {
+                Duration::from_millis(500) // warm-up: served, not measured
+            } else if i % 200 == 0 {
+                Duration::from_millis(50)
+            } else {
+                Duration::from_millis(1)
+            };
+            let answer = if i % 1000 == 999 {
+                Answer::Error("STORE_UNAVAILABLE".into())
+            } else {
+                Answer::Ok
+            };
+            rec.answered(Op::Derive, at, at + latency, answer, None);
+        }
+        let s = rec.summary();
+        let p = s.latency[Op::Derive.index()].unwrap();
+        // 10,000 measured, 10 of them errors: 9,990 latencies, 50 of them 50 ms.
+        assert_eq!(rec.measured_ok, 9_990);
+        assert_eq!(rec.measured_errors, 10);
+        assert_eq!(rec.errors.get("STORE_UNAVAILABLE"), Some(&11));
+        assert_eq!(p.count, 9_990);
+        // Within the histogram's precision (3 significant digits).
+        let close = |got: f64, want: f64| (got - want).abs() <= want * 0.001;
+        assert!(close(p.p50, 1.0) && close(p.p90, 1.0), "{p:?}");
+        // 0.5 % of answers are 50 ms: below the 99th percentile's 1 %, above the 99.9th's.
+        assert!(close(p.p99, 1.0), "{p:?}");
+        assert!(close(p.p999, 50.0) && close(p.max, 50.0), "{p:?}");
+        // The warm-up's 500 ms never shows.
+        assert!(p.max < 500.0);
+        // 9,990 answers in the 10 s window (the last one 1 ms after it ends).
+        assert!(
+            (s.elapsed.as_secs_f64() - 10.0).abs() < 0.01,
+            "{:?}",
+            s.elapsed
+        );
+        assert!((s.throughput - 999.0).abs() < 1.0, "{}", s.throughput);
+    }
+
+    /// A 200 ms stall: the requests scheduled during it are all answered when it ends.
+    /// Measured from the scheduled time they take 200 ms down to 1 ms, and the 99th
+    /// percentile says so; measured from the send (after the stall) they would all look
+    /// like 1 ms.
+    #[test]
+    fn a_stall_shows_in_the_tail() {
+        let (t0, times, mut rec) = schedule();
+        let stall = (
+            t0 + Duration::from_secs(5),
+            t0 + Duration::from_millis(5200),
+        );
+        for &at in &times {
+            rec.sent(Op::Derive);
+            let done = if at >= stall.0 && at < stall.1 {
+                stall.1 + Duration::from_millis(1)
+            } else {
+                at + Duration::from_millis(1)
+            };
+            rec.answered(Op::Derive, at, done, Answer::Ok, None);
+        }
+        let p = rec.summary().latency[0].unwrap();
+        // 200 of 10,000 are stalled, 201 ms down to 2 ms: the 9,900th smallest is 101 ms.
+        assert!((p.p99 - 101.0).abs() < 0.2, "{p:?}");
+        assert!((p.max - 201.0).abs() < 0.5, "{p:?}");
+        assert!((p.p50 - 1.0).abs() < 0.01, "{p:?}");
+    }
+
+    #[test]
+    fn operations_and_reconciliation_classes_are_kept_apart() {
+        let (_, times, mut rec) = schedule();
+        for (i, &at) in times.iter().enumerate().skip(1000) {
+            let (op, latency) = match i % 10 {
+                0 => (Op::Rotate, 20),
+                1 => (Op::Status, 2),
+                _ => (Op::Derive, if i % 2 == 0 { 4 } else { 1 }),
+            };
+            rec.sent(op);
+            let reconciling = (op == Op::Derive).then_some(i % 2 == 0);
+            rec.answered(
+                op,
+                at,
+                at + Duration::from_millis(latency),
+                Answer::Ok,
+                reconciling,
+            );
+        }
+        rec.answered(
+            Op::Rotate,
+            times[5000],
+            times[5001],
+            Answer::RotationBusy,
+            None,
+        );
+        let s = rec.summary();
+        let close = |got: f64, want: f64| (got - want).abs() <= want * 0.001;
+        assert!(close(s.latency[Op::Rotate.index()].unwrap().p50, 20.0));
+        assert!(close(s.latency[Op::Status.index()].unwrap().p50, 2.0));
+        assert!(close(s.during.unwrap().max, 4.0));
+        assert!(close(s.quiet.unwrap().max, 1.0));
+        assert_eq!(rec.rotations_busy, 1);
+        assert_eq!(rec.ok, [8_000, 1_000, 1_000]);
+    }
+
+    #[test]
+    fn the_receipt_sample_is_bounded_and_uniform() {
+        let mut r = Reservoir::new(1000, 5);
+        for i in 0..100_000u32 {
+            r.add(i);
+        }
+        assert_eq!(r.items().len(), 1000);
+        assert_eq!(r.seen(), 100_000);
+        // Uniform: about a tenth of the sample from each tenth of the stream.
+        let mut tenths = [0u32; 10];
+        for &i in r.items() {
+            tenths[(i / 10_000) as usize] += 1;
+        }
+        for t in tenths {
+            assert!((60..140).contains(&t), "{tenths:?}");
+        }
+    }
+
+    #[test]
+    fn error_names_are_bounded() {
+        let (_, times, mut rec) = schedule();
+        for (i, &at) in times.iter().enumerate().take(200) {
+            rec.answered(Op::Derive, at, at, Answer::Error(format!("E{i}")), None);
+        }
+        assert_eq!(rec.errors.len(), ERROR_NAMES_MAX + 1);
+        assert_eq!(
+            rec.errors.get("OTHER"),
+            Some(&(200 - ERROR_NAMES_MAX as u64))
+        );
+        assert_eq!(rec.errors_total(), 200);
+    }
+
+    #[test]
+    fn the_live_line_covers_one_second_at_a_time() {
+        let (_, times, mut rec) = schedule();
+        for &at in &times[..100] {
+            rec.answered(
+                Op::Derive,
+                at,
+                at + Duration::from_millis(3),
+                Answer::Ok,
+                None,
+            );
+        }
+        let live = rec.take_live();
+        assert_eq!((live.ok, live.errors), (100, 0));
+        assert!((live.p99_ms - 3.0).abs() < 0.01);
+        let live = rec.take_live();
+        assert_eq!((live.ok, live.p99_ms), (0, 0.0));
+    }
+}
