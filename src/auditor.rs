@@ -66,7 +66,7 @@ const PROOF_RECORDS_MAX: usize = 200_000;
 /// The auditor thread's nice value: it reads and hashes the whole log on a full run, on
 /// the cores the shards run on, and yields them to the derive path (the shards run at
 /// the process's own priority). It still gets a share of a busy machine, so a run
-/// finishes and its read snapshot (which holds back SQLite's WAL checkpoints) ends.
+/// finishes (SCHED_IDLE starved it: docs/benchmarks.md).
 pub const AUDITOR_NICE: i32 = 19;
 
 /// Lowers the calling thread's scheduling priority to [`AUDITOR_NICE`] (Linux: a nice

@@ -117,6 +117,8 @@ pub struct Server {
     pub cores: usize,
     pub state_dir: PathBuf,
     pub log_level: tracing::Level,
+    /// One JSON object per line instead of text.
+    pub log_json: bool,
     /// Each shard logs its commit figures this often; `None` = never.
     pub stats_log_interval: Option<Duration>,
     /// The admin HTTP listener (/metrics, /healthz, /readyz); `None` = off.
@@ -184,7 +186,8 @@ pub const KEYS: &[KeyDoc] = &[
     KeyDoc { key: "server.metrics_publish_ms", default: "1000", doc: "how often each core publishes its figures for /metrics and /healthz (a scrape sees figures at most this old; a core silent for 3 intervals, at least 2 s, fails /healthz); 50-60000" },
     KeyDoc { key: "server.cores", default: "0", doc: "executors to run, one per core; 0 = every online core" },
     KeyDoc { key: "server.state_dir", default: "\"/var/lib/custody\"", doc: "directory for the store and the lock file" },
-    KeyDoc { key: "server.log_level", default: "\"info\"", doc: "error, warn, info, debug or trace" },
+    KeyDoc { key: "server.log_level", default: "\"info\"", doc: "error, warn, info, debug or trace (debug: a line per answer, with the connection id and the client's request id; no level logs a seed, key, share or PIN)" },
+    KeyDoc { key: "server.log_format", default: "\"text\"", doc: "text (key=value fields) or json (one object per line, for a log pipeline); both carry the connection id (`conn`) and request id of every event about a request" },
     KeyDoc { key: "server.stats_log_interval_s", default: "60", doc: "every this many seconds each shard logs its group-commit figures (batches, batch size and commit latency percentiles) at info level; 0 = never" },
     KeyDoc { key: "tls.cert", default: "(required)", doc: "server certificate chain, PEM" },
     KeyDoc { key: "tls.key", default: "(required)", doc: "server private key, PEM (PKCS#8, SEC1 or PKCS#1)" },
@@ -234,7 +237,7 @@ pub const KEYS: &[KeyDoc] = &[
     KeyDoc { key: "limits.max_assets_per_shard", default: "1000000", doc: "assets each shard's registry holds" },
     KeyDoc { key: "limits.rotation_id_retention_s", default: "86400", doc: "a rotation id is remembered this long: the same id sent again answers the first result instead of rotating again" },
     KeyDoc { key: "limits.rate_limit", default: "\"100/60s\"", doc: "requests each requester may make on each asset, as <requests>/<seconds>s (GCRA: that many at once, then one per period/requests); policy.rate_limits overrides it per role" },
-    KeyDoc { key: "audit.reconcile_records_per_s", default: "50000", doc: "the appliance's reconciliation runs (periodic and on demand) read at most this many audit records a second, in pages of 5,000, so that they take little of the cores the derive path runs on (a full run of N records takes N / this); it must stay above the rate records are written, or the periodic runs fall behind; 0 = as fast as the store answers (`custody reconcile --offline` is never paced)" },
+    KeyDoc { key: "audit.reconcile_records_per_s", default: "50000", doc: "the appliance's reconciliation runs (periodic and on demand) read on average at most this many audit records a second since the run began, in pages of 5,000 (at least 5000), so that they take little of the cores the derive path runs on (a full run of N records takes N / this); it must stay above the rate records are written, or the periodic runs fall behind; 0 = as fast as the store answers (`custody reconcile --offline` is never paced)" },
     KeyDoc { key: "audit.reconcile_interval_s", default: "60", doc: "every this many seconds the appliance reconciles the audit records written since its last run (chain, checkpoints, counters; docs/audit.md) on a thread of its own; 0 = only on demand (`custody reconcile`)" },
     KeyDoc { key: "limits.rate_limit_buckets_per_shard", default: "100000", doc: "rate-limit buckets (requester, asset) each shard keeps; idle ones are dropped, and when all are busy a new caller is refused RATE_LIMITED" },
     KeyDoc { key: "limits.rotation_ids_max_per_shard", default: "100000", doc: "most rotation ids each shard remembers; past it the oldest are forgotten first" },
@@ -324,6 +327,16 @@ pub fn resolve(table: &toml::Table, base_dir: &Path, file: &str) -> Result<Confi
                     format!("{s:?} is not one of error, warn, info, debug, trace"),
                 ),
             });
+    let log_json = r
+        .string("server.log_format", "text")
+        .and_then(|s| match s.as_str() {
+            "text" => Some(false),
+            "json" => Some(true),
+            _ => r.problem(
+                "server.log_format",
+                format!("{s:?} is not \"text\" or \"json\""),
+            ),
+        });
     let stats_interval = r
         .int("server.stats_log_interval_s", 60, 0, 86_400)
         .map(|s| (s > 0).then(|| Duration::from_secs(s as u64)));
@@ -353,7 +366,19 @@ pub fn resolve(table: &toml::Table, base_dir: &Path, file: &str) -> Result<Confi
         .map(|s| (s > 0).then(|| Duration::from_secs(s as u64)));
     let reconcile_rate = r
         .int("audit.reconcile_records_per_s", 50_000, 0, 100_000_000)
-        .map(|n| (n > 0).then_some(n as u64));
+        .and_then(|n| match n {
+            0 => Some(None),
+            // Below a page a second, one page would hold the auditor thread (and the
+            // proofs and requests queued behind it) for seconds.
+            n if n < crate::auditor::APPLIANCE_PAGE_RECORDS as i64 => r.problem(
+                "audit.reconcile_records_per_s",
+                format!(
+                    "{n} is below {} (one page a second); 0 = unpaced",
+                    crate::auditor::APPLIANCE_PAGE_RECORDS
+                ),
+            ),
+            n => Some(Some(n as u64)),
+        });
 
     let cert = r.required_path("tls.cert", base_dir);
     let key = r.required_path("tls.key", base_dir);
@@ -805,6 +830,7 @@ pub fn resolve(table: &toml::Table, base_dir: &Path, file: &str) -> Result<Confi
         Some(cores),
         Some(state_dir),
         Some(log_level),
+        Some(log_json),
         Some(cert),
         Some(key),
         Some(client_ca),
@@ -841,6 +867,7 @@ pub fn resolve(table: &toml::Table, base_dir: &Path, file: &str) -> Result<Confi
         cores,
         state_dir,
         log_level,
+        log_json,
         cert,
         key,
         client_ca,
@@ -889,6 +916,7 @@ pub fn resolve(table: &toml::Table, base_dir: &Path, file: &str) -> Result<Confi
             cores,
             state_dir: state_dir.clone(),
             log_level,
+            log_json,
             stats_log_interval,
             admin_listen,
             metrics_publish,
@@ -1410,6 +1438,7 @@ mod tests {
             listen = "nowhere"
             cores = -1
             colour = "blue"
+            log_format = "xml"
             [tls]
             cert = 5
             identity = "email"
@@ -1420,6 +1449,8 @@ mod tests {
             max_frame_body_bytes = "big"
             [policy]
             regions = ["US-EAST", "US-EAST", "has space"]
+            [audit]
+            reconcile_records_per_s = 100
             "#,
         )
         .unwrap_err();
@@ -1428,6 +1459,7 @@ mod tests {
             "server.listen",
             "server.cores",
             "server.colour",
+            "server.log_format",
             "tls.cert",
             "tls.key",
             "tls.client_ca",
@@ -1435,6 +1467,7 @@ mod tests {
             "store.commit_batch_records_max",
             "limits.max_frame_body_bytes",
             "policy.regions",
+            "audit.reconcile_records_per_s",
         ] {
             assert!(keys.contains(&expected), "missing {expected} in {keys:?}");
         }

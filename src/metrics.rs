@@ -557,7 +557,9 @@ fn render(cores: &[CoreFigures], seal: &SeedCache, policy_generation: u64) -> St
         "gauge",
         "Sequence number of each shard's newest durable audit record. It never goes down, across restarts too: a fall means records were cut from the store's log.",
     );
-    for (i, c) in cores.iter().enumerate() {
+    // Only from cores that have published: before its shard is loaded a core's slot says
+    // 0, which would look like a log cut short (CustodyAuditHeadWentBack).
+    for (i, c) in cores.iter().enumerate().filter(|(_, c)| c.published_ms > 0) {
         f.sample(
             "custody_audit_head_seq",
             &format!("shard=\"{i}\""),
@@ -793,6 +795,11 @@ fn render_auditor(out: &mut String, s: &crate::auditor::AuditorStatus) {
         "",
         s.last_duration.as_secs_f64(),
     );
+}
+
+/// The name of a raw opcode byte (a reply's bit ignored); "UNKNOWN" for none.
+pub fn opcode_label(opcode: u8) -> &'static str {
+    Opcode::from_u8(opcode & !crate::wire::REPLY_BIT).map_or("UNKNOWN", opcode_name)
 }
 
 /// The metric label of an opcode.

@@ -79,10 +79,18 @@ pub async fn accept_loop(ctx: Rc<CoreContext>, listener: TcpListener) {
                     drop(stream);
                     continue;
                 }
-                ctx.metrics.borrow_mut().connections_accepted += 1;
+                let n = {
+                    let mut m = ctx.metrics.borrow_mut();
+                    m.connections_accepted += 1;
+                    m.connections_accepted
+                };
+                let conn = ConnId {
+                    core: ctx.router.local_shard().id(),
+                    n,
+                };
                 let guard = ConnectionGuard::new(ctx.clone());
                 glommio::spawn_local(async move {
-                    serve(&guard.0, stream).await;
+                    serve(&guard.0, stream, conn).await;
                     drop(guard);
                 })
                 .detach();
@@ -93,6 +101,21 @@ pub async fn accept_loop(ctx: Rc<CoreContext>, listener: TcpListener) {
                 glommio::timer::sleep(Duration::from_millis(10)).await;
             }
         }
+    }
+}
+
+/// A connection's id in the logs: its core and its number there (`core.n`). With the
+/// request id the client put in its frame, it names a request in every log line about it
+/// (and the audit record keeps the same request id).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnId {
+    pub core: u16,
+    pub n: u64,
+}
+
+impl std::fmt::Display for ConnId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.core, self.n)
     }
 }
 
@@ -111,7 +134,7 @@ impl Drop for ConnectionGuard {
     }
 }
 
-async fn serve(ctx: &Rc<CoreContext>, stream: TcpStream) {
+async fn serve(ctx: &Rc<CoreContext>, stream: TcpStream, conn: ConnId) {
     let peer = stream.peer_addr().ok();
     let _ = stream.set_nodelay(true);
     let handshake =
@@ -124,12 +147,12 @@ async fn serve(ctx: &Rc<CoreContext>, stream: TcpStream) {
         Some(Ok(tls)) => tls,
         Some(Err(e)) => {
             ctx.metrics.borrow_mut().handshake_failed += 1;
-            tracing::debug!(?peer, error = %e, "TLS handshake refused");
+            tracing::debug!(%conn, ?peer, error = %e, "TLS handshake refused");
             return;
         }
         None => {
             ctx.metrics.borrow_mut().handshake_timed_out += 1;
-            tracing::debug!(?peer, "TLS handshake timed out");
+            tracing::debug!(%conn, ?peer, "TLS handshake timed out");
             return;
         }
     };
@@ -138,18 +161,20 @@ async fn serve(ctx: &Rc<CoreContext>, stream: TcpStream) {
             Ok(id) => id,
             Err(e) => {
                 ctx.metrics.borrow_mut().certificate_refused += 1;
-                tracing::debug!(?peer, error = %e, "client certificate refused");
+                tracing::debug!(%conn, ?peer, error = %e, "client certificate refused");
                 return;
             }
         },
         None if !ctx.require_client_cert => Arc::from(tls::ANONYMOUS),
         None => return,
     };
-    tracing::debug!(?peer, %identity, "connection established");
+    tracing::debug!(%conn, ?peer, %identity, "connection established");
     let stream = Rc::new(RefCell::new(tls));
-    let outbox = Rc::new(Outbox::new(ctx.metrics.clone()));
+    let outbox = Rc::new(Outbox::new(ctx.metrics.clone(), conn));
     let writer = glommio::spawn_local(write_loop(Half(stream.clone()), outbox.clone()));
-    read_loop(ctx, &identity, Half(stream), &outbox).await;
+    // Every event about this connection's requests carries its id and identity.
+    let span = tracing::info_span!("conn", id = %conn, %identity);
+    tracing::Instrument::instrument(read_loop(ctx, &identity, Half(stream), &outbox), span).await;
     // Let every request already accepted finish and be answered, then close.
     while outbox.inflight.get() > 0 {
         outbox.idle.wait().await;
@@ -157,7 +182,7 @@ async fn serve(ctx: &Rc<CoreContext>, stream: TcpStream) {
     outbox.closing.set(true);
     outbox.ready.notify();
     writer.await;
-    tracing::debug!(?peer, %identity, "connection closed");
+    tracing::debug!(%conn, ?peer, %identity, "connection closed");
 }
 
 /// Replies waiting to be written, and the connection's in-flight count.
@@ -174,6 +199,7 @@ struct Outbox {
     failed: Cell<bool>,
     /// The core's counters: every reply is counted by opcode and status.
     metrics: Rc<RefCell<crate::metrics::NetMetrics>>,
+    conn: ConnId,
 }
 
 impl Drop for Outbox {
@@ -184,7 +210,7 @@ impl Drop for Outbox {
 }
 
 impl Outbox {
-    fn new(metrics: Rc<RefCell<crate::metrics::NetMetrics>>) -> Outbox {
+    fn new(metrics: Rc<RefCell<crate::metrics::NetMetrics>>, conn: ConnId) -> Outbox {
         Outbox {
             buf: RefCell::default(),
             ready: LocalSignal::default(),
@@ -194,6 +220,7 @@ impl Outbox {
             closing: Cell::new(false),
             failed: Cell::new(false),
             metrics,
+            conn,
         }
     }
 
@@ -212,6 +239,14 @@ impl Outbox {
             _ => Status::Ok,
         };
         self.metrics.borrow_mut().count_reply(opcode, status);
+        // Every answer, at debug: never its body (a DERIVE reply holds the key).
+        tracing::debug!(
+            conn = %self.conn,
+            request_id,
+            op = crate::metrics::opcode_label(opcode),
+            status = status.name(),
+            "answered"
+        );
         reply.encode(opcode, request_id, &mut self.buf.borrow_mut());
         self.ready.notify();
     }
@@ -319,9 +354,11 @@ fn deny(
     ctx.denials.borrow_mut()[denied.reason as usize] += 1;
     match denied.reason {
         DenyReason::Purpose | DenyReason::Region | DenyReason::AssetGroup => {
-            tracing::debug!(%identity, opcode, reason = denied.reason.name(), "request denied")
+            tracing::debug!(%identity, request_id, opcode, reason = denied.reason.name(), "request denied")
         }
-        _ => tracing::info!(%identity, opcode, reason = denied.reason.name(), "request denied"),
+        _ => {
+            tracing::info!(%identity, request_id, opcode, reason = denied.reason.name(), "request denied")
+        }
     }
     outbox.refuse(opcode, request_id, denied.refusal)
 }
@@ -435,7 +472,7 @@ fn reconcile(
         refusal.retry_after_ms = 1000;
         return outbox.refuse(opcode, request_id, refusal);
     };
-    tracing::info!(%identity, full, "reconciliation requested");
+    tracing::info!(%identity, request_id, full, "reconciliation requested");
     answer_when(
         outbox,
         opcode,
@@ -589,7 +626,7 @@ fn dispatch(
         }
         Request::SetRegion { region, enabled } => match access.regions().find(&region) {
             Some((_, slot)) => {
-                tracing::warn!(%identity, %region, enabled, "region switch requested");
+                tracing::warn!(%identity, request_id, %region, enabled, "region switch requested");
                 ShardOp::SetRegion {
                     index: slot,
                     enabled,
@@ -614,7 +651,7 @@ fn dispatch(
             cache.seal();
             // This core drops its copy now; the others within CORE_KEY_REFRESH.
             ctx.key.refresh();
-            tracing::warn!(%identity, "sealed by an operator over the wire");
+            tracing::warn!(%identity, request_id, "sealed by an operator over the wire");
             let info = seal_info(cache, ctx.seal_provider);
             return outbox.push(opcode, request_id, &Reply::Seal(info));
         }
@@ -622,12 +659,13 @@ fn dispatch(
             let cache = ctx.key.cache();
             if reset {
                 cache.reset_shares();
-                tracing::info!(%identity, "unseal: submitted shares discarded");
+                tracing::info!(%identity, request_id, "unseal: submitted shares discarded");
             }
             let outcome = if !share.as_str().is_empty() {
                 cache.submit_share(share.as_str()).map(|progress| {
                     tracing::info!(
                         %identity,
+                        request_id,
                         received = progress.received,
                         threshold = progress.threshold,
                         unsealed = progress.unsealed,
@@ -636,7 +674,7 @@ fn dispatch(
                     ctx.key.refresh();
                 })
             } else if !cache.uses_shares() {
-                tracing::info!(%identity, "unseal: asked the provider to unseal now");
+                tracing::info!(%identity, request_id, "unseal: asked the provider to unseal now");
                 cache.unseal();
                 Ok(())
             } else {
@@ -649,7 +687,7 @@ fn dispatch(
                     outbox.push(opcode, request_id, &Reply::Seal(info))
                 }
                 Err(e) => {
-                    tracing::warn!(%identity, error = %e, "unseal: share refused");
+                    tracing::warn!(%identity, request_id, error = %e, "unseal: share refused");
                     let status = match e {
                         ShareError::Repeated { .. } => Status::ShareRepeated,
                         ShareError::SeedMismatch { .. } => Status::SeedMismatch,

@@ -515,10 +515,11 @@ pub fn logged_from_row(row: &crate::store::AuditRow) -> Result<LoggedRecord, Str
 /// Records a run reads at a time (bounds its memory).
 pub const PAGE_RECORDS: usize = 50_000;
 
-/// Read access to a store's audit log and key table, for a run. A run reads inside one
-/// snapshot ([`AuditSource::begin`] … [`AuditSource::end`]): the records and the key table
-/// as of one instant, so an operation committed meanwhile (its record and its counter
-/// together) is seen whole or not at all, never as drift.
+/// Read access to a store's audit log and key table, for a run. A run reads each shard's
+/// head and the key table inside one short snapshot ([`AuditSource::begin`] …
+/// [`AuditSource::end`]), so an operation committed meanwhile (its record and its counter
+/// together) is seen whole or not at all, never as drift; then the append-only records
+/// and checkpoints up to those heads outside it (see [`reconcile`]).
 pub trait AuditSource {
     /// Starts the run's snapshot (a read transaction).
     fn begin(&self) -> crate::store::LocalFuture<Result<(), crate::store::StoreError>>;

@@ -497,3 +497,127 @@ fn operators_seal_and_unseal_over_the_wire_and_the_init_shares_recover_the_seed(
         text(&out)
     );
 }
+
+/// No seed, derived key, unseal share or PIN reaches a log line at any level: the
+/// appliance runs at trace, in text and in JSON, through init with an imported seed,
+/// start (the HSM unwraps the seed with the PIN), registrations, derivations, a refused
+/// request and a shutdown; the log is searched for every secret in hex (either case),
+/// base64 and as a list of byte values. The log must hold the request lines (a line per
+/// answer, with the connection and request ids), or the search would prove nothing.
+#[test]
+fn no_secret_reaches_a_log_line_at_any_level() {
+    let Some(hsm) = SoftHsm::new() else { return };
+    let pin = std::fs::read_to_string(hsm.pin_file()).unwrap();
+    let pin = pin.trim().to_owned();
+    assert!(pin.len() >= 8, "a PIN this short could match by chance");
+    for (i, format) in ["text", "json"].into_iter().enumerate() {
+        let mut app = hsm.appliance("");
+        app.set_log("trace", format);
+        let seed: [u8; 32] =
+            std::array::from_fn(|k| (k as u8).wrapping_mul(73).wrapping_add(29 + i as u8));
+        let seed_file = app.dir.path().join("import.hex");
+        std::fs::write(&seed_file, format!("{}\n", hex(&seed))).unwrap();
+        std::fs::set_permissions(&seed_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let out = init(&app, &["--import-seed", seed_file.to_str().unwrap()]);
+        assert!(out.status.success(), "{}", text(&out));
+        app.launch();
+        let mut keys = Vec::new();
+        for n in 0..6u64 {
+            let (_, key) = derive(&app, asset(900 + n), &format!("m/44'/0'/0'/0'/{n}"));
+            keys.push(key);
+        }
+        // A refused request (a region not configured) logs its own lines.
+        let refused = runtime().block_on(async {
+            let c = Client::connect(&app.client_config()).await.unwrap();
+            let mut body = derive_body(asset(900), "m/44'/0'/0'/0'/1");
+            body.region = "MARS-1".into();
+            c.derive(body).await
+        });
+        assert!(refused.is_err());
+        // SIGTERM: the shutdown path logs too.
+        // SAFETY: kill only sends a signal to the appliance's own child process.
+        unsafe { libc::kill(app.pid().unwrap() as libc::pid_t, libc::SIGTERM) };
+        app.wait_exit(std::time::Duration::from_secs(10));
+        let log = app.log();
+
+        // The log is the one asked for: request lines with their ids.
+        assert!(
+            log.contains("answered"),
+            "{format}: no answer lines:\n{log}"
+        );
+        assert!(
+            log.contains("request_id"),
+            "{format}: no request ids:\n{log}"
+        );
+        assert!(log.contains("conn"), "{format}: no connection ids:\n{log}");
+        if format == "json" {
+            let line = log.lines().find(|l| l.contains("answered")).unwrap();
+            let v: serde_json::Value = serde_json::from_str(line).expect("a JSON object per line");
+            assert_eq!(v["fields"]["message"], "answered", "{line}");
+            assert!(v["fields"]["request_id"].is_u64(), "{line}");
+        }
+
+        let mut secrets: Vec<(String, Vec<u8>)> = vec![("seed".into(), seed.to_vec())];
+        for (k, key) in keys.iter().enumerate() {
+            secrets.push((format!("derived key {k}"), key.to_vec()));
+        }
+        let mut needles: Vec<(String, String)> = vec![("PIN".into(), pin.clone())];
+        for (what, bytes) in &secrets {
+            needles.push((format!("{what} (hex)"), hex(bytes)));
+            needles.push((format!("{what} (HEX)"), hex(bytes).to_uppercase()));
+            needles.push((format!("{what} (base64)"), base64(bytes)));
+            // Debug of a byte array: the first eight values are enough to find it.
+            let list: Vec<String> = bytes[..8].iter().map(|b| b.to_string()).collect();
+            needles.push((format!("{what} (bytes)"), list.join(", ")));
+            // Half the key in hex still gives most of it away.
+            needles.push((format!("{what} (half, hex)"), hex(&bytes[..16])));
+        }
+        for share in std::fs::read_dir(app.dir.path().join("shares")).unwrap() {
+            let text = std::fs::read_to_string(share.unwrap().path()).unwrap();
+            for line in text.lines().filter(|l| l.len() >= 16) {
+                needles.push(("an unseal share".into(), line.trim().to_owned()));
+            }
+        }
+        for (what, needle) in &needles {
+            assert!(
+                !log.contains(needle.as_str()),
+                "{format}: the {what} is in the log"
+            );
+        }
+    }
+}
+
+/// Standard base64 with padding (RFC 4648), for the log search.
+fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for k in 0..4 {
+            if k <= chunk.len() {
+                out.push(ALPHABET[(n >> (18 - 6 * k) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn base64_matches_the_rfc_vectors() {
+    for (input, want) in [
+        ("", ""),
+        ("f", "Zg=="),
+        ("fo", "Zm8="),
+        ("foo", "Zm9v"),
+        ("foobar", "Zm9vYmFy"),
+    ] {
+        assert_eq!(base64(input.as_bytes()), want);
+    }
+}

@@ -15,9 +15,13 @@ pub const RECEIPTS_KEPT: usize = 1_000_000;
 /// Distinct error names counted; more are counted as OTHER.
 const ERROR_NAMES_MAX: usize = 64;
 
-/// The histogram every latency goes into: 1 µs to 60 s, 3 significant digits.
+/// The histogram every latency goes into: microseconds, 3 significant digits, from 1 µs
+/// to 60 s and growing past that (a saturated target's backlog can wait longer; a
+/// latency is never dropped).
 pub fn latency_histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds")
+    let mut h = Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds");
+    h.auto(true);
+    h
 }
 
 /// How a request ended.
@@ -414,6 +418,22 @@ mod tests {
         for t in tenths {
             assert!((60..140).contains(&t), "{tenths:?}");
         }
+    }
+
+    #[test]
+    fn a_latency_past_a_minute_is_kept() {
+        let (t0, _, mut rec) = schedule();
+        let at = t0 + Duration::from_secs(2);
+        rec.answered(
+            Op::Derive,
+            at,
+            at + Duration::from_secs(90),
+            Answer::Ok,
+            None,
+        );
+        let p = rec.summary().latency[0].unwrap();
+        assert_eq!(p.count, 1);
+        assert!((p.max - 90_000.0).abs() < 90.0, "{p:?}");
     }
 
     #[test]

@@ -145,13 +145,21 @@ fn real_main() -> anyhow::Result<i32> {
             let Some(config) = load_config(config, &positional, "run")? else {
                 return Ok(2);
             };
-            tracing_subscriber::fmt()
+            let logs = tracing_subscriber::fmt()
                 .with_max_level(config.server.log_level)
                 .with_writer(std::io::stderr)
-                .with_target(false)
+                .with_target(false);
+            if config.server.log_json {
+                // One object per line; a request's events carry the connection span.
+                logs.json()
+                    .with_current_span(true)
+                    .with_span_list(false)
+                    .init();
+            } else {
                 // Colour codes only on a terminal, never in a file or the journal.
-                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-                .init();
+                logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                    .init();
+            }
             // The process will hold the keyed derivation state: no core dumps, no
             // same-user ptrace.
             if let Err(e) = custody::locked::forbid_core_dumps() {

@@ -24,6 +24,8 @@ pub struct TestAppliance {
     child: Option<Child>,
     extra_config: String,
     env: Vec<(String, String)>,
+    /// `server.log_level` and `server.log_format`.
+    log: (String, String),
 }
 
 impl TestAppliance {
@@ -54,6 +56,7 @@ impl TestAppliance {
             child: None,
             extra_config: extra_config.to_owned(),
             env: Vec::new(),
+            log: ("warn".into(), "text".into()),
         };
         app.write_config();
         app
@@ -68,11 +71,13 @@ impl TestAppliance {
             format!("\n[policy]\n{TEST_ROLES}")
         };
         let text = format!(
-            "[server]\nlisten = \"{}\"\nadmin_listen = \"{}\"\nmetrics_publish_ms = 100\ncores = 2\nstate_dir = \"{}\"\nlog_level = \"warn\"\n\n\
+            "[server]\nlisten = \"{}\"\nadmin_listen = \"{}\"\nmetrics_publish_ms = 100\ncores = 2\nstate_dir = \"{}\"\nlog_level = \"{}\"\nlog_format = \"{}\"\n\n\
              [tls]\ncert = \"certs/server.pem\"\nkey = \"certs/server.key\"\nclient_ca = \"certs/ca.pem\"\n\n{}",
             self.addr,
             self.admin,
             self.dir.path().display(),
+            self.log.0,
+            self.log.1,
             self.extra_config
         ) + &policy;
         std::fs::write(self.config_path(), text).expect("config");
@@ -90,6 +95,12 @@ impl TestAppliance {
             .args(args)
             .output()
             .expect("run custody")
+    }
+
+    /// Sets `server.log_level` and `server.log_format` (before the appliance starts).
+    pub fn set_log(&mut self, level: &str, format: &str) {
+        self.log = (level.to_owned(), format.to_owned());
+        self.write_config();
     }
 
     /// Rewrites the config with other extra sections (the appliance must be stopped).
