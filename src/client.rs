@@ -421,3 +421,70 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
         Err(p) => p.into_inner(),
     }
 }
+
+/// A shard-aware client: one connection to the shared port and, when the appliance
+/// announces per-shard ports (HELLO `shard_ports`, `server.shard_listen`), one to each
+/// shard's own port. A request about an asset goes to the connection of the shard that
+/// owns the asset (`jump(fnv1a64(asset), shard_count)`), so it never crosses cores in
+/// the appliance; a request about no asset (HELLO, SEAL, …) goes to the shared port.
+/// Without per-shard ports every request takes the shared port, as with [`Client`].
+pub struct ShardedClient {
+    shared: Client,
+    hello: HelloInfo,
+    /// By shard; empty without per-shard ports.
+    shards: Vec<Client>,
+}
+
+impl ShardedClient {
+    /// Connects to the shared port, asks HELLO, then connects to every shard's port on
+    /// the same host.
+    pub async fn connect(config: &ClientConfig) -> Result<ShardedClient, ClientError> {
+        let tls = crate::tls::client_config(&config.ca, &config.cert, &config.key)?;
+        let shared = Client::connect_with(config.addr, &config.server_name, tls.clone()).await?;
+        let hello = shared.hello().await?;
+        let mut shards = Vec::with_capacity(hello.shard_ports.len());
+        for &port in &hello.shard_ports {
+            let addr = SocketAddr::new(config.addr.ip(), port);
+            shards.push(Client::connect_with(addr, &config.server_name, tls.clone()).await?);
+        }
+        Ok(ShardedClient {
+            shared,
+            hello,
+            shards,
+        })
+    }
+
+    /// What the appliance said in HELLO.
+    pub fn hello(&self) -> &HelloInfo {
+        &self.hello
+    }
+
+    /// Whether requests go to their shard's own port.
+    pub fn is_shard_aware(&self) -> bool {
+        !self.shards.is_empty()
+    }
+
+    /// The connection a request about `asset` takes.
+    pub fn for_asset(&self, asset: &Uuid) -> &Client {
+        let shard = crate::router::shard_of(asset, self.hello.shard_count);
+        self.shards.get(usize::from(shard)).unwrap_or(&self.shared)
+    }
+
+    /// The connection `request` takes.
+    pub fn route(&self, request: &Request) -> &Client {
+        match request.asset() {
+            Some(asset) => self.for_asset(&asset),
+            None => &self.shared,
+        }
+    }
+
+    /// Sends a request on its shard's connection and awaits the reply.
+    pub async fn call(&self, request: &Request) -> Result<Reply, ClientError> {
+        self.route(request).call(request).await
+    }
+
+    /// Sends a request on its shard's connection without waiting (see [`Client::start`]).
+    pub fn start(&self, request: &Request, on_reply: ReplyCallback) {
+        self.route(request).start(request, on_reply)
+    }
+}

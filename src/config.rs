@@ -123,6 +123,9 @@ pub struct Server {
     pub stats_log_interval: Option<Duration>,
     /// The admin HTTP listener (/metrics, /healthz, /readyz); `None` = off.
     pub admin_listen: Option<SocketAddr>,
+    /// The first of the per-shard ports: shard i also listens on this IP at port + i
+    /// (HELLO announces them); `None` = only the shared port.
+    pub shard_listen: Option<SocketAddr>,
     /// How often each core publishes its figures for the metrics.
     pub metrics_publish: Duration,
 }
@@ -182,12 +185,13 @@ pub struct KeyDoc {
 /// Every key, its default and its meaning: the reference config is checked against this.
 pub const KEYS: &[KeyDoc] = &[
     KeyDoc { key: "server.listen", default: "\"127.0.0.1:7443\"", doc: "address every core listens on (SO_REUSEPORT)" },
+    KeyDoc { key: "server.shard_listen", default: "\"\"", doc: "IP:port of the first per-shard port: shard i (core i) also listens on that IP at port + i, and HELLO announces the ports, so a shard-aware client (custody::client::ShardedClient) sends each asset's requests to the core that owns it and none crosses cores; plain clients keep using server.listen; \"\" = off" },
     KeyDoc { key: "server.admin_listen", default: "\"127.0.0.1:7480\"", doc: "address of the admin HTTP listener: GET /metrics (Prometheus), /healthz (alive: no core stuck), /readyz (unsealed, store taking commits); keep it on loopback or a management network; \"\" = off" },
     KeyDoc { key: "server.metrics_publish_ms", default: "1000", doc: "how often each core publishes its figures for /metrics and /healthz (a scrape sees figures at most this old; a core silent for 3 intervals, at least 2 s, fails /healthz); 50-60000" },
     KeyDoc { key: "server.cores", default: "0", doc: "executors to run, one per core; 0 = every online core" },
     KeyDoc { key: "server.state_dir", default: "\"/var/lib/custody\"", doc: "directory for the store and the lock file" },
     KeyDoc { key: "server.log_level", default: "\"info\"", doc: "error, warn, info, debug or trace (debug: a line per answer, with the connection id and the client's request id; no level logs a seed, key, share or PIN)" },
-    KeyDoc { key: "server.log_format", default: "\"text\"", doc: "text (key=value fields) or json (one object per line, for a log pipeline); both carry the connection id (`conn`) and request id of every event about a request" },
+    KeyDoc { key: "server.log_format", default: "\"text\"", doc: "text (key=value fields) or json (one object per line, for a log pipeline); both carry the connection id (`conn`) and identity of every event logged while serving a connection, and the request id of the events about one request" },
     KeyDoc { key: "server.stats_log_interval_s", default: "60", doc: "every this many seconds each shard logs its group-commit figures (batches, batch size and commit latency percentiles) at info level; 0 = never" },
     KeyDoc { key: "tls.cert", default: "(required)", doc: "server certificate chain, PEM" },
     KeyDoc { key: "tls.key", default: "(required)", doc: "server private key, PEM (PKCS#8, SEC1 or PKCS#1)" },
@@ -358,6 +362,22 @@ pub fn resolve(table: &toml::Table, base_dir: &Path, file: &str) -> Result<Confi
                 ),
             }
         });
+    let shard_listen = r.string("server.shard_listen", "").and_then(|s| {
+        if s.is_empty() {
+            return Some(None);
+        }
+        match s.parse::<SocketAddr>() {
+            Ok(a) if a.port() == 0 => r.problem(
+                "server.shard_listen",
+                format!("{s:?}: the ports are announced, so the first must be fixed (not 0)"),
+            ),
+            Ok(a) => Some(Some(a)),
+            Err(e) => r.problem(
+                "server.shard_listen",
+                format!("{s:?} is not IP:port or \"\" ({e})"),
+            ),
+        }
+    });
     let metrics_publish = r
         .int("server.metrics_publish_ms", 1000, 50, 60_000)
         .map(|ms| Duration::from_millis(ms as u64));
@@ -859,6 +879,7 @@ pub fn resolve(table: &toml::Table, base_dir: &Path, file: &str) -> Result<Confi
         Some(rotation_ids_max),
         Some(stats_log_interval),
         Some(admin_listen),
+        Some(shard_listen),
         Some(metrics_publish),
         Some(reconcile_interval),
         Some(reconcile_rate),
@@ -896,6 +917,7 @@ pub fn resolve(table: &toml::Table, base_dir: &Path, file: &str) -> Result<Confi
         rotation_ids_max,
         stats_interval,
         admin_listen,
+        shard_listen,
         metrics_publish,
         reconcile_interval,
         reconcile_rate,
@@ -919,6 +941,7 @@ pub fn resolve(table: &toml::Table, base_dir: &Path, file: &str) -> Result<Confi
             log_json,
             stats_log_interval,
             admin_listen,
+            shard_listen,
             metrics_publish,
         },
         tls: Tls {

@@ -107,6 +107,8 @@ pub struct NetMetrics {
     pub handshake_timed_out: u64,
     /// A client certificate that names no usable identity.
     pub certificate_refused: u64,
+    /// Operations this core handed to the core that owns their asset.
+    pub cross_core: u64,
 }
 
 impl Default for NetMetrics {
@@ -119,6 +121,7 @@ impl Default for NetMetrics {
             handshake_failed: 0,
             handshake_timed_out: 0,
             certificate_refused: 0,
+            cross_core: 0,
         }
     }
 }
@@ -202,6 +205,7 @@ impl CoreFigures {
             handshake_failed,
             handshake_timed_out,
             certificate_refused,
+            cross_core,
         } = net;
         self.net.replies = *replies;
         self.net.derive_latency.copy_from(derive_latency);
@@ -210,6 +214,7 @@ impl CoreFigures {
         self.net.handshake_failed = *handshake_failed;
         self.net.handshake_timed_out = *handshake_timed_out;
         self.net.certificate_refused = *certificate_refused;
+        self.net.cross_core = *cross_core;
         let s = &mut self.shard;
         s.queue_wait.copy_from(&shard.queue_wait);
         s.commit.copy_from(&shard.commit);
@@ -564,6 +569,19 @@ fn render(cores: &[CoreFigures], seal: &SeedCache, policy_generation: u64) -> St
             "custody_audit_head_seq",
             &format!("shard=\"{i}\""),
             c.shard.audit_head_seq,
+        );
+    }
+
+    f.head(
+        "custody_cross_core_requests_total",
+        "counter",
+        "Operations a core handed to the core that owns their asset (a shard-aware client on the per-shard ports causes none).",
+    );
+    for (i, c) in cores.iter().enumerate() {
+        f.sample(
+            "custody_cross_core_requests_total",
+            &format!("core=\"{i}\""),
+            c.net.cross_core,
         );
     }
 

@@ -170,10 +170,10 @@ async fn serve(ctx: &Rc<CoreContext>, stream: TcpStream, conn: ConnId) {
     };
     tracing::debug!(%conn, ?peer, %identity, "connection established");
     let stream = Rc::new(RefCell::new(tls));
-    let outbox = Rc::new(Outbox::new(ctx.metrics.clone(), conn));
+    let outbox = Rc::new(Outbox::new(ctx.metrics.clone(), conn, identity.clone()));
     let writer = glommio::spawn_local(write_loop(Half(stream.clone()), outbox.clone()));
     // Every event about this connection's requests carries its id and identity.
-    let span = tracing::info_span!("conn", id = %conn, %identity);
+    let span = tracing::info_span!("conn", %conn, %identity);
     tracing::Instrument::instrument(read_loop(ctx, &identity, Half(stream), &outbox), span).await;
     // Let every request already accepted finish and be answered, then close.
     while outbox.inflight.get() > 0 {
@@ -200,6 +200,7 @@ struct Outbox {
     /// The core's counters: every reply is counted by opcode and status.
     metrics: Rc<RefCell<crate::metrics::NetMetrics>>,
     conn: ConnId,
+    identity: Arc<str>,
 }
 
 impl Drop for Outbox {
@@ -210,7 +211,11 @@ impl Drop for Outbox {
 }
 
 impl Outbox {
-    fn new(metrics: Rc<RefCell<crate::metrics::NetMetrics>>, conn: ConnId) -> Outbox {
+    fn new(
+        metrics: Rc<RefCell<crate::metrics::NetMetrics>>,
+        conn: ConnId,
+        identity: Arc<str>,
+    ) -> Outbox {
         Outbox {
             buf: RefCell::default(),
             ready: LocalSignal::default(),
@@ -221,6 +226,7 @@ impl Outbox {
             failed: Cell::new(false),
             metrics,
             conn,
+            identity,
         }
     }
 
@@ -242,6 +248,7 @@ impl Outbox {
         // Every answer, at debug: never its body (a DERIVE reply holds the key).
         tracing::debug!(
             conn = %self.conn,
+            identity = %self.identity,
             request_id,
             op = crate::metrics::opcode_label(opcode),
             status = status.name(),
@@ -332,7 +339,7 @@ async fn read_loop<S: AsyncRead + Unpin>(
                         ),
                         _ => (0, 0),
                     };
-                    tracing::debug!(%identity, error = %e, "framing error: closing connection");
+                    tracing::debug!(%identity, request_id, error = %e, "framing error: closing connection");
                     outbox.refuse(opcode, request_id, Refusal::new(e.status(), e.to_string()));
                     return;
                 }
@@ -612,7 +619,7 @@ fn dispatch(
         }
     }
     let op = match request {
-        Request::Hello => return outbox.push(opcode, request_id, &Reply::Hello(ctx.hello)),
+        Request::Hello => return outbox.push(opcode, request_id, &Reply::Hello(ctx.hello.clone())),
         Request::Regions => {
             let list = access.regions().states(ctx.rules.switch());
             return outbox.push(opcode, request_id, &Reply::Regions(list));

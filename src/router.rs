@@ -69,6 +69,8 @@ pub struct ShardRouter {
     senders: Option<Senders<MeshMsg>>,
     waiting: RefCell<HashMap<u64, oneshot::Sender<OpResult>>>,
     next_ticket: Cell<u64>,
+    /// Operations handed to another core so far.
+    forwarded: Cell<u64>,
 }
 
 impl ShardRouter {
@@ -79,7 +81,13 @@ impl ShardRouter {
             senders,
             waiting: RefCell::new(HashMap::new()),
             next_ticket: Cell::new(1),
+            forwarded: Cell::new(0),
         }
+    }
+
+    /// Operations this core has handed to the core that owns their asset.
+    pub fn forwarded(&self) -> u64 {
+        self.forwarded.get()
     }
 
     pub fn shard_count(&self) -> u16 {
@@ -102,6 +110,7 @@ impl ShardRouter {
                 "no mesh to the owning shard",
             ));
         };
+        self.forwarded.set(self.forwarded.get() + 1);
         let ticket = self.next_ticket.get();
         self.next_ticket.set(ticket.wrapping_add(1));
         let (tx, rx) = oneshot::channel();

@@ -382,6 +382,7 @@ async fn core_main(core: usize, setup: CoreSetup) -> Result<(), String> {
             shard_hash: SHARD_HASH_JUMP_FNV1A64,
             max_frame_body_bytes: config.limits.max_frame_body_bytes,
             max_inflight_per_connection: config.limits.max_inflight_per_connection,
+            shard_ports: shard_ports(&config.server, cores)?,
         },
         connections: Cell::new(0),
         access: crate::policy::CorePolicy::new(setup.policy.clone()),
@@ -426,8 +427,37 @@ async fn core_main(core: usize, setup: CoreSetup) -> Result<(), String> {
         shard: shard_id,
         assets,
     });
+    // This core's own port, if any: a shard-aware client's requests for its assets.
+    if let Some(&port) = ctx.hello.shard_ports.get(core) {
+        let ip = config.server.shard_listen.map(|a| a.ip());
+        let addr = SocketAddr::new(ip.unwrap_or(config.server.listen.ip()), port);
+        let own = bind(addr).map_err(|e| {
+            format!(
+                "cannot listen on {addr} (server.shard_listen, shard {core}): {e} (is another process using the port?)"
+            )
+        })?;
+        glommio::spawn_local(accept_loop(ctx.clone(), own)).detach();
+    }
     accept_loop(ctx, listener).await;
     Ok(())
+}
+
+/// The per-shard ports (`server.shard_listen`): the first port, then one more per shard.
+fn shard_ports(server: &crate::config::Server, shards: u16) -> Result<Vec<u16>, String> {
+    let Some(base) = server.shard_listen else {
+        return Ok(Vec::new());
+    };
+    (0..shards)
+        .map(|i| {
+            base.port().checked_add(i).ok_or_else(|| {
+                format!(
+                    "server.shard_listen: port {} plus {} shards passes 65535",
+                    base.port(),
+                    shards
+                )
+            })
+        })
+        .collect()
 }
 
 /// Copies the core's and its shard's figures into the core's slot of the registry.
@@ -440,6 +470,7 @@ fn publish_figures(
     let Some(slot) = registry.slot(core) else {
         return;
     };
+    ctx.metrics.borrow_mut().cross_core = ctx.router.forwarded();
     let net = ctx.metrics.borrow();
     let figures = shard.figures();
     let denials = *ctx.denials.borrow();

@@ -23,7 +23,7 @@ use uuid::Uuid;
 /// The four bytes every frame starts with.
 pub const MAGIC: [u8; 4] = *b"CSTD";
 /// The only protocol version this build speaks.
-pub const VERSION: u8 = 2;
+pub const VERSION: u8 = 3;
 /// Length of the fixed frame header.
 pub const HEADER_LEN: usize = 20;
 /// Bit set in the opcode of every reply.
@@ -575,6 +575,20 @@ pub struct RotateBody {
 }
 
 impl Request {
+    /// The asset the request is about, if any: the one that picks its shard.
+    pub fn asset(&self) -> Option<Uuid> {
+        match self {
+            Request::Register { asset }
+            | Request::Status { asset }
+            | Request::Suspend { asset }
+            | Request::Resume { asset }
+            | Request::Retire { asset } => Some(*asset),
+            Request::Derive(d) => Some(d.asset),
+            Request::Rotate(r) => Some(r.asset),
+            _ => None,
+        }
+    }
+
     pub fn opcode(&self) -> Opcode {
         match self {
             Request::Hello => Opcode::Hello,
@@ -794,13 +808,17 @@ fn hex32<S: serde::Serializer>(v: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {
 }
 
 /// What HELLO reports.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct HelloInfo {
     pub version: u8,
     pub shard_count: u16,
     pub shard_hash: u8,
     pub max_frame_body_bytes: u32,
     pub max_inflight_per_connection: u32,
+    /// The port each shard also listens on, by shard (`server.shard_listen`): a client
+    /// that sends each asset's requests to its shard's port never has them cross cores.
+    /// Empty when the appliance has no per-shard ports.
+    pub shard_ports: Vec<u16>,
 }
 
 /// An asset's state as REGISTER and STATUS report it.
@@ -1030,6 +1048,10 @@ impl Reply {
                 out.push(h.shard_hash);
                 out.extend_from_slice(&h.max_frame_body_bytes.to_be_bytes());
                 out.extend_from_slice(&h.max_inflight_per_connection.to_be_bytes());
+                out.extend_from_slice(&(h.shard_ports.len() as u16).to_be_bytes());
+                for port in &h.shard_ports {
+                    out.extend_from_slice(&port.to_be_bytes());
+                }
             }
             Reply::Asset(a) => {
                 out.extend_from_slice(&(Status::Ok as u16).to_be_bytes());
@@ -1153,13 +1175,40 @@ impl Reply {
             })
         } else {
             match request_opcode {
-                Opcode::Hello => Reply::Hello(HelloInfo {
-                    version: r.u8("version")?,
-                    shard_count: r.u16("shard_count")?,
-                    shard_hash: r.u8("shard_hash")?,
-                    max_frame_body_bytes: r.u32("max_frame_body_bytes")?,
-                    max_inflight_per_connection: r.u32("max_inflight_per_connection")?,
-                }),
+                Opcode::Hello => {
+                    let version = r.u8("version")?;
+                    let shard_count = r.u16("shard_count")?;
+                    let shard_hash = r.u8("shard_hash")?;
+                    let max_frame_body_bytes = r.u32("max_frame_body_bytes")?;
+                    let max_inflight_per_connection = r.u32("max_inflight_per_connection")?;
+                    let n = r.u16("shard_port_count")?;
+                    if n != 0 && n != shard_count {
+                        return Err(WireError::BadField {
+                            field: "shard_port_count",
+                            reason: "neither 0 nor shard_count",
+                        });
+                    }
+                    let mut shard_ports = Vec::with_capacity(usize::from(n));
+                    for _ in 0..n {
+                        match r.u16("shard_port")? {
+                            0 => {
+                                return Err(WireError::BadField {
+                                    field: "shard_port",
+                                    reason: "port 0",
+                                })
+                            }
+                            port => shard_ports.push(port),
+                        }
+                    }
+                    Reply::Hello(HelloInfo {
+                        version,
+                        shard_count,
+                        shard_hash,
+                        max_frame_body_bytes,
+                        max_inflight_per_connection,
+                        shard_ports,
+                    })
+                }
                 Opcode::SetRegion | Opcode::Regions => {
                     let n = r.u8("count")?;
                     let mut list = Vec::with_capacity(n.into());
@@ -1390,7 +1439,7 @@ mod tests {
             &out[..HEADER_LEN],
             &[
                 0x43, 0x53, 0x54, 0x44, // "CSTD"
-                0x02, // version
+                0x03, // version
                 0x04, // STATUS
                 0x00, 0x00, // flags
                 0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07, 0x08, // request id
@@ -1688,6 +1737,7 @@ mod tests {
                     shard_hash: SHARD_HASH_JUMP_FNV1A64,
                     max_frame_body_bytes: 4096,
                     max_inflight_per_connection: 256,
+                    shard_ports: vec![7450, 7451],
                 }),
             ),
             (
@@ -1843,23 +1893,7 @@ mod tests {
     /// The hex dump of docs/protocol.md's DERIVE OK reply is what the encoder writes.
     #[test]
     fn the_documented_derive_reply_is_what_the_encoder_writes() {
-        let doc = include_str!("../docs/protocol.md");
-        let at = doc.find("### DERIVE OK reply").expect("section");
-        let dump = doc[at..]
-            .split("```text\n")
-            .nth(1)
-            .and_then(|rest| rest.split("```").next())
-            .expect("hex dump");
-        let documented: Vec<u8> = dump
-            .lines()
-            .flat_map(|line| {
-                line.get(10..58)
-                    .unwrap_or("")
-                    .split_whitespace()
-                    .map(|b| u8::from_str_radix(b, 16).unwrap())
-                    .collect::<Vec<_>>()
-            })
-            .collect();
+        let documented = documented_dump("### DERIVE OK reply");
         let mut out = Vec::new();
         Reply::Derived(Derived {
             counter: 0,
@@ -1873,6 +1907,48 @@ mod tests {
         })
         .encode(Opcode::Derive as u8, 1, &mut out);
         assert_eq!(out, documented);
+    }
+
+    /// The bytes of the hex dumps (`text` blocks) of a section of docs/protocol.md, in order.
+    fn documented_dump(section: &str) -> Vec<u8> {
+        let doc = include_str!("../docs/protocol.md");
+        let at = doc.find(section).expect("section");
+        let rest = &doc[at + section.len()..];
+        let rest = &rest[..rest.find("\n### ").unwrap_or(rest.len())];
+        rest.split("```text\n")
+            .skip(1)
+            .filter_map(|block| block.split("```").next())
+            .flat_map(|dump| dump.lines())
+            .flat_map(|line| {
+                line.get(10..58)
+                    .unwrap_or("")
+                    .split_whitespace()
+                    .map(|b| u8::from_str_radix(b, 16).unwrap())
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_documented_hello_is_what_the_encoder_writes() {
+        let documented = documented_dump("### HELLO");
+        let mut out = Vec::new();
+        Request::Hello.encode(7, &mut out);
+        Reply::Hello(HelloInfo {
+            version: VERSION,
+            shard_count: 4,
+            shard_hash: SHARD_HASH_JUMP_FNV1A64,
+            max_frame_body_bytes: 16384,
+            max_inflight_per_connection: 1024,
+            shard_ports: vec![7450, 7451, 7452, 7453],
+        })
+        .encode(Opcode::Hello as u8, 7, &mut out);
+        assert_eq!(out, documented);
+        // A port list that is neither empty nor one per shard is refused.
+        let body = &out[20 + HEADER_LEN..];
+        let mut bad = body.to_vec();
+        bad[15] = 3;
+        assert!(Reply::decode(Opcode::Hello, &bad).is_err());
     }
 
     #[test]

@@ -28,7 +28,7 @@ pub struct ArticleTarget {
 }
 
 impl Target for ArticleTarget {
-    fn start(&self, conn: usize, i: u64, op: Op, asset: usize, done: Done) {
+    fn start(&self, conn: usize, i: u64, op: Op, asset: usize, _: crate::Route, done: Done) {
         if let Err(e) = self.workers[conn].send(Job { i, op, asset, done }) {
             (e.0.done)(Answer::Error("CONNECTION_CLOSED".into()), None);
         }
@@ -85,29 +85,66 @@ pub async fn audit_rows(config: &PgConfig) -> anyhow::Result<u64> {
     Ok(n as u64)
 }
 
+/// The statements, prepared once per connection: a derivation then costs the round trips
+/// pgbench's simple protocol does (BEGIN, lock, row, INSERT, COMMIT), no more.
+struct Statements {
+    lock: tokio_postgres::Statement,
+    row: tokio_postgres::Statement,
+    insert: tokio_postgres::Statement,
+    rotate: tokio_postgres::Statement,
+    status: tokio_postgres::Statement,
+}
+
+impl Statements {
+    async fn prepare(c: &tokio_postgres::Client) -> Result<Statements, tokio_postgres::Error> {
+        Ok(Statements {
+            lock: c.prepare("SELECT pg_advisory_xact_lock($1)").await?,
+            row: c
+                .prepare(
+                    "SELECT asset_id, state, derivation_counter FROM article_keys WHERE asset_num = $1 FOR UPDATE",
+                )
+                .await?,
+            insert: c
+                .prepare(
+                    "INSERT INTO article_audit_log (asset_id, derivation_path, counter, state_at_derivation, ts) \
+                     VALUES ($1, $2, $3, $4, now())",
+                )
+                .await?,
+            rotate: c
+                .prepare(
+                    "UPDATE article_keys SET derivation_counter = derivation_counter + 1 WHERE asset_num = $1",
+                )
+                .await?,
+            status: c
+                .prepare("SELECT state, derivation_counter FROM article_keys WHERE asset_num = $1")
+                .await?,
+        })
+    }
+}
+
 async fn worker(mut client: tokio_postgres::Client, mut jobs: UnboundedReceiver<Job>) {
     // A fixed stand-in for the article's root seed: the HMAC's cost is what matters.
     let seed = [7u8; 32];
+    let statements = Statements::prepare(&client).await;
     while let Some(job) = jobs.recv().await {
         // Asset numbers start at 1 in the article's table.
         let n = job.asset as i32 + 1;
-        let outcome = match job.op {
-            Op::Derive => derive(&mut client, n, job.i, &seed).await,
-            Op::Rotate => rotate(&mut client, n).await,
-            Op::Status => client
-                .query_one(
-                    "SELECT state, derivation_counter FROM article_keys WHERE asset_num = $1",
-                    &[&n],
-                )
-                .await
-                .map(|_| ()),
+        let outcome = match &statements {
+            Err(e) => Err(e.to_string()),
+            Ok(s) => match job.op {
+                Op::Derive => derive(&mut client, s, n, job.i, &seed).await,
+                Op::Rotate => rotate(&mut client, s, n).await,
+                Op::Status => client.query_one(&s.status, &[&n]).await.map(|_| ()),
+            }
+            .map_err(|e| match e.code() {
+                Some(code) => code.code().to_owned(),
+                None if e.is_closed() => "connection closed".to_owned(),
+                None => e.to_string(),
+            }),
         };
         let answer = match outcome {
             Ok(()) => Answer::Ok,
-            Err(e) => Answer::Error(format!(
-                "POSTGRES: {}",
-                e.code().map_or("connection", |c| c.code())
-            )),
+            Err(e) => Answer::Error(format!("POSTGRES: {e}")),
         };
         (job.done)(answer, None);
     }
@@ -116,19 +153,14 @@ async fn worker(mut client: tokio_postgres::Client, mut jobs: UnboundedReceiver<
 /// DeriveAssetKey: advisory lock, row lock, the key, the audit row, COMMIT.
 async fn derive(
     client: &mut tokio_postgres::Client,
+    s: &Statements,
     n: i32,
     i: u64,
     seed: &[u8; 32],
 ) -> Result<(), tokio_postgres::Error> {
     let tx = client.transaction().await?;
-    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&i64::from(n)])
-        .await?;
-    let row = tx
-        .query_one(
-            "SELECT asset_id, state, derivation_counter FROM article_keys WHERE asset_num = $1 FOR UPDATE",
-            &[&n],
-        )
-        .await?;
+    tx.execute(&s.lock, &[&i64::from(n)]).await?;
+    let row = tx.query_one(&s.row, &[&n]).await?;
     let asset: uuid::Uuid = row.get(0);
     let state: String = row.get(1);
     let counter: i64 = row.get(2);
@@ -138,24 +170,19 @@ async fn derive(
     mac.update(path.as_bytes());
     mac.update(&counter.to_be_bytes());
     std::hint::black_box(mac.finalize().into_bytes());
-    tx.execute(
-        "INSERT INTO article_audit_log (asset_id, derivation_path, counter, state_at_derivation, ts) \
-         VALUES ($1, $2, $3, $4, now())",
-        &[&asset, &path, &counter, &state],
-    )
-    .await?;
+    tx.execute(&s.insert, &[&asset, &path, &counter, &state])
+        .await?;
     tx.commit().await
 }
 
 /// RotateAssetKey: the same locks, the counter moved on, COMMIT (no audit row).
-async fn rotate(client: &mut tokio_postgres::Client, n: i32) -> Result<(), tokio_postgres::Error> {
+async fn rotate(
+    client: &mut tokio_postgres::Client,
+    s: &Statements,
+    n: i32,
+) -> Result<(), tokio_postgres::Error> {
     let tx = client.transaction().await?;
-    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&i64::from(n)])
-        .await?;
-    tx.execute(
-        "UPDATE article_keys SET derivation_counter = derivation_counter + 1 WHERE asset_num = $1",
-        &[&n],
-    )
-    .await?;
+    tx.execute(&s.lock, &[&i64::from(n)]).await?;
+    tx.execute(&s.rotate, &[&n]).await?;
     tx.commit().await
 }

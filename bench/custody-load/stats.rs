@@ -136,6 +136,10 @@ pub struct Recorder<R> {
     /// and those without (`--reconcile-phase-s`).
     during: Histogram<u64>,
     quiet: Histogram<u64>,
+    /// Measured derivations by the kind of client they went through (`--clients`).
+    by_route: [Histogram<u64>; 2],
+    /// The drain gave up on the rest (TIMEOUT): later answers are not counted again.
+    closed: bool,
     live_ok: u64,
     live_errors: u64,
     live_latency: Histogram<u64>,
@@ -150,6 +154,7 @@ pub struct Summary {
     pub latency: [Option<Percentiles>; 3],
     pub during: Option<Percentiles>,
     pub quiet: Option<Percentiles>,
+    pub by_route: [Option<Percentiles>; 2],
 }
 
 impl<R> Recorder<R> {
@@ -172,6 +177,8 @@ impl<R> Recorder<R> {
             ],
             during: latency_histogram(),
             quiet: latency_histogram(),
+            by_route: [latency_histogram(), latency_histogram()],
+            closed: false,
             live_ok: 0,
             live_errors: 0,
             live_latency: latency_histogram(),
@@ -189,6 +196,7 @@ impl<R> Recorder<R> {
 
     /// Records one answer. `reconciling`: whether a reconciliation was in flight during
     /// the request's life (`None`: not measured).
+    #[cfg_attr(not(test), allow(dead_code))]
     pub fn answered(
         &mut self,
         op: Op,
@@ -197,6 +205,22 @@ impl<R> Recorder<R> {
         answer: Answer,
         reconciling: Option<bool>,
     ) {
+        self.answered_on(op, scheduled, done, answer, reconciling, None)
+    }
+
+    /// [`Self::answered`], also classed by the kind of client (0 plain, 1 shard-aware).
+    pub fn answered_on(
+        &mut self,
+        op: Op,
+        scheduled: Instant,
+        done: Instant,
+        answer: Answer,
+        reconciling: Option<bool>,
+        route: Option<usize>,
+    ) {
+        if self.closed {
+            return;
+        }
         self.answered += 1;
         let latency_us = (done.saturating_duration_since(scheduled).as_micros() as u64).max(1);
         let measured = scheduled >= self.from && scheduled < self.until;
@@ -212,6 +236,12 @@ impl<R> Recorder<R> {
                     self.last_measured_done =
                         Some(self.last_measured_done.map_or(done, |t| t.max(done)));
                     let _ = self.latency[op.index()].record(latency_us);
+                    if let Some(h) = route
+                        .filter(|_| op == Op::Derive)
+                        .and_then(|r| self.by_route.get_mut(r))
+                    {
+                        let _ = h.record(latency_us);
+                    }
                     if op == Op::Derive {
                         match reconciling {
                             Some(true) => {
@@ -242,11 +272,15 @@ impl<R> Recorder<R> {
         }
     }
 
-    /// Requests that never answered (counted as TIMEOUT).
+    /// Requests that never answered: counted as TIMEOUT errors, measured ones too (their
+    /// schedule is not known here, so all of them: the conservative side), and any
+    /// answer after this is not counted.
     pub fn timed_out(&mut self, n: u64) {
         if n > 0 {
             *self.errors.entry("TIMEOUT".into()).or_default() += n;
+            self.measured_errors += n;
         }
+        self.closed = true;
     }
 
     /// The last second's figures, for the live line; starts the next second.
@@ -275,6 +309,7 @@ impl<R> Recorder<R> {
             latency: [0, 1, 2].map(|i| Percentiles::of(&self.latency[i])),
             during: Percentiles::of(&self.during),
             quiet: Percentiles::of(&self.quiet),
+            by_route: [0, 1].map(|i| Percentiles::of(&self.by_route[i])),
         }
     }
 
@@ -434,6 +469,29 @@ mod tests {
         let p = rec.summary().latency[0].unwrap();
         assert_eq!(p.count, 1);
         assert!((p.max - 90_000.0).abs() < 90.0, "{p:?}");
+    }
+
+    #[test]
+    fn answers_after_the_drain_gave_up_are_not_counted_again() {
+        let (t0, _, mut rec) = schedule();
+        let at = t0 + Duration::from_secs(2);
+        rec.sent(Op::Derive);
+        rec.sent(Op::Derive);
+        rec.answered_on(Op::Derive, at, at, Answer::Ok, None, Some(1));
+        rec.timed_out(1);
+        rec.answered(
+            Op::Derive,
+            at,
+            at + Duration::from_secs(20),
+            Answer::Ok,
+            None,
+        );
+        assert_eq!(
+            (rec.answered, rec.measured_ok, rec.measured_errors),
+            (1, 1, 1)
+        );
+        assert_eq!(rec.summary().by_route[1].unwrap().count, 1);
+        assert!(rec.summary().by_route[0].is_none());
     }
 
     #[test]

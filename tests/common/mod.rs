@@ -26,6 +26,8 @@ pub struct TestAppliance {
     env: Vec<(String, String)>,
     /// `server.log_level` and `server.log_format`.
     log: (String, String),
+    /// More `[server]` lines.
+    server_extra: String,
 }
 
 impl TestAppliance {
@@ -57,6 +59,7 @@ impl TestAppliance {
             extra_config: extra_config.to_owned(),
             env: Vec::new(),
             log: ("warn".into(), "text".into()),
+            server_extra: String::new(),
         };
         app.write_config();
         app
@@ -71,13 +74,14 @@ impl TestAppliance {
             format!("\n[policy]\n{TEST_ROLES}")
         };
         let text = format!(
-            "[server]\nlisten = \"{}\"\nadmin_listen = \"{}\"\nmetrics_publish_ms = 100\ncores = 2\nstate_dir = \"{}\"\nlog_level = \"{}\"\nlog_format = \"{}\"\n\n\
+            "[server]\nlisten = \"{}\"\nadmin_listen = \"{}\"\nmetrics_publish_ms = 100\ncores = 2\nstate_dir = \"{}\"\nlog_level = \"{}\"\nlog_format = \"{}\"\n{}\n\
              [tls]\ncert = \"certs/server.pem\"\nkey = \"certs/server.key\"\nclient_ca = \"certs/ca.pem\"\n\n{}",
             self.addr,
             self.admin,
             self.dir.path().display(),
             self.log.0,
             self.log.1,
+            self.server_extra,
             self.extra_config
         ) + &policy;
         std::fs::write(self.config_path(), text).expect("config");
@@ -95,6 +99,12 @@ impl TestAppliance {
             .args(args)
             .output()
             .expect("run custody")
+    }
+
+    /// Adds `[server]` lines (before the appliance starts).
+    pub fn set_server(&mut self, lines: &str) {
+        self.server_extra = lines.to_owned();
+        self.write_config();
     }
 
     /// Sets `server.log_level` and `server.log_format` (before the appliance starts).
@@ -231,6 +241,21 @@ impl TestAppliance {
 impl Drop for TestAppliance {
     fn drop(&mut self) {
         self.kill9();
+    }
+}
+
+/// The first of `n` consecutive ports nobody listens on now.
+pub fn free_ports(n: u16) -> u16 {
+    loop {
+        let first = free_port();
+        if first.checked_add(n).is_none() {
+            continue;
+        }
+        let all_free =
+            (1..n).all(|i| std::net::TcpListener::bind(("127.0.0.1", first + i)).is_ok());
+        if all_free {
+            return first;
+        }
     }
 }
 
