@@ -8,7 +8,7 @@
 //! - [`server`]: starts one executor per core, each with its shard, listener and mesh.
 //! - [`net`]: accepts on the shared port, TLS handshake, reads frames, writes replies.
 //! - [`tls`]: rustls configuration; the requester is the client certificate's identity.
-//! - [`wire`]: the sans-IO codec of protocol v2 (frames, requests, replies, statuses).
+//! - [`wire`]: the sans-IO codec of protocol v3 (frames, requests, replies, statuses).
 //! - [`policy`]: the gate every request passes before it reaches a shard: the identity's
 //!   roles (deriver by purpose, region and asset group, operator, admin, auditor) and the
 //!   field rules, with [`regions`] (the compliance regions' on/off switch shared by every
@@ -39,7 +39,8 @@
 //! [`bounds`] (hard caps),
 //! [`locked`] (locked, undumpable, zeroizing memory for the keyed state),
 //! [`signal`] (lock-free wake-ups between tasks of one core),
-//! [`client`] (the tokio client library the CLI and the load harness use).
+//! [`client`] (the tokio client library the CLI and the load harness use; its
+//! `ShardedClient` sends each request to the port of the core that owns its asset).
 
 pub mod audit;
 pub mod auditor;
