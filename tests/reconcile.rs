@@ -46,15 +46,7 @@ fn reconcile(app: &TestAppliance, config: &Path, seed: bool) -> (i32, serde_json
     if seed {
         args.extend(["--seed-file", seed_file.to_str().unwrap()]);
     }
-    let out = app.custody(&args);
-    let report = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "{e}: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
-    (out.status.code().unwrap_or(-1), report)
+    app.custody_json(&args)
 }
 
 /// The kinds of the report's findings, sorted.
@@ -255,15 +247,7 @@ fn the_appliance_reconciles_on_its_own_and_on_demand() {
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-        let out = app.custody(&refs);
-        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-            panic!(
-                "{e}: {}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            )
-        });
-        (out.status.code().unwrap_or(-1), report)
+        app.custody_json(&refs)
     };
     // The periodic run: /metrics shows it, with no drift.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);

@@ -1024,7 +1024,7 @@ fn run_schedule(
                 if let Some(receipt) = receipt {
                     r.receipts.add(receipt);
                 }
-                r.answered_on(
+                r.answered(
                     op,
                     scheduled,
                     done,
@@ -1480,10 +1480,9 @@ fn finish(
             o.assets,
             o.distribution.describe(),
             o.mix.describe(),
-            if report.shards > 0 {
-                format!(", {} shards", report.shards)
-            } else {
-                ", the article's design".to_owned()
+            match report.article_audit_rows {
+                None => format!(", {} shards", report.shards),
+                Some(_) => ", the article's design".to_owned(),
             }
         );
         println!(

@@ -195,21 +195,9 @@ impl<R> Recorder<R> {
     }
 
     /// Records one answer. `reconciling`: whether a reconciliation was in flight during
-    /// the request's life (`None`: not measured).
-    #[cfg_attr(not(test), allow(dead_code))]
+    /// the request's life; `route`: the kind of client (0 plain, 1 shard-aware); `None`:
+    /// not measured.
     pub fn answered(
-        &mut self,
-        op: Op,
-        scheduled: Instant,
-        done: Instant,
-        answer: Answer,
-        reconciling: Option<bool>,
-    ) {
-        self.answered_on(op, scheduled, done, answer, reconciling, None)
-    }
-
-    /// [`Self::answered`], also classed by the kind of client (0 plain, 1 shard-aware).
-    pub fn answered_on(
         &mut self,
         op: Op,
         scheduled: Instant,
@@ -348,7 +336,7 @@ mod tests {
             } else {
                 Answer::Ok
             };
-            rec.answered(Op::Derive, at, at + latency, answer, None);
+            rec.answered(Op::Derive, at, at + latency, answer, None, None);
         }
         let s = rec.summary();
         let p = s.latency[Op::Derive.index()].unwrap();
@@ -392,7 +380,7 @@ mod tests {
             } else {
                 at + Duration::from_millis(1)
             };
-            rec.answered(Op::Derive, at, done, Answer::Ok, None);
+            rec.answered(Op::Derive, at, done, Answer::Ok, None, None);
         }
         let p = rec.summary().latency[0].unwrap();
         // 200 of 10,000 are stalled, 201 ms down to 2 ms: the 9,900th smallest is 101 ms.
@@ -418,6 +406,7 @@ mod tests {
                 at + Duration::from_millis(latency),
                 Answer::Ok,
                 reconciling,
+                None,
             );
         }
         rec.answered(
@@ -425,6 +414,7 @@ mod tests {
             times[5000],
             times[5001],
             Answer::RotationBusy,
+            None,
             None,
         );
         let s = rec.summary();
@@ -465,6 +455,7 @@ mod tests {
             at + Duration::from_secs(90),
             Answer::Ok,
             None,
+            None,
         );
         let p = rec.summary().latency[0].unwrap();
         assert_eq!(p.count, 1);
@@ -477,13 +468,14 @@ mod tests {
         let at = t0 + Duration::from_secs(2);
         rec.sent(Op::Derive);
         rec.sent(Op::Derive);
-        rec.answered_on(Op::Derive, at, at, Answer::Ok, None, Some(1));
+        rec.answered(Op::Derive, at, at, Answer::Ok, None, Some(1));
         rec.timed_out(1);
         rec.answered(
             Op::Derive,
             at,
             at + Duration::from_secs(20),
             Answer::Ok,
+            None,
             None,
         );
         assert_eq!(
@@ -498,7 +490,14 @@ mod tests {
     fn error_names_are_bounded() {
         let (_, times, mut rec) = schedule();
         for (i, &at) in times.iter().enumerate().take(200) {
-            rec.answered(Op::Derive, at, at, Answer::Error(format!("E{i}")), None);
+            rec.answered(
+                Op::Derive,
+                at,
+                at,
+                Answer::Error(format!("E{i}")),
+                None,
+                None,
+            );
         }
         assert_eq!(rec.errors.len(), ERROR_NAMES_MAX + 1);
         assert_eq!(
@@ -517,6 +516,7 @@ mod tests {
                 at,
                 at + Duration::from_millis(3),
                 Answer::Ok,
+                None,
                 None,
             );
         }

@@ -113,6 +113,19 @@ impl TestAppliance {
         self.write_config();
     }
 
+    /// Runs `custody` with `args` (which ask for `--json`): its exit code and its report.
+    pub fn custody_json(&self, args: &[&str]) -> (i32, serde_json::Value) {
+        let out = self.custody(args);
+        let report = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "{e}: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+        (out.status.code().unwrap_or(-1), report)
+    }
+
     /// Rewrites the config with other extra sections (the appliance must be stopped).
     pub fn reconfigure(&mut self, extra_config: &str) {
         self.extra_config = extra_config.to_owned();
