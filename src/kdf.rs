@@ -97,9 +97,17 @@ impl DerivationPath {
     /// Parses the brief's rule `^m/44'/[0-9]+'/[0-9]+'/[0-9]+'/[0-9]+$`, every index < 2^31.
     pub fn parse(text: &str) -> Result<DerivationPath, PathError> {
         let rest = text.strip_prefix("m/").ok_or(PathError::MissingRoot)?;
-        let levels: Vec<&str> = rest.splitn(PATH_DEPTH + 1, '/').collect();
-        if levels.len() != PATH_DEPTH {
-            let found = rest.split('/').count();
+        // On the stack: a path is parsed for every derive request and every audited
+        // derivation a reconciliation reads.
+        let mut levels = [""; PATH_DEPTH];
+        let mut found = 0;
+        for level_text in rest.split('/') {
+            if let Some(slot) = levels.get_mut(found) {
+                *slot = level_text;
+            }
+            found += 1;
+        }
+        if found != PATH_DEPTH {
             return Err(PathError::WrongDepth(found));
         }
         let mut indices = [0u32; PATH_DEPTH];
@@ -136,6 +144,37 @@ impl DerivationPath {
 
     pub fn indices(&self) -> &[u32; PATH_DEPTH] {
         &self.indices
+    }
+}
+
+/// The longest canonical text of a path: "m" and five "/2147483647'"-like levels (the
+/// audit encoding gives it a one-byte length).
+pub const PATH_TEXT_MAX: usize = 1 + PATH_DEPTH * 12;
+const _: () = assert!(PATH_TEXT_MAX <= 255);
+
+impl DerivationPath {
+    /// Appends the canonical text (see `Display`) to `out` without allocating: the audit
+    /// chain encodes it for every record, in the shard and in every reconciliation.
+    pub fn write_canonical(&self, out: &mut Vec<u8>) {
+        out.push(b'm');
+        for index in self.indices {
+            out.push(b'/');
+            let mut digits = [0u8; 10];
+            let mut n = index & !HARDENED;
+            let mut at = digits.len();
+            loop {
+                at -= 1;
+                digits[at] = b'0' + (n % 10) as u8;
+                n /= 10;
+                if n == 0 {
+                    break;
+                }
+            }
+            out.extend_from_slice(&digits[at..]);
+            if index & HARDENED != 0 {
+                out.push(b'\'');
+            }
+        }
     }
 }
 
@@ -385,6 +424,25 @@ mod tests {
             &[0x8000002C, 0x80000000, 0x80000000, 0x80000000, 0x00000007]
         );
         assert_eq!(p.to_string(), "m/44'/0'/0'/0'/7");
+    }
+
+    #[test]
+    fn the_canonical_text_written_in_place_is_the_displayed_text() {
+        let max = HARDENED - 1;
+        for text in [
+            "m/44'/0'/0'/0'/0",
+            "m/44'/0'/0'/0'/7",
+            "m/44'/60'/1'/10'/100",
+            &format!("m/44'/{max}'/{max}'/{max}'/{max}"),
+            "m/44'/9'/99'/999'/1000000",
+        ] {
+            let p = DerivationPath::parse(text).unwrap();
+            let mut out = vec![0xAA];
+            p.write_canonical(&mut out);
+            assert_eq!(&out[1..], text.as_bytes());
+            assert_eq!(p.to_string(), text);
+            assert!(out.len() - 1 <= PATH_TEXT_MAX);
+        }
     }
 
     #[test]

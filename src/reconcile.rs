@@ -466,18 +466,19 @@ pub fn logged_from_row(row: &crate::store::AuditRow) -> Result<LoggedRecord, Str
     }
     let derive = match row.event {
         AuditEvent::Derive => {
-            let text = |v: &Option<String>, what: &str| {
-                v.clone()
+            // Borrowed, not cloned: this runs for every derivation a run reads.
+            fn text<'a>(v: &'a Option<String>, what: &str) -> Result<&'a str, String> {
+                v.as_deref()
                     .ok_or_else(|| format!("a DERIVE without its {what}"))
-            };
+            }
             let path = text(&row.derivation_path, "path")?;
             let purpose = text(&row.purpose, "purpose")?;
             Some(DeriveDetail {
-                path: crate::kdf::DerivationPath::parse(&path)
+                path: crate::kdf::DerivationPath::parse(path)
                     .map_err(|e| format!("path {path:?}: {e}"))?,
-                purpose: crate::policy::Purpose::from_name(&purpose)
+                purpose: crate::policy::Purpose::from_name(purpose)
                     .ok_or_else(|| format!("purpose {purpose:?}"))?,
-                region: Arc::from(text(&row.region, "region")?.as_str()),
+                region: Arc::from(text(&row.region, "region")?),
                 ttl_s: row.ttl_s.ok_or("a DERIVE without its ttl")?,
                 scheme_version: row.scheme_version.ok_or("a DERIVE without its scheme")?,
             })

@@ -1019,8 +1019,15 @@ impl crate::reconcile::AuditSource for PgAuditSource {
         Box::pin(async move {
             let rows = client
                 .query(
-                    "SELECT shard FROM custody_shard_seq UNION \
-                     SELECT DISTINCT shard FROM custody_audit_checkpoints ORDER BY 1",
+                    // A loose index scan of the checkpoints' primary key (see the
+                    // SQLite store's SHARDS_SQL): DISTINCT would read the whole table.
+                    "WITH RECURSIVE c(shard) AS ( \
+                       SELECT min(shard) FROM custody_audit_checkpoints UNION ALL \
+                       SELECT (SELECT min(shard) FROM custody_audit_checkpoints \
+                               WHERE shard > c.shard) \
+                       FROM c WHERE c.shard IS NOT NULL) \
+                     SELECT shard FROM custody_shard_seq UNION \
+                     SELECT shard FROM c WHERE shard IS NOT NULL ORDER BY 1",
                     &[],
                 )
                 .await
