@@ -109,11 +109,13 @@ pub fn encode_canonical(record: &AuditRecord, out: &mut Vec<u8>) {
         None => out.push(0),
         Some(d) => {
             out.push(1);
-            // The path's text, at most PATH_TEXT_MAX (61) bytes, written in place.
+            // The path's text, at most PATH_TEXT_MAX (≤ 61) bytes, written in place.
             let at = out.len();
             out.push(0);
             d.path.write_canonical(out);
-            out[at] = (out.len() - at - 1) as u8;
+            let len = out.len() - at - 1;
+            debug_assert!(len <= crate::kdf::PATH_TEXT_MAX);
+            out[at] = len.min(255) as u8;
             out.push(d.purpose as u8);
             text8(out, &d.region);
             out.extend_from_slice(&d.ttl_s.to_be_bytes());

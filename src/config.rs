@@ -128,6 +128,8 @@ pub struct Server {
     pub shard_listen: Option<SocketAddr>,
     /// How often each core publishes its figures for the metrics.
     pub metrics_publish: Duration,
+    /// How long a graceful stop (SIGTERM) may take before the process exits anyway.
+    pub shutdown_timeout: Duration,
 }
 
 #[derive(Clone, Debug)]
@@ -188,6 +190,7 @@ pub const KEYS: &[KeyDoc] = &[
     KeyDoc { key: "server.shard_listen", default: "\"\"", doc: "IP:port of the first per-shard port: shard i (core i) also listens on that IP at port + i, and HELLO announces the ports, so a shard-aware client (custody::client::ShardedClient) sends each asset's requests to the core that owns it and none crosses cores; plain clients keep using server.listen; \"\" = off" },
     KeyDoc { key: "server.admin_listen", default: "\"127.0.0.1:7480\"", doc: "address of the admin HTTP listener: GET /metrics (Prometheus), /healthz (alive: no core stuck), /readyz (unsealed, store taking commits); keep it on loopback or a management network; \"\" = off" },
     KeyDoc { key: "server.metrics_publish_ms", default: "1000", doc: "how often each core publishes its figures for /metrics and /healthz (a scrape sees figures at most this old; a core silent for 3 intervals, at least 2 s, fails /healthz); 50-60000" },
+    KeyDoc { key: "server.shutdown_timeout_s", default: "20", doc: "on SIGTERM the listeners close and every connection answers what it already sent, then closes; past this many seconds (or on a second SIGTERM) the process exits at once with status 1, answering nothing more (nothing unanswered was acknowledged); keep systemd's TimeoutStopSec above it; 1-3600" },
     KeyDoc { key: "server.cores", default: "0", doc: "executors to run, one per core; 0 = every online core" },
     KeyDoc { key: "server.state_dir", default: "\"/var/lib/custody\"", doc: "directory for the store and the lock file" },
     KeyDoc { key: "server.log_level", default: "\"info\"", doc: "error, warn, info, debug or trace (debug: a line per answer, with the connection id and the client's request id; no level logs a seed, key, share or PIN)" },
@@ -381,6 +384,9 @@ pub fn resolve(table: &toml::Table, base_dir: &Path, file: &str) -> Result<Confi
     let metrics_publish = r
         .int("server.metrics_publish_ms", 1000, 50, 60_000)
         .map(|ms| Duration::from_millis(ms as u64));
+    let shutdown_timeout = r
+        .int("server.shutdown_timeout_s", 20, 1, 3600)
+        .map(|s| Duration::from_secs(s as u64));
     let reconcile_interval = r
         .int("audit.reconcile_interval_s", 60, 0, 86_400)
         .map(|s| (s > 0).then(|| Duration::from_secs(s as u64)));
@@ -881,6 +887,7 @@ pub fn resolve(table: &toml::Table, base_dir: &Path, file: &str) -> Result<Confi
         Some(admin_listen),
         Some(shard_listen),
         Some(metrics_publish),
+        Some(shutdown_timeout),
         Some(reconcile_interval),
         Some(reconcile_rate),
     ) = (
@@ -919,6 +926,7 @@ pub fn resolve(table: &toml::Table, base_dir: &Path, file: &str) -> Result<Confi
         admin_listen,
         shard_listen,
         metrics_publish,
+        shutdown_timeout,
         reconcile_interval,
         reconcile_rate,
     )
@@ -943,6 +951,7 @@ pub fn resolve(table: &toml::Table, base_dir: &Path, file: &str) -> Result<Confi
             admin_listen,
             shard_listen,
             metrics_publish,
+            shutdown_timeout,
         },
         tls: Tls {
             cert,

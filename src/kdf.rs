@@ -428,19 +428,27 @@ mod tests {
 
     #[test]
     fn the_canonical_text_written_in_place_is_the_displayed_text() {
-        let max = HARDENED - 1;
-        for text in [
-            "m/44'/0'/0'/0'/0",
-            "m/44'/0'/0'/0'/7",
-            "m/44'/60'/1'/10'/100",
-            &format!("m/44'/{max}'/{max}'/{max}'/{max}"),
-            "m/44'/9'/99'/999'/1000000",
-        ] {
+        // Every digit count at every level: 0, 9, 10, 99, 100, ... 10^9, 2^31 - 1.
+        let mut edges = vec![0u32, HARDENED - 1];
+        let mut p10 = 1u32;
+        while p10 <= 1_000_000_000 {
+            edges.extend([p10 - 1, p10]);
+            p10 = p10.saturating_mul(10);
+        }
+        let mut texts = Vec::new();
+        for &e in &edges {
+            texts.push(format!("m/44'/{e}'/0'/0'/0"));
+            texts.push(format!("m/44'/0'/{e}'/0'/0"));
+            texts.push(format!("m/44'/0'/0'/{e}'/0"));
+            texts.push(format!("m/44'/0'/0'/0'/{e}"));
+            texts.push(format!("m/44'/{e}'/{e}'/{e}'/{e}"));
+        }
+        for text in &texts {
             let p = DerivationPath::parse(text).unwrap();
             let mut out = vec![0xAA];
             p.write_canonical(&mut out);
             assert_eq!(&out[1..], text.as_bytes());
-            assert_eq!(p.to_string(), text);
+            assert_eq!(&p.to_string(), text);
             assert!(out.len() - 1 <= PATH_TEXT_MAX);
         }
     }
@@ -449,6 +457,12 @@ mod tests {
     fn paths_refused_with_the_level_at_fault() {
         use PathError::*;
         let cases: &[(&str, PathError)] = &[
+            ("", MissingRoot),
+            ("m", MissingRoot),
+            ("m/", WrongDepth(1)),
+            ("m//", WrongDepth(2)),
+            ("m/44'/0'/0'/0'/7/", WrongDepth(6)),
+            ("m/44'/0'/0'/0'/7///", WrongDepth(8)),
             ("44'/0'/0'/0'/7", MissingRoot),
             ("m/44'/0'/0'/0'", WrongDepth(4)),
             ("m/44'/0'/0'/0'/7/1", WrongDepth(6)),

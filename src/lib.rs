@@ -35,7 +35,8 @@
 //! `audit.reconcile_interval_s` and on RECONCILE).
 //!
 //! Around the request path: [`metrics`] (per-core figures merged at scrape time, and
-//! the admin listener: /metrics, /healthz, /readyz), [`config`] (two-stage TOML),
+//! the admin listener: /metrics, /healthz, /readyz), [`systemd`] (READY, STATUS,
+//! STOPPING and watchdog pings gated on every core's health), [`config`] (two-stage TOML),
 //! [`bounds`] (hard caps),
 //! [`locked`] (locked, undumpable, zeroizing memory for the keyed state),
 //! [`signal`] (lock-free wake-ups between tasks of one core),
@@ -62,6 +63,7 @@ pub mod server;
 pub mod shard;
 pub mod signal;
 pub mod store;
+pub mod systemd;
 pub mod tls;
 pub mod wire;
 

@@ -241,6 +241,8 @@ pub struct Registry {
     policy: Arc<crate::policy::PolicyCell>,
     publish_every: Duration,
     auditor: Option<Arc<Mutex<crate::auditor::AuditorStatus>>>,
+    /// Set when the appliance stops: /readyz fails, so a balancer sends no more.
+    draining: std::sync::atomic::AtomicBool,
 }
 
 /// What /healthz and /readyz found.
@@ -265,6 +267,7 @@ impl Registry {
             policy,
             publish_every,
             auditor: None,
+            draining: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -275,6 +278,17 @@ impl Registry {
     ) -> Registry {
         self.auditor = status;
         self
+    }
+
+    /// The appliance is stopping: /readyz answers not ready from now on.
+    pub fn set_draining(&self) {
+        self.draining
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Connections open on every core, as last published.
+    pub fn open_connections(&self) -> u64 {
+        self.snapshot().iter().map(|c| c.connections_open).sum()
     }
 
     /// Core `core`'s slot: only that core's publisher and the scraper lock it.
@@ -315,6 +329,9 @@ impl Registry {
             }
         }
         if ready {
+            if self.draining.load(std::sync::atomic::Ordering::Relaxed) {
+                problems.push("stopping: draining connections".into());
+            }
             match self.seal.status().state {
                 SealState::Unsealed | SealState::ServingStale { .. } => {}
                 other => problems.push(format!("sealed: {}", seal_state_name(&other))),

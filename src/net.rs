@@ -63,12 +63,24 @@ pub struct CoreContext {
     /// without a file).
     pub reloader: Option<Arc<crate::server::Reloader>>,
     pub seal_provider: ProviderCode,
+    /// Opened when the appliance stops (SIGTERM): the listeners close, each connection
+    /// stops reading, answers what it already read, and closes.
+    pub drain: crate::signal::LocalLatch,
 }
 
-/// Accepts connections for the life of the core.
+/// Accepts connections until the core drains (then the listener closes: new connections
+/// are refused by the kernel, and clients go to another appliance).
 pub async fn accept_loop(ctx: Rc<CoreContext>, listener: TcpListener) {
     loop {
-        match listener.accept().await {
+        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
+            ctx.drain.wait().await;
+            None
+        })
+        .await;
+        let Some(accepted) = accepted else {
+            return;
+        };
+        match accepted {
             Ok(stream) => {
                 if ctx.connections.get() >= ctx.limits.max_connections_per_core {
                     ctx.metrics.borrow_mut().connections_refused += 1;
@@ -304,15 +316,22 @@ async fn read_loop<S: AsyncRead + Unpin>(
         while outbox.buf.borrow().len() > OUTBOX_HIGH_WATER_BYTES && !outbox.failed.get() {
             outbox.drained.wait().await;
         }
-        if outbox.failed.get() {
+        if outbox.failed.get() || ctx.drain.is_open() {
             return;
         }
         let filled = buf.len();
         grow_wiped(&mut buf, filled + READ_CHUNK_BYTES);
         buf.resize(filled + READ_CHUNK_BYTES, 0);
-        let n = match r.read(&mut buf[filled..]).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => n,
+        // A drain stops the reading; what was read is answered before the close.
+        let read =
+            futures_lite::future::or(async { Some(r.read(&mut buf[filled..]).await) }, async {
+                ctx.drain.wait().await;
+                None
+            })
+            .await;
+        let n = match read {
+            None | Some(Ok(0)) | Some(Err(_)) => return,
+            Some(Ok(n)) => n,
         };
         buf.truncate(filled + n);
         let mut start = 0;

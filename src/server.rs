@@ -44,6 +44,8 @@ pub enum ServerError {
     Core { core: usize, reason: String },
     #[error("lost ownership of the store: {0}")]
     Fenced(String),
+    #[error("forced stop: {0}")]
+    ForcedStop(String),
     #[error("cannot open the admin listener (server.admin_listen) on {addr}: {reason} (is another process using the port? \"\" turns it off)")]
     Admin { addr: SocketAddr, reason: String },
 }
@@ -74,6 +76,8 @@ struct CoreSetup {
     policy: Arc<crate::policy::PolicyCell>,
     /// Re-reads the configuration file (`None` when the appliance was given no file).
     reloader: Option<Arc<Reloader>>,
+    /// Set on SIGTERM: every core drains (see [`DRAIN_POLL`]).
+    draining: Arc<std::sync::atomic::AtomicBool>,
     /// Where each core publishes its figures for /metrics and /healthz.
     metrics: Arc<crate::metrics::Registry>,
     /// The reconciliation thread.
@@ -94,6 +98,15 @@ enum CoreEvent {
     Fenced {
         reason: String,
     },
+    /// SIGTERM or SIGINT (the `n`th since start): drain and stop; a second one forces.
+    Stop {
+        signal: &'static str,
+        n: u32,
+    },
+    /// The core closed its listeners and every connection answered what it had read.
+    Drained {
+        core: usize,
+    },
 }
 
 /// Runs the appliance until the process is stopped. Returns only on a start-up failure or
@@ -108,6 +121,11 @@ pub fn run_with_reload(
     config: Config,
     config_file: Option<std::path::PathBuf>,
 ) -> Result<(), ServerError> {
+    // Before any thread starts, so that every thread inherits the mask and only the
+    // signal thread takes SIGTERM and SIGINT.
+    let stop_signals = block_stop_signals();
+    let notifier = Arc::new(crate::systemd::Notifier::from_env());
+    notifier.status("starting: unsealing and loading the shards");
     let policy = Arc::new(crate::policy::PolicyCell::new(config.policy.access.clone()));
     let regions = Arc::new(crate::regions::RegionSwitch::new(&config.policy.regions));
     let reloader = config_file.map(|file| {
@@ -146,6 +164,8 @@ pub fn run_with_reload(
     };
     let cores = config.server.cores;
     let (events, ready) = mpsc::channel();
+    spawn_stop_signal_thread(stop_signals, events.clone());
+    let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let store: Arc<dyn Store> = match &config.store.backend {
         StoreBackend::Sqlite { path } => Arc::new(SqliteStore::open(
             path,
@@ -206,7 +226,7 @@ pub fn run_with_reload(
         .then(|| MeshBuilder::full(cores, config.limits.cross_core_queue_depth as usize));
     let setup = CoreSetup {
         config: Arc::new(config.clone()),
-        key,
+        key: key.clone(),
         store: store.clone(),
         tls,
         mesh,
@@ -214,7 +234,8 @@ pub fn run_with_reload(
         regions,
         policy: policy.clone(),
         reloader,
-        metrics,
+        draining: draining.clone(),
+        metrics: metrics.clone(),
         auditor,
     };
     let online = std::thread::available_parallelism()
@@ -262,6 +283,13 @@ pub fn run_with_reload(
                 return Err(ServerError::Core { core, reason });
             }
             Ok(CoreEvent::Fenced { reason }) => return Err(ServerError::Fenced(reason)),
+            Ok(CoreEvent::Stop { signal, .. }) => {
+                // Nothing was served yet: nothing to drain.
+                tracing::info!(signal, "stopped during start-up");
+                key.stop();
+                return Ok(());
+            }
+            Ok(CoreEvent::Drained { .. }) => {}
             Err(_) => {
                 return Err(ServerError::Core {
                     core: 0,
@@ -282,21 +310,188 @@ pub fn run_with_reload(
         },
         "custodyd serving"
     );
-    // From here on the appliance stops only if a core's executor fails or another
-    // appliance took the store over; then the process exits without acknowledging
-    // anything more (every commit is refused already).
-    match ready.recv() {
-        Ok(CoreEvent::Failed { core, reason }) => return Err(ServerError::Core { core, reason }),
-        Ok(CoreEvent::Fenced { reason }) => {
-            tracing::error!(%reason, "this appliance lost ownership of the store; stopping");
-            return Err(ServerError::Fenced(reason));
+    let sealed = !matches!(
+        key.status().state,
+        crate::seal::cache::SealState::Unsealed
+            | crate::seal::cache::SealState::ServingStale { .. }
+    );
+    notifier.ready(&format!(
+        "serving on {} with {cores} shards, {total_assets} assets{}",
+        config.server.listen,
+        if sealed {
+            "; sealed: waiting for unseal"
+        } else {
+            ""
         }
-        Ok(CoreEvent::Ready { .. }) | Err(_) => {}
+    ));
+    if let Some(every) = crate::systemd::watchdog_interval() {
+        // Pings only while every core keeps publishing its figures (/healthz).
+        let registry = metrics.clone();
+        let spawned = crate::systemd::spawn_watchdog(notifier.clone(), every, move || {
+            let h = registry.health();
+            if h.ok {
+                Ok(())
+            } else {
+                Err(h.problems.join("; "))
+            }
+        });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start the watchdog thread: systemd will restart the appliance after WatchdogSec");
+        }
     }
-    for h in handles {
-        let _ = h.join();
+    // From here on the appliance stops on SIGTERM or SIGINT (drained), when a core's
+    // executor fails, or when another appliance took the store over; in the last two
+    // cases the process exits without acknowledging anything more (every commit is
+    // refused already).
+    let first = loop {
+        match ready.recv() {
+            Ok(CoreEvent::Failed { core, reason }) => {
+                return Err(ServerError::Core { core, reason })
+            }
+            Ok(CoreEvent::Fenced { reason }) => {
+                tracing::error!(%reason, "this appliance lost ownership of the store; stopping");
+                return Err(ServerError::Fenced(reason));
+            }
+            Ok(CoreEvent::Stop { signal, .. }) => break signal,
+            Ok(CoreEvent::Ready { .. }) | Ok(CoreEvent::Drained { .. }) => {}
+            Err(_) => {
+                return Err(ServerError::Core {
+                    core: 0,
+                    reason: "every core stopped".into(),
+                })
+            }
+        }
+    };
+    drain(
+        first, &config, &notifier, &draining, &metrics, &ready, cores, &key,
+    )
+}
+
+/// How often a core looks for the drain flag, and then for its last connection to close.
+const DRAIN_POLL: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// The graceful stop: the listeners close, each connection stops reading, answers what it
+/// already read (each answer after its audit record is durable, as always) and closes;
+/// then the key is dropped and the process exits 0. Past `server.shutdown_timeout_s`, or
+/// on a second SIGTERM, it exits at once (status 1): what was not answered was not
+/// acknowledged, and what was acknowledged is committed.
+#[allow(clippy::too_many_arguments)]
+fn drain(
+    signal: &'static str,
+    config: &Config,
+    notifier: &crate::systemd::Notifier,
+    draining: &std::sync::atomic::AtomicBool,
+    metrics: &crate::metrics::Registry,
+    ready: &mpsc::Receiver<CoreEvent>,
+    cores: usize,
+    key: &SeedCache,
+) -> Result<(), ServerError> {
+    let bound = config.server.shutdown_timeout;
+    let started = std::time::Instant::now();
+    tracing::info!(
+        signal,
+        bound_ms = bound.as_millis() as u64,
+        "stopping: no new connections; answering what each connection already sent"
+    );
+    notifier.stopping("stopping: draining connections");
+    metrics.set_draining();
+    draining.store(true, std::sync::atomic::Ordering::Release);
+    let mut drained = 0;
+    let forced = loop {
+        if drained == cores {
+            break None;
+        }
+        let left = bound.saturating_sub(started.elapsed());
+        match ready.recv_timeout(left) {
+            Ok(CoreEvent::Drained { core }) => {
+                tracing::debug!(core, "core drained");
+                drained += 1;
+            }
+            Ok(CoreEvent::Stop { signal, n }) if n > 1 => break Some(format!("a second {signal}")),
+            Ok(CoreEvent::Failed { core, reason }) => {
+                key.stop();
+                return Err(ServerError::Core { core, reason });
+            }
+            Ok(CoreEvent::Fenced { reason }) => {
+                key.stop();
+                return Err(ServerError::Fenced(reason));
+            }
+            Ok(_) => {}
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                break Some(format!(
+                    "server.shutdown_timeout_s ({} s) passed",
+                    bound.as_secs()
+                ))
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => break Some("every core stopped".into()),
+        }
+    };
+    // The keyed state goes first, whatever happens next.
+    key.stop();
+    match forced {
+        None => {
+            tracing::info!(
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "stopped: every connection answered what it had sent"
+            );
+            Ok(())
+        }
+        Some(why) => {
+            let open = metrics.open_connections();
+            tracing::error!(
+                %why,
+                cores_drained = drained,
+                cores,
+                connections_open = open,
+                "forced stop: requests still in flight are not answered (none of them was acknowledged)"
+            );
+            Err(ServerError::ForcedStop(why))
+        }
     }
-    Ok(())
+}
+
+/// Blocks SIGTERM and SIGINT in the calling thread (and so in every thread it starts
+/// afterwards); [`spawn_stop_signal_thread`] takes them with sigwait.
+fn block_stop_signals() -> libc::sigset_t {
+    // SAFETY: sigset manipulation on a local set, and pthread_sigmask on this thread.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    unsafe {
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+    set
+}
+
+/// A thread that waits for SIGTERM and SIGINT and tells the main thread (a counted
+/// event each, so the second forces the stop).
+fn spawn_stop_signal_thread(set: libc::sigset_t, events: mpsc::Sender<CoreEvent>) {
+    let spawned = std::thread::Builder::new()
+        .name("custody-signals".into())
+        .spawn(move || {
+            let mut n = 0;
+            loop {
+                let mut signal: libc::c_int = 0;
+                // SAFETY: waits for a signal of `set`, which every thread has blocked.
+                if unsafe { libc::sigwait(&set, &mut signal) } != 0 {
+                    continue;
+                }
+                n += 1;
+                let name = if signal == libc::SIGINT {
+                    "SIGINT"
+                } else {
+                    "SIGTERM"
+                };
+                if events.send(CoreEvent::Stop { signal: name, n }).is_err() {
+                    return;
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        // Without the thread the signals stay blocked: stop with SIGKILL.
+        tracing::error!(error = %e, "cannot start the signal thread: SIGTERM will not stop the appliance");
+    }
 }
 
 async fn core_main(core: usize, setup: CoreSetup) -> Result<(), String> {
@@ -395,7 +590,27 @@ async fn core_main(core: usize, setup: CoreSetup) -> Result<(), String> {
             crate::config::SealConfig::Pkcs11 { .. } => ProviderCode::Pkcs11,
             crate::config::SealConfig::Shamir { .. } => ProviderCode::Shamir,
         },
+        drain: Default::default(),
     });
+    // The drain: the main thread sets the flag on SIGTERM; this core sees it within
+    // DRAIN_POLL, closes its listeners and its connections' reading, and reports once
+    // every connection has answered what it read and closed.
+    {
+        let ctx = ctx.clone();
+        let draining = setup.draining.clone();
+        let events = setup.events.clone();
+        glommio::spawn_local(async move {
+            while !draining.load(std::sync::atomic::Ordering::Acquire) {
+                glommio::timer::sleep(DRAIN_POLL).await;
+            }
+            ctx.drain.open();
+            while ctx.connections.get() > 0 {
+                glommio::timer::sleep(DRAIN_POLL).await;
+            }
+            let _ = events.send(CoreEvent::Drained { core });
+        })
+        .detach();
+    }
     // Drop this core's copy of a sealed or replaced key even when no request comes.
     {
         let ctx = ctx.clone();
@@ -439,6 +654,9 @@ async fn core_main(core: usize, setup: CoreSetup) -> Result<(), String> {
         glommio::spawn_local(accept_loop(ctx.clone(), own)).detach();
     }
     accept_loop(ctx, listener).await;
+    // Drained: the shard serves on (requests other cores forward, commits in flight)
+    // until the process exits.
+    std::future::pending::<()>().await;
     Ok(())
 }
 

@@ -592,24 +592,11 @@ fn sigkill_under_load_loses_no_acknowledged_derivation() {
     let mut app = TestAppliance::start();
     let rt = runtime();
     let assets: Vec<uuid::Uuid> = (200..232).map(asset).collect();
-    rt.block_on(async {
-        let client = Client::connect(&app.client_config()).await.unwrap();
-        for a in &assets {
-            client.register(*a).await.unwrap();
-        }
-    });
+    common::register_all(&app, &assets);
     let acknowledged = common::derive_until_sigkill(&mut app, &assets, 3000);
 
     app.launch();
-    let rows = read_audit(&app.db_path());
-    let by_receipt: std::collections::HashMap<(u16, u64), &custody::store::sqlite::AuditRow> =
-        rows.iter().map(|r| ((r.shard, r.seq), r)).collect();
-    for (a, counter, receipt) in &acknowledged {
-        let row = by_receipt
-            .get(&(receipt.shard, receipt.seq))
-            .unwrap_or_else(|| panic!("acknowledged {receipt:?} has no audit record"));
-        assert_eq!((row.asset, row.counter), (*a, *counter));
-    }
+    let rows = common::assert_acknowledged_are_audited(&app.db_path(), &acknowledged);
     // Counters intact and every asset still registered and active.
     let stored = custody::store::sqlite::SqliteReader::open(&app.db_path())
         .unwrap()

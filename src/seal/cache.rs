@@ -566,9 +566,10 @@ impl Supervisor {
             let commands = self.cache.mailbox.take();
             let (seal, unseal, stop) = (commands.seal, commands.unseal, commands.stop);
             if stop {
-                self.drop_key(SealState::SealedByOperator {
-                    since_ms: clock_ms(),
-                });
+                // The process is stopping: the key goes, without a "sealed" warning.
+                drop(self.cache.slot.clear());
+                lock(&self.cache.status).key_unsealed_ms = None;
+                tracing::info!("seed cache: key dropped (stopping)");
                 return;
             }
             // `SeedCache::seal` drops the key itself; a seal and an unseal posted before

@@ -1128,8 +1128,11 @@ mod tests {
                 >= 4,
             "{plan:?}"
         );
-        // An empty log has no shards.
-        conn.execute_batch("DELETE FROM custody_audit_log; DELETE FROM custody_audit_checkpoints;")
+        // Only checkpoints left, then nothing at all.
+        conn.execute_batch("DELETE FROM custody_audit_log;")
+            .unwrap();
+        assert_eq!(reader.shards().unwrap(), vec![3, 5]);
+        conn.execute_batch("DELETE FROM custody_audit_checkpoints;")
             .unwrap();
         assert!(reader.shards().unwrap().is_empty());
     }

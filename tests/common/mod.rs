@@ -589,6 +589,34 @@ impl BackgroundLoad {
     }
 }
 
+/// Registers `assets` on the running appliance (one connection, one by one).
+pub fn register_all(app: &TestAppliance, assets: &[uuid::Uuid]) {
+    runtime().block_on(async {
+        let client = Client::connect(&app.client_config()).await.unwrap();
+        for a in assets {
+            client.register(*a).await.unwrap();
+        }
+    });
+}
+
+/// Every acknowledged derivation (asset, counter, receipt) has the audit record its
+/// receipt names in the SQLite store at `db`, with its asset and counter.
+pub fn assert_acknowledged_are_audited(
+    db: &Path,
+    acknowledged: &[(uuid::Uuid, u64, custody::wire::Receipt)],
+) -> Vec<custody::store::sqlite::AuditRow> {
+    let rows = read_audit(db);
+    let by_receipt: std::collections::HashMap<(u16, u64), &custody::store::sqlite::AuditRow> =
+        rows.iter().map(|r| ((r.shard, r.seq), r)).collect();
+    for (a, counter, receipt) in acknowledged {
+        let row = by_receipt
+            .get(&(receipt.shard, receipt.seq))
+            .unwrap_or_else(|| panic!("acknowledged {receipt:?} has no audit record"));
+        assert_eq!((row.asset, row.counter), (*a, *counter));
+    }
+    rows
+}
+
 /// Drives 4 connections × 16 pipelined lanes of derivations over `assets` until at least
 /// `kill_after` are acknowledged, then SIGKILLs the appliance mid-load. Returns every
 /// acknowledged derivation as (asset, counter, receipt); any other error than the

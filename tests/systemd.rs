@@ -1,0 +1,250 @@
+//! custodyd under systemd's protocols, against a real appliance: the notify socket
+//! (READY once it serves, WATCHDOG pings, STOPPING on SIGTERM) and the graceful stop under
+//! load (every answered request committed, every other one refused or its connection
+//! closed, exit 0 within `server.shutdown_timeout_s`).
+
+mod common;
+
+use common::{asset, runtime, BackgroundLoad, TestAppliance};
+use custody::client::Client;
+use std::os::unix::net::UnixDatagram;
+use std::time::{Duration, Instant};
+
+fn sigterm(app: &TestAppliance) {
+    let pid = app.pid().expect("running") as i32;
+    // SAFETY: sending SIGTERM to our own child process.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+}
+
+/// A test NOTIFY_SOCKET: the datagrams custodyd sends, with when they came.
+struct NotifyListener {
+    _dir: tempfile::TempDir,
+    path: std::path::PathBuf,
+    socket: UnixDatagram,
+}
+
+impl NotifyListener {
+    fn new() -> NotifyListener {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notify");
+        let socket = UnixDatagram::bind(&path).unwrap();
+        NotifyListener {
+            _dir: dir,
+            path,
+            socket,
+        }
+    }
+
+    /// The next message, waiting at most `limit`.
+    fn next(&self, limit: Duration) -> Option<String> {
+        self.socket.set_read_timeout(Some(limit)).unwrap();
+        let mut buf = [0u8; 4096];
+        let n = self.socket.recv(&mut buf).ok()?;
+        Some(String::from_utf8_lossy(&buf[..n]).into_owned())
+    }
+
+    /// Messages until one contains `what` (returned), failing after `limit`.
+    fn until(&self, what: &str, limit: Duration, seen: &mut Vec<String>) -> String {
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(!left.is_zero(), "no {what} within {limit:?}; saw {seen:?}");
+            if let Some(m) = self.next(left) {
+                seen.push(m.clone());
+                if m.lines().any(|l| l == what) {
+                    return m;
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn ready_once_serving_watchdog_while_healthy_stopping_on_sigterm() {
+    let notify = NotifyListener::new();
+    let mut app = TestAppliance::prepare_with("");
+    app.set_log("info", "text");
+    app.set_env("NOTIFY_SOCKET", notify.path.to_str().unwrap());
+    app.set_env("WATCHDOG_USEC", "1000000");
+    // The moment READY arrives, the appliance must already answer: a HELLO sent then
+    // succeeds at the first try.
+    let client_config = app.client_config();
+    let watcher = std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        let ready = notify.until("READY=1", Duration::from_secs(30), &mut seen);
+        let hello = runtime().block_on(async {
+            let c = Client::connect(&client_config).await?;
+            c.hello().await
+        });
+        (notify, ready, hello.is_ok(), seen)
+    });
+    app.launch();
+    let (notify, ready, served_at_ready, seen) = watcher.join().unwrap();
+    assert!(
+        served_at_ready,
+        "READY came before the appliance served; saw {seen:?}"
+    );
+    assert!(
+        ready.contains("STATUS=serving on ") && ready.contains("2 shards"),
+        "{ready}"
+    );
+    // Everything before READY was a status line.
+    for m in &seen[..seen.len() - 1] {
+        assert!(m.starts_with("STATUS="), "{m:?} before READY");
+    }
+    // Pings every half of WATCHDOG_USEC while every core is healthy.
+    let mut seen = Vec::new();
+    let started = Instant::now();
+    for _ in 0..3 {
+        notify.until("WATCHDOG=1", Duration::from_secs(3), &mut seen);
+    }
+    assert!(started.elapsed() < Duration::from_secs(3), "{seen:?}");
+    // SIGTERM: STOPPING, then exit 0 (nothing to drain).
+    sigterm(&app);
+    let stopping = notify.until("STOPPING=1", Duration::from_secs(5), &mut seen);
+    assert!(stopping.contains("STATUS=stopping"), "{stopping}");
+    let status = app.wait_exit(Duration::from_secs(10)).expect("exited");
+    assert_eq!(status.code(), Some(0), "{}", app.log());
+    assert!(
+        app.log().contains("stopped: every connection answered"),
+        "{}",
+        app.log()
+    );
+}
+
+#[test]
+fn sigterm_under_load_answers_what_it_read_commits_it_and_exits_within_the_bound() {
+    let mut app = TestAppliance::prepare_with("");
+    app.set_log("info", "text");
+    app.set_server("shutdown_timeout_s = 10\n");
+    app.launch();
+    let assets: Vec<uuid::Uuid> = (300..332).map(asset).collect();
+    common::register_all(&app, &assets);
+    // 4 connections × 16 pipelined lanes; each lane stops at its first closed connection,
+    // and any error other than STORE_UNAVAILABLE or a closed connection fails the test.
+    let load = BackgroundLoad::start(app.client_config(), assets.clone(), 4, 16);
+    load.wait_for(2000, "load before SIGTERM");
+    let signalled = Instant::now();
+    sigterm(&app);
+    let status = app.wait_exit(Duration::from_secs(15)).expect("exited");
+    let took = signalled.elapsed();
+    let outcome = load.finish();
+    assert_eq!(status.code(), Some(0), "{}", app.log());
+    assert!(took < Duration::from_secs(10), "stopped in {took:?}");
+    assert_eq!(outcome.unavailable, 0);
+    assert_eq!(
+        outcome.closed,
+        4 * 16,
+        "every lane saw its connection close"
+    );
+    let log = app.log();
+    assert!(log.contains("stopped: every connection answered"), "{log}");
+    // Every answered derivation is in the audit log with its counter.
+    common::assert_acknowledged_are_audited(&app.db_path(), &outcome.acknowledged);
+    // The appliance starts again on the same store.
+    app.launch();
+    runtime().block_on(async {
+        let client = Client::connect(&app.client_config()).await.unwrap();
+        client.hello().await.unwrap();
+    });
+}
+
+/// A connection still in its TLS handshake holds the drain (up to
+/// `tls.handshake_timeout_ms`, 5 s by default): a raw TCP connection that never sends a
+/// ClientHello is one, so the stop cannot finish on its own in time.
+fn appliance_with_a_stalled_handshake(
+    shutdown_timeout_s: u32,
+) -> (TestAppliance, std::net::TcpStream) {
+    let mut app = TestAppliance::prepare_with("");
+    app.set_server(&format!("shutdown_timeout_s = {shutdown_timeout_s}\n"));
+    app.launch();
+    let idle = std::net::TcpStream::connect(app.addr).unwrap();
+    // Let the core accept it.
+    std::thread::sleep(Duration::from_millis(200));
+    (app, idle)
+}
+
+#[test]
+fn past_the_bound_the_stop_is_forced_with_status_1() {
+    let (mut app, _idle) = appliance_with_a_stalled_handshake(1);
+    let signalled = Instant::now();
+    sigterm(&app);
+    let status = app.wait_exit(Duration::from_secs(10)).expect("exited");
+    let took = signalled.elapsed();
+    assert_eq!(status.code(), Some(1), "{}", app.log());
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(4),
+        "forced after {took:?}"
+    );
+    let log = app.log();
+    assert!(
+        log.contains("forced stop") && log.contains("shutdown_timeout_s"),
+        "{log}"
+    );
+}
+
+#[test]
+fn a_second_sigterm_forces_the_stop_at_once() {
+    let (mut app, _idle) = appliance_with_a_stalled_handshake(60);
+    sigterm(&app);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(app.is_running(), "the drain waits for the handshake");
+    let second = Instant::now();
+    sigterm(&app);
+    let status = app.wait_exit(Duration::from_secs(10)).expect("exited");
+    assert!(
+        second.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        second.elapsed()
+    );
+    assert_eq!(status.code(), Some(1), "{}", app.log());
+    assert!(app.log().contains("a second SIGTERM"), "{}", app.log());
+}
+
+/// `systemd-analyze verify` on the unit as shipped (with this build's binary in place of
+/// /usr/local/bin/custodyd, which verify requires to exist): no warning at all.
+#[test]
+fn the_unit_passes_systemd_analyze_verify() {
+    let required = std::env::var_os("CUSTODY_REQUIRE_SERVICES").is_some();
+    let Ok(version) = std::process::Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+    else {
+        assert!(
+            !required,
+            "systemd-analyze is not installed (package systemd)"
+        );
+        eprintln!("skipped: systemd-analyze is not installed");
+        return;
+    };
+    assert!(version.status.success());
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/systemd/custodyd.service"
+    ))
+    .unwrap();
+    assert!(unit.contains("Type=notify") && unit.contains("WatchdogSec="));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("custodyd.service");
+    std::fs::write(
+        &path,
+        unit.replace("/usr/local/bin/custodyd", env!("CARGO_BIN_EXE_custodyd")),
+    )
+    .unwrap();
+    let out = std::process::Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Lines about other units (the host's own) are not ours to fix.
+    let ours: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("custodyd.service"))
+        .collect();
+    assert!(out.status.success() && ours.is_empty(), "{text}");
+}
