@@ -35,6 +35,10 @@ use zeroize::Zeroize;
 const READ_CHUNK_BYTES: usize = 16 * 1024;
 /// Encoded replies a connection may hold unsent before it stops reading new requests.
 const OUTBOX_HIGH_WATER_BYTES: usize = 256 * 1024;
+/// After a drain closed a connection's sending side, how long its late requests are read
+/// and discarded before the socket closes: closing a socket with unread input makes the
+/// kernel reset the connection and drop the replies still queued to the client.
+const DRAIN_LINGER: Duration = Duration::from_secs(1);
 
 /// What every connection on a core shares.
 pub struct CoreContext {
@@ -72,6 +76,10 @@ pub struct CoreContext {
 /// are refused by the kernel, and clients go to another appliance).
 pub async fn accept_loop(ctx: Rc<CoreContext>, listener: TcpListener) {
     loop {
+        // Checked first: an accept that is ready at once would otherwise win the race.
+        if ctx.drain.is_open() {
+            return;
+        }
         let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
             ctx.drain.wait().await;
             None
@@ -184,6 +192,7 @@ async fn serve(ctx: &Rc<CoreContext>, stream: TcpStream, conn: ConnId) {
     let stream = Rc::new(RefCell::new(tls));
     let outbox = Rc::new(Outbox::new(ctx.metrics.clone(), conn, identity.clone()));
     let writer = glommio::spawn_local(write_loop(Half(stream.clone()), outbox.clone()));
+    let lingering = Half(stream.clone());
     // Every event about this connection's requests carries its id and identity.
     let span = tracing::info_span!("conn", %conn, %identity);
     tracing::Instrument::instrument(read_loop(ctx, &identity, Half(stream), &outbox), span).await;
@@ -194,7 +203,32 @@ async fn serve(ctx: &Rc<CoreContext>, stream: TcpStream, conn: ConnId) {
     outbox.closing.set(true);
     outbox.ready.notify();
     writer.await;
+    if ctx.drain.is_open() && !outbox.failed.get() {
+        linger(lingering).await;
+    }
     tracing::debug!(%conn, ?peer, %identity, "connection closed");
+}
+
+/// Reads and discards what the client still sends, until it closes or [`DRAIN_LINGER`]
+/// passes, so that the replies already written reach it before the socket closes.
+async fn linger<S: AsyncRead + Unpin>(mut r: S) {
+    let deadline = std::time::Instant::now() + DRAIN_LINGER;
+    let mut sink = zeroize::Zeroizing::new(vec![0u8; READ_CHUNK_BYTES]);
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return;
+        }
+        let read = futures_lite::future::or(async { Some(r.read(&mut sink).await) }, async {
+            glommio::timer::sleep(left).await;
+            None
+        })
+        .await;
+        match read {
+            Some(Ok(n)) if n > 0 => {}
+            _ => return,
+        }
+    }
 }
 
 /// Replies waiting to be written, and the connection's in-flight count.

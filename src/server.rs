@@ -254,10 +254,18 @@ pub fn run_with_reload(
             .io_memory(EXECUTOR_IO_MEMORY_BYTES)
             .ring_depth(EXECUTOR_RING_DEPTH)
             .spawn(move || async move {
-                let events = setup.events.clone();
+                // Release builds abort on a panic (profile.release); in a build that
+                // unwinds, a core that panics reports it here, since main cannot count
+                // on its channel closing (the signal thread holds a sender for good).
+                let failed = ReportOnDrop {
+                    events: setup.events.clone(),
+                    core,
+                    armed: true,
+                };
                 if let Err(reason) = core_main(core, setup).await {
-                    let _ = events.send(CoreEvent::Failed { core, reason });
+                    let _ = failed.events.send(CoreEvent::Failed { core, reason });
                 }
+                failed.disarm();
             })
             .map_err(|e| ServerError::Core {
                 core,
@@ -365,6 +373,30 @@ pub fn run_with_reload(
     drain(
         first, &config, &notifier, &draining, &metrics, &ready, cores, &key,
     )
+}
+
+/// Sends `Failed` for its core when dropped armed (the core's future panicked).
+struct ReportOnDrop {
+    events: mpsc::Sender<CoreEvent>,
+    core: usize,
+    armed: bool,
+}
+
+impl ReportOnDrop {
+    fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for ReportOnDrop {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = self.events.send(CoreEvent::Failed {
+                core: self.core,
+                reason: "the core's executor panicked (see the log)".into(),
+            });
+        }
+    }
 }
 
 /// How often a core looks for the drain flag, and then for its last connection to close.

@@ -11,9 +11,13 @@
 use std::os::unix::net::UnixDatagram;
 use std::time::Duration;
 
-/// The shortest watchdog ping interval the appliance keeps (half of `WatchdogSec=` is
-/// the usual rate; a setting below 2 s would ping faster than the cores publish).
+/// The shortest watchdog ping interval the appliance keeps (a setting below 2 s would
+/// ping faster than the cores publish).
 pub const WATCHDOG_PING_MIN: Duration = Duration::from_millis(500);
+
+/// Unhealthy samples in a row after which the pings stop (a core that looks stale at one
+/// instant is not yet stuck).
+pub const WATCHDOG_BAD_SAMPLES: u32 = 2;
 
 /// Where the notifications go.
 pub struct Notifier {
@@ -94,8 +98,10 @@ fn one_line(s: &str) -> String {
     s.replace(['\n', '\r'], " ")
 }
 
-/// How often to ping the watchdog: half of `$WATCHDOG_USEC`, when it is set for this
-/// process (`$WATCHDOG_PID` unset or ours). `None`: no watchdog.
+/// How often to sample the cores' health and ping the watchdog: a quarter of
+/// `$WATCHDOG_USEC`, when it is set for this process (`$WATCHDOG_PID` unset or ours), so
+/// that one bad sample does not leave a gap as long as `WatchdogSec` (the pings stop
+/// after [`WATCHDOG_BAD_SAMPLES`] in a row). `None`: no watchdog.
 pub fn watchdog_interval() -> Option<Duration> {
     watchdog_interval_from(
         std::env::var("WATCHDOG_USEC").ok().as_deref(),
@@ -111,12 +117,12 @@ fn watchdog_interval_from(usec: Option<&str>, pid: Option<&str>, me: u32) -> Opt
         }
     }
     let usec: u64 = usec?.trim().parse().ok().filter(|&u| u > 0)?;
-    Some((Duration::from_micros(usec) / 2).max(WATCHDOG_PING_MIN))
+    Some((Duration::from_micros(usec) / 4).max(WATCHDOG_PING_MIN))
 }
 
-/// Pings the watchdog every `every` while `healthy` says every executor is alive; while it
-/// is not, the pings stop (systemd then kills and restarts the unit after `WatchdogSec=`)
-/// and the problem is logged once per change.
+/// Pings the watchdog every `every` while `healthy` says every executor is alive; after
+/// [`WATCHDOG_BAD_SAMPLES`] unhealthy samples in a row the pings stop (systemd then kills
+/// and restarts the unit after `WatchdogSec=`) and the problem is logged once.
 pub fn spawn_watchdog(
     notifier: std::sync::Arc<Notifier>,
     every: Duration,
@@ -125,21 +131,24 @@ pub fn spawn_watchdog(
     std::thread::Builder::new()
         .name("custody-watchdog".into())
         .spawn(move || {
-            let mut was_ok = true;
+            let mut bad = 0u32;
             loop {
                 match healthy() {
                     Ok(()) => {
-                        if !was_ok {
+                        if bad >= WATCHDOG_BAD_SAMPLES {
                             tracing::warn!("every core is healthy again: watchdog pings resume");
                         }
-                        was_ok = true;
+                        bad = 0;
                         notifier.notify("WATCHDOG=1");
                     }
                     Err(problem) => {
-                        if was_ok {
+                        bad = bad.saturating_add(1);
+                        if bad < WATCHDOG_BAD_SAMPLES {
+                            // One more ping: a single stale sample is not a stuck core.
+                            notifier.notify("WATCHDOG=1");
+                        } else if bad == WATCHDOG_BAD_SAMPLES {
                             tracing::error!(%problem, "a core is not healthy: watchdog pings stop, systemd will restart the appliance after WatchdogSec");
                         }
-                        was_ok = false;
                     }
                 }
                 std::thread::sleep(every);
@@ -153,14 +162,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn watchdog_interval_is_half_the_setting_and_only_for_this_process() {
+    fn watchdog_interval_is_a_quarter_of_the_setting_and_only_for_this_process() {
         assert_eq!(
             watchdog_interval_from(Some("30000000"), None, 7),
-            Some(Duration::from_secs(15))
+            Some(Duration::from_millis(7500))
         );
         assert_eq!(
             watchdog_interval_from(Some("30000000"), Some("7"), 7),
-            Some(Duration::from_secs(15))
+            Some(Duration::from_millis(7500))
         );
         assert_eq!(watchdog_interval_from(Some("30000000"), Some("8"), 7), None);
         assert_eq!(watchdog_interval_from(None, None, 7), None);
