@@ -1000,3 +1000,83 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Half<S> {
         Pin::new(&mut *self.0.borrow_mut()).poll_close(cx)
     }
 }
+
+/// The first of `n` consecutive loopback ports nobody listens on now, for the tools that
+/// start an appliance of their own (`custody-load demo`, the tests).
+///
+/// Ports come from a per-process counter below the kernel's ephemeral range, never from
+/// the kernel's own choice (`bind(0)`): a port the kernel hands out that way is one it may
+/// hand out again, a moment later, as the local port of an outgoing connection (a client,
+/// the store) or to another caller, before custodyd binds it; CI saw "Address already in
+/// use" from exactly that race. Below the ephemeral range no outgoing connection takes the
+/// port, and the counter gives none out twice in a process.
+pub fn free_loopback_ports(n: u16) -> io::Result<u16> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let (low, high) = loopback_port_pool()?;
+    let span = u32::from(high - low);
+    // Start where the process id says, so that two processes on one host (two
+    // checkouts' tests) seldom walk the same ports.
+    let _ = NEXT.compare_exchange(
+        0,
+        1 + std::process::id() % span,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+    for _ in 0..span {
+        let offset = NEXT.fetch_add(u32::from(n.max(1)), Ordering::Relaxed) % span;
+        let Some(first) = u16::try_from(u32::from(low) + offset)
+            .ok()
+            .filter(|f| f.checked_add(n).is_some_and(|end| end <= high))
+        else {
+            continue;
+        };
+        let all_free =
+            (0..n).all(|i| std::net::TcpListener::bind(("127.0.0.1", first + i)).is_ok());
+        if all_free {
+            return Ok(first);
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::AddrInUse,
+        format!("no {n} free consecutive loopback ports in {low}..{high}"),
+    ))
+}
+
+/// The ports [`free_loopback_ports`] hands out: above the well-known services and below
+/// the kernel's ephemeral range (`net.ipv4.ip_local_port_range`, 32768-60999 by default).
+fn loopback_port_pool() -> io::Result<(u16, u16)> {
+    const LOW: u16 = 12_000;
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768);
+    if ephemeral_low < LOW + 2_000 {
+        return Err(io::Error::new(
+            io::ErrorKind::AddrNotAvailable,
+            format!(
+                "net.ipv4.ip_local_port_range starts at {ephemeral_low}: no room below it for fixed loopback ports"
+            ),
+        ));
+    }
+    Ok((LOW, ephemeral_low))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_ports_are_bindable_below_the_ephemeral_range_and_never_handed_out_twice() {
+        let (low, high) = loopback_port_pool().unwrap();
+        let mut seen = std::collections::HashSet::new();
+        for n in [1u16, 3, 1, 2, 4] {
+            let first = free_loopback_ports(n).unwrap();
+            assert!(first >= low && first + n <= high, "{first}+{n} outside {low}..{high}");
+            for p in first..first + n {
+                assert!(seen.insert(p), "port {p} handed out twice");
+                std::net::TcpListener::bind(("127.0.0.1", p)).unwrap();
+            }
+        }
+    }
+}

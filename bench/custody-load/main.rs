@@ -26,6 +26,7 @@ mod workload;
 
 use anyhow::{bail, Context};
 use custody::client::{Client, ClientConfig, ClientError};
+use custody::net::free_loopback_ports;
 use custody::store::postgres::{self, PgConfig};
 use custody::store::sqlite::SqliteReader;
 use custody::wire::{DeriveBody, Receipt, Reply, Request};
@@ -255,22 +256,6 @@ fn real_main() -> anyhow::Result<i32> {
     }
 }
 
-/// The first of `n` consecutive free loopback ports.
-fn free_ports(n: usize) -> anyhow::Result<u16> {
-    for _ in 0..100 {
-        let first = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let Some(last) = first.checked_add(n as u16) else {
-            continue;
-        };
-        if (first + 1..last).all(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok()) {
-            return Ok(first);
-        }
-    }
-    bail!("no {n} consecutive free ports for server.shard_listen")
-}
-
 /// The sum of a metric's samples in the appliance's /metrics (`None`: unreachable).
 fn metric_sum(admin: SocketAddr, name: &str) -> Option<f64> {
     use std::io::{Read, Write};
@@ -335,18 +320,14 @@ fn demo(o: Options) -> anyhow::Result<(i32, Headline)> {
     if !seed.exists() {
         custody::seal::write_dev_seed(&seed)?;
     }
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
+    let port = free_loopback_ports(1)?;
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-    let admin_port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
+    let admin_port = free_loopback_ports(1)?;
     // A port per shard for shard-aware clients (server.shard_listen).
     let shards = o
         .cores
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let shard_base = free_ports(shards)?;
+    let shard_base = free_loopback_ports(u16::try_from(shards)?)?;
     let database = match &o.postgres {
         Some(url) => Some(TempDatabase::create(url)?),
         None => None,

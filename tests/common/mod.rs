@@ -257,27 +257,14 @@ impl Drop for TestAppliance {
     }
 }
 
-/// The first of `n` consecutive ports nobody listens on now.
+/// The first of `n` consecutive loopback ports nobody listens on now.
 pub fn free_ports(n: u16) -> u16 {
-    loop {
-        let first = free_port();
-        if first.checked_add(n).is_none() {
-            continue;
-        }
-        let all_free =
-            (1..n).all(|i| std::net::TcpListener::bind(("127.0.0.1", first + i)).is_ok());
-        if all_free {
-            return first;
-        }
-    }
+    custody::net::free_loopback_ports(n).expect("free loopback ports")
 }
 
-/// A port nobody listens on now.
+/// A loopback port nobody listens on now.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
+    free_ports(1)
 }
 
 /// `GET path` on the admin listener: the status code and the body.
