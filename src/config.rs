@@ -53,6 +53,42 @@ pub enum IdentitySource {
     SubjectAltName,
 }
 
+/// Where the server's TLS private key is read (at start and on every reload).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KeySource {
+    /// `tls.key`: a PEM file.
+    File(PathBuf),
+    /// `tls.key_credential`: a systemd credential (`LoadCredential=NAME:/etc/custody/tls.key`),
+    /// read from `$CREDENTIALS_DIRECTORY/NAME`. systemd copies credentials when the unit
+    /// starts, so a new key in the source file takes a restart, not a reload.
+    Credential(String),
+}
+
+impl KeySource {
+    /// The file to read the key from.
+    pub fn path(&self) -> Result<PathBuf, String> {
+        match self {
+            KeySource::File(p) => Ok(p.clone()),
+            KeySource::Credential(name) => std::env::var_os("CREDENTIALS_DIRECTORY")
+                .map(|dir| PathBuf::from(dir).join(name))
+                .ok_or_else(|| {
+                    format!(
+                        "tls.key_credential {name:?}: CREDENTIALS_DIRECTORY is not set (is the unit's LoadCredential={name}:... in place?)"
+                    )
+                }),
+        }
+    }
+}
+
+impl std::fmt::Display for KeySource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KeySource::File(p) => write!(f, "{}", p.display()),
+            KeySource::Credential(name) => write!(f, "credential {name}"),
+        }
+    }
+}
+
 /// Where the root seed comes from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SealConfig {
@@ -135,7 +171,7 @@ pub struct Server {
 #[derive(Clone, Debug)]
 pub struct Tls {
     pub cert: PathBuf,
-    pub key: PathBuf,
+    pub key: KeySource,
     pub client_ca: PathBuf,
     pub require_client_cert: bool,
     pub identity: IdentitySource,
@@ -197,7 +233,8 @@ pub const KEYS: &[KeyDoc] = &[
     KeyDoc { key: "server.log_format", default: "\"text\"", doc: "text (key=value fields) or json (one object per line, for a log pipeline); both carry the connection id (`conn`) and identity of every event logged while serving a connection, and the request id of the events about one request" },
     KeyDoc { key: "server.stats_log_interval_s", default: "60", doc: "every this many seconds each shard logs its group-commit figures (batches, batch size and commit latency percentiles) at info level; 0 = never" },
     KeyDoc { key: "tls.cert", default: "(required)", doc: "server certificate chain, PEM" },
-    KeyDoc { key: "tls.key", default: "(required)", doc: "server private key, PEM (PKCS#8, SEC1 or PKCS#1)" },
+    KeyDoc { key: "tls.key", default: "(required unless tls.key_credential)", doc: "server private key, PEM (PKCS#8, SEC1 or PKCS#1); readable by the custody user only" },
+    KeyDoc { key: "tls.key_credential", default: "\"\"", doc: "instead of tls.key: the name of a systemd credential holding the server key (LoadCredential=NAME:/etc/custody/tls.key), so the custody user never reads the key file itself; systemd copies it at start, so a new key takes a restart rather than a reload" },
     KeyDoc { key: "tls.client_ca", default: "(required)", doc: "CA bundle that client certificates must chain to, PEM" },
     KeyDoc { key: "tls.require_client_cert", default: "true", doc: "mutual TLS; false only for local experiments" },
     KeyDoc { key: "tls.identity", default: "\"cn\"", doc: "requester identity: \"cn\" (subject CN) or \"san\" (first DNS/URI SAN)" },
@@ -407,7 +444,25 @@ pub fn resolve(table: &toml::Table, base_dir: &Path, file: &str) -> Result<Confi
         });
 
     let cert = r.required_path("tls.cert", base_dir);
-    let key = r.required_path("tls.key", base_dir);
+    let key_credential = r.string("tls.key_credential", "").filter(|s| !s.is_empty());
+    let key = match key_credential {
+        Some(name) => {
+            if r.raw("tls.key").is_some() {
+                r.problem(
+                    "tls.key",
+                    "give the key one way only: tls.key or tls.key_credential".into(),
+                )
+            } else if name.contains('/') || name == "." || name == ".." {
+                r.problem(
+                    "tls.key_credential",
+                    format!("{name:?} is not a credential name (no '/')"),
+                )
+            } else {
+                Some(KeySource::Credential(name))
+            }
+        }
+        None => r.required_path("tls.key", base_dir).map(KeySource::File),
+    };
     let client_ca = r.required_path("tls.client_ca", base_dir);
     let require_client_cert = r.bool("tls.require_client_cert", true);
     let identity = r
@@ -1746,6 +1801,30 @@ mod tests {
     fn syntax_errors_are_stage_one() {
         let err = resolve_text("[server\nlisten = 1").unwrap_err();
         assert_eq!(err.problems[0].key, "(syntax)");
+    }
+
+    #[test]
+    fn the_tls_key_comes_from_a_file_or_a_credential_never_both() {
+        let c = resolve_text(MINIMAL).unwrap();
+        assert_eq!(c.tls.key, KeySource::File("/etc/custody/server.key".into()));
+        let cred = "[tls]\ncert = \"server.pem\"\nkey_credential = \"custody-tls-key\"\nclient_ca = \"ca.pem\"\n";
+        let c = resolve_text(cred).unwrap();
+        assert_eq!(c.tls.key, KeySource::Credential("custody-tls-key".into()));
+        assert_eq!(c.tls.key.to_string(), "credential custody-tls-key");
+        let both = format!("{MINIMAL}\nkey_credential = \"custody-tls-key\"\n");
+        let e = resolve_text(&both).unwrap_err();
+        assert_eq!(e.problems[0].key, "tls.key", "{e}");
+        assert!(e.problems[0].message.contains("one way only"), "{e}");
+        let slash = cred.replace("custody-tls-key", "../etc/shadow");
+        assert_eq!(
+            resolve_text(&slash).unwrap_err().problems[0].key,
+            "tls.key_credential"
+        );
+        let neither = "[tls]\ncert = \"server.pem\"\nclient_ca = \"ca.pem\"\n";
+        assert_eq!(
+            resolve_text(neither).unwrap_err().problems[0].key,
+            "tls.key"
+        );
     }
 
     #[test]

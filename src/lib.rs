@@ -37,9 +37,12 @@
 //! Around the request path: [`metrics`] (per-core figures merged at scrape time, and
 //! the admin listener: /metrics, /healthz, /readyz), [`systemd`] (READY, STATUS,
 //! STOPPING and watchdog pings gated on every core's health), [`config`] (two-stage TOML),
-//! [`bounds`] (hard caps),
+//! [`bounds`] (hard caps), [`preflight`] (the host checks before start: io_uring,
+//! RLIMIT_MEMLOCK, CPUs),
 //! [`locked`] (locked, undumpable, zeroizing memory for the keyed state),
 //! [`signal`] (lock-free wake-ups between tasks of one core),
+//! [`published`] (a value every core reads and a reload replaces whole: the policy, the
+//! TLS acceptor and the connection limits),
 //! [`client`] (the tokio client library the CLI and the load harness use; its
 //! `ShardedClient` sends each request to the port of the core that owns its asset).
 
@@ -54,6 +57,8 @@ pub mod locked;
 pub mod metrics;
 pub mod net;
 pub mod policy;
+pub mod preflight;
+pub mod published;
 pub mod ratelimit;
 pub mod reconcile;
 pub mod regions;

@@ -241,6 +241,8 @@ pub struct Registry {
     policy: Arc<crate::policy::PolicyCell>,
     publish_every: Duration,
     auditor: Option<Arc<Mutex<crate::auditor::AuditorStatus>>>,
+    /// The TLS settings in force (their certificate's expiry and generation).
+    tls: Option<Arc<crate::published::Published<crate::net::ConnectionSettings>>>,
     /// Set when the appliance stops: /readyz fails, so a balancer sends no more.
     draining: std::sync::atomic::AtomicBool,
 }
@@ -267,6 +269,7 @@ impl Registry {
             policy,
             publish_every,
             auditor: None,
+            tls: None,
             draining: std::sync::atomic::AtomicBool::new(false),
         }
     }
@@ -277,6 +280,15 @@ impl Registry {
         status: Option<Arc<Mutex<crate::auditor::AuditorStatus>>>,
     ) -> Registry {
         self.auditor = status;
+        self
+    }
+
+    /// The TLS settings in force (read at scrape time).
+    pub fn with_tls(
+        mut self,
+        settings: Arc<crate::published::Published<crate::net::ConnectionSettings>>,
+    ) -> Registry {
+        self.tls = Some(settings);
         self
     }
 
@@ -354,6 +366,13 @@ impl Registry {
         if let Some(status) = &self.auditor {
             let s = status.lock().unwrap_or_else(|p| p.into_inner()).clone();
             render_auditor(&mut out, &s);
+        }
+        if let Some(tls) = &self.tls {
+            render_tls(
+                &mut out,
+                tls.generation(),
+                tls.current().certificate.not_after,
+            );
         }
         out
     }
@@ -753,6 +772,26 @@ fn render(cores: &[CoreFigures], seal: &SeedCache, policy_generation: u64) -> St
     );
     f.sample("custody_policy_generation", "", policy_generation);
     out
+}
+
+fn render_tls(out: &mut String, generation: u64, not_after: i64) {
+    let mut f = Family { out };
+    f.head(
+        "custody_tls_certificate_expiry_timestamp_seconds",
+        "gauge",
+        "When the server certificate new connections are shown expires (Unix seconds); a reload (SIGHUP) puts a new one in force.",
+    );
+    f.sample(
+        "custody_tls_certificate_expiry_timestamp_seconds",
+        "",
+        not_after,
+    );
+    f.head(
+        "custody_tls_generation",
+        "gauge",
+        "The TLS certificate, key and connection limits' generation in force (1 at start, one more per reload).",
+    );
+    f.sample("custody_tls_generation", "", generation);
 }
 
 fn render_auditor(out: &mut String, s: &crate::auditor::AuditorStatus) {

@@ -48,10 +48,8 @@ pub struct CoreContext {
     pub key: Rc<CoreKey>,
     pub rules: FieldRules,
     pub limits: Limits,
-    pub identity: IdentitySource,
-    pub require_client_cert: bool,
-    pub handshake_timeout: Duration,
-    pub acceptor: futures_rustls::TlsAcceptor,
+    /// The TLS acceptor and the connection limits in force (replaced whole on a reload).
+    pub settings: crate::published::LocalCopy<ConnectionSettings>,
     pub hello: HelloInfo,
     pub connections: Cell<u32>,
     /// Who may do what, and at which rate (`[policy]`; replaced whole on SIGHUP).
@@ -72,6 +70,40 @@ pub struct CoreContext {
     pub drain: crate::signal::LocalLatch,
 }
 
+/// What a reload (SIGHUP, POLICY_RELOAD) replaces for the connections, whole: the TLS
+/// acceptor (certificate, key, client CA, identity source) and the connection limits.
+/// A handshake uses the settings in force when it starts, so a connection established
+/// before a reload keeps its certificate; the limits apply from the next accept or request.
+pub struct ConnectionSettings {
+    pub acceptor: futures_rustls::TlsAcceptor,
+    pub identity: IdentitySource,
+    pub require_client_cert: bool,
+    pub handshake_timeout: Duration,
+    pub max_connections_per_core: u32,
+    pub max_inflight_per_connection: u32,
+    /// The server certificate presented.
+    pub certificate: tls::CertificateInfo,
+}
+
+impl ConnectionSettings {
+    /// The settings `config` asks for: its TLS files read and checked (blocking: off the
+    /// executors).
+    pub fn from_config(
+        config: &crate::config::Config,
+    ) -> Result<ConnectionSettings, tls::TlsError> {
+        let server = tls::server_config(&config.tls)?;
+        Ok(ConnectionSettings {
+            acceptor: futures_rustls::TlsAcceptor::from(server.config),
+            identity: config.tls.identity,
+            require_client_cert: config.tls.require_client_cert,
+            handshake_timeout: config.tls.handshake_timeout,
+            max_connections_per_core: config.limits.max_connections_per_core,
+            max_inflight_per_connection: config.limits.max_inflight_per_connection,
+            certificate: server.certificate,
+        })
+    }
+}
+
 /// Accepts connections until the core drains (then the listener closes: new connections
 /// are refused by the kernel, and clients go to another appliance).
 pub async fn accept_loop(ctx: Rc<CoreContext>, listener: TcpListener) {
@@ -90,10 +122,11 @@ pub async fn accept_loop(ctx: Rc<CoreContext>, listener: TcpListener) {
         };
         match accepted {
             Ok(stream) => {
-                if ctx.connections.get() >= ctx.limits.max_connections_per_core {
+                let limit = ctx.settings.get().max_connections_per_core;
+                if ctx.connections.get() >= limit {
                     ctx.metrics.borrow_mut().connections_refused += 1;
                     tracing::warn!(
-                        limit = ctx.limits.max_connections_per_core,
+                        limit,
                         "connection refused: limits.max_connections_per_core reached"
                     );
                     drop(stream);
@@ -157,12 +190,16 @@ impl Drop for ConnectionGuard {
 async fn serve(ctx: &Rc<CoreContext>, stream: TcpStream, conn: ConnId) {
     let peer = stream.peer_addr().ok();
     let _ = stream.set_nodelay(true);
-    let handshake =
-        futures_lite::future::or(async { Some(ctx.acceptor.accept(stream).await) }, async {
-            glommio::timer::sleep(ctx.handshake_timeout).await;
+    // This connection's TLS settings: those in force now, for its whole life.
+    let settings = ctx.settings.snapshot();
+    let handshake = futures_lite::future::or(
+        async { Some(settings.acceptor.accept(stream).await) },
+        async {
+            glommio::timer::sleep(settings.handshake_timeout).await;
             None
-        })
-        .await;
+        },
+    )
+    .await;
     let tls = match handshake {
         Some(Ok(tls)) => tls,
         Some(Err(e)) => {
@@ -177,7 +214,7 @@ async fn serve(ctx: &Rc<CoreContext>, stream: TcpStream, conn: ConnId) {
         }
     };
     let identity = match tls.get_ref().1.peer_certificates().and_then(|c| c.first()) {
-        Some(cert) => match tls::identity_of(cert, ctx.identity) {
+        Some(cert) => match tls::identity_of(cert, settings.identity) {
             Ok(id) => id,
             Err(e) => {
                 ctx.metrics.borrow_mut().certificate_refused += 1;
@@ -185,7 +222,7 @@ async fn serve(ctx: &Rc<CoreContext>, stream: TcpStream, conn: ConnId) {
                 return;
             }
         },
-        None if !ctx.require_client_cert => Arc::from(tls::ANONYMOUS),
+        None if !settings.require_client_cert => Arc::from(tls::ANONYMOUS),
         None => return,
     };
     tracing::debug!(%conn, ?peer, %identity, "connection established");
@@ -672,7 +709,11 @@ fn dispatch(
         }
     }
     let op = match request {
-        Request::Hello => return outbox.push(opcode, request_id, &Reply::Hello(ctx.hello.clone())),
+        Request::Hello => {
+            let mut hello = ctx.hello.clone();
+            hello.max_inflight_per_connection = ctx.settings.get().max_inflight_per_connection;
+            return outbox.push(opcode, request_id, &Reply::Hello(hello));
+        }
         Request::Regions => {
             let list = access.regions().states(ctx.rules.switch());
             return outbox.push(opcode, request_id, &Reply::Regions(list));
@@ -832,7 +873,7 @@ fn dispatch(
         role: allowed.role,
         limit: allowed.limit,
     });
-    if outbox.inflight.get() >= ctx.limits.max_inflight_per_connection {
+    if outbox.inflight.get() >= ctx.settings.get().max_inflight_per_connection {
         let mut refusal = Refusal::new(
             Status::Busy,
             format!(
@@ -1072,7 +1113,10 @@ mod tests {
         let mut seen = std::collections::HashSet::new();
         for n in [1u16, 3, 1, 2, 4] {
             let first = free_loopback_ports(n).unwrap();
-            assert!(first >= low && first + n <= high, "{first}+{n} outside {low}..{high}");
+            assert!(
+                first >= low && first + n <= high,
+                "{first}+{n} outside {low}..{high}"
+            );
             for p in first..first + n {
                 assert!(seen.insert(p), "port {p} handed out twice");
                 std::net::TcpListener::bind(("127.0.0.1", p)).unwrap();

@@ -512,66 +512,10 @@ impl AccessPolicy {
 
 /// The access policy in force, shared by every core and replaced whole on a reload: a
 /// core takes the new one when the generation moved (one atomic load per request).
-pub struct PolicyCell {
-    generation: std::sync::atomic::AtomicU64,
-    current: std::sync::Mutex<Arc<AccessPolicy>>,
-}
-
-impl PolicyCell {
-    pub fn new(policy: AccessPolicy) -> PolicyCell {
-        PolicyCell {
-            generation: std::sync::atomic::AtomicU64::new(1),
-            current: std::sync::Mutex::new(Arc::new(policy)),
-        }
-    }
-
-    /// Puts `policy` in force (whole: cores see either the old one or this one) and
-    /// returns its generation.
-    pub fn replace(&self, policy: AccessPolicy) -> u64 {
-        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
-        *current = Arc::new(policy);
-        self.generation
-            .fetch_add(1, std::sync::atomic::Ordering::Release)
-            + 1
-    }
-
-    pub fn generation(&self) -> u64 {
-        self.generation.load(std::sync::atomic::Ordering::Acquire)
-    }
-
-    pub fn current(&self) -> Arc<AccessPolicy> {
-        self.current
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-}
+pub type PolicyCell = crate::published::Published<AccessPolicy>;
 
 /// A core's copy of the policy in force: refreshed when the cell's generation moved.
-pub struct CorePolicy {
-    cell: Arc<PolicyCell>,
-    copy: std::cell::RefCell<(u64, Arc<AccessPolicy>)>,
-}
-
-impl CorePolicy {
-    pub fn new(cell: Arc<PolicyCell>) -> CorePolicy {
-        let copy = (cell.generation(), cell.current());
-        CorePolicy {
-            cell,
-            copy: std::cell::RefCell::new(copy),
-        }
-    }
-
-    /// The policy to check this request against, borrowed from this core's copy (no
-    /// reference count shared by the cores is touched per request).
-    pub fn get(&self) -> std::cell::Ref<'_, AccessPolicy> {
-        let generation = self.cell.generation();
-        if self.copy.borrow().0 != generation {
-            *self.copy.borrow_mut() = (generation, self.cell.current());
-        }
-        std::cell::Ref::map(self.copy.borrow(), |c| &*c.1)
-    }
-}
+pub type CorePolicy = crate::published::LocalCopy<AccessPolicy>;
 
 /// An asset id must be an RFC 4122 UUID (variant bits 10, version 1–8), not nil or max.
 pub fn check_asset_id(asset: &Uuid) -> Result<(), Refusal> {

@@ -6,8 +6,9 @@
 //! until every core reports ready (or one fails) and then only joins them.
 
 use crate::config::{Config, StoreBackend};
-use crate::net::{accept_loop, CoreContext};
+use crate::net::{accept_loop, ConnectionSettings, CoreContext};
 use crate::policy::FieldRules;
+use crate::published::Published;
 use crate::router::{MeshMsg, ShardRouter};
 use crate::seal::cache::{CoreKey, SeedCache, CORE_KEY_REFRESH};
 use crate::shard::{Shard, ShardLimits};
@@ -40,6 +41,8 @@ pub enum ServerError {
     Store(#[from] StoreError),
     #[error("tls: {0}")]
     Tls(#[from] crate::tls::TlsError),
+    #[error("this host cannot run the appliance as configured: {0}")]
+    Preflight(#[from] crate::preflight::PreflightError),
     #[error("core {core}: {reason}")]
     Core { core: usize, reason: String },
     #[error("lost ownership of the store: {0}")]
@@ -51,10 +54,13 @@ pub enum ServerError {
 }
 
 impl ServerError {
-    /// The process exit status for this failure: 3 when another appliance took the store
-    /// over (restarting would only be refused), 1 otherwise.
+    /// The process exit status for this failure: 2 when the configuration, its TLS files
+    /// or the host must be fixed first (as for a configuration that does not resolve), 3
+    /// when another appliance took the store over (restarting would only be refused), 1
+    /// otherwise. systemd restarts on 1 only (`RestartPreventExitStatus=2 3`).
     pub fn exit_code(&self) -> i32 {
         match self {
+            ServerError::Tls(_) | ServerError::Preflight(_) => 2,
             ServerError::Fenced(_) => 3,
             _ => 1,
         }
@@ -67,7 +73,9 @@ struct CoreSetup {
     config: Arc<Config>,
     key: Arc<SeedCache>,
     store: Arc<dyn Store>,
-    tls: Arc<rustls::ServerConfig>,
+    /// The TLS acceptor and connection limits in force (replaced on SIGHUP and
+    /// POLICY_RELOAD).
+    settings: Arc<Published<ConnectionSettings>>,
     mesh: Option<MeshBuilder<MeshMsg, glommio::channels::channel_mesh::Full>>,
     events: mpsc::Sender<CoreEvent>,
     /// The regions' switch, shared by every core.
@@ -125,13 +133,21 @@ pub fn run_with_reload(
     // signal thread takes SIGTERM and SIGINT.
     let stop_signals = block_stop_signals();
     let notifier = Arc::new(crate::systemd::Notifier::from_env());
+    // The host first: io_uring, RLIMIT_MEMLOCK and the CPUs, each with its fix.
+    let cpus = crate::preflight::check_host(config.server.cores, EXECUTOR_IO_MEMORY_BYTES as u64)?;
     notifier.status("starting: unsealing and loading the shards");
     let policy = Arc::new(crate::policy::PolicyCell::new(config.policy.access.clone()));
     let regions = Arc::new(crate::regions::RegionSwitch::new(&config.policy.regions));
+    // The TLS files are checked before anything else starts: an expired certificate or a
+    // key that is not the certificate's stops the start with the file and the fix.
+    let settings = Arc::new(Published::new(ConnectionSettings::from_config(&config)?));
+    log_certificate(&config.tls, &settings.current().certificate, "start");
     let reloader = config_file.map(|file| {
         let reloader = Arc::new(Reloader {
             file,
             cell: policy.clone(),
+            settings: settings.clone(),
+            running: std::sync::Mutex::new(config.clone()),
             switch: regions.clone(),
             one_at_a_time: std::sync::Mutex::new(()),
             requested: std::sync::atomic::AtomicBool::new(false),
@@ -191,7 +207,6 @@ pub fn run_with_reload(
             )
         }
     };
-    let tls = crate::tls::server_config(&config.tls)?;
     let auditor = match crate::auditor::Auditor::spawn(
         config.store.backend.clone(),
         key.clone(),
@@ -211,7 +226,8 @@ pub fn run_with_reload(
             policy.clone(),
             config.server.metrics_publish,
         )
-        .with_auditor(auditor.as_ref().map(|a| a.status())),
+        .with_auditor(auditor.as_ref().map(|a| a.status()))
+        .with_tls(settings.clone()),
     );
     if let Some(addr) = config.server.admin_listen {
         let bound = crate::metrics::spawn_admin_listener(addr, metrics.clone()).map_err(|e| {
@@ -228,7 +244,7 @@ pub fn run_with_reload(
         config: Arc::new(config.clone()),
         key: key.clone(),
         store: store.clone(),
-        tls,
+        settings,
         mesh,
         events,
         regions,
@@ -238,15 +254,13 @@ pub fn run_with_reload(
         metrics: metrics.clone(),
         auditor,
     };
-    let online = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
     let mut handles = Vec::with_capacity(cores);
     for core in 0..cores {
-        let placement = if std::env::var_os("CUSTODY_UNBOUND").is_none() && cores <= online {
-            Placement::Fixed(core)
-        } else {
-            Placement::Unbound
+        // Executor i on the i-th CPU this process may use (its affinity mask need not
+        // start at CPU 0); unbound only if the mask could not be read.
+        let placement = match cpus.get(core) {
+            Some(&cpu) if std::env::var_os("CUSTODY_UNBOUND").is_none() => Placement::Fixed(cpu),
+            _ => Placement::Unbound,
         };
         let setup = setup.clone();
         let handle = LocalExecutorBuilder::new(placement)
@@ -599,10 +613,7 @@ async fn core_main(core: usize, setup: CoreSetup) -> Result<(), String> {
         key,
         rules: FieldRules::with_switch(setup.regions.clone()),
         limits: config.limits.clone(),
-        identity: config.tls.identity,
-        require_client_cert: config.tls.require_client_cert,
-        handshake_timeout: config.tls.handshake_timeout,
-        acceptor: futures_rustls::TlsAcceptor::from(setup.tls.clone()),
+        settings: crate::published::LocalCopy::new(setup.settings.clone()),
         hello: HelloInfo {
             version: VERSION,
             shard_count: cores,
@@ -764,22 +775,35 @@ fn bind(addr: SocketAddr) -> glommio::Result<glommio::net::TcpListener, ()> {
 }
 
 /// What a reload put in force.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ReloadReport {
     /// The policy's generation now in force (1 at start, one more per reload).
     pub generation: u64,
     pub identities: usize,
     pub regions: usize,
     pub asset_groups: usize,
+    /// The server certificate new connections are shown.
+    pub certificate: crate::tls::CertificateInfo,
+    /// The sections that changed in the file but are read only at start (the reload
+    /// left them as they were; they take a restart).
+    pub restart_needed: Vec<&'static str>,
 }
 
-/// Re-reads the configuration file and puts its `[policy]` (roles, rate limits, asset
-/// groups, regions) in force: whole, or, when the file does not resolve, not at all. On
-/// SIGHUP and on an admin's POLICY_RELOAD; one reload at a time. Keys outside `[policy]`
-/// and `limits.rate_limit` take a restart.
+/// Re-reads the configuration file and puts in force, whole or (when anything in the file
+/// does not resolve, or a TLS file is unreadable, expired or not matching its key) not at
+/// all: `[policy]` (roles, rate limits, asset groups, regions) and `limits.rate_limit`;
+/// `[tls]` (certificate, key, client CA: for connections accepted from then on, while the
+/// connections already established keep theirs); `limits.max_connections_per_core` and
+/// `limits.max_inflight_per_connection`. On SIGHUP and on an admin's POLICY_RELOAD; one
+/// reload at a time. The other sections take a restart, and a reload that finds them
+/// changed says so.
 pub struct Reloader {
     file: std::path::PathBuf,
     cell: Arc<crate::policy::PolicyCell>,
+    settings: Arc<Published<ConnectionSettings>>,
+    /// The configuration as started, with the reloaded parts as last put in force: what
+    /// a reload compares the file with to name the changes that need a restart.
+    running: std::sync::Mutex<Config>,
     switch: Arc<crate::regions::RegionSwitch>,
     one_at_a_time: std::sync::Mutex<()>,
     /// An admin's POLICY_RELOAD is running (at most one thread for requests at a time).
@@ -822,25 +846,36 @@ impl Reloader {
             .map(|_| ReloadTicket(self.clone()))
     }
 
-    /// Blocking (reads the file): call it off the executors. `trigger` (SIGHUP, or who
+    /// Blocking (reads the files): call it off the executors. `trigger` (SIGHUP, or who
     /// asked) goes into the log line that says what happened.
     pub fn reload(&self, trigger: &str) -> Result<ReloadReport, String> {
         let outcome = self.reload_quietly();
         match &outcome {
-            Ok(r) => tracing::warn!(
-                trigger,
-                file = %self.file.display(),
-                generation = r.generation,
-                identities = r.identities,
-                regions = r.regions,
-                asset_groups = r.asset_groups,
-                "policy reloaded"
-            ),
+            Ok(r) => {
+                tracing::warn!(
+                    trigger,
+                    file = %self.file.display(),
+                    generation = r.generation,
+                    identities = r.identities,
+                    regions = r.regions,
+                    asset_groups = r.asset_groups,
+                    certificate = %r.certificate.subject,
+                    certificate_serial = %r.certificate.serial,
+                    "configuration reloaded: policy, TLS certificate and key, connection limits"
+                );
+                if !r.restart_needed.is_empty() {
+                    tracing::warn!(
+                        trigger,
+                        sections = %r.restart_needed.join(", "),
+                        "changed in the file but read only at start: these changes are not in force until a restart"
+                    );
+                }
+            }
             Err(problems) => tracing::error!(
                 trigger,
                 file = %self.file.display(),
                 %problems,
-                "policy not reloaded; the policy in force is unchanged"
+                "configuration not reloaded; the policy, TLS certificate and limits in force are unchanged"
             ),
         }
         outcome
@@ -850,31 +885,87 @@ impl Reloader {
         let _one = self.one_at_a_time.lock().unwrap_or_else(|p| p.into_inner());
         let new =
             crate::config::load(&self.file).map_err(|e| e.to_string().trim_end().to_owned())?;
+        // Everything is read and checked before anything is put in force.
+        let settings = ConnectionSettings::from_config(&new).map_err(|e| format!("tls: {e}"))?;
         // New regions get a slot (with the switch the store holds for them, if any), all
-        // or none; a region left out keeps its slot and switch for a later reload.
+        // or none; a region left out keeps its slot and switch for a later reload. The
+        // last check: from here on nothing fails.
         let slots = self
             .switch
             .claim(&new.policy.regions)
             .map_err(|e| format!("policy.regions: {e}"))?;
-        let access = new
-            .policy
-            .access
-            .with_regions(crate::policy::RegionTable::with_slots(
-                &new.policy.regions,
-                slots,
-            ));
-        let report = ReloadReport {
-            generation: 0,
-            identities: access.identities(),
-            regions: new.policy.regions.len(),
-            asset_groups: access.asset_groups().len(),
-        };
+        let access =
+            new.policy
+                .access
+                .clone()
+                .with_regions(crate::policy::RegionTable::with_slots(
+                    &new.policy.regions,
+                    slots,
+                ));
+        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        let restart_needed = restart_needed(&running, &new);
+        let identities = access.identities();
+        let asset_groups = access.asset_groups().len();
+        let certificate = settings.certificate.clone();
         let generation = self.cell.replace(access);
+        self.settings.replace(settings);
+        running.policy = new.policy;
+        running.tls = new.tls;
+        running.limits.max_connections_per_core = new.limits.max_connections_per_core;
+        running.limits.max_inflight_per_connection = new.limits.max_inflight_per_connection;
         Ok(ReloadReport {
             generation,
-            ..report
+            identities,
+            regions: running.policy.regions.len(),
+            asset_groups,
+            certificate,
+            restart_needed,
         })
     }
+}
+
+/// The sections of `new` that differ from `running` and that only a restart puts in force.
+fn restart_needed(running: &Config, new: &Config) -> Vec<&'static str> {
+    // Compared through their Debug text, which every section has (the store's password is
+    // redacted there, so a new password alone is not noticed). Nothing here is logged.
+    fn differs<T: std::fmt::Debug>(a: &T, b: &T) -> bool {
+        format!("{a:?}") != format!("{b:?}")
+    }
+    let mut limits = new.limits.clone();
+    limits.max_connections_per_core = running.limits.max_connections_per_core;
+    limits.max_inflight_per_connection = running.limits.max_inflight_per_connection;
+    [
+        ("server", differs(&running.server, &new.server)),
+        ("store", differs(&running.store, &new.store)),
+        (
+            "seal",
+            differs(&running.seal, &new.seal) || differs(&running.seal_timing, &new.seal_timing),
+        ),
+        ("audit", differs(&running.audit, &new.audit)),
+        (
+            "limits (other than max_connections_per_core, max_inflight_per_connection, rate_limit)",
+            differs(&running.limits, &limits),
+        ),
+    ]
+    .into_iter()
+    .filter_map(|(section, changed)| changed.then_some(section))
+    .collect()
+}
+
+/// Logs the server certificate in force.
+fn log_certificate(
+    tls: &crate::config::Tls,
+    certificate: &crate::tls::CertificateInfo,
+    when: &str,
+) {
+    tracing::info!(
+        when,
+        cert = %tls.cert.display(),
+        subject = %certificate.subject,
+        serial = %certificate.serial,
+        not_after = certificate.not_after,
+        "server certificate"
+    );
 }
 
 /// A thread that waits for SIGHUP (blocked in every other thread, since it is blocked

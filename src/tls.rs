@@ -24,6 +24,18 @@ pub enum TlsError {
     NoIdentity(&'static str),
     #[error("certificate generation: {0}")]
     Generate(String),
+    #[error("{key} is not the private key of the certificate in {cert}: the two do not belong together (tls.cert, tls.key); install the key the certificate was issued for")]
+    KeyMismatch { cert: PathBuf, key: String },
+    #[error("{0}")]
+    KeySource(String),
+    #[error("{path}: the certificate \"{subject}\" {problem} (valid from {not_before} until {not_after}); install a current certificate and start again, or reload")]
+    Validity {
+        path: PathBuf,
+        subject: String,
+        problem: &'static str,
+        not_before: String,
+        not_after: String,
+    },
 }
 
 /// The crypto provider custody uses everywhere: ring, TLS 1.3 suites only.
@@ -63,12 +75,115 @@ fn roots(path: &Path) -> Result<rustls::RootCertStore, TlsError> {
     Ok(roots)
 }
 
+/// A certificate expiring sooner than this is logged as a warning at start and on every
+/// reload (and `custody_tls_certificate_expiry_timestamp_seconds` lets an alert say so).
+pub const CERTIFICATE_EXPIRY_WARNING_S: i64 = 30 * 24 * 3600;
+
+/// The server's certificate, as the logs and metrics describe it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CertificateInfo {
+    pub subject: String,
+    /// Hex, as `openssl x509 -serial` prints it.
+    pub serial: String,
+    /// Unix seconds.
+    pub not_after: i64,
+}
+
+/// The server's TLS configuration and what its certificate is.
+pub struct ServerTls {
+    pub config: Arc<rustls::ServerConfig>,
+    pub certificate: CertificateInfo,
+}
+
+/// `unix` (seconds) as an RFC 2822-like UTC date, as the certificate's own fields print.
+pub fn format_unix(unix: i64) -> String {
+    x509_parser::time::ASN1Time::from_timestamp(unix)
+        .map(|t| t.to_string())
+        .unwrap_or_else(|_| unix.to_string())
+}
+
+/// The validity of a DER certificate at `now` (Unix seconds): its description, or why it
+/// is not valid.
+fn check_validity(
+    path: &Path,
+    cert: &CertificateDer<'_>,
+    now: i64,
+) -> Result<CertificateInfo, TlsError> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref())
+        .map_err(|e| file_err(path, format!("certificate does not parse: {e}")))?;
+    let validity = parsed.validity();
+    let (from, until) = (
+        validity.not_before.timestamp(),
+        validity.not_after.timestamp(),
+    );
+    let subject = parsed.subject().to_string();
+    let problem = if now < from {
+        Some("is not valid yet")
+    } else if now > until {
+        Some("has expired")
+    } else {
+        None
+    };
+    if let Some(problem) = problem {
+        return Err(TlsError::Validity {
+            path: path.to_owned(),
+            subject,
+            problem,
+            not_before: validity.not_before.to_string(),
+            not_after: validity.not_after.to_string(),
+        });
+    }
+    Ok(CertificateInfo {
+        subject,
+        serial: parsed.raw_serial_as_string().replace(':', ""),
+        not_after: until,
+    })
+}
+
+/// The client CA bundle, refused when none of its certificates is valid now (no client
+/// could connect); an expired one beside valid ones is only logged.
+fn client_roots(path: &Path, now: i64) -> Result<rustls::RootCertStore, TlsError> {
+    let certs = read_certs(path)?;
+    let mut valid = 0;
+    let mut first_problem = None;
+    for cert in &certs {
+        match check_validity(path, cert, now) {
+            Ok(_) => valid += 1,
+            Err(e) => {
+                tracing::warn!(error = %e, "a certificate of tls.client_ca is not valid now");
+                first_problem.get_or_insert(e);
+            }
+        }
+    }
+    if valid == 0 {
+        if let Some(e) = first_problem {
+            return Err(e);
+        }
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in certs {
+        roots.add(cert).map_err(|e| file_err(path, e))?;
+    }
+    Ok(roots)
+}
+
 /// The server configuration: TLS 1.3 only, client certificates verified against
-/// `client_ca` (required unless `require_client_cert` is false).
-pub fn server_config(tls: &crate::config::Tls) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+/// `client_ca` (required unless `require_client_cert` is false). Refused, with the file
+/// and the fix, when the server certificate is expired or not yet valid, when the key is
+/// not the certificate's, or when no client CA certificate is valid; a certificate
+/// expiring within [`CERTIFICATE_EXPIRY_WARNING_S`] is logged.
+pub fn server_config(tls: &crate::config::Tls) -> Result<ServerTls, TlsError> {
+    server_config_at(tls, crate::audit::now_ms() as i64 / 1000)
+}
+
+/// [`server_config`] at `now` (Unix seconds).
+pub fn server_config_at(tls: &crate::config::Tls, now: i64) -> Result<ServerTls, TlsError> {
     let provider = provider();
+    let chain = read_certs(&tls.cert)?;
+    let certificate = check_validity(&tls.cert, &chain[0], now)?;
+    let key = read_key(&tls.key.path().map_err(TlsError::KeySource)?)?;
     let mut verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-        Arc::new(roots(&tls.client_ca)?),
+        Arc::new(client_roots(&tls.client_ca, now)?),
         provider.clone(),
     );
     if !tls.require_client_cert {
@@ -80,8 +195,26 @@ pub fn server_config(tls: &crate::config::Tls) -> Result<Arc<rustls::ServerConfi
     let config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(read_certs(&tls.cert)?, read_key(&tls.key)?)?;
-    Ok(Arc::new(config))
+        .with_single_cert(chain, key)
+        .map_err(|e| match e {
+            rustls::Error::InconsistentKeys(_) => TlsError::KeyMismatch {
+                cert: tls.cert.clone(),
+                key: tls.key.to_string(),
+            },
+            e => TlsError::Config(e),
+        })?;
+    if certificate.not_after - now < CERTIFICATE_EXPIRY_WARNING_S {
+        tracing::warn!(
+            cert = %tls.cert.display(),
+            subject = %certificate.subject,
+            days_left = (certificate.not_after - now) / 86_400,
+            "the server certificate expires soon: install a new one and reload (systemctl reload custodyd)"
+        );
+    }
+    Ok(ServerTls {
+        config: Arc::new(config),
+        certificate,
+    })
 }
 
 /// The requester named by a verified client certificate.

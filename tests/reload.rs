@@ -1,6 +1,8 @@
 //! SIGHUP and `custody policy reload` (POLICY_RELOAD) reload the policy (roles, rate
-//! limits, asset groups, regions) without a restart, whole or not at all: connections stay
-//! up, a bad file leaves the policy in force, and a region brought back keeps its switch.
+//! limits, asset groups, regions), the TLS certificate and key and the connection limits
+//! without a restart, whole or not at all: connections stay up, a bad file (or an expired
+//! certificate, or a key that is not the certificate's) leaves everything in force, and a
+//! region brought back keeps its switch.
 
 mod common;
 
@@ -53,7 +55,7 @@ fn sighup_reloads_the_policy_whole_or_not_at_all_on_live_connections() {
     app.reconfigure("[policy]\nderivers = [{ identity = \"test-client\", purposes = [\"GAMBLING\"], regions = [\"US-EAST\"] }]\n");
     sighup(&app);
     let deadline = Instant::now() + Duration::from_secs(5);
-    while !app.log().contains("policy not reloaded") {
+    while !app.log().contains("configuration not reloaded") {
         assert!(
             Instant::now() < deadline,
             "no refusal logged:\n{}",
@@ -251,4 +253,126 @@ fn a_reload_needing_more_region_slots_than_remain_is_refused_whole() {
     assert!(listed
         .iter()
         .all(|(name, on)| name.starts_with("R3-") && *on));
+}
+
+/// Waits until `what` is in the appliance's log (5 s at most).
+fn wait_for_log(app: &TestAppliance, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !app.log().contains(what) {
+        assert!(
+            Instant::now() < deadline,
+            "{what:?} not logged:\n{}",
+            app.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The value of a metric without labels on /metrics.
+fn gauge(app: &TestAppliance, name: &str) -> Option<f64> {
+    let (_, body) = common::http_get(app.admin, "/metrics");
+    body.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} "))?.parse().ok())
+}
+
+/// A client of `app` that trusts only the CA in `ca` (the test client's own certificate
+/// and key, which the appliance's client CA issued).
+fn client_trusting(app: &TestAppliance, ca: &std::path::Path) -> custody::client::ClientConfig {
+    custody::client::ClientConfig {
+        ca: ca.to_owned(),
+        ..app.client_config()
+    }
+}
+
+fn copy_over(from: &std::path::Path, to: &std::path::Path) {
+    // Written beside and renamed, as a deployment tool would, so custodyd never reads
+    // half a file.
+    let tmp = to.with_extension("new");
+    std::fs::copy(from, &tmp).unwrap();
+    std::fs::rename(&tmp, to).unwrap();
+}
+
+#[test]
+fn sighup_puts_a_new_certificate_in_force_for_new_connections_while_open_ones_keep_working() {
+    let mut app = TestAppliance::start();
+    let rt = runtime();
+    let old = rt.block_on(Client::connect(&app.client_config())).unwrap();
+    let a = asset(9_300);
+    rt.block_on(old.register(a)).unwrap();
+    assert_eq!(derive_in(&old, &rt, a, "US-EAST"), None);
+    assert_eq!(gauge(&app, "custody_tls_generation"), Some(1.0));
+    let old_ca = app.certs().join("ca.pem");
+
+    // A new server certificate and key from another CA (the clients' CA stays), and a
+    // lower connection limit, put in place and reloaded.
+    let next = tempfile::tempdir().unwrap();
+    let new = custody::tls::write_dev_certs(next.path(), "unused").unwrap();
+    copy_over(&new.server_cert, &app.certs().join("server.pem"));
+    copy_over(&new.server_key, &app.certs().join("server.key"));
+    app.reconfigure("[limits]\nmax_inflight_per_connection = 7\n");
+    sighup(&app);
+    wait_for_log(&app, "configuration reloaded");
+    assert_eq!(gauge(&app, "custody_tls_generation"), Some(2.0));
+
+    // New connections see the new certificate: a client trusting only the new CA gets
+    // in, one trusting only the old CA is refused in the handshake.
+    let fresh = rt
+        .block_on(Client::connect(&client_trusting(&app, &new.ca_cert)))
+        .expect("the new certificate is shown to new connections");
+    let hello = rt.block_on(fresh.hello()).unwrap();
+    assert_eq!(
+        hello.max_inflight_per_connection, 7,
+        "the new limit is announced"
+    );
+    assert_eq!(derive_in(&fresh, &rt, a, "US-EAST"), None);
+    let refused = rt.block_on(async {
+        match Client::connect(&client_trusting(&app, &old_ca)).await {
+            Ok(c) => c.hello().await.map(|_| ()),
+            Err(e) => Err(e),
+        }
+    });
+    assert!(refused.is_err(), "the old certificate is still shown");
+
+    // The connection opened before the reload keeps working, on the old certificate.
+    for _ in 0..3 {
+        assert_eq!(derive_in(&old, &rt, a, "US-EAST"), None);
+    }
+
+    // A key that is not the certificate's is refused whole: the policy change in the
+    // same file is not applied, the certificate in force stays, and the log says why.
+    let other = tempfile::tempdir().unwrap();
+    let wrong = custody::tls::write_dev_certs(other.path(), "unused").unwrap();
+    copy_over(&wrong.server_key, &app.certs().join("server.key"));
+    app.reconfigure(NO_OPERATOR);
+    sighup(&app);
+    wait_for_log(&app, "configuration not reloaded");
+    assert!(
+        app.log()
+            .contains("is not the private key of the certificate"),
+        "{}",
+        app.log()
+    );
+    assert_eq!(gauge(&app, "custody_tls_generation"), Some(2.0));
+    rt.block_on(old.register(asset(9_301)))
+        .expect("the operator role the refused file took away is still in force");
+    let again = rt
+        .block_on(Client::connect(&client_trusting(&app, &new.ca_cert)))
+        .unwrap();
+    rt.block_on(again.hello()).unwrap();
+    assert!(app.is_running());
+}
+
+#[test]
+fn a_reload_names_the_changes_that_take_a_restart() {
+    let mut app = TestAppliance::start();
+    app.reconfigure("[limits]\nmax_frame_body_bytes = 8192\n[audit]\nreconcile_interval_s = 0\n");
+    sighup(&app);
+    wait_for_log(&app, "read only at start");
+    let log = app.log();
+    assert!(
+        log.contains("audit") && log.contains("limits (other than"),
+        "{log}"
+    );
+    assert!(!log.contains("sections=\"server"), "{log}");
+    assert!(app.is_running());
 }

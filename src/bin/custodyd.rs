@@ -101,8 +101,28 @@ fn real_main() -> anyhow::Result<i32> {
                             share_set_file.display()
                         ),
                     };
+                    // The TLS files as the start will read them (skipped for a key held as
+                    // a systemd credential outside the unit, where it cannot be read).
+                    let credential_elsewhere =
+                        matches!(c.tls.key, custody::config::KeySource::Credential(_))
+                            && std::env::var_os("CREDENTIALS_DIRECTORY").is_none();
+                    let tls = if credential_elsewhere {
+                        format!("tls key {} not checked outside the unit", c.tls.key)
+                    } else {
+                        match custody::tls::server_config(&c.tls) {
+                            Ok(t) => format!(
+                                "certificate \"{}\" until {}",
+                                t.certificate.subject,
+                                custody::tls::format_unix(t.certificate.not_after)
+                            ),
+                            Err(e) => {
+                                eprintln!("{}: tls: {e}", file.display());
+                                return Ok(2);
+                            }
+                        }
+                    };
                     println!(
-                        "{}: ok (listen {}, {} cores, store {store}, seal {seal})",
+                        "{}: ok (listen {}, {} cores, store {store}, seal {seal}, {tls})",
                         file.display(),
                         c.server.listen,
                         c.server.cores,
