@@ -148,6 +148,7 @@ pub fn run_with_reload(
             cell: policy.clone(),
             settings: settings.clone(),
             running: std::sync::Mutex::new(config.clone()),
+            cpus: cpus.clone(),
             switch: regions.clone(),
             one_at_a_time: std::sync::Mutex::new(()),
             requested: std::sync::atomic::AtomicBool::new(false),
@@ -804,6 +805,9 @@ pub struct Reloader {
     /// The configuration as started, with the reloaded parts as last put in force: what
     /// a reload compares the file with to name the changes that need a restart.
     running: std::sync::Mutex<Config>,
+    /// The CPUs the process may use: a reload runs on them, not pinned to the CPU of the
+    /// executor that spawned its thread (where `server.cores = 0` would resolve to 1).
+    cpus: Vec<usize>,
     switch: Arc<crate::regions::RegionSwitch>,
     one_at_a_time: std::sync::Mutex<()>,
     /// An admin's POLICY_RELOAD is running (at most one thread for requests at a time).
@@ -883,6 +887,7 @@ impl Reloader {
 
     fn reload_quietly(&self) -> Result<ReloadReport, String> {
         let _one = self.one_at_a_time.lock().unwrap_or_else(|p| p.into_inner());
+        crate::preflight::allow_cpus(&self.cpus);
         let new =
             crate::config::load(&self.file).map_err(|e| e.to_string().trim_end().to_owned())?;
         // Everything is read and checked before anything is put in force.
@@ -907,8 +912,8 @@ impl Reloader {
         let identities = access.identities();
         let asset_groups = access.asset_groups().len();
         let certificate = settings.certificate.clone();
-        let generation = self.cell.replace(access);
         self.settings.replace(settings);
+        let generation = self.cell.replace(access);
         running.policy = new.policy;
         running.tls = new.tls;
         running.limits.max_connections_per_core = new.limits.max_connections_per_core;

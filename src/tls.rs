@@ -79,6 +79,10 @@ fn roots(path: &Path) -> Result<rustls::RootCertStore, TlsError> {
 /// reload (and `custody_tls_certificate_expiry_timestamp_seconds` lets an alert say so).
 pub const CERTIFICATE_EXPIRY_WARNING_S: i64 = 30 * 24 * 3600;
 
+/// How far ahead of this host's clock a certificate's start of validity may be: clock
+/// skew between the issuer and this host.
+pub const NOT_BEFORE_SKEW_S: i64 = 300;
+
 /// The server's certificate, as the logs and metrics describe it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CertificateInfo {
@@ -117,7 +121,16 @@ fn check_validity(
         validity.not_after.timestamp(),
     );
     let subject = parsed.subject().to_string();
-    let problem = if now < from {
+    // A certificate issued moments ago on a host whose clock is a little behind (or a
+    // boot before the clock is synchronised) is accepted, and said so.
+    if now < from && now + NOT_BEFORE_SKEW_S >= from {
+        tracing::warn!(
+            path = %path.display(),
+            seconds_early = from - now,
+            "the certificate is not valid yet by this host's clock, within the tolerated skew: check the clock (NTP)"
+        );
+    }
+    let problem = if now + NOT_BEFORE_SKEW_S < from {
         Some("is not valid yet")
     } else if now > until {
         Some("has expired")

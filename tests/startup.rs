@@ -127,12 +127,20 @@ fn a_low_memlock_limit_stops_the_start_with_the_value_needed_and_the_systemd_lin
 }
 
 fn one_cpu() -> std::io::Result<()> {
-    // SAFETY: a zeroed cpu_set_t is empty; CPU_SET adds CPU 0; the call pins this (child)
-    // process before it execs custodyd.
+    // SAFETY: the mask is read, reduced to its first CPU and set on this (child) process
+    // before it execs custodyd; zeroed cpu_set_t values are empty sets.
     unsafe {
+        let size = std::mem::size_of::<libc::cpu_set_t>();
+        let mut now: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, size, &mut now) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let first = (0..libc::CPU_SETSIZE as usize)
+            .find(|&c| libc::CPU_ISSET(c, &now))
+            .ok_or_else(|| std::io::Error::other("no CPU in the mask"))?;
         let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(0, &mut set);
-        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+        libc::CPU_SET(first, &mut set);
+        if libc::sched_setaffinity(0, size, &set) != 0 {
             return Err(std::io::Error::last_os_error());
         }
     }
@@ -141,12 +149,12 @@ fn one_cpu() -> std::io::Result<()> {
 
 #[test]
 fn fewer_cpus_than_configured_cores_stops_the_start_with_the_fix() {
-    // The test config asks for 2 cores; the process may use only CPU 0.
+    // The test config asks for 2 cores; the process may use only one CPU.
     let app = TestAppliance::prepare_with("");
     let (code, log) = start_expecting_exit(&app, one_cpu);
     assert_eq!(code, 2, "{log}");
     assert!(
-        log.contains("server.cores is 2 but this process may run on only 1 CPU(s) (0)"),
+        log.contains("server.cores is 2 but this process may run on only 1 CPU(s) ("),
         "{log}"
     );
     assert!(log.contains("CPUAffinity="), "{log}");

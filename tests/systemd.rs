@@ -269,3 +269,113 @@ fn the_unit_passes_systemd_analyze_verify() {
         .collect();
     assert!(out.status.success() && ours.is_empty(), "{text}");
 }
+
+/// `appliance/install.sh --root STAGE --no-system` lays out the binaries, the unit, the
+/// configuration and the state directory with their modes; a second run keeps an edited
+/// configuration; the installed reference configuration passes `custodyd check-config`
+/// once TLS files are in place. As root with the services required (CI), it also runs
+/// with the system steps (the user `custody`, ownership) into a staging root.
+#[test]
+fn install_sh_lays_out_the_appliance_and_keeps_an_edited_config() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/appliance/install.sh");
+    let bins = std::path::Path::new(env!("CARGO_BIN_EXE_custodyd"))
+        .parent()
+        .unwrap()
+        .to_owned();
+    let custody_bin = bins.join("custody");
+    if !custody_bin.exists() {
+        // `cargo test` builds every binary of the package; this only guards a partial build.
+        panic!("{} was not built", custody_bin.display());
+    }
+    let install = |stage: &std::path::Path, system: bool| {
+        let mut cmd = std::process::Command::new("bash");
+        cmd.arg(script)
+            .arg("--root")
+            .arg(stage)
+            .arg("--bin-from")
+            .arg(&bins);
+        if !system {
+            cmd.arg("--no-system");
+        }
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+
+    let stage = tempfile::tempdir().unwrap();
+    let s = stage.path();
+    let said = install(s, false);
+    assert!(said.contains("init ceremony"), "{said}");
+    assert_eq!(mode(&s.join("usr/local/bin/custodyd")), 0o755);
+    assert_eq!(mode(&s.join("usr/local/bin/custody")), 0o755);
+    assert_eq!(mode(&s.join("etc/custody")), 0o750);
+    assert_eq!(mode(&s.join("etc/custody/custody.toml")), 0o640);
+    assert_eq!(mode(&s.join("var/lib/custody")), 0o700);
+    assert_eq!(
+        std::fs::read_to_string(s.join("etc/systemd/system/custodyd.service")).unwrap(),
+        std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/systemd/custodyd.service"
+        ))
+        .unwrap()
+    );
+    for f in [
+        "usr/share/custody/prometheus/alerts.yml",
+        "usr/share/custody/grafana/custody.json",
+        "usr/share/custody/audit_verify.py",
+        "usr/share/custody/sql/postgres/0001_init.sql",
+        "usr/share/doc/custody/operations.md",
+    ] {
+        assert!(s.join(f).is_file(), "{f} not installed");
+    }
+
+    // An operator's edit survives a reinstall; the reference goes beside it.
+    let config = s.join("etc/custody/custody.toml");
+    let edited = std::fs::read_to_string(&config).unwrap() + "\n# edited by the operator\n";
+    std::fs::write(&config, &edited).unwrap();
+    install(s, false);
+    assert_eq!(std::fs::read_to_string(&config).unwrap(), edited);
+    assert!(s.join("etc/custody/custody.toml.new").is_file());
+
+    // The reference configuration, with TLS files where it names them, checks clean.
+    let certs = custody::tls::write_dev_certs(&s.join("etc/custody"), "unused").unwrap();
+    assert_eq!(certs.server_cert, s.join("etc/custody/server.pem"));
+    let out = std::process::Command::new(s.join("usr/local/bin/custodyd"))
+        .arg("check-config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if root && std::env::var_os("CUSTODY_REQUIRE_SERVICES").is_some() {
+        let stage = tempfile::tempdir().unwrap();
+        install(stage.path(), true);
+        let passwd = std::fs::read_to_string("/etc/passwd").unwrap();
+        let user = passwd
+            .lines()
+            .find(|l| l.starts_with("custody:"))
+            .expect("the user custody was made");
+        assert!(user.ends_with(":/usr/sbin/nologin"), "{user}");
+        let uid: u32 = user.split(':').nth(2).unwrap().parse().unwrap();
+        let state = std::fs::metadata(stage.path().join("var/lib/custody")).unwrap();
+        assert_eq!((state.uid(), state.mode() & 0o7777), (uid, 0o700));
+        let etc = std::fs::metadata(stage.path().join("etc/custody")).unwrap();
+        assert_eq!((etc.uid(), etc.mode() & 0o7777), (0, 0o750));
+    } else {
+        eprintln!("the system steps (user, ownership) run only as root in CI");
+    }
+}
