@@ -48,17 +48,35 @@ fn check_config_reports_every_problem_with_its_key() {
     ] {
         assert!(stderr.contains(key), "{key} missing from:\n{stderr}");
     }
-    let good = Command::new(env!("CARGO_BIN_EXE_custodyd"))
-        .arg("check-config")
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/appliance/custody.toml"
-        ))
-        .output()
-        .unwrap();
+    // The reference config checks clean once the TLS files it names are beside it (it
+    // checks the files too: they are read as the start would read them).
+    let etc = tempfile::tempdir().unwrap();
+    let reference = etc.path().join("custody.toml");
+    std::fs::copy(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/appliance/custody.toml"),
+        &reference,
+    )
+    .unwrap();
+    let check = || {
+        Command::new(env!("CARGO_BIN_EXE_custodyd"))
+            .arg("check-config")
+            .arg(&reference)
+            .output()
+            .unwrap()
+    };
+    let missing = check();
+    assert_eq!(missing.status.code(), Some(2));
     assert!(
-        good.status.success(),
+        String::from_utf8_lossy(&missing.stderr).contains("server.pem"),
         "{}",
+        String::from_utf8_lossy(&missing.stderr)
+    );
+    custody::tls::write_dev_certs(etc.path(), "unused").unwrap();
+    let good = check();
+    let said = String::from_utf8_lossy(&good.stdout);
+    assert!(
+        good.status.success() && said.contains("certificate \"CN=custody\" until"),
+        "{said}{}",
         String::from_utf8_lossy(&good.stderr)
     );
 }
