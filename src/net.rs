@@ -512,7 +512,7 @@ fn policy_reload(
         |problems| {
             Refusal::new(
                 Status::PolicyInvalid,
-                format!("policy not reloaded, the policy in force is unchanged: {problems}"),
+                format!("configuration not reloaded; the policy, TLS certificate and limits in force are unchanged: {problems}"),
             )
         },
         // No thread for it: nothing was read or changed.
