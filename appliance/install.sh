@@ -114,6 +114,8 @@ done
 put 0755 root:root "$here/appliance/audit_verify.py" "$root/usr/share/custody/audit_verify.py"
 put 0755 root:root "$here/appliance/softhsm2-provision.sh" "$root/usr/share/custody/softhsm2-provision.sh"
 put 0644 root:root "$here/appliance/custody.toml" "$root/usr/share/custody/custody.toml.reference"
+dir 0755 root:root "$root/usr/share/custody/systemd"
+put 0644 root:root "$here/systemd/credentials.conf" "$root/usr/share/custody/systemd/credentials.conf"
 
 dir 0755 root:root "$root/usr/share/doc/custody"
 for f in "$here"/docs/*.md; do
@@ -128,7 +130,8 @@ cat <<EOF
 custody is installed${root:+ under $root}. Before \`systemctl enable --now custodyd\`:
   1. the HSM token and PIN (docs/operations.md, "The HSM and the root seed";
      /usr/share/custody/softhsm2-provision.sh for SoftHSM2), the PIN as a credential
-     (systemctl edit custodyd: LoadCredential=custody-pin:/etc/custody/hsm.pin);
+     (the drop-in /usr/share/custody/systemd/credentials.conf, copied to
+     /etc/systemd/system/custodyd.service.d/);
   2. the server certificate, key and client CA in /etc/custody (server.pem,
      server.key mode 0640 root:custody, ca.pem), named in /etc/custody/custody.toml;
   3. the init ceremony: sudo -u custody custody init --config /etc/custody/custody.toml;

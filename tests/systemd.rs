@@ -245,6 +245,19 @@ fn the_unit_passes_systemd_analyze_verify() {
     ))
     .unwrap();
     assert!(unit.contains("Type=notify") && unit.contains("WatchdogSec="));
+    // With the credentials drop-in's [Service] lines added, as `systemctl edit` merges them.
+    let dropin = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/systemd/credentials.conf"
+    ))
+    .unwrap();
+    let credentials: String = dropin
+        .lines()
+        .filter(|l| l.starts_with("LoadCredential="))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert_eq!(credentials.lines().count(), 2, "{dropin}");
+    let unit = unit.replace("[Install]", &format!("{credentials}\n[Install]"));
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("custodyd.service");
     std::fs::write(
