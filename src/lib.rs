@@ -74,8 +74,8 @@ pub mod wire;
 
 /// The synchronisation primitives [`regions`] is written against (loom swaps these).
 pub(crate) mod sync {
-    pub use std::sync::atomic::{AtomicBool, Ordering};
-    pub use std::sync::{Mutex, MutexGuard};
+    pub use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    pub use std::sync::{Arc, Mutex, MutexGuard};
 }
 
 /// Helpers shared by the unit tests of several modules.

@@ -5,10 +5,12 @@
 //! generation counter forward; each core keeps its own copy and takes the new one only
 //! when the generation moved, so the read path costs one atomic load and touches no
 //! reference count or lock shared by the cores.
+//!
+//! Written against `super::sync`, so that `loom-tests/` compiles this file with loom's
+//! primitives and models the hand-off (`loom-tests/tests/published.rs`).
 
+use super::sync::{Arc, AtomicU64, Mutex, Ordering};
 use std::cell::RefCell;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 
 /// The value in force, shared by every core.
 pub struct Published<T> {

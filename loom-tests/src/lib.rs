@@ -18,3 +18,6 @@ pub mod slot;
 
 #[path = "../../src/regions.rs"]
 pub mod regions;
+
+#[path = "../../src/published.rs"]
+pub mod published;
