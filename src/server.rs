@@ -135,6 +135,11 @@ pub fn run_with_reload(
     let notifier = Arc::new(crate::systemd::Notifier::from_env());
     // The host first: io_uring, RLIMIT_MEMLOCK and the CPUs, each with its fix.
     let cpus = crate::preflight::check_host(config.server.cores, EXECUTOR_IO_MEMORY_BYTES as u64)?;
+    // From here a SIGTERM stops the start at once (an HSM or a store that does not
+    // answer can hold it for minutes); once the cores start, it drains them.
+    let (events, ready) = mpsc::channel();
+    let cores_started = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    spawn_stop_signal_thread(stop_signals, events.clone(), cores_started.clone());
     notifier.status("starting: unsealing and loading the shards");
     let policy = Arc::new(crate::policy::PolicyCell::new(config.policy.access.clone()));
     let regions = Arc::new(crate::regions::RegionSwitch::new(&config.policy.regions));
@@ -180,8 +185,6 @@ pub fn run_with_reload(
         _ => SeedCache::start(crate::seal::provider(&config.seal), config.seal_timing)?,
     };
     let cores = config.server.cores;
-    let (events, ready) = mpsc::channel();
-    spawn_stop_signal_thread(stop_signals, events.clone());
     let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let store: Arc<dyn Store> = match &config.store.backend {
         StoreBackend::Sqlite { path } => Arc::new(SqliteStore::open(
@@ -255,6 +258,7 @@ pub fn run_with_reload(
         metrics: metrics.clone(),
         auditor,
     };
+    cores_started.store(true, std::sync::atomic::Ordering::Release);
     let mut handles = Vec::with_capacity(cores);
     for core in 0..cores {
         // Executor i on the i-th CPU this process may use (its affinity mask need not
@@ -513,7 +517,11 @@ fn block_stop_signals() -> libc::sigset_t {
 
 /// A thread that waits for SIGTERM and SIGINT and tells the main thread (a counted
 /// event each, so the second forces the stop).
-fn spawn_stop_signal_thread(set: libc::sigset_t, events: mpsc::Sender<CoreEvent>) {
+fn spawn_stop_signal_thread(
+    set: libc::sigset_t,
+    events: mpsc::Sender<CoreEvent>,
+    cores_started: Arc<std::sync::atomic::AtomicBool>,
+) {
     let spawned = std::thread::Builder::new()
         .name("custody-signals".into())
         .spawn(move || {
@@ -530,6 +538,19 @@ fn spawn_stop_signal_thread(set: libc::sigset_t, events: mpsc::Sender<CoreEvent>
                 } else {
                     "SIGTERM"
                 };
+                if !cores_started.load(std::sync::atomic::Ordering::Acquire) {
+                    // Unsealing, opening or taking over the store: nothing was served and
+                    // nothing acknowledged. Exit now, without running exit handlers
+                    // (the main thread may be inside the HSM's library); the kernel
+                    // discards the process's memory.
+                    tracing::warn!(
+                        signal = name,
+                        "stopped during start-up, before any core served: nothing was acknowledged"
+                    );
+                    // SAFETY: _exit ends the process at once; nothing is left to flush
+                    // (the log writes unbuffered to stderr).
+                    unsafe { libc::_exit(0) };
+                }
                 if events.send(CoreEvent::Stop { signal: name, n }).is_err() {
                     return;
                 }

@@ -392,3 +392,53 @@ fn install_sh_lays_out_the_appliance_and_keeps_an_edited_config() {
         eprintln!("the system steps (user, ownership) run only as root in CI");
     }
 }
+
+/// A SIGTERM while the start waits on a store that does not answer (here: a server that
+/// accepts the connection and says nothing) stops the process at once with status 0,
+/// instead of after the start gives up: nothing was served, nothing acknowledged.
+#[test]
+fn sigterm_during_a_stuck_start_up_exits_at_once() {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let held = std::thread::spawn(move || {
+        // Accept and hold the connections, never answering.
+        let mut open = Vec::new();
+        for stream in silent.incoming().take(4) {
+            match stream {
+                Ok(s) => open.push(s),
+                Err(_) => break,
+            }
+        }
+        std::thread::sleep(Duration::from_secs(30));
+        drop(open);
+    });
+    let mut app = TestAppliance::prepare_with(&format!(
+        "[store]\nbackend = \"postgres\"\npostgres_host = \"127.0.0.1\"\npostgres_port = {port}\npostgres_user = \"nobody\"\npostgres_dbname = \"nothing\"\n"
+    ));
+    app.set_log("info", "text");
+    app.spawn_only();
+    // The start is stuck on the store: still running well after a start takes.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        app.is_running(),
+        "the start did not wait on the store:\n{}",
+        app.log()
+    );
+    let sent = Instant::now();
+    sigterm(&app);
+    let status = app
+        .wait_exit(Duration::from_secs(5))
+        .unwrap_or_else(|| panic!("still running 5 s after SIGTERM:\n{}", app.log()));
+    assert!(
+        sent.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        sent.elapsed()
+    );
+    assert_eq!(status.code(), Some(0), "{}", app.log());
+    assert!(
+        app.log().contains("stopped during start-up"),
+        "{}",
+        app.log()
+    );
+    drop(held);
+}

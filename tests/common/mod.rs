@@ -163,18 +163,7 @@ impl TestAppliance {
 
     /// Starts custodyd and waits until it answers HELLO over TLS.
     pub fn launch(&mut self) {
-        let log = std::fs::File::create(self.dir.path().join("custodyd.log")).expect("log");
-        let child = Command::new(env!("CARGO_BIN_EXE_custodyd"))
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .arg("run")
-            .arg("--config")
-            .arg(self.config_path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn custodyd");
-        self.child = Some(child);
+        self.spawn_only();
         let deadline = Instant::now() + Duration::from_secs(30);
         let rt = runtime();
         loop {
@@ -201,6 +190,22 @@ impl TestAppliance {
             );
             std::thread::sleep(Duration::from_millis(25));
         }
+    }
+
+    /// Starts custodyd without waiting for it to serve.
+    pub fn spawn_only(&mut self) {
+        let log = std::fs::File::create(self.dir.path().join("custodyd.log")).expect("log");
+        let child = Command::new(env!("CARGO_BIN_EXE_custodyd"))
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .arg("run")
+            .arg("--config")
+            .arg(self.config_path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn custodyd");
+        self.child = Some(child);
     }
 
     /// Runs `custodyd ARGS --config <this config>` to completion.
