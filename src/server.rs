@@ -337,20 +337,12 @@ pub fn run_with_reload(
         },
         "custodyd serving"
     );
-    let sealed = !matches!(
-        key.status().state,
-        crate::seal::cache::SealState::Unsealed
-            | crate::seal::cache::SealState::ServingStale { .. }
+    let serving = format!(
+        "serving on {} with {cores} shards, {total_assets} assets",
+        config.server.listen
     );
-    notifier.ready(&format!(
-        "serving on {} with {cores} shards, {total_assets} assets{}",
-        config.server.listen,
-        if sealed {
-            "; sealed: waiting for unseal"
-        } else {
-            ""
-        }
-    ));
+    let mut status = status_line(&serving, &key.status().state);
+    notifier.ready(&status);
     if let Some(every) = crate::systemd::watchdog_interval() {
         // Pings only while every core keeps publishing its figures (/healthz).
         let registry = metrics.clone();
@@ -371,7 +363,20 @@ pub fn run_with_reload(
     // cases the process exits without acknowledging anything more (every commit is
     // refused already).
     let first = loop {
-        match ready.recv() {
+        let event = match ready.recv_timeout(STATUS_REFRESH) {
+            Ok(event) => Ok(event),
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                // The status line follows the seal state (`systemctl status`).
+                let now = status_line(&serving, &key.status().state);
+                if now != status {
+                    notifier.status(&now);
+                    status = now;
+                }
+                continue;
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => Err(()),
+        };
+        match event {
             Ok(CoreEvent::Failed { core, reason }) => {
                 return Err(ServerError::Core { core, reason })
             }
@@ -392,6 +397,24 @@ pub fn run_with_reload(
     drain(
         first, &config, &notifier, &draining, &metrics, &ready, cores, &key,
     )
+}
+
+/// How often the main thread checks the seal state for systemd's status line.
+const STATUS_REFRESH: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// systemd's status line while serving: where, and the seal state when it is not plain
+/// unsealed.
+fn status_line(serving: &str, state: &crate::seal::cache::SealState) -> String {
+    use crate::seal::cache::SealState;
+    let seal = match state {
+        SealState::Unsealed => "",
+        SealState::Sealed { .. } => "; sealed: waiting for unseal",
+        SealState::Unsealing { .. } => "; unsealing: shares coming in",
+        SealState::ServingStale { .. } => "; serving a stale seed: the HSM does not answer",
+        SealState::SealedByOperator { .. } => "; sealed by an operator",
+        SealState::SealedByFailure { .. } => "; sealed: the HSM failed past the grace period",
+    };
+    format!("{serving}{seal}")
 }
 
 /// Sends `Failed` for its core when dropped armed (the core's future panicked).

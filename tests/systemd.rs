@@ -43,15 +43,35 @@ impl NotifyListener {
         Some(String::from_utf8_lossy(&buf[..n]).into_owned())
     }
 
-    /// Messages until one contains `what` (returned), failing after `limit`.
+    /// Messages until one has a line containing `what` (that line), failing after `limit`.
+    fn until_containing(&self, what: &str, limit: Duration, seen: &mut Vec<String>) -> String {
+        let message = self.until_line(|l| l.contains(what), what, limit, seen);
+        message
+            .lines()
+            .find(|l| l.contains(what))
+            .unwrap_or_default()
+            .to_owned()
+    }
+
+    /// Messages until one contains the line `what` (the message), failing after `limit`.
     fn until(&self, what: &str, limit: Duration, seen: &mut Vec<String>) -> String {
+        self.until_line(|l| l == what, what, limit, seen)
+    }
+
+    fn until_line(
+        &self,
+        matches: impl Fn(&str) -> bool,
+        what: &str,
+        limit: Duration,
+        seen: &mut Vec<String>,
+    ) -> String {
         let deadline = Instant::now() + limit;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            assert!(!left.is_zero(), "no {what} within {limit:?}; saw {seen:?}");
+            assert!(!left.is_zero(), "no {what:?} within {limit:?}; saw {seen:?}");
             if let Some(m) = self.next(left) {
                 seen.push(m.clone());
-                if m.lines().any(|l| l == what) {
+                if m.lines().any(&matches) {
                     return m;
                 }
             }
@@ -441,4 +461,26 @@ fn sigterm_during_a_stuck_start_up_exits_at_once() {
         app.log()
     );
     drop(held);
+}
+
+/// The status line follows the seal state while serving: an operator's seal shows in
+/// `systemctl status` within a few seconds.
+#[test]
+fn the_status_line_follows_the_seal_state() {
+    let notify = NotifyListener::new();
+    let mut app = TestAppliance::prepare_with(&format!(
+        "[policy]\n{}admins = [\"test-client\"]\n",
+        common::TEST_ROLES
+    ));
+    app.set_env("NOTIFY_SOCKET", notify.path.to_str().unwrap());
+    app.launch();
+    let mut seen = Vec::new();
+    let ready = notify.until("READY=1", Duration::from_secs(30), &mut seen);
+    assert!(!ready.contains("sealed"), "{ready}");
+    let rt = runtime();
+    let c = rt.block_on(Client::connect(&app.client_config())).unwrap();
+    rt.block_on(c.seal()).unwrap();
+    let status =
+        notify.until_containing("sealed by an operator", Duration::from_secs(10), &mut seen);
+    assert!(status.starts_with("STATUS=serving on "), "{status}");
 }
