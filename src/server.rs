@@ -524,8 +524,8 @@ fn drain(
     }
 }
 
-/// Blocks SIGTERM and SIGINT in the calling thread (and so in every thread it starts
-/// afterwards); [`spawn_stop_signal_thread`] takes them with sigwait.
+/// Blocks SIGTERM, SIGINT and SIGHUP in the calling thread (and so in every thread it starts
+/// afterwards); returns SIGTERM and SIGINT, which [`spawn_stop_signal_thread`] takes with sigwait.
 fn block_stop_signals() -> libc::sigset_t {
     // SAFETY: sigset manipulation on a local set, and pthread_sigmask on this thread.
     let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
@@ -533,7 +533,13 @@ fn block_stop_signals() -> libc::sigset_t {
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGTERM);
         libc::sigaddset(&mut set, libc::SIGINT);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        // SIGHUP too, before any thread starts: a thread that left it unblocked would
+        // take a `systemctl reload` with the default action, which ends the process.
+        // The reload thread sigwaits for it (started without a config file, nothing
+        // does, and SIGHUP is ignored).
+        let mut all = set;
+        libc::sigaddset(&mut all, libc::SIGHUP);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &all, std::ptr::null_mut());
     }
     set
 }
@@ -1020,13 +1026,12 @@ fn log_certificate(
 /// A thread that waits for SIGHUP (blocked in every other thread, since it is blocked
 /// here before the executors start) and reloads the policy.
 fn spawn_sighup_thread(reloader: Arc<Reloader>) {
-    // SAFETY: sigset manipulation on a local set, and pthread_sigmask on this thread; the
-    // threads spawned afterwards inherit the mask, so only the reloader takes SIGHUP.
+    // SAFETY: sigset manipulation on a local set. SIGHUP is blocked in every thread since
+    // `block_stop_signals`, which runs before any thread starts; only this one takes it.
     let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
     unsafe {
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGHUP);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
     }
     let spawned = std::thread::Builder::new()
         .name("custody-reload".into())
