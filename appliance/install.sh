@@ -134,6 +134,9 @@ custody is installed${root:+ under $root}. Before \`systemctl enable --now custo
      /etc/systemd/system/custodyd.service.d/);
   2. the server certificate, key and client CA in /etc/custody (server.pem,
      server.key mode 0640 root:custody, ca.pem), named in /etc/custody/custody.toml;
-  3. the init ceremony: sudo -u custody custody init --config /etc/custody/custody.toml;
+  3. the init ceremony, as the user custody with the PIN credential (operations.md):
+     systemd-run --pty --wait --collect -p User=custody \\
+       -p LoadCredential=custody-pin:/etc/custody/hsm.pin \\
+       /usr/local/bin/custody init --config /etc/custody/custody.toml --print-shares;
   4. custodyd check-config /etc/custody/custody.toml, then systemctl enable --now custodyd.
 EOF
