@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The unit under a real systemd, on a host whose PID 1 is not systemd (CI's sandbox):
 # appliance/install.sh installs custody for real, then systemd boots as PID 1 of its own
-# PID, mount, network, UTS and IPC namespaces (as in a container), with /tmp and /var/tmp
-# private and the units that would change the host (tmpfiles, sysctl, binfmt, sysusers,
-# modules) masked, and starts only custodyd.service (dev seal, embedded store). Checked:
+# PID, mount, network, UTS and IPC namespaces (as in a container), with /tmp, /var/tmp,
+# the journal and /var/lib/systemd private, the units that would change the host masked
+# (tmpfiles, sysctl, binfmt, sysusers, modules, and the host's sockets, timers and paths),
+# and starts only custodyd.service (dev seal, embedded store); the cgroups and /dev/log it
+# made on the host are removed afterwards. Checked:
 #   READY and the status line; a derivation; watchdog pings; `systemctl reload` with a new
 #   certificate (new connections are shown it); `systemctl stop` (drained, exit 0); a
 #   start-up check failing (LimitMEMLOCK=64K: exit 2, not restarted); a frozen process
@@ -11,19 +13,25 @@
 #
 #   sudo .ci/systemd-trial.sh            (needs the release build: cargo build --release)
 #
-# It installs into /usr/local/bin, /etc/custody, /var/lib/custody and /etc/systemd/system
-# and removes them at the end: it refuses to run where custody is installed already.
-# If systemd cannot be booted here at all, it says so and exits 0 (the environment, not
-# custody); any check that fails once systemd runs exits 1.
+# It installs into /usr/local/bin, /etc/custody, /var/lib/custody, /usr/share and
+# /etc/systemd/system and removes them at the end: it refuses to run where any of them
+# exists already. If systemd cannot be booted here at all it says so and exits 0, unless
+# CUSTODY_REQUIRE_SERVICES is set (CI), when that fails too; any check that fails once
+# systemd answers exits 1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 here=$(pwd)
 
 [ "$(id -u)" = 0 ] || { echo "systemd-trial: run as root" >&2; exit 1; }
-if [ -e /etc/custody ] || [ -e /etc/systemd/system/custodyd.service ]; then
-    echo "systemd-trial: custody is installed on this host already; not touching it" >&2
-    exit 1
-fi
+installed_paths="/etc/custody /var/lib/custody /etc/systemd/system/custodyd.service
+    /etc/systemd/system/custodyd.service.d /etc/systemd/system/custody-trial.target
+    /usr/local/bin/custodyd /usr/local/bin/custody /usr/share/custody /usr/share/doc/custody"
+for p in $installed_paths; do
+    if [ -e "$p" ]; then
+        echo "systemd-trial: $p exists: custody is installed on this host; not touching it" >&2
+        exit 1
+    fi
+done
 systemd_bin=/lib/systemd/systemd
 if ! [ -x "$systemd_bin" ] || ! command -v unshare >/dev/null || ! command -v nsenter >/dev/null; then
     echo "systemd-trial: SKIPPED: no $systemd_bin, unshare or nsenter here"
@@ -34,12 +42,23 @@ fi
 # Not under /tmp, which is private inside the namespaces.
 work=$(mktemp -d -p /var/lib custody-trial.XXXXXX)
 init_pid=""
+unshare_pid=""
+# What systemd leaves on the host beyond the namespaces: cgroup directories (the
+# hierarchies are shared) and the /dev/log link.
+find /sys/fs/cgroup -mindepth 1 -type d 2>/dev/null | sort >"$work/cgroups.before"
+dev_log_before=$([ -e /dev/log ] || [ -L /dev/log ] && echo yes || echo no)
 cleanup() {
     if [ -n "$init_pid" ]; then kill -9 "$init_pid" 2>/dev/null || true; fi
-    rm -rf /etc/custody /var/lib/custody /etc/systemd/system/custodyd.service \
-        /etc/systemd/system/custodyd.service.d /etc/systemd/system/custody-trial.target \
-        /usr/local/bin/custodyd /usr/local/bin/custody /usr/share/custody /usr/share/doc/custody \
-        "$work"
+    if [ -n "$unshare_pid" ]; then kill -9 "$unshare_pid" 2>/dev/null || true; fi
+    sleep 0.5
+    # New cgroups, deepest first (rmdir removes only empty ones).
+    find /sys/fs/cgroup -mindepth 1 -type d 2>/dev/null | sort >"$work/cgroups.after" || true
+    comm -13 "$work/cgroups.before" "$work/cgroups.after" | sort -r | while read -r d; do
+        rmdir "$d" 2>/dev/null || true
+    done
+    if [ "$dev_log_before" = no ]; then rm -f /dev/log; fi
+    # shellcheck disable=SC2086
+    rm -rf $installed_paths "$work"
 }
 trap cleanup EXIT
 
@@ -85,12 +104,13 @@ UNIT
 
 # Boot. Inside the new mount namespace: private /tmp and /var/tmp, and the host-changing
 # units masked (an empty file where the unit was: systemd reports it masked).
-masked="systemd-tmpfiles-setup.service systemd-tmpfiles-setup-dev.service systemd-tmpfiles-clean.timer systemd-sysctl.service systemd-binfmt.service proc-sys-fs-binfmt_misc.automount systemd-sysusers.service systemd-modules-load.service systemd-remount-fs.service systemd-update-utmp.service"
-unshare --pid --fork --mount --uts --ipc --net --mount-proc bash -c '
+masked="systemd-tmpfiles-setup.service systemd-tmpfiles-setup-dev.service systemd-tmpfiles-clean.timer systemd-sysctl.service systemd-binfmt.service proc-sys-fs-binfmt_misc.automount systemd-sysusers.service systemd-modules-load.service systemd-remount-fs.service systemd-update-utmp.service sockets.target timers.target paths.target"
+unshare --pid --fork --kill-child --mount --uts --ipc --net --mount-proc bash -c '
     set -e
     mount --make-rprivate /
-    mount -t tmpfs tmpfs /tmp
-    mount -t tmpfs tmpfs /var/tmp
+    for d in /tmp /var/tmp /var/log/journal /var/lib/systemd; do
+        if [ -d "$d" ]; then mount -t tmpfs tmpfs "$d"; fi
+    done
     for u in '"$masked"'; do
         f=/lib/systemd/system/$u
         if [ -e "$f" ]; then mount --bind /dev/null "$f"; fi
@@ -103,20 +123,24 @@ for _ in $(seq 1 50); do
     [ -n "$init_pid" ] && break
     sleep 0.1
 done
-NS() { timeout 60 nsenter -t "$init_pid" -a "$@"; }
+NS() { timeout 150 nsenter -t "$init_pid" -a "$@"; }
+# Booted once systemctl answers at all (any state: custodyd's own start is checked below).
 booted=""
 for _ in $(seq 1 100); do
-    if [ -n "$init_pid" ] && NS systemctl is-system-running >/dev/null 2>&1 ||
-        [ "$(NS systemctl is-system-running 2>/dev/null || true)" = degraded ] ||
-        [ "$(NS systemctl show custodyd -p ActiveState --value 2>/dev/null || true)" = active ]; then
+    if [ -n "$init_pid" ] && [ -n "$(timeout 5 nsenter -t "$init_pid" -a systemctl is-system-running 2>/dev/null || true)" ]; then
         booted=1
         break
     fi
     sleep 0.2
 done
 if [ -z "$booted" ]; then
-    echo "systemd-trial: SKIPPED: systemd could not be booted in namespaces here:"
+    echo "systemd-trial: systemd could not be booted in namespaces here:"
     cat "$work/boot.log"
+    if [ -n "${CUSTODY_REQUIRE_SERVICES:-}" ]; then
+        echo "systemd-trial: FAILED: required (CUSTODY_REQUIRE_SERVICES)" >&2
+        exit 1
+    fi
+    echo "systemd-trial: SKIPPED"
     exit 0
 fi
 echo "systemd-trial: systemd $(NS systemctl --version | head -n 1 | cut -d' ' -f2) booted as PID 1 of its namespaces"
@@ -137,7 +161,7 @@ wait_state() { # UNIT PROPERTY VALUE SECONDS
 }
 
 # READY and the status line.
-wait_state custodyd ActiveState active 30
+wait_state custodyd ActiveState active 150
 status=$(NS systemctl show custodyd -p StatusText --value)
 case "$status" in "serving on 127.0.0.1:7443 with "*) ;; *) fail "status line: $status" ;; esac
 echo "systemd-trial: active, status \"$status\""
@@ -160,7 +184,7 @@ echo "systemd-trial: watchdog pings arrive"
 
 # Reload with a new certificate: new connections are shown it, and the process lives.
 pid=$(NS systemctl show custodyd -p MainPID --value)
-$custody dev-certs "$work/next" >/dev/null
+$custody dev-certs "$work/next" >/dev/null || fail "dev-certs"
 install -m 0644 "$work/next/server.pem" /etc/custody/server.pem.new
 install -m 0640 -g custody "$work/next/server.key" /etc/custody/server.key.new
 mv /etc/custody/server.pem.new /etc/custody/server.pem
@@ -175,7 +199,7 @@ expected=$(openssl x509 -noout -serial -in "$work/next/server.pem")
 echo "systemd-trial: reload put the new certificate in force ($expected), same process"
 
 # Stop: drained, status 0, not failed.
-NS systemctl stop custodyd
+NS systemctl stop custodyd || fail "systemctl stop"
 [ "$(NS systemctl show custodyd -p ExecMainStatus --value)" = 0 ] || fail "stop: exit status $(NS systemctl show custodyd -p ExecMainStatus --value)"
 [ "$(NS systemctl show custodyd -p ActiveState --value)" = inactive ] || fail "stop: not inactive"
 journal_has "stopped: every connection answered" || fail "no drain in the journal"
@@ -184,7 +208,7 @@ echo "systemd-trial: stop drained and exited 0"
 # A failing start-up check: exit 2, and systemd does not restart it.
 mkdir -p /etc/systemd/system/custodyd.service.d
 printf '[Service]\nLimitMEMLOCK=64K\n' > /etc/systemd/system/custodyd.service.d/trial.conf
-NS systemctl daemon-reload
+NS systemctl daemon-reload || fail "daemon-reload"
 NS systemctl start custodyd 2>/dev/null && fail "started with LimitMEMLOCK=64K"
 sleep 3
 [ "$(NS systemctl show custodyd -p ExecMainStatus --value)" = 2 ] || fail "memlock: exit status $(NS systemctl show custodyd -p ExecMainStatus --value)"
@@ -192,14 +216,14 @@ sleep 3
 journal_has "LimitMEMLOCK=" || fail "memlock: no fix in the journal"
 echo "systemd-trial: LimitMEMLOCK=64K stops the start with status 2, named, not restarted"
 rm -rf /etc/systemd/system/custodyd.service.d
-NS systemctl daemon-reload
-NS systemctl reset-failed custodyd
+NS systemctl daemon-reload || fail "daemon-reload"
+NS systemctl reset-failed custodyd || fail "reset-failed"
 
 # A frozen process: the watchdog has systemd kill and restart it.
-NS systemctl start custodyd
+NS systemctl start custodyd || fail "start after the memlock check"
 wait_state custodyd ActiveState active 30
 pid=$(NS systemctl show custodyd -p MainPID --value)
-NS kill -STOP "$pid"
+NS kill -STOP "$pid" || fail "SIGSTOP"
 for _ in $(seq 1 60); do
     [ "$(NS systemctl show custodyd -p NRestarts --value)" -ge 1 ] && break
     sleep 1

@@ -138,8 +138,8 @@ pub fn run_with_reload(
     // From here a SIGTERM stops the start at once (an HSM or a store that does not
     // answer can hold it for minutes); once the cores start, it drains them.
     let (events, ready) = mpsc::channel();
-    let cores_started = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    spawn_stop_signal_thread(stop_signals, events.clone(), cores_started.clone());
+    let phase = Arc::new(std::sync::atomic::AtomicU8::new(PHASE_STARTING));
+    spawn_stop_signal_thread(stop_signals, events.clone(), phase.clone());
     notifier.status("starting: unsealing and loading the shards");
     let policy = Arc::new(crate::policy::PolicyCell::new(config.policy.access.clone()));
     let regions = Arc::new(crate::regions::RegionSwitch::new(&config.policy.regions));
@@ -258,7 +258,19 @@ pub fn run_with_reload(
         metrics: metrics.clone(),
         auditor,
     };
-    cores_started.store(true, std::sync::atomic::Ordering::Release);
+    // Either the cores start, or a stop signal already claimed the start (and the signal
+    // thread is ending the process): never both.
+    if phase
+        .compare_exchange(
+            PHASE_STARTING,
+            PHASE_SERVING,
+            std::sync::atomic::Ordering::AcqRel,
+            std::sync::atomic::Ordering::Acquire,
+        )
+        .is_err()
+    {
+        return Ok(());
+    }
     let mut handles = Vec::with_capacity(cores);
     for core in 0..cores {
         // Executor i on the i-th CPU this process may use (its affinity mask need not
@@ -395,7 +407,7 @@ pub fn run_with_reload(
         }
     };
     drain(
-        first, &config, &notifier, &draining, &metrics, &ready, cores, &key,
+        first, &config, &notifier, &draining, &metrics, &ready, cores, &key, &*store,
     )
 }
 
@@ -459,6 +471,7 @@ fn drain(
     ready: &mpsc::Receiver<CoreEvent>,
     cores: usize,
     key: &SeedCache,
+    store: &dyn Store,
 ) -> Result<(), ServerError> {
     let bound = config.server.shutdown_timeout;
     let started = std::time::Instant::now();
@@ -504,6 +517,15 @@ fn drain(
     key.stop();
     match forced {
         None => {
+            // Nothing is in flight: give the store up, so a restart (or the successor)
+            // takes it at once rather than after the lease.
+            match store.release(STORE_RELEASE_LIMIT) {
+                Ok(true) => tracing::info!("released the store for the next appliance"),
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not release the store; the next appliance takes it once the lease lapses")
+                }
+            }
             tracing::info!(
                 elapsed_ms = started.elapsed().as_millis() as u64,
                 "stopped: every connection answered what it had sent"
@@ -523,6 +545,15 @@ fn drain(
         }
     }
 }
+
+/// How long a clean stop waits for the store to be released.
+const STORE_RELEASE_LIMIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The start-up phases a stop signal and the main thread race on (one compare-and-swap
+/// each decides: the signal ends a start, or the cores start and the signal drains them).
+const PHASE_STARTING: u8 = 0;
+const PHASE_SERVING: u8 = 1;
+const PHASE_STOPPING: u8 = 2;
 
 /// Blocks SIGTERM, SIGINT and SIGHUP in the calling thread (and so in every thread it starts
 /// afterwards); returns SIGTERM and SIGINT, which [`spawn_stop_signal_thread`] takes with sigwait.
@@ -549,7 +580,7 @@ fn block_stop_signals() -> libc::sigset_t {
 fn spawn_stop_signal_thread(
     set: libc::sigset_t,
     events: mpsc::Sender<CoreEvent>,
-    cores_started: Arc<std::sync::atomic::AtomicBool>,
+    phase: Arc<std::sync::atomic::AtomicU8>,
 ) {
     let spawned = std::thread::Builder::new()
         .name("custody-signals".into())
@@ -567,9 +598,16 @@ fn spawn_stop_signal_thread(
                 } else {
                     "SIGTERM"
                 };
-                if !cores_started.load(std::sync::atomic::Ordering::Acquire) {
-                    // Unsealing, opening or taking over the store: nothing was served and
-                    // nothing acknowledged. Exit now, without running exit handlers
+                let claimed = phase.compare_exchange(
+                    PHASE_STARTING,
+                    PHASE_STOPPING,
+                    std::sync::atomic::Ordering::AcqRel,
+                    std::sync::atomic::Ordering::Acquire,
+                );
+                if claimed.is_ok() {
+                    // Unsealing, opening or taking over the store, and no core will start
+                    // (the main thread's claim of the start now fails): nothing was served
+                    // and nothing acknowledged. Exit now, without running exit handlers
                     // (the main thread may be inside the HSM's library); the kernel
                     // discards the process's memory.
                     tracing::warn!(

@@ -68,7 +68,10 @@ impl NotifyListener {
         let deadline = Instant::now() + limit;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            assert!(!left.is_zero(), "no {what:?} within {limit:?}; saw {seen:?}");
+            assert!(
+                !left.is_zero(),
+                "no {what:?} within {limit:?}; saw {seen:?}"
+            );
             if let Some(m) = self.next(left) {
                 seen.push(m.clone());
                 if m.lines().any(&matches) {
@@ -483,4 +486,33 @@ fn the_status_line_follows_the_seal_state() {
     let status =
         notify.until_containing("sealed by an operator", Duration::from_secs(10), &mut seen);
     assert!(status.starts_with("STATUS=serving on "), "{status}");
+}
+
+/// A clean stop on PostgreSQL gives the store up: the next start (a restart, an upgrade)
+/// takes it at once, not after the lease (30 s here) lapses.
+#[test]
+fn a_clean_stop_releases_the_postgres_store_for_an_immediate_restart() {
+    let Some(db) = common::PgDatabase::create("release") else {
+        return;
+    };
+    let store = db.store_section().replace(
+        "postgres_owner_lease_ms = 1000",
+        "postgres_owner_lease_ms = 30000",
+    );
+    assert!(store.contains("30000"), "{store}");
+    let mut app = TestAppliance::prepare_with(&store);
+    app.set_log("info", "text");
+    assert!(app.custodyd(&["migrate"]).status.success());
+    app.launch();
+    sigterm(&app);
+    let status = app.wait_exit(Duration::from_secs(10)).expect("stopped");
+    assert_eq!(status.code(), Some(0), "{}", app.log());
+    assert!(app.log().contains("released the store"), "{}", app.log());
+    let started = Instant::now();
+    app.launch();
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the restart waited {:?} (the lease is 30 s)",
+        started.elapsed()
+    );
 }

@@ -228,4 +228,11 @@ pub trait Store: Send + Sync {
     fn open_shard(&self, shard: u16, shard_count: u16) -> Box<dyn ShardStore>;
     /// A short description for logs and status (never includes a secret).
     fn describe(&self) -> String;
+    /// Gives the store up after a clean stop (nothing in flight), so that the next
+    /// appliance takes it at once instead of waiting for a lease to lapse. Blocking; at
+    /// most `limit`. `true` when something was given up (the embedded store has nothing
+    /// to give up).
+    fn release(&self, _limit: std::time::Duration) -> Result<bool, StoreError> {
+        Ok(false)
+    }
 }

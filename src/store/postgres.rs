@@ -415,6 +415,42 @@ impl Store for PgStore {
         })
     }
 
+    fn release(&self, limit: Duration) -> Result<bool, StoreError> {
+        let (config, ownership) = (self.config.clone(), self.ownership);
+        let (done, outcome) = std::sync::mpsc::channel();
+        // A thread of its own, waited for at most `limit`: a server that does not answer
+        // must not hold the stop (the lease then lapses by itself).
+        std::thread::Builder::new()
+            .name("custody-release".into())
+            .spawn(move || {
+                let released = on_own_executor("custody-release-io", move || async move {
+                    let client = connect(&config).await?;
+                    client
+                        .execute(
+                            "UPDATE custody_owner SET instance = NULL \
+                             WHERE id = 1 AND instance = $1 AND token = $2",
+                            &[&ownership.instance, &ownership.token],
+                        )
+                        .await
+                        .map_err(|e| StoreError::Unavailable(format!("release: {e}")))
+                })
+                .and_then(|r| r);
+                let _ = done.send(released);
+            })
+            .map_err(|e| StoreError::Unavailable(format!("cannot start a thread: {e}")))?;
+        match outcome.recv_timeout(limit) {
+            Ok(Ok(1)) => Ok(true),
+            Ok(Ok(_)) => Err(StoreError::Unavailable(
+                "the store was not ours any more (another appliance took it over)".into(),
+            )),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(StoreError::Unavailable(format!(
+                "no answer within {} ms",
+                limit.as_millis()
+            ))),
+        }
+    }
+
     fn describe(&self) -> String {
         format!(
             "postgres:{}@{}/{}",
