@@ -269,7 +269,11 @@ pub fn run_with_reload(
         )
         .is_err()
     {
-        return Ok(());
+        // The signal thread is ending the process with _exit (no exit handlers): wait
+        // for it rather than race it with an exit of our own.
+        loop {
+            std::thread::park();
+        }
     }
     let mut handles = Vec::with_capacity(cores);
     for core in 0..cores {
