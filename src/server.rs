@@ -327,10 +327,12 @@ pub fn run_with_reload(
             }
             Ok(CoreEvent::Fenced { reason }) => return Err(ServerError::Fenced(reason)),
             Ok(CoreEvent::Stop { signal, .. }) => {
-                // Nothing was served yet: nothing to drain.
-                tracing::info!(signal, "stopped during start-up");
-                key.stop();
-                return Ok(());
+                // Cores already ready may be serving: drain them like any stop (the
+                // others drain once they start, or the bound forces the stop).
+                tracing::info!(signal, "stop signal while the cores start");
+                return drain(
+                    signal, &config, &notifier, &draining, &metrics, &ready, cores, &key, &*store,
+                );
             }
             Ok(CoreEvent::Drained { .. }) => {}
             Err(_) => {
