@@ -516,3 +516,32 @@ fn a_clean_stop_releases_the_postgres_store_for_an_immediate_restart() {
         started.elapsed()
     );
 }
+
+/// A SIGTERM at any moment of the start (before the unseal, while the cores start, just
+/// after they serve) ends the process cleanly (status 0, or the signal's default action
+/// in the first moments after exec) within the bound: the start-up exit and the drain
+/// never race into a hang or a failure status.
+#[test]
+fn sigterm_at_any_moment_of_the_start_exits_0() {
+    for delay_ms in [0u64, 5, 10, 20, 30, 45, 60, 80, 120, 200] {
+        let mut app = TestAppliance::prepare_with("");
+        app.set_log("info", "text");
+        app.spawn_only();
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        sigterm(&app);
+        let status = app.wait_exit(Duration::from_secs(10)).unwrap_or_else(|| {
+            panic!(
+                "still running 10 s after a SIGTERM at {delay_ms} ms:\n{}",
+                app.log()
+            )
+        });
+        // Before custodyd blocks the signal (the first moments after exec) the default
+        // action ends it, which systemd also counts as a clean stop.
+        use std::os::unix::process::ExitStatusExt;
+        assert!(
+            status.code() == Some(0) || status.signal() == Some(libc::SIGTERM),
+            "SIGTERM at {delay_ms} ms: {status}\n{}",
+            app.log()
+        );
+    }
+}
