@@ -40,7 +40,8 @@ unsafe impl<T: Send> Send for Locked<T> {}
 // SAFETY: shared access only hands out `&T`.
 unsafe impl<T: Sync> Sync for Locked<T> {}
 
-fn page_size() -> usize {
+/// The system's page size (4096 if it cannot be read).
+pub fn page_size() -> usize {
     // SAFETY: sysconf has no preconditions.
     let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
     if n > 0 {

@@ -104,12 +104,6 @@ pub fn memlock_limit() -> Option<u64> {
     Some(r.rlim_cur)
 }
 
-pub fn page_size() -> u64 {
-    // SAFETY: sysconf has no preconditions.
-    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    u64::try_from(n).ok().filter(|&n| n > 0).unwrap_or(4096)
-}
-
 /// What an `io_uring_setup` failure means, and what to do about it.
 pub fn io_uring_problem(errno: i32) -> String {
     match errno {
@@ -282,7 +276,7 @@ pub fn check_host(cores: usize, io_memory: u64) -> Result<Vec<usize>, PreflightE
     let allowed = allowed_cpus();
     check_cores(cores, &allowed)?;
     let uring = check_io_uring()?;
-    let page = page_size();
+    let page = crate::locked::page_size() as u64;
     let have = memlock_limit();
     check_memlock(have, cores, page, uring.rings_charged)?;
     let recommended = memlock_recommended(cores, page, uring.rings_charged, io_memory);

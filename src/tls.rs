@@ -68,8 +68,16 @@ pub fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
 }
 
 fn roots(path: &Path) -> Result<rustls::RootCertStore, TlsError> {
+    root_store(path, read_certs(path)?)
+}
+
+/// The trust anchors `certs` (read from `path`, which errors name).
+fn root_store(
+    path: &Path,
+    certs: Vec<CertificateDer<'static>>,
+) -> Result<rustls::RootCertStore, TlsError> {
     let mut roots = rustls::RootCertStore::empty();
-    for cert in read_certs(path)? {
+    for cert in certs {
         roots.add(cert).map_err(|e| file_err(path, e))?;
     }
     Ok(roots)
@@ -173,11 +181,7 @@ fn client_roots(path: &Path, now: i64) -> Result<rustls::RootCertStore, TlsError
             return Err(e);
         }
     }
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in certs {
-        roots.add(cert).map_err(|e| file_err(path, e))?;
-    }
-    Ok(roots)
+    root_store(path, certs)
 }
 
 /// The server configuration: TLS 1.3 only, client certificates verified against
