@@ -14,6 +14,10 @@ pub const INFLIGHT_PER_CONNECTION_CAP: u32 = 65_536;
 /// Largest number of connections one core may hold.
 pub const CONNECTIONS_PER_CORE_CAP: u32 = 65_536;
 
+/// Largest number of TLS handshakes one core may have in progress (each holds the
+/// handshake's state, a few KiB, until it ends or is evicted).
+pub const HANDSHAKES_PER_CORE_CAP: u32 = 16_384;
+
 /// Largest depth of a cross-core channel (messages per ordered pair of cores).
 pub const CROSS_CORE_QUEUE_DEPTH_CAP: u32 = 65_536;
 
@@ -71,3 +75,8 @@ pub const ASSET_GROUPS_MAX: usize = 64;
 
 /// Most memberships (asset, group) all of `policy.asset_groups` may list together.
 pub const ASSET_GROUP_MEMBERS_MAX: usize = 1_000_000;
+
+/// Free heap the allocator may keep before the main thread tells it to give the memory
+/// back to the OS (`heap::give_back_if_worth_it`): enough for the buffers of a busy
+/// appliance, far below what a closed flood of connections leaves.
+pub const HEAP_FREE_RETAINED_BYTES_MAX: u64 = 2 << 20;

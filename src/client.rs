@@ -93,10 +93,22 @@ impl Waiter {
 /// sent after that fails at once instead of waiting forever.
 type Waiters = Arc<Mutex<Option<HashMap<u64, (Opcode, Waiter)>>>>;
 
+/// A connection-level refusal the appliance sent (request id 0, e.g. CONNECTION_LIMIT)
+/// before it closed: what every request still waiting, or sent later, fails with.
+type ClosedBy = Arc<Mutex<Option<Refusal>>>;
+
+fn closed_error(closed_by: &ClosedBy) -> ClientError {
+    match lock(closed_by).clone() {
+        Some(r) => ClientError::Refused(r),
+        None => ClientError::Closed,
+    }
+}
+
 /// A pipelined connection to the appliance. Cheap to share behind an `Arc`.
 pub struct Client {
     frames: mpsc::UnboundedSender<Vec<u8>>,
     waiters: Waiters,
+    closed_by: ClosedBy,
     next_id: AtomicU64,
 }
 
@@ -150,6 +162,8 @@ impl Client {
         });
 
         let reader_waiters = waiters.clone();
+        let closed_by: ClosedBy = Arc::default();
+        let reader_closed_by = closed_by.clone();
         tokio::spawn(async move {
             let mut buf: Vec<u8> = Vec::with_capacity(16 * 1024);
             let outcome: Result<(), ClientError> = async {
@@ -179,8 +193,10 @@ impl Client {
                             };
                             tx.deliver(reply);
                         } else if let Ok(Reply::Refused(r)) = Reply::decode(Opcode::Hello, frame.body) {
-                            // A connection-level refusal (request id unknown to us).
+                            // A connection-level refusal (request id unknown to us): the
+                            // appliance closes next, and every request fails with it.
                             tracing::warn!(status = %r.status, message = %r.message, "appliance refused the connection");
+                            *lock(&reader_closed_by) = Some(r);
                         }
                         start += frame.consumed;
                     }
@@ -196,13 +212,14 @@ impl Client {
                 .map(|w| w.into_values().map(|(_, w)| w).collect())
                 .unwrap_or_default();
             for w in orphans {
-                w.deliver(Err(ClientError::Closed));
+                w.deliver(Err(closed_error(&reader_closed_by)));
             }
         });
 
         Ok(Client {
             frames,
             waiters,
+            closed_by,
             next_id: AtomicU64::new(1),
         })
     }
@@ -227,7 +244,7 @@ impl Client {
             let mut guard = lock(&self.waiters);
             let Some(waiting) = guard.as_mut() else {
                 drop(guard);
-                return waiter.deliver(Err(ClientError::Closed));
+                return waiter.deliver(Err(closed_error(&self.closed_by)));
             };
             waiting.insert(id, (request.opcode(), waiter));
         }
@@ -236,7 +253,7 @@ impl Client {
         if self.frames.send(frame).is_err() {
             let gone = lock(&self.waiters).as_mut().and_then(|w| w.remove(&id));
             if let Some((_, w)) = gone {
-                w.deliver(Err(ClientError::Closed));
+                w.deliver(Err(closed_error(&self.closed_by)));
             }
         }
     }

@@ -192,8 +192,8 @@ pub struct StoreConfig {
 #[derive(Clone, Debug)]
 pub struct Limits {
     pub max_frame_body_bytes: u32,
-    pub max_inflight_per_connection: u32,
-    pub max_connections_per_core: u32,
+    /// What one connection, one identity and one source may hold (reloadable).
+    pub connection: ConnectionLimits,
     pub cross_core_queue_depth: u32,
     pub max_pending_per_shard: u32,
     pub max_assets_per_shard: u64,
@@ -203,6 +203,32 @@ pub struct Limits {
     pub rotation_ids_max_per_shard: u32,
     /// Rate-limit buckets each shard keeps (one per active requester and asset).
     pub rate_limit_buckets_per_shard: u32,
+}
+
+/// The bounds of the connection edge (I8): slots per core, per identity and per source,
+/// and how long the appliance waits for a client. A reload (SIGHUP, POLICY_RELOAD) puts
+/// them in force whole: from the next handshake (slots) and the next wait (timeouts).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    /// Established connections each core holds.
+    pub max_connections_per_core: u32,
+    pub max_inflight_per_connection: u32,
+    /// Established connections one identity with a role holds on one core.
+    pub max_connections_per_identity: u32,
+    /// Established connections one identity with no role holds on one core.
+    pub max_connections_per_roleless_identity: u32,
+    /// Established connections of all identities with no role, on one core.
+    pub max_roleless_connections_per_core: u32,
+    /// TLS handshakes in progress on one core (slots of their own).
+    pub max_handshakes_per_core: u32,
+    /// TLS handshakes in progress from one source address (IPv4, IPv6 /64) on one core.
+    pub max_handshakes_per_source: u32,
+    /// Once a frame's first byte arrived, the whole frame must arrive within this.
+    pub frame_timeout: Duration,
+    /// A connection with nothing in flight that sends nothing for this long is closed.
+    pub idle_timeout: Duration,
+    /// A batch of replies the client does not take within this closes the connection.
+    pub write_timeout: Duration,
 }
 
 #[derive(Clone, Debug)]
@@ -275,7 +301,15 @@ pub const KEYS: &[KeyDoc] = &[
     KeyDoc { key: "seal.dev_seed_file", default: "\"dev-seed.bin\"", doc: "dev provider: 32-byte seed file (mode 0600), relative to server.state_dir" },
     KeyDoc { key: "limits.max_frame_body_bytes", default: "16384", doc: "largest frame body accepted; larger frames close the connection" },
     KeyDoc { key: "limits.max_inflight_per_connection", default: "1024", doc: "pipelined requests per connection; more are answered BUSY" },
-    KeyDoc { key: "limits.max_connections_per_core", default: "4096", doc: "connections each core accepts; more are closed at once" },
+    KeyDoc { key: "limits.max_connections_per_core", default: "4096", doc: "established (authenticated) connections each core holds; a connection past it is refused after its handshake with a CONNECTION_LIMIT frame; handshakes in progress have slots of their own (max_handshakes_per_core)" },
+    KeyDoc { key: "limits.max_connections_per_identity", default: "1024", doc: "established connections one client identity with a role holds on one core; more get CONNECTION_LIMIT; below max_connections_per_core, so one identity never fills a core" },
+    KeyDoc { key: "limits.max_connections_per_roleless_identity", default: "4", doc: "established connections one identity with no role in [policy] (it may only say HELLO and SEAL_STATUS) holds on one core; more get CONNECTION_LIMIT" },
+    KeyDoc { key: "limits.max_roleless_connections_per_core", default: "64", doc: "established connections of all identities with no role together, on one core; more get CONNECTION_LIMIT; below max_connections_per_core, so they never take the slots of identities with a role" },
+    KeyDoc { key: "limits.max_handshakes_per_core", default: "256", doc: "TLS handshakes in progress on one core, apart from the established connections' slots; when full, a new connection evicts the oldest handshake (a flood cycles through the table in moments while a real client's handshake completes)" },
+    KeyDoc { key: "limits.max_handshakes_per_source", default: "16", doc: "TLS handshakes in progress from one source address (an IPv4 address, an IPv6 /64) on one core; more are closed at once, before TLS; below max_handshakes_per_core" },
+    KeyDoc { key: "limits.frame_timeout_ms", default: "5000", doc: "once the first byte of a frame arrived, the whole frame must arrive within this, or the connection gets a FRAME_TIMEOUT frame and is closed (after answering what it already sent); 10-600000" },
+    KeyDoc { key: "limits.idle_timeout_s", default: "300", doc: "a connection with no request in flight that sends nothing for this long is closed cleanly (TLS close_notify); a client that wants to keep a quiet connection sends HELLO more often (docs/protocol.md); 1-86400" },
+    KeyDoc { key: "limits.write_timeout_ms", default: "10000", doc: "replies the client does not read within this (its receive window stays full) close the connection; 10-600000" },
     KeyDoc { key: "limits.cross_core_queue_depth", default: "4096", doc: "messages per channel between two cores; a full channel answers BUSY" },
     KeyDoc { key: "limits.max_pending_per_shard", default: "16384", doc: "requests a shard holds waiting for their commit; more are answered BUSY" },
     KeyDoc { key: "limits.max_assets_per_shard", default: "1000000", doc: "assets each shard's registry holds" },
@@ -724,18 +758,7 @@ pub fn resolve(table: &toml::Table, base_dir: &Path, file: &str) -> Result<Confi
         256,
         i64::from(bounds::FRAME_BODY_BYTES_CAP),
     );
-    let max_inflight = r.int(
-        "limits.max_inflight_per_connection",
-        1024,
-        1,
-        i64::from(bounds::INFLIGHT_PER_CONNECTION_CAP),
-    );
-    let max_conns = r.int(
-        "limits.max_connections_per_core",
-        4096,
-        1,
-        i64::from(bounds::CONNECTIONS_PER_CORE_CAP),
-    );
+    let connection = resolve_connection_limits(&mut r);
     let cross_depth = r.int(
         "limits.cross_core_queue_depth",
         4096,
@@ -928,8 +951,7 @@ pub fn resolve(table: &toml::Table, base_dir: &Path, file: &str) -> Result<Confi
         Some(seal_spec),
         Some(seal_timing),
         Some(max_frame),
-        Some(max_inflight),
-        Some(max_conns),
+        Some(connection),
         Some(cross_depth),
         Some(pending_max),
         Some(assets_max),
@@ -967,8 +989,7 @@ pub fn resolve(table: &toml::Table, base_dir: &Path, file: &str) -> Result<Confi
         seal_spec,
         seal_timing,
         max_frame,
-        max_inflight,
-        max_conns,
+        connection,
         cross_depth,
         pending_max,
         assets_max,
@@ -1049,8 +1070,7 @@ pub fn resolve(table: &toml::Table, base_dir: &Path, file: &str) -> Result<Confi
         seal_timing,
         limits: Limits {
             max_frame_body_bytes: max_frame as u32,
-            max_inflight_per_connection: max_inflight as u32,
-            max_connections_per_core: max_conns as u32,
+            connection,
             cross_core_queue_depth: cross_depth as u32,
             max_pending_per_shard: pending_max as u32,
             max_assets_per_shard: assets_max as u64,
@@ -1063,6 +1083,120 @@ pub fn resolve(table: &toml::Table, base_dir: &Path, file: &str) -> Result<Confi
             reconcile_interval,
             reconcile_rate,
         },
+    })
+}
+
+/// `[limits]`' connection bounds, with the checks that make them mean what they say: each
+/// per-identity and per-source bound below the core's, so that no one identity or source
+/// can fill a core.
+fn resolve_connection_limits(r: &mut Resolver<'_>) -> Option<ConnectionLimits> {
+    let count = |r: &mut Resolver<'_>, key, default, cap: u32| {
+        r.int(key, default, 1, i64::from(cap)).map(|n| n as u32)
+    };
+    let per_core = count(
+        r,
+        "limits.max_connections_per_core",
+        4096,
+        bounds::CONNECTIONS_PER_CORE_CAP,
+    );
+    let inflight = count(
+        r,
+        "limits.max_inflight_per_connection",
+        1024,
+        bounds::INFLIGHT_PER_CONNECTION_CAP,
+    );
+    let per_identity = count(
+        r,
+        "limits.max_connections_per_identity",
+        1024,
+        bounds::CONNECTIONS_PER_CORE_CAP,
+    );
+    let per_roleless = count(
+        r,
+        "limits.max_connections_per_roleless_identity",
+        4,
+        bounds::CONNECTIONS_PER_CORE_CAP,
+    );
+    let roleless = count(
+        r,
+        "limits.max_roleless_connections_per_core",
+        64,
+        bounds::CONNECTIONS_PER_CORE_CAP,
+    );
+    let handshakes = count(
+        r,
+        "limits.max_handshakes_per_core",
+        256,
+        bounds::HANDSHAKES_PER_CORE_CAP,
+    );
+    let per_source = count(
+        r,
+        "limits.max_handshakes_per_source",
+        16,
+        bounds::HANDSHAKES_PER_CORE_CAP,
+    );
+    let ms = |r: &mut Resolver<'_>, key, default, min, max| {
+        r.int(key, default, min, max)
+            .map(|n| Duration::from_millis(n as u64))
+    };
+    let frame_timeout = ms(r, "limits.frame_timeout_ms", 5000, 10, 600_000);
+    let idle_timeout = r
+        .int("limits.idle_timeout_s", 300, 1, 86_400)
+        .map(|s| Duration::from_secs(s as u64));
+    let write_timeout = ms(r, "limits.write_timeout_ms", 10_000, 10, 600_000);
+    let (per_core, per_identity, per_roleless, roleless, handshakes, per_source) = (
+        per_core?,
+        per_identity?,
+        per_roleless?,
+        roleless?,
+        handshakes?,
+        per_source?,
+    );
+    let below = |r: &mut Resolver<'_>, key: &'static str, n: u32, bound: &str, of: u32| {
+        if n >= of && of > 1 {
+            r.problem::<()>(key, format!("{n} must be below {bound} ({of}), so that no one identity or source can take all of a core's slots"));
+        }
+    };
+    below(
+        r,
+        "limits.max_connections_per_identity",
+        per_identity,
+        "limits.max_connections_per_core",
+        per_core,
+    );
+    below(
+        r,
+        "limits.max_roleless_connections_per_core",
+        roleless,
+        "limits.max_connections_per_core",
+        per_core,
+    );
+    below(
+        r,
+        "limits.max_handshakes_per_source",
+        per_source,
+        "limits.max_handshakes_per_core",
+        handshakes,
+    );
+    if per_roleless > roleless {
+        r.problem::<()>(
+            "limits.max_connections_per_roleless_identity",
+            format!(
+                "{per_roleless} is above limits.max_roleless_connections_per_core ({roleless})"
+            ),
+        );
+    }
+    Some(ConnectionLimits {
+        max_connections_per_core: per_core,
+        max_inflight_per_connection: inflight?,
+        max_connections_per_identity: per_identity,
+        max_connections_per_roleless_identity: per_roleless,
+        max_roleless_connections_per_core: roleless,
+        max_handshakes_per_core: handshakes,
+        max_handshakes_per_source: per_source,
+        frame_timeout: frame_timeout?,
+        idle_timeout: idle_timeout?,
+        write_timeout: write_timeout?,
     })
 }
 

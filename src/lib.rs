@@ -6,7 +6,9 @@
 //! The modules in the order a derive request meets them:
 //!
 //! - [`server`]: starts one executor per core, each with its shard, listener and mesh.
-//! - [`net`]: accepts on the shared port, TLS handshake, reads frames, writes replies.
+//! - [`net`]: accepts on the shared port, TLS handshake, reads frames, writes replies;
+//!   [`admission`] decides who holds a handshake or connection slot (per core, source
+//!   and identity), and every wait for a client has a timeout.
 //! - [`tls`]: rustls configuration; the requester is the client certificate's identity.
 //! - [`wire`]: the sans-IO codec of protocol v3 (frames, requests, replies, statuses).
 //! - [`policy`]: the gate every request passes before it reaches a shard: the identity's
@@ -39,6 +41,7 @@
 //! STOPPING and watchdog pings gated on every core's health), [`config`] (two-stage TOML),
 //! [`bounds`] (hard caps), [`preflight`] (the host checks before start: io_uring,
 //! RLIMIT_MEMLOCK, CPUs),
+//! [`heap`] (the allocator's figures, and free memory handed back to the OS),
 //! [`locked`] (locked, undumpable, zeroizing memory for the keyed state),
 //! [`signal`] (lock-free wake-ups between tasks of one core),
 //! [`published`] (a value every core reads and a reload replaces whole: the policy, the
@@ -46,11 +49,13 @@
 //! [`client`] (the tokio client library the CLI and the load harness use; its
 //! `ShardedClient` sends each request to the port of the core that owns its asset).
 
+pub mod admission;
 pub mod audit;
 pub mod auditor;
 pub mod bounds;
 pub mod client;
 pub mod config;
+pub mod heap;
 pub mod kdf;
 pub mod lifecycle;
 pub mod locked;

@@ -14,6 +14,7 @@
 //! recently: none is stuck) and `GET /readyz` (unsealed, the store took the last commit of
 //! every shard, every core alive).
 
+use crate::admission::{Refused, SlotsInUse};
 use crate::lifecycle::AssetState;
 use crate::policy::DenyReason;
 use crate::seal::cache::{clock_ms, SealState, SeedCache};
@@ -101,8 +102,16 @@ pub struct NetMetrics {
     /// DERIVE requests that reached a shard: from the frame's decoding to its reply.
     pub derive_latency: Latency,
     pub connections_accepted: u64,
-    /// Refused at `limits.max_connections_per_core`.
-    pub connections_refused: u64,
+    /// Refused a slot, by [`Refused`] (a bound of the core, an identity or a source).
+    pub connections_refused: [u64; Refused::ALL.len()],
+    /// Handshakes put out of a full table by a newer one (`limits.max_handshakes_per_core`).
+    pub handshakes_evicted: u64,
+    /// Frames that did not arrive whole in time (`limits.frame_timeout_ms`).
+    pub frame_timeouts: u64,
+    /// Connections closed idle (`limits.idle_timeout_s`).
+    pub idle_closed: u64,
+    /// Connections closed because their client did not read (`limits.write_timeout_ms`).
+    pub write_timeouts: u64,
     pub handshake_failed: u64,
     pub handshake_timed_out: u64,
     /// A client certificate that names no usable identity.
@@ -117,7 +126,11 @@ impl Default for NetMetrics {
             replies: [[0; Status::ALL.len()]; OPCODE_SLOTS],
             derive_latency: Latency::default(),
             connections_accepted: 0,
-            connections_refused: 0,
+            connections_refused: [0; Refused::ALL.len()],
+            handshakes_evicted: 0,
+            frame_timeouts: 0,
+            idle_closed: 0,
+            write_timeouts: 0,
             handshake_failed: 0,
             handshake_timed_out: 0,
             certificate_refused: 0,
@@ -186,6 +199,8 @@ pub struct CoreFigures {
     pub shard: ShardFigures,
     pub denials: [u64; DenyReason::ALL.len()],
     pub connections_open: u64,
+    /// The handshake and established slots in use.
+    pub slots: SlotsInUse,
 }
 
 impl CoreFigures {
@@ -196,12 +211,17 @@ impl CoreFigures {
         shard: &ShardFigures,
         denials: [u64; DenyReason::ALL.len()],
         connections_open: u64,
+        slots: SlotsInUse,
     ) {
         let NetMetrics {
             replies,
             derive_latency,
             connections_accepted,
             connections_refused,
+            handshakes_evicted,
+            frame_timeouts,
+            idle_closed,
+            write_timeouts,
             handshake_failed,
             handshake_timed_out,
             certificate_refused,
@@ -211,6 +231,10 @@ impl CoreFigures {
         self.net.derive_latency.copy_from(derive_latency);
         self.net.connections_accepted = *connections_accepted;
         self.net.connections_refused = *connections_refused;
+        self.net.handshakes_evicted = *handshakes_evicted;
+        self.net.frame_timeouts = *frame_timeouts;
+        self.net.idle_closed = *idle_closed;
+        self.net.write_timeouts = *write_timeouts;
         self.net.handshake_failed = *handshake_failed;
         self.net.handshake_timed_out = *handshake_timed_out;
         self.net.certificate_refused = *certificate_refused;
@@ -230,6 +254,7 @@ impl CoreFigures {
         s.audit_head_seq = shard.audit_head_seq;
         self.denials = denials;
         self.connections_open = connections_open;
+        self.slots = slots;
         self.published_ms = clock_ms().max(1);
     }
 }
@@ -374,8 +399,22 @@ impl Registry {
                 tls.current().certificate.not_after,
             );
         }
+        if let Some(heap) = crate::heap::figures() {
+            render_heap(&mut out, heap);
+        }
         out
     }
+}
+
+fn render_heap(out: &mut String, heap: crate::heap::HeapFigures) {
+    let mut f = Family { out };
+    f.head(
+        "custody_heap_bytes",
+        "gauge",
+        "The allocator's heap: in_use (allocated and not freed), free (freed and kept by the allocator; past 2 MiB it is given back to the OS within seconds).",
+    );
+    f.sample("custody_heap_bytes", "kind=\"in_use\"", heap.in_use_bytes);
+    f.sample("custody_heap_bytes", "kind=\"free\"", heap.free_bytes);
 }
 
 /// The label value of a seal state.
@@ -645,14 +684,54 @@ fn render(cores: &[CoreFigures], seal: &SeedCache, policy_generation: u64) -> St
     f.head(
         "custody_connections_refused_total",
         "counter",
-        "Client connections refused at limits.max_connections_per_core.",
+        "Client connections refused a slot, by the bound hit: source_handshakes (limits.max_handshakes_per_source, before TLS), core (limits.max_connections_per_core), identity (limits.max_connections_per_identity), roleless_identity (limits.max_connections_per_roleless_identity), roleless (limits.max_roleless_connections_per_core).",
     );
     for (i, c) in cores.iter().enumerate() {
-        f.sample(
-            "custody_connections_refused_total",
-            &format!("core=\"{i}\""),
-            c.net.connections_refused,
-        );
+        for reason in Refused::ALL {
+            f.sample(
+                "custody_connections_refused_total",
+                &format!("core=\"{i}\",reason=\"{}\"", reason.name()),
+                c.net.connections_refused[reason as usize],
+            );
+        }
+    }
+    f.head(
+        "custody_connection_slots",
+        "gauge",
+        "Connection slots in use, by kind: handshakes (in progress, limits.max_handshakes_per_core), established (limits.max_connections_per_core), roleless (established by identities with no role, limits.max_roleless_connections_per_core), identity_max (the most one identity holds, limits.max_connections_per_identity).",
+    );
+    for (i, c) in cores.iter().enumerate() {
+        for (kind, n) in [
+            ("handshakes", c.slots.handshakes),
+            ("established", c.slots.established),
+            ("roleless", c.slots.roleless),
+            ("identity_max", c.slots.identity_max),
+        ] {
+            f.sample(
+                "custody_connection_slots",
+                &format!("core=\"{i}\",kind=\"{kind}\""),
+                u64::from(n),
+            );
+        }
+    }
+    f.head(
+        "custody_connections_closed_total",
+        "counter",
+        "Client connections the appliance closed, by why: handshake_evicted (a newer handshake took the slot of the oldest, limits.max_handshakes_per_core), frame_timeout (limits.frame_timeout_ms), idle (limits.idle_timeout_s), write_timeout (limits.write_timeout_ms).",
+    );
+    for (i, c) in cores.iter().enumerate() {
+        for (why, n) in [
+            ("handshake_evicted", c.net.handshakes_evicted),
+            ("frame_timeout", c.net.frame_timeouts),
+            ("idle", c.net.idle_closed),
+            ("write_timeout", c.net.write_timeouts),
+        ] {
+            f.sample(
+                "custody_connections_closed_total",
+                &format!("core=\"{i}\",reason=\"{why}\""),
+                n,
+            );
+        }
     }
     f.head(
         "custody_tls_handshake_failures_total",

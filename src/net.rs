@@ -7,7 +7,8 @@
 //! a writer task flushes whatever has gathered in one write (and zeroizes the bytes, which
 //! may hold keys). A framing error is answered once and closes only that connection.
 
-use crate::config::{IdentitySource, Limits};
+use crate::admission::{Admission, HandshakeTicket, RefusalLog, Refused, Source};
+use crate::config::{ConnectionLimits, IdentitySource, Limits};
 use crate::kdf::SCHEME_V1;
 use crate::policy::{check_asset_id, Denied, DenyReason, FieldRules, Need};
 use crate::router::ShardRouter;
@@ -28,11 +29,18 @@ use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use zeroize::Zeroize;
 
-/// Bytes read from a connection at a time.
+/// Bytes read from a connection at a time (into the core's one read buffer).
 const READ_CHUNK_BYTES: usize = 16 * 1024;
+/// The buffer a lingering connection discards its client's late bytes into.
+const LINGER_SINK_BYTES: usize = 1024;
+/// Reply buffer capacity a connection keeps once its replies are written.
+const OUTBOX_RETAINED_BYTES: usize = 4 * 1024;
+/// How long a connection refused a slot after its handshake waits for its refusal to be
+/// read before the socket closes.
+const REFUSAL_LINGER: Duration = Duration::from_millis(200);
 /// Encoded replies a connection may hold unsent before it stops reading new requests.
 const OUTBOX_HIGH_WATER_BYTES: usize = 256 * 1024;
 /// After a drain closed a connection's sending side, how long its late requests are read
@@ -51,7 +59,12 @@ pub struct CoreContext {
     /// The TLS acceptor and the connection limits in force (replaced whole on a reload).
     pub settings: crate::published::LocalCopy<ConnectionSettings>,
     pub hello: HelloInfo,
+    /// Connection tasks alive on this core (handshaking, established or closing): the
+    /// drain waits for them.
     pub connections: Cell<u32>,
+    /// The handshake and established slots (I8).
+    pub admission: RefCell<Admission<Rc<LocalSignal>>>,
+    pub refusal_log: RefCell<RefusalLog>,
     /// Who may do what, and at which rate (`[policy]`; replaced whole on SIGHUP).
     pub access: crate::policy::CorePolicy,
     /// Requests the policy refused on this core, by [`DenyReason`] (for metrics).
@@ -79,8 +92,7 @@ pub struct ConnectionSettings {
     pub identity: IdentitySource,
     pub require_client_cert: bool,
     pub handshake_timeout: Duration,
-    pub max_connections_per_core: u32,
-    pub max_inflight_per_connection: u32,
+    pub limits: ConnectionLimits,
     /// The server certificate presented.
     pub certificate: tls::CertificateInfo,
 }
@@ -97,8 +109,7 @@ impl ConnectionSettings {
             identity: config.tls.identity,
             require_client_cert: config.tls.require_client_cert,
             handshake_timeout: config.tls.handshake_timeout,
-            max_connections_per_core: config.limits.max_connections_per_core,
-            max_inflight_per_connection: config.limits.max_inflight_per_connection,
+            limits: config.limits.connection.clone(),
             certificate: server.certificate,
         })
     }
@@ -121,39 +132,114 @@ pub async fn accept_loop(ctx: Rc<CoreContext>, listener: TcpListener) {
             return;
         };
         match accepted {
-            Ok(stream) => {
-                let limit = ctx.settings.get().max_connections_per_core;
-                if ctx.connections.get() >= limit {
-                    ctx.metrics.borrow_mut().connections_refused += 1;
-                    tracing::warn!(
-                        limit,
-                        "connection refused: limits.max_connections_per_core reached"
-                    );
-                    drop(stream);
-                    continue;
-                }
-                let n = {
-                    let mut m = ctx.metrics.borrow_mut();
-                    m.connections_accepted += 1;
-                    m.connections_accepted
-                };
-                let conn = ConnId {
-                    core: ctx.router.local_shard().id(),
-                    n,
-                };
-                let guard = ConnectionGuard::new(ctx.clone());
-                glommio::spawn_local(async move {
-                    serve(&guard.0, stream, conn).await;
-                    drop(guard);
-                })
-                .detach();
-            }
+            Ok(stream) => admit(&ctx, stream),
             Err(e) => {
                 // Out of descriptors and the like: back off instead of spinning.
                 tracing::warn!(error = %e, "accept failed");
                 glommio::timer::sleep(Duration::from_millis(10)).await;
             }
         }
+    }
+}
+
+/// A new TCP connection: given a handshake slot (and its task) or closed at once.
+fn admit(ctx: &Rc<CoreContext>, stream: TcpStream) {
+    let n = {
+        let mut m = ctx.metrics.borrow_mut();
+        m.connections_accepted += 1;
+        m.connections_accepted
+    };
+    let conn = ConnId {
+        core: ctx.router.local_shard().id(),
+        n,
+    };
+    // Gone already (reset before the accept completed): nothing to serve.
+    let Ok(peer) = stream.peer_addr() else {
+        return;
+    };
+    let evict = Rc::new(LocalSignal::default());
+    let admitted = {
+        let settings = ctx.settings.get();
+        ctx.admission.borrow_mut().begin_handshake(
+            Source::of(peer.ip()),
+            evict.clone(),
+            &settings.limits,
+        )
+    };
+    let admitted = match admitted {
+        Ok(a) => a,
+        Err(reason) => {
+            refused(ctx, reason, conn, peer, None);
+            return;
+        }
+    };
+    if let Some(oldest) = admitted.evicted {
+        ctx.metrics.borrow_mut().handshakes_evicted += 1;
+        oldest.notify();
+    }
+    let slot = HandshakeSlot {
+        ctx: ctx.clone(),
+        ticket: admitted.ticket,
+        evicted: evict,
+    };
+    let guard = ConnectionGuard::new(ctx.clone());
+    glommio::spawn_local(async move {
+        serve(&guard.0, stream, conn, peer, slot).await;
+        drop(guard);
+    })
+    .detach();
+}
+
+/// Counts a refused connection and logs it (at most once a second per reason and core,
+/// with how many went unlogged).
+fn refused(
+    ctx: &CoreContext,
+    reason: Refused,
+    conn: ConnId,
+    peer: std::net::SocketAddr,
+    identity: Option<&str>,
+) {
+    ctx.metrics.borrow_mut().connections_refused[reason as usize] += 1;
+    let now = clock_ms();
+    if let Some(unlogged) = ctx.refusal_log.borrow_mut().should_log(reason, now) {
+        tracing::warn!(
+            %conn,
+            %peer,
+            identity = identity.unwrap_or("(before TLS)"),
+            bound = reason.key(),
+            unlogged_since_last = unlogged,
+            "connection refused: a connection bound was reached"
+        );
+    }
+}
+
+/// A handshake's slot, given back when the handshake ends however it ends.
+struct HandshakeSlot {
+    ctx: Rc<CoreContext>,
+    ticket: HandshakeTicket,
+    /// Notified when a newer handshake takes this one's slot.
+    evicted: Rc<LocalSignal>,
+}
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        self.ctx.admission.borrow_mut().end_handshake(self.ticket);
+    }
+}
+
+/// An established connection's slot.
+struct EstablishedSlot {
+    ctx: Rc<CoreContext>,
+    identity: Arc<str>,
+    had_role: bool,
+}
+
+impl Drop for EstablishedSlot {
+    fn drop(&mut self) {
+        self.ctx
+            .admission
+            .borrow_mut()
+            .close(&self.identity, self.had_role);
     }
 }
 
@@ -187,30 +273,94 @@ impl Drop for ConnectionGuard {
     }
 }
 
-async fn serve(ctx: &Rc<CoreContext>, stream: TcpStream, conn: ConnId) {
-    let peer = stream.peer_addr().ok();
-    let _ = stream.set_nodelay(true);
+/// The TLS stream of an established connection, shared by its reader and writer tasks.
+type SharedTls = Rc<RefCell<futures_rustls::server::TlsStream<TcpStream>>>;
+
+async fn serve(
+    ctx: &Rc<CoreContext>,
+    stream: TcpStream,
+    conn: ConnId,
+    peer: std::net::SocketAddr,
+    handshake_slot: HandshakeSlot,
+) {
     // This connection's TLS settings: those in force now, for its whole life.
     let settings = ctx.settings.snapshot();
-    let handshake = futures_lite::future::or(
-        async { Some(settings.acceptor.accept(stream).await) },
-        async {
-            glommio::timer::sleep(settings.handshake_timeout).await;
-            None
-        },
+    // Boxed, here and below: a task's future is as large as its largest state, and the
+    // handshake's (a whole TLS stream being set up) and the refusal's would otherwise be
+    // paid for by every idle connection for its whole life. The stream goes straight into
+    // its `Rc`, so that no binding of it stays in this future either.
+    let accepted = Box::pin(handshake(
+        ctx,
+        stream,
+        conn,
+        peer,
+        &handshake_slot,
+        &settings,
+    ));
+    let Some((stream, identity)) = accepted.await else {
+        return;
+    };
+    let has_role = ctx.access.get().require_a_role(&identity).is_ok();
+    let admitted = ctx
+        .admission
+        .borrow_mut()
+        .establish(&identity, has_role, &settings.limits);
+    if let Err(reason) = admitted {
+        refused(ctx, reason, conn, peer, Some(&identity));
+        // The handshake slot is held until the refusal is sent: refusals in progress
+        // stay bounded per core and per source.
+        Box::pin(refuse_connection(Half(stream), reason, &settings.limits)).await;
+        drop(handshake_slot);
+        return;
+    }
+    let _slot = EstablishedSlot {
+        ctx: ctx.clone(),
+        identity: identity.clone(),
+        had_role: has_role,
+    };
+    drop(handshake_slot);
+    established(ctx, stream, identity, conn, peer, &settings.limits).await
+}
+
+/// The TLS handshake, within `tls.handshake_timeout_ms` and until a newer handshake evicts
+/// it; the stream and the client's identity.
+async fn handshake(
+    ctx: &Rc<CoreContext>,
+    stream: TcpStream,
+    conn: ConnId,
+    peer: std::net::SocketAddr,
+    slot: &HandshakeSlot,
+    settings: &ConnectionSettings,
+) -> Option<(SharedTls, Arc<str>)> {
+    let _ = stream.set_nodelay(true);
+    let outcome = futures_lite::future::or(
+        async { Ok(settings.acceptor.accept(stream).await) },
+        futures_lite::future::or(
+            async {
+                glommio::timer::sleep(settings.handshake_timeout).await;
+                Err("timed out")
+            },
+            async {
+                // Counted by the connection that took the slot.
+                slot.evicted.wait().await;
+                Err("evicted by a newer handshake (limits.max_handshakes_per_core)")
+            },
+        ),
     )
     .await;
-    let tls = match handshake {
-        Some(Ok(tls)) => tls,
-        Some(Err(e)) => {
+    let tls = match outcome {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
             ctx.metrics.borrow_mut().handshake_failed += 1;
-            tracing::debug!(%conn, ?peer, error = %e, "TLS handshake refused");
-            return;
+            tracing::debug!(%conn, %peer, error = %e, "TLS handshake refused");
+            return None;
         }
-        None => {
-            ctx.metrics.borrow_mut().handshake_timed_out += 1;
-            tracing::debug!(%conn, ?peer, "TLS handshake timed out");
-            return;
+        Err(why) => {
+            if why == "timed out" {
+                ctx.metrics.borrow_mut().handshake_timed_out += 1;
+            }
+            tracing::debug!(%conn, %peer, why, "TLS handshake ended");
+            return None;
         }
     };
     let identity = match tls.get_ref().1.peer_certificates().and_then(|c| c.first()) {
@@ -218,21 +368,37 @@ async fn serve(ctx: &Rc<CoreContext>, stream: TcpStream, conn: ConnId) {
             Ok(id) => id,
             Err(e) => {
                 ctx.metrics.borrow_mut().certificate_refused += 1;
-                tracing::debug!(%conn, ?peer, error = %e, "client certificate refused");
-                return;
+                tracing::debug!(%conn, %peer, error = %e, "client certificate refused");
+                return None;
             }
         },
         None if !settings.require_client_cert => Arc::from(tls::ANONYMOUS),
-        None => return,
+        None => return None,
     };
-    tracing::debug!(%conn, ?peer, %identity, "connection established");
-    let stream = Rc::new(RefCell::new(tls));
+    Some((Rc::new(RefCell::new(tls)), identity))
+}
+
+/// An established connection, from its first frame to its close.
+async fn established(
+    ctx: &Rc<CoreContext>,
+    stream: SharedTls,
+    identity: Arc<str>,
+    conn: ConnId,
+    peer: std::net::SocketAddr,
+    limits: &ConnectionLimits,
+) {
+    tracing::debug!(%conn, %peer, %identity, "connection established");
     let outbox = Rc::new(Outbox::new(ctx.metrics.clone(), conn, identity.clone()));
-    let writer = glommio::spawn_local(write_loop(Half(stream.clone()), outbox.clone()));
+    let writer = glommio::spawn_local(write_loop(
+        Half(stream.clone()),
+        outbox.clone(),
+        limits.write_timeout,
+    ));
     let lingering = Half(stream.clone());
     // Every event about this connection's requests carries its id and identity.
     let span = tracing::info_span!("conn", %conn, %identity);
-    tracing::Instrument::instrument(read_loop(ctx, &identity, Half(stream), &outbox), span).await;
+    let reading = read_loop(ctx, &identity, Half(stream), &outbox, limits);
+    let end = tracing::Instrument::instrument(reading, span).await;
     // Let every request already accepted finish and be answered, then close.
     while outbox.inflight.get() > 0 {
         outbox.idle.wait().await;
@@ -240,17 +406,54 @@ async fn serve(ctx: &Rc<CoreContext>, stream: TcpStream, conn: ConnId) {
     outbox.closing.set(true);
     outbox.ready.notify();
     writer.await;
-    if ctx.drain.is_open() && !outbox.failed.get() {
-        linger(lingering).await;
+    if !outbox.failed.get() {
+        match end {
+            ReadEnd::Draining => Box::pin(linger(lingering, DRAIN_LINGER)).await,
+            ReadEnd::Refused => Box::pin(linger(lingering, REFUSAL_LINGER)).await,
+            ReadEnd::Closed | ReadEnd::Idle => {}
+        }
     }
-    tracing::debug!(%conn, ?peer, %identity, "connection closed");
+    tracing::debug!(%conn, %peer, %identity, ?end, "connection closed");
 }
 
-/// Reads and discards what the client still sends, until it closes or [`DRAIN_LINGER`]
-/// passes, so that the replies already written reach it before the socket closes.
-async fn linger<S: AsyncRead + Unpin>(mut r: S) {
-    let deadline = std::time::Instant::now() + DRAIN_LINGER;
-    let mut sink = zeroize::Zeroizing::new(vec![0u8; READ_CHUNK_BYTES]);
+/// Sends a connection-level refusal (request id 0, opcode `0x80`) and closes, within the
+/// connection's write timeout.
+async fn refuse_connection<S: AsyncRead + AsyncWrite + Unpin>(
+    mut tls: S,
+    reason: Refused,
+    limits: &ConnectionLimits,
+) {
+    let refusal = Refusal::new(
+        Status::ConnectionLimit,
+        format!(
+            "this connection would exceed {} on this core; close another connection or retry later",
+            reason.key()
+        ),
+    );
+    let mut frame = Vec::new();
+    Reply::Refused(refusal).encode(0, 0, &mut frame);
+    let sent = futures_lite::future::or(
+        async {
+            let ok = tls.write_all(&frame).await.is_ok() && tls.flush().await.is_ok();
+            let _ = tls.close().await;
+            ok
+        },
+        async {
+            glommio::timer::sleep(limits.write_timeout).await;
+            false
+        },
+    )
+    .await;
+    if sent {
+        linger(tls, REFUSAL_LINGER).await;
+    }
+}
+
+/// Reads and discards what the client still sends, until it closes or `how_long` passes,
+/// so that the replies already written reach it before the socket closes.
+async fn linger<S: AsyncRead + Unpin>(mut r: S, how_long: Duration) {
+    let deadline = std::time::Instant::now() + how_long;
+    let mut sink = zeroize::Zeroizing::new(vec![0u8; LINGER_SINK_BYTES]);
     loop {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
         if left.is_zero() {
@@ -278,6 +481,9 @@ struct Outbox {
     /// The last in-flight request finished.
     idle: LocalSignal,
     inflight: Cell<u32>,
+    /// When the last request in flight was answered: the idle timeout counts from the
+    /// later of this and the last byte received.
+    last_answer: Cell<Instant>,
     closing: Cell<bool>,
     failed: Cell<bool>,
     /// The core's counters: every reply is counted by opcode and status.
@@ -305,6 +511,7 @@ impl Outbox {
             drained: LocalSignal::default(),
             idle: LocalSignal::default(),
             inflight: Cell::new(0),
+            last_answer: Cell::new(Instant::now()),
             closing: Cell::new(false),
             failed: Cell::new(false),
             metrics,
@@ -315,8 +522,13 @@ impl Outbox {
 
     /// A request counted in flight was answered.
     fn finished_one(&self) {
-        let left = self.inflight.get().saturating_sub(1);
+        assert!(
+            self.inflight.get() > 0,
+            "an answer to a request not in flight"
+        );
+        let left = self.inflight.get() - 1;
         self.inflight.set(left);
+        self.last_answer.set(Instant::now());
         if left == 0 {
             self.idle.notify();
         }
@@ -337,8 +549,13 @@ impl Outbox {
             status = status.name(),
             "answered"
         );
-        reply.encode(opcode, request_id, &mut self.buf.borrow_mut());
+        encode_wiped(reply, opcode, request_id, &mut self.buf.borrow_mut());
         self.ready.notify();
+    }
+
+    /// Requests in flight, or replies not yet written.
+    fn busy(&self) -> bool {
+        self.inflight.get() > 0 || !self.buf.borrow().is_empty()
     }
 
     fn refuse(&self, opcode: u8, request_id: u64, refusal: Refusal) {
@@ -346,31 +563,113 @@ impl Outbox {
     }
 }
 
-async fn write_loop<S: AsyncWrite + Unpin>(mut w: S, outbox: Rc<Outbox>) {
-    let mut sending = Vec::with_capacity(READ_CHUNK_BYTES);
+thread_local! {
+    /// Each core's scratch buffer for encoding one reply.
+    static REPLY_SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Encodes `reply` at the end of `buf` without leaving a copy behind: a reply may hold a
+/// key, and a `Vec` that grows frees its old allocation unwiped. The reply is encoded into
+/// the core's scratch buffer (wiped after), then appended to `buf`, which grows through a
+/// wiped copy.
+fn encode_wiped(reply: &Reply, opcode: u8, request_id: u64, buf: &mut Vec<u8>) {
+    REPLY_SCRATCH.with(|scratch| {
+        let mut scratch = scratch.borrow_mut();
+        scratch.clear();
+        reply.encode(opcode, request_id, &mut scratch);
+        let needed = buf.len() + scratch.len();
+        if buf.capacity() < needed {
+            let mut bigger = Vec::with_capacity(needed.max(2 * buf.capacity()));
+            bigger.extend_from_slice(buf);
+            buf.zeroize();
+            *buf = bigger;
+        }
+        buf.extend_from_slice(&scratch);
+        scratch.zeroize();
+        // The scratch buffer keeps its capacity (it was wiped) unless a large reply grew it.
+        if scratch.capacity() > OUTBOX_RETAINED_BYTES {
+            *scratch = Vec::new();
+        }
+    });
+}
+
+async fn write_loop<S: AsyncWrite + Unpin>(mut w: S, outbox: Rc<Outbox>, timeout: Duration) {
+    let mut sending = Vec::new();
     loop {
         if outbox.buf.borrow().is_empty() {
             if outbox.closing.get() || outbox.failed.get() {
                 break;
             }
+            // A quiet connection keeps little: both buffers were wiped after their write.
+            shrink_wiped(&mut outbox.buf.borrow_mut());
             outbox.ready.wait().await;
             continue;
         }
         std::mem::swap(&mut *outbox.buf.borrow_mut(), &mut sending);
-        let result = match w.write_all(&sending).await {
-            Ok(()) => w.flush().await,
-            Err(e) => Err(e),
-        };
+        let result = futures_lite::future::or(
+            async {
+                w.write_all(&sending).await?;
+                w.flush().await
+            },
+            async {
+                glommio::timer::sleep(timeout).await;
+                Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "limits.write_timeout_ms",
+                ))
+            },
+        )
+        .await;
         // The bytes may include derived keys.
         sending.zeroize();
+        shrink_wiped(&mut sending);
         outbox.drained.notify();
-        if result.is_err() {
+        if let Err(e) = result {
+            if e.kind() == io::ErrorKind::TimedOut {
+                outbox.metrics.borrow_mut().write_timeouts += 1;
+                tracing::info!(conn = %outbox.conn, identity = %outbox.identity, "closing a connection whose client does not read its replies (limits.write_timeout_ms)");
+            }
             outbox.failed.set(true);
             outbox.drained.notify();
             break;
         }
     }
-    let _ = w.close().await;
+    // A client that reads nothing takes no close_notify either: bounded as the writes.
+    let _ = futures_lite::future::or(
+        async {
+            let _ = w.close().await;
+        },
+        glommio::timer::sleep(timeout),
+    )
+    .await;
+}
+
+/// Gives back a reply buffer's memory once it is empty and larger than a quiet connection
+/// keeps (its bytes were wiped when it was emptied).
+fn shrink_wiped(buf: &mut Vec<u8>) {
+    if buf.is_empty() && buf.capacity() > OUTBOX_RETAINED_BYTES {
+        *buf = Vec::new();
+    }
+}
+
+/// Why a connection's reading ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ReadEnd {
+    /// The client closed, or the connection failed.
+    Closed,
+    /// The appliance is stopping.
+    Draining,
+    /// Nothing in flight and nothing received for `limits.idle_timeout_s`.
+    Idle,
+    /// A framing error or a frame that did not arrive in time, answered once.
+    Refused,
+}
+
+/// What the reader waits for next.
+enum Wake {
+    Read(io::Result<usize>),
+    Draining,
+    Deadline,
 }
 
 async fn read_loop<S: AsyncRead + Unpin>(
@@ -378,33 +677,74 @@ async fn read_loop<S: AsyncRead + Unpin>(
     identity: &Arc<str>,
     mut r: S,
     outbox: &Rc<Outbox>,
-) {
+    limits: &ConnectionLimits,
+) -> ReadEnd {
     let max_body = ctx.limits.max_frame_body_bytes;
-    // Zeroized when the connection ends, whatever it held (an UNSEAL frame carries a
-    // share); it grows only through `grow_wiped`, so no copy is left behind either.
-    let mut buf = zeroize::Zeroizing::new(Vec::<u8>::with_capacity(2 * READ_CHUNK_BYTES));
+    // What arrived and is not yet a whole frame: empty (and without an allocation) while
+    // the connection waits. Zeroized when the connection ends, whatever it held (an UNSEAL
+    // frame carries a share); it grows only through `grow_wiped`, so no copy is left
+    // behind either.
+    let mut buf = zeroize::Zeroizing::new(Vec::<u8>::new());
+    let mut last_received = Instant::now();
+    // When the first byte of the frame now partly in `buf` arrived.
+    let mut frame_started: Option<Instant> = None;
     loop {
         while outbox.buf.borrow().len() > OUTBOX_HIGH_WATER_BYTES && !outbox.failed.get() {
             outbox.drained.wait().await;
         }
-        if outbox.failed.get() || ctx.drain.is_open() {
-            return;
+        if outbox.failed.get() {
+            return ReadEnd::Closed;
         }
-        let filled = buf.len();
-        grow_wiped(&mut buf, filled + READ_CHUNK_BYTES);
-        buf.resize(filled + READ_CHUNK_BYTES, 0);
-        // A drain stops the reading; what was read is answered before the close.
-        let read =
-            futures_lite::future::or(async { Some(r.read(&mut buf[filled..]).await) }, async {
-                ctx.drain.wait().await;
-                None
-            })
-            .await;
-        let n = match read {
-            None | Some(Ok(0)) | Some(Err(_)) => return,
-            Some(Ok(n)) => n,
+        if ctx.drain.is_open() {
+            return ReadEnd::Draining;
+        }
+        let now = Instant::now();
+        let deadline = match frame_started {
+            Some(at) => at + limits.frame_timeout,
+            // Re-checked when it passes: the idle time counts from the last answer.
+            None if outbox.busy() => now + limits.idle_timeout,
+            None => last_received.max(outbox.last_answer.get()) + limits.idle_timeout,
         };
-        buf.truncate(filled + n);
+        // A drain stops the reading; what was read is answered before the close.
+        let wake = futures_lite::future::or(
+            async { Wake::Read(read_appending(&mut r, &mut buf).await) },
+            futures_lite::future::or(
+                async {
+                    ctx.drain.wait().await;
+                    Wake::Draining
+                },
+                async {
+                    glommio::timer::sleep(deadline.saturating_duration_since(now)).await;
+                    Wake::Deadline
+                },
+            ),
+        )
+        .await;
+        match wake {
+            Wake::Read(Ok(n)) if n > 0 => {}
+            Wake::Read(_) => return ReadEnd::Closed,
+            Wake::Draining => return ReadEnd::Draining,
+            Wake::Deadline => {
+                if frame_started.is_some() {
+                    ctx.metrics.borrow_mut().frame_timeouts += 1;
+                    let message = format!(
+                        "the frame did not arrive whole within limits.frame_timeout_ms ({} ms of its first byte)",
+                        limits.frame_timeout.as_millis()
+                    );
+                    tracing::info!(%identity, bytes = buf.len(), "closing a connection whose frame did not arrive in time");
+                    refuse_framing(outbox, &buf, Status::FrameTimeout, message);
+                    return ReadEnd::Refused;
+                }
+                let quiet_since = last_received.max(outbox.last_answer.get());
+                if !outbox.busy() && quiet_since + limits.idle_timeout <= Instant::now() {
+                    ctx.metrics.borrow_mut().idle_closed += 1;
+                    tracing::debug!(%identity, "closing an idle connection (limits.idle_timeout_s)");
+                    return ReadEnd::Idle;
+                }
+                continue;
+            }
+        }
+        last_received = Instant::now();
         let mut start = 0;
         loop {
             match wire::decode_frame(&buf[start..], max_body) {
@@ -419,24 +759,72 @@ async fn read_loop<S: AsyncRead + Unpin>(
                 }
                 Ok(None) => break,
                 Err(e) => {
-                    // Name the request only when a whole header with our magic arrived;
-                    // otherwise the bytes say nothing trustworthy (opcode 0, id 0).
-                    let rest = &buf[start..];
-                    let (opcode, request_id) = match rest.get(..wire::HEADER_LEN) {
-                        Some(h) if h[..4] == wire::MAGIC => (
-                            h[5],
-                            u64::from_be_bytes(h[8..16].try_into().unwrap_or([0; 8])),
-                        ),
-                        _ => (0, 0),
-                    };
-                    tracing::debug!(%identity, request_id, error = %e, "framing error: closing connection");
-                    outbox.refuse(opcode, request_id, Refusal::new(e.status(), e.to_string()));
-                    return;
+                    tracing::debug!(%identity, error = %e, "framing error: closing connection");
+                    refuse_framing(outbox, &buf[start..], e.status(), e.to_string());
+                    return ReadEnd::Refused;
                 }
             }
         }
+        // The rest is the start of a frame: it began in this read unless it is the same
+        // partial frame as before (nothing was consumed).
+        frame_started = match (buf.len() > start, start > 0 || frame_started.is_none()) {
+            (false, _) => None,
+            (true, true) => Some(last_received),
+            (true, false) => frame_started,
+        };
         buf.drain(..start);
+        if buf.is_empty() {
+            // A waiting connection holds no buffer; the old one is zeroized (its whole
+            // capacity) as it drops.
+            buf = zeroize::Zeroizing::new(Vec::new());
+        }
     }
+}
+
+thread_local! {
+    /// Each core's read buffer: every connection of the core reads into it and keeps only
+    /// what is not yet a whole frame.
+    static READ_SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Reads what the stream has into the core's scratch buffer and appends it to `buf`
+/// (wiping the scratch), so that a connection waiting for its client holds no read buffer
+/// of its own. The scratch is borrowed only within a poll.
+async fn read_appending<S: AsyncRead + Unpin>(
+    r: &mut S,
+    buf: &mut zeroize::Zeroizing<Vec<u8>>,
+) -> io::Result<usize> {
+    futures_lite::future::poll_fn(|cx| {
+        READ_SCRATCH.with(|scratch| {
+            let mut scratch = scratch.borrow_mut();
+            if scratch.len() < READ_CHUNK_BYTES {
+                scratch.resize(READ_CHUNK_BYTES, 0);
+            }
+            match Pin::new(&mut *r).poll_read(cx, &mut scratch[..]) {
+                Poll::Ready(Ok(n)) => {
+                    grow_wiped(buf, buf.len() + n);
+                    buf.extend_from_slice(&scratch[..n]);
+                    scratch[..n].zeroize();
+                    Poll::Ready(Ok(n))
+                }
+                other => other,
+            }
+        })
+    })
+    .await
+}
+
+/// Answers a framing error once. The reply names the request only when a whole header
+/// with our magic arrived; otherwise the bytes say nothing trustworthy (opcode 0, id 0).
+fn refuse_framing(outbox: &Outbox, rest: &[u8], status: Status, message: String) {
+    let (opcode, request_id) = match rest.get(..wire::HEADER_LEN) {
+        Some(h) if h[..4] == wire::MAGIC => (
+            h[5],
+            u64::from_be_bytes(h[8..16].try_into().unwrap_or([0; 8])),
+        ),
+        _ => (0, 0),
+    };
+    outbox.refuse(opcode, request_id, Refusal::new(status, message));
 }
 
 /// A refusal by the policy: counted by reason, logged, answered FORBIDDEN.
@@ -711,7 +1099,8 @@ fn dispatch(
     let op = match request {
         Request::Hello => {
             let mut hello = ctx.hello.clone();
-            hello.max_inflight_per_connection = ctx.settings.get().max_inflight_per_connection;
+            hello.max_inflight_per_connection =
+                ctx.settings.get().limits.max_inflight_per_connection;
             return outbox.push(opcode, request_id, &Reply::Hello(hello));
         }
         Request::Regions => {
@@ -873,7 +1262,7 @@ fn dispatch(
         role: allowed.role,
         limit: allowed.limit,
     });
-    if outbox.inflight.get() >= ctx.settings.get().max_inflight_per_connection {
+    if outbox.inflight.get() >= ctx.settings.get().limits.max_inflight_per_connection {
         let mut refusal = Refusal::new(
             Status::Busy,
             format!(

@@ -390,6 +390,10 @@ pub fn run_with_reload(
                     notifier.status(&now);
                     status = now;
                 }
+                // Memory a closed flood of connections left free goes back to the OS.
+                if let Some(free) = crate::heap::give_back_if_worth_it() {
+                    tracing::debug!(free_bytes = free, "gave free heap memory back to the OS");
+                }
                 continue;
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => Err(()),
@@ -714,10 +718,12 @@ async fn core_main(core: usize, setup: CoreSetup) -> Result<(), String> {
             shard_count: cores,
             shard_hash: SHARD_HASH_JUMP_FNV1A64,
             max_frame_body_bytes: config.limits.max_frame_body_bytes,
-            max_inflight_per_connection: config.limits.max_inflight_per_connection,
+            max_inflight_per_connection: config.limits.connection.max_inflight_per_connection,
             shard_ports: shard_ports(&config.server, cores)?,
         },
         connections: Cell::new(0),
+        admission: Default::default(),
+        refusal_log: Default::default(),
         access: crate::policy::CorePolicy::new(setup.policy.clone()),
         denials: Default::default(),
         metrics: Default::default(),
@@ -835,6 +841,7 @@ fn publish_figures(
         &figures,
         denials,
         u64::from(ctx.connections.get()),
+        ctx.admission.borrow().in_use(),
     );
 }
 
@@ -1010,8 +1017,7 @@ impl Reloader {
         let generation = self.cell.replace(access);
         running.policy = new.policy;
         running.tls = new.tls;
-        running.limits.max_connections_per_core = new.limits.max_connections_per_core;
-        running.limits.max_inflight_per_connection = new.limits.max_inflight_per_connection;
+        running.limits.connection = new.limits.connection;
         Ok(ReloadReport {
             generation,
             identities,
@@ -1031,8 +1037,7 @@ fn restart_needed(running: &Config, new: &Config) -> Vec<&'static str> {
         format!("{a:?}") != format!("{b:?}")
     }
     let mut limits = new.limits.clone();
-    limits.max_connections_per_core = running.limits.max_connections_per_core;
-    limits.max_inflight_per_connection = running.limits.max_inflight_per_connection;
+    limits.connection = running.limits.connection.clone();
     [
         ("server", differs(&running.server, &new.server)),
         ("store", differs(&running.store, &new.store)),
@@ -1042,7 +1047,7 @@ fn restart_needed(running: &Config, new: &Config) -> Vec<&'static str> {
         ),
         ("audit", differs(&running.audit, &new.audit)),
         (
-            "limits (other than max_connections_per_core, max_inflight_per_connection, rate_limit)",
+            "limits (other than the connection limits and rate_limit)",
             differs(&running.limits, &limits),
         ),
     ]

@@ -317,6 +317,17 @@ impl DevCerts {
 /// certificate with common name `client_cn`, valid for a year. Keys are written mode 0600.
 /// For local use only: the CA key sits beside the certificates.
 pub fn write_dev_certs(dir: &Path, client_cn: &str) -> Result<DevCerts, TlsError> {
+    write_dev_certs_with(dir, client_cn, &[])
+}
+
+/// [`write_dev_certs`], and a client certificate from the same CA for each name of
+/// `more_clients`, as `DIR/clients/NAME.pem` and `NAME.key` (other identities, for tests
+/// and the flood bench: an identity with no role, a second deriver).
+pub fn write_dev_certs_with(
+    dir: &Path,
+    client_cn: &str,
+    more_clients: &[&str],
+) -> Result<DevCerts, TlsError> {
     use rcgen::{
         BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
         KeyUsagePurpose, SanType,
@@ -359,16 +370,33 @@ pub fn write_dev_certs(dir: &Path, client_cn: &str) -> Result<DevCerts, TlsError
         .signed_by(&server_key, &ca_cert, &ca_key)
         .map_err(gen)?;
 
-    let client_key = KeyPair::generate().map_err(gen)?;
-    let mut client = CertificateParams::new(Vec::<String>::new()).map_err(gen)?;
-    client
-        .distinguished_name
-        .push(DnType::CommonName, client_cn);
-    client.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-    validity(&mut client);
-    let client_cert = client
-        .signed_by(&client_key, &ca_cert, &ca_key)
-        .map_err(gen)?;
+    let client = |cn: &str| -> Result<(rcgen::Certificate, KeyPair), TlsError> {
+        let key = KeyPair::generate().map_err(gen)?;
+        let mut params = CertificateParams::new(Vec::<String>::new()).map_err(gen)?;
+        params.distinguished_name.push(DnType::CommonName, cn);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        validity(&mut params);
+        let cert = params.signed_by(&key, &ca_cert, &ca_key).map_err(gen)?;
+        Ok((cert, key))
+    };
+    let (client_cert, client_key) = client(client_cn)?;
+    if !more_clients.is_empty() {
+        let clients = dir.join("clients");
+        std::fs::create_dir_all(&clients).map_err(|e| file_err(&clients, e))?;
+        for name in more_clients {
+            let (cert, key) = client(name)?;
+            write_file(
+                &clients.join(format!("{name}.pem")),
+                cert.pem().as_bytes(),
+                0o644,
+            )?;
+            write_file(
+                &clients.join(format!("{name}.key")),
+                key.serialize_pem().as_bytes(),
+                0o600,
+            )?;
+        }
+    }
 
     write_file(&paths.ca_cert, ca_cert.pem().as_bytes(), 0o644)?;
     write_file(&paths.ca_key, ca_key.serialize_pem().as_bytes(), 0o600)?;

@@ -1,4 +1,4 @@
-//! Wire protocol v2: a sans-IO codec for frames, requests and replies.
+//! Wire protocol v3: a sans-IO codec for frames, requests and replies.
 //!
 //! `docs/protocol.md` is the byte-by-byte specification; this module is its only
 //! implementation, shared by the appliance and the client library. Nothing here does I/O:
@@ -104,6 +104,9 @@ pub enum Status {
     FrameTooLarge = 3,
     UnknownOpcode = 4,
     BadBody = 5,
+    /// A frame whose first byte arrived did not arrive whole within
+    /// `limits.frame_timeout_ms`; the connection closes.
+    FrameTimeout = 6,
     InvalidAssetId = 10,
     InvalidPath = 11,
     InvalidRegion = 12,
@@ -129,6 +132,9 @@ pub enum Status {
     StoreUnavailable = 31,
     Sealed = 32,
     ShuttingDown = 33,
+    /// A connection-level refusal (request id 0): the connection would exceed a bound of
+    /// its core, identity or role; the connection closes.
+    ConnectionLimit = 34,
     Forbidden = 40,
     RateLimited = 41,
     Internal = 50,
@@ -150,13 +156,14 @@ pub enum Status {
 }
 
 impl Status {
-    pub const ALL: [Status; 34] = [
+    pub const ALL: [Status; 36] = [
         Status::Ok,
         Status::UnsupportedVersion,
         Status::MalformedFrame,
         Status::FrameTooLarge,
         Status::UnknownOpcode,
         Status::BadBody,
+        Status::FrameTimeout,
         Status::InvalidAssetId,
         Status::InvalidPath,
         Status::InvalidRegion,
@@ -176,6 +183,7 @@ impl Status {
         Status::StoreUnavailable,
         Status::Sealed,
         Status::ShuttingDown,
+        Status::ConnectionLimit,
         Status::Forbidden,
         Status::RateLimited,
         Status::Internal,
@@ -200,6 +208,7 @@ impl Status {
             Status::FrameTooLarge => "FRAME_TOO_LARGE",
             Status::UnknownOpcode => "UNKNOWN_OPCODE",
             Status::BadBody => "BAD_BODY",
+            Status::FrameTimeout => "FRAME_TIMEOUT",
             Status::InvalidAssetId => "INVALID_ASSET_ID",
             Status::InvalidPath => "INVALID_PATH",
             Status::InvalidRegion => "INVALID_REGION",
@@ -219,6 +228,7 @@ impl Status {
             Status::StoreUnavailable => "STORE_UNAVAILABLE",
             Status::Sealed => "SEALED",
             Status::ShuttingDown => "SHUTTING_DOWN",
+            Status::ConnectionLimit => "CONNECTION_LIMIT",
             Status::Forbidden => "FORBIDDEN",
             Status::RateLimited => "RATE_LIMITED",
             Status::Internal => "INTERNAL",
@@ -235,7 +245,11 @@ impl Status {
     pub fn closes_connection(self) -> bool {
         matches!(
             self,
-            Status::UnsupportedVersion | Status::MalformedFrame | Status::FrameTooLarge
+            Status::UnsupportedVersion
+                | Status::MalformedFrame
+                | Status::FrameTooLarge
+                | Status::FrameTimeout
+                | Status::ConnectionLimit
         )
     }
 }
@@ -246,7 +260,7 @@ impl std::fmt::Display for Status {
     }
 }
 
-/// Why a byte stream or a body is not valid protocol v2.
+/// Why a byte stream or a body is not valid protocol v3.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum WireError {

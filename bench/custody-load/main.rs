@@ -21,6 +21,7 @@
 //! (drift above 0 among it); 6 when the derivations' p99 misses `--slo-p99`.
 
 mod article;
+mod floods;
 mod stats;
 mod workload;
 
@@ -57,6 +58,25 @@ const USAGE: &str = "usage:
   custody-load compare --postgres URL [OPTIONS]
       demo on PostgreSQL, then article, with the same options; prints both reports and
       a table of the two
+  custody-load floods --addr HOST:PORT --certs DIR --asset UUID [FLOOD OPTIONS]
+      connection-level abuse against a running appliance, one flood after another,
+      with a steady deriver (client.pem: deriver of UUID) and a fresh connection every
+      100 ms measured before, during and after each; floods use clients/flood.pem (an
+      identity with a role) and clients/nobody.pem (no role), from --flood-source;
+      exit 1 if the deriver or a fresh connection failed at any moment
+      (bench/floods.sh starts an appliance and runs them at full size)
+
+flood options:
+  --kinds K,...     tcp, roleless, identity, slow-header, slow-body, idle, memory
+                    (default: all but memory)
+  --flood-connections N  connections per flood (default 1000)
+  --hold-s S        how long a flood holds its connections (default 5)
+  --settle-s S      measured before and after each flood (default 3)
+  --deriver-rate N  the steady deriver's derivations a second (default 20)
+  --flood-source IP the floods' source address (default 127.0.0.2)
+  --rounds N        (memory) open and close the connections N times (default 3)
+  --admin ADDR      the admin listener, for custody_heap_bytes
+  --pid PID         custodyd's process, for its resident memory
 
 options:
   --rate N          requests per second (default 15000)
@@ -179,6 +199,7 @@ fn real_main() -> anyhow::Result<i32> {
         compare: false,
     };
     let mut command = None;
+    let mut floods_options = FloodArgs::default();
     let mut p = lexopt::Parser::from_env();
     while let Some(arg) = p.next()? {
         match arg {
@@ -209,6 +230,16 @@ fn real_main() -> anyhow::Result<i32> {
             Long("reconcile-incremental") => o.reconcile_incremental = true,
             Long("article-connections") => o.article_connections = p.value()?.parse()?,
             Long("json") => o.json = true,
+            Long("kinds") => floods_options.kinds = Some(p.value()?.string()?),
+            Long("flood-connections") => floods_options.connections = Some(p.value()?.parse()?),
+            Long("hold-s") => floods_options.hold_s = Some(p.value()?.parse()?),
+            Long("settle-s") => floods_options.settle_s = Some(p.value()?.parse()?),
+            Long("deriver-rate") => floods_options.deriver_rate = Some(p.value()?.parse()?),
+            Long("flood-source") => floods_options.source = Some(p.value()?.parse()?),
+            Long("rounds") => floods_options.rounds = Some(p.value()?.parse()?),
+            Long("admin") => floods_options.admin = Some(p.value()?.parse()?),
+            Long("pid") => floods_options.pid = Some(p.value()?.parse()?),
+            Long("asset") => floods_options.asset = Some(p.value()?.parse()?),
             Long("help") | Short('h') => {
                 println!("{USAGE}");
                 return Ok(0);
@@ -249,11 +280,60 @@ fn real_main() -> anyhow::Result<i32> {
         }
         Some("article") => Ok(article(&o)?.0),
         Some("compare") => compare(Options { compare: true, ..o }),
+        Some("floods") => run_floods(&o, floods_options),
         _ => {
             eprintln!("{USAGE}");
             Ok(2)
         }
     }
+}
+
+/// `floods`' own flags (the rest are shared: --addr, --certs, --json).
+#[derive(Default)]
+struct FloodArgs {
+    kinds: Option<String>,
+    connections: Option<usize>,
+    hold_s: Option<f64>,
+    settle_s: Option<f64>,
+    deriver_rate: Option<u32>,
+    source: Option<std::net::IpAddr>,
+    rounds: Option<usize>,
+    admin: Option<SocketAddr>,
+    pid: Option<u32>,
+    asset: Option<Uuid>,
+}
+
+/// `floods`: connection-level abuse against a running appliance (floods.rs); exits 1 if
+/// the steady deriver was refused or failed at any moment.
+fn run_floods(o: &Options, a: FloodArgs) -> anyhow::Result<i32> {
+    let addr = o.addr.context("floods needs --addr")?;
+    let certs = o.certs.clone().context("floods needs --certs DIR")?;
+    let options = floods::FloodOptions {
+        addr,
+        certs,
+        admin: a.admin,
+        pid: a.pid,
+        kinds: floods::Kind::parse_list(
+            a.kinds
+                .as_deref()
+                .unwrap_or("tcp,roleless,identity,slow-header,slow-body,idle"),
+        )?,
+        connections: a.connections.unwrap_or(1000),
+        hold: Duration::from_secs_f64(a.hold_s.unwrap_or(5.0)),
+        settle: Duration::from_secs_f64(a.settle_s.unwrap_or(3.0)),
+        deriver_rate: a.deriver_rate.unwrap_or(20),
+        source: a.source.unwrap_or(std::net::IpAddr::from([127, 0, 0, 2])),
+        rounds: a.rounds.unwrap_or(3),
+        asset: a.asset.context("floods needs --asset UUID (registered)")?,
+        json: o.json,
+    };
+    let reports = floods::run(&options)?;
+    floods::print(&reports, o.json)?;
+    let failed = reports.iter().any(|r| {
+        r.before.failures + r.during.failures + r.after.failures > 0
+            || r.before.probe_failures + r.during.probe_failures + r.after.probe_failures > 0
+    });
+    Ok(i32::from(failed))
 }
 
 /// The sum of a metric's samples in the appliance's /metrics (`None`: unreachable).

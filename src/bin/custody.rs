@@ -10,7 +10,7 @@
 //! custody [CONNECTION] regions | region enable|disable REGION
 //! custody [CONNECTION] policy reload
 //! custody [CONNECTION] seal | unseal [--share-file FILE] [--reset] | seal-status
-//! custody dev-certs DIR [--client-cn NAME]
+//! custody dev-certs DIR [--client-cn NAME] [--more-clients A,B,…]
 //! custody dev-seed FILE
 //! custody init --config FILE (--share-dir DIR | --print-shares) [--shares N] [--threshold K]
 //!              [--import-seed FILE] [--create-key]
@@ -39,7 +39,8 @@ const USAGE: &str = "usage:
   custody [CONNECTION] register ASSET_ID
   custody [CONNECTION] status ASSET_ID
   custody [CONNECTION] derive ASSET_ID --path \"m/44'/0'/0'/0'/7\" --region US-EAST --purpose TRADING --ttl 300
-  custody dev-certs DIR [--client-cn NAME]   write a development CA, server and client certificate
+  custody dev-certs DIR [--client-cn NAME] [--more-clients A,B]   write a development CA, server and client certificate
+                                             (and DIR/clients/A.pem, A.key, … from the same CA)
   custody dev-seed FILE                      write a random development seed (NOT for production)
   custody [CONNECTION] rotate ASSET_ID [--rotation-id UUID] [--expect-counter N]
                          operator: move the asset's counter forward by one (a new key);
@@ -127,6 +128,7 @@ struct Args {
     purpose: Option<String>,
     ttl: Option<u32>,
     client_cn: Option<String>,
+    more_clients: Vec<String>,
     config: Option<PathBuf>,
     import_seed: Option<PathBuf>,
     create_key: bool,
@@ -166,6 +168,9 @@ fn parse_args() -> anyhow::Result<Option<Args>> {
             Long("purpose") => a.purpose = Some(p.value()?.string()?),
             Long("ttl") => a.ttl = Some(p.value()?.parse()?),
             Long("client-cn") => a.client_cn = Some(p.value()?.string()?),
+            Long("more-clients") => {
+                a.more_clients = p.value()?.string()?.split(',').map(str::to_owned).collect()
+            }
             Long("config") | Short('c') => a.config = Some(p.value()?.into()),
             Long("import-seed") => a.import_seed = Some(p.value()?.into()),
             Long("create-key") => a.create_key = true,
@@ -209,7 +214,8 @@ fn real_main() -> anyhow::Result<i32> {
         "dev-certs" => {
             let dir = PathBuf::from(args.positional.first().context("dev-certs needs DIR")?);
             let cn = args.client_cn.as_deref().unwrap_or("custody-dev-client");
-            let certs = custody::tls::write_dev_certs(&dir, cn)?;
+            let more: Vec<&str> = args.more_clients.iter().map(String::as_str).collect();
+            let certs = custody::tls::write_dev_certs_with(&dir, cn, &more)?;
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&certs)?);
             } else {
@@ -223,6 +229,9 @@ fn real_main() -> anyhow::Result<i32> {
                     certs.server_cert.display()
                 );
                 println!("  client  {} (CN={cn})", certs.client_cert.display());
+                for name in &more {
+                    println!("  client  {}/clients/{name}.pem (CN={name})", dir.display());
+                }
             }
             Ok(0)
         }

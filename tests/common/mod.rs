@@ -48,7 +48,14 @@ impl TestAppliance {
             .prefix("custody-test-")
             .tempdir()
             .expect("temp dir");
-        custody::tls::write_dev_certs(&dir.path().join("certs"), "test-client").expect("dev certs");
+        // `flood` and `nobody` are identities for the connection-abuse tests
+        // (tests/connections.rs); without a [policy] line of their own they hold no role.
+        custody::tls::write_dev_certs_with(
+            &dir.path().join("certs"),
+            "test-client",
+            &["flood", "nobody"],
+        )
+        .expect("dev certs");
         custody::seal::write_dev_seed(&dir.path().join("dev-seed.bin")).expect("dev seed");
         let port = free_port();
         let app = TestAppliance {
