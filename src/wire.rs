@@ -1861,13 +1861,14 @@ mod tests {
     #[test]
     fn status_numbers_are_stable() {
         // Changing any of these breaks deployed clients: add new numbers instead.
-        let expected: [(Status, u16); 34] = [
+        let expected: [(Status, u16); 36] = [
             (Status::Ok, 0),
             (Status::UnsupportedVersion, 1),
             (Status::MalformedFrame, 2),
             (Status::FrameTooLarge, 3),
             (Status::UnknownOpcode, 4),
             (Status::BadBody, 5),
+            (Status::FrameTimeout, 6),
             (Status::InvalidAssetId, 10),
             (Status::InvalidPath, 11),
             (Status::InvalidRegion, 12),
@@ -1887,6 +1888,7 @@ mod tests {
             (Status::StoreUnavailable, 31),
             (Status::Sealed, 32),
             (Status::ShuttingDown, 33),
+            (Status::ConnectionLimit, 34),
             (Status::Forbidden, 40),
             (Status::RateLimited, 41),
             (Status::Internal, 50),
@@ -1901,7 +1903,7 @@ mod tests {
             assert_eq!(status as u16, number);
             assert_eq!(Status::from_u16(number), Some(status));
         }
-        assert_eq!(Status::from_u16(6), None);
+        assert_eq!(Status::from_u16(7), None);
     }
 
     /// The hex dump of docs/protocol.md's DERIVE OK reply is what the encoder writes.

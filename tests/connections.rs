@@ -15,6 +15,13 @@ use std::time::{Duration, Instant};
 
 const POLICY: &str = "[policy]\nderivers = [{ identity = \"test-client\", purposes = [\"TRADING\", \"SETTLEMENT\", \"AUDIT\", \"BACKUP\"], regions = [\"US-EAST\", \"EU-WEST\", \"APAC\"] }]\noperators = [\"test-client\"]\nauditors = [\"test-client\", \"flood\"]\nrate_limits = { deriver = \"1000000000/1s\", operator = \"1000000000/1s\", auditor = \"1000000000/1s\" }\n";
 
+/// The floods measure a deriver's latency: one at a time, or they would measure each other.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 fn floods(app: &TestAppliance, kinds: &str, connections: usize, hold_s: f64) -> serde_json::Value {
     let a = asset(1);
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_custody-load"))
@@ -75,6 +82,7 @@ fn assert_deriver_served(r: &serde_json::Value) {
 
 #[test]
 fn floods_of_connects_and_identities_over_their_limits_leave_a_deriver_served() {
+    let _one = one_at_a_time();
     let app = TestAppliance::start_with(&format!(
         "[limits]\nmax_handshakes_per_core = 64\nmax_handshakes_per_source = 8\nmax_connections_per_identity = 100\nframe_timeout_ms = 500\n\n{POLICY}"
     ));
@@ -119,6 +127,7 @@ fn floods_of_connects_and_identities_over_their_limits_leave_a_deriver_served() 
 
 #[test]
 fn slow_loris_on_a_header_and_on_a_body_is_closed_with_frame_timeout() {
+    let _one = one_at_a_time();
     let app = TestAppliance::start_with(&format!("[limits]\nframe_timeout_ms = 500\n\n{POLICY}"));
     register_all(&app, &[asset(1)]);
     let reports = floods(&app, "slow-header,slow-body", 100, 3.0);
@@ -130,15 +139,12 @@ fn slow_loris_on_a_header_and_on_a_body_is_closed_with_frame_timeout() {
 }
 
 #[test]
-fn idle_connections_are_closed_and_memory_comes_back() {
-    let app = TestAppliance::start_with(&format!(
-        "[limits]\nidle_timeout_s = 1\nmax_connections_per_identity = 1500\n\n{POLICY}"
-    ));
+fn idle_connections_are_closed() {
+    let _one = one_at_a_time();
+    let app = TestAppliance::start_with(&format!("[limits]\nidle_timeout_s = 1\n\n{POLICY}"));
     register_all(&app, &[asset(1)]);
-    let reports = floods(&app, "idle,memory", 1000, 3.0);
-    let [idle, memory] = &reports.as_array().expect("reports")[..] else {
-        panic!("two reports: {reports:#}");
-    };
+    let reports = floods(&app, "idle", 1000, 3.0);
+    let idle = &reports[0];
     assert_deriver_served(idle);
     assert_eq!(f(idle, &["flood", "opened"]), 1000.0, "{idle:#}");
     assert_eq!(
@@ -146,9 +152,20 @@ fn idle_connections_are_closed_and_memory_comes_back() {
         1000.0,
         "{idle:#}"
     );
-    // Memory rounds: 1000 idle established connections opened and closed three times.
-    // (The targets, 8 KiB a connection and 20 %, are not met yet: these bounds
-    // are what this build holds, so that a regression fails; docs/benchmarks.md.)
+}
+
+#[test]
+fn memory_a_flood_of_idle_connections_takes_comes_back() {
+    let _one = one_at_a_time();
+    let app = TestAppliance::start_with(&format!(
+        "[limits]\nmax_connections_per_identity = 1500\n\n{POLICY}"
+    ));
+    register_all(&app, &[asset(1)]);
+    let reports = floods(&app, "memory", 1000, 3.0);
+    let memory = &reports[0];
+    // 1000 idle established connections opened and closed three times. (The issue's
+    // targets, 8 KiB a connection and 20 %, are not met yet: these bounds are what this
+    // build holds, so that a regression fails; docs/benchmarks.md.)
     for per in memory["heap_bytes_per_connection"]
         .as_array()
         .expect("rounds")
@@ -182,6 +199,7 @@ fn idle_connections_are_closed_and_memory_comes_back() {
 
 #[test]
 fn an_idle_timeout_never_cuts_a_connection_with_a_request_in_flight() {
+    let _one = one_at_a_time();
     // A full reconciliation paced at 5,000 records a second over ~10,000 records takes
     // about 2 s: twice the idle timeout, with nothing received meanwhile.
     let app = TestAppliance::start_with(
@@ -237,7 +255,7 @@ fn an_idle_timeout_never_cuts_a_connection_with_a_request_in_flight() {
 
 #[test]
 fn a_connection_over_its_identity_limit_reads_a_connection_limit_status() {
-    let app = TestAppliance::start_with(&format!("{POLICY}"));
+    let app = TestAppliance::start_with(POLICY);
     let rt = runtime();
     rt.block_on(async {
         let mut config = app.client_config();

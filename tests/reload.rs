@@ -375,7 +375,7 @@ fn a_reload_names_the_changes_that_take_a_restart() {
     wait_for_log(&app, "read only at start");
     let log = app.log();
     assert!(
-        log.contains("sections=audit, limits (other than max_connections_per_core, max_inflight_per_connection, rate_limit)\n"),
+        log.contains("sections=audit, limits (other than the connection limits and rate_limit)\n"),
         "exactly the two sections are named: {log}"
     );
     assert!(app.is_running());
