@@ -306,15 +306,9 @@ fn sample_rss(o: &FloodOptions, current: &Current) {
     }
 }
 
+/// custodyd's resident memory, KiB (the harness's own reader of /proc).
 fn rss_kib(pid: u32) -> Option<u64> {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()?
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
+    super::rss_kib(&pid.to_string())
 }
 
 /// `custody_heap_bytes{kind="in_use"}` from the admin listener.
