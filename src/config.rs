@@ -207,7 +207,8 @@ pub struct Limits {
 
 /// The bounds of the connection edge (I8): slots per core, per identity and per source,
 /// and how long the appliance waits for a client. A reload (SIGHUP, POLICY_RELOAD) puts
-/// them in force whole: from the next handshake (slots) and the next wait (timeouts).
+/// them in force whole: the slots and timeouts for connections made after it (a connection
+/// keeps those it started with), `max_inflight_per_connection` from the next request.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ConnectionLimits {
     /// Established connections each core holds.

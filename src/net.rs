@@ -322,6 +322,12 @@ async fn serve(
     established(ctx, stream, identity, conn, peer, &settings.limits).await
 }
 
+/// Why a handshake ended before it completed.
+enum Unfinished {
+    TimedOut,
+    Evicted,
+}
+
 /// The TLS handshake, within `tls.handshake_timeout_ms` and until a newer handshake evicts
 /// it; the stream and the client's identity.
 async fn handshake(
@@ -338,12 +344,11 @@ async fn handshake(
         futures_lite::future::or(
             async {
                 glommio::timer::sleep(settings.handshake_timeout).await;
-                Err("timed out")
+                Err(Unfinished::TimedOut)
             },
             async {
-                // Counted by the connection that took the slot.
                 slot.evicted.wait().await;
-                Err("evicted by a newer handshake (limits.max_handshakes_per_core)")
+                Err(Unfinished::Evicted)
             },
         ),
     )
@@ -355,11 +360,14 @@ async fn handshake(
             tracing::debug!(%conn, %peer, error = %e, "TLS handshake refused");
             return None;
         }
-        Err(why) => {
-            if why == "timed out" {
-                ctx.metrics.borrow_mut().handshake_timed_out += 1;
-            }
-            tracing::debug!(%conn, %peer, why, "TLS handshake ended");
+        Err(Unfinished::TimedOut) => {
+            ctx.metrics.borrow_mut().handshake_timed_out += 1;
+            tracing::debug!(%conn, %peer, "TLS handshake timed out");
+            return None;
+        }
+        // Counted by the connection that took the slot.
+        Err(Unfinished::Evicted) => {
+            tracing::debug!(%conn, %peer, "TLS handshake evicted by a newer one (limits.max_handshakes_per_core)");
             return None;
         }
     };

@@ -56,6 +56,16 @@ fn f(v: &serde_json::Value, path: &[&str]) -> f64 {
         .unwrap_or_else(|| panic!("{path:?} in {v:#}"))
 }
 
+/// The sum over cores of a counter's samples with `reason`, in a scrape.
+fn by_reason(metrics: &str, name: &str, reason: &str) -> f64 {
+    let (head, label) = (format!("{name}{{"), format!("reason=\"{reason}\""));
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(&head) && l.contains(&label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// The deriver's p99 during a flood stays within 5x of before (with a floor of 10 ms for
 /// the noise of a shared CI machine), nothing it asked was refused, and a fresh
 /// connection was answered within 1 s at every moment.
@@ -110,16 +120,7 @@ fn floods_of_connects_and_identities_over_their_limits_leave_a_deriver_served() 
     );
     // Counted by reason on /metrics.
     let (_, metrics) = common::http_get(app.admin, "/metrics");
-    let refused = |reason: &str| -> f64 {
-        metrics
-            .lines()
-            .filter(|l| {
-                l.starts_with("custody_connections_refused_total{")
-                    && l.contains(&format!("reason=\"{reason}\""))
-            })
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
-    };
+    let refused = |reason| by_reason(&metrics, "custody_connections_refused_total", reason);
     assert!(refused("roleless_identity") >= 350.0, "{metrics}");
     assert!(refused("identity") >= 150.0, "{metrics}");
     assert!(refused("source_handshakes") > 0.0, "{metrics}");
@@ -243,13 +244,7 @@ fn an_idle_timeout_never_cuts_a_connection_with_a_request_in_flight() {
         assert!(after.is_err(), "an idle connection stayed open: {after:?}");
     });
     let (_, metrics) = common::http_get(app.admin, "/metrics");
-    let idle: f64 = metrics
-        .lines()
-        .filter(|l| {
-            l.starts_with("custody_connections_closed_total{") && l.contains("reason=\"idle\"")
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum();
+    let idle = by_reason(&metrics, "custody_connections_closed_total", "idle");
     assert!(idle >= 1.0, "{metrics}");
 }
 

@@ -292,15 +292,16 @@ async fn phase(o: &FloodOptions, current: &Current, how_long: Duration) -> Phase
     *lock(current) = Phase::new();
     let until = Instant::now() + how_long;
     while Instant::now() < until {
-        sample_rss(o, current);
+        sample_rss(o.pid, current);
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    sample_rss(o, current);
+    sample_rss(o.pid, current);
     std::mem::replace(&mut *lock(current), Phase::new())
 }
 
-fn sample_rss(o: &FloodOptions, current: &Current) {
-    if let Some(kib) = o.pid.and_then(rss_kib) {
+/// Keeps the phase's largest resident size of custodyd.
+fn sample_rss(pid: Option<u32>, current: &Current) {
+    if let Some(kib) = pid.and_then(rss_kib) {
         let mut p = lock(current);
         p.rss_kib_max = Some(p.rss_kib_max.unwrap_or(0).max(kib));
     }
@@ -313,15 +314,8 @@ fn rss_kib(pid: u32) -> Option<u64> {
 
 /// `custody_heap_bytes{kind="in_use"}` from the admin listener.
 fn heap_in_use(o: &FloodOptions) -> Option<u64> {
-    use std::io::{Read, Write};
-    let admin = o.admin?;
-    let mut s = std::net::TcpStream::connect_timeout(&admin, Duration::from_secs(2)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
-    text.lines()
+    super::metrics_text(o.admin?)?
+        .lines()
         .find_map(|l| l.strip_prefix("custody_heap_bytes{kind=\"in_use\"} "))?
         .parse()
         .ok()
@@ -343,10 +337,7 @@ async fn one_flood(o: &FloodOptions, kind: Kind, current: &Current) -> anyhow::R
         let pid = o.pid;
         tokio::spawn(async move {
             loop {
-                if let Some(kib) = pid.and_then(rss_kib) {
-                    let mut p = lock(&current);
-                    p.rss_kib_max = Some(p.rss_kib_max.unwrap_or(0).max(kib));
-                }
+                sample_rss(pid, &current);
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         })

@@ -336,8 +336,8 @@ fn run_floods(o: &Options, a: FloodArgs) -> anyhow::Result<i32> {
     Ok(i32::from(failed))
 }
 
-/// The sum of a metric's samples in the appliance's /metrics (`None`: unreachable).
-fn metric_sum(admin: SocketAddr, name: &str) -> Option<f64> {
+/// The appliance's /metrics, as text (`None`: unreachable).
+fn metrics_text(admin: SocketAddr) -> Option<String> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect_timeout(&admin, Duration::from_secs(2)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
@@ -345,6 +345,12 @@ fn metric_sum(admin: SocketAddr, name: &str) -> Option<f64> {
         .ok()?;
     let mut text = String::new();
     s.read_to_string(&mut text).ok()?;
+    Some(text)
+}
+
+/// The sum of a metric's samples in the appliance's /metrics (`None`: unreachable).
+fn metric_sum(admin: SocketAddr, name: &str) -> Option<f64> {
+    let text = metrics_text(admin)?;
     let prefix = format!("{name}{{");
     Some(
         text.lines()
