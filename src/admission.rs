@@ -103,8 +103,9 @@ pub type HandshakeTicket = u64;
 #[derive(Debug, PartialEq, Eq)]
 pub struct HandshakeAdmitted<E> {
     pub ticket: HandshakeTicket,
-    /// The oldest handshake, put out to make room: its task must end it.
-    pub evicted: Option<E>,
+    /// The oldest handshakes, put out to make room (one, or more after a reload lowered
+    /// the bound): each one's task must be told to end.
+    pub evicted: Vec<E>,
 }
 
 /// One core's slots. `E` is what the caller needs to end an evicted handshake (a wake-up).
@@ -152,14 +153,13 @@ impl<E> Admission<E> {
         if from_source >= limits.max_handshakes_per_source {
             return Err(Refused::SourceHandshakes);
         }
-        let mut evicted = None;
+        let mut evicted = Vec::new();
         // A reload may lower the bound below what is held: evict down to it.
         while self.handshakes.len() >= limits.max_handshakes_per_core as usize {
-            let Some((ticket, _)) = self.handshakes.first_key_value() else {
+            let Some((&ticket, _)) = self.handshakes.first_key_value() else {
                 break;
             };
-            let ticket = *ticket;
-            evicted = self.end_handshake(ticket).or(evicted);
+            evicted.extend(self.end_handshake(ticket));
         }
         let ticket = self.next_ticket;
         self.next_ticket += 1;
@@ -326,7 +326,7 @@ mod tests {
             Err(Refused::SourceHandshakes)
         );
         let other = a.begin_handshake(ip("10.0.0.2"), 4, &l).unwrap();
-        assert_eq!(other.evicted, None);
+        assert!(other.evicted.is_empty());
         assert_eq!(a.in_use().handshakes, 3);
     }
 
@@ -338,7 +338,7 @@ mod tests {
         a.begin_handshake(ip("10.0.0.2"), 2, &l).unwrap();
         a.begin_handshake(ip("10.0.0.3"), 3, &l).unwrap();
         let fourth = a.begin_handshake(ip("10.0.0.4"), 4, &l).unwrap();
-        assert_eq!(fourth.evicted, Some(1));
+        assert_eq!(fourth.evicted, vec![1]);
         assert_eq!(a.in_use().handshakes, 3);
         // The evicted task ends its ticket as it goes: nothing changes.
         assert_eq!(a.end_handshake(first.ticket), None);
@@ -359,9 +359,9 @@ mod tests {
         }
         l.max_handshakes_per_core = 1;
         let next = a.begin_handshake(ip("10.0.0.1"), 9, &l).unwrap();
-        // Three were evicted; the last of them (the youngest) is reported, and all
-        // three tickets are gone.
-        assert_eq!(next.evicted, Some(2));
+        // All three were evicted, oldest first, and each is reported, so that every one
+        // of their tasks is told to end.
+        assert_eq!(next.evicted, vec![0, 1, 2]);
         assert_eq!(a.in_use().handshakes, 1);
     }
 

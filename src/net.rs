@@ -173,7 +173,7 @@ fn admit(ctx: &Rc<CoreContext>, stream: TcpStream) {
             return;
         }
     };
-    if let Some(oldest) = admitted.evicted {
+    for oldest in admitted.evicted {
         ctx.metrics.borrow_mut().handshakes_evicted += 1;
         oldest.notify();
     }
