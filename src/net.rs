@@ -489,8 +489,8 @@ struct Outbox {
     /// The last in-flight request finished.
     idle: LocalSignal,
     inflight: Cell<u32>,
-    /// When the last request in flight was answered: the idle timeout counts from the
-    /// later of this and the last byte received.
+    /// When the connection last had nothing left in flight: the idle timeout counts from
+    /// the later of this and the last byte received.
     last_answer: Cell<Instant>,
     closing: Cell<bool>,
     failed: Cell<bool>,
@@ -536,8 +536,9 @@ impl Outbox {
         );
         let left = self.inflight.get() - 1;
         self.inflight.set(left);
-        self.last_answer.set(Instant::now());
         if left == 0 {
+            // Only the answer that leaves nothing in flight starts the idle clock.
+            self.last_answer.set(Instant::now());
             self.idle.notify();
         }
     }
