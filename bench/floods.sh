@@ -6,6 +6,7 @@
 #
 #   bash bench/floods.sh                 # every flood at the issue's sizes
 #   TCP=20000 TLS=8400 bash bench/floods.sh
+#   ONLY=memory MEMORY=8000 ROUNDS=3 bash bench/floods.sh   # one part: floods, idle, memory
 #
 # Needs target/release (cargo build --release). The floods come from 127.0.0.2.
 set -euo pipefail
@@ -13,6 +14,7 @@ cd "$(dirname "$0")/.."
 TCP=${TCP:-8400}
 TLS=${TLS:-8191}
 MEMORY=${MEMORY:-8000}
+ONLY=${ONLY:-}
 bin=target/release
 dir=$(mktemp -d -t custody-floods-XXXXXX)
 pid=
@@ -68,20 +70,28 @@ floods() {
 
 echo "## $(date -u +%F), $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB; custodyd $(git rev-parse --short HEAD 2>/dev/null)"
 echo
+part() { [ -z "$ONLY" ] || [ "$ONLY" = "$1" ]; }
+
+if part floods; then
 echo "Default limits:"
 start ""
 floods --kinds tcp --flood-connections "$TCP"
 floods --kinds roleless,identity --flood-connections "$TLS"
 floods --kinds slow-header,slow-body --flood-connections 500 --hold-s 7
 stop
+fi
+if part idle; then
 echo
 echo "Idle connections closed (limits.idle_timeout_s = 3):"
 start "idle_timeout_s = 3"
 floods --kinds idle --flood-connections 1000 --hold-s 6
 stop
+fi
+if part memory; then
 echo
-echo "Memory: $MEMORY idle established connections of one identity, opened and closed 3 times (limits raised to hold them):"
+echo "Memory: $MEMORY idle established connections of one identity, opened and closed ${ROUNDS:-3} times (limits raised to hold them):"
 start "max_connections_per_core = 8192
 max_connections_per_identity = 8000"
-floods --kinds memory --flood-connections "$MEMORY" --rounds 3
+floods --kinds memory --flood-connections "$MEMORY" --rounds "${ROUNDS:-3}"
 stop
+fi

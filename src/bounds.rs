@@ -75,8 +75,3 @@ pub const ASSET_GROUPS_MAX: usize = 64;
 
 /// Most memberships (asset, group) all of `policy.asset_groups` may list together.
 pub const ASSET_GROUP_MEMBERS_MAX: usize = 1_000_000;
-
-/// Free heap the allocator may keep before the main thread tells it to give the memory
-/// back to the OS (`heap::give_back_if_worth_it`): enough for the buffers of a busy
-/// appliance, far below what a closed flood of connections leaves.
-pub const HEAP_FREE_RETAINED_BYTES_MAX: u64 = 2 << 20;

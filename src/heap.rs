@@ -1,66 +1,48 @@
-//! The process heap: what the allocator holds, and handing freed memory back to the OS.
+//! The process heap: custodyd's allocator, what it holds, and how freed memory goes back to
+//! the OS.
 //!
-//! custody uses the system allocator (glibc's malloc on the supported hosts). It keeps
-//! memory freed by the executors' threads in their arenas: after a flood of connections
-//! closes, a process that never asks would keep its peak resident size for good (issue 16
-//! measured 20 MB growing to 448 MB and staying there). `malloc_trim(0)` returns every
-//! free page of every arena (glibc 2.8 and later walk all arenas, not only the main one).
-//! The main thread calls [`give_back_if_worth_it`] every couple of seconds, off the
-//! executors: it trims only when the free memory held passes
-//! [`bounds::HEAP_FREE_RETAINED_BYTES_MAX`], so a steady appliance never pays for it.
+//! custodyd runs on jemalloc (`tikv-jemallocator`, the allocator TiKV ships), declared in
+//! `src/bin/custodyd.rs` with [`MALLOC_CONF`]: background threads return freed pages to the
+//! OS within [`DIRTY_DECAY_MS`], whatever the cores do meanwhile. glibc's malloc, before
+//! it, kept what a flood of connections freed: issue 16 measured 20 MB growing to 448 MB
+//! and staying there; with `malloc_trim` every 2 s the heap came back but resident memory
+//! stayed 44 % above its start, held by pages where the flood's freed blocks lay between
+//! long-lived ones. jemalloc's size classes keep the two apart and come back within about
+//! 10 % (docs/benchmarks.md, "Connection floods").
 //!
-//! A different allocator (jemalloc, mimalloc) would decay freed memory by itself, at the
-//! price of a C build and a second allocator to audit; glibc's own call does the job, and
-//! `docs/benchmarks.md` ("Connection floods") measures it.
+//! The figures are jemalloc's own statistics: only meaningful in a process that allocates
+//! with it (custodyd, and this crate's unit tests).
 
-use crate::bounds;
+/// How long freed ("dirty") pages stay mapped before jemalloc's background threads give
+/// them back (`madvise`): short, so that memory a closed flood left comes back in moments.
+pub const DIRTY_DECAY_MS: u64 = 1000;
+
+/// jemalloc's options, read at its start from the symbol custodyd exports
+/// (`_rjem_malloc_conf`): background purging threads, [`DIRTY_DECAY_MS`], and pages given
+/// back at once rather than kept "muzzy". Must agree with [`DIRTY_DECAY_MS`] (a unit test
+/// checks).
+pub const MALLOC_CONF: &[u8] = b"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0\0";
 
 /// The allocator's figures.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct HeapFigures {
-    /// Bytes handed out and not yet freed (arenas and large mmapped blocks).
+    /// Bytes allocated and not yet freed.
     pub in_use_bytes: u64,
-    /// Bytes freed but kept by the allocator in its arenas.
+    /// Resident bytes the allocator holds beyond them: freed pages not yet given back, and
+    /// its own metadata.
     pub free_bytes: u64,
 }
 
-/// What the allocator holds now; `None` where the allocator cannot say (not glibc).
-/// Takes every arena's lock for a moment: for scrapes and the main thread, not a core.
+/// What the allocator holds now (jemalloc's statistics, refreshed by this call); `None`
+/// if it cannot say.
 pub fn figures() -> Option<HeapFigures> {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        // SAFETY: mallinfo2 only reads the allocator's own bookkeeping (glibc >= 2.33).
-        let m = unsafe { libc::mallinfo2() };
-        Some(HeapFigures {
-            in_use_bytes: (m.uordblks + m.hblkhd) as u64,
-            free_bytes: m.fordblks as u64,
-        })
-    }
-    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-    {
-        None
-    }
-}
-
-/// Returns free arena pages to the OS when the allocator keeps more than
-/// [`bounds::HEAP_FREE_RETAINED_BYTES_MAX`] free; the bytes it held free before, if it
-/// trimmed.
-pub fn give_back_if_worth_it() -> Option<u64> {
-    let before = figures()?;
-    if before.free_bytes <= bounds::HEAP_FREE_RETAINED_BYTES_MAX {
-        return None;
-    }
-    give_back();
-    Some(before.free_bytes)
-}
-
-/// Returns every free page of every arena to the OS now.
-pub fn give_back() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim touches only the allocator's free lists; any thread may call it.
-    unsafe {
-        libc::malloc_trim(0);
-    }
+    tikv_jemalloc_ctl::epoch::advance().ok()?;
+    let allocated = tikv_jemalloc_ctl::stats::allocated::read().ok()? as u64;
+    let resident = tikv_jemalloc_ctl::stats::resident::read().ok()? as u64;
+    Some(HeapFigures {
+        in_use_bytes: allocated,
+        free_bytes: resident.saturating_sub(allocated),
+    })
 }
 
 #[cfg(test)]
@@ -68,9 +50,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn freed_memory_is_seen_and_given_back() {
-        let Some(start) = figures() else { return };
-        // Many small blocks, as connections leave them: freed, they stay in the arena.
+    fn the_conf_says_what_the_constant_says() {
+        let conf = std::str::from_utf8(&MALLOC_CONF[..MALLOC_CONF.len() - 1]).unwrap();
+        assert!(
+            conf.contains(&format!("dirty_decay_ms:{DIRTY_DECAY_MS}")),
+            "{conf}"
+        );
+        assert_eq!(MALLOC_CONF.last(), Some(&0), "jemalloc reads a C string");
+    }
+
+    #[test]
+    fn allocations_are_seen_and_freed_memory_is_no_longer_in_use() {
+        let start = figures().expect("jemalloc statistics (the unit tests allocate with it)");
+        // Many small blocks, as connections leave them.
         let blocks: Vec<Vec<u8>> = (0..20_000).map(|i| vec![i as u8; 4000]).collect();
         let held = figures().unwrap();
         assert!(
@@ -78,7 +70,6 @@ mod tests {
             "{held:?}"
         );
         drop(blocks);
-        give_back();
         let after = figures().unwrap();
         assert!(
             after.in_use_bytes < held.in_use_bytes - 60_000_000,

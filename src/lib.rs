@@ -41,7 +41,7 @@
 //! STOPPING and watchdog pings gated on every core's health), [`config`] (two-stage TOML),
 //! [`bounds`] (hard caps), [`preflight`] (the host checks before start: io_uring,
 //! RLIMIT_MEMLOCK, CPUs),
-//! [`heap`] (the allocator's figures, and free memory handed back to the OS),
+//! [`heap`] (custodyd's allocator, jemalloc, its figures and its decay of freed memory),
 //! [`locked`] (locked, undumpable, zeroizing memory for the keyed state),
 //! [`signal`] (lock-free wake-ups between tasks of one core),
 //! [`published`] (a value every core reads and a reload replaces whole: the policy, the
@@ -76,6 +76,11 @@ pub mod store;
 pub mod systemd;
 pub mod tls;
 pub mod wire;
+
+/// The unit tests allocate as custodyd does, so that `heap`'s figures mean the same.
+#[cfg(test)]
+#[global_allocator]
+static TEST_ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// The synchronisation primitives [`regions`] is written against (loom swaps these).
 pub(crate) mod sync {

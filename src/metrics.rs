@@ -411,10 +411,15 @@ fn render_heap(out: &mut String, heap: crate::heap::HeapFigures) {
     f.head(
         "custody_heap_bytes",
         "gauge",
-        "The allocator's heap: in_use (allocated and not freed), free (freed and kept by the allocator; past 2 MiB it is given back to the OS within seconds).",
+        "The allocator's heap (jemalloc): in_use (allocated and not freed), free (resident beyond in_use: freed pages not yet given back, within about a second, and the allocator's metadata), sqlite (the part of in_use SQLite holds: its page caches).",
     );
     f.sample("custody_heap_bytes", "kind=\"in_use\"", heap.in_use_bytes);
     f.sample("custody_heap_bytes", "kind=\"free\"", heap.free_bytes);
+    f.sample(
+        "custody_heap_bytes",
+        "kind=\"sqlite\"",
+        crate::store::sqlite::memory_used_bytes(),
+    );
 }
 
 /// The label value of a seal state.

@@ -390,10 +390,6 @@ pub fn run_with_reload(
                     notifier.status(&now);
                     status = now;
                 }
-                // Memory a closed flood of connections left free goes back to the OS.
-                if let Some(free) = crate::heap::give_back_if_worth_it() {
-                    tracing::debug!(free_bytes = free, "gave free heap memory back to the OS");
-                }
                 continue;
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => Err(()),

@@ -164,9 +164,10 @@ fn memory_a_flood_of_idle_connections_takes_comes_back() {
     register_all(&app, &[asset(1)]);
     let reports = floods(&app, "memory", 1000, 3.0);
     let memory = &reports[0];
-    // 1000 idle established connections opened and closed three times. (The issue's
-    // targets, 8 KiB a connection and 20 %, are not met yet: these bounds are what this
-    // build holds, so that a regression fails; docs/benchmarks.md.)
+    // 1000 idle established connections opened and closed three times: resident memory
+    // comes back within 20 % of before (the store's caches warmed first). (The issue's
+    // 8 KiB a connection is not met yet: the bound below is what this build holds, so
+    // that a regression fails; docs/benchmarks.md.)
     for per in memory["heap_bytes_per_connection"]
         .as_array()
         .expect("rounds")
@@ -192,9 +193,10 @@ fn memory_a_flood_of_idle_connections_takes_comes_back() {
         f(memory, &["rss_kib_peak"]),
         f(memory, &["rss_kib_after"]),
     );
+    assert!(rss_peak > rss_before + 5_000.0, "{memory:#}");
     assert!(
-        rss_after < rss_before + (rss_peak - rss_before) / 2.0,
-        "resident memory did not come back: {memory:#}"
+        rss_after <= 1.2 * rss_before,
+        "resident memory did not come back within 20 %: {memory:#}"
     );
 }
 

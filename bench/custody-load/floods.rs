@@ -127,6 +127,10 @@ pub struct FloodReport {
     pub heap_in_use_before: Option<u64>,
     pub heap_in_use_peak: Option<u64>,
     pub heap_in_use_after: Option<u64>,
+    /// The part of the heap in use that SQLite holds (its page caches grow with the
+    /// steady deriver's records, whatever the flood does).
+    pub heap_sqlite_before: Option<u64>,
+    pub heap_sqlite_after: Option<u64>,
     /// Memory rounds: heap bytes per idle established connection, each round.
     pub heap_bytes_per_connection: Vec<f64>,
 }
@@ -314,9 +318,15 @@ fn rss_kib(pid: u32) -> Option<u64> {
 
 /// `custody_heap_bytes{kind="in_use"}` from the admin listener.
 fn heap_in_use(o: &FloodOptions) -> Option<u64> {
+    heap_bytes(o, "in_use")
+}
+
+/// `custody_heap_bytes{kind=KIND}` from the admin listener.
+fn heap_bytes(o: &FloodOptions, kind: &str) -> Option<u64> {
+    let sample = format!("custody_heap_bytes{{kind=\"{kind}\"}} ");
     super::metrics_text(o.admin?)?
         .lines()
-        .find_map(|l| l.strip_prefix("custody_heap_bytes{kind=\"in_use\"} "))?
+        .find_map(|l| l.strip_prefix(sample.as_str()))?
         .parse()
         .ok()
 }
@@ -328,7 +338,15 @@ async fn one_flood(o: &FloodOptions, kind: Kind, current: &Current) -> anyhow::R
             o.connections
         );
     }
+    if kind == Kind::Memory {
+        // A working appliance's store caches are warm: fill them first (the writer's and
+        // the auditor's), so that "after" differs from "before" by what the flood left,
+        // not by SQLite's page caches filling with the steady deriver's records and the
+        // periodic reconciliations (each grows to its bound, 2 MiB a connection).
+        warm_store(o, WARM_DERIVATIONS).await?;
+    }
     let heap_before = heap_in_use(o);
+    let sqlite_before = heap_bytes(o, "sqlite");
     let before = phase(o, current, o.settle).await;
     let rss_before = o.pid.and_then(rss_kib);
     *lock(current) = Phase::new();
@@ -384,12 +402,51 @@ async fn one_flood(o: &FloodOptions, kind: Kind, current: &Current) -> anyhow::R
         heap_in_use_before: heap_before,
         heap_in_use_peak: heap_peak,
         heap_in_use_after: heap_in_use(o),
+        heap_sqlite_before: sqlite_before,
+        heap_sqlite_after: heap_bytes(o, "sqlite"),
         heap_bytes_per_connection: per_connection,
         before: before.figures(),
         during: during.figures(),
         after: after.figures(),
         flood,
     })
+}
+
+/// Derivations written before a memory run: about 4 MB of audit records.
+const WARM_DERIVATIONS: usize = 12_000;
+
+/// `n` derivations of the deriver's asset, 256 in flight at a time.
+async fn warm_store(o: &FloodOptions, n: usize) -> anyhow::Result<()> {
+    let client = Arc::new(
+        Client::connect(&client_config(o, "client"))
+            .await
+            .context("the warm-up connection")?,
+    );
+    let mut done = 0;
+    while done < n {
+        let batch: Vec<_> = (0..256.min(n - done))
+            .map(|_| {
+                let c = client.clone();
+                let asset = o.asset;
+                tokio::spawn(async move { derive_once(&c, asset).await })
+            })
+            .collect();
+        for t in batch {
+            if !t.await.unwrap_or(false) {
+                bail!("a warm-up derivation failed");
+            }
+        }
+        done += 256;
+    }
+    // And the auditor's: a full reconciliation reads the whole log through its own
+    // connection (as the periodic runs will during the measurement).
+    let auditor = Client::connect(&client_config(o, "flood"))
+        .await
+        .context("the warm-up auditor connection")?;
+    match auditor.call(&Request::Reconcile { full: true }).await {
+        Ok(Reply::Reconciled(_)) => Ok(()),
+        other => bail!("the warm-up reconciliation failed: {other:?}"),
+    }
 }
 
 /// What a TLS flood connection sends after its handshake.
@@ -648,11 +705,13 @@ pub fn print(reports: &[FloodReport], json: bool) -> anyhow::Result<()> {
                 b.map_or("-".to_owned(), |b| format!("{:.1}", b as f64 / 1048576.0))
             };
             println!(
-                "|   heap bytes per idle connection, by round: {}; heap in use MiB before / peak / after: {} / {} / {} |",
+                "|   heap bytes per idle connection, by round: {}; heap in use MiB before / peak / after: {} / {} / {} (of which SQLite {} / {}) |",
                 per.join(", "),
                 mb(r.heap_in_use_before),
                 mb(r.heap_in_use_peak),
-                mb(r.heap_in_use_after)
+                mb(r.heap_in_use_after),
+                mb(r.heap_sqlite_before),
+                mb(r.heap_sqlite_after)
             );
         }
     }

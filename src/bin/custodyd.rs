@@ -9,6 +9,17 @@
 use anyhow::Context;
 use std::path::PathBuf;
 
+/// jemalloc gives back what a flood of connections freed; glibc's malloc kept it
+/// (custody::heap).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// jemalloc's options (custody::heap::MALLOC_CONF), which jemalloc reads at its start
+/// from this symbol as a C string: a pointer to its first byte.
+#[export_name = "_rjem_malloc_conf"]
+#[used]
+pub static MALLOC_CONF: &u8 = &custody::heap::MALLOC_CONF[0];
+
 const USAGE: &str = "usage:
   custodyd run --config FILE     start the appliance
   custodyd check-config FILE     check a configuration file and report every problem

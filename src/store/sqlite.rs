@@ -22,6 +22,14 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+/// Heap bytes SQLite holds now, in every connection of the process (page caches above
+/// all; each connection's cache is bounded by SQLite's default `cache_size`, 2 MiB). Part
+/// of the heap in use: it grows with the store's work, not with clients' connections.
+pub fn memory_used_bytes() -> u64 {
+    // SAFETY: sqlite3_memory_used only reads SQLite's own counter (thread-safe).
+    u64::try_from(unsafe { rusqlite::ffi::sqlite3_memory_used() }).unwrap_or(0)
+}
+
 /// A shard that sent a batch this recently is expected to send the next one soon.
 const ACTIVE_SHARD_WINDOW: Duration = Duration::from_millis(5);
 use uuid::Uuid;
