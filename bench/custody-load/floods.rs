@@ -254,7 +254,14 @@ async fn start_steady(
                 .await
             {
                 Ok(Ok(c)) => derive_once(&c, asset).await,
-                _ => false,
+                Ok(Err(e)) => {
+                    eprintln!("custody-load floods: a fresh connection failed: {e}");
+                    false
+                }
+                Err(_) => {
+                    eprintln!("custody-load floods: a fresh connection took over 5 s");
+                    false
+                }
             };
             record(&current, started, ok, true);
         }
@@ -497,16 +504,29 @@ fn flood_socket(o: &FloodOptions) -> std::io::Result<tokio::net::TcpSocket> {
     Ok(s)
 }
 
-async fn open_tcp(o: &FloodOptions) -> (FloodOutcome, Vec<tokio::net::TcpStream>) {
+/// Opens `o.connections` TCP connections one after another. The process keeps 1,024
+/// descriptors for the steady clients: past its limit less those, the oldest flood
+/// connection is closed as a new one opens (the appliance has closed nearly all of them
+/// already: one source holds few handshake slots).
+async fn open_tcp(
+    o: &FloodOptions,
+) -> (
+    FloodOutcome,
+    std::collections::VecDeque<tokio::net::TcpStream>,
+) {
     let started = Instant::now();
     let mut outcome = FloodOutcome::default();
-    let mut held = Vec::with_capacity(o.connections);
+    let most_held = fd_limit().saturating_sub(1024).max(1);
+    let mut held = std::collections::VecDeque::with_capacity(o.connections.min(most_held));
     for _ in 0..o.connections {
+        if held.len() >= most_held {
+            held.pop_front();
+        }
         match flood_socket(o) {
             Ok(s) => match s.connect(o.addr).await {
                 Ok(stream) => {
                     outcome.opened += 1;
-                    held.push(stream);
+                    held.push_back(stream);
                 }
                 Err(_) => outcome.closed_before_tls += 1,
             },
@@ -515,6 +535,19 @@ async fn open_tcp(o: &FloodOptions) -> (FloodOutcome, Vec<tokio::net::TcpStream>
     }
     outcome.open_s = started.elapsed().as_secs_f64();
     (outcome, held)
+}
+
+/// This process's limit on open descriptors.
+fn fd_limit() -> usize {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes the struct given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return 1024;
+    }
+    usize::try_from(lim.rlim_cur).unwrap_or(usize::MAX)
 }
 
 type Tls = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
@@ -647,15 +680,25 @@ async fn watch(mut s: Tls, hold: Duration) -> Closed {
     }
 }
 
-/// Many connections need many descriptors: take the hard limit.
+/// Many connections need many descriptors: the floods hold theirs in this process, beside
+/// the steady clients', so raise the limit well past the largest flood (as root, the hard
+/// limit too), or else take the hard limit.
 fn raise_fd_limit() {
+    const WANTED: libc::rlim_t = 1 << 18;
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
     // SAFETY: getrlimit/setrlimit only read and write the struct given.
     unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return;
+        }
+        let raised = libc::rlimit {
+            rlim_cur: WANTED.max(lim.rlim_cur),
+            rlim_max: WANTED.max(lim.rlim_max),
+        };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) != 0 {
             lim.rlim_cur = lim.rlim_max;
             libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
         }
