@@ -9,7 +9,9 @@
 //! - [`net`]: accepts on the shared port, TLS handshake, reads frames, writes replies;
 //!   [`admission`] decides who holds a handshake or connection slot (per core, source
 //!   and identity), and every wait for a client has a timeout.
-//! - [`tls`]: rustls configuration; the requester is the client certificate's identity.
+//! - [`tls`]: rustls configuration; the requester is the client certificate's identity;
+//!   [`tls::stream`] is the server side of a connection over rustls's unbuffered API
+//!   (an idle connection holds no TLS buffer).
 //! - [`wire`]: the sans-IO codec of protocol v3 (frames, requests, replies, statuses).
 //! - [`policy`]: the gate every request passes before it reaches a shard: the identity's
 //!   roles (deriver by purpose, region and asset group, operator, admin, auditor) and the

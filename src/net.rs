@@ -88,7 +88,7 @@ pub struct CoreContext {
 /// A handshake uses the settings in force when it starts, so a connection established
 /// before a reload keeps its certificate; the limits apply from the next accept or request.
 pub struct ConnectionSettings {
-    pub acceptor: futures_rustls::TlsAcceptor,
+    pub acceptor: Arc<rustls::ServerConfig>,
     pub identity: IdentitySource,
     pub require_client_cert: bool,
     pub handshake_timeout: Duration,
@@ -105,7 +105,7 @@ impl ConnectionSettings {
     ) -> Result<ConnectionSettings, tls::TlsError> {
         let server = tls::server_config(&config.tls)?;
         Ok(ConnectionSettings {
-            acceptor: futures_rustls::TlsAcceptor::from(server.config),
+            acceptor: server.config,
             identity: config.tls.identity,
             require_client_cert: config.tls.require_client_cert,
             handshake_timeout: config.tls.handshake_timeout,
@@ -274,7 +274,7 @@ impl Drop for ConnectionGuard {
 }
 
 /// The TLS stream of an established connection, shared by its reader and writer tasks.
-type SharedTls = Rc<RefCell<futures_rustls::server::TlsStream<TcpStream>>>;
+type SharedTls = Rc<RefCell<tls::stream::ServerTls<TcpStream>>>;
 
 async fn serve(
     ctx: &Rc<CoreContext>,
@@ -340,7 +340,7 @@ async fn handshake(
 ) -> Option<(SharedTls, Arc<str>)> {
     let _ = stream.set_nodelay(true);
     let outcome = futures_lite::future::or(
-        async { Ok(settings.acceptor.accept(stream).await) },
+        async { Ok(tls::stream::accept(settings.acceptor.clone(), stream).await) },
         futures_lite::future::or(
             async {
                 glommio::timer::sleep(settings.handshake_timeout).await;
@@ -371,7 +371,7 @@ async fn handshake(
             return None;
         }
     };
-    let identity = match tls.get_ref().1.peer_certificates().and_then(|c| c.first()) {
+    let identity = match tls.peer_certificates().and_then(|c| c.first()) {
         Some(cert) => match tls::identity_of(cert, settings.identity) {
             Ok(id) => id,
             Err(e) => {

@@ -1,6 +1,8 @@
 //! TLS 1.3 with rustls: the server's mutual-TLS configuration, the requester identity
 //! taken from the client certificate, the client's configuration, and development
-//! certificates (`custody dev-certs`).
+//! certificates (`custody dev-certs`). `stream` is the server side of a connection.
+
+pub mod stream;
 
 use crate::bounds;
 use crate::config::IdentitySource;
