@@ -41,7 +41,7 @@
 //! Around the request path: [`metrics`] (per-core figures merged at scrape time, and
 //! the admin listener: /metrics, /healthz, /readyz), [`systemd`] (READY, STATUS,
 //! STOPPING and watchdog pings gated on every core's health), [`config`] (two-stage TOML),
-//! [`bounds`] (hard caps), [`preflight`] (the host checks before start: io_uring,
+//! [`dev`] (`custodyd dev`: a development appliance in one command), [`bounds`] (hard caps), [`preflight`] (the host checks before start: io_uring,
 //! RLIMIT_MEMLOCK, CPUs),
 //! [`heap`] (custodyd's allocator, jemalloc, its figures and its decay of freed memory),
 //! [`locked`] (locked, undumpable, zeroizing memory for the keyed state),
@@ -57,6 +57,7 @@ pub mod auditor;
 pub mod bounds;
 pub mod client;
 pub mod config;
+pub mod dev;
 pub mod heap;
 pub mod kdf;
 pub mod lifecycle;

@@ -119,3 +119,60 @@ fn cli_register_derive_status_in_text_and_json() {
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["shard_count"], 2);
 }
+
+#[test]
+fn register_from_a_file_reports_each_line_and_changes_nothing_for_an_invalid_one() {
+    let app = TestAppliance::start();
+    let existing = asset(9_001);
+    assert_eq!(custody(&app, &["register", &existing.to_string()]).0, 0);
+    let fresh: Vec<uuid::Uuid> = (0..300).map(|n| asset(9_100 + n)).collect();
+    let mut text =
+        format!("# an import\n{existing}\n\nnot-a-uuid\n00000000-0000-0000-0000-000000000000\n");
+    for a in &fresh {
+        text.push_str(&format!("{a}\n"));
+    }
+    text.push_str(&format!("{}\n", fresh[0]));
+    let file = app.dir.path().join("assets.txt");
+    std::fs::write(&file, &text).unwrap();
+
+    let (code, out, err) = custody(
+        &app,
+        &["register", "--file", file.to_str().unwrap(), "--json"],
+    );
+    assert_eq!(code, 1, "invalid lines make the exit status 1: {out}{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let s = &v["summary"];
+    assert_eq!(
+        (
+            s["registered"].as_u64(),
+            s["exists"].as_u64(),
+            s["invalid"].as_u64(),
+            s["repeated"].as_u64(),
+            s["failed"].as_u64()
+        ),
+        (Some(300), Some(1), Some(2), Some(1), Some(0)),
+        "{out}"
+    );
+    let lines = v["lines"].as_array().unwrap();
+    assert_eq!(lines[0]["line"], 2);
+    assert_eq!(lines[0]["outcome"], "exists");
+    assert_eq!(lines[1]["outcome"], "invalid");
+    assert_eq!(lines[2]["status"], "INVALID_ASSET_ID");
+    // Every valid new line is registered, at counter 0.
+    for a in &fresh {
+        let (code, st, _) = custody(&app, &["status", &a.to_string(), "--json"]);
+        let st: serde_json::Value = serde_json::from_str(&st).unwrap();
+        assert_eq!(
+            (code, &st["counter"]),
+            (0, &serde_json::json!(0)),
+            "{a}: {st}"
+        );
+    }
+    // The invalid ones changed nothing: the same file again registers nothing new.
+    let (code, out, _) = custody(&app, &["register", "--file", file.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(
+        out.ends_with("0 registered, 301 existed, 2 invalid, 1 repeated, 0 failed\n"),
+        "{out}"
+    );
+}

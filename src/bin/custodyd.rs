@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! custodyd run --config FILE        serve (the default command)
+//! custodyd dev [--state-dir DIR]    a development appliance, ready to use (NOT for production)
 //! custodyd check-config FILE        report every problem in a configuration file
 //! custodyd version
 //! ```
@@ -22,6 +23,17 @@ pub static MALLOC_CONF: &u8 = &custody::heap::MALLOC_CONF[0];
 
 const USAGE: &str = "usage:
   custodyd run --config FILE     start the appliance
+  custodyd dev [--state-dir DIR] [--listen ADDR] [--shard-listen ADDR|\"\"] [--admin-listen ADDR]
+               [--cores N] [--rate-limit N/Ss] [--log-level LEVEL]
+                                 a development appliance, ready to use, NOT for production:
+                                 development certificates and seed, the embedded store, a
+                                 policy that gives the development client every role; prints
+                                 the commands to use it. A new state directory (removed when
+                                 it stops) unless --state-dir names one to keep (reused:
+                                 certificates, seed and store). Defaults: listen
+                                 127.0.0.1:7443, shard ports from 127.0.0.1:7444, admin
+                                 127.0.0.1:7480, every core, rate limit 1000/1s per
+                                 requester and asset
   custodyd check-config FILE     check a configuration file and report every problem
   custodyd migrate --config FILE apply the store's schema migrations (PostgreSQL)
   custodyd version               print the version";
@@ -68,7 +80,13 @@ fn real_main() -> anyhow::Result<i32> {
                 println!("{USAGE}");
                 return Ok(0);
             }
-            Value(v) if command.is_none() => command = Some(v.string()?),
+            Value(v) if command.is_none() => {
+                let name = v.string()?;
+                if name == "dev" {
+                    return dev(parser);
+                }
+                command = Some(name);
+            }
             Value(v) => positional.push(v.into()),
             _ => return Err(arg.unexpected().into()),
         }
@@ -176,38 +194,84 @@ fn real_main() -> anyhow::Result<i32> {
             let Some(config) = load_config(config, &positional, "run")? else {
                 return Ok(2);
             };
-            let logs = tracing_subscriber::fmt()
-                .with_max_level(config.server.log_level)
-                .with_writer(std::io::stderr)
-                .with_target(false);
-            if config.server.log_json {
-                // One object per line; a request's events carry the connection span.
-                logs.json()
-                    .with_current_span(true)
-                    .with_span_list(false)
-                    .init();
-            } else {
-                // Colour codes only on a terminal, never in a file or the journal.
-                logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-                    .init();
-            }
-            // The process will hold the keyed derivation state: no core dumps, no
-            // same-user ptrace.
-            if let Err(e) = custody::locked::forbid_core_dumps() {
-                eprintln!("custodyd: cannot make the process undumpable: {e}");
-                return Ok(1);
-            }
-            match custody::server::run_with_reload(config, file) {
-                Ok(()) => Ok(0),
-                Err(e) => {
-                    eprintln!("custodyd stopped: {e}");
-                    Ok(e.exit_code())
-                }
-            }
+            serve(config, file)
         }
         other => {
             eprintln!("unknown command {other:?}\n{USAGE}");
             Ok(2)
+        }
+    }
+}
+
+/// `custodyd dev`: prepares a development state directory, prints how to use it, serves
+/// until SIGTERM or Ctrl-C, and removes the directory unless it was given.
+fn dev(mut parser: lexopt::Parser) -> anyhow::Result<i32> {
+    use lexopt::prelude::*;
+    let mut o = custody::dev::DevOptions::default();
+    while let Some(arg) = parser.next()? {
+        match arg {
+            Long("state-dir") => o.state_dir = Some(parser.value()?.into()),
+            Long("listen") => o.listen = parser.value()?.parse()?,
+            Long("shard-listen") => {
+                let v = parser.value()?.string()?;
+                o.shard_listen = if v.is_empty() { None } else { Some(v.parse()?) };
+            }
+            Long("admin-listen") => o.admin_listen = parser.value()?.parse()?,
+            Long("cores") => o.cores = parser.value()?.parse()?,
+            Long("rate-limit") => o.rate_limit = parser.value()?.string()?,
+            Long("log-level") => o.log_level = parser.value()?.string()?,
+            Long("help") | Short('h') => {
+                println!("{USAGE}");
+                return Ok(0);
+            }
+            _ => return Err(arg.unexpected().into()),
+        }
+    }
+    let setup = custody::dev::prepare(&o)?;
+    let Some(config) = load_config(Some(setup.config_file.clone()), &[], "dev")? else {
+        return Ok(2);
+    };
+    let bin_dir = std::env::current_exe()?
+        .parent()
+        .map(std::path::Path::to_path_buf)
+        .unwrap_or_default();
+    print!("{}", custody::dev::banner(&setup, &o, &bin_dir));
+    std::io::Write::flush(&mut std::io::stdout())?;
+    let code = serve(config, Some(setup.config_file.clone()));
+    if !setup.kept {
+        let _ = std::fs::remove_dir_all(&setup.dir);
+    }
+    code
+}
+
+/// Serves `config` (read from `file`, which a reload reads again) until stopped.
+fn serve(config: custody::config::Config, file: Option<PathBuf>) -> anyhow::Result<i32> {
+    let logs = tracing_subscriber::fmt()
+        .with_max_level(config.server.log_level)
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    if config.server.log_json {
+        // One object per line; a request's events carry the connection span.
+        logs.json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .init();
+    } else {
+        // Colour codes only on a terminal, never in a file or the journal.
+        logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init();
+    }
+    // The process will hold the keyed derivation state: no core dumps, no
+    // same-user ptrace.
+    if let Err(e) = custody::locked::forbid_core_dumps() {
+        eprintln!("custodyd: cannot make the process undumpable: {e}");
+        return Ok(1);
+    }
+    match custody::server::run_with_reload(config, file) {
+        Ok(()) => Ok(0),
+        Err(e) => {
+            eprintln!("custodyd stopped: {e}");
+            Ok(e.exit_code())
         }
     }
 }

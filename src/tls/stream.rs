@@ -161,7 +161,10 @@ fn encrypt_into(
                 return Ok(());
             }
             Err(EncryptError::InsufficientSize(InsufficientSizeError { required_size })) => {
-                assert!(required_size > room, "rustls asked for no more room than it had");
+                assert!(
+                    required_size > room,
+                    "rustls asked for no more room than it had"
+                );
                 room = required_size;
             }
             Err(EncryptError::EncryptExhausted) => {
@@ -279,20 +282,28 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ServerTls<S> {
             };
             let result = if self.incomplete.is_empty() {
                 // The common case: whole records, processed where they were read.
-                absorb(&mut self.conn, &mut scratch[..n], &mut sink, &mut self.outgoing).map(
-                    |(done, settled)| {
-                        self.incomplete.extend_from_slice(&scratch[done..n]);
-                        settled
-                    },
+                absorb(
+                    &mut self.conn,
+                    &mut scratch[..n],
+                    &mut sink,
+                    &mut self.outgoing,
                 )
+                .map(|(done, settled)| {
+                    self.incomplete.extend_from_slice(&scratch[done..n]);
+                    settled
+                })
             } else {
                 self.incomplete.extend_from_slice(&scratch[..n]);
-                absorb(&mut self.conn, &mut self.incomplete, &mut sink, &mut self.outgoing).map(
-                    |(done, settled)| {
-                        self.incomplete.drain(..done);
-                        settled
-                    },
+                absorb(
+                    &mut self.conn,
+                    &mut self.incomplete,
+                    &mut sink,
+                    &mut self.outgoing,
                 )
+                .map(|(done, settled)| {
+                    self.incomplete.drain(..done);
+                    settled
+                })
             };
             let filled = sink.filled;
             scratch[..n].zeroize();
@@ -467,7 +478,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ServerTls<S> {
                 scratch.append(pending);
                 *pending = Vec::new();
                 let guess = take + take / 8 + 64;
-                encrypt_into(&mut scratch, guess, |out| traffic.encrypt(&data[..take], out))
+                encrypt_into(&mut scratch, guess, |out| {
+                    traffic.encrypt(&data[..take], out)
+                })
             });
             let sent = encrypted.and_then(|r| r).and_then(|()| {
                 // Straight from the scratch buffer when the socket takes it all (nearly
@@ -727,6 +740,9 @@ mod tests {
             let s = std::net::TcpStream::connect(addr).unwrap();
             drop(s);
         });
-        assert_eq!(result.err().map(|e| e.kind()), Some(io::ErrorKind::UnexpectedEof));
+        assert_eq!(
+            result.err().map(|e| e.kind()),
+            Some(io::ErrorKind::UnexpectedEof)
+        );
     }
 }
