@@ -49,6 +49,10 @@ enum Job {
         hash: [u8; 32],
         done: Completer<Result<Proof, String>>,
     },
+    ListAssets {
+        request: crate::wire::ListAssets,
+        done: Completer<Result<Vec<crate::store::ListedRow>, String>>,
+    },
 }
 
 /// What proving a receipt found.
@@ -143,6 +147,9 @@ impl Auditor {
                                 hash,
                                 done,
                             }) => done.complete(worker.prove(shard, seq, &hash).await),
+                            Ok(Job::ListAssets { request, done }) => {
+                                done.complete(worker.list_assets(request).await)
+                            }
                             Err(RecvTimeoutError::Timeout) if next_run.is_some() => {
                                 let _ = worker.run(false).await;
                                 next_run = interval.map(|i| Instant::now() + i);
@@ -179,6 +186,19 @@ impl Auditor {
             hash,
             done,
         }) {
+            Ok(()) => Some(pending),
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => None,
+        }
+    }
+
+    /// Asks for a page of the key table (LIST_ASSETS) with one row more than the page,
+    /// which says whether more follow; `None` when the queue is full (answer BUSY).
+    pub fn list_assets(
+        &self,
+        request: crate::wire::ListAssets,
+    ) -> Option<Pending<Result<Vec<crate::store::ListedRow>, String>>> {
+        let (done, pending) = completion();
+        match self.jobs.try_send(Job::ListAssets { request, done }) {
             Ok(()) => Some(pending),
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => None,
         }
@@ -314,6 +334,32 @@ impl Worker {
 
     /// Reads the record of a receipt and the chain up to the first checkpoint at or after
     /// it, and proves it ([`crate::reconcile::prove`]).
+    /// A page of the key table, read outside any reconciliation's snapshot.
+    async fn list_assets(
+        &mut self,
+        request: crate::wire::ListAssets,
+    ) -> Result<Vec<crate::store::ListedRow>, String> {
+        if self.source.is_none() {
+            self.source = Some(
+                self.open()
+                    .await
+                    .map_err(|e| format!("cannot read the store: {e}"))?,
+            );
+        }
+        let source: &dyn crate::reconcile::AuditSource = match self.source.as_ref() {
+            Some(Source::Sqlite(r)) => r,
+            Some(Source::Postgres(p)) => p,
+            None => return Err("no store connection".into()),
+        };
+        let page = source
+            .asset_page(request.after, request.state, usize::from(request.limit) + 1)
+            .await;
+        page.map_err(|e| {
+            self.source = None;
+            format!("reading the store: {e}")
+        })
+    }
+
     async fn prove(&mut self, shard: u16, seq: u64, hash: &[u8; 32]) -> Result<Proof, String> {
         if self.source.is_none() {
             self.source = Some(

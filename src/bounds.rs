@@ -66,6 +66,9 @@ pub const ROTATION_IDS_PER_SHARD_CAP: usize = 10_000_000;
 /// Most rate-limit buckets one shard may be configured to keep.
 pub const RATE_LIMIT_BUCKETS_PER_SHARD_CAP: usize = 10_000_000;
 
+/// Most assets one LIST_ASSETS page carries (a page reply is then at most 8,965 bytes).
+pub const LIST_ASSETS_PAGE_MAX: u16 = 256;
+
 /// Most regions `policy.regions` may name (the configured regions, at start or after a reload).
 pub const REGIONS_MAX: usize = 255;
 

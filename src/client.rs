@@ -382,6 +382,26 @@ impl Client {
         }
     }
 
+    /// Auditor or operator: one page of the registered assets after `after` (the nil UUID
+    /// for the first page), in `state` if given, at most `limit` (1 to 256).
+    pub async fn list_assets(
+        &self,
+        state: Option<crate::lifecycle::AssetState>,
+        after: Uuid,
+        limit: u16,
+    ) -> Result<crate::wire::AssetPage, ClientError> {
+        let request = Request::ListAssets(crate::wire::ListAssets {
+            state,
+            after,
+            limit,
+        });
+        match self.call(&request).await? {
+            Reply::Assets(page) => Ok(page),
+            Reply::Refused(r) => Err(ClientError::Refused(r)),
+            _ => Err(ClientError::UnexpectedReply(Opcode::ListAssets)),
+        }
+    }
+
     /// Admin: has the appliance re-read its configuration file and put its `[policy]` in
     /// force (whole, or not at all: POLICY_INVALID lists the file's problems).
     pub async fn policy_reload(&self) -> Result<crate::wire::PolicyReloaded, ClientError> {

@@ -245,6 +245,7 @@ pub fn banner(setup: &DevSetup, options: &DevOptions, bin_dir: &Path) -> String 
         format!("{cli} derive {a} --path \"m/44'/0'/0'/0'/7\" --json"),
         format!("{cli} status {a} --json"),
         format!("{cli} rotate {a}"),
+        format!("{cli} assets"),
         format!("{cli} reconcile"),
     ] {
         let _ = writeln!(b, "  {line}");

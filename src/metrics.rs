@@ -979,6 +979,7 @@ pub fn opcode_name(op: Opcode) -> &'static str {
         Opcode::PolicyReload => "POLICY_RELOAD",
         Opcode::Reconcile => "RECONCILE",
         Opcode::ProveReceipt => "PROVE_RECEIPT",
+        Opcode::ListAssets => "LIST_ASSETS",
     }
 }
 

@@ -998,6 +998,58 @@ fn reconcile(
     );
 }
 
+/// LIST_ASSETS: the auditor thread reads a page of the key table (the durable state), one
+/// row past the page to say whether more follow.
+fn list_assets(
+    ctx: &CoreContext,
+    outbox: &Rc<Outbox>,
+    opcode: u8,
+    request_id: u64,
+    page: wire::ListAssets,
+) {
+    let pending = ctx.auditor.as_ref().and_then(|a| a.list_assets(page));
+    let Some(pending) = pending else {
+        let mut refusal = Refusal::new(
+            Status::Busy,
+            "the auditor's queue is full; ask again shortly",
+        );
+        refusal.retry_after_ms = 1000;
+        return outbox.refuse(opcode, request_id, refusal);
+    };
+    let shards = ctx.hello.shard_count;
+    let limit = usize::from(page.limit);
+    answer_when(
+        outbox,
+        opcode,
+        request_id,
+        pending,
+        move |mut rows| {
+            let more = rows.len() > limit;
+            rows.truncate(limit);
+            Reply::Assets(wire::AssetPage {
+                assets: rows
+                    .into_iter()
+                    .map(|r| wire::ListedAsset {
+                        asset: r.asset.asset,
+                        state: r.asset.state,
+                        counter: r.asset.counter,
+                        shard: crate::router::shard_of(&r.asset.asset, shards),
+                        changed_unix_ms: r.changed_unix_ms,
+                    })
+                    .collect(),
+                more,
+            })
+        },
+        |why| {
+            Refusal::new(
+                Status::StoreUnavailable,
+                format!("the assets could not be read: {why}"),
+            )
+        },
+        "the auditor thread stopped",
+    );
+}
+
 /// PROVE_RECEIPT: the auditor thread reads the receipt's record and the chain to the first
 /// checkpoint after it, and says what it found.
 fn prove_receipt(
@@ -1089,9 +1141,10 @@ fn dispatch(
         | Request::Suspend { .. }
         | Request::Resume { .. } => Need::Operator,
         // Reconciliation is an auditor's read (operators and admins may too).
-        Request::Status { .. } | Request::Reconcile { .. } | Request::ProveReceipt(_) => {
-            Need::Status
-        }
+        Request::Status { .. }
+        | Request::Reconcile { .. }
+        | Request::ProveReceipt(_)
+        | Request::ListAssets(_) => Need::Status,
         // Checked with its purpose and region once the fields are.
         Request::Derive(_) => Need::Anyone,
     };
@@ -1123,6 +1176,7 @@ fn dispatch(
         Request::ProveReceipt(receipt) => {
             return prove_receipt(ctx, outbox, opcode, request_id, receipt)
         }
+        Request::ListAssets(page) => return list_assets(ctx, outbox, opcode, request_id, page),
         Request::SetRegion { region, enabled } => match access.regions().find(&region) {
             Some((_, slot)) => {
                 tracing::warn!(%identity, request_id, %region, enabled, "region switch requested");

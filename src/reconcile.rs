@@ -553,6 +553,23 @@ pub trait AuditSource {
     fn assets(
         &self,
     ) -> crate::store::LocalFuture<Result<Vec<StoredAsset>, crate::store::StoreError>>;
+    /// At most `limit` rows of the key table with an asset id above `after` (in RFC 4122
+    /// byte order), in `state` if given, in asset id order (LIST_ASSETS). A source that
+    /// does not list says so.
+    fn asset_page(
+        &self,
+        after: uuid::Uuid,
+        state: Option<crate::lifecycle::AssetState>,
+        limit: usize,
+    ) -> crate::store::LocalFuture<Result<Vec<crate::store::ListedRow>, crate::store::StoreError>>
+    {
+        let _ = (after, state, limit);
+        Box::pin(async {
+            Err(crate::store::StoreError::Unavailable(
+                "this source does not list assets".into(),
+            ))
+        })
+    }
 }
 
 /// How a run reads: its page size, and what it awaits between pages (the appliance

@@ -65,10 +65,12 @@ pub enum Opcode {
     Reconcile = 0x0F,
     /// Auditor: prove a receipt (shard, seq, hash) is in the log, under a checkpoint.
     ProveReceipt = 0x10,
+    /// Auditor or operator: a page of the registered assets, by asset id.
+    ListAssets = 0x11,
 }
 
 impl Opcode {
-    pub const ALL: [Opcode; 16] = [
+    pub const ALL: [Opcode; 17] = [
         Opcode::Hello,
         Opcode::Register,
         Opcode::Derive,
@@ -85,6 +87,7 @@ impl Opcode {
         Opcode::PolicyReload,
         Opcode::Reconcile,
         Opcode::ProveReceipt,
+        Opcode::ListAssets,
     ];
 
     pub fn from_u8(value: u8) -> Option<Opcode> {
@@ -544,7 +547,40 @@ pub enum Request {
         full: bool,
     },
     ProveReceipt(Receipt),
+    ListAssets(ListAssets),
 }
+
+/// A LIST_ASSETS request: the assets after `after` (by asset id, in RFC 4122 byte order),
+/// in `state` if given, at most `limit` (1 to [`bounds::LIST_ASSETS_PAGE_MAX`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ListAssets {
+    pub state: Option<AssetState>,
+    /// Exclusive; the nil UUID starts from the first asset.
+    pub after: Uuid,
+    pub limit: u16,
+}
+
+/// One asset of a LIST_ASSETS page, as the store holds it (durable state).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct ListedAsset {
+    pub asset: Uuid,
+    pub state: AssetState,
+    pub counter: u64,
+    pub shard: u16,
+    /// When its state or counter last changed (its registration, its last rotation,
+    /// suspension, resumption or retirement).
+    pub changed_unix_ms: u64,
+}
+
+/// What LIST_ASSETS answers: a page, and whether assets follow its last one.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct AssetPage {
+    pub assets: Vec<ListedAsset>,
+    pub more: bool,
+}
+
+/// Bytes of one LIST_ASSETS entry.
+pub const LISTED_ASSET_BYTES: usize = 16 + 1 + 8 + 2 + 8;
 
 /// What PROVE_RECEIPT answers.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
@@ -621,6 +657,7 @@ impl Request {
             Request::PolicyReload => Opcode::PolicyReload,
             Request::Reconcile { .. } => Opcode::Reconcile,
             Request::ProveReceipt(_) => Opcode::ProveReceipt,
+            Request::ListAssets(_) => Opcode::ListAssets,
         }
     }
 
@@ -637,6 +674,28 @@ impl Request {
                 seq: r.u64("seq")?,
                 hash: array_at(r.take("hash", 32)?, 0),
             }),
+            Opcode::ListAssets => {
+                let state = match r.u8("state")? {
+                    0 => None,
+                    code => Some(AssetState::from_u8(code).ok_or(WireError::BadField {
+                        field: "state",
+                        reason: "not 0 (any) or an asset state code",
+                    })?),
+                };
+                let after = r.uuid("after")?;
+                let limit = r.u16("limit")?;
+                if limit == 0 || limit > bounds::LIST_ASSETS_PAGE_MAX {
+                    return Err(WireError::BadField {
+                        field: "limit",
+                        reason: "not 1 to 256",
+                    });
+                }
+                Request::ListAssets(ListAssets {
+                    state,
+                    after,
+                    limit,
+                })
+            }
             Opcode::Reconcile => {
                 let flags = r.u8("flags")?;
                 if flags & !RECONCILE_FLAG_FULL != 0 {
@@ -753,6 +812,11 @@ impl Request {
             | Request::PolicyReload => {}
             Request::Reconcile { full } => {
                 out.push(if *full { RECONCILE_FLAG_FULL } else { 0 });
+            }
+            Request::ListAssets(l) => {
+                out.push(l.state.map_or(0, |s| s as u8));
+                out.extend_from_slice(l.after.as_bytes());
+                out.extend_from_slice(&l.limit.to_be_bytes());
             }
             Request::ProveReceipt(receipt) => {
                 out.extend_from_slice(&receipt.shard.to_be_bytes());
@@ -1041,6 +1105,7 @@ pub enum Reply {
     PolicyReloaded(PolicyReloaded),
     Reconciled(ReconcileSummary),
     Proof(ProofInfo),
+    Assets(AssetPage),
     Refused(Refusal),
 }
 
@@ -1066,6 +1131,22 @@ impl Reply {
                 for port in &h.shard_ports {
                     out.extend_from_slice(&port.to_be_bytes());
                 }
+            }
+            Reply::Assets(page) => {
+                out.extend_from_slice(&(Status::Ok as u16).to_be_bytes());
+                let n = page
+                    .assets
+                    .len()
+                    .min(usize::from(bounds::LIST_ASSETS_PAGE_MAX));
+                out.extend_from_slice(&(n as u16).to_be_bytes());
+                for a in &page.assets[..n] {
+                    out.extend_from_slice(a.asset.as_bytes());
+                    out.push(a.state as u8);
+                    out.extend_from_slice(&a.counter.to_be_bytes());
+                    out.extend_from_slice(&a.shard.to_be_bytes());
+                    out.extend_from_slice(&a.changed_unix_ms.to_be_bytes());
+                }
+                out.push(u8::from(page.more));
             }
             Reply::Asset(a) => {
                 out.extend_from_slice(&(Status::Ok as u16).to_be_bytes());
@@ -1243,6 +1324,42 @@ impl Reply {
                         list.push((name, enabled));
                     }
                     Reply::Regions(list)
+                }
+                Opcode::ListAssets => {
+                    let n = r.u16("count")?;
+                    if n > bounds::LIST_ASSETS_PAGE_MAX {
+                        return Err(WireError::BadField {
+                            field: "count",
+                            reason: "more than 256",
+                        });
+                    }
+                    let mut assets = Vec::with_capacity(usize::from(n));
+                    for _ in 0..n {
+                        let asset = r.uuid("asset_id")?;
+                        let state =
+                            AssetState::from_u8(r.u8("state")?).ok_or(WireError::BadField {
+                                field: "state",
+                                reason: "unknown asset state",
+                            })?;
+                        assets.push(ListedAsset {
+                            asset,
+                            state,
+                            counter: r.u64("counter")?,
+                            shard: r.u16("shard")?,
+                            changed_unix_ms: r.u64("changed_unix_ms")?,
+                        });
+                    }
+                    let more = match r.u8("more")? {
+                        0 => false,
+                        1 => true,
+                        _ => {
+                            return Err(WireError::BadField {
+                                field: "more",
+                                reason: "not 0 or 1",
+                            })
+                        }
+                    };
+                    Reply::Assets(AssetPage { assets, more })
                 }
                 Opcode::ProveReceipt => Reply::Proof(ProofInfo {
                     verdict: r.u8("verdict")?,
@@ -1700,6 +1817,54 @@ mod tests {
     }
 
     #[test]
+    fn list_assets_round_trips_and_checks_its_fields() {
+        let request = Request::ListAssets(ListAssets {
+            state: Some(AssetState::Suspended),
+            after: Uuid::from_bytes([7; 16]),
+            limit: 256,
+        });
+        let mut frame = Vec::new();
+        request.encode(9, &mut frame);
+        assert_eq!(frame.len(), HEADER_LEN + 19);
+        assert_eq!(Request::decode(0x11, &frame[HEADER_LEN..]), Ok(request));
+        let mut body = frame[HEADER_LEN..].to_vec();
+        body[17..19].copy_from_slice(&257u16.to_be_bytes());
+        assert!(matches!(
+            Request::decode(0x11, &body),
+            Err(WireError::BadField { field: "limit", .. })
+        ));
+        body[17..19].copy_from_slice(&1u16.to_be_bytes());
+        body[0] = 9;
+        assert!(matches!(
+            Request::decode(0x11, &body),
+            Err(WireError::BadField { field: "state", .. })
+        ));
+        let entry = ListedAsset {
+            asset: Uuid::from_bytes([3; 16]),
+            state: AssetState::Active,
+            counter: 5,
+            shard: 1,
+            changed_unix_ms: 1_764_000_000_000,
+        };
+        let page = AssetPage {
+            assets: vec![entry; usize::from(bounds::LIST_ASSETS_PAGE_MAX)],
+            more: true,
+        };
+        let mut out = Vec::new();
+        Reply::Assets(page.clone()).encode(0x11, 9, &mut out);
+        assert_eq!(out.len() - HEADER_LEN, 5 + 256 * LISTED_ASSET_BYTES);
+        assert_eq!(
+            out.len() - HEADER_LEN,
+            8_965,
+            "docs/protocol.md gives this bound"
+        );
+        assert_eq!(
+            Reply::decode(Opcode::ListAssets, &out[HEADER_LEN..]),
+            Ok(Reply::Assets(page))
+        );
+    }
+
+    #[test]
     fn opcode_numbers_are_stable() {
         let expected = [
             (Opcode::Hello, 0x01),
@@ -1718,12 +1883,13 @@ mod tests {
             (Opcode::PolicyReload, 0x0E),
             (Opcode::Reconcile, 0x0F),
             (Opcode::ProveReceipt, 0x10),
+            (Opcode::ListAssets, 0x11),
         ];
         for (op, number) in expected {
             assert_eq!(op as u8, number);
             assert_eq!(Opcode::from_u8(number), Some(op));
         }
-        assert_eq!(Opcode::from_u8(0x11), None);
+        assert_eq!(Opcode::from_u8(0x12), None);
         for (code, n) in [
             (SealStateCode::Unsealed, 1),
             (SealStateCode::ServingStale, 2),

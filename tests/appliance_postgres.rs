@@ -408,3 +408,18 @@ fn rotations_and_suspensions_are_durable_on_postgres_and_a_rotation_id_survives_
     .collect();
     assert_eq!(events, expected);
 }
+
+#[test]
+fn assets_are_listed_from_postgres() {
+    let Some(db) = PgDatabase::create("listing") else {
+        return;
+    };
+    let mut app = TestAppliance::prepare_with(&format!(
+        "{}\n[policy]\n{}",
+        db.store_section(),
+        common::TEST_ROLES
+    ));
+    assert!(app.custodyd(&["migrate"]).status.success());
+    app.launch();
+    common::check_asset_listing(&app, 7_700, 30);
+}

@@ -176,3 +176,22 @@ fn register_from_a_file_reports_each_line_and_changes_nothing_for_an_invalid_one
         "{out}"
     );
 }
+
+#[test]
+fn assets_are_listed_page_by_page_and_by_the_cli() {
+    let app = TestAppliance::start();
+    common::check_asset_listing(&app, 9_500, 40);
+    let (code, out, err) = custody(&app, &["assets", "--page-size", "9", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let list: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    assert_eq!(list.len(), 40);
+    let (code, out, _) = custody(&app, &["assets", "--state", "suspended"]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains(" SUSPENDED ") && out.ends_with("1 assets\n"),
+        "{out}"
+    );
+    let (code, _, err) = custody(&app, &["assets", "--state", "sleeping"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("--state"), "{err}");
+}

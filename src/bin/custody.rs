@@ -4,6 +4,7 @@
 //! custody [CONNECTION] hello
 //! custody [CONNECTION] register ASSET_ID | register --file FILE
 //! custody [CONNECTION] status ASSET_ID
+//! custody [CONNECTION] assets [--state S] [--page-size N]
 //! custody [CONNECTION] derive ASSET_ID --path PATH --region REGION --purpose PURPOSE --ttl SECONDS
 //! custody [CONNECTION] rotate ASSET_ID [--rotation-id UUID] [--expect-counter N]
 //! custody [CONNECTION] suspend | resume | retire ASSET_ID
@@ -42,6 +43,10 @@ const USAGE: &str = "usage:
                          registered, exists, invalid (nothing changed), repeated or failed;
                          exit 1 unless every line was registered or existed
   custody [CONNECTION] status ASSET_ID
+  custody [CONNECTION] assets [--state ACTIVE|ROTATING|SUSPENDED|RETIRED] [--page-size N]
+                         auditor or operator: every registered asset as the store holds it,
+                         in asset id order, with its state, counter, shard and the time of
+                         its last change (LIST_ASSETS, page by page)
   custody [CONNECTION] derive ASSET_ID --path \"m/44'/0'/0'/0'/7\" --region US-EAST --purpose TRADING --ttl 300
   custody dev-certs DIR [--client-cn NAME] [--more-clients A,B]   write a development CA, server and client certificate
                                              (and DIR/clients/A.pem, A.key, … from the same CA)
@@ -153,6 +158,8 @@ struct Args {
     rotation_id: Option<String>,
     expect_counter: Option<u64>,
     file: Option<PathBuf>,
+    state: Option<String>,
+    page_size: Option<u16>,
 }
 
 fn parse_args() -> anyhow::Result<Option<Args>> {
@@ -196,6 +203,8 @@ fn parse_args() -> anyhow::Result<Option<Args>> {
             Long("full") => a.full = true,
             Long("seed-file") => a.seed_file = Some(p.value()?.into()),
             Long("file") => a.file = Some(p.value()?.into()),
+            Long("state") => a.state = Some(p.value()?.string()?),
+            Long("page-size") => a.page_size = Some(p.value()?.parse()?),
             Long("help") | Short('h') => {
                 println!("{USAGE}");
                 return Ok(None);
@@ -259,7 +268,7 @@ fn real_main() -> anyhow::Result<i32> {
         "reconcile" if args.offline => reconcile_offline(&args),
         "hello" | "register" | "status" | "derive" | "seal" | "unseal" | "seal-status"
         | "rotate" | "suspend" | "resume" | "retire" | "regions" | "region" | "policy"
-        | "reconcile" | "prove" => {
+        | "reconcile" | "prove" | "assets" => {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
@@ -643,6 +652,75 @@ fn client_config(args: &Args) -> anyhow::Result<ClientConfig> {
     })
 }
 
+/// `custody assets [--state S] [--page-size N] [--json]`: every registered asset, page by
+/// page (LIST_ASSETS), as the store holds it.
+async fn list_assets(client: &Client, args: &Args) -> anyhow::Result<i32> {
+    let state = match args.state.as_deref() {
+        None => None,
+        Some(name) => Some(
+            custody::lifecycle::AssetState::from_name(&name.to_ascii_uppercase()).with_context(
+                || format!("--state {name:?} is not ACTIVE, ROTATING, SUSPENDED or RETIRED"),
+            )?,
+        ),
+    };
+    let page_size = args
+        .page_size
+        .unwrap_or(custody::bounds::LIST_ASSETS_PAGE_MAX);
+    if page_size == 0 || page_size > custody::bounds::LIST_ASSETS_PAGE_MAX {
+        bail!(
+            "--page-size must be 1 to {}",
+            custody::bounds::LIST_ASSETS_PAGE_MAX
+        );
+    }
+    let mut after = Uuid::nil();
+    let mut all = Vec::new();
+    loop {
+        let page = match client.list_assets(state, after, page_size).await {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!("custody: {e}");
+                return Ok(1);
+            }
+        };
+        if !args.json {
+            for a in &page.assets {
+                println!(
+                    "{} {:<9} counter {:>4} shard {} changed {}",
+                    a.asset,
+                    a.state.name(),
+                    a.counter,
+                    a.shard,
+                    unix_ms_text(a.changed_unix_ms)
+                );
+            }
+        }
+        let last = page.assets.last().map(|a| a.asset);
+        all.extend(page.assets);
+        match (page.more, last) {
+            (true, Some(id)) => after = id,
+            _ => break,
+        }
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&all)?);
+    } else {
+        println!("{} assets", all.len());
+    }
+    Ok(0)
+}
+
+/// A Unix time in milliseconds as RFC 3339 UTC (seconds).
+fn unix_ms_text(ms: u64) -> String {
+    let secs = i64::try_from(ms / 1000).unwrap_or(i64::MAX);
+    time::OffsetDateTime::from_unix_timestamp(secs)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| format!("{ms} ms"))
+}
+
 /// The most lines `custody register --file` reads: a larger file is refused whole.
 const REGISTER_FILE_LINES_MAX: usize = 1_000_000;
 
@@ -810,6 +888,9 @@ async fn client_command(command: &str, args: &Args) -> anyhow::Result<i32> {
         if let Some(file) = &args.file {
             return register_file(std::sync::Arc::new(client), file, args.json).await;
         }
+    }
+    if command == "assets" {
+        return list_assets(&client, args).await;
     }
     let outcome = match command {
         "hello" => client.hello().await.map(|h| {

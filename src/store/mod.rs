@@ -105,6 +105,13 @@ pub struct StoredAsset {
     pub counter: u64,
 }
 
+/// An asset row as LIST_ASSETS reads it: the stored asset and when its row last changed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ListedRow {
+    pub asset: StoredAsset,
+    pub changed_unix_ms: u64,
+}
+
 /// A committed rotation, as a shard reloads it to recognise its id when it comes again.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RecentRotation {

@@ -1152,6 +1152,37 @@ impl crate::reconcile::AuditSource for PgAuditSource {
             rows.iter().map(stored_asset).collect()
         })
     }
+
+    fn asset_page(
+        &self,
+        after: Uuid,
+        state: Option<AssetState>,
+        limit: usize,
+    ) -> super::LocalFuture<Result<Vec<super::ListedRow>, StoreError>> {
+        let client = self.client.clone();
+        Box::pin(async move {
+            let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+            let state = state.map(AssetState::name);
+            let rows = client
+                .query(
+                    "SELECT asset_id, state, derivation_counter, \
+                     (extract(epoch FROM updated_at) * 1000)::bigint FROM custody_keys \
+                     WHERE asset_id > $1 AND ($2::text IS NULL OR state = $2) \
+                     ORDER BY asset_id LIMIT $3",
+                    &[&after, &state, &limit],
+                )
+                .await
+                .map_err(pg_err)?;
+            rows.iter()
+                .map(|row| {
+                    Ok(super::ListedRow {
+                        asset: stored_asset(row)?,
+                        changed_unix_ms: u64::try_from(row.get::<_, i64>(3)).unwrap_or(0),
+                    })
+                })
+                .collect()
+        })
+    }
 }
 
 /// Every audit checkpoint, in (shard, seq) order.

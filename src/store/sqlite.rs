@@ -696,6 +696,40 @@ impl SqliteReader {
         Ok(out)
     }
 
+    /// A page of the key table after `after`, in `state` if given (LIST_ASSETS). The ids
+    /// are canonical lower-case text, whose order is the UUIDs' byte order.
+    pub fn asset_page(
+        &self,
+        after: Uuid,
+        state: Option<AssetState>,
+        limit: usize,
+    ) -> Result<Vec<super::ListedRow>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT asset_id, state, derivation_counter, updated_ms FROM custody_keys \
+                 WHERE asset_id > ?1 AND (?2 IS NULL OR state = ?2) ORDER BY asset_id LIMIT ?3",
+            )
+            .map_err(sql_err)?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let mut rows = stmt
+            .query(rusqlite::params![
+                after.to_string(),
+                state.map(AssetState::name),
+                limit
+            ])
+            .map_err(sql_err)?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next().map_err(sql_err)? {
+            let changed: i64 = row.get(3).map_err(sql_err)?;
+            out.push(super::ListedRow {
+                asset: stored_asset(row)?,
+                changed_unix_ms: u64::try_from(changed).unwrap_or(0),
+            });
+        }
+        Ok(out)
+    }
+
     /// Every audit checkpoint in (shard, seq) order.
     pub fn checkpoints(&self) -> Result<Vec<super::Checkpoint>, StoreError> {
         let mut stmt = self
@@ -856,6 +890,16 @@ impl crate::reconcile::AuditSource for std::rc::Rc<SqliteReader> {
 
     fn assets(&self) -> super::LocalFuture<Result<Vec<StoredAsset>, StoreError>> {
         let r = SqliteReader::assets(self);
+        Box::pin(async move { r })
+    }
+
+    fn asset_page(
+        &self,
+        after: Uuid,
+        state: Option<AssetState>,
+        limit: usize,
+    ) -> super::LocalFuture<Result<Vec<super::ListedRow>, StoreError>> {
+        let r = SqliteReader::asset_page(self, after, state, limit);
         Box::pin(async move { r })
     }
 }

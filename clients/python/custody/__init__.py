@@ -28,6 +28,8 @@ from .errors import (
 )
 from .wire import (
     AssetInfo,
+    AssetPage,
+    ListedAsset,
     AssetState,
     Derived,
     Hello,
@@ -47,6 +49,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AssetInfo",
+    "AssetPage",
+    "ListedAsset",
     "AssetState",
     "AsyncClient",
     "Client",

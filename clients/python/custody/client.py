@@ -353,6 +353,28 @@ class AsyncClient:
     async def reconcile(self, full: bool = False) -> wire.Reconciled:
         return wire.decode_reconciled(await self.call(Op.RECONCILE, bytes([1 if full else 0])))
 
+    async def list_assets(
+        self,
+        state: Optional[Union[wire.AssetState, int, str]] = None,
+        after: Optional[AssetId] = None,
+        limit: int = wire.LIST_ASSETS_PAGE_MAX,
+    ) -> wire.AssetPage:
+        """One page of the registered assets after `after` (None: the first page), in
+        `state` if given, in asset id order, as the store holds them."""
+        body = wire.list_assets_body(state, after, limit)
+        return wire.decode_asset_page(await self.call(Op.LIST_ASSETS, body))
+
+    async def assets(self, state: Optional[Union[wire.AssetState, int, str]] = None) -> List[wire.ListedAsset]:
+        """Every registered asset (in `state` if given), page by page."""
+        out: List[wire.ListedAsset] = []
+        after: Optional[AssetId] = None
+        while True:
+            page = await self.list_assets(state, after)
+            out.extend(page.assets)
+            if not page.more or not page.assets:
+                return out
+            after = page.assets[-1].asset
+
     async def prove(self, receipt: wire.Receipt) -> wire.Proof:
         body = wire.prove_body(receipt.shard, receipt.seq, receipt.hash)
         return wire.decode_proof(await self.call(Op.PROVE_RECEIPT, body))
@@ -425,7 +447,18 @@ class ShardedClient:
 
 _ASSET_OPERATIONS = frozenset({"register", "status", "derive", "rotate", "suspend", "resume", "retire"})
 _APPLIANCE_OPERATIONS = frozenset(
-    {"regions", "set_region", "seal_status", "seal", "unseal", "policy_reload", "reconcile", "prove"}
+    {
+        "regions",
+        "set_region",
+        "seal_status",
+        "seal",
+        "unseal",
+        "policy_reload",
+        "reconcile",
+        "prove",
+        "list_assets",
+        "assets",
+    }
 )
 
 

@@ -22,6 +22,7 @@ MAX_REPLY_BODY = 64 * 1024
 PATH_MAX = 64
 REGION_MAX = 32
 SHARE_MAX = 160
+LIST_ASSETS_PAGE_MAX = 256
 
 
 class Op(enum.IntEnum):
@@ -41,6 +42,7 @@ class Op(enum.IntEnum):
     POLICY_RELOAD = 0x0E
     RECONCILE = 0x0F
     PROVE_RECEIPT = 0x10
+    LIST_ASSETS = 0x11
 
 
 #: Opcode of a connection-level refusal (CONNECTION_LIMIT), sent with request id 0.
@@ -265,6 +267,15 @@ def set_region_body(region: str, enabled: bool) -> bytes:
     return bytes([1 if enabled else 0]) + _str8(region, REGION_MAX, "region")
 
 
+def list_assets_body(state: Optional[Union["AssetState", int, str]], after: Optional[AssetId], limit: int) -> bytes:
+    if isinstance(state, str):
+        state = AssetState[state]
+    if not 1 <= limit <= LIST_ASSETS_PAGE_MAX:
+        raise ValueError("limit must be 1 to %d" % LIST_ASSETS_PAGE_MAX)
+    after_bytes = bytes(16) if after is None else asset_bytes(after)
+    return bytes([0 if state is None else int(state)]) + after_bytes + struct.pack(">H", limit)
+
+
 def prove_body(shard: int, seq: int, hash_: bytes) -> bytes:
     if len(hash_) != 32:
         raise ValueError("a receipt hash is 32 bytes")
@@ -290,6 +301,21 @@ class AssetInfo:
     state: AssetState
     counter: int
     shard: int
+
+
+@dataclass(frozen=True)
+class ListedAsset:
+    asset: uuid.UUID
+    state: AssetState
+    counter: int
+    shard: int
+    changed_unix_ms: int
+
+
+@dataclass(frozen=True)
+class AssetPage:
+    assets: List[ListedAsset]
+    more: bool
 
 
 @dataclass(frozen=True)
@@ -411,6 +437,25 @@ def decode_asset(body: bytes) -> AssetInfo:
     out = AssetInfo(asset, _enum(AssetState, state, "asset state"), r.u64(), r.u16())
     r.end()
     return out
+
+
+_LISTED = struct.Struct(">16sBQHQ")
+
+
+def decode_asset_page(body: bytes) -> AssetPage:
+    r = _ok(body)
+    n = r.u16()
+    if n > LIST_ASSETS_PAGE_MAX:
+        raise ProtocolError("a page of %d assets" % n)
+    assets = []
+    for _ in range(n):
+        raw, state, counter, shard, changed = _LISTED.unpack(r.take(_LISTED.size))
+        assets.append(ListedAsset(uuid.UUID(bytes=raw), _enum(AssetState, state, "asset state"), counter, shard, changed))
+    more = r.u8()
+    if more > 1:
+        raise ProtocolError("more is %d" % more)
+    r.end()
+    return AssetPage(assets, more == 1)
 
 
 _DERIVED = struct.Struct(">HQB32sHQ32s")

@@ -225,3 +225,37 @@ def test_register_many_reports_each_asset(client):
     assert isinstance(results[0], errors.AssetExists)
     assert all(isinstance(r, custody.AssetInfo) and r.counter == 0 for r in results[1:-1])
     assert isinstance(results[-1], errors.InvalidAssetId)
+
+
+def test_the_assets_are_listed_page_by_page_with_their_state(client):
+    mine = sorted(new_asset() for _ in range(30))
+    client.register_many(mine)
+    client.suspend(mine[3])
+    every = client.assets()
+    ids = [str(a.asset) for a in every]
+    assert ids == sorted(ids), "in asset id order"
+    listed = {str(a.asset): a for a in every}
+    assert all(a in listed for a in mine)
+    assert listed[mine[3]].state == custody.AssetState.SUSPENDED
+    assert listed[mine[0]].shard == custody.shard_of(mine[0], 2)
+    assert listed[mine[0]].changed_unix_ms > 1_700_000_000_000
+    suspended = [str(a.asset) for a in client.assets(state="SUSPENDED")]
+    assert mine[3] in suspended and mine[4] not in suspended
+    # Small pages walk the same list.
+    walked, after = [], None
+    while True:
+        page = client.list_assets(after=after, limit=7)
+        assert len(page.assets) <= 7
+        walked += [str(a.asset) for a in page.assets]
+        if not page.more:
+            break
+        after = page.assets[-1].asset
+    assert walked == ids
+    with pytest.raises(ValueError):
+        client.list_assets(limit=0)
+
+
+def test_listing_needs_a_role(appliance):
+    with custody.connect(appliance.addr, **appliance.nobody()) as c:
+        with pytest.raises(errors.Forbidden):
+            c.list_assets()
