@@ -60,11 +60,17 @@ pub struct ServerTls<S> {
     /// The peer sent close_notify or closed its side: nothing more will be read.
     read_closed: bool,
     close_notify_queued: bool,
+    /// rustls refused the peer: the connection is dead, and rustls is not called again
+    /// (its position in a handshake message being joined may refer to bytes no longer
+    /// kept, so a further call could index past a buffer).
+    failed: Option<String>,
 }
 
 impl<S> Drop for ServerTls<S> {
     fn drop(&mut self) {
+        // Records are decrypted in place: `incomplete` may hold plaintext too.
         self.plaintext.zeroize();
+        self.incomplete.zeroize();
     }
 }
 
@@ -117,6 +123,36 @@ fn grow_wiped(buf: &mut Vec<u8>, needed: usize) {
         bigger.extend_from_slice(buf);
         buf.zeroize();
         *buf = bigger;
+    }
+}
+
+/// Makes room for exactly `needed` bytes in `buf` (no doubling: the incomplete-message
+/// buffer is bounded by its length), without leaving a copy of its bytes behind.
+fn grow_exact_wiped(buf: &mut Vec<u8>, needed: usize) {
+    if buf.capacity() < needed {
+        let mut bigger = Vec::with_capacity(needed);
+        bigger.extend_from_slice(buf);
+        buf.zeroize();
+        *buf = bigger;
+    }
+}
+
+/// Removes the first `n` bytes of `buf`, wiping the bytes the shift leaves behind, and
+/// gives back a capacity much larger than what is left.
+fn consume_front_wiped(buf: &mut Vec<u8>, n: usize) {
+    if n == 0 {
+        return;
+    }
+    let n = n.min(buf.len());
+    let left = buf.len() - n;
+    buf.copy_within(n.., 0);
+    buf[left..].zeroize();
+    buf.truncate(left);
+    if buf.capacity() > 2 * left + READ_BYTES {
+        let mut smaller = Vec::with_capacity(left);
+        smaller.extend_from_slice(buf);
+        buf.zeroize();
+        *buf = smaller;
     }
 }
 
@@ -256,7 +292,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ServerTls<S> {
             sent: 0,
             read_closed: false,
             close_notify_queued: false,
+            failed: None,
         }
+    }
+
+    /// The error every call answers once rustls refused the peer.
+    fn dead(&self) -> Option<io::Error> {
+        self.failed.as_ref().map(|why| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("TLS connection failed: {why}"),
+            )
+        })
+    }
+
+    fn fail(&mut self, e: io::Error) -> io::Error {
+        if self.failed.is_none() {
+            self.failed = Some(e.to_string());
+        }
+        e
     }
 
     /// Reads once from the socket and processes what came: plaintext into `out` (then
@@ -275,6 +329,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ServerTls<S> {
             if n == 0 {
                 return Poll::Ready(Ok((0, 0, Settled::PeerClosed)));
             }
+            if self.incomplete.len() + n > INCOMPLETE_BYTES_MAX {
+                scratch[..n].zeroize();
+                let e = broken("a TLS message larger than this server takes");
+                return Poll::Ready(Err(self.fail(e)));
+            }
             let mut sink = Sink {
                 out,
                 filled: 0,
@@ -289,10 +348,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ServerTls<S> {
                     &mut self.outgoing,
                 )
                 .map(|(done, settled)| {
+                    grow_exact_wiped(&mut self.incomplete, n - done);
                     self.incomplete.extend_from_slice(&scratch[done..n]);
                     settled
                 })
             } else {
+                let needed = self.incomplete.len() + n;
+                grow_exact_wiped(&mut self.incomplete, needed);
                 self.incomplete.extend_from_slice(&scratch[..n]);
                 absorb(
                     &mut self.conn,
@@ -301,17 +363,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ServerTls<S> {
                     &mut self.outgoing,
                 )
                 .map(|(done, settled)| {
-                    self.incomplete.drain(..done);
+                    consume_front_wiped(&mut self.incomplete, done);
                     settled
                 })
             };
             let filled = sink.filled;
             scratch[..n].zeroize();
-            let settled = result?;
+            let settled = match result {
+                Ok(settled) => settled,
+                Err(e) => return Poll::Ready(Err(self.fail(e))),
+            };
             if self.incomplete.is_empty() {
                 self.incomplete = Vec::new();
-            } else if self.incomplete.len() > INCOMPLETE_BYTES_MAX {
-                return Poll::Ready(Err(broken("a TLS message larger than this server takes")));
             }
             Poll::Ready(Ok((n, filled, settled)))
         })
@@ -331,31 +394,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ServerTls<S> {
         Poll::Ready(Ok(()))
     }
 
-    /// Sends what is pending if the socket takes it now, without waiting (the reader's
-    /// answers to post-handshake messages; the writer sends the rest before its next
-    /// write).
-    fn send_opportunistically(&mut self) -> io::Result<()> {
-        if self.sent == self.outgoing.len() {
-            return Ok(());
-        }
-        let mut cx = Context::from_waker(std::task::Waker::noop());
-        match self.poll_send(&mut cx) {
-            Poll::Ready(r) => r,
-            Poll::Pending => Ok(()),
-        }
-    }
-
     /// The connection in its traffic state, after answering any pending handshake
     /// messages into `outgoing`.
     fn with_traffic<R>(
         &mut self,
         f: impl FnOnce(&mut WriteTraffic<'_, ServerConnectionData>, &mut Vec<u8>) -> R,
     ) -> io::Result<R> {
+        if let Some(e) = self.dead() {
+            return Err(e);
+        }
         let mut f = Some(f);
         loop {
             let UnbufferedStatus { discard, state } =
                 self.conn.process_tls_records(&mut self.incomplete);
-            let result = match state.map_err(tls_error)? {
+            let state = match state {
+                Ok(state) => state,
+                Err(e) => return Err(self.fail(tls_error(e))),
+            };
+            let result = match state {
                 ConnectionState::WriteTraffic(mut traffic) => {
                     let f = f.take().expect("the traffic state ends the loop");
                     Some(f(&mut traffic, &mut self.outgoing))
@@ -370,20 +426,33 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ServerTls<S> {
                 }
                 ConnectionState::ReadTraffic(mut traffic) => {
                     while let Some(record) = traffic.next_record() {
-                        let payload = record.map_err(tls_error)?.payload;
+                        let payload = match record {
+                            Ok(r) => r.payload,
+                            Err(e) => {
+                                let e = tls_error(e);
+                                self.failed = Some(e.to_string());
+                                return Err(e);
+                            }
+                        };
                         let needed = self.plaintext.len() + payload.len();
                         grow_wiped(&mut self.plaintext, needed);
                         self.plaintext.extend_from_slice(payload);
                     }
                     None
                 }
-                ConnectionState::PeerClosed | ConnectionState::Closed => {
+                // Edge-triggered: the next call says what may follow.
+                ConnectionState::PeerClosed => {
                     self.read_closed = true;
                     None
                 }
+                // Both sides said close_notify: nothing more may be written.
+                ConnectionState::Closed => {
+                    self.read_closed = true;
+                    return Err(io::ErrorKind::BrokenPipe.into());
+                }
                 _ => return Err(broken("TLS connection not ready for application data")),
             };
-            self.incomplete.drain(..discard);
+            consume_front_wiped(&mut self.incomplete, discard);
             if let Some(result) = result {
                 return Ok(result);
             }
@@ -412,6 +481,12 @@ pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
         futures_lite::future::poll_fn(|cx| tls.poll_send(cx)).await?;
         match settled {
             Settled::Traffic if !tls.conn.is_handshaking() => return Ok(tls),
+            // The handshake ended, and the client's last requests and close_notify came
+            // with it: they are read, then the end of stream.
+            Settled::PeerClosed if !tls.conn.is_handshaking() && n > 0 => {
+                tls.read_closed = true;
+                return Ok(tls);
+            }
             Settled::PeerClosed => {
                 tls.read_closed = true;
                 return Err(if n == 0 {
@@ -436,18 +511,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for ServerTls<S> {
             if !this.plaintext.is_empty() {
                 let n = buf.len().min(this.plaintext.len());
                 buf[..n].copy_from_slice(&this.plaintext[..n]);
-                this.plaintext[..n].zeroize();
-                this.plaintext.drain(..n);
+                consume_front_wiped(&mut this.plaintext, n);
                 if this.plaintext.is_empty() {
                     this.plaintext = Vec::new();
                 }
                 return Poll::Ready(Ok(n));
             }
+            if let Some(e) = this.dead() {
+                return Poll::Ready(Err(e));
+            }
             if this.read_closed || buf.is_empty() {
                 return Poll::Ready(Ok(0));
             }
+            // What the reads produce to send (an alert) waits for the writer's next write,
+            // flush or close: polling the socket for writing from here would take the
+            // writer's place as the one the socket wakes.
             let (n, filled, settled) = ready!(this.poll_receive(cx, buf))?;
-            this.send_opportunistically()?;
             if n == 0 || matches!(settled, Settled::PeerClosed) {
                 this.read_closed = true;
             }
@@ -465,6 +544,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ServerTls<S> {
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        if let Some(e) = this.dead() {
+            return Poll::Ready(Err(e));
+        }
         ready!(this.poll_send(cx))?;
         if data.is_empty() {
             return Poll::Ready(Ok(0));
@@ -513,7 +595,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ServerTls<S> {
 
     fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if !this.close_notify_queued {
+        if !this.close_notify_queued && this.failed.is_none() {
             this.close_notify_queued = true;
             let queued = this.with_traffic(|traffic, outgoing| {
                 encrypt_into(outgoing, 64, |out| traffic.queue_close_notify(out))

@@ -85,7 +85,9 @@ class _Protocol(asyncio.Protocol):
     def __init__(self, on_lost: Callable[["_Protocol"], None]) -> None:
         self.transport: Optional[asyncio.Transport] = None
         self.reader = wire.FrameReader()
-        self.pending: Dict[int, asyncio.Future] = {}
+        #: request id -> (the caller's future, what to call once the request is settled:
+        #: its in-flight slot, given back even if the caller gave up).
+        self.pending: Dict[int, Tuple[asyncio.Future, Optional[Callable[[], None]]]] = {}
         self.closed: Optional[CustodyError] = None
         self._on_lost = on_lost
         self._writable: Optional[asyncio.Future] = None
@@ -104,8 +106,8 @@ class _Protocol(asyncio.Protocol):
                 self.transport.close()
 
     def _reply(self, opcode: int, request_id: int, body: bytes) -> None:
-        future = self.pending.pop(request_id, None) if request_id != 0 else None
-        if future is None:
+        entry = self.pending.pop(request_id, None) if request_id != 0 else None
+        if entry is None:
             if request_id == 0:
                 # A refusal of the connection (CONNECTION_LIMIT, opcode 0x80) or of a frame
                 # the appliance could not name (MALFORMED_FRAME, …): it closes the
@@ -114,16 +116,21 @@ class _Protocol(asyncio.Protocol):
                 self._fail(refusal(e.status, e.message, e.retry_after_ms, opcode))
                 return
             raise ProtocolError("a reply to request %d, which is not pending" % request_id)
+        future, settled = entry
         if not future.done():
             future.set_result(body)
+        if settled is not None:
+            settled()
 
     def _fail(self, error: CustodyError) -> None:
         if self.closed is None:
             self.closed = error
         pending, self.pending = self.pending, {}
-        for future in pending.values():
+        for future, settled in pending.values():
             if not future.done():
                 future.set_exception(self.closed)
+            if settled is not None:
+                settled()
         if self._writable is not None and not self._writable.done():
             self._writable.set_result(None)
 
@@ -211,15 +218,27 @@ class AsyncClient:
         self._connecting = asyncio.get_running_loop().create_future()
         try:
             proto = await self._open_with_backoff(first=self._proto is None and self._next_id == 1)
-            hello = wire.decode_hello(await self._send(proto, Op.HELLO, b""))
-            if self._window is None or self.hello_info is None or (
-                hello.max_inflight_per_connection != self.hello_info.max_inflight_per_connection
-            ):
+            try:
+                hello_body = await asyncio.wait_for(self._send(proto, Op.HELLO, b""), CONNECT_TIMEOUT_S)
+                hello = wire.decode_hello(hello_body)
+            except BaseException:
+                if proto.transport is not None:
+                    proto.transport.close()
+                raise
+            if self._window is None:
+                # One window for the client's life (a reconnect to an appliance with
+                # another bound keeps the first: a smaller bound then answers BUSY).
                 self._window = asyncio.Semaphore(max(1, hello.max_inflight_per_connection))
             self.hello_info = hello
             self._proto = proto
             self._connecting.set_result(proto)
             return proto
+        except asyncio.CancelledError:
+            # The other callers waiting for this connection are not cancelled: they see
+            # a closed connection.
+            self._connecting.set_exception(ConnectionClosed("connecting was cancelled"))
+            self._connecting.exception()
+            raise
         except BaseException as e:
             self._connecting.set_exception(e)
             # Retrieved here so that a connect nobody else awaited is not reported.
@@ -263,19 +282,32 @@ class AsyncClient:
         if opcode == Op.HELLO:
             # Never counted in flight by the appliance, so not by the window either.
             return await self._send(proto, opcode, body)
-        assert self._window is not None
-        async with self._window:
+        window = self._window
+        assert window is not None
+        await window.acquire()
+        try:
             if proto.closed is not None:
                 proto = await self._connection()
-            return await self._send(proto, opcode, body)
+        except BaseException:
+            window.release()
+            raise
+        # The slot is the appliance's in-flight count: it is given back when the reply
+        # (or the connection's end) settles the request, even if this caller gave up.
+        return await self._send(proto, opcode, body, on_settled=window.release)
 
-    async def _send(self, proto: _Protocol, opcode: int, body: bytes) -> bytes:
+    async def _send(
+        self, proto: _Protocol, opcode: int, body: bytes, on_settled: Optional[Callable[[], None]] = None
+    ) -> bytes:
         if proto.closed is not None:
+            if on_settled is not None:
+                on_settled()
             raise proto.closed
         request_id = self._next_id
         self._next_id = request_id + 1 if request_id < 0xFFFFFFFFFFFFFFFF else 1
         future = asyncio.get_running_loop().create_future()
-        proto.pending[request_id] = future
+        # A caller that gives up cancels only its future: the entry stays until the
+        # reply (or the connection's end) settles the request and gives its slot back.
+        proto.pending[request_id] = (future, on_settled)
         assert proto.transport is not None
         proto.transport.write(wire.frame(opcode, request_id, body))
         if proto._writable is not None:

@@ -259,3 +259,23 @@ def test_listing_needs_a_role(appliance):
     with custody.connect(appliance.addr, **appliance.nobody()) as c:
         with pytest.raises(errors.Forbidden):
             c.list_assets()
+
+
+def test_a_caller_that_gives_up_keeps_its_slot_until_the_reply(appliance):
+    async def run():
+        c = await custody.connect_async(appliance.addr, certs=appliance.certs)
+        async with c:
+            a = new_asset()
+            await c.register(a)
+            window = c._window
+            free = window._value
+            # Give up on 50 derivations at once; their replies still come.
+            for _ in range(50):
+                t = asyncio.ensure_future(c.derive(a, PATH))
+                await asyncio.sleep(0)
+                t.cancel()
+            await asyncio.sleep(0.5)
+            assert window._value == free, "every slot came back with its reply"
+            assert (await c.derive(a, PATH)).key == kdf.derive(appliance.seed(), a, 0, PATH)
+
+    asyncio.run(run())
