@@ -413,7 +413,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ServerTls<S> {
             };
             let result = match state {
                 ConnectionState::WriteTraffic(mut traffic) => {
-                    let f = f.take().expect("the traffic state ends the loop");
+                    // Taken once: the traffic state ends the loop.
+                    let Some(f) = f.take() else {
+                        return Err(broken("TLS traffic state reached twice"));
+                    };
                     Some(f(&mut traffic, &mut self.outgoing))
                 }
                 ConnectionState::EncodeTlsData(mut message) => {
