@@ -16,7 +16,7 @@
 # It installs into /usr/local/bin, /etc/custody, /var/lib/custody, /usr/share and
 # /etc/systemd/system and removes them at the end: it refuses to run where any of them
 # exists already. If systemd cannot be booted here at all it says so and exits 0, unless
-# CUSTODY_REQUIRE_SERVICES is set (CI), when that fails too; any check that fails once
+# CUSTODY_REQUIRE_SERVICES=1 (CI), when that fails too; any check that fails once
 # systemd answers exits 1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,7 +35,7 @@ done
 systemd_bin=/lib/systemd/systemd
 if ! [ -x "$systemd_bin" ] || ! command -v unshare >/dev/null || ! command -v nsenter >/dev/null; then
     echo "systemd-trial: no $systemd_bin, unshare or nsenter here"
-    if [ -n "${CUSTODY_REQUIRE_SERVICES:-}" ]; then
+    if [ "${CUSTODY_REQUIRE_SERVICES:-}" = 1 ]; then
         echo "systemd-trial: FAILED: required (CUSTODY_REQUIRE_SERVICES)" >&2
         exit 1
     fi
@@ -161,7 +161,7 @@ done
 if [ -z "$booted" ]; then
     echo "systemd-trial: systemd could not be booted in namespaces here:"
     cat "$work/boot.log"
-    if [ -n "${CUSTODY_REQUIRE_SERVICES:-}" ]; then
+    if [ "${CUSTODY_REQUIRE_SERVICES:-}" = 1 ]; then
         echo "systemd-trial: FAILED: required (CUSTODY_REQUIRE_SERVICES)" >&2
         exit 1
     fi

@@ -174,8 +174,8 @@ fn gate(c: &mut Criterion) {
             limiter.check(&who, black_box(Uuid::from_u128(4242)), 0, generous, now)
         })
     });
-    c.bench_function("router/shard_of (2 shards)", |b| {
-        b.iter(|| custody::router::shard_of(black_box(&b0.asset), 2))
+    c.bench_function("placement/shard_of (2 shards)", |b| {
+        b.iter(|| custody::placement::shard_of(black_box(&b0.asset), 2))
     });
 }
 

@@ -82,8 +82,6 @@ impl AuditEvent {
 pub const GENESIS: [u8; 32] = [0; 32];
 /// Domain tag hashed before a record's canonical encoding.
 pub const RECORD_DOMAIN_V1: &[u8; 24] = b"custody/audit-record/v1\0";
-/// Domain tag of the checkpoint MAC's message.
-pub const CHECKPOINT_DOMAIN_V1: &[u8; 28] = b"custody/audit-checkpoint/v1\0";
 
 /// The canonical encoding of `record` (docs/audit.md): fixed-width big-endian integers,
 /// length-prefixed text, a presence byte before each optional part.
@@ -148,16 +146,6 @@ pub fn chain_hash(record: &AuditRecord, prev: &[u8; 32], scratch: &mut Vec<u8>) 
     h.update(&scratch[..]);
     h.update(prev);
     h.finalize().into()
-}
-
-/// What a checkpoint's MAC covers: domain ‖ shard (u16) ‖ seq (u64) ‖ hash.
-pub fn checkpoint_message(shard: u16, seq: u64, hash: &[u8; 32]) -> [u8; 28 + 2 + 8 + 32] {
-    let mut m = [0u8; 28 + 2 + 8 + 32];
-    m[..28].copy_from_slice(CHECKPOINT_DOMAIN_V1);
-    m[28..30].copy_from_slice(&shard.to_be_bytes());
-    m[30..38].copy_from_slice(&seq.to_be_bytes());
-    m[38..].copy_from_slice(hash);
-    m
 }
 
 /// Fields only a derivation has.

@@ -15,9 +15,6 @@ use std::time::{Duration, Instant};
 
 /// Requests that may wait for the auditor thread (more are answered BUSY).
 const AUDITOR_QUEUE_DEPTH: usize = 4;
-/// Records per page of the appliance's runs: short reads, each its own, so a paced run
-/// never holds the store for long.
-pub const APPLIANCE_PAGE_RECORDS: usize = 5_000;
 /// Findings logged per run (the report has them all; the log says how many were left out).
 const FINDINGS_LOGGED_PER_RUN: usize = 100;
 
@@ -290,7 +287,7 @@ impl Worker {
             })
         };
         let pace = Pace {
-            page_records: APPLIANCE_PAGE_RECORDS,
+            page_records: crate::bounds::RECONCILE_PAGE_RECORDS,
             after_page: rate.map(|_| &sleep as _),
         };
         let outcome = reconcile(&mut self.reconciler, source, mac, &pace).await;

@@ -78,3 +78,8 @@ pub const ASSET_GROUPS_MAX: usize = 64;
 
 /// Most memberships (asset, group) all of `policy.asset_groups` may list together.
 pub const ASSET_GROUP_MEMBERS_MAX: usize = 1_000_000;
+
+/// Records per page of the appliance's reconciliation runs: short reads, each its own, so
+/// a paced run never holds the store for long (`audit.reconcile_records_per_s` is at least
+/// one page a second).
+pub const RECONCILE_PAGE_RECORDS: usize = 5_000;

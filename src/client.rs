@@ -503,7 +503,7 @@ impl ShardedClient {
 
     /// The connection a request about `asset` takes.
     pub fn for_asset(&self, asset: &Uuid) -> &Client {
-        let shard = crate::router::shard_of(asset, self.hello.shard_count);
+        let shard = crate::placement::shard_of(asset, self.hello.shard_count);
         self.shards.get(usize::from(shard)).unwrap_or(&self.shared)
     }
 

@@ -270,7 +270,7 @@ impl DerivationKey {
     }
 
     /// The MAC of an audit checkpoint: HMAC-SHA256 under the audit key of the shard's
-    /// last sequence number and record hash ([`crate::audit::checkpoint_message`]).
+    /// last sequence number and record hash ([`crate::checkpoint::message`]).
     pub fn checkpoint_mac(&self, shard: u16, seq: u64, hash: &[u8; 32]) -> [u8; 32] {
         let mut work = KeyedStates {
             inner: Sha256::new(),
@@ -302,7 +302,7 @@ impl DerivationKey {
         let mut inner = Zeroizing::new([0u8; 32]);
         copy_states(&self.audit.inner, &mut work.inner);
         work.inner
-            .update(crate::audit::checkpoint_message(shard, seq, hash));
+            .update(crate::checkpoint::message(shard, seq, hash));
         work.inner.finalize_into_reset((&mut inner[..]).into());
         let mut mac = [0u8; 32];
         copy_states(&self.audit.outer, &mut work.outer);

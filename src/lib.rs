@@ -10,6 +10,8 @@
 //!   [`admission`] decides who holds a handshake or connection slot (per core, source
 //!   and identity), and every wait for a client has a timeout.
 //! - [`tls`]: rustls configuration; the requester is the client certificate's identity;
+//!   [`certs`] reads the PEM files; [`settings`] is what each new connection is
+//!   accepted with (TLS acceptor and limits), replaced whole by [`reload`];
 //!   [`tls::stream`] is the server side of a connection over rustls's unbuffered API
 //!   (an idle connection holds no TLS buffer).
 //! - [`wire`]: the sans-IO codec of protocol v3 (frames, requests, replies, statuses).
@@ -17,14 +19,14 @@
 //!   roles (deriver by purpose, region and asset group, operator, admin, auditor) and the
 //!   field rules, with [`regions`] (the compliance regions' on/off switch shared by every
 //!   core); the whole policy is replaced on a reload (SIGHUP or POLICY_RELOAD).
-//! - [`router`]: asset → shard hash, and the bounded mesh between cores.
+//! - [`placement`]: asset → shard hash; [`router`]: the bounded mesh between cores.
 //! - [`shard`]: the owning core's registry, audit records and group commit; the
 //!   (requester, asset) rate limit of [`ratelimit`] is kept here.
 //! - [`lifecycle`]: asset states and their transitions (rotate, suspend, resume, retire
 //!   are applied by the owning shard and audited like derivations).
 //! - [`audit`]: the audit record of every acknowledged operation, its canonical encoding
-//!   and hash chain (computed by the shard as it seals a batch; checkpoints MACed with the
-//!   seed's audit key).
+//!   and hash chain (computed by the shard as it seals a batch); [`checkpoint`]: a
+//!   shard's authenticated position in its chain, MACed with the seed's audit key.
 //! - [`store`]: the durable store trait, the shard→commit-thread hand-off, SQLite, and
 //!   PostgreSQL driven on each core (with TLS, single owner, partitions).
 //! - [`kdf`]: NIST SP 800-108 KBKDF with HMAC-SHA256, keyed once per seed; run on the
@@ -40,7 +42,8 @@
 //!
 //! Around the request path: [`metrics`] (per-core figures merged at scrape time, and
 //! the admin listener: /metrics, /healthz, /readyz), [`systemd`] (READY, STATUS,
-//! STOPPING and watchdog pings gated on every core's health), [`config`] (two-stage TOML),
+//! STOPPING and watchdog pings gated on every core's health), [`config`] (two-stage TOML,
+//! plain settings: it imports no runtime module),
 //! [`dev`] (`custodyd dev`: a development appliance in one command), [`bounds`] (hard caps), [`preflight`] (the host checks before start: io_uring,
 //! RLIMIT_MEMLOCK, CPUs),
 //! [`heap`] (custodyd's allocator, jemalloc, its figures and its decay of freed memory),
@@ -50,11 +53,16 @@
 //! TLS acceptor and the connection limits),
 //! [`client`] (the tokio client library the CLI and the load harness use; its
 //! `ShardedClient` sends each request to the port of the core that owns its asset).
+//!
+//! No module imports a module that imports it back, however far round: `tests/layout.rs`
+//! checks the whole graph.
 
 pub mod admission;
 pub mod audit;
 pub mod auditor;
 pub mod bounds;
+pub mod certs;
+pub mod checkpoint;
 pub mod client;
 pub mod config;
 pub mod dev;
@@ -64,15 +72,18 @@ pub mod lifecycle;
 pub mod locked;
 pub mod metrics;
 pub mod net;
+pub mod placement;
 pub mod policy;
 pub mod preflight;
 pub mod published;
 pub mod ratelimit;
 pub mod reconcile;
 pub mod regions;
+pub mod reload;
 pub mod router;
 pub mod seal;
 pub mod server;
+pub mod settings;
 pub mod shard;
 pub mod signal;
 pub mod store;

@@ -267,7 +267,7 @@ pub struct Registry {
     publish_every: Duration,
     auditor: Option<Arc<Mutex<crate::auditor::AuditorStatus>>>,
     /// The TLS settings in force (their certificate's expiry and generation).
-    tls: Option<Arc<crate::published::Published<crate::net::ConnectionSettings>>>,
+    tls: Option<Arc<crate::published::Published<crate::settings::ConnectionSettings>>>,
     /// Set when the appliance stops: /readyz fails, so a balancer sends no more.
     draining: std::sync::atomic::AtomicBool,
 }
@@ -311,7 +311,7 @@ impl Registry {
     /// The TLS settings in force (read at scrape time).
     pub fn with_tls(
         mut self,
-        settings: Arc<crate::published::Published<crate::net::ConnectionSettings>>,
+        settings: Arc<crate::published::Published<crate::settings::ConnectionSettings>>,
     ) -> Registry {
         self.tls = Some(settings);
         self

@@ -8,12 +8,13 @@
 //! may hold keys). A framing error is answered once and closes only that connection.
 
 use crate::admission::{Admission, HandshakeTicket, RefusalLog, Refused, Source};
-use crate::config::{ConnectionLimits, IdentitySource, Limits};
+use crate::config::{ConnectionLimits, Limits};
 use crate::kdf::SCHEME_V1;
 use crate::policy::{check_asset_id, Denied, DenyReason, FieldRules, Need};
 use crate::router::ShardRouter;
 use crate::seal::cache::{clock_ms, CoreKey, SealState, SeedCache};
 use crate::seal::shamir::ShareError;
+use crate::settings::ConnectionSettings;
 use crate::shard::{LifecycleOp, RateCheck, ShardOp, ShardReply};
 use crate::signal::LocalSignal;
 use crate::tls;
@@ -76,43 +77,11 @@ pub struct CoreContext {
     pub auditor: Option<Arc<crate::auditor::Auditor>>,
     /// Re-reads the configuration file on an admin's POLICY_RELOAD (`None`: started
     /// without a file).
-    pub reloader: Option<Arc<crate::server::Reloader>>,
+    pub reloader: Option<Arc<crate::reload::Reloader>>,
     pub seal_provider: ProviderCode,
     /// Opened when the appliance stops (SIGTERM): the listeners close, each connection
     /// stops reading, answers what it already read, and closes.
     pub drain: crate::signal::LocalLatch,
-}
-
-/// What a reload (SIGHUP, POLICY_RELOAD) replaces for the connections, whole: the TLS
-/// acceptor (certificate, key, client CA, identity source) and the connection limits.
-/// A handshake uses the settings in force when it starts, so a connection established
-/// before a reload keeps its certificate; the limits apply from the next accept or request.
-pub struct ConnectionSettings {
-    pub acceptor: Arc<rustls::ServerConfig>,
-    pub identity: IdentitySource,
-    pub require_client_cert: bool,
-    pub handshake_timeout: Duration,
-    pub limits: ConnectionLimits,
-    /// The server certificate presented.
-    pub certificate: tls::CertificateInfo,
-}
-
-impl ConnectionSettings {
-    /// The settings `config` asks for: its TLS files read and checked (blocking: off the
-    /// executors).
-    pub fn from_config(
-        config: &crate::config::Config,
-    ) -> Result<ConnectionSettings, tls::TlsError> {
-        let server = tls::server_config(&config.tls)?;
-        Ok(ConnectionSettings {
-            acceptor: server.config,
-            identity: config.tls.identity,
-            require_client_cert: config.tls.require_client_cert,
-            handshake_timeout: config.tls.handshake_timeout,
-            limits: config.limits.connection.clone(),
-            certificate: server.certificate,
-        })
-    }
 }
 
 /// Accepts connections until the core drains (then the listener closes: new connections
@@ -1033,7 +1002,7 @@ fn list_assets(
                         asset: r.asset.asset,
                         state: r.asset.state,
                         counter: r.asset.counter,
-                        shard: crate::router::shard_of(&r.asset.asset, shards),
+                        shard: crate::placement::shard_of(&r.asset.asset, shards),
                         changed_unix_ms: r.changed_unix_ms,
                     })
                     .collect(),

@@ -48,18 +48,6 @@ pub enum ShardReply {
     },
 }
 
-/// Authenticates audit checkpoints: the MAC of a shard's (sequence number, chain hash)
-/// under the audit key derived from the root seed, or `None` while sealed.
-pub trait CheckpointSigner {
-    fn sign(&self, shard: u16, seq: u64, hash: &[u8; 32]) -> Option<[u8; 32]>;
-}
-
-impl CheckpointSigner for Rc<crate::seal::cache::CoreKey> {
-    fn sign(&self, shard: u16, seq: u64, hash: &[u8; 32]) -> Option<[u8; 32]> {
-        self.checkpoint_mac(shard, seq, hash)
-    }
-}
-
 /// Who asks, and within which rate limit: the owning shard keeps a GCRA bucket per
 /// (requester, asset).
 #[derive(Clone, Debug)]
@@ -165,7 +153,7 @@ impl ShardOp {
     pub fn owner(&self, shard_count: u16) -> u16 {
         match self {
             ShardOp::SetRegion { .. } => 0,
-            _ => crate::router::shard_of(self.asset(), shard_count),
+            _ => crate::placement::shard_of(self.asset(), shard_count),
         }
     }
 }
@@ -374,7 +362,7 @@ pub struct Shard {
     /// Cumulative figures for the metrics (the core publishes them).
     figures: RefCell<crate::metrics::ShardFigures>,
     /// Authenticates each batch's checkpoint (`None`: batches go without one).
-    signer: Option<Box<dyn CheckpointSigner>>,
+    signer: Option<Box<dyn crate::checkpoint::Signer>>,
     /// Reused for the canonical encoding of each record as it is chained.
     encode_scratch: RefCell<Vec<u8>>,
     limiter: RefCell<crate::ratelimit::RateLimiter>,
@@ -505,7 +493,7 @@ impl Shard {
 
     /// Authenticates each batch's checkpoint with `signer` (the appliance's: the core's
     /// view of the seed cache).
-    pub fn with_signer(mut self, signer: Box<dyn CheckpointSigner>) -> Shard {
+    pub fn with_signer(mut self, signer: Box<dyn crate::checkpoint::Signer>) -> Shard {
         self.signer = Some(signer);
         self
     }

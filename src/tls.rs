@@ -6,9 +6,7 @@ pub mod stream;
 
 use crate::bounds;
 use crate::config::IdentitySource;
-use rustls::crypto::CryptoProvider;
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use rustls_pki_types::CertificateDer;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -40,49 +38,23 @@ pub enum TlsError {
     },
 }
 
-/// The crypto provider custody uses everywhere: ring, TLS 1.3 suites only.
-pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+use crate::certs::{provider, read_certs, read_key};
+
+impl From<crate::certs::FileError> for TlsError {
+    fn from(e: crate::certs::FileError) -> TlsError {
+        TlsError::File {
+            path: e.path,
+            reason: e.reason,
+        }
+    }
 }
 
 fn file_err(path: &Path, reason: impl ToString) -> TlsError {
-    TlsError::File {
-        path: path.to_owned(),
-        reason: reason.to_string(),
-    }
-}
-
-/// Reads every certificate of a PEM file (at least one).
-pub fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|e| file_err(path, e))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| file_err(path, e))?;
-    if certs.is_empty() {
-        return Err(file_err(path, "no certificate in PEM file"));
-    }
-    Ok(certs)
-}
-
-/// Reads the private key of a PEM file.
-pub fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    PrivateKeyDer::from_pem_file(path).map_err(|e| file_err(path, e))
+    crate::certs::FileError::new(path, reason).into()
 }
 
 fn roots(path: &Path) -> Result<rustls::RootCertStore, TlsError> {
-    root_store(path, read_certs(path)?)
-}
-
-/// The trust anchors `certs` (read from `path`, which errors name).
-fn root_store(
-    path: &Path,
-    certs: Vec<CertificateDer<'static>>,
-) -> Result<rustls::RootCertStore, TlsError> {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in certs {
-        roots.add(cert).map_err(|e| file_err(path, e))?;
-    }
-    Ok(roots)
+    Ok(crate::certs::read_roots(path)?)
 }
 
 /// A certificate expiring sooner than this is logged as a warning at start and on every
@@ -183,7 +155,7 @@ fn client_roots(path: &Path, now: i64) -> Result<rustls::RootCertStore, TlsError
             return Err(e);
         }
     }
-    root_store(path, certs)
+    Ok(crate::certs::root_store(path, certs)?)
 }
 
 /// The server configuration: TLS 1.3 only, client certificates verified against

@@ -338,15 +338,12 @@ fn audit_partitions_are_made_ahead_and_remade_while_running() {
         });
     }
     assert!(!partitions(&db).contains(&last));
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !partitions(&db).contains(&last) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{last} not remade:\n{}",
-            app.log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    common::eventually(Duration::from_secs(10), || {
+        partitions(&db)
+            .contains(&last)
+            .then_some(())
+            .ok_or_else(|| format!("{last} not remade:\n{}", app.log()))
+    });
 }
 
 #[test]

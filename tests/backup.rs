@@ -12,12 +12,8 @@ use std::process::Command;
 
 /// `sqlite3 ARGS`, given at most a minute (`timeout`); `None` when sqlite3 is missing.
 fn sqlite3(args: &[&str]) -> Option<std::process::Output> {
-    if Command::new("sqlite3").arg("-version").output().is_err() {
-        assert!(
-            std::env::var_os("CUSTODY_REQUIRE_SERVICES").is_none(),
-            "the sqlite3 command-line tool is not installed (package sqlite3)"
-        );
-        eprintln!("skipped: sqlite3 is not installed");
+    if let Err(e) = common::runs("sqlite3", &["-version"]) {
+        common::missing("the sqlite3 command-line tool (package sqlite3)", &e);
         return None;
     }
     Some(

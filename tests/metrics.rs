@@ -8,7 +8,7 @@ use common::{asset, derive_body, http_get, runtime, TestAppliance};
 use custody::client::Client;
 use custody::wire::Status;
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const POLICY: &str = "[policy]\nderivers = [{ identity = \"test-client\", purposes = [\"TRADING\"], regions = [\"US-EAST\"] }]\noperators = [\"test-client\"]\nauditors = [\"test-client\"]\nadmins = [\"test-client\"]\nrate_limits = { deriver = \"2/3600s\", operator = \"1000000/1s\", admin = \"1000000/1s\", auditor = \"1000000/1s\" }\n";
 
@@ -71,17 +71,16 @@ fn scrape_until(
     what: &str,
     done: impl Fn(&HashMap<String, f64>) -> bool,
 ) -> HashMap<String, f64> {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
+    common::eventually(Duration::from_secs(5), || {
         let (code, body) = http_get(app.admin, "/metrics");
         assert_eq!(code, 200, "{body}");
         let samples = parse_exposition(&body);
         if done(&samples) {
-            return samples;
+            Ok(samples)
+        } else {
+            Err(format!("{what}:\n{body}"))
         }
-        assert!(Instant::now() < deadline, "{what}:\n{body}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    })
 }
 
 /// `promtool check metrics` (Prometheus's own linter) on a real scrape. Without promtool
@@ -97,11 +96,7 @@ fn promtool_check(scrape: &str) {
     let mut child = match child {
         Ok(c) => c,
         Err(e) => {
-            assert!(
-                std::env::var("CUSTODY_REQUIRE_SERVICES").as_deref() != Ok("1"),
-                "CUSTODY_REQUIRE_SERVICES=1 but promtool cannot run ({e}); apt-get install prometheus"
-            );
-            eprintln!("promtool not found ({e}): skipping `promtool check metrics`");
+            common::missing("promtool (apt-get install prometheus)", &e);
             return;
         }
     };
@@ -247,11 +242,12 @@ fn metrics_count_real_requests_and_health_follows_the_seal() {
     assert!(!m.contains_key("custody_seed_cache_age_seconds"));
     // Unsealed again (the provider is called off the executors): ready once it is.
     rt.block_on(c.unseal("", false)).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while http_get(app.admin, "/readyz").0 != 200 {
-        assert!(Instant::now() < deadline, "not ready after UNSEAL");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    common::eventually(Duration::from_secs(5), || {
+        match http_get(app.admin, "/readyz") {
+            (200, _) => Ok(()),
+            (code, body) => Err(format!("not ready after UNSEAL: {code} {body}")),
+        }
+    });
     assert!(app.is_running());
 }
 
@@ -336,11 +332,7 @@ fn promtool(dir: &std::path::Path, args: &[&str]) -> Option<(bool, String)> {
             ),
         )),
         Err(e) => {
-            assert!(
-                std::env::var("CUSTODY_REQUIRE_SERVICES").as_deref() != Ok("1"),
-                "CUSTODY_REQUIRE_SERVICES=1 but promtool cannot run ({e}); apt-get install prometheus"
-            );
-            eprintln!("promtool not found ({e}): skipping the alert rules' checks");
+            common::missing("promtool (apt-get install prometheus)", &e);
             None
         }
     }

@@ -9,24 +9,19 @@ mod common;
 
 use common::{asset, derive_body, on_executor, runtime, PgDatabase, TestAppliance};
 use custody::client::Client;
-use custody::store::pg_tls::{PgTls, SslMode};
+use custody::config::{PgSslMode as SslMode, PgTls};
 use custody::store::postgres::{self, PgConfig};
 use std::path::PathBuf;
-
-fn required() -> bool {
-    std::env::var("CUSTODY_REQUIRE_SERVICES").as_deref() == Ok("1")
-}
 
 /// The test CA's bundle, or `None` (skip) when it is not provisioned.
 fn test_ca() -> Option<PathBuf> {
     match std::env::var_os("CUSTODY_TEST_PG_CA") {
         Some(p) => Some(PathBuf::from(p)),
         None => {
-            assert!(
-                !required(),
-                "CUSTODY_REQUIRE_SERVICES=1 but CUSTODY_TEST_PG_CA is not set (run .ci/postgres-tls.sh)"
+            common::missing(
+                "PostgreSQL with TLS",
+                &"CUSTODY_TEST_PG_CA is not set (run .ci/postgres-tls.sh)",
             );
-            eprintln!("CUSTODY_TEST_PG_CA not set: skipping a verify-full test");
             None
         }
     }
@@ -34,8 +29,7 @@ fn test_ca() -> Option<PathBuf> {
 
 fn admin() -> Option<PgConfig> {
     if std::env::var("CUSTODY_TEST_DATABASE_URL").is_err() {
-        assert!(!required(), "CUSTODY_TEST_DATABASE_URL is not set");
-        eprintln!("CUSTODY_TEST_DATABASE_URL not set: skipping a PostgreSQL test");
+        common::missing("PostgreSQL", &"CUSTODY_TEST_DATABASE_URL is not set");
         return None;
     }
     Some(PgDatabase::admin_config())

@@ -3,6 +3,8 @@
 //! Python 3.9+ with pytest (`.ci/run` installs it); without it they are skipped with a
 //! notice, unless CUSTODY_REQUIRE_SERVICES=1.
 
+mod common;
+
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -17,11 +19,10 @@ fn the_python_client_passes_its_tests_against_a_real_appliance() {
         .status()
         .is_ok_and(|s| s.success());
     if !has_pytest {
-        assert!(
-            std::env::var("CUSTODY_REQUIRE_SERVICES").as_deref() != Ok("1"),
-            "CUSTODY_REQUIRE_SERVICES=1 but python3 (3.9 or later) with pytest is missing"
+        common::missing(
+            "python3 (3.9 or later) with pytest",
+            &"`python3 -c 'import pytest'` fails (pip install pytest)",
         );
-        eprintln!("notice: skipping the Python client's tests: python3 -m pytest is not available (pip install pytest)");
         return;
     }
     let bin_dir = PathBuf::from(env!("CARGO_BIN_EXE_custodyd"))

@@ -9,7 +9,7 @@ mod common;
 use common::{asset, runtime, TestAppliance, TEST_ROLES};
 use custody::client::{Client, ClientError};
 use custody::wire::{DeriveBody, Status};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const NO_OPERATOR: &str = "[policy]\nderivers = [{ identity = \"test-client\", purposes = [\"TRADING\"], regions = [\"US-EAST\"] }]\nauditors = [\"test-client\"]\n";
 
@@ -20,22 +20,16 @@ fn sighup(app: &TestAppliance) {
 
 /// Polls REGISTER of a fresh asset until its status is `want` (5 s at most).
 fn register_until(c: &Client, rt: &tokio::runtime::Runtime, n: &mut u64, want: Option<Status>) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
+    common::eventually(Duration::from_secs(5), || {
         *n += 1;
         let got = rt
             .block_on(c.register(asset(8800 + *n)))
             .err()
             .and_then(|e| e.status());
-        if got == want {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "still {got:?}, expected {want:?}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+        (got == want)
+            .then_some(())
+            .ok_or_else(|| format!("still {got:?}, expected {want:?}"))
+    });
 }
 
 #[test]
@@ -54,15 +48,7 @@ fn sighup_reloads_the_policy_whole_or_not_at_all_on_live_connections() {
     // A broken file (an unknown purpose) changes nothing, and says why in the log.
     app.reconfigure("[policy]\nderivers = [{ identity = \"test-client\", purposes = [\"GAMBLING\"], regions = [\"US-EAST\"] }]\n");
     sighup(&app);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !app.log().contains("configuration not reloaded") {
-        assert!(
-            Instant::now() < deadline,
-            "no refusal logged:\n{}",
-            app.log()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_log(&app, "configuration not reloaded");
     assert!(app.log().contains("GAMBLING"), "{}", app.log());
     register_until(&c, &rt, &mut n, None);
 
@@ -71,15 +57,12 @@ fn sighup_reloads_the_policy_whole_or_not_at_all_on_live_connections() {
         "[policy]\nregions = [\"US-EAST\", \"LATAM\"]\n{NO_OPERATOR_BODY}operators = [\"test-client\"]\n"
     ));
     sighup(&app);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
+    common::eventually(Duration::from_secs(5), || {
         let regions = rt.block_on(c.regions()).unwrap();
-        if regions == [("US-EAST".to_string(), true), ("LATAM".to_string(), true)] {
-            break;
-        }
-        assert!(Instant::now() < deadline, "regions still {regions:?}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+        (regions == [("US-EAST".to_string(), true), ("LATAM".to_string(), true)])
+            .then_some(())
+            .ok_or_else(|| format!("regions still {regions:?}"))
+    });
     register_until(&c, &rt, &mut n, None);
 
     // Taking the role away works the same way.
@@ -257,15 +240,12 @@ fn a_reload_needing_more_region_slots_than_remain_is_refused_whole() {
 
 /// Waits until `what` is in the appliance's log (5 s at most).
 fn wait_for_log(app: &TestAppliance, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !app.log().contains(what) {
-        assert!(
-            Instant::now() < deadline,
-            "{what:?} not logged:\n{}",
-            app.log()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    common::eventually(Duration::from_secs(5), || {
+        let log = app.log();
+        log.contains(what)
+            .then_some(())
+            .ok_or_else(|| format!("{what:?} not logged:\n{log}"))
+    });
 }
 
 /// The value of a metric without labels on /metrics.

@@ -15,7 +15,7 @@ use custody::wire::{SealStateCode, Status};
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::process::Output;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 fn text(out: &Output) -> String {
     format!(
@@ -265,18 +265,20 @@ fn starts_sealed_unseals_with_k_shares_refuses_bad_ones_and_seals_again() {
     let out = cli(&app, &["seal"]);
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("SEALED_BY_OPERATOR"), "{}", text(&out));
-    let deadline = Instant::now() + Duration::from_secs(2);
-    for n in 0.. {
-        // New connections land on either core.
+    // New connections land on either core: eight in a row answer SEALED.
+    let mut sealed_seen = 0;
+    common::eventually(Duration::from_secs(2), || {
         match try_derive(&app, a, path) {
-            Err(Status::Sealed) if n >= 8 => break,
-            Err(Status::Sealed) => continue,
-            other => assert!(
-                Instant::now() < deadline,
-                "still serving after seal: {other:?}"
-            ),
+            Err(Status::Sealed) => sealed_seen += 1,
+            other => {
+                sealed_seen = 0;
+                return Err(format!("still serving after seal: {other:?}"));
+            }
         }
-    }
+        (sealed_seen >= 8)
+            .then_some(())
+            .ok_or_else(|| "not yet eight".into())
+    });
     // k shares again, the same key again.
     for f in [&files[1], &files[2], &files[3]] {
         assert!(cli(&app, &["unseal", "--share-file", f.to_str().unwrap()])

@@ -56,7 +56,7 @@ fn a_shard_aware_client_never_crosses_cores_and_a_plain_one_still_works() {
             };
             assert_eq!(
                 d.receipt.shard,
-                custody::router::shard_of(a, hello.shard_count),
+                custody::placement::shard_of(a, hello.shard_count),
                 "the receipt names the shard the client routed to"
             );
         }
@@ -64,7 +64,7 @@ fn a_shard_aware_client_never_crosses_cores_and_a_plain_one_still_works() {
     // Both shards own some of the assets, and nothing crossed.
     let owners: std::collections::BTreeSet<u16> = assets
         .iter()
-        .map(|a| custody::router::shard_of(a, 2))
+        .map(|a| custody::placement::shard_of(a, 2))
         .collect();
     assert_eq!(owners.len(), 2);
     assert_eq!(cross_core(&app), 0.0);

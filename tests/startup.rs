@@ -8,7 +8,7 @@ mod common;
 use common::TestAppliance;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Runs `custodyd run` on `app`'s config, with `before_exec` applied in the child, and
 /// expects it to exit by itself within 30 s: its exit code and stderr.
@@ -27,22 +27,15 @@ fn start_expecting_exit(
     // SAFETY: the closures only make async-signal-safe system calls (setrlimit,
     // sched_setaffinity).
     unsafe { cmd.pre_exec(before_exec) };
-    let mut child = cmd.spawn().expect("spawn custodyd");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
+    let mut child = common::KillOnDrop(cmd.spawn().expect("spawn custodyd"));
+    let status = common::eventually(Duration::from_secs(30), || {
+        child.0.try_wait().unwrap().ok_or_else(|| {
+            format!(
                 "custodyd kept running:\n{}",
                 std::fs::read_to_string(&log).unwrap_or_default()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+            )
+        })
+    });
     (
         status.code().unwrap_or(-1),
         std::fs::read_to_string(&log).unwrap_or_default(),

@@ -9,7 +9,7 @@ mod common;
 
 use custody::audit::{AuditEvent, AuditRecord};
 use custody::lifecycle::AssetState;
-use custody::router::shard_of;
+use custody::placement::shard_of;
 use custody::store::postgres::{self, PgConfig, PgStore};
 use custody::store::sqlite::{SqliteReader, SqliteStore};
 use custody::store::{
@@ -46,13 +46,7 @@ impl Backend {
         let url = match std::env::var("CUSTODY_TEST_DATABASE_URL") {
             Ok(u) => u,
             Err(_) => {
-                assert!(
-                    std::env::var("CUSTODY_REQUIRE_SERVICES").as_deref() != Ok("1"),
-                    "CUSTODY_REQUIRE_SERVICES=1 but CUSTODY_TEST_DATABASE_URL is not set"
-                );
-                eprintln!(
-                    "store_conformance: CUSTODY_TEST_DATABASE_URL not set, skipping PostgreSQL"
-                );
+                common::missing("PostgreSQL", &"CUSTODY_TEST_DATABASE_URL is not set");
                 return None;
             }
         };
@@ -456,7 +450,7 @@ fn postgres_conforms() {
 fn postgres_version_1_migrates_to_the_latest_keeping_every_row() {
     run(async {
         let Ok(url) = std::env::var("CUSTODY_TEST_DATABASE_URL") else {
-            assert!(std::env::var("CUSTODY_REQUIRE_SERVICES").as_deref() != Ok("1"));
+            common::missing("PostgreSQL", &"CUSTODY_TEST_DATABASE_URL is not set");
             return;
         };
         let admin = common::PgDatabase::parse_url(&url);
@@ -593,7 +587,7 @@ fn postgres_unreachable_fails_fast_and_backs_off() {
                 password: None,
                 allow_unsafe_durability: false,
                 owner_lease: Duration::from_secs(10),
-                tls: custody::store::pg_tls::PgTls::disabled(),
+                tls: custody::config::PgTls::disabled(),
                 partition_check: Duration::from_secs(3600),
             },
             postgres::Ownership {

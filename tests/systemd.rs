@@ -249,16 +249,11 @@ fn a_second_sigterm_forces_the_stop_at_once() {
 /// /usr/local/bin/custodyd, which verify requires to exist): no warning at all.
 #[test]
 fn the_unit_passes_systemd_analyze_verify() {
-    let required = std::env::var_os("CUSTODY_REQUIRE_SERVICES").is_some();
     let Ok(version) = std::process::Command::new("systemd-analyze")
         .arg("--version")
         .output()
     else {
-        assert!(
-            !required,
-            "systemd-analyze is not installed (package systemd)"
-        );
-        eprintln!("skipped: systemd-analyze is not installed");
+        common::missing("systemd-analyze", &"it is not installed (package systemd)");
         return;
     };
     assert!(version.status.success());
@@ -397,7 +392,7 @@ fn install_sh_lays_out_the_appliance_and_keeps_an_edited_config() {
 
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
-    if root && std::env::var_os("CUSTODY_REQUIRE_SERVICES").is_some() {
+    if root && common::services_required() {
         let stage = tempfile::tempdir().unwrap();
         install(stage.path(), true);
         let passwd = std::fs::read_to_string("/etc/passwd").unwrap();

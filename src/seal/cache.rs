@@ -27,6 +27,7 @@
 use super::shamir::{ShareError, ShareGate, ShareSet, Submitted};
 use super::slot::{KeySlot, Mailbox, Reader};
 use super::SealError;
+use crate::config::CacheTiming;
 use crate::kdf::{DerivationKey, RootSeed, Scratch};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
@@ -40,21 +41,6 @@ pub const CORE_KEY_REFRESH: Duration = Duration::from_millis(100);
 /// at a time.
 pub trait SealProvider: Send + 'static {
     fn unseal(&mut self) -> Result<RootSeed, SealError>;
-}
-
-/// The cache's timing, from the config.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct CacheTiming {
-    /// Age at which the key is refreshed through the provider.
-    pub ttl: Duration,
-    /// Longest wait for one provider call.
-    pub hsm_timeout: Duration,
-    /// How long past its TTL a key keeps serving while refreshes fail.
-    pub max_stale: Duration,
-    /// Failures in a row that open the breaker.
-    pub breaker_failures: u32,
-    /// How long the open breaker waits before one probe.
-    pub breaker_open: Duration,
 }
 
 /// What the cache is doing, for status, metrics and logs.
@@ -720,6 +706,13 @@ impl CoreKey {
 
     pub fn cache(&self) -> &Arc<SeedCache> {
         &self.cache
+    }
+}
+
+/// A shard signs each batch's checkpoint with its core's key.
+impl crate::checkpoint::Signer for std::rc::Rc<CoreKey> {
+    fn sign(&self, shard: u16, seq: u64, hash: &[u8; 32]) -> Option<[u8; 32]> {
+        self.checkpoint_mac(shard, seq, hash)
     }
 }
 

@@ -14,6 +14,7 @@
 
 use super::blob::{self, SealedSeed, IV_LEN, TAG_LEN};
 use super::SealError;
+use crate::config::{PinSource, Pkcs11Config};
 use crate::kdf::{RootSeed, SEED_LEN};
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::error::{Error as CkError, RvError};
@@ -26,55 +27,31 @@ use std::path::PathBuf;
 use uuid::Uuid;
 use zeroize::Zeroize;
 
-/// Where the PIN comes from. Never inline in the config.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum PinSource {
-    /// A file holding the PIN (trailing newline ignored).
-    File(PathBuf),
-    /// An environment variable holding the PIN.
-    Env(String),
-    /// A systemd credential (`LoadCredential=`): `$CREDENTIALS_DIRECTORY/NAME`.
-    Credential(String),
-}
-
-impl PinSource {
-    fn read(&self) -> Result<AuthPin, SealError> {
-        let pin_err = |what: String| SealError::Hsm(format!("PIN: {what}"));
-        let mut text = match self {
-            PinSource::File(path) => std::fs::read_to_string(path)
-                .map_err(|e| pin_err(format!("cannot read {}: {e}", path.display())))?,
-            PinSource::Env(var) => std::env::var(var)
-                .map_err(|_| pin_err(format!("environment variable {var} is not set")))?,
-            PinSource::Credential(name) => {
-                let dir = std::env::var_os("CREDENTIALS_DIRECTORY").ok_or_else(|| {
+/// Reads the PIN from where `source` says (it is never kept).
+fn read_pin(source: &PinSource) -> Result<AuthPin, SealError> {
+    let pin_err = |what: String| SealError::Hsm(format!("PIN: {what}"));
+    let mut text = match source {
+        PinSource::File(path) => std::fs::read_to_string(path)
+            .map_err(|e| pin_err(format!("cannot read {}: {e}", path.display())))?,
+        PinSource::Env(var) => std::env::var(var)
+            .map_err(|_| pin_err(format!("environment variable {var} is not set")))?,
+        PinSource::Credential(name) => {
+            let dir = std::env::var_os("CREDENTIALS_DIRECTORY").ok_or_else(|| {
                     pin_err(format!(
                         "credential {name:?}: CREDENTIALS_DIRECTORY is not set (is the unit's LoadCredential= in place?)"
                     ))
                 })?;
-                let path = PathBuf::from(dir).join(name);
-                std::fs::read_to_string(&path)
-                    .map_err(|e| pin_err(format!("cannot read {}: {e}", path.display())))?
-            }
-        };
-        let pin = text.trim_end_matches(['\r', '\n']).to_owned();
-        text.zeroize();
-        if pin.is_empty() {
-            return Err(pin_err("empty".into()));
+            let path = PathBuf::from(dir).join(name);
+            std::fs::read_to_string(&path)
+                .map_err(|e| pin_err(format!("cannot read {}: {e}", path.display())))?
         }
-        Ok(AuthPin::from(pin))
+    };
+    let pin = text.trim_end_matches(['\r', '\n']).to_owned();
+    text.zeroize();
+    if pin.is_empty() {
+        return Err(pin_err("empty".into()));
     }
-}
-
-/// The provider's settings.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Pkcs11Config {
-    /// The PKCS#11 module (shared library), e.g. /usr/lib/softhsm/libsofthsm2.so.
-    pub module: PathBuf,
-    /// The label of the token that holds the wrapping key.
-    pub token_label: String,
-    /// The label of the AES-256 wrapping key.
-    pub key_label: String,
-    pub pin: PinSource,
+    Ok(AuthPin::from(pin))
 }
 
 /// A logged-in session on the token. Lives on the thread that opened it.
@@ -148,7 +125,7 @@ impl Hsm {
         let session = ctx
             .open_rw_session(slot)
             .map_err(|e| hsm_err("opening a session", e))?;
-        let pin = config.pin.read()?;
+        let pin = read_pin(&config.pin)?;
         match session.login(UserType::User, Some(&pin)) {
             Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
             Err(CkError::Pkcs11(RvError::PinIncorrect, _)) => {

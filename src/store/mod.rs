@@ -87,15 +87,8 @@ pub struct CommitBatch {
     pub checkpoint: Option<Checkpoint>,
 }
 
-/// A shard's authenticated position in its chain (docs/audit.md).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Checkpoint {
-    pub shard: u16,
-    pub seq: u64,
-    pub hash: [u8; 32],
-    pub mac: [u8; 32],
-    pub ts_ms: u64,
-}
+/// A shard's authenticated position in its chain, kept beside its records.
+pub use crate::checkpoint::Checkpoint;
 
 /// An asset as the store holds it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -11,6 +11,7 @@
 //! once the server agrees; a server that refuses TLS fails the connection in both TLS
 //! modes (there is no silent fallback to plain text).
 
+use crate::config::{PgSslMode as SslMode, PgTls};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::{DigitallySignedStruct, SignatureScheme};
@@ -18,135 +19,39 @@ use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 use sha2::Digest;
 use std::future::Future;
 use std::io;
-use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use tokio_postgres::tls::{ChannelBinding, TlsConnect, TlsStream};
 
-/// libpq's `sslmode`, the three values custody supports.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SslMode {
-    Disable,
-    Require,
-    VerifyFull,
-}
-
-impl SslMode {
-    pub fn parse(s: &str) -> Option<SslMode> {
-        match s {
-            "disable" => Some(SslMode::Disable),
-            "require" => Some(SslMode::Require),
-            "verify-full" => Some(SslMode::VerifyFull),
-            _ => None,
+/// The connector for one connection to a server secured as `tls` says (`None` when TLS
+/// is disabled). The trust anchors were read with the configuration; this builds the
+/// rustls client from them, with no file read.
+pub(crate) fn connector(tls: &PgTls) -> Result<Option<PgTlsConnect>, rustls::Error> {
+    let provider = crate::certs::provider();
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?;
+    let mut client = match (tls.mode(), tls.roots()) {
+        (SslMode::Disable, _) => return Ok(None),
+        (SslMode::Require, _) => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(UnverifiedServer(provider)))
+            .with_no_client_auth(),
+        (SslMode::VerifyFull, Some(roots)) => builder
+            .with_root_certificates(roots.clone())
+            .with_no_client_auth(),
+        (SslMode::VerifyFull, None) => {
+            return Err(rustls::Error::General(
+                "sslmode verify-full without trust anchors".into(),
+            ))
         }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SslMode::Disable => "disable",
-            SslMode::Require => "require",
-            SslMode::VerifyFull => "verify-full",
-        }
-    }
-}
-
-/// How a connection to PostgreSQL is secured: built once from the config (so a bad CA
-/// file is a configuration error, not a connection failure), shared by every core.
-#[derive(Clone)]
-pub struct PgTls {
-    mode: SslMode,
-    /// `None` for `disable`.
-    client: Option<Arc<rustls::ClientConfig>>,
-    /// The name the certificate must carry (`verify-full`), also sent as SNI.
-    server_name: ServerName<'static>,
-}
-
-impl std::fmt::Debug for PgTls {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PgTls")
-            .field("mode", &self.mode)
-            .field("server_name", &self.server_name)
-            .finish()
-    }
-}
-
-/// Why a TLS setting for PostgreSQL cannot be used.
-#[derive(Debug, thiserror::Error)]
-pub enum PgTlsError {
-    #[error("{0:?} is not a host name or IP address a certificate can name")]
-    ServerName(String),
-    #[error("sslmode \"verify-full\" needs a CA bundle (store.postgres_sslrootcert)")]
-    NoRootCert,
-    #[error("{0}")]
-    RootCert(String),
-    #[error("TLS configuration: {0}")]
-    Config(#[from] rustls::Error),
-}
-
-impl PgTls {
-    /// No TLS.
-    pub fn disabled() -> PgTls {
-        PgTls {
-            mode: SslMode::Disable,
-            client: None,
-            server_name: ServerName::try_from("localhost").expect("a valid DNS name"),
-        }
-    }
-
-    /// TLS in `mode` to `host`, trusting the CA certificates of `root_cert` (PEM) for
-    /// `verify-full`.
-    pub fn new(mode: SslMode, host: &str, root_cert: Option<&Path>) -> Result<PgTls, PgTlsError> {
-        let server_name = ServerName::try_from(host.to_owned())
-            .map_err(|_| PgTlsError::ServerName(host.to_owned()))?;
-        let provider = crate::tls::provider();
-        let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
-            .with_safe_default_protocol_versions()?;
-        let mut client = match mode {
-            SslMode::Disable => {
-                return Ok(PgTls {
-                    mode,
-                    client: None,
-                    server_name,
-                })
-            }
-            SslMode::Require => builder
-                .dangerous()
-                .with_custom_certificate_verifier(Arc::new(UnverifiedServer(provider)))
-                .with_no_client_auth(),
-            SslMode::VerifyFull => {
-                let path = root_cert.ok_or(PgTlsError::NoRootCert)?;
-                let mut roots = rustls::RootCertStore::empty();
-                let certs = crate::tls::read_certs(path)
-                    .map_err(|e| PgTlsError::RootCert(e.to_string()))?;
-                for cert in certs {
-                    roots
-                        .add(cert)
-                        .map_err(|e| PgTlsError::RootCert(format!("{}: {e}", path.display())))?;
-                }
-                builder.with_root_certificates(roots).with_no_client_auth()
-            }
-        };
-        // PostgreSQL 17 checks the ALPN name on direct TLS; older servers ignore it.
-        client.alpn_protocols = vec![b"postgresql".to_vec()];
-        Ok(PgTls {
-            mode,
-            client: Some(Arc::new(client)),
-            server_name,
-        })
-    }
-
-    pub fn mode(&self) -> SslMode {
-        self.mode
-    }
-
-    /// The connector for one connection (`None` when TLS is disabled).
-    pub(crate) fn connector(&self) -> Option<PgTlsConnect> {
-        self.client.as_ref().map(|client| PgTlsConnect {
-            client: client.clone(),
-            server_name: self.server_name.clone(),
-        })
-    }
+    };
+    // PostgreSQL 17 checks the ALPN name on direct TLS; older servers ignore it.
+    client.alpn_protocols = vec![b"postgresql".to_vec()];
+    Ok(Some(PgTlsConnect {
+        client: Arc::new(client),
+        server_name: tls.server_name().clone(),
+    }))
 }
 
 /// `require`: any certificate is accepted, but the handshake signatures are still
@@ -307,36 +212,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn modes_parse_and_print() {
-        for m in [SslMode::Disable, SslMode::Require, SslMode::VerifyFull] {
-            assert_eq!(SslMode::parse(m.as_str()), Some(m));
-        }
-        assert_eq!(SslMode::parse("prefer"), None);
-        assert_eq!(SslMode::parse("verify-ca"), None);
-    }
-
-    #[test]
-    fn verify_full_needs_a_root_cert() {
-        assert!(matches!(
-            PgTls::new(SslMode::VerifyFull, "db.example", None),
-            Err(PgTlsError::NoRootCert)
-        ));
-        let e = PgTls::new(
-            SslMode::VerifyFull,
-            "db.example",
-            Some(Path::new("/nonexistent.pem")),
-        )
-        .unwrap_err();
-        assert!(e.to_string().contains("/nonexistent.pem"), "{e}");
-    }
-
-    #[test]
-    fn a_bad_host_name_is_refused() {
-        assert!(matches!(
-            PgTls::new(SslMode::Require, "not a host", None),
-            Err(PgTlsError::ServerName(_))
-        ));
-        assert!(PgTls::new(SslMode::Require, "10.1.2.3", None).is_ok());
+    fn each_mode_gets_its_connector() {
+        assert!(connector(&PgTls::disabled()).unwrap().is_none());
+        let require = PgTls::new(SslMode::Require, "10.1.2.3", None).unwrap();
+        assert!(connector(&require).unwrap().is_some());
     }
 
     #[test]

@@ -8,16 +8,15 @@
 //! another, then COMMIT. PostgreSQL is never used for locking or ordering on the derive
 //! path; the shard does that.
 
-use super::pg_tls::{PgTls, SslMode};
 use super::{
     CommitBatch, LocalFuture, RecentRotation, RotationWindow, ShardSnapshot, ShardStore, Store,
     StoreError, StoredAsset, SCHEMA_VERSION,
 };
+use crate::config::{PgSslMode as SslMode, PgTls};
 use crate::lifecycle::AssetState;
-use crate::router::shard_of;
+use crate::placement::shard_of;
 use std::cell::RefCell;
 use std::io;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -39,38 +38,7 @@ const RECONNECT_BACKOFF_MIN: Duration = Duration::from_millis(50);
 /// Longest wait between connection attempts.
 const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(2);
 
-/// How to reach the database. The password never appears in `Debug` or in errors.
-#[derive(Clone)]
-pub struct PgConfig {
-    pub addr: SocketAddr,
-    pub dbname: String,
-    pub user: String,
-    pub password: Option<zeroize::Zeroizing<String>>,
-    /// Serve even if the server acknowledges commits before they are on disk
-    /// (`synchronous_commit` or `fsync` off). Only for throwaway test databases.
-    pub allow_unsafe_durability: bool,
-    /// How long an owner's lease lasts without a heartbeat (I6).
-    pub owner_lease: Duration,
-    /// TLS to the server (`sslmode`).
-    pub tls: PgTls,
-    /// How often the appliance makes sure the coming months' audit-log partitions exist.
-    pub partition_check: Duration,
-}
-
-impl std::fmt::Debug for PgConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PgConfig")
-            .field("addr", &self.addr)
-            .field("dbname", &self.dbname)
-            .field("user", &self.user)
-            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
-            .field("allow_unsafe_durability", &self.allow_unsafe_durability)
-            .field("owner_lease", &self.owner_lease)
-            .field("tls", &self.tls)
-            .field("partition_check", &self.partition_check)
-            .finish()
-    }
-}
+pub use crate::config::PgConfig;
 
 impl PgConfig {
     /// The driver's settings (the address is not among them: connect with `connect_raw`).
@@ -102,7 +70,9 @@ pub async fn connect(config: &PgConfig) -> Result<Client, StoreError> {
         .map_err(|e| StoreError::Unavailable(format!("connect to {}: {e}", config.addr)))?;
     let _ = tcp.set_nodelay(true);
     let driver = config.driver_config();
-    match config.tls.connector() {
+    let connector = super::pg_tls::connector(&config.tls)
+        .map_err(|e| StoreError::Unavailable(format!("postgres TLS client: {e}")))?;
+    match connector {
         None => {
             let (client, connection) = driver
                 .connect_raw(TokioIo(tcp), NoTls)

@@ -15,7 +15,7 @@ use super::{
 use crate::audit::AuditEvent;
 use crate::bounds;
 use crate::lifecycle::AssetState;
-use crate::router::shard_of;
+use crate::placement::shard_of;
 use rusqlite::{params, Connection, OpenFlags};
 use std::collections::HashMap;
 use std::os::fd::AsRawFd;

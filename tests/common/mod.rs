@@ -4,6 +4,13 @@
 #![allow(dead_code)]
 
 pub mod openssl;
+pub mod require;
+pub mod wait;
+
+#[allow(unused_imports)]
+pub use require::{missing, require, runs, services_required};
+#[allow(unused_imports)]
+pub use wait::eventually;
 
 use custody::client::{Client, ClientConfig};
 use std::net::SocketAddr;
@@ -270,6 +277,16 @@ impl Drop for TestAppliance {
 }
 
 /// The first of `n` consecutive loopback ports nobody listens on now.
+/// A child process killed (and reaped) when the guard drops, a failed test's too.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 pub fn free_ports(n: u16) -> u16 {
     custody::net::free_loopback_ports(n).expect("free loopback ports")
 }
@@ -355,11 +372,7 @@ impl PgDatabase {
 
     pub fn create(tag: &str) -> Option<PgDatabase> {
         let Ok(url) = std::env::var("CUSTODY_TEST_DATABASE_URL") else {
-            assert!(
-                std::env::var("CUSTODY_REQUIRE_SERVICES").as_deref() != Ok("1"),
-                "CUSTODY_REQUIRE_SERVICES=1 but CUSTODY_TEST_DATABASE_URL is not set"
-            );
-            eprintln!("CUSTODY_TEST_DATABASE_URL not set: skipping a PostgreSQL test");
+            missing("PostgreSQL", &"CUSTODY_TEST_DATABASE_URL is not set");
             return None;
         };
         let admin = Self::parse_url(&url);
@@ -562,15 +575,10 @@ impl BackgroundLoad {
 
     /// Waits (at most 30 s, else fails with `what`) until `n` derivations are acknowledged.
     pub fn wait_for(&self, n: usize, what: &str) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while self.acknowledged() < n {
-            assert!(
-                Instant::now() < deadline,
-                "{what}: {} acknowledged",
-                self.acknowledged()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        eventually(Duration::from_secs(30), || match self.acknowledged() {
+            done if done >= n => Ok(()),
+            done => Err(format!("{what}: {done} acknowledged")),
+        });
     }
 
     /// Stops the lanes (each finishes the request it has out) and reports.
@@ -679,7 +687,7 @@ pub fn check_asset_listing(app: &TestAppliance, first: u64, n: u64) {
             .as_millis() as u64;
         for a in &mine {
             let l = find(a);
-            assert_eq!(l.shard, custody::router::shard_of(a, shards));
+            assert_eq!(l.shard, custody::placement::shard_of(a, shards));
             assert!(l.changed_unix_ms <= now_ms + 1_000 && l.changed_unix_ms > now_ms - 600_000);
         }
         let suspended = c

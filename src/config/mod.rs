@@ -7,12 +7,52 @@
 //! default. `appliance/custody.toml` documents every key and its default; the
 //! [`KEYS`] table below is the single place each one is defined.
 
+mod postgres;
+
+pub use postgres::{PgConfig, PgSslMode, PgTls, PgTlsError};
+
 use crate::bounds;
-use crate::seal::pkcs11::{PinSource, Pkcs11Config};
-use crate::store::pg_tls::{PgTls, PgTlsError, SslMode as PgSslMode};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+/// Where the PIN comes from. Never inline in the config.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PinSource {
+    /// A file holding the PIN (trailing newline ignored).
+    File(PathBuf),
+    /// An environment variable holding the PIN.
+    Env(String),
+    /// A systemd credential (`LoadCredential=`): `$CREDENTIALS_DIRECTORY/NAME`.
+    Credential(String),
+}
+
+/// The `pkcs11` seal provider's settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pkcs11Config {
+    /// The PKCS#11 module (shared library), e.g. /usr/lib/softhsm/libsofthsm2.so.
+    pub module: PathBuf,
+    /// The label of the token that holds the wrapping key.
+    pub token_label: String,
+    /// The label of the AES-256 wrapping key.
+    pub key_label: String,
+    pub pin: PinSource,
+}
+
+/// The seed cache's timing (`[seal]`: key TTL, HSM timeout, stale serving, breaker).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CacheTiming {
+    /// Age at which the key is refreshed through the provider.
+    pub ttl: Duration,
+    /// Longest wait for one provider call.
+    pub hsm_timeout: Duration,
+    /// How long past its TTL a key keeps serving while refreshes fail.
+    pub max_stale: Duration,
+    /// Failures in a row that open the breaker.
+    pub breaker_failures: u32,
+    /// How long the open breaker waits before one probe.
+    pub breaker_open: Duration,
+}
 
 /// One problem with the configuration, tied to its key (`section.key`).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -120,7 +160,7 @@ pub enum StoreBackend {
     /// The embedded store: one SQLite file.
     Sqlite { path: PathBuf },
     /// The production store.
-    Postgres(crate::store::postgres::PgConfig),
+    Postgres(PgConfig),
 }
 
 /// The resolved configuration.
@@ -131,7 +171,7 @@ pub struct Config {
     pub store: StoreConfig,
     pub seal: SealConfig,
     /// The seed cache's TTL, staleness bound, provider timeout and breaker.
-    pub seal_timing: crate::seal::cache::CacheTiming,
+    pub seal_timing: CacheTiming,
     pub limits: Limits,
     pub policy: Policy,
     pub audit: AuditConfig,
@@ -468,11 +508,11 @@ pub fn resolve(table: &toml::Table, base_dir: &Path, file: &str) -> Result<Confi
             0 => Some(None),
             // Below a page a second, one page would hold the auditor thread (and the
             // proofs and requests queued behind it) for seconds.
-            n if n < crate::auditor::APPLIANCE_PAGE_RECORDS as i64 => r.problem(
+            n if n < bounds::RECONCILE_PAGE_RECORDS as i64 => r.problem(
                 "audit.reconcile_records_per_s",
                 format!(
                     "{n} is below {} (one page a second); 0 = unpaced",
-                    crate::auditor::APPLIANCE_PAGE_RECORDS
+                    bounds::RECONCILE_PAGE_RECORDS
                 ),
             ),
             n => Some(Some(n as u64)),
@@ -609,7 +649,7 @@ pub fn resolve(table: &toml::Table, base_dir: &Path, file: &str) -> Result<Confi
                     Some(lease),
                     Some(tls),
                     Some(partition_check),
-                ) => Some(StoreSpec::Postgres(crate::store::postgres::PgConfig {
+                ) => Some(StoreSpec::Postgres(PgConfig {
                     addr,
                     dbname,
                     user,
@@ -671,15 +711,13 @@ pub fn resolve(table: &toml::Table, base_dir: &Path, file: &str) -> Result<Confi
         r.int("seal.breaker_failures", 3, 1, 100),
         r.int("seal.breaker_open_ms", 5000, 10, 600_000),
     ) {
-        (Some(ttl), Some(stale), Some(timeout), Some(failures), Some(open)) => {
-            Some(crate::seal::cache::CacheTiming {
-                ttl: Duration::from_secs(ttl as u64),
-                hsm_timeout: Duration::from_millis(timeout as u64),
-                max_stale: Duration::from_secs(stale as u64),
-                breaker_failures: failures as u32,
-                breaker_open: Duration::from_millis(open as u64),
-            })
-        }
+        (Some(ttl), Some(stale), Some(timeout), Some(failures), Some(open)) => Some(CacheTiming {
+            ttl: Duration::from_secs(ttl as u64),
+            hsm_timeout: Duration::from_millis(timeout as u64),
+            max_stale: Duration::from_secs(stale as u64),
+            breaker_failures: failures as u32,
+            breaker_open: Duration::from_millis(open as u64),
+        }),
         _ => None,
     };
     let p11_module = r.string("seal.pkcs11_module", "/usr/lib/softhsm/libsofthsm2.so");
@@ -1204,7 +1242,7 @@ fn resolve_connection_limits(r: &mut Resolver<'_>) -> Option<ConnectionLimits> {
 /// The store as written, before paths are made absolute.
 enum StoreSpec {
     Sqlite(String),
-    Postgres(crate::store::postgres::PgConfig),
+    Postgres(PgConfig),
 }
 
 fn absolute(base: &Path, p: &str) -> PathBuf {
@@ -1964,7 +2002,7 @@ mod tests {
 
     #[test]
     fn the_reference_config_is_valid_and_documents_every_key() {
-        let text = include_str!("../appliance/custody.toml");
+        let text = include_str!("../../appliance/custody.toml");
         let table = parse(text, "custody.toml").unwrap();
         resolve(&table, Path::new("/etc/custody"), "custody.toml").unwrap();
         for k in KEYS {
