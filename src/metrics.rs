@@ -497,7 +497,7 @@ fn render(cores: &[CoreFigures], seal: &SeedCache, policy_generation: u64) -> St
         let name = Opcode::ALL
             .iter()
             .find(|o| **o as usize == i)
-            .map_or("UNKNOWN", |o| opcode_name(*o));
+            .map_or("UNKNOWN", |o| o.name());
         (name, i)
     }) {
         for (s, status) in Status::ALL.iter().enumerate() {
@@ -957,30 +957,7 @@ fn render_auditor(out: &mut String, s: &crate::auditor::AuditorStatus) {
 
 /// The name of a raw opcode byte (a reply's bit ignored); "UNKNOWN" for none.
 pub fn opcode_label(opcode: u8) -> &'static str {
-    Opcode::from_u8(opcode & !crate::wire::REPLY_BIT).map_or("UNKNOWN", opcode_name)
-}
-
-/// The metric label of an opcode.
-pub fn opcode_name(op: Opcode) -> &'static str {
-    match op {
-        Opcode::Hello => "HELLO",
-        Opcode::Register => "REGISTER",
-        Opcode::Derive => "DERIVE",
-        Opcode::Status => "STATUS",
-        Opcode::Seal => "SEAL",
-        Opcode::Unseal => "UNSEAL",
-        Opcode::SealStatus => "SEAL_STATUS",
-        Opcode::Rotate => "ROTATE",
-        Opcode::Suspend => "SUSPEND",
-        Opcode::Resume => "RESUME",
-        Opcode::Retire => "RETIRE",
-        Opcode::SetRegion => "SET_REGION",
-        Opcode::Regions => "REGIONS",
-        Opcode::PolicyReload => "POLICY_RELOAD",
-        Opcode::Reconcile => "RECONCILE",
-        Opcode::ProveReceipt => "PROVE_RECEIPT",
-        Opcode::ListAssets => "LIST_ASSETS",
-    }
+    Opcode::from_u8(opcode & !crate::wire::REPLY_BIT).map_or("UNKNOWN", Opcode::name)
 }
 
 /// Binds the admin listener (a start-up failure if the address is taken) and serves it

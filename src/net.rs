@@ -19,7 +19,7 @@ use crate::shard::{LifecycleOp, RateCheck, ShardOp, ShardReply};
 use crate::signal::LocalSignal;
 use crate::tls;
 use crate::wire::{
-    self, Derived, HelloInfo, ProviderCode, Refusal, Reply, Request, SealInfo, SealStateCode,
+    self, Derived, Gate, HelloInfo, ProviderCode, Refusal, Reply, Request, SealInfo, SealStateCode,
     Status,
 };
 use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -1095,34 +1095,25 @@ fn dispatch(
             return outbox.refuse(opcode, request_id, Refusal::new(e.status(), e.to_string()))
         }
     };
-    // The policy gate: who may do this (an identity with no role only HELLO and
-    // SEAL_STATUS), then the fields, then (DERIVE) the deriver's purposes and regions.
-    let need = match &request {
-        Request::Hello | Request::SealStatus => Need::Anyone,
-        Request::Seal
-        | Request::Unseal { .. }
-        | Request::Retire { .. }
-        | Request::SetRegion { .. }
-        | Request::PolicyReload => Need::Admin,
-        Request::Regions => Need::AnyRole,
-        Request::Register { .. }
-        | Request::Rotate(_)
-        | Request::Suspend { .. }
-        | Request::Resume { .. } => Need::Operator,
-        // Reconciliation is an auditor's read (operators and admins may too).
-        Request::Status { .. }
-        | Request::Reconcile { .. }
-        | Request::ProveReceipt(_)
-        | Request::ListAssets(_) => Need::Status,
-        // Checked with its purpose and region once the fields are.
-        Request::Derive(_) => Need::Anyone,
+    // The policy gate: who may do this (the opcode table's `gate`: an identity with no
+    // role may only HELLO and SEAL_STATUS), then the fields, then (DERIVE) the deriver's
+    // purposes and regions.
+    let gate = request.opcode().gate();
+    let need = match gate {
+        Gate::Anyone => Need::Anyone,
+        Gate::AnyRole => Need::AnyRole,
+        Gate::Operator => Need::Operator,
+        Gate::Admin => Need::Admin,
+        Gate::Reader => Need::Status,
+        // Checked with its purpose and region once the fields are; a role first.
+        Gate::Deriver => Need::Anyone,
     };
     let access = ctx.access.get();
     let mut limit = match access.authorize(identity, need) {
         Ok(limit) => limit,
         Err(denied) => return deny(ctx, identity, outbox, opcode, request_id, denied),
     };
-    if matches!(request, Request::Derive(_)) {
+    if gate == Gate::Deriver {
         if let Err(denied) = access.require_a_role(identity) {
             return deny(ctx, identity, outbox, opcode, request_id, denied);
         }

@@ -16,6 +16,10 @@
 //! A reply carries the request's opcode with bit 7 set, the same request id, and a body that
 //! starts with a `u16` status. Every length is checked before it is used.
 
+mod codes;
+
+pub use codes::{Gate, Opcode, ProviderCode, SealStateCode, Status};
+
 use crate::bounds;
 use crate::lifecycle::AssetState;
 use uuid::Uuid;
@@ -32,236 +36,6 @@ pub const REPLY_BIT: u8 = 0x80;
 pub const SHARD_HASH_JUMP_FNV1A64: u8 = 1;
 /// Length of a derived key on the wire.
 pub const KEY_LEN: usize = 32;
-
-/// Request opcodes. Numbers are never reused; later issues add operations above 0x10.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u8)]
-pub enum Opcode {
-    Hello = 0x01,
-    Register = 0x02,
-    Derive = 0x03,
-    Status = 0x04,
-    /// Admin: drop the unsealed seed at once.
-    Seal = 0x05,
-    /// Admin: submit a Shamir share, or ask the HSM provider to unseal now.
-    Unseal = 0x06,
-    /// The appliance's seal state (any authenticated client).
-    SealStatus = 0x07,
-    /// Operator: move an asset's counter forward by one (idempotent by rotation id).
-    Rotate = 0x08,
-    /// Operator: stop derivations of an asset.
-    Suspend = 0x09,
-    /// Operator: serve a suspended asset again.
-    Resume = 0x0A,
-    /// Admin: retire an asset for good (it answers only STATUS afterwards).
-    Retire = 0x0B,
-    /// Admin: enable or disable a compliance region (durable, audited).
-    SetRegion = 0x0C,
-    /// Any role: the configured regions and whether each is enabled.
-    Regions = 0x0D,
-    /// Admin: re-read the configuration file and put its `[policy]` in force (as SIGHUP).
-    PolicyReload = 0x0E,
-    /// Auditor: reconcile the audit log now (incremental, or full) and report.
-    Reconcile = 0x0F,
-    /// Auditor: prove a receipt (shard, seq, hash) is in the log, under a checkpoint.
-    ProveReceipt = 0x10,
-    /// Auditor or operator: a page of the registered assets, by asset id.
-    ListAssets = 0x11,
-}
-
-impl Opcode {
-    pub const ALL: [Opcode; 17] = [
-        Opcode::Hello,
-        Opcode::Register,
-        Opcode::Derive,
-        Opcode::Status,
-        Opcode::Seal,
-        Opcode::Unseal,
-        Opcode::SealStatus,
-        Opcode::Rotate,
-        Opcode::Suspend,
-        Opcode::Resume,
-        Opcode::Retire,
-        Opcode::SetRegion,
-        Opcode::Regions,
-        Opcode::PolicyReload,
-        Opcode::Reconcile,
-        Opcode::ProveReceipt,
-        Opcode::ListAssets,
-    ];
-
-    pub fn from_u8(value: u8) -> Option<Opcode> {
-        Opcode::ALL.into_iter().find(|op| *op as u8 == value)
-    }
-}
-
-/// Client-visible statuses. The numbers are part of the protocol: never renumber, never
-/// reuse a retired number (docs/protocol.md keeps the table).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-#[repr(u16)]
-#[non_exhaustive]
-pub enum Status {
-    Ok = 0,
-    UnsupportedVersion = 1,
-    MalformedFrame = 2,
-    FrameTooLarge = 3,
-    UnknownOpcode = 4,
-    BadBody = 5,
-    /// A frame whose first byte arrived did not arrive whole within
-    /// `limits.frame_timeout_ms`; the connection closes.
-    FrameTimeout = 6,
-    InvalidAssetId = 10,
-    InvalidPath = 11,
-    InvalidRegion = 12,
-    InvalidPurpose = 13,
-    InvalidTtl = 14,
-    /// ROTATE: the rotation id is not an RFC 4122 UUID.
-    InvalidRotationId = 15,
-    /// DERIVE in a configured region that an admin disabled.
-    RegionDisabled = 16,
-    UnknownAsset = 20,
-    AssetExists = 21,
-    AssetSuspended = 22,
-    AssetRetired = 23,
-    /// ROTATE with an expected counter that is not the asset's counter (compare-and-set).
-    CounterMismatch = 24,
-    /// ROTATE: the rotation id was already used for another asset.
-    RotationIdReused = 25,
-    /// ROTATE: the counter is at its largest value (2^63-1) and cannot move forward.
-    CounterExhausted = 26,
-    /// SUSPEND / RESUME / RETIRE from a state that does not allow it.
-    InvalidTransition = 27,
-    Busy = 30,
-    StoreUnavailable = 31,
-    Sealed = 32,
-    ShuttingDown = 33,
-    /// A connection-level refusal (request id 0): the connection would exceed a bound of
-    /// its core, identity or role; the connection closes.
-    ConnectionLimit = 34,
-    Forbidden = 40,
-    RateLimited = 41,
-    Internal = 50,
-    /// UNSEAL: the share is malformed, damaged, of another seed or split, or this
-    /// appliance does not unseal with shares.
-    ShareInvalid = 60,
-    /// UNSEAL: this share number was already submitted.
-    ShareRepeated = 61,
-    /// UNSEAL: the threshold was reached but the shares rebuild another seed (fingerprint
-    /// mismatch); every submitted share was discarded.
-    SeedMismatch = 62,
-    /// UNSEAL: a share was sent to an appliance that is already unsealed.
-    AlreadyUnsealed = 63,
-    /// POLICY_RELOAD: the configuration file does not resolve (the message lists every
-    /// problem); the policy in force is unchanged.
-    PolicyInvalid = 70,
-    /// POLICY_RELOAD: the appliance was started without a configuration file to re-read.
-    ReloadUnavailable = 71,
-}
-
-impl Status {
-    pub const ALL: [Status; 36] = [
-        Status::Ok,
-        Status::UnsupportedVersion,
-        Status::MalformedFrame,
-        Status::FrameTooLarge,
-        Status::UnknownOpcode,
-        Status::BadBody,
-        Status::FrameTimeout,
-        Status::InvalidAssetId,
-        Status::InvalidPath,
-        Status::InvalidRegion,
-        Status::InvalidPurpose,
-        Status::InvalidTtl,
-        Status::InvalidRotationId,
-        Status::RegionDisabled,
-        Status::UnknownAsset,
-        Status::AssetExists,
-        Status::AssetSuspended,
-        Status::AssetRetired,
-        Status::CounterMismatch,
-        Status::RotationIdReused,
-        Status::CounterExhausted,
-        Status::InvalidTransition,
-        Status::Busy,
-        Status::StoreUnavailable,
-        Status::Sealed,
-        Status::ShuttingDown,
-        Status::ConnectionLimit,
-        Status::Forbidden,
-        Status::RateLimited,
-        Status::Internal,
-        Status::ShareInvalid,
-        Status::ShareRepeated,
-        Status::SeedMismatch,
-        Status::AlreadyUnsealed,
-        Status::PolicyInvalid,
-        Status::ReloadUnavailable,
-    ];
-
-    pub fn from_u16(value: u16) -> Option<Status> {
-        Status::ALL.iter().copied().find(|s| *s as u16 == value)
-    }
-
-    /// Stable upper-case name, used in CLI output, JSON and metrics labels.
-    pub fn name(self) -> &'static str {
-        match self {
-            Status::Ok => "OK",
-            Status::UnsupportedVersion => "UNSUPPORTED_VERSION",
-            Status::MalformedFrame => "MALFORMED_FRAME",
-            Status::FrameTooLarge => "FRAME_TOO_LARGE",
-            Status::UnknownOpcode => "UNKNOWN_OPCODE",
-            Status::BadBody => "BAD_BODY",
-            Status::FrameTimeout => "FRAME_TIMEOUT",
-            Status::InvalidAssetId => "INVALID_ASSET_ID",
-            Status::InvalidPath => "INVALID_PATH",
-            Status::InvalidRegion => "INVALID_REGION",
-            Status::InvalidPurpose => "INVALID_PURPOSE",
-            Status::InvalidTtl => "INVALID_TTL",
-            Status::InvalidRotationId => "INVALID_ROTATION_ID",
-            Status::RegionDisabled => "REGION_DISABLED",
-            Status::CounterMismatch => "COUNTER_MISMATCH",
-            Status::RotationIdReused => "ROTATION_ID_REUSED",
-            Status::CounterExhausted => "COUNTER_EXHAUSTED",
-            Status::InvalidTransition => "INVALID_TRANSITION",
-            Status::UnknownAsset => "UNKNOWN_ASSET",
-            Status::AssetExists => "ASSET_EXISTS",
-            Status::AssetSuspended => "ASSET_SUSPENDED",
-            Status::AssetRetired => "ASSET_RETIRED",
-            Status::Busy => "BUSY",
-            Status::StoreUnavailable => "STORE_UNAVAILABLE",
-            Status::Sealed => "SEALED",
-            Status::ShuttingDown => "SHUTTING_DOWN",
-            Status::ConnectionLimit => "CONNECTION_LIMIT",
-            Status::Forbidden => "FORBIDDEN",
-            Status::RateLimited => "RATE_LIMITED",
-            Status::Internal => "INTERNAL",
-            Status::ShareInvalid => "SHARE_INVALID",
-            Status::ShareRepeated => "SHARE_REPEATED",
-            Status::SeedMismatch => "SEED_MISMATCH",
-            Status::AlreadyUnsealed => "ALREADY_UNSEALED",
-            Status::PolicyInvalid => "POLICY_INVALID",
-            Status::ReloadUnavailable => "RELOAD_UNAVAILABLE",
-        }
-    }
-
-    /// A framing error: the appliance answers once and closes the connection.
-    pub fn closes_connection(self) -> bool {
-        matches!(
-            self,
-            Status::UnsupportedVersion
-                | Status::MalformedFrame
-                | Status::FrameTooLarge
-                | Status::FrameTimeout
-                | Status::ConnectionLimit
-        )
-    }
-}
-
-impl std::fmt::Display for Status {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} ({})", self.name(), *self as u16)
-    }
-}
 
 /// Why a byte stream or a body is not valid protocol v3.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -953,83 +727,6 @@ pub struct PolicyReloaded {
     pub asset_groups: u16,
 }
 
-/// The appliance's seal state, as SEAL, UNSEAL and SEAL_STATUS report it. Codes are on
-/// the wire: never renumber.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
-#[repr(u8)]
-pub enum SealStateCode {
-    Unsealed = 1,
-    ServingStale = 2,
-    /// Sealed, waiting for shares (`shamir` provider).
-    Sealed = 3,
-    /// Some shares in, fewer than the threshold.
-    Unsealing = 4,
-    SealedByOperator = 5,
-    SealedByFailure = 6,
-}
-
-impl SealStateCode {
-    pub const ALL: [SealStateCode; 6] = [
-        SealStateCode::Unsealed,
-        SealStateCode::ServingStale,
-        SealStateCode::Sealed,
-        SealStateCode::Unsealing,
-        SealStateCode::SealedByOperator,
-        SealStateCode::SealedByFailure,
-    ];
-
-    pub fn from_u8(code: u8) -> Option<SealStateCode> {
-        SealStateCode::ALL.into_iter().find(|s| *s as u8 == code)
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            SealStateCode::Unsealed => "UNSEALED",
-            SealStateCode::ServingStale => "SERVING_STALE",
-            SealStateCode::Sealed => "SEALED",
-            SealStateCode::Unsealing => "UNSEALING",
-            SealStateCode::SealedByOperator => "SEALED_BY_OPERATOR",
-            SealStateCode::SealedByFailure => "SEALED_BY_FAILURE",
-        }
-    }
-
-    /// Whether derivations are served in this state.
-    pub fn serving(self) -> bool {
-        matches!(self, SealStateCode::Unsealed | SealStateCode::ServingStale)
-    }
-}
-
-/// Which seal provider the appliance runs. Codes are on the wire: never renumber.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-#[repr(u8)]
-pub enum ProviderCode {
-    Dev = 1,
-    Pkcs11 = 2,
-    Shamir = 3,
-}
-
-impl ProviderCode {
-    pub fn from_u8(code: u8) -> Option<ProviderCode> {
-        [
-            ProviderCode::Dev,
-            ProviderCode::Pkcs11,
-            ProviderCode::Shamir,
-        ]
-        .into_iter()
-        .find(|p| *p as u8 == code)
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            ProviderCode::Dev => "dev",
-            ProviderCode::Pkcs11 => "pkcs11",
-            ProviderCode::Shamir => "shamir",
-        }
-    }
-}
-
 /// What SEAL, UNSEAL and SEAL_STATUS answer. Times are Unix milliseconds (0: none).
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct SealInfo {
@@ -1534,7 +1231,7 @@ pub fn fuzz_decode(data: &[u8]) {
             request.encode(frame.header.request_id, &mut again);
             assert_eq!(&again[HEADER_LEN..], frame.body, "request codec round trip");
         }
-        for op in Opcode::ALL {
+        for &op in Opcode::ALL {
             if let Ok(reply) = Reply::decode(op, frame.body) {
                 let mut again = Vec::new();
                 reply.encode(op as u8, frame.header.request_id, &mut again);
@@ -2093,7 +1790,7 @@ mod tests {
 
     /// The bytes of the hex dumps (`text` blocks) of a section of docs/protocol.md, in order.
     fn documented_dump(section: &str) -> Vec<u8> {
-        let doc = include_str!("../docs/protocol.md");
+        let doc = include_str!("../../docs/protocol.md");
         let at = doc.find(section).expect("section");
         let rest = &doc[at + section.len()..];
         let rest = &rest[..rest.find("\n### ").unwrap_or(rest.len())];
