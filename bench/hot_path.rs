@@ -4,8 +4,9 @@
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use custody::kdf::{DerivationKey, DerivationPath, RootSeed};
+use custody::op::{DeriveBody, Derived, Reply, Request};
 use custody::policy::FieldRules;
-use custody::wire::{self, DeriveBody, Derived, Receipt, Reply, Request};
+use custody::wire::{self, Receipt};
 use std::time::Duration;
 use uuid::Uuid;
 

@@ -47,7 +47,7 @@ enum Job {
         done: Completer<Result<Proof, String>>,
     },
     ListAssets {
-        request: crate::wire::ListAssets,
+        request: crate::op::ListAssets,
         done: Completer<Result<Vec<crate::store::ListedRow>, String>>,
     },
 }
@@ -192,7 +192,7 @@ impl Auditor {
     /// which says whether more follow; `None` when the queue is full (answer BUSY).
     pub fn list_assets(
         &self,
-        request: crate::wire::ListAssets,
+        request: crate::op::ListAssets,
     ) -> Option<Pending<Result<Vec<crate::store::ListedRow>, String>>> {
         let (done, pending) = completion();
         match self.jobs.try_send(Job::ListAssets { request, done }) {
@@ -334,7 +334,7 @@ impl Worker {
     /// A page of the key table, read outside any reconciliation's snapshot.
     async fn list_assets(
         &mut self,
-        request: crate::wire::ListAssets,
+        request: crate::op::ListAssets,
     ) -> Result<Vec<crate::store::ListedRow>, String> {
         if self.source.is_none() {
             self.source = Some(

@@ -5,9 +5,8 @@
 //! may be in flight on one [`Client`] at once; each call writes its frame through a
 //! writer task (which batches whatever is queued into one TLS write) and awaits its reply.
 
-use crate::wire::{
-    self, AssetInfo, DeriveBody, Derived, HelloInfo, Opcode, Refusal, Reply, Request, SealInfo,
-};
+use crate::op::{self, DeriveBody, Derived, HelloInfo, Reply, Request, SealInfo};
+use crate::wire::{self, AssetInfo, Opcode, Refusal};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -302,7 +301,7 @@ impl Client {
     pub async fn unseal(&self, share: &str, reset: bool) -> Result<SealInfo, ClientError> {
         let request = Request::Unseal {
             reset,
-            share: crate::wire::ShareText::new(share),
+            share: crate::op::ShareText::new(share),
         };
         seal_reply(self.call(&request).await?, Opcode::Unseal)
     }
@@ -322,7 +321,7 @@ impl Client {
         rotation_id: Uuid,
         expected_counter: Option<u64>,
     ) -> Result<wire::Rotated, ClientError> {
-        let request = Request::Rotate(wire::RotateBody {
+        let request = Request::Rotate(op::RotateBody {
             asset,
             rotation_id,
             expected_counter,
@@ -361,7 +360,7 @@ impl Client {
     pub async fn prove_receipt(
         &self,
         receipt: crate::wire::Receipt,
-    ) -> Result<crate::wire::ProofInfo, ClientError> {
+    ) -> Result<crate::op::ProofInfo, ClientError> {
         match self.call(&Request::ProveReceipt(receipt)).await? {
             Reply::Proof(p) => Ok(p),
             Reply::Refused(r) => Err(ClientError::Refused(r)),
@@ -371,10 +370,7 @@ impl Client {
 
     /// Auditor: the appliance reconciles its audit log now (from its last run, or in
     /// full) and reports.
-    pub async fn reconcile(
-        &self,
-        full: bool,
-    ) -> Result<crate::wire::ReconcileSummary, ClientError> {
+    pub async fn reconcile(&self, full: bool) -> Result<crate::op::ReconcileSummary, ClientError> {
         match self.call(&Request::Reconcile { full }).await? {
             Reply::Reconciled(r) => Ok(r),
             Reply::Refused(r) => Err(ClientError::Refused(r)),
@@ -389,8 +385,8 @@ impl Client {
         state: Option<crate::lifecycle::AssetState>,
         after: Uuid,
         limit: u16,
-    ) -> Result<crate::wire::AssetPage, ClientError> {
-        let request = Request::ListAssets(crate::wire::ListAssets {
+    ) -> Result<crate::op::AssetPage, ClientError> {
+        let request = Request::ListAssets(crate::op::ListAssets {
             state,
             after,
             limit,
@@ -404,7 +400,7 @@ impl Client {
 
     /// Admin: has the appliance re-read its configuration file and put its `[policy]` in
     /// force (whole, or not at all: POLICY_INVALID lists the file's problems).
-    pub async fn policy_reload(&self) -> Result<crate::wire::PolicyReloaded, ClientError> {
+    pub async fn policy_reload(&self) -> Result<crate::op::PolicyReloaded, ClientError> {
         match self.call(&Request::PolicyReload).await? {
             Reply::PolicyReloaded(p) => Ok(p),
             Reply::Refused(r) => Err(ClientError::Refused(r)),

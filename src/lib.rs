@@ -14,7 +14,9 @@
 //!   accepted with (TLS acceptor and limits), replaced whole by [`reload`];
 //!   [`tls::stream`] is the server side of a connection over rustls's unbuffered API
 //!   (an idle connection holds no TLS buffer).
-//! - [`wire`]: the sans-IO codec of protocol v3 (frames, requests, replies, statuses).
+//! - [`wire`]: the sans-IO framing of protocol v3 and its tables of codes (an opcode's
+//!   number, name, metrics label and who may send it; statuses); [`op`]: each
+//!   operation's request and reply bodies, one file per operation (`op/derive.rs`).
 //! - [`policy`]: the gate every request passes before it reaches a shard: the identity's
 //!   roles (deriver by purpose, region and asset group, operator, admin, auditor) and the
 //!   field rules, with [`regions`] (the compliance regions' on/off switch shared by every
@@ -72,6 +74,7 @@ pub mod lifecycle;
 pub mod locked;
 pub mod metrics;
 pub mod net;
+pub mod op;
 pub mod placement;
 pub mod policy;
 pub mod preflight;

@@ -10,6 +10,7 @@
 use crate::admission::{Admission, HandshakeTicket, RefusalLog, Refused, Source};
 use crate::config::{ConnectionLimits, Limits};
 use crate::kdf::SCHEME_V1;
+use crate::op::{self, Derived, HelloInfo, Reply, Request, SealInfo};
 use crate::policy::{check_asset_id, Denied, DenyReason, FieldRules, Need};
 use crate::router::ShardRouter;
 use crate::seal::cache::{clock_ms, CoreKey, SealState, SeedCache};
@@ -18,10 +19,7 @@ use crate::settings::ConnectionSettings;
 use crate::shard::{LifecycleOp, RateCheck, ShardOp, ShardReply};
 use crate::signal::LocalSignal;
 use crate::tls;
-use crate::wire::{
-    self, Derived, Gate, HelloInfo, ProviderCode, Refusal, Reply, Request, SealInfo, SealStateCode,
-    Status,
-};
+use crate::wire::{self, Gate, ProviderCode, Refusal, SealStateCode, Status};
 use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream};
 use std::cell::{Cell, RefCell};
@@ -868,7 +866,7 @@ fn policy_reload(
         request_id,
         pending,
         |r| {
-            Reply::PolicyReloaded(wire::PolicyReloaded {
+            Reply::PolicyReloaded(op::PolicyReloaded {
                 generation: r.generation,
                 identities: u32::try_from(r.identities).unwrap_or(u32::MAX),
                 regions: u16::try_from(r.regions).unwrap_or(u16::MAX),
@@ -942,7 +940,7 @@ fn reconcile(
         request_id,
         pending,
         |report| {
-            Reply::Reconciled(wire::ReconcileSummary {
+            Reply::Reconciled(op::ReconcileSummary {
                 records_checked: report.records_checked,
                 checkpoints_checked: report.checkpoints_checked,
                 assets_checked: report.assets_checked,
@@ -952,7 +950,7 @@ fn reconcile(
                 findings: report
                     .findings
                     .iter()
-                    .take(wire::RECONCILE_FINDINGS_MAX)
+                    .take(op::reconcile::RECONCILE_FINDINGS_MAX)
                     .map(|f| f.to_string())
                     .collect(),
             })
@@ -974,7 +972,7 @@ fn list_assets(
     outbox: &Rc<Outbox>,
     opcode: u8,
     request_id: u64,
-    page: wire::ListAssets,
+    page: op::ListAssets,
 ) {
     let pending = ctx.auditor.as_ref().and_then(|a| a.list_assets(page));
     let Some(pending) = pending else {
@@ -995,10 +993,10 @@ fn list_assets(
         move |mut rows| {
             let more = rows.len() > limit;
             rows.truncate(limit);
-            Reply::Assets(wire::AssetPage {
+            Reply::Assets(op::AssetPage {
                 assets: rows
                     .into_iter()
-                    .map(|r| wire::ListedAsset {
+                    .map(|r| op::ListedAsset {
                         asset: r.asset.asset,
                         state: r.asset.state,
                         counter: r.asset.counter,
@@ -1046,7 +1044,7 @@ fn prove_receipt(
         request_id,
         pending,
         |p| {
-            Reply::Proof(wire::ProofInfo {
+            Reply::Proof(op::ProofInfo {
                 verdict: p.verdict as u8,
                 checkpoint_seq: p.checkpoint_seq,
                 detail: p.detail,

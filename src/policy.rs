@@ -5,8 +5,9 @@
 //! rate limits and the region switch build on it in the lifecycle-and-policy issue.
 
 use crate::kdf::{DerivationPath, PathError};
+use crate::op::DeriveBody;
 pub use crate::ratelimit::RateLimit;
-use crate::wire::{DeriveBody, Refusal, Status};
+use crate::wire::{Refusal, Status};
 use std::sync::Arc;
 use uuid::{Uuid, Variant};
 

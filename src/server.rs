@@ -7,6 +7,7 @@
 
 use crate::config::{Config, StoreBackend};
 use crate::net::{accept_loop, CoreContext};
+use crate::op::HelloInfo;
 use crate::policy::FieldRules;
 use crate::published::Published;
 use crate::reload::Reloader;
@@ -17,7 +18,7 @@ use crate::shard::{Shard, ShardLimits};
 use crate::store::postgres::PgStore;
 use crate::store::sqlite::SqliteStore;
 use crate::store::{Store, StoreError};
-use crate::wire::{HelloInfo, ProviderCode, SHARD_HASH_JUMP_FNV1A64, VERSION};
+use crate::wire::{ProviderCode, SHARD_HASH_JUMP_FNV1A64, VERSION};
 use glommio::channels::channel_mesh::MeshBuilder;
 use glommio::{LocalExecutorBuilder, Placement};
 use std::cell::Cell;

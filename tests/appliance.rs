@@ -14,7 +14,8 @@ mod common;
 use common::{asset, derive_body, read_audit, runtime, TestAppliance};
 use custody::client::Client;
 use custody::kdf::{DerivationKey, DerivationPath, RootSeed};
-use custody::wire::{self, FrameHeader, Opcode, Reply, Request, Status};
+use custody::op::{self, Reply, Request};
+use custody::wire::{self, FrameHeader, Opcode, Status};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -309,7 +310,7 @@ fn bad_requests_get_typed_statuses_and_leave_no_trace() {
         ));
 
         // Field rules, each with its own status.
-        let bad: Vec<(wire::DeriveBody, Status)> = vec![
+        let bad: Vec<(op::DeriveBody, Status)> = vec![
             (
                 derive_body(uuid::Uuid::nil(), "m/44'/0'/0'/0'/1"),
                 Status::InvalidAssetId,
@@ -325,28 +326,28 @@ fn bad_requests_get_typed_statuses_and_leave_no_trace() {
             ),
             (derive_body(good, "m/45'/0'/0'/0'/1"), Status::InvalidPath),
             (
-                wire::DeriveBody {
+                op::DeriveBody {
                     region: "MARS".into(),
                     ..derive_body(good, "m/44'/0'/0'/0'/1")
                 },
                 Status::InvalidRegion,
             ),
             (
-                wire::DeriveBody {
+                op::DeriveBody {
                     purpose: 9,
                     ..derive_body(good, "m/44'/0'/0'/0'/1")
                 },
                 Status::InvalidPurpose,
             ),
             (
-                wire::DeriveBody {
+                op::DeriveBody {
                     ttl_s: 59,
                     ..derive_body(good, "m/44'/0'/0'/0'/1")
                 },
                 Status::InvalidTtl,
             ),
             (
-                wire::DeriveBody {
+                op::DeriveBody {
                     ttl_s: 3601,
                     ..derive_body(good, "m/44'/0'/0'/0'/1")
                 },

@@ -10,7 +10,8 @@ mod common;
 
 use common::{asset, register_all, runtime, TestAppliance};
 use custody::client::Client;
-use custody::wire::{Reply, Request, Status};
+use custody::op::{Reply, Request};
+use custody::wire::Status;
 use std::time::{Duration, Instant};
 
 const POLICY: &str = "[policy]\nderivers = [{ identity = \"test-client\", purposes = [\"TRADING\", \"SETTLEMENT\", \"AUDIT\", \"BACKUP\"], regions = [\"US-EAST\", \"EU-WEST\", \"APAC\"] }]\noperators = [\"test-client\"]\nauditors = [\"test-client\", \"flood\"]\nrate_limits = { deriver = \"1000000000/1s\", operator = \"1000000000/1s\", auditor = \"1000000000/1s\" }\n";

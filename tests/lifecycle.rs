@@ -9,7 +9,8 @@ use common::{asset, derive_body, read_audit, runtime, TestAppliance, TEST_ROLES}
 use custody::audit::AuditEvent;
 use custody::client::{Client, ClientError};
 use custody::lifecycle::AssetState;
-use custody::wire::{Request, RotateBody, Status};
+use custody::op::{Request, RotateBody};
+use custody::wire::Status;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

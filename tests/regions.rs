@@ -9,7 +9,7 @@ use custody::audit::AuditEvent;
 use custody::client::Client;
 use custody::wire::Status;
 
-fn body_in(a: uuid::Uuid, region: &str) -> custody::wire::DeriveBody {
+fn body_in(a: uuid::Uuid, region: &str) -> custody::op::DeriveBody {
     let mut b = derive_body(a, "m/44'/0'/0'/0'/1");
     b.region = region.into();
     b

@@ -8,7 +8,8 @@ mod common;
 
 use common::{asset, runtime, TestAppliance, TEST_ROLES};
 use custody::client::{Client, ClientError};
-use custody::wire::{DeriveBody, Status};
+use custody::op::DeriveBody;
+use custody::wire::Status;
 use std::time::Duration;
 
 const NO_OPERATOR: &str = "[policy]\nderivers = [{ identity = \"test-client\", purposes = [\"TRADING\"], regions = [\"US-EAST\"] }]\nauditors = [\"test-client\"]\n";
@@ -93,7 +94,7 @@ fn derive_in(
     rt.block_on(c.derive(body)).err().and_then(|e| e.status())
 }
 
-fn refused(result: Result<custody::wire::PolicyReloaded, ClientError>) -> (Status, String) {
+fn refused(result: Result<custody::op::PolicyReloaded, ClientError>) -> (Status, String) {
     match result {
         Err(ClientError::Refused(r)) => (r.status, r.message),
         other => panic!("expected a refusal, got {other:?}"),

@@ -41,17 +41,17 @@ fn a_shard_aware_client_never_crosses_cores_and_a_plain_one_still_works() {
     rt.block_on(async {
         for a in &assets {
             sharded
-                .call(&custody::wire::Request::Register { asset: *a })
+                .call(&custody::op::Request::Register { asset: *a })
                 .await
                 .unwrap();
             let reply = sharded
-                .call(&custody::wire::Request::Derive(derive_body(
+                .call(&custody::op::Request::Derive(derive_body(
                     *a,
                     "m/44'/0'/0'/0'/1",
                 )))
                 .await
                 .unwrap();
-            let custody::wire::Reply::Derived(d) = reply else {
+            let custody::op::Reply::Derived(d) = reply else {
                 panic!("{reply:?}")
             };
             assert_eq!(
@@ -97,11 +97,11 @@ fn without_shard_ports_the_shard_aware_client_uses_the_shared_port() {
     let a = asset(9_100);
     rt.block_on(async {
         sharded
-            .call(&custody::wire::Request::Register { asset: a })
+            .call(&custody::op::Request::Register { asset: a })
             .await
             .unwrap();
         sharded
-            .call(&custody::wire::Request::Derive(derive_body(
+            .call(&custody::op::Request::Derive(derive_body(
                 a,
                 "m/44'/0'/0'/0'/1",
             )))

@@ -20,7 +20,8 @@
 
 use anyhow::{bail, Context};
 use custody::client::{Client, ClientConfig};
-use custody::wire::{self, Reply, Request, Status};
+use custody::op::{self, Reply, Request};
+use custody::wire::{self, Status};
 use hdrhistogram::Histogram;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -270,7 +271,7 @@ async fn start_steady(
 }
 
 async fn derive_once(client: &Client, asset: uuid::Uuid) -> bool {
-    let body = wire::DeriveBody {
+    let body = op::DeriveBody {
         asset,
         path: "m/44'/0'/0'/0'/1".into(),
         region: "US-EAST".into(),

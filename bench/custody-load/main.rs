@@ -28,9 +28,10 @@ mod workload;
 use anyhow::{bail, Context};
 use custody::client::{Client, ClientConfig, ClientError};
 use custody::net::free_loopback_ports;
+use custody::op::{DeriveBody, Reply, Request};
 use custody::store::postgres::{self, PgConfig};
 use custody::store::sqlite::SqliteReader;
-use custody::wire::{DeriveBody, Receipt, Reply, Request};
+use custody::wire::Receipt;
 use hdrhistogram::Histogram;
 use stats::{Answer, Percentiles, Recorder};
 use std::collections::HashMap;
@@ -364,7 +365,7 @@ fn metric_sum(admin: SocketAddr, name: &str) -> Option<f64> {
 fn closing_reconciliation(
     addr: SocketAddr,
     certs: &Path,
-) -> anyhow::Result<custody::wire::ReconcileSummary> {
+) -> anyhow::Result<custody::op::ReconcileSummary> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -732,7 +733,7 @@ struct Report {
     /// Answer latency of the region switches (`--toggle-region-ms`), microseconds.
     region_switch_us: Option<Histogram<u64>>,
     /// The appliance's full reconciliation after the run.
-    reconciliation: Option<custody::wire::ReconcileSummary>,
+    reconciliation: Option<custody::op::ReconcileSummary>,
     /// Reconciliations run during the window (`--reconcile-phase-s`).
     reconcile_load: Option<ReconcileLoad>,
     memory: Memory,
@@ -920,7 +921,7 @@ impl Target for CustodyTarget {
                 let mut id = [0u8; 16];
                 id[..8].copy_from_slice(&i.to_le_bytes());
                 id[8..].copy_from_slice(&(self.seed ^ crate_run_nonce()).to_le_bytes());
-                Request::Rotate(custody::wire::RotateBody {
+                Request::Rotate(custody::op::RotateBody {
                     asset,
                     rotation_id: uuid::Builder::from_random_bytes(id).into_uuid(),
                     expected_counter: None,

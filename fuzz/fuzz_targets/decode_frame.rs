@@ -5,5 +5,5 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    custody::wire::fuzz_decode(data);
+    custody::op::fuzz_decode(data);
 });

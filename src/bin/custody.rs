@@ -28,9 +28,10 @@
 
 use anyhow::{bail, Context};
 use custody::client::{Client, ClientConfig, ClientError};
+use custody::op::{DeriveBody, SealInfo};
 use custody::policy::Purpose;
 use custody::seal::shamir;
-use custody::wire::{AssetInfo, DeriveBody, SealInfo, SealStateCode};
+use custody::wire::{AssetInfo, SealStateCode};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use uuid::Uuid;
@@ -281,7 +282,7 @@ fn real_main() -> anyhow::Result<i32> {
     }
 }
 
-fn reconcile_text(s: &custody::wire::ReconcileSummary) -> String {
+fn reconcile_text(s: &custody::op::ReconcileSummary) -> String {
     let ratio = if s.assets_checked == 0 {
         0.0
     } else {

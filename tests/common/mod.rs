@@ -332,8 +332,8 @@ pub fn asset(n: u64) -> uuid::Uuid {
     uuid::Builder::from_random_bytes(b).into_uuid()
 }
 
-pub fn derive_body(asset: uuid::Uuid, path: &str) -> custody::wire::DeriveBody {
-    custody::wire::DeriveBody {
+pub fn derive_body(asset: uuid::Uuid, path: &str) -> custody::op::DeriveBody {
+    custody::op::DeriveBody {
         asset,
         path: path.into(),
         region: "US-EAST".into(),
@@ -700,13 +700,13 @@ pub fn check_asset_listing(app: &TestAppliance, first: u64, n: u64) {
             .all(|a| a.state == AssetState::Suspended));
         assert!(suspended.assets.iter().any(|a| a.asset == mine[1]));
         // A limit outside 1-256 is a bad body.
-        let zero = custody::wire::Request::ListAssets(custody::wire::ListAssets {
+        let zero = custody::op::Request::ListAssets(custody::op::ListAssets {
             state: None,
             after: uuid::Uuid::nil(),
             limit: 0,
         });
         match c.call(&zero).await.unwrap() {
-            custody::wire::Reply::Refused(r) => {
+            custody::op::Reply::Refused(r) => {
                 assert_eq!(r.status, custody::wire::Status::BadBody, "{r:?}")
             }
             other => panic!("limit 0 answered {other:?}"),
