@@ -104,8 +104,8 @@ fn gate(c: &mut Criterion) {
     )));
     let table = custody::policy::RegionTable::in_order(&regions);
     let b0 = body();
-    c.bench_function("policy/check_derive", |b| {
-        b.iter(|| rules.check_derive(black_box(&b0), &table).unwrap())
+    c.bench_function("op/derive check (field rules)", |b| {
+        b.iter(|| black_box(&b0).check(rules.switch(), &table).unwrap())
     });
     // The role check of a deriver among 1,000 identities.
     // Each deriver is limited to one of 64 asset groups of 1,000 assets each.

@@ -1254,7 +1254,7 @@ fn dispatch(
                 Err(refusal) => return outbox.refuse(opcode, request_id, refusal),
             }
         }
-        Request::Derive(body) => match ctx.rules.check_derive(&body, access.regions()) {
+        Request::Derive(body) => match body.check(ctx.rules.switch(), access.regions()) {
             Ok(request) => {
                 let need = Need::Derive {
                     asset: &request.asset,

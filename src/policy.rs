@@ -1,20 +1,14 @@
-//! The policy gate's field rules (pure code): every request is checked here before it
-//! reaches a shard, and each failure names the field and why.
-//!
-//! This is the brief's request table for the fields a request carries. Identity roles,
-//! rate limits and the region switch build on it in the lifecycle-and-policy issue.
+//! The access policy (pure code): every request passes it before it reaches a shard. Who
+//! holds which role (deriver by purpose, region and asset group; operator; admin;
+//! auditor), at which rate, the configured regions, and the asset id rule every operation
+//! shares. An operation's own field rules are in its file of [`crate::op`] (DERIVE's:
+//! `op/derive.rs`); what each opcode needs is its row's gate in [`crate::wire::Opcode`].
 
-use crate::kdf::{DerivationPath, PathError};
-use crate::op::DeriveBody;
+use crate::kdf::DerivationPath;
 pub use crate::ratelimit::RateLimit;
 use crate::wire::{Refusal, Status};
 use std::sync::Arc;
 use uuid::{Uuid, Variant};
-
-/// Shortest key holding time a caller may ask for.
-pub const TTL_MIN_S: u32 = 60;
-/// Longest key holding time a caller may ask for.
-pub const TTL_MAX_S: u32 = 3600;
 
 /// Why the caller wants the key. The codes are on the wire: never renumber.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
@@ -126,61 +120,6 @@ impl FieldRules {
 
     pub fn switch(&self) -> &Arc<crate::regions::RegionSwitch> {
         &self.switch
-    }
-
-    /// Checks a DERIVE body field by field, in wire order; `regions` are the configured
-    /// regions of the policy in force.
-    pub fn check_derive(
-        &self,
-        body: &DeriveBody,
-        regions: &RegionTable,
-    ) -> Result<CheckedDerive, Refusal> {
-        check_asset_id(&body.asset)?;
-        let path = DerivationPath::parse(&body.path).map_err(|e: PathError| {
-            Refusal::new(Status::InvalidPath, format!("path {:?}: {e}", body.path))
-        })?;
-        let Some((region, slot)) = regions.find(&body.region) else {
-            return Err(Refusal::new(
-                Status::InvalidRegion,
-                format!(
-                    "region {:?} is not configured (configured: {})",
-                    body.region,
-                    regions.names().join(", ")
-                ),
-            ));
-        };
-        if !self.switch.is_enabled(slot) {
-            return Err(Refusal::new(
-                Status::RegionDisabled,
-                format!("region {} is disabled by an admin", body.region),
-            ));
-        }
-        let region = region.clone();
-        let purpose = Purpose::from_u8(body.purpose).ok_or_else(|| {
-            Refusal::new(
-                Status::InvalidPurpose,
-                format!(
-                    "purpose code {} is not one of 1 TRADING, 2 SETTLEMENT, 3 AUDIT, 4 BACKUP",
-                    body.purpose
-                ),
-            )
-        })?;
-        if !(TTL_MIN_S..=TTL_MAX_S).contains(&body.ttl_s) {
-            return Err(Refusal::new(
-                Status::InvalidTtl,
-                format!(
-                    "ttl {} s is outside {TTL_MIN_S}..={TTL_MAX_S} s",
-                    body.ttl_s
-                ),
-            ));
-        }
-        Ok(CheckedDerive {
-            asset: body.asset,
-            path,
-            region,
-            purpose,
-            ttl_s: body.ttl_s,
-        })
     }
 }
 
@@ -559,23 +498,23 @@ mod tests {
         let rules = FieldRules::with_switch(s.clone());
         let mut b = body();
         assert_eq!(
-            rules.check_derive(&b, &table).unwrap_err().status,
+            b.check(rules.switch(), &table).unwrap_err().status,
             Status::RegionDisabled
         );
         b.region = "APAC".into();
         assert_eq!(
-            rules.check_derive(&b, &table).unwrap_err().status,
+            b.check(rules.switch(), &table).unwrap_err().status,
             Status::InvalidRegion
         );
         b.region = "MARS".into();
         assert_eq!(
-            rules.check_derive(&b, &table).unwrap_err().status,
+            b.check(rules.switch(), &table).unwrap_err().status,
             Status::InvalidRegion,
             "a remembered but unconfigured region is not configured"
         );
         s.set(1, true);
         b.region = "EU-WEST".into();
-        assert!(rules.check_derive(&b, &table).is_ok());
+        assert!(b.check(rules.switch(), &table).is_ok());
     }
 
     #[test]
@@ -667,74 +606,14 @@ mod tests {
         assert_eq!(policy.identities(), 2);
     }
 
-    fn rules() -> FieldRules {
-        FieldRules::with_switch(Arc::new(crate::regions::RegionSwitch::new(&three())))
-    }
-
-    fn three() -> Vec<String> {
-        vec!["US-EAST".into(), "EU-WEST".into(), "APAC".into()]
-    }
-
-    fn table() -> RegionTable {
-        RegionTable::in_order(&three())
-    }
-
-    fn body() -> DeriveBody {
-        DeriveBody {
+    fn body() -> crate::op::DeriveBody {
+        crate::op::DeriveBody {
             asset: Uuid::parse_str("0b9f3c5e-8d1a-4f6b-9c2d-3e4f5a6b7c8d").unwrap(),
             path: "m/44'/0'/0'/0'/1".into(),
             region: "EU-WEST".into(),
             purpose: 2,
             ttl_s: 60,
         }
-    }
-
-    #[test]
-    fn a_good_request_passes() {
-        let checked = rules().check_derive(&body(), &table()).unwrap();
-        assert_eq!(&*checked.region, "EU-WEST");
-        assert_eq!(checked.purpose, Purpose::Settlement);
-    }
-
-    /// A change that spoils one field of a good request.
-    type Spoil = Box<dyn Fn(&mut DeriveBody)>;
-
-    #[test]
-    fn each_bad_field_has_its_status() {
-        let cases: Vec<(Spoil, Status)> = vec![
-            (Box::new(|b| b.asset = Uuid::nil()), Status::InvalidAssetId),
-            (Box::new(|b| b.asset = Uuid::max()), Status::InvalidAssetId),
-            (
-                Box::new(|b| b.asset = Uuid::from_bytes([0x11; 16])),
-                Status::InvalidAssetId,
-            ),
-            (
-                Box::new(|b| b.path = "m/44'/0'/0'/0'/1'".into()),
-                Status::InvalidPath,
-            ),
-            (
-                Box::new(|b| b.region = "eu-west".into()),
-                Status::InvalidRegion,
-            ),
-            (
-                Box::new(|b| b.region = "MARS".into()),
-                Status::InvalidRegion,
-            ),
-            (Box::new(|b| b.purpose = 0), Status::InvalidPurpose),
-            (Box::new(|b| b.purpose = 5), Status::InvalidPurpose),
-            (Box::new(|b| b.ttl_s = 59), Status::InvalidTtl),
-            (Box::new(|b| b.ttl_s = 3601), Status::InvalidTtl),
-            (Box::new(|b| b.ttl_s = 0), Status::InvalidTtl),
-        ];
-        for (mutate, status) in cases {
-            let mut b = body();
-            mutate(&mut b);
-            let refusal = rules().check_derive(&b, &table()).unwrap_err();
-            assert_eq!(refusal.status, status, "{b:?}: {}", refusal.message);
-        }
-        let mut b = body();
-        b.ttl_s = 3600;
-        assert!(rules().check_derive(&b, &table()).is_ok());
     }
 
     #[test]

@@ -9,13 +9,22 @@
 //!          | shard (2) | seq (8) | hash (32)
 //! ```
 //!
-//! The fields' rules (path grammar, purposes, ttl range, region known and enabled) are the
-//! policy gate's ([`crate::policy`]), checked before the shard sees the request.
+//! Its field rules ([`DeriveBody::check`]: asset id, path grammar, region configured and
+//! enabled, purpose, ttl range) run before the shard sees the request; who may derive what
+//! (purposes, regions, asset groups) is the policy's ([`crate::policy`]).
 
 use super::{decode_receipt, encode_receipt};
 use crate::bounds;
-use crate::wire::{put_short, Reader, Receipt, WireError, KEY_LEN};
+use crate::kdf::{DerivationPath, PathError};
+use crate::policy::{check_asset_id, CheckedDerive, Purpose, RegionTable};
+use crate::regions::RegionSwitch;
+use crate::wire::{put_short, Reader, Receipt, Refusal, Status, WireError, KEY_LEN};
 use uuid::Uuid;
+
+/// Shortest key holding time a caller may ask for.
+pub const TTL_MIN_S: u32 = 60;
+/// Longest key holding time a caller may ask for.
+pub const TTL_MAX_S: u32 = 3600;
 
 /// Body of a DERIVE request, as decoded; field rules are the policy gate's job.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -48,6 +57,63 @@ impl DeriveBody {
         put_short(out, self.region.as_bytes());
         out.push(self.purpose);
         out.extend_from_slice(&self.ttl_s.to_be_bytes());
+    }
+
+    /// DERIVE's field rules: checks the body field by field, in wire order, each failure
+    /// naming the field and why. `regions` are the configured regions of the policy in
+    /// force, `switch` the appliance's region switch (a disabled region is refused).
+    pub fn check(
+        &self,
+        switch: &RegionSwitch,
+        regions: &RegionTable,
+    ) -> Result<CheckedDerive, Refusal> {
+        let body = self;
+        check_asset_id(&body.asset)?;
+        let path = DerivationPath::parse(&body.path).map_err(|e: PathError| {
+            Refusal::new(Status::InvalidPath, format!("path {:?}: {e}", body.path))
+        })?;
+        let Some((region, slot)) = regions.find(&body.region) else {
+            return Err(Refusal::new(
+                Status::InvalidRegion,
+                format!(
+                    "region {:?} is not configured (configured: {})",
+                    body.region,
+                    regions.names().join(", ")
+                ),
+            ));
+        };
+        if !switch.is_enabled(slot) {
+            return Err(Refusal::new(
+                Status::RegionDisabled,
+                format!("region {} is disabled by an admin", body.region),
+            ));
+        }
+        let region = region.clone();
+        let purpose = Purpose::from_u8(body.purpose).ok_or_else(|| {
+            Refusal::new(
+                Status::InvalidPurpose,
+                format!(
+                    "purpose code {} is not one of 1 TRADING, 2 SETTLEMENT, 3 AUDIT, 4 BACKUP",
+                    body.purpose
+                ),
+            )
+        })?;
+        if !(TTL_MIN_S..=TTL_MAX_S).contains(&body.ttl_s) {
+            return Err(Refusal::new(
+                Status::InvalidTtl,
+                format!(
+                    "ttl {} s is outside {TTL_MIN_S}..={TTL_MAX_S} s",
+                    body.ttl_s
+                ),
+            ));
+        }
+        Ok(CheckedDerive {
+            asset: body.asset,
+            path,
+            region,
+            purpose,
+            ttl_s: body.ttl_s,
+        })
     }
 }
 
@@ -90,5 +156,81 @@ impl Derived {
             key,
             receipt: decode_receipt(r)?,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn switch() -> Arc<RegionSwitch> {
+        Arc::new(RegionSwitch::new(&three()))
+    }
+
+    fn three() -> Vec<String> {
+        vec!["US-EAST".into(), "EU-WEST".into(), "APAC".into()]
+    }
+
+    fn table() -> RegionTable {
+        RegionTable::in_order(&three())
+    }
+
+    fn body() -> DeriveBody {
+        DeriveBody {
+            asset: Uuid::parse_str("0b9f3c5e-8d1a-4f6b-9c2d-3e4f5a6b7c8d").unwrap(),
+            path: "m/44'/0'/0'/0'/1".into(),
+            region: "EU-WEST".into(),
+            purpose: 2,
+            ttl_s: 60,
+        }
+    }
+
+    #[test]
+    fn a_good_request_passes() {
+        let checked = body().check(&switch(), &table()).unwrap();
+        assert_eq!(&*checked.region, "EU-WEST");
+        assert_eq!(checked.purpose, Purpose::Settlement);
+    }
+
+    /// A change that spoils one field of a good request.
+    type Spoil = Box<dyn Fn(&mut DeriveBody)>;
+
+    #[test]
+    fn each_bad_field_has_its_status() {
+        let cases: Vec<(Spoil, Status)> = vec![
+            (Box::new(|b| b.asset = Uuid::nil()), Status::InvalidAssetId),
+            (Box::new(|b| b.asset = Uuid::max()), Status::InvalidAssetId),
+            (
+                Box::new(|b| b.asset = Uuid::from_bytes([0x11; 16])),
+                Status::InvalidAssetId,
+            ),
+            (
+                Box::new(|b| b.path = "m/44'/0'/0'/0'/1'".into()),
+                Status::InvalidPath,
+            ),
+            (
+                Box::new(|b| b.region = "eu-west".into()),
+                Status::InvalidRegion,
+            ),
+            (
+                Box::new(|b| b.region = "MARS".into()),
+                Status::InvalidRegion,
+            ),
+            (Box::new(|b| b.purpose = 0), Status::InvalidPurpose),
+            (Box::new(|b| b.purpose = 5), Status::InvalidPurpose),
+            (Box::new(|b| b.ttl_s = 59), Status::InvalidTtl),
+            (Box::new(|b| b.ttl_s = 3601), Status::InvalidTtl),
+            (Box::new(|b| b.ttl_s = 0), Status::InvalidTtl),
+        ];
+        for (mutate, status) in cases {
+            let mut b = body();
+            mutate(&mut b);
+            let refusal = b.check(&switch(), &table()).unwrap_err();
+            assert_eq!(refusal.status, status, "{b:?}: {}", refusal.message);
+        }
+        let mut b = body();
+        b.ttl_s = 3600;
+        assert!(b.check(&switch(), &table()).is_ok());
     }
 }
