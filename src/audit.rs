@@ -200,9 +200,7 @@ mod tests {
     use super::*;
     use crate::lifecycle::AssetState;
 
-    fn hex(b: &[u8]) -> String {
-        b.iter().map(|x| format!("{x:02x}")).collect()
-    }
+    use crate::hex::encode as hex;
 
     fn asset() -> Uuid {
         Uuid::parse_str("0b9f3c5e-8d1a-4f6b-9c2d-3e4f5a6b7c8d").unwrap()

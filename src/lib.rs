@@ -48,6 +48,7 @@
 //! plain settings: it imports no runtime module),
 //! [`dev`] (`custodyd dev`: a development appliance in one command), [`bounds`] (hard caps), [`preflight`] (the host checks before start: io_uring,
 //! RLIMIT_MEMLOCK, CPUs),
+//! [`hex`] (the one hex encoder and decoder),
 //! [`heap`] (custodyd's allocator, jemalloc, its figures and its decay of freed memory),
 //! [`locked`] (locked, undumpable, zeroizing memory for the keyed state),
 //! [`signal`] (lock-free wake-ups between tasks of one core),
@@ -69,6 +70,7 @@ pub mod client;
 pub mod config;
 pub mod dev;
 pub mod heap;
+pub mod hex;
 pub mod kdf;
 pub mod lifecycle;
 pub mod locked;

@@ -1409,7 +1409,7 @@ pub fn seal_info(cache: &SeedCache, provider: ProviderCode) -> SealInfo {
         fingerprint: status
             .fingerprint
             .as_deref()
-            .and_then(crate::seal::blob::from_hex)
+            .and_then(crate::hex::decode)
             .and_then(|v| <[u8; 16]>::try_from(v).ok())
             .unwrap_or([0; 16]),
         calls_ok: status.calls.ok,

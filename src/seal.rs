@@ -330,7 +330,7 @@ pub fn parse_import_seed(bytes: &[u8]) -> Result<RootSeed, String> {
             2 * SEED_LEN
         ));
     }
-    let decoded = Zeroizing::new(blob::from_hex(text).ok_or("not hexadecimal")?);
+    let decoded = Zeroizing::new(crate::hex::decode(text).ok_or("not hexadecimal")?);
     seed.expose_mut().copy_from_slice(&decoded);
     Ok(seed)
 }

@@ -356,7 +356,7 @@ fn a_kept_receipt_is_proven_and_a_wrong_one_is_not() {
     );
     // The CLI says the same, and exits 0 only when proven.
     let r = receipts[1];
-    let hex: String = r.hash.iter().map(|b| format!("{b:02x}")).collect();
+    let hex = custody::hex::encode(&r.hash);
     let out = app.custody(&[
         "--addr",
         &app.addr.to_string(),

@@ -266,18 +266,9 @@ fn starts_sealed_unseals_with_k_shares_refuses_bad_ones_and_seals_again() {
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("SEALED_BY_OPERATOR"), "{}", text(&out));
     // New connections land on either core: eight in a row answer SEALED.
-    let mut sealed_seen = 0;
-    common::eventually(Duration::from_secs(2), || {
-        match try_derive(&app, a, path) {
-            Err(Status::Sealed) => sealed_seen += 1,
-            other => {
-                sealed_seen = 0;
-                return Err(format!("still serving after seal: {other:?}"));
-            }
-        }
-        (sealed_seen >= 8)
-            .then_some(())
-            .ok_or_else(|| "not yet eight".into())
+    common::eventually_in_a_row(Duration::from_secs(2), 8, || match try_derive(&app, a, path) {
+        Err(Status::Sealed) => Ok(()),
+        other => Err(format!("still serving after seal: {other:?}")),
     });
     // k shares again, the same key again.
     for f in [&files[1], &files[2], &files[3]] {

@@ -1263,6 +1263,4 @@ fn regions_text(list: &[(String, bool)], json: bool) -> String {
         .join("\n")
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
+use custody::hex::encode as hex;

@@ -75,7 +75,7 @@ pub struct SealInfo {
     pub breaker_opened: u64,
     /// The fingerprint of the seed last unsealed or (`shamir`) of the seed the shares must
     /// rebuild; all zero when not known yet. Compare it with the ceremony record.
-    #[serde(serialize_with = "crate::wire::serialize_hex")]
+    #[serde(serialize_with = "crate::hex::serialize")]
     pub fingerprint: [u8; 16],
     /// Why it is sealed by failure (empty otherwise).
     pub reason: String,

@@ -73,13 +73,13 @@ impl SealedSeed {
     }
 
     pub fn iv_bytes(&self) -> Result<[u8; IV_LEN], String> {
-        let v = from_hex(&self.iv).ok_or("iv is not hex")?;
+        let v = crate::hex::decode(&self.iv).ok_or("iv is not hex")?;
         v.try_into()
             .map_err(|_| format!("iv is not {IV_LEN} bytes"))
     }
 
     pub fn ciphertext_bytes(&self) -> Result<Vec<u8>, String> {
-        let v = from_hex(&self.ciphertext).ok_or("ciphertext is not hex")?;
+        let v = crate::hex::decode(&self.ciphertext).ok_or("ciphertext is not hex")?;
         if v.len() != SEED_LEN + TAG_LEN {
             return Err(format!(
                 "ciphertext is {} bytes, not {}",
@@ -121,7 +121,7 @@ impl SealedSeed {
         }
         blob.iv_bytes()?;
         blob.ciphertext_bytes()?;
-        if from_hex(&blob.fingerprint).map_or(true, |f| f.len() != 16) {
+        if crate::hex::decode(&blob.fingerprint).map_or(true, |f| f.len() != 16) {
             return Err("fingerprint is not 16 bytes of hex".into());
         }
         Ok(blob)
@@ -147,11 +147,7 @@ pub fn fingerprint(seed: &RootSeed) -> String {
         .expect("HMAC takes a key of any length");
     mac.update(FINGERPRINT_LABEL);
     let tag = mac.finalize().into_bytes();
-    to_hex(&tag[..16])
-}
-
-pub fn to_hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    crate::hex::encode(&tag[..16])
 }
 
 /// Fuzz entry point: any bytes through the sealed-seed and import-seed decoders give a
@@ -166,15 +162,6 @@ pub fn fuzz_decode(data: &[u8]) {
     let _ = super::parse_import_seed(data);
 }
 
-pub fn from_hex(text: &str) -> Option<Vec<u8>> {
-    if text.len() % 2 != 0 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return None;
-    }
-    (0..text.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
-        .collect()
-}
 
 #[cfg(test)]
 mod tests {
@@ -187,8 +174,8 @@ mod tests {
             seed_id: Uuid::from_u128(7),
             version: 1,
             key_label: "custody-seed-wrap".into(),
-            iv: to_hex(&[1; IV_LEN]),
-            ciphertext: to_hex(&[2; SEED_LEN + TAG_LEN]),
+            iv: crate::hex::encode(&[1; IV_LEN]),
+            ciphertext: crate::hex::encode(&[2; SEED_LEN + TAG_LEN]),
             fingerprint: "00".repeat(16),
             created_at_ms: 1,
         }
@@ -240,7 +227,7 @@ mod tests {
         assert!(b.iv_bytes().is_ok() && b.ciphertext_bytes().is_ok());
         b.iv = "zz".repeat(IV_LEN);
         assert!(b.iv_bytes().is_err());
-        assert_eq!(from_hex("+a"), None, "a sign is not a hex digit");
+        assert_eq!(crate::hex::decode("+a"), None, "a sign is not a hex digit");
         b.ciphertext = "00".repeat(SEED_LEN);
         assert!(b.ciphertext_bytes().unwrap_err().contains("not 48"));
     }
@@ -255,7 +242,7 @@ mod tests {
         );
         assert_ne!(fingerprint(&a), fingerprint(&b));
         assert_eq!(fingerprint(&a).len(), 32);
-        assert!(!fingerprint(&a).contains(&to_hex(&[1; 4])));
+        assert!(!fingerprint(&a).contains(&crate::hex::encode(&[1; 4])));
     }
 
     #[test]

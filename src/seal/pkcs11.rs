@@ -297,8 +297,8 @@ impl Hsm {
             seed_id,
             version,
             key_label: key_label.to_owned(),
-            iv: blob::to_hex(&stored_iv),
-            ciphertext: blob::to_hex(&ciphertext),
+            iv: crate::hex::encode(&stored_iv),
+            ciphertext: crate::hex::encode(&ciphertext),
             fingerprint: blob::fingerprint(seed),
             created_at_ms: crate::audit::now_ms(),
         })

@@ -18,7 +18,7 @@
 //! Pure apart from reading and writing those files: the [`ShareGate`] that collects shares
 //! in the appliance keeps them in locked memory and never logs or echoes them.
 
-use super::blob::{self, to_hex};
+use super::blob;
 use crate::kdf::{RootSeed, SEED_LEN};
 use crate::locked::{LockError, Locked};
 use sha2::{Digest, Sha256};
@@ -184,7 +184,7 @@ impl Share {
             let _ = write!(out, "{b:02x}");
         }
         let c = check(self.seed_id, self.threshold, self.index, &self.value);
-        let _ = write!(out, ":{}", to_hex(&c));
+        let _ = write!(out, ":{}", crate::hex::encode(&c));
         out
     }
 
@@ -437,7 +437,7 @@ impl ShareSet {
                 set.threshold, set.shares
             ));
         }
-        if blob::from_hex(&set.fingerprint).map_or(true, |f| f.len() != 16) {
+        if crate::hex::decode(&set.fingerprint).map_or(true, |f| f.len() != 16) {
             return Err("fingerprint is not 16 bytes of hex".into());
         }
         Ok(set)

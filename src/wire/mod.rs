@@ -294,7 +294,7 @@ pub struct Receipt {
     pub shard: u16,
     pub seq: u64,
     /// The record's chain hash (docs/audit.md): what `custody audit prove` checks.
-    #[serde(serialize_with = "serialize_hex")]
+    #[serde(serialize_with = "crate::hex::serialize")]
     pub hash: [u8; 32],
 }
 
@@ -355,24 +355,6 @@ pub fn put_text(out: &mut Vec<u8>, text: &str) {
     let text = truncate_utf8(text, bounds::ERROR_MESSAGE_BYTES_MAX);
     out.extend_from_slice(&(text.len() as u16).to_be_bytes());
     out.extend_from_slice(text.as_bytes());
-}
-
-/// Lower-case hex of `bytes`, as receipts, fingerprints and keys are shown.
-pub fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    let mut out = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        let _ = write!(out, "{b:02x}");
-    }
-    out
-}
-
-/// Serializes a byte array as its [`hex`] (serde's `serialize_with`).
-pub fn serialize_hex<S: serde::Serializer, const N: usize>(
-    bytes: &[u8; N],
-    s: S,
-) -> Result<S::Ok, S::Error> {
-    s.serialize_str(&hex(bytes))
 }
 
 fn truncate_utf8(s: &str, max: usize) -> &str {

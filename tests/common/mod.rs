@@ -10,7 +10,7 @@ pub mod wait;
 #[allow(unused_imports)]
 pub use require::{missing, require, runs, services_required};
 #[allow(unused_imports)]
-pub use wait::eventually;
+pub use wait::{eventually, eventually_in_a_row};
 
 use custody::client::{Client, ClientConfig};
 use std::net::SocketAddr;

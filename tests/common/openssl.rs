@@ -117,6 +117,4 @@ pub fn parse_openssl_hex(text: &str) -> Option<[u8; 32]> {
     Some(key)
 }
 
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
+pub use custody::hex::encode as hex;

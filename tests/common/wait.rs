@@ -20,3 +20,26 @@ pub fn eventually<T>(within: Duration, mut probe: impl FnMut() -> Result<T, Stri
         }
     }
 }
+
+/// Asks `probe` until it answers `Ok` `times` times in a row, for at most `within` (a
+/// change every core must see: with new connections landing on any core, a run of
+/// answers shows each has it). Past the deadline, a panic with the last `Err`.
+pub fn eventually_in_a_row(
+    within: Duration,
+    times: usize,
+    mut probe: impl FnMut() -> Result<(), String>,
+) {
+    let mut run = 0;
+    eventually(within, || match probe() {
+        Ok(()) => {
+            run += 1;
+            (run >= times)
+                .then_some(())
+                .ok_or_else(|| format!("{run} of {times} in a row"))
+        }
+        Err(seen) => {
+            run = 0;
+            Err(seen)
+        }
+    });
+}
