@@ -42,7 +42,9 @@ pub const ASSETS_CAP: u64 = 100_000_000;
 /// Most executors (cores) the appliance runs; the shard id is a `u16` on the wire.
 pub const CORES_CAP: usize = 1024;
 
-/// Longest textual derivation path accepted (the longest canonical path is 52 bytes).
+/// Longest textual derivation path accepted: room above the longest canonical path
+/// (`kdf::PATH_TEXT_MAX`, 61 bytes; kdf asserts it fits) for a non-canonical spelling that
+/// still parses.
 pub const PATH_TEXT_BYTES_MAX: usize = 64;
 
 /// Longest region name accepted on the wire and in the config.

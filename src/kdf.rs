@@ -151,6 +151,8 @@ impl DerivationPath {
 /// audit encoding gives it a one-byte length).
 pub const PATH_TEXT_MAX: usize = 1 + PATH_DEPTH * 12;
 const _: () = assert!(PATH_TEXT_MAX <= 255);
+// Every canonical path is accepted on the wire.
+const _: () = assert!(PATH_TEXT_MAX <= crate::bounds::PATH_TEXT_BYTES_MAX);
 
 impl DerivationPath {
     /// Appends the canonical text (see `Display`) to `out` without allocating: the audit

@@ -2,7 +2,7 @@
 //! Prometheus scrapes the admin listener.
 //!
 //! Each core counts into plain fields it alone owns ([`NetMetrics`] on the connection side,
-//! the shard's [`crate::shard::ShardTotals`]); nothing on the request path touches memory
+//! the shard's [`ShardFigures`]); nothing on the request path touches memory
 //! another thread writes. Every `server.metrics_publish_ms` the core copies its figures into
 //! its own slot of the [`Registry`] (a mutex only that core and the scraper take), and a
 //! scrape merges the slots. A scrape therefore sees figures at most one publish interval

@@ -147,10 +147,7 @@ fn metrics_count_real_requests_and_health_follows_the_seal() {
     rt.block_on(c.rotate(a, uuid::Uuid::new_v4(), None))
         .unwrap();
 
-    let m = scrape_until(&app, "figures of the requests", |m| {
-        get(m, "custody_requests_total{op=\"ROTATE\",status=\"OK\"}") == 1.0
-    });
-    for (key, want) in [
+    let expected = [
         ("custody_requests_total{op=\"DERIVE\",status=\"OK\"}", 2.0),
         (
             "custody_requests_total{op=\"DERIVE\",status=\"RATE_LIMITED\"}",
@@ -193,7 +190,16 @@ fn metrics_count_real_requests_and_health_follows_the_seal() {
         ("custody_seal_state{state=\"unsealed\"}", 1.0),
         ("custody_seal_state{state=\"sealed_by_operator\"}", 0.0),
         ("custody_policy_generation", 1.0),
-    ] {
+    ];
+    // Each core publishes its figures on its own clock (the connection's core counts the
+    // statuses, the owning shard's core the rate limit and the commits): wait for all.
+    let m = scrape_until(&app, "every figure of the requests published", |m| {
+        get(m, "custody_requests_total{op=\"ROTATE\",status=\"OK\"}") == 1.0
+            && expected.iter().all(|(key, want)| get(m, key) == *want)
+            && get(m, "custody_commit_batch_records_sum") == 6.0
+            && get(m, "custody_shard_queue_wait_seconds_count") == 6.0
+    });
+    for (key, want) in expected {
         assert_eq!(get(&m, key), want, "{key}");
     }
     // Commits: register, 2 derivations, suspend, resume, rotate: 6 records in all.

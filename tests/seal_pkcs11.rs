@@ -448,9 +448,11 @@ fn operators_seal_and_unseal_over_the_wire_and_the_init_shares_recover_the_seed(
     let out = cli(&["seal"]);
     assert!(text(&out).contains("SEALED_BY_OPERATOR"), "{}", text(&out));
     // Every core drops its key: eight derivations in a row answer SEALED.
-    common::eventually_in_a_row(std::time::Duration::from_secs(2), 8, || match try_derive(&app, a, path) {
-        Err(custody::wire::Status::Sealed) => Ok(()),
-        other => Err(format!("{other:?} after SEAL")),
+    common::eventually_in_a_row(std::time::Duration::from_secs(2), 8, || {
+        match try_derive(&app, a, path) {
+            Err(custody::wire::Status::Sealed) => Ok(()),
+            other => Err(format!("{other:?} after SEAL")),
+        }
     });
     // A share is refused by an HSM appliance; a plain unseal asks the HSM again.
     let share = app.dir.path().join("shares").join("share-1.txt");

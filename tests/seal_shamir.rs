@@ -266,9 +266,11 @@ fn starts_sealed_unseals_with_k_shares_refuses_bad_ones_and_seals_again() {
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("SEALED_BY_OPERATOR"), "{}", text(&out));
     // New connections land on either core: eight in a row answer SEALED.
-    common::eventually_in_a_row(Duration::from_secs(2), 8, || match try_derive(&app, a, path) {
-        Err(Status::Sealed) => Ok(()),
-        other => Err(format!("still serving after seal: {other:?}")),
+    common::eventually_in_a_row(Duration::from_secs(2), 8, || {
+        match try_derive(&app, a, path) {
+            Err(Status::Sealed) => Ok(()),
+            other => Err(format!("still serving after seal: {other:?}")),
+        }
     });
     // k shares again, the same key again.
     for f in [&files[1], &files[2], &files[3]] {

@@ -162,7 +162,6 @@ pub fn fuzz_decode(data: &[u8]) {
     let _ = super::parse_import_seed(data);
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
