@@ -472,6 +472,7 @@ pub fn check_asset_id(asset: &Uuid) -> Result<(), Refusal> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::op::derive::tests::body;
 
     #[test]
     fn region_switches_load_set_and_a_disabled_region_is_refused() {
@@ -604,16 +605,6 @@ mod tests {
             "no groups: every asset"
         );
         assert_eq!(policy.identities(), 2);
-    }
-
-    fn body() -> crate::op::DeriveBody {
-        crate::op::DeriveBody {
-            asset: Uuid::parse_str("0b9f3c5e-8d1a-4f6b-9c2d-3e4f5a6b7c8d").unwrap(),
-            path: "m/44'/0'/0'/0'/1".into(),
-            region: "EU-WEST".into(),
-            purpose: 2,
-            ttl_s: 60,
-        }
     }
 
     #[test]

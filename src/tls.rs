@@ -53,10 +53,6 @@ fn file_err(path: &Path, reason: impl ToString) -> TlsError {
     crate::certs::FileError::new(path, reason).into()
 }
 
-fn roots(path: &Path) -> Result<rustls::RootCertStore, TlsError> {
-    Ok(crate::certs::read_roots(path)?)
-}
-
 /// A certificate expiring sooner than this is logged as a warning at start and on every
 /// reload (and `custody_tls_certificate_expiry_timestamp_seconds` lets an alert say so).
 pub const CERTIFICATE_EXPIRY_WARNING_S: i64 = 30 * 24 * 3600;
@@ -258,7 +254,7 @@ pub fn client_config(
 ) -> Result<Arc<rustls::ClientConfig>, TlsError> {
     let config = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_root_certificates(roots(ca)?)
+        .with_root_certificates(crate::certs::read_roots(ca)?)
         .with_client_auth_cert(read_certs(cert)?, read_key(key)?)?;
     Ok(Arc::new(config))
 }

@@ -160,7 +160,7 @@ impl Derived {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::sync::Arc;
 
@@ -176,7 +176,8 @@ mod tests {
         RegionTable::in_order(&three())
     }
 
-    fn body() -> DeriveBody {
+    /// A DERIVE body that passes every field rule (the policy's tests use it too).
+    pub(crate) fn body() -> DeriveBody {
         DeriveBody {
             asset: Uuid::parse_str("0b9f3c5e-8d1a-4f6b-9c2d-3e4f5a6b7c8d").unwrap(),
             path: "m/44'/0'/0'/0'/1".into(),

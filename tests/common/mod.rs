@@ -8,7 +8,7 @@ pub mod require;
 pub mod wait;
 
 #[allow(unused_imports)]
-pub use require::{missing, require, runs, services_required};
+pub use require::{missing, runs, services_required};
 #[allow(unused_imports)]
 pub use wait::{eventually, eventually_in_a_row};
 

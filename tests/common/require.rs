@@ -17,23 +17,6 @@ pub fn services_required() -> bool {
     std::env::var(REQUIRE_SERVICES_VAR).as_deref() == Ok("1")
 }
 
-/// What a test found of `service`: the thing itself, or why it cannot be had. Required:
-/// a missing service panics. Otherwise: a visible notice, and `None` (the test returns).
-///
-/// ```ignore
-/// let Some(url) = require("PostgreSQL", std::env::var("CUSTODY_TEST_DATABASE_URL")
-///     .map_err(|_| "CUSTODY_TEST_DATABASE_URL is not set")) else { return };
-/// ```
-pub fn require<T, E: std::fmt::Display>(service: &str, found: Result<T, E>) -> Option<T> {
-    match found {
-        Ok(t) => Some(t),
-        Err(why) => {
-            missing(service, &why);
-            None
-        }
-    }
-}
-
 /// `service` cannot be had, because `why`: a panic when services are required, otherwise
 /// the notice.
 pub fn missing(service: &str, why: &dyn std::fmt::Display) {
