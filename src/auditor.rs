@@ -47,9 +47,18 @@ enum Job {
         done: Completer<Result<Proof, String>>,
     },
     ListAssets {
-        request: crate::op::ListAssets,
+        request: AssetQuery,
         done: Completer<Result<Vec<crate::store::ListedRow>, String>>,
     },
+}
+
+/// A page of the key table to read: assets after `after` (exclusive), in one state or
+/// all, at most `limit` of them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AssetQuery {
+    pub state: Option<crate::lifecycle::AssetState>,
+    pub after: uuid::Uuid,
+    pub limit: u16,
 }
 
 /// What proving a receipt found.
@@ -192,7 +201,7 @@ impl Auditor {
     /// which says whether more follow; `None` when the queue is full (answer BUSY).
     pub fn list_assets(
         &self,
-        request: crate::op::ListAssets,
+        request: AssetQuery,
     ) -> Option<Pending<Result<Vec<crate::store::ListedRow>, String>>> {
         let (done, pending) = completion();
         match self.jobs.try_send(Job::ListAssets { request, done }) {
@@ -329,12 +338,10 @@ impl Worker {
         Ok(report)
     }
 
-    /// Reads the record of a receipt and the chain up to the first checkpoint at or after
-    /// it, and proves it ([`crate::reconcile::prove`]).
     /// A page of the key table, read outside any reconciliation's snapshot.
     async fn list_assets(
         &mut self,
-        request: crate::op::ListAssets,
+        request: AssetQuery,
     ) -> Result<Vec<crate::store::ListedRow>, String> {
         if self.source.is_none() {
             self.source = Some(
@@ -357,6 +364,8 @@ impl Worker {
         })
     }
 
+    /// Reads the record of a receipt and the chain up to the first checkpoint at or after
+    /// it, and proves it ([`crate::reconcile::prove`]).
     async fn prove(&mut self, shard: u16, seq: u64, hash: &[u8; 32]) -> Result<Proof, String> {
         if self.source.is_none() {
             self.source = Some(

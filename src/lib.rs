@@ -15,8 +15,10 @@
 //!   [`tls::stream`] is the server side of a connection over rustls's unbuffered API
 //!   (an idle connection holds no TLS buffer).
 //! - [`wire`]: the sans-IO framing of protocol v3 and its tables of codes (an opcode's
-//!   number, name, metrics label and who may send it; statuses); [`op`]: each
-//!   operation's request and reply bodies, one file per operation (`op/derive.rs`).
+//!   number, name, metrics label and who may send it; statuses); [`op`]: one file per
+//!   operation (`op/derive.rs`) with its request and reply bodies, its field rules, what
+//!   it asks the shard and how its reply is made; `net` carries out what the handler
+//!   decided. [`context`] is what every connection on a core shares.
 //! - [`policy`]: the gate every request passes before it reaches a shard: the identity's
 //!   roles (deriver by purpose, region and asset group, operator, admin, auditor) and the
 //!   field rules, with [`regions`] (the compliance regions' on/off switch shared by every
@@ -68,6 +70,7 @@ pub mod certs;
 pub mod checkpoint;
 pub mod client;
 pub mod config;
+pub mod context;
 pub mod dev;
 pub mod heap;
 pub mod hex;

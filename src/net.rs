@@ -7,19 +7,17 @@
 //! a writer task flushes whatever has gathered in one write (and zeroizes the bytes, which
 //! may hold keys). A framing error is answered once and closes only that connection.
 
-use crate::admission::{Admission, HandshakeTicket, RefusalLog, Refused, Source};
-use crate::config::{ConnectionLimits, Limits};
-use crate::kdf::SCHEME_V1;
-use crate::op::{self, Derived, HelloInfo, Reply, Request, SealInfo};
-use crate::policy::{check_asset_id, Denied, DenyReason, FieldRules, Need};
-use crate::router::ShardRouter;
-use crate::seal::cache::{clock_ms, CoreKey, SealState, SeedCache};
-use crate::seal::shamir::ShareError;
+use crate::admission::{HandshakeTicket, Refused, Source};
+use crate::config::ConnectionLimits;
+use crate::context::CoreContext;
+use crate::op::{self, Asking, Handled, Reply, Request, Then};
+use crate::policy::{Denied, DenyReason};
+use crate::seal::cache::clock_ms;
 use crate::settings::ConnectionSettings;
-use crate::shard::{LifecycleOp, RateCheck, ShardOp, ShardReply};
+use crate::shard::{RateCheck, ShardOp};
 use crate::signal::LocalSignal;
 use crate::tls;
-use crate::wire::{self, Gate, ProviderCode, Refusal, SealStateCode, Status};
+use crate::wire::{self, Refusal, Status};
 use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream};
 use std::cell::{Cell, RefCell};
@@ -46,41 +44,6 @@ const OUTBOX_HIGH_WATER_BYTES: usize = 256 * 1024;
 /// and discarded before the socket closes: closing a socket with unread input makes the
 /// kernel reset the connection and drop the replies still queued to the client.
 const DRAIN_LINGER: Duration = Duration::from_secs(1);
-
-/// What every connection on a core shares.
-pub struct CoreContext {
-    pub router: Rc<ShardRouter>,
-    /// Derives each key on the connection's core, after its audit record is durable;
-    /// `None` while the seed is sealed.
-    pub key: Rc<CoreKey>,
-    pub rules: FieldRules,
-    pub limits: Limits,
-    /// The TLS acceptor and the connection limits in force (replaced whole on a reload).
-    pub settings: crate::published::LocalCopy<ConnectionSettings>,
-    pub hello: HelloInfo,
-    /// Connection tasks alive on this core (handshaking, established or closing): the
-    /// drain waits for them.
-    pub connections: Cell<u32>,
-    /// The handshake and established slots (I8).
-    pub admission: RefCell<Admission<Rc<LocalSignal>>>,
-    pub refusal_log: RefCell<RefusalLog>,
-    /// Who may do what, and at which rate (`[policy]`; replaced whole on SIGHUP).
-    pub access: crate::policy::CorePolicy,
-    /// Requests the policy refused on this core, by [`DenyReason`] (for metrics).
-    pub denials: RefCell<[u64; DenyReason::ALL.len()]>,
-    /// This core's request, latency and connection counters (published to the metrics
-    /// registry by the core itself).
-    pub metrics: Rc<RefCell<crate::metrics::NetMetrics>>,
-    /// The appliance's reconciliation thread (RECONCILE).
-    pub auditor: Option<Arc<crate::auditor::Auditor>>,
-    /// Re-reads the configuration file on an admin's POLICY_RELOAD (`None`: started
-    /// without a file).
-    pub reloader: Option<Arc<crate::reload::Reloader>>,
-    pub seal_provider: ProviderCode,
-    /// Opened when the appliance stops (SIGTERM): the listeners close, each connection
-    /// stops reading, answers what it already read, and closes.
-    pub drain: crate::signal::LocalLatch,
-}
 
 /// Accepts connections until the core drains (then the listener closes: new connections
 /// are refused by the kernel, and clients go to another appliance).
@@ -824,247 +787,6 @@ fn deny(
     outbox.refuse(opcode, request_id, denied.refusal)
 }
 
-/// POLICY_RELOAD: re-reads the configuration file on a thread of its own (file I/O stays
-/// off the executor) and answers with the policy now in force, or every problem of the
-/// file (the policy in force unchanged).
-fn policy_reload(
-    ctx: &CoreContext,
-    identity: &Arc<str>,
-    outbox: &Rc<Outbox>,
-    opcode: u8,
-    request_id: u64,
-) {
-    let Some(reloader) = &ctx.reloader else {
-        let refusal = Refusal::new(
-            Status::ReloadUnavailable,
-            "the appliance was started without a configuration file (--config) to re-read",
-        );
-        return outbox.refuse(opcode, request_id, refusal);
-    };
-    let Some(ticket) = reloader.try_request() else {
-        let mut refusal = Refusal::new(Status::Busy, "a policy reload is already running");
-        refusal.retry_after_ms = 100;
-        return outbox.refuse(opcode, request_id, refusal);
-    };
-    let trigger = format!("POLICY_RELOAD by {identity:?}");
-    let (done, pending) = crate::store::handoff::completion();
-    if let Err(e) = std::thread::Builder::new()
-        .name("custody-reload-request".into())
-        .spawn(move || {
-            let outcome = ticket.reloader().reload(&trigger);
-            // Released before the answer, so the admin may send the next one at once.
-            drop(ticket);
-            done.complete(outcome)
-        })
-    {
-        // The completer went with the closure: the answer below is INTERNAL.
-        tracing::error!(error = %e, "cannot start a thread for the policy reload");
-    }
-    answer_when(
-        outbox,
-        opcode,
-        request_id,
-        pending,
-        |r| {
-            Reply::PolicyReloaded(op::PolicyReloaded {
-                generation: r.generation,
-                identities: u32::try_from(r.identities).unwrap_or(u32::MAX),
-                regions: u16::try_from(r.regions).unwrap_or(u16::MAX),
-                asset_groups: u16::try_from(r.asset_groups).unwrap_or(u16::MAX),
-            })
-        },
-        |problems| {
-            Refusal::new(
-                Status::PolicyInvalid,
-                format!("configuration not reloaded; the policy, TLS certificate and limits in force are unchanged: {problems}"),
-            )
-        },
-        // No thread for it: nothing was read or changed.
-        "the reload could not run (no thread); the policy in force is unchanged",
-    );
-}
-
-/// Answers a request whose work runs off this core once `pending` resolves: `ok` makes
-/// the reply, `failed` the refusal of a failure, and a worker gone without an answer is
-/// INTERNAL (`abandoned`). Counted in flight meanwhile, so the connection answers it
-/// before it closes.
-fn answer_when<T: 'static>(
-    outbox: &Rc<Outbox>,
-    opcode: u8,
-    request_id: u64,
-    pending: crate::store::handoff::Pending<Result<T, String>>,
-    ok: impl FnOnce(T) -> Reply + 'static,
-    failed: impl FnOnce(String) -> Refusal + 'static,
-    abandoned: &'static str,
-) {
-    outbox.inflight.set(outbox.inflight.get() + 1);
-    let outbox = outbox.clone();
-    glommio::spawn_local(async move {
-        match pending.await {
-            Ok(Ok(value)) => outbox.push(opcode, request_id, &ok(value)),
-            Ok(Err(why)) => outbox.refuse(opcode, request_id, failed(why)),
-            Err(_) => outbox.refuse(
-                opcode,
-                request_id,
-                Refusal::new(Status::Internal, abandoned),
-            ),
-        }
-        outbox.finished_one();
-    })
-    .detach();
-}
-
-/// RECONCILE: a run of the auditor thread (from its watermark, or full), answered with
-/// its figures and its first findings.
-fn reconcile(
-    ctx: &CoreContext,
-    identity: &Arc<str>,
-    outbox: &Rc<Outbox>,
-    opcode: u8,
-    request_id: u64,
-    full: bool,
-) {
-    let pending = ctx.auditor.as_ref().and_then(|a| a.request(full));
-    let Some(pending) = pending else {
-        let mut refusal = Refusal::new(
-            Status::Busy,
-            "reconciliations are queued already; ask again shortly",
-        );
-        refusal.retry_after_ms = 1000;
-        return outbox.refuse(opcode, request_id, refusal);
-    };
-    tracing::info!(%identity, request_id, full, "reconciliation requested");
-    answer_when(
-        outbox,
-        opcode,
-        request_id,
-        pending,
-        |report| {
-            Reply::Reconciled(op::ReconcileSummary {
-                records_checked: report.records_checked,
-                checkpoints_checked: report.checkpoints_checked,
-                assets_checked: report.assets_checked,
-                assets_drifted: report.assets_drifted,
-                macs_checked: report.macs_checked,
-                findings_total: u32::try_from(report.findings.len()).unwrap_or(u32::MAX),
-                findings: report
-                    .findings
-                    .iter()
-                    .take(op::reconcile::RECONCILE_FINDINGS_MAX)
-                    .map(|f| f.to_string())
-                    .collect(),
-            })
-        },
-        |why| {
-            Refusal::new(
-                Status::StoreUnavailable,
-                format!("reconciliation did not run: {why}"),
-            )
-        },
-        "the auditor thread stopped",
-    );
-}
-
-/// LIST_ASSETS: the auditor thread reads a page of the key table (the durable state), one
-/// row past the page to say whether more follow.
-fn list_assets(
-    ctx: &CoreContext,
-    outbox: &Rc<Outbox>,
-    opcode: u8,
-    request_id: u64,
-    page: op::ListAssets,
-) {
-    let pending = ctx.auditor.as_ref().and_then(|a| a.list_assets(page));
-    let Some(pending) = pending else {
-        let mut refusal = Refusal::new(
-            Status::Busy,
-            "the auditor's queue is full; ask again shortly",
-        );
-        refusal.retry_after_ms = 1000;
-        return outbox.refuse(opcode, request_id, refusal);
-    };
-    let shards = ctx.hello.shard_count;
-    let limit = usize::from(page.limit);
-    answer_when(
-        outbox,
-        opcode,
-        request_id,
-        pending,
-        move |mut rows| {
-            let more = rows.len() > limit;
-            rows.truncate(limit);
-            Reply::Assets(op::AssetPage {
-                assets: rows
-                    .into_iter()
-                    .map(|r| op::ListedAsset {
-                        asset: r.asset.asset,
-                        state: r.asset.state,
-                        counter: r.asset.counter,
-                        shard: crate::placement::shard_of(&r.asset.asset, shards),
-                        changed_unix_ms: r.changed_unix_ms,
-                    })
-                    .collect(),
-                more,
-            })
-        },
-        |why| {
-            Refusal::new(
-                Status::StoreUnavailable,
-                format!("the assets could not be read: {why}"),
-            )
-        },
-        "the auditor thread stopped",
-    );
-}
-
-/// PROVE_RECEIPT: the auditor thread reads the receipt's record and the chain to the first
-/// checkpoint after it, and says what it found.
-fn prove_receipt(
-    ctx: &CoreContext,
-    outbox: &Rc<Outbox>,
-    opcode: u8,
-    request_id: u64,
-    receipt: wire::Receipt,
-) {
-    let pending = ctx
-        .auditor
-        .as_ref()
-        .and_then(|a| a.prove(receipt.shard, receipt.seq, receipt.hash));
-    let Some(pending) = pending else {
-        let mut refusal = Refusal::new(
-            Status::Busy,
-            "the auditor has work queued already; ask again shortly",
-        );
-        refusal.retry_after_ms = 1000;
-        return outbox.refuse(opcode, request_id, refusal);
-    };
-    answer_when(
-        outbox,
-        opcode,
-        request_id,
-        pending,
-        |p| {
-            Reply::Proof(op::ProofInfo {
-                verdict: p.verdict as u8,
-                checkpoint_seq: p.checkpoint_seq,
-                detail: p.detail,
-            })
-        },
-        |why| Refusal::new(Status::StoreUnavailable, format!("no proof: {why}")),
-        "the auditor thread stopped",
-    );
-}
-
-/// A rotation id must be an RFC 4122 UUID, as an asset id must.
-fn check_rotation_id(id: &uuid::Uuid) -> Result<(), Refusal> {
-    check_asset_id(id).map_err(|_| {
-        Refusal::new(
-            Status::InvalidRotationId,
-            format!("rotation_id {id} is not an RFC 4122 UUID (variant 10, version 1-8)"),
-        )
-    })
-}
-
 /// Makes room for `len` bytes in `buf` without leaving a copy of its bytes behind: a
 /// larger buffer is allocated, the bytes moved over, and the old one wiped.
 fn grow_wiped(buf: &mut zeroize::Zeroizing<Vec<u8>>, len: usize) {
@@ -1077,7 +799,8 @@ fn grow_wiped(buf: &mut zeroize::Zeroizing<Vec<u8>>, len: usize) {
     *buf = zeroize::Zeroizing::new(bigger);
 }
 
-/// Decodes and checks one request; answers at once or spawns its task.
+/// Decodes one request, passes it through its opcode's gate and hands it to its
+/// operation's handler ([`op`]); then carries out what the handler decided.
 fn dispatch(
     ctx: &Rc<CoreContext>,
     identity: &Arc<str>,
@@ -1086,252 +809,85 @@ fn dispatch(
     body: &[u8],
 ) {
     let (opcode, request_id) = (header.opcode, header.request_id);
-    let started = std::time::Instant::now();
+    let started = Instant::now();
     let request = match Request::decode(opcode, body) {
         Ok(r) => r,
         Err(e) => {
             return outbox.refuse(opcode, request_id, Refusal::new(e.status(), e.to_string()))
         }
     };
-    // The policy gate: who may do this (the opcode table's `gate`: an identity with no
-    // role may only HELLO and SEAL_STATUS), then the fields, then (DERIVE) the deriver's
-    // purposes and regions.
-    let gate = request.opcode().gate();
-    let need = match gate {
-        Gate::Anyone => Need::Anyone,
-        Gate::AnyRole => Need::AnyRole,
-        Gate::Operator => Need::Operator,
-        Gate::Admin => Need::Admin,
-        Gate::Reader => Need::Status,
-        // Checked with its purpose and region once the fields are; a role first.
-        Gate::Deriver => Need::Anyone,
-    };
     let access = ctx.access.get();
-    let mut limit = match access.authorize(identity, need) {
-        Ok(limit) => limit,
+    let allowance = match access.pass_gate(identity, request.opcode().gate()) {
+        Ok(allowance) => allowance,
         Err(denied) => return deny(ctx, identity, outbox, opcode, request_id, denied),
     };
-    if gate == Gate::Deriver {
-        if let Err(denied) = access.require_a_role(identity) {
-            return deny(ctx, identity, outbox, opcode, request_id, denied);
+    let mut asking = Asking {
+        ctx,
+        identity,
+        request_id,
+        access: &access,
+        allowance,
+    };
+    match request.handle(&mut asking) {
+        Handled::Now(Ok(reply)) => outbox.push(opcode, request_id, &reply),
+        Handled::Now(Err(refusal)) => outbox.refuse(opcode, request_id, refusal),
+        Handled::Denied(denied) => deny(ctx, identity, outbox, opcode, request_id, denied),
+        Handled::Later(answer) => answer_later(outbox, opcode, request_id, answer),
+        Handled::Shard(op, then) => {
+            let rate = asking.allowance.map(|allowed| RateCheck {
+                requester: identity.clone(),
+                role: allowed.role,
+                limit: allowed.limit,
+            });
+            to_shard(ctx, outbox, (opcode, request_id), (op, rate, then), started)
         }
     }
-    let op = match request {
-        Request::Hello => {
-            let mut hello = ctx.hello.clone();
-            hello.max_inflight_per_connection =
-                ctx.settings.get().limits.max_inflight_per_connection;
-            return outbox.push(opcode, request_id, &Reply::Hello(hello));
+}
+
+/// Answers once work off this core resolves; counted in flight meanwhile, so the
+/// connection answers it before it closes.
+fn answer_later(outbox: &Rc<Outbox>, opcode: u8, request_id: u64, answer: op::Later) {
+    outbox.inflight.set(outbox.inflight.get() + 1);
+    let outbox = outbox.clone();
+    glommio::spawn_local(async move {
+        match answer.await {
+            Ok(reply) => outbox.push(opcode, request_id, &reply),
+            Err(refusal) => outbox.refuse(opcode, request_id, refusal),
         }
-        Request::Regions => {
-            let list = access.regions().states(ctx.rules.switch());
-            return outbox.push(opcode, request_id, &Reply::Regions(list));
-        }
-        Request::PolicyReload => return policy_reload(ctx, identity, outbox, opcode, request_id),
-        Request::Reconcile { full } => {
-            return reconcile(ctx, identity, outbox, opcode, request_id, full)
-        }
-        Request::ProveReceipt(receipt) => {
-            return prove_receipt(ctx, outbox, opcode, request_id, receipt)
-        }
-        Request::ListAssets(page) => return list_assets(ctx, outbox, opcode, request_id, page),
-        Request::SetRegion { region, enabled } => match access.regions().find(&region) {
-            Some((_, slot)) => {
-                tracing::warn!(%identity, request_id, %region, enabled, "region switch requested");
-                ShardOp::SetRegion {
-                    index: slot,
-                    enabled,
-                    requester: identity.clone(),
-                    request_id,
-                }
-            }
-            None => {
-                let refusal = Refusal::new(
-                    Status::InvalidRegion,
-                    format!("region {region:?} is not configured (policy.regions)"),
-                );
-                return outbox.refuse(opcode, request_id, refusal);
-            }
-        },
-        Request::SealStatus => {
-            let info = seal_info(ctx.key.cache(), ctx.seal_provider);
-            return outbox.push(opcode, request_id, &Reply::Seal(info));
-        }
-        Request::Seal => {
-            let cache = ctx.key.cache();
-            cache.seal();
-            // This core drops its copy now; the others within CORE_KEY_REFRESH.
-            ctx.key.refresh();
-            tracing::warn!(%identity, request_id, "sealed by an operator over the wire");
-            let info = seal_info(cache, ctx.seal_provider);
-            return outbox.push(opcode, request_id, &Reply::Seal(info));
-        }
-        Request::Unseal { reset, share } => {
-            let cache = ctx.key.cache();
-            if reset {
-                cache.reset_shares();
-                tracing::info!(%identity, request_id, "unseal: submitted shares discarded");
-            }
-            let outcome = if !share.as_str().is_empty() {
-                cache.submit_share(share.as_str()).map(|progress| {
-                    tracing::info!(
-                        %identity,
-                        request_id,
-                        received = progress.received,
-                        threshold = progress.threshold,
-                        unsealed = progress.unsealed,
-                        "unseal: share accepted"
-                    );
-                    ctx.key.refresh();
-                })
-            } else if !cache.uses_shares() {
-                tracing::info!(%identity, request_id, "unseal: asked the provider to unseal now");
-                cache.unseal();
-                Ok(())
-            } else {
-                Ok(())
-            };
-            drop(share);
-            return match outcome {
-                Ok(()) => {
-                    let info = seal_info(cache, ctx.seal_provider);
-                    outbox.push(opcode, request_id, &Reply::Seal(info))
-                }
-                Err(e) => {
-                    tracing::warn!(%identity, request_id, error = %e, "unseal: share refused");
-                    let status = match e {
-                        ShareError::Repeated { .. } => Status::ShareRepeated,
-                        ShareError::SeedMismatch { .. } => Status::SeedMismatch,
-                        ShareError::AlreadyUnsealed => Status::AlreadyUnsealed,
-                        ShareError::Interrupted => Status::Sealed,
-                        ShareError::Memory(_) => Status::Internal,
-                        _ => Status::ShareInvalid,
-                    };
-                    outbox.refuse(opcode, request_id, Refusal::new(status, e.to_string()))
-                }
-            };
-        }
-        Request::Status { asset } => match check_asset_id(&asset) {
-            Ok(()) => ShardOp::Status { asset },
-            Err(refusal) => return outbox.refuse(opcode, request_id, refusal),
-        },
-        Request::Register { asset } => match check_asset_id(&asset) {
-            Ok(()) => ShardOp::Register {
-                asset,
-                requester: identity.clone(),
-                request_id,
-            },
-            Err(refusal) => return outbox.refuse(opcode, request_id, refusal),
-        },
-        Request::Rotate(body) => {
-            if let Err(refusal) = check_asset_id(&body.asset) {
-                return outbox.refuse(opcode, request_id, refusal);
-            }
-            if let Err(refusal) = check_rotation_id(&body.rotation_id) {
-                return outbox.refuse(opcode, request_id, refusal);
-            }
-            ShardOp::Rotate {
-                asset: body.asset,
-                rotation_id: body.rotation_id,
-                expected_counter: body.expected_counter,
-                requester: identity.clone(),
-                request_id,
-            }
-        }
-        Request::Suspend { asset } | Request::Resume { asset } | Request::Retire { asset } => {
-            let op = match request {
-                Request::Suspend { .. } => LifecycleOp::Suspend,
-                Request::Resume { .. } => LifecycleOp::Resume,
-                _ => LifecycleOp::Retire,
-            };
-            match check_asset_id(&asset) {
-                Ok(()) => ShardOp::Lifecycle {
-                    asset,
-                    op,
-                    requester: identity.clone(),
-                    request_id,
-                },
-                Err(refusal) => return outbox.refuse(opcode, request_id, refusal),
-            }
-        }
-        Request::Derive(body) => match body.check(ctx.rules.switch(), access.regions()) {
-            Ok(request) => {
-                let need = Need::Derive {
-                    asset: &request.asset,
-                    purpose: request.purpose,
-                    region: &request.region,
-                };
-                match access.authorize(identity, need) {
-                    Ok(l) => limit = l,
-                    Err(denied) => return deny(ctx, identity, outbox, opcode, request_id, denied),
-                }
-                // Sealed: refused before anything is audited.
-                if !ctx.key.serving() {
-                    return outbox.refuse(opcode, request_id, sealed_refusal(ctx.key.cache()));
-                }
-                ShardOp::Derive {
-                    request,
-                    requester: identity.clone(),
-                    request_id,
-                }
-            }
-            Err(refusal) => return outbox.refuse(opcode, request_id, refusal),
-        },
-    };
-    let rate = limit.map(|allowed| RateCheck {
-        requester: identity.clone(),
-        role: allowed.role,
-        limit: allowed.limit,
-    });
-    if outbox.inflight.get() >= ctx.settings.get().limits.max_inflight_per_connection {
+        outbox.finished_one();
+    })
+    .detach();
+}
+
+/// Sends an operation to its asset's shard as a task of its own, if the connection has
+/// room in flight (else BUSY), and answers with the reply `then` makes of the shard's
+/// answer. DERIVE's latency, decode to reply, is recorded here.
+fn to_shard(
+    ctx: &Rc<CoreContext>,
+    outbox: &Rc<Outbox>,
+    (opcode, request_id): (u8, u64),
+    (op, rate, then): (ShardOp, Option<RateCheck>, Then),
+    started: Instant,
+) {
+    let inflight = outbox.inflight.get();
+    if inflight >= ctx.settings.get().limits.max_inflight_per_connection {
         let mut refusal = Refusal::new(
             Status::Busy,
             format!(
-                "{} requests already in flight on this connection (limits.max_inflight_per_connection)",
-                outbox.inflight.get()
+                "{inflight} requests already in flight on this connection (limits.max_inflight_per_connection)"
             ),
         );
         refusal.retry_after_ms = 1;
         return outbox.refuse(opcode, request_id, refusal);
     }
-    outbox.inflight.set(outbox.inflight.get() + 1);
-    // What the key needs, kept here: the shard answers with the durable counter only.
-    let derivation = match &op {
-        ShardOp::Derive { request, .. } => Some((request.asset, request.path)),
-        _ => None,
-    };
+    outbox.inflight.set(inflight + 1);
+    let is_derive = matches!(then, Then::Derived(_));
     let ctx = ctx.clone();
     let outbox = outbox.clone();
     glommio::spawn_local(async move {
-        let is_derive = derivation.is_some();
-        match ctx.router.route(op, rate).await {
-            Ok(ShardReply::Asset(info)) => outbox.push(opcode, request_id, &Reply::Asset(info)),
-            Ok(ShardReply::Rotated(r)) => outbox.push(opcode, request_id, &Reply::Rotated(r)),
-            Ok(ShardReply::RegionSet { .. }) => {
-                let list = ctx.access.get().regions().states(ctx.rules.switch());
-                outbox.push(opcode, request_id, &Reply::Regions(list))
-            }
-            Ok(ShardReply::Derived { counter, receipt }) => match derivation {
-                Some((asset, path)) => match ctx.key.derive(&asset, counter, &path) {
-                    Some(key) => {
-                        let reply = Reply::Derived(Derived {
-                            counter,
-                            scheme_version: SCHEME_V1,
-                            key,
-                            receipt,
-                        });
-                        outbox.push(opcode, request_id, &reply)
-                    }
-                    // Sealed while the record committed: the record stays (it over-reports,
-                    // the safe direction) and no key leaves.
-                    None => outbox.refuse(opcode, request_id, sealed_refusal(ctx.key.cache())),
-                },
-                None => outbox.refuse(
-                    opcode,
-                    request_id,
-                    Refusal::new(Status::Internal, "a derivation answer to another request"),
-                ),
-            },
+        let answer = ctx.router.route(op, rate).await;
+        match answer.and_then(|answer| then.reply(&ctx, answer)) {
+            Ok(reply) => outbox.push(opcode, request_id, &reply),
             Err(refusal) => outbox.refuse(opcode, request_id, refusal),
         }
         if is_derive {
@@ -1343,81 +899,6 @@ fn dispatch(
         outbox.finished_one();
     })
     .detach();
-}
-
-/// SEALED. The reason is for operators (the appliance logs it); a client learns only
-/// which kind of seal, never the provider's details (paths, labels, token errors).
-fn sealed_refusal(cache: &SeedCache) -> Refusal {
-    let why = match cache.status().state {
-        SealState::SealedByOperator { .. } => "the seed is sealed by an operator",
-        SealState::Sealed { .. } | SealState::Unsealing { .. } => {
-            "the seed is sealed: the appliance is waiting for operators' unseal shares"
-        }
-        SealState::SealedByFailure { .. } => {
-            "the seed is sealed: its provider could not be reached (see the appliance's log)"
-        }
-        SealState::Unsealed | SealState::ServingStale { .. } => {
-            "the seed is sealed: its cached key expired"
-        }
-    };
-    Refusal::new(Status::Sealed, why)
-}
-
-/// The seal state as SEAL, UNSEAL and SEAL_STATUS report it, with process-clock times
-/// turned into Unix milliseconds.
-pub fn seal_info(cache: &SeedCache, provider: ProviderCode) -> SealInfo {
-    let status = cache.status();
-    let (now_unix, now_clock) = (crate::audit::now_ms(), clock_ms());
-    let unix = |at: u64| now_unix.saturating_sub(now_clock.saturating_sub(at));
-    let set = cache.share_set();
-    let (threshold, shares) = set.map_or((0, 0), |s| (s.threshold, s.shares));
-    let (state, since, received, reason) = match status.state {
-        SealState::Unsealed => (SealStateCode::Unsealed, 0, 0, String::new()),
-        SealState::ServingStale { since_ms } => (
-            SealStateCode::ServingStale,
-            unix(since_ms),
-            0,
-            String::new(),
-        ),
-        SealState::Sealed { since_ms } => (SealStateCode::Sealed, unix(since_ms), 0, String::new()),
-        SealState::Unsealing {
-            since_ms, received, ..
-        } => (
-            SealStateCode::Unsealing,
-            unix(since_ms),
-            received,
-            String::new(),
-        ),
-        SealState::SealedByOperator { since_ms } => (
-            SealStateCode::SealedByOperator,
-            unix(since_ms),
-            0,
-            String::new(),
-        ),
-        SealState::SealedByFailure { since_ms, reason } => {
-            (SealStateCode::SealedByFailure, unix(since_ms), 0, reason)
-        }
-    };
-    SealInfo {
-        state,
-        provider,
-        shares_received: received,
-        threshold,
-        shares,
-        since_unix_ms: since,
-        key_unsealed_unix_ms: status.key_unsealed_ms.map_or(0, unix),
-        fingerprint: status
-            .fingerprint
-            .as_deref()
-            .and_then(crate::hex::decode)
-            .and_then(|v| <[u8; 16]>::try_from(v).ok())
-            .unwrap_or([0; 16]),
-        calls_ok: status.calls.ok,
-        calls_failed: status.calls.failed,
-        calls_timed_out: status.calls.timed_out,
-        breaker_opened: status.calls.breaker_opened,
-        reason,
-    }
 }
 
 /// One half of a stream shared by a connection's reader and writer tasks. Both run on the

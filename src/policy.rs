@@ -6,7 +6,7 @@
 
 use crate::kdf::DerivationPath;
 pub use crate::ratelimit::RateLimit;
-use crate::wire::{Refusal, Status};
+use crate::wire::{Gate, Refusal, Status};
 use std::sync::Arc;
 use uuid::{Uuid, Variant};
 
@@ -354,6 +354,22 @@ impl AccessPolicy {
             role,
             limit: self.limits[role as usize],
         }
+    }
+
+    /// The gate of an opcode's table row: whether `identity` may send it at all, with the
+    /// rate of the role that allows it. DERIVE's gate asks only for a role here; its
+    /// purpose, region and asset group are checked once its fields are
+    /// (`op::derive`).
+    pub fn pass_gate(&self, identity: &str, gate: Gate) -> Result<Option<Allowance>, Denied> {
+        let need = match gate {
+            Gate::Anyone => Need::Anyone,
+            Gate::AnyRole => Need::AnyRole,
+            Gate::Operator => Need::Operator,
+            Gate::Admin => Need::Admin,
+            Gate::Reader => Need::Status,
+            Gate::Deriver => return self.require_a_role(identity).map(|()| None),
+        };
+        self.authorize(identity, need)
     }
 
     /// Refuses an identity that holds no role (before its request's fields are looked at).

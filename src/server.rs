@@ -6,8 +6,8 @@
 //! until every core reports ready (or one fails) and then only joins them.
 
 use crate::config::{Config, StoreBackend};
-use crate::net::{accept_loop, CoreContext};
-use crate::op::HelloInfo;
+use crate::context::CoreContext;
+use crate::net::accept_loop;
 use crate::policy::FieldRules;
 use crate::published::Published;
 use crate::reload::Reloader;
@@ -18,7 +18,7 @@ use crate::shard::{Shard, ShardLimits};
 use crate::store::postgres::PgStore;
 use crate::store::sqlite::SqliteStore;
 use crate::store::{Store, StoreError};
-use crate::wire::{ProviderCode, SHARD_HASH_JUMP_FNV1A64, VERSION};
+use crate::wire::ProviderCode;
 use glommio::channels::channel_mesh::MeshBuilder;
 use glommio::{LocalExecutorBuilder, Placement};
 use std::cell::Cell;
@@ -708,14 +708,8 @@ async fn core_main(core: usize, setup: CoreSetup) -> Result<(), String> {
         rules: FieldRules::with_switch(setup.regions.clone()),
         limits: config.limits.clone(),
         settings: crate::published::LocalCopy::new(setup.settings.clone()),
-        hello: HelloInfo {
-            version: VERSION,
-            shard_count: cores,
-            shard_hash: SHARD_HASH_JUMP_FNV1A64,
-            max_frame_body_bytes: config.limits.max_frame_body_bytes,
-            max_inflight_per_connection: config.limits.connection.max_inflight_per_connection,
-            shard_ports: shard_ports(&config.server, cores)?,
-        },
+        shard_count: cores,
+        shard_ports: shard_ports(&config.server, cores)?,
         connections: Cell::new(0),
         admission: Default::default(),
         refusal_log: Default::default(),
@@ -782,7 +776,7 @@ async fn core_main(core: usize, setup: CoreSetup) -> Result<(), String> {
         assets,
     });
     // This core's own port, if any: a shard-aware client's requests for its assets.
-    if let Some(&port) = ctx.hello.shard_ports.get(core) {
+    if let Some(&port) = ctx.shard_ports.get(core) {
         let ip = config.server.shard_listen.map(|a| a.ip());
         let addr = SocketAddr::new(ip.unwrap_or(config.server.listen.ip()), port);
         let own = bind(addr).map_err(|e| {

@@ -6,7 +6,11 @@
 //! reply:   status (2) | asset_id (16) | state (1) | counter (8) | shard (2)
 //! ```
 
+use super::{mismatched, Asking, Handled, Reply, Then};
 use crate::lifecycle::AssetState;
+use crate::policy::check_asset_id;
+use crate::shard::{LifecycleOp, ShardOp, ShardReply};
+use crate::wire::Refusal;
 use crate::wire::{AssetInfo, Reader, WireError};
 use uuid::Uuid;
 
@@ -45,4 +49,47 @@ pub(super) fn decode_info(r: &mut Reader<'_>) -> Result<AssetInfo, WireError> {
         counter: r.u64("counter")?,
         shard: r.u16("shard")?,
     })
+}
+
+/// STATUS: the asset as its shard has it (nothing audited).
+pub(super) fn status(asset: Uuid) -> Handled {
+    match check_asset_id(&asset) {
+        Ok(()) => Handled::Shard(ShardOp::Status { asset }, Then::Asset),
+        Err(refusal) => Handled::Now(Err(refusal)),
+    }
+}
+
+/// REGISTER: a new asset, active at counter 0 (audited).
+pub(super) fn register(a: &Asking<'_>, asset: Uuid) -> Handled {
+    if let Err(refusal) = check_asset_id(&asset) {
+        return Handled::Now(Err(refusal));
+    }
+    let op = ShardOp::Register {
+        asset,
+        requester: a.identity.clone(),
+        request_id: a.request_id,
+    };
+    Handled::Shard(op, Then::Asset)
+}
+
+/// SUSPEND, RESUME, RETIRE: a lifecycle transition, applied and audited by the shard.
+pub(super) fn lifecycle(a: &Asking<'_>, asset: Uuid, op: LifecycleOp) -> Handled {
+    if let Err(refusal) = check_asset_id(&asset) {
+        return Handled::Now(Err(refusal));
+    }
+    let op = ShardOp::Lifecycle {
+        asset,
+        op,
+        requester: a.identity.clone(),
+        request_id: a.request_id,
+    };
+    Handled::Shard(op, Then::Asset)
+}
+
+/// The reply of every asset operation: the asset's state, counter and shard.
+pub(super) fn reply(answer: ShardReply) -> Result<Reply, Refusal> {
+    match answer {
+        ShardReply::Asset(info) => Ok(Reply::Asset(info)),
+        other => Err(mismatched(&other)),
+    }
 }

@@ -14,10 +14,15 @@
 //! (purposes, regions, asset groups) is the policy's ([`crate::policy`]).
 
 use super::{decode_receipt, encode_receipt};
+use super::{mismatched, Asking, Handled, Reply, Then};
 use crate::bounds;
+use crate::context::CoreContext;
+use crate::kdf::SCHEME_V1;
 use crate::kdf::{DerivationPath, PathError};
+use crate::policy::Need;
 use crate::policy::{check_asset_id, CheckedDerive, Purpose, RegionTable};
 use crate::regions::RegionSwitch;
+use crate::shard::{ShardOp, ShardReply};
 use crate::wire::{put_short, Reader, Receipt, Refusal, Status, WireError, KEY_LEN};
 use uuid::Uuid;
 
@@ -156,6 +161,62 @@ impl Derived {
             key,
             receipt: decode_receipt(r)?,
         })
+    }
+}
+
+/// What DERIVE keeps while its record commits: the key is derived on this core from the
+/// durable counter the shard answers with.
+pub struct Keep {
+    asset: Uuid,
+    path: DerivationPath,
+}
+
+/// DERIVE: the field rules, then who may derive this asset for this purpose in this
+/// region (its rate replaces the gate's), then the seal; the shard writes the record.
+pub(super) fn handle(a: &mut Asking<'_>, body: DeriveBody) -> Handled {
+    let request = match body.check(a.ctx.rules.switch(), a.access.regions()) {
+        Ok(request) => request,
+        Err(refusal) => return Handled::Now(Err(refusal)),
+    };
+    let need = Need::Derive {
+        asset: &request.asset,
+        purpose: request.purpose,
+        region: &request.region,
+    };
+    match a.access.authorize(a.identity, need) {
+        Ok(allowance) => a.allowance = allowance,
+        Err(denied) => return Handled::Denied(denied),
+    }
+    // Sealed: refused before anything is audited.
+    if !a.ctx.key.serving() {
+        return Handled::Now(Err(super::seal::sealed_refusal(a.ctx.key.cache())));
+    }
+    let keep = Keep {
+        asset: request.asset,
+        path: request.path,
+    };
+    let op = ShardOp::Derive {
+        request,
+        requester: a.identity.clone(),
+        request_id: a.request_id,
+    };
+    Handled::Shard(op, Then::Derived(keep))
+}
+
+/// The key at the durable counter. Sealed while the record committed: the record stays
+/// (it over-reports, the safe direction) and no key leaves.
+pub(super) fn reply(ctx: &CoreContext, keep: Keep, answer: ShardReply) -> Result<Reply, Refusal> {
+    let ShardReply::Derived { counter, receipt } = answer else {
+        return Err(mismatched(&answer));
+    };
+    match ctx.key.derive(&keep.asset, counter, &keep.path) {
+        Some(key) => Ok(Reply::Derived(Derived {
+            counter,
+            scheme_version: SCHEME_V1,
+            key,
+            receipt,
+        })),
+        None => Err(super::seal::sealed_refusal(ctx.key.cache())),
     }
 }
 

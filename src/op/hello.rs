@@ -7,7 +7,8 @@
 //!        | shard_port_count (2, 0 or shard_count) | shard_port (2) each
 //! ```
 
-use crate::wire::{Reader, WireError};
+use super::{Asking, Handled, Reply};
+use crate::wire::{Reader, WireError, SHARD_HASH_JUMP_FNV1A64, VERSION};
 
 /// What HELLO reports.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
@@ -70,4 +71,18 @@ impl HelloInfo {
             shard_ports,
         })
     }
+}
+
+/// HELLO: the appliance's shape, with the in-flight bound in force now (a reload may have
+/// changed it since start).
+pub(super) fn handle(a: &Asking<'_>) -> Handled {
+    let ctx = a.ctx;
+    Handled::Now(Ok(Reply::Hello(HelloInfo {
+        version: VERSION,
+        shard_count: ctx.shard_count,
+        shard_hash: SHARD_HASH_JUMP_FNV1A64,
+        max_frame_body_bytes: ctx.limits.max_frame_body_bytes,
+        max_inflight_per_connection: ctx.settings.get().limits.max_inflight_per_connection,
+        shard_ports: ctx.shard_ports.clone(),
+    })))
 }

@@ -9,9 +9,11 @@
 //! ```
 
 use super::asset::decode_state;
+use super::{later, Asking, Handled, Reply};
 use crate::bounds;
 use crate::lifecycle::AssetState;
 use crate::wire::{Reader, WireError};
+use crate::wire::{Refusal, Status};
 use uuid::Uuid;
 
 /// A LIST_ASSETS request: the assets after `after` (by asset id, in RFC 4122 byte order),
@@ -117,4 +119,48 @@ impl AssetPage {
         let more = r.flag("more")?;
         Ok(AssetPage { assets, more })
     }
+}
+
+/// LIST_ASSETS: the auditor thread reads a page of the key table (the durable state), one
+/// row past the page to say whether more follow.
+pub(super) fn handle(a: &Asking<'_>, page: ListAssets) -> Handled {
+    let pending = a.ctx.auditor.as_ref().and_then(|au| {
+        au.list_assets(crate::auditor::AssetQuery {
+            state: page.state,
+            after: page.after,
+            limit: page.limit,
+        })
+    });
+    let Some(pending) = pending else {
+        return super::busy("the auditor's queue is full; ask again shortly", 1000);
+    };
+    let shards = a.ctx.shard_count;
+    let limit = usize::from(page.limit);
+    later(
+        pending,
+        move |mut rows| {
+            let more = rows.len() > limit;
+            rows.truncate(limit);
+            Reply::Assets(AssetPage {
+                assets: rows
+                    .into_iter()
+                    .map(|r| ListedAsset {
+                        asset: r.asset.asset,
+                        state: r.asset.state,
+                        counter: r.asset.counter,
+                        shard: crate::placement::shard_of(&r.asset.asset, shards),
+                        changed_unix_ms: r.changed_unix_ms,
+                    })
+                    .collect(),
+                more,
+            })
+        },
+        |why| {
+            Refusal::new(
+                Status::StoreUnavailable,
+                format!("the assets could not be read: {why}"),
+            )
+        },
+        "the auditor thread stopped",
+    )
 }

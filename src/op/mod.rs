@@ -3,9 +3,15 @@
 //! [`crate::wire`] keeps the framing and the tables of codes: an opcode's number, name,
 //! metrics label and who may send it are its row in [`crate::wire::Opcode`].
 //!
-//! To add an operation: a row in the opcode table, a file here with its bodies, a variant
-//! of [`Request`] and of [`Reply`] and their arms below, its handling in `net`'s
-//! dispatcher, and its section in docs/protocol.md.
+//! Each file also handles its operations: its field rules, what it asks the owning shard
+//! (or the auditor, or a thread of its own) and how the reply is made. A handler gets the
+//! request once the opcode table's gate let it in ([`Asking`]) and says what to do
+//! ([`Handled`]); the connection ([`crate::net`]) carries that out, so a handler never
+//! touches a socket, a buffer or a task.
+//!
+//! To add an operation: a row in the opcode table, a file here with its bodies and its
+//! handler, a variant of [`Request`] and of [`Reply`] and their arms below, and its
+//! section in docs/protocol.md.
 //!
 //! | file | operations |
 //! |---|---|
@@ -29,10 +35,17 @@ pub mod region;
 pub mod rotate;
 pub mod seal;
 
+use crate::context::CoreContext;
+use crate::policy::{AccessPolicy, Allowance, Denied};
+use crate::shard::{LifecycleOp, ShardOp, ShardReply};
+use crate::store::handoff::Pending;
 use crate::wire::{
     patch_body_len, put_text, AssetInfo, FrameHeader, Opcode, Reader, Receipt, Refusal, Rotated,
     Status, WireError, REPLY_BIT,
 };
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
 use uuid::Uuid;
 
 pub use derive::{DeriveBody, Derived};
@@ -199,6 +212,120 @@ impl Request {
         }
         patch_body_len(out, start);
     }
+}
+
+/// A request the opcode table's gate let in: who asks, and what every handler may read.
+pub struct Asking<'a> {
+    pub ctx: &'a CoreContext,
+    pub identity: &'a Arc<str>,
+    pub request_id: u64,
+    /// The policy in force, the same for the whole request.
+    pub access: &'a AccessPolicy,
+    /// The rate the gate found for the identity's role; DERIVE replaces it with the rate
+    /// of the role that may derive this asset for this purpose.
+    pub allowance: Option<Allowance>,
+}
+
+/// What a handler decided; the connection carries it out.
+pub enum Handled {
+    /// Answered at once, from this core's state.
+    Now(Result<Reply, Refusal>),
+    /// Refused by the policy (counted by reason and logged by the connection).
+    Denied(Denied),
+    /// Asks the asset's owning shard (once the connection has room in flight); [`Then`]
+    /// makes the reply from its answer.
+    Shard(ShardOp, Then),
+    /// Runs off this core (the auditor, a thread of its own); answered when it resolves.
+    Later(Later),
+}
+
+/// An answer that work off this core gives later.
+pub type Later = Pin<Box<dyn Future<Output = Result<Reply, Refusal>>>>;
+
+/// How a shard's answer becomes the reply, by operation.
+pub enum Then {
+    /// REGISTER, STATUS, SUSPEND, RESUME, RETIRE: the asset as the shard has it.
+    Asset,
+    /// ROTATE: the new counter and the record's receipt.
+    Rotated,
+    /// SET_REGION: every region's state, the switch just set included.
+    Regions,
+    /// DERIVE: the key, derived on this core once its record is durable.
+    Derived(derive::Keep),
+}
+
+impl Then {
+    pub fn reply(self, ctx: &CoreContext, answer: ShardReply) -> Result<Reply, Refusal> {
+        match self {
+            Then::Asset => asset::reply(answer),
+            Then::Rotated => rotate::reply(answer),
+            Then::Regions => region::reply(ctx, answer),
+            Then::Derived(keep) => derive::reply(ctx, keep, answer),
+        }
+    }
+}
+
+impl Request {
+    /// Hands the request to its operation's handler.
+    pub fn handle(self, a: &mut Asking<'_>) -> Handled {
+        match self {
+            Request::Hello => hello::handle(a),
+            Request::Regions => region::list(a),
+            Request::SetRegion { region, enabled } => region::switch(a, &region, enabled),
+            Request::PolicyReload => policy_reload::handle(a),
+            Request::Reconcile { full } => reconcile::handle(a, full),
+            Request::ProveReceipt(receipt) => reconcile::prove(a, receipt),
+            Request::ListAssets(page) => list_assets::handle(a, page),
+            Request::SealStatus => seal::status(a),
+            Request::Seal => seal::seal(a),
+            Request::Unseal { reset, share } => seal::unseal(a, reset, share),
+            Request::Status { asset } => asset::status(asset),
+            Request::Register { asset } => asset::register(a, asset),
+            Request::Suspend { asset } => asset::lifecycle(a, asset, LifecycleOp::Suspend),
+            Request::Resume { asset } => asset::lifecycle(a, asset, LifecycleOp::Resume),
+            Request::Retire { asset } => asset::lifecycle(a, asset, LifecycleOp::Retire),
+            Request::Rotate(body) => rotate::handle(a, body),
+            Request::Derive(body) => derive::handle(a, body),
+        }
+    }
+}
+
+/// The answer of work handed off this core once `pending` resolves: `ok` makes the reply,
+/// `failed` the refusal of a failure; a worker gone without an answer is INTERNAL
+/// (`abandoned`).
+fn later<T: 'static>(
+    pending: Pending<Result<T, String>>,
+    ok: impl FnOnce(T) -> Reply + 'static,
+    failed: impl FnOnce(String) -> Refusal + 'static,
+    abandoned: &'static str,
+) -> Handled {
+    Handled::Later(Box::pin(async move {
+        match pending.await {
+            Ok(Ok(value)) => Ok(ok(value)),
+            Ok(Err(why)) => Err(failed(why)),
+            Err(_) => Err(Refusal::new(Status::Internal, abandoned)),
+        }
+    }))
+}
+
+/// BUSY, with when to ask again.
+fn busy(message: &str, retry_after_ms: u32) -> Handled {
+    let mut refusal = Refusal::new(Status::Busy, message);
+    refusal.retry_after_ms = retry_after_ms;
+    Handled::Now(Err(refusal))
+}
+
+/// A shard's answer of another kind than the request's: a broken invariant of the shard,
+/// answered INTERNAL rather than misread.
+fn mismatched(answer: &ShardReply) -> Refusal {
+    debug_assert!(
+        false,
+        "a shard answered {answer:?} to another kind of request"
+    );
+    Refusal::new(
+        Status::Internal,
+        "the shard answered another kind of request",
+    )
 }
 
 /// A decoded reply body.

@@ -12,7 +12,9 @@
 //!                        | detail (u16 len + UTF-8)
 //! ```
 
+use super::{later, Asking, Handled, Reply};
 use crate::wire::{put_text, Reader, WireError};
+use crate::wire::{Receipt, Refusal, Status};
 
 /// RECONCILE flag: a full run from the first record (else from the last run's watermark).
 pub const RECONCILE_FLAG_FULL: u8 = 0x01;
@@ -121,4 +123,71 @@ impl ProofInfo {
             detail: r.message("detail")?.to_owned(),
         })
     }
+}
+
+/// RECONCILE: a run of the auditor thread (from its watermark, or full), answered with
+/// its figures and its first findings.
+pub(super) fn handle(a: &Asking<'_>, full: bool) -> Handled {
+    let Some(pending) = a.ctx.auditor.as_ref().and_then(|au| au.request(full)) else {
+        return super::busy(
+            "reconciliations are queued already; ask again shortly",
+            1000,
+        );
+    };
+    let (identity, request_id) = (a.identity, a.request_id);
+    tracing::info!(%identity, request_id, full, "reconciliation requested");
+    later(
+        pending,
+        |report| {
+            Reply::Reconciled(ReconcileSummary {
+                records_checked: report.records_checked,
+                checkpoints_checked: report.checkpoints_checked,
+                assets_checked: report.assets_checked,
+                assets_drifted: report.assets_drifted,
+                macs_checked: report.macs_checked,
+                findings_total: u32::try_from(report.findings.len()).unwrap_or(u32::MAX),
+                findings: report
+                    .findings
+                    .iter()
+                    .take(RECONCILE_FINDINGS_MAX)
+                    .map(|f| f.to_string())
+                    .collect(),
+            })
+        },
+        |why| {
+            Refusal::new(
+                Status::StoreUnavailable,
+                format!("reconciliation did not run: {why}"),
+            )
+        },
+        "the auditor thread stopped",
+    )
+}
+
+/// PROVE_RECEIPT: the auditor thread reads the receipt's record and the chain to the first
+/// checkpoint after it, and says what it found.
+pub(super) fn prove(a: &Asking<'_>, receipt: Receipt) -> Handled {
+    let pending = a
+        .ctx
+        .auditor
+        .as_ref()
+        .and_then(|au| au.prove(receipt.shard, receipt.seq, receipt.hash));
+    let Some(pending) = pending else {
+        return super::busy(
+            "the auditor has work queued already; ask again shortly",
+            1000,
+        );
+    };
+    later(
+        pending,
+        |p| {
+            Reply::Proof(ProofInfo {
+                verdict: p.verdict as u8,
+                checkpoint_seq: p.checkpoint_seq,
+                detail: p.detail,
+            })
+        },
+        |why| Refusal::new(Status::StoreUnavailable, format!("no proof: {why}")),
+        "the auditor thread stopped",
+    )
 }

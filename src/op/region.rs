@@ -7,8 +7,12 @@
 //! reply: status (2) | count (1) | { region (u8 len + ASCII) | enabled (1) } each
 //! ```
 
+use super::{mismatched, Asking, Handled, Reply};
 use crate::bounds;
+use crate::context::CoreContext;
+use crate::shard::{ShardOp, ShardReply};
 use crate::wire::{put_short, Reader, WireError};
+use crate::wire::{Refusal, Status};
 
 // The count of regions travels in one byte.
 const _: () = assert!(bounds::REGIONS_MAX <= u8::MAX as usize);
@@ -47,4 +51,40 @@ pub(super) fn decode_list(r: &mut Reader<'_>) -> Result<Vec<(String, bool)>, Wir
         list.push((name, enabled));
     }
     Ok(list)
+}
+
+/// REGIONS: the configured regions and their state, from this core's copy of the switch.
+pub(super) fn list(a: &Asking<'_>) -> Handled {
+    let list = a.access.regions().states(a.ctx.rules.switch());
+    Handled::Now(Ok(Reply::Regions(list)))
+}
+
+/// SET_REGION: a configured region, switched by shard 0 (durable and audited there, then
+/// in force on every core).
+pub(super) fn switch(a: &Asking<'_>, region: &str, enabled: bool) -> Handled {
+    let Some((_, slot)) = a.access.regions().find(region) else {
+        return Handled::Now(Err(Refusal::new(
+            Status::InvalidRegion,
+            format!("region {region:?} is not configured (policy.regions)"),
+        )));
+    };
+    let (identity, request_id) = (a.identity, a.request_id);
+    tracing::warn!(%identity, request_id, %region, enabled, "region switch requested");
+    let op = ShardOp::SetRegion {
+        index: slot,
+        enabled,
+        requester: identity.clone(),
+        request_id,
+    };
+    Handled::Shard(op, super::Then::Regions)
+}
+
+/// SET_REGION's reply: every region as it stands once the switch is in force.
+pub(super) fn reply(ctx: &CoreContext, answer: ShardReply) -> Result<Reply, Refusal> {
+    match answer {
+        ShardReply::RegionSet { .. } => Ok(Reply::Regions(
+            ctx.access.get().regions().states(ctx.rules.switch()),
+        )),
+        other => Err(mismatched(&other)),
+    }
 }

@@ -8,7 +8,11 @@
 //! ```
 
 use super::{decode_receipt, encode_receipt};
+use super::{mismatched, Asking, Handled, Reply, Then};
+use crate::policy::check_asset_id;
+use crate::shard::{ShardOp, ShardReply};
 use crate::wire::{Reader, Rotated, WireError};
+use crate::wire::{Refusal, Status};
 use uuid::Uuid;
 
 /// ROTATE flag: `expected_counter` holds (compare-and-set).
@@ -86,4 +90,39 @@ pub(super) fn decode_rotated(r: &mut Reader<'_>) -> Result<Rotated, WireError> {
         receipt,
         replayed,
     })
+}
+
+/// ROTATE: both ids checked, then the shard moves the counter (audited, idempotent by
+/// rotation id).
+pub(super) fn handle(a: &Asking<'_>, body: RotateBody) -> Handled {
+    if let Err(refusal) =
+        check_asset_id(&body.asset).and_then(|()| check_rotation_id(&body.rotation_id))
+    {
+        return Handled::Now(Err(refusal));
+    }
+    let op = ShardOp::Rotate {
+        asset: body.asset,
+        rotation_id: body.rotation_id,
+        expected_counter: body.expected_counter,
+        requester: a.identity.clone(),
+        request_id: a.request_id,
+    };
+    Handled::Shard(op, Then::Rotated)
+}
+
+/// A rotation id must be an RFC 4122 UUID, as an asset id must.
+fn check_rotation_id(id: &Uuid) -> Result<(), Refusal> {
+    check_asset_id(id).map_err(|_| {
+        Refusal::new(
+            Status::InvalidRotationId,
+            format!("rotation_id {id} is not an RFC 4122 UUID (variant 10, version 1-8)"),
+        )
+    })
+}
+
+pub(super) fn reply(answer: ShardReply) -> Result<Reply, Refusal> {
+    match answer {
+        ShardReply::Rotated(r) => Ok(Reply::Rotated(r)),
+        other => Err(mismatched(&other)),
+    }
 }
