@@ -5,12 +5,12 @@ use super::*;
 use crate::audit::AuditRecord;
 use crate::kdf::DerivationPath;
 use crate::lifecycle;
-use crate::store::{AssetWrite, CommitBatch, RecentRotation, StoreError};
-use std::rc::Rc;
-use tokio::sync::oneshot;
 use crate::policy::Purpose;
 use crate::store::LocalFuture;
+use crate::store::{AssetWrite, CommitBatch, RecentRotation, StoreError};
 use std::cell::Cell;
+use std::rc::Rc;
+use tokio::sync::oneshot;
 
 #[derive(Default)]
 struct Script {

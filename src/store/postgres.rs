@@ -587,8 +587,21 @@ impl PgShardInner {
             .detach();
             glommio::spawn_local(maintain_partitions(self.config.clone())).detach();
         }
+        let last = self.last_seq(&s.client).await?;
+        Ok(ShardSnapshot {
+            assets: self.assets(&s.client).await?,
+            last_seq: last.max(0) as u64,
+            last_hash: self.hash_at(&s.client, last).await?,
+            rotations: self.recent_rotations(&s.client, window).await?,
+            regions: stored_regions(&s.client).await?,
+        })
+    }
+
+    /// The shard's last committed sequence number (its row made from the log if the
+    /// shard has none yet).
+    async fn last_seq(&self, client: &Client) -> Result<i64, StoreError> {
         let shard = self.shard as i16;
-        s.client
+        client
             .execute(
                 "INSERT INTO custody_shard_seq (shard, last_seq) \
                  SELECT $1, COALESCE(max(seq), 0) FROM custody_audit_log WHERE shard = $1 \
@@ -597,17 +610,19 @@ impl PgShardInner {
             )
             .await
             .map_err(pg_err)?;
-        let last: i64 = s
-            .client
+        let row = client
             .query_one(
                 "SELECT last_seq FROM custody_shard_seq WHERE shard = $1",
                 &[&shard],
             )
             .await
-            .map_err(pg_err)?
-            .get(0);
-        let rows = s
-            .client
+            .map_err(pg_err)?;
+        Ok(row.get(0))
+    }
+
+    /// The assets this shard owns.
+    async fn assets(&self, client: &Client) -> Result<Vec<StoredAsset>, StoreError> {
+        let rows = client
             .query(
                 "SELECT asset_id, state, derivation_counter FROM custody_keys",
                 &[],
@@ -621,10 +636,19 @@ impl PgShardInner {
                 assets.push(stored_asset(&row)?);
             }
         }
+        Ok(assets)
+    }
+
+    /// The shard's rotations within `window`, oldest first.
+    async fn recent_rotations(
+        &self,
+        client: &Client,
+        window: RotationWindow,
+    ) -> Result<Vec<RecentRotation>, StoreError> {
+        let shard = self.shard as i16;
         let since = i64::try_from(window.since_ms).unwrap_or(i64::MAX);
         let max = i64::try_from(window.max).unwrap_or(i64::MAX);
-        let rows = s
-            .client
+        let rows = client
             .query(
                 "SELECT rotation_id, asset_id, counter, seq, \
                  (extract(epoch FROM logged_at) * 1000)::bigint, hash \
@@ -656,41 +680,26 @@ impl PgShardInner {
                 hash: super::hash_of(row.get(5), self.shard, seq)?,
             });
         }
-        let regions = s
-            .client
-            .query(
-                "SELECT region, enabled FROM custody_regions ORDER BY region",
-                &[],
+        Ok(rotations)
+    }
+
+    /// The chain hash of the shard's record `last` (the genesis hash before any).
+    async fn hash_at(&self, client: &Client, last: i64) -> Result<[u8; 32], StoreError> {
+        if last <= 0 {
+            return Ok(crate::audit::GENESIS);
+        }
+        let row = client
+            .query_opt(
+                "SELECT hash FROM custody_audit_log WHERE shard = $1 AND seq = $2",
+                &[&(self.shard as i16), &last],
             )
             .await
-            .map_err(pg_err)?
-            .iter()
-            .map(|row| (row.get::<_, String>(0), row.get::<_, bool>(1)))
-            .collect();
-        let last_hash = if last > 0 {
-            let row = s
-                .client
-                .query_opt(
-                    "SELECT hash FROM custody_audit_log WHERE shard = $1 AND seq = $2",
-                    &[&shard, &last],
-                )
-                .await
-                .map_err(pg_err)?;
-            super::hash_of(
-                row.and_then(|r| r.get::<_, Option<Vec<u8>>>(0)),
-                self.shard,
-                last as u64,
-            )?
-        } else {
-            crate::audit::GENESIS
-        };
-        Ok(ShardSnapshot {
-            assets,
-            last_seq: last.max(0) as u64,
-            last_hash,
-            rotations,
-            regions,
-        })
+            .map_err(pg_err)?;
+        super::hash_of(
+            row.and_then(|r| r.get::<_, Option<Vec<u8>>>(0)),
+            self.shard,
+            last as u64,
+        )
     }
 
     async fn commit(&self, batch: CommitBatch) -> Result<(), StoreError> {
@@ -698,67 +707,17 @@ impl PgShardInner {
         self.write(&s, &batch).await
     }
 
+    /// One batch in one statement (COMMIT_BATCH_SQL): the sequence advanced only if the
+    /// batch continues it, the records, checkpoint, region switches and asset rows written,
+    /// and the ownership token checked, all or nothing.
     async fn write(&self, s: &Session, batch: &CommitBatch) -> Result<(), StoreError> {
         let (Some(first), Some(last)) = (batch.records.first(), batch.records.last()) else {
             return Ok(());
         };
         let shard = batch.shard as i16;
-        let to_i64 = |v: u64, what: &str| {
-            i64::try_from(v).map_err(|_| StoreError::Corrupt(format!("{what} {v} exceeds 2^63-1")))
-        };
         let (first_seq, last_seq) = (to_i64(first.seq, "seq")?, to_i64(last.seq, "seq")?);
-        let mut seq = Vec::with_capacity(batch.records.len());
-        let mut ts_ms = Vec::with_capacity(batch.records.len());
-        let mut event = Vec::with_capacity(batch.records.len());
-        let mut asset = Vec::with_capacity(batch.records.len());
-        let mut counter = Vec::with_capacity(batch.records.len());
-        let mut state = Vec::with_capacity(batch.records.len());
-        let mut requester = Vec::with_capacity(batch.records.len());
-        let mut request_id = Vec::with_capacity(batch.records.len());
-        let mut path: Vec<Option<String>> = Vec::with_capacity(batch.records.len());
-        let mut purpose: Vec<Option<&str>> = Vec::with_capacity(batch.records.len());
-        let mut region: Vec<Option<&str>> = Vec::with_capacity(batch.records.len());
-        let mut ttl: Vec<Option<i32>> = Vec::with_capacity(batch.records.len());
-        let mut scheme: Vec<Option<i16>> = Vec::with_capacity(batch.records.len());
-        let mut rotation: Vec<Option<Uuid>> = Vec::with_capacity(batch.records.len());
-        let chained = batch.chain.len() == batch.records.len();
-        let mut prev_hash: Vec<Option<&[u8]>> = Vec::with_capacity(batch.records.len());
-        let mut hash: Vec<Option<&[u8]>> = Vec::with_capacity(batch.records.len());
-        for (i, r) in batch.records.iter().enumerate() {
-            if chained {
-                let prev = if i == 0 {
-                    &batch.chain_prev
-                } else {
-                    &batch.chain[i - 1]
-                };
-                prev_hash.push(Some(&prev[..]));
-                hash.push(Some(&batch.chain[i][..]));
-            } else {
-                prev_hash.push(None);
-                hash.push(None);
-            }
-            seq.push(to_i64(r.seq, "seq")?);
-            ts_ms.push(r.ts_ms as i64);
-            event.push(r.event.name());
-            asset.push(r.asset);
-            counter.push(to_i64(r.counter, "counter")?);
-            state.push(r.state.name());
-            requester.push(&*r.requester);
-            request_id.push(r.request_id as i64);
-            path.push(r.derive.as_ref().map(|d| d.path.to_string()));
-            purpose.push(r.derive.as_ref().map(|d| d.purpose.name()));
-            region.push(
-                r.derive
-                    .as_ref()
-                    .map(|d| &*d.region)
-                    .or(r.switched_region.as_deref()),
-            );
-            ttl.push(r.derive.as_ref().map(|d| d.ttl_s as i32));
-            scheme.push(r.derive.as_ref().map(|d| i16::from(d.scheme_version)));
-            rotation.push(r.rotation_id);
-        }
-        let (mut ids, mut states, mut counters) = (Vec::new(), Vec::new(), Vec::new());
-        let (mut upd_ids, mut upd_states, mut upd_counters) = (Vec::new(), Vec::new(), Vec::new());
+        let c = RecordColumns::of(batch)?;
+        let w = RowWrites::of(batch)?;
         let region_names: Vec<&str> = batch
             .region_writes
             .iter()
@@ -772,18 +731,6 @@ impl PgShardInner {
         let checkpoint_hash: Option<&[u8]> = batch.checkpoint.as_ref().map(|c| &c.hash[..]);
         let checkpoint_mac: Option<&[u8]> = batch.checkpoint.as_ref().map(|c| &c.mac[..]);
         let checkpoint_ts: Option<i64> = batch.checkpoint.as_ref().map(|c| c.ts_ms as i64);
-        for w in &batch.asset_writes {
-            let counter = to_i64(w.counter, "counter")?;
-            if w.insert {
-                ids.push(w.asset);
-                states.push(w.state.name());
-                counters.push(counter);
-            } else {
-                upd_ids.push(w.asset);
-                upd_states.push(w.state.name());
-                upd_counters.push(counter);
-            }
-        }
         let row = s
             .client
             .query_one(
@@ -792,31 +739,31 @@ impl PgShardInner {
                     &shard,
                     &(first_seq - 1),
                     &last_seq,
-                    &seq,
-                    &ts_ms,
-                    &event,
-                    &asset,
-                    &counter,
-                    &state,
-                    &requester,
-                    &request_id,
-                    &path,
-                    &purpose,
-                    &region,
-                    &ttl,
-                    &scheme,
-                    &ids,
-                    &states,
-                    &counters,
+                    &c.seq,
+                    &c.ts_ms,
+                    &c.event,
+                    &c.asset,
+                    &c.counter,
+                    &c.state,
+                    &c.requester,
+                    &c.request_id,
+                    &c.path,
+                    &c.purpose,
+                    &c.region,
+                    &c.ttl,
+                    &c.scheme,
+                    &w.ids,
+                    &w.states,
+                    &w.counters,
                     &self.token,
-                    &rotation,
-                    &upd_ids,
-                    &upd_states,
-                    &upd_counters,
+                    &c.rotation,
+                    &w.upd_ids,
+                    &w.upd_states,
+                    &w.upd_counters,
                     &region_names,
                     &region_enabled,
-                    &prev_hash,
-                    &hash,
+                    &c.prev_hash,
+                    &c.hash,
                     &checkpoint_seq,
                     &checkpoint_hash,
                     &checkpoint_mac,
@@ -825,6 +772,17 @@ impl PgShardInner {
             )
             .await
             .map_err(pg_err)?;
+        self.check_commit(&row, batch, &w)
+    }
+
+    /// What the statement says it did: fenced (another appliance owns the database), a
+    /// sequence gap, or every record and row written.
+    fn check_commit(
+        &self,
+        row: &tokio_postgres::Row,
+        batch: &CommitBatch,
+        w: &RowWrites<'_>,
+    ) -> Result<(), StoreError> {
         let (advanced, audited, registered): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
         let updated: i32 = row.get(5);
         let owner: i64 = row.get(4);
@@ -840,23 +798,158 @@ impl PgShardInner {
             return Err(StoreError::SequenceGap {
                 shard: batch.shard,
                 expected: committed.unwrap_or(0).max(0) as u64 + 1,
-                found: first.seq,
+                found: batch.records.first().map_or(0, |r| r.seq),
             });
         }
         if audited != batch.records.len() as i64
-            || registered != ids.len() as i64
-            || updated as usize != upd_ids.len()
+            || registered != w.ids.len() as i64
+            || updated as usize != w.upd_ids.len()
         {
             // Cannot happen inside one statement; refuse to call it committed if it does.
             return Err(StoreError::Corrupt(format!(
                 "batch wrote {audited} of {} records, {registered} of {} registrations and {updated} of {} updates",
                 batch.records.len(),
-                ids.len(),
-                upd_ids.len()
+                w.ids.len(),
+                w.upd_ids.len()
             )));
         }
         Ok(())
     }
+}
+
+fn to_i64(v: u64, what: &str) -> Result<i64, StoreError> {
+    i64::try_from(v).map_err(|_| StoreError::Corrupt(format!("{what} {v} exceeds 2^63-1")))
+}
+
+/// A batch's audit records as the statement's column arrays (one element per record).
+struct RecordColumns<'a> {
+    seq: Vec<i64>,
+    ts_ms: Vec<i64>,
+    event: Vec<&'static str>,
+    asset: Vec<Uuid>,
+    counter: Vec<i64>,
+    state: Vec<&'static str>,
+    requester: Vec<&'a str>,
+    request_id: Vec<i64>,
+    path: Vec<Option<String>>,
+    purpose: Vec<Option<&'static str>>,
+    region: Vec<Option<&'a str>>,
+    ttl: Vec<Option<i32>>,
+    scheme: Vec<Option<i16>>,
+    rotation: Vec<Option<Uuid>>,
+    prev_hash: Vec<Option<&'a [u8]>>,
+    hash: Vec<Option<&'a [u8]>>,
+}
+
+impl<'a> RecordColumns<'a> {
+    fn of(batch: &'a CommitBatch) -> Result<RecordColumns<'a>, StoreError> {
+        let n = batch.records.len();
+        let mut c = RecordColumns {
+            seq: Vec::with_capacity(n),
+            ts_ms: Vec::with_capacity(n),
+            event: Vec::with_capacity(n),
+            asset: Vec::with_capacity(n),
+            counter: Vec::with_capacity(n),
+            state: Vec::with_capacity(n),
+            requester: Vec::with_capacity(n),
+            request_id: Vec::with_capacity(n),
+            path: Vec::with_capacity(n),
+            purpose: Vec::with_capacity(n),
+            region: Vec::with_capacity(n),
+            ttl: Vec::with_capacity(n),
+            scheme: Vec::with_capacity(n),
+            rotation: Vec::with_capacity(n),
+            prev_hash: Vec::with_capacity(n),
+            hash: Vec::with_capacity(n),
+        };
+        let chained = batch.chain.len() == n;
+        for (i, r) in batch.records.iter().enumerate() {
+            if chained {
+                let prev = if i == 0 {
+                    &batch.chain_prev
+                } else {
+                    &batch.chain[i - 1]
+                };
+                c.prev_hash.push(Some(&prev[..]));
+                c.hash.push(Some(&batch.chain[i][..]));
+            } else {
+                c.prev_hash.push(None);
+                c.hash.push(None);
+            }
+            c.seq.push(to_i64(r.seq, "seq")?);
+            c.ts_ms.push(r.ts_ms as i64);
+            c.event.push(r.event.name());
+            c.asset.push(r.asset);
+            c.counter.push(to_i64(r.counter, "counter")?);
+            c.state.push(r.state.name());
+            c.requester.push(&*r.requester);
+            c.request_id.push(r.request_id as i64);
+            c.path.push(r.derive.as_ref().map(|d| d.path.to_string()));
+            c.purpose.push(r.derive.as_ref().map(|d| d.purpose.name()));
+            c.region.push(
+                r.derive
+                    .as_ref()
+                    .map(|d| &*d.region)
+                    .or(r.switched_region.as_deref()),
+            );
+            c.ttl.push(r.derive.as_ref().map(|d| d.ttl_s as i32));
+            c.scheme
+                .push(r.derive.as_ref().map(|d| i16::from(d.scheme_version)));
+            c.rotation.push(r.rotation_id);
+        }
+        Ok(c)
+    }
+}
+
+/// A batch's asset rows as the statement's arrays: registrations to insert, and updates.
+struct RowWrites<'a> {
+    ids: Vec<Uuid>,
+    states: Vec<&'a str>,
+    counters: Vec<i64>,
+    upd_ids: Vec<Uuid>,
+    upd_states: Vec<&'a str>,
+    upd_counters: Vec<i64>,
+}
+
+impl<'a> RowWrites<'a> {
+    fn of(batch: &'a CommitBatch) -> Result<RowWrites<'a>, StoreError> {
+        let mut w = RowWrites {
+            ids: Vec::new(),
+            states: Vec::new(),
+            counters: Vec::new(),
+            upd_ids: Vec::new(),
+            upd_states: Vec::new(),
+            upd_counters: Vec::new(),
+        };
+        for a in &batch.asset_writes {
+            let counter = to_i64(a.counter, "counter")?;
+            if a.insert {
+                w.ids.push(a.asset);
+                w.states.push(a.state.name());
+                w.counters.push(counter);
+            } else {
+                w.upd_ids.push(a.asset);
+                w.upd_states.push(a.state.name());
+                w.upd_counters.push(counter);
+            }
+        }
+        Ok(w)
+    }
+}
+
+/// Every region switch the store holds, by name.
+async fn stored_regions(client: &Client) -> Result<Vec<(String, bool)>, StoreError> {
+    let rows = client
+        .query(
+            "SELECT region, enabled FROM custody_regions ORDER BY region",
+            &[],
+        )
+        .await
+        .map_err(pg_err)?;
+    Ok(rows
+        .iter()
+        .map(|row| (row.get::<_, String>(0), row.get::<_, bool>(1)))
+        .collect())
 }
 
 impl ShardStore for PgShard {

@@ -7,10 +7,13 @@
 //! group commits into one fsync. A transaction that fails fails every batch in it. SQLite
 //! never runs on an executor thread.
 
+mod reader;
+mod write;
+
 use super::handoff::{completion, CommitQueue, Completer, SubmitError};
 use super::{
-    AssetWrite, CommitBatch, LocalFuture, RecentRotation, RotationWindow, ShardSnapshot,
-    ShardStore, Store, StoreError, StoredAsset, SCHEMA_VERSION,
+    CommitBatch, LocalFuture, RecentRotation, RotationWindow, ShardSnapshot, ShardStore, Store,
+    StoreError, StoredAsset, SCHEMA_VERSION,
 };
 use crate::audit::AuditEvent;
 use crate::bounds;
@@ -21,6 +24,7 @@ use std::collections::HashMap;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+use write::write_batches;
 
 /// Heap bytes SQLite holds now, in every connection of the process (page caches above
 /// all; each connection's cache is bounded by SQLite's default `cache_size`, 2 MiB). Part
@@ -35,9 +39,9 @@ const ACTIVE_SHARD_WINDOW: Duration = Duration::from_millis(5);
 use uuid::Uuid;
 
 const MIGRATIONS: [&str; 3] = [
-    include_str!("../../appliance/sql/sqlite/0001_init.sql"),
-    include_str!("../../appliance/sql/sqlite/0002_lifecycle.sql"),
-    include_str!("../../appliance/sql/sqlite/0003_audit_chain.sql"),
+    include_str!("../../../appliance/sql/sqlite/0001_init.sql"),
+    include_str!("../../../appliance/sql/sqlite/0002_lifecycle.sql"),
+    include_str!("../../../appliance/sql/sqlite/0003_audit_chain.sql"),
 ];
 
 enum Job {
@@ -407,130 +411,6 @@ fn last_seq(conn: &Connection, shard: u16) -> Result<u64, StoreError> {
     Ok(last.max(0) as u64)
 }
 
-fn write_batches<'a>(
-    conn: &mut Connection,
-    batches: impl Iterator<Item = &'a CommitBatch>,
-) -> Result<(), StoreError> {
-    let tx = conn
-        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-        .map_err(sql_err)?;
-    {
-        let mut insert_audit = tx
-            .prepare_cached(
-                "INSERT INTO custody_audit_log (shard, seq, event, asset_id, counter, \
-                 state_at_event, requester, request_id, ts_ms, derivation_path, purpose, \
-                 region, ttl_s, scheme_version, rotation_id, prev_hash, hash) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
-            )
-            .map_err(sql_err)?;
-        let mut insert_checkpoint = tx
-            .prepare_cached(
-                "INSERT INTO custody_audit_checkpoints (shard, seq, hash, mac, ts_ms) \
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
-            )
-            .map_err(sql_err)?;
-        let mut insert_key = tx
-            .prepare_cached(
-                "INSERT INTO custody_keys (asset_id, state, derivation_counter, created_ms, \
-                 updated_ms) VALUES (?1, ?2, ?3, ?4, ?4)",
-            )
-            .map_err(sql_err)?;
-        let mut upsert_region = tx
-            .prepare_cached(
-                "INSERT INTO custody_regions (region, enabled, updated_ms) VALUES (?1, ?2, ?3) \
-                 ON CONFLICT (region) DO UPDATE SET enabled = excluded.enabled, \
-                 updated_ms = excluded.updated_ms",
-            )
-            .map_err(sql_err)?;
-        let mut update_key = tx
-            .prepare_cached(
-                "UPDATE custody_keys SET state = ?2, derivation_counter = ?3, updated_ms = ?4 \
-                 WHERE asset_id = ?1 AND derivation_counter <= ?3 AND state <> 'RETIRED'",
-            )
-            .map_err(sql_err)?;
-        let now = crate::audit::now_ms() as i64;
-        let mut asset_text = Uuid::encode_buffer();
-        for batch in batches {
-            let chained = batch.chain.len() == batch.records.len();
-            for (i, r) in batch.records.iter().enumerate() {
-                let (prev, hash) = if chained {
-                    let prev = if i == 0 {
-                        &batch.chain_prev
-                    } else {
-                        &batch.chain[i - 1]
-                    };
-                    (Some(&prev[..]), Some(&batch.chain[i][..]))
-                } else {
-                    (None, None)
-                };
-                insert_audit
-                    .execute(params![
-                        r.shard,
-                        to_i64(r.seq, "seq")?,
-                        r.event.name(),
-                        &*r.asset.hyphenated().encode_lower(&mut asset_text),
-                        to_i64(r.counter, "counter")?,
-                        r.state.name(),
-                        &*r.requester,
-                        r.request_id as i64,
-                        r.ts_ms as i64,
-                        r.derive.as_ref().map(|d| d.path.to_string()),
-                        r.derive.as_ref().map(|d| d.purpose.name()),
-                        r.derive
-                            .as_ref()
-                            .map(|d| &*d.region)
-                            .or(r.switched_region.as_deref()),
-                        r.derive.as_ref().map(|d| d.ttl_s),
-                        r.derive.as_ref().map(|d| d.scheme_version),
-                        r.rotation_id.map(|id| id.hyphenated().to_string()),
-                        prev,
-                        hash,
-                    ])
-                    .map_err(sql_err)?;
-            }
-            if let Some(c) = &batch.checkpoint {
-                insert_checkpoint
-                    .execute(params![
-                        c.shard,
-                        to_i64(c.seq, "seq")?,
-                        &c.hash[..],
-                        &c.mac[..],
-                        to_i64(c.ts_ms, "ts_ms")?,
-                    ])
-                    .map_err(sql_err)?;
-            }
-            for w in &batch.region_writes {
-                upsert_region
-                    .execute(params![w.region, w.enabled, now])
-                    .map_err(sql_err)?;
-            }
-            for AssetWrite {
-                asset,
-                state,
-                counter,
-                insert,
-            } in &batch.asset_writes
-            {
-                let id = asset.hyphenated().to_string();
-                let counter = to_i64(*counter, "counter")?;
-                let changed = if *insert {
-                    insert_key.execute(params![id, state.name(), counter, now])
-                } else {
-                    update_key.execute(params![id, state.name(), counter, now])
-                }
-                .map_err(sql_err)?;
-                if changed != 1 {
-                    // I2: an update that would move a counter backward matches no row.
-                    return Err(StoreError::Corrupt(format!(
-                        "asset {id}: write matched {changed} rows (counter regression?)"
-                    )));
-                }
-            }
-        }
-    }
-    tx.commit().map_err(sql_err)
-}
-
 fn to_i64(v: u64, what: &str) -> Result<i64, StoreError> {
     i64::try_from(v).map_err(|_| StoreError::Corrupt(format!("{what} {v} exceeds 2^63-1")))
 }
@@ -664,301 +544,13 @@ const SHARDS_SQL: &str = "WITH RECURSIVE \
      SELECT shard FROM l WHERE shard IS NOT NULL \
      UNION SELECT shard FROM c WHERE shard IS NOT NULL ORDER BY shard";
 
-/// Read-only access to a store file, for verification while or after the appliance runs.
-pub struct SqliteReader {
-    conn: Connection,
-}
-
-impl SqliteReader {
-    pub fn open(path: &Path) -> Result<SqliteReader, StoreError> {
-        let conn = Connection::open_with_flags(
-            path,
-            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )
-        .map_err(sql_err)?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))
-            .map_err(sql_err)?;
-        Ok(SqliteReader { conn })
-    }
-
-    pub fn assets(&self) -> Result<Vec<StoredAsset>, StoreError> {
-        let mut stmt = self
-            .conn
-            .prepare(
-                "SELECT asset_id, state, derivation_counter FROM custody_keys ORDER BY asset_id",
-            )
-            .map_err(sql_err)?;
-        let mut rows = stmt.query([]).map_err(sql_err)?;
-        let mut out = Vec::new();
-        while let Some(row) = rows.next().map_err(sql_err)? {
-            out.push(stored_asset(row)?);
-        }
-        Ok(out)
-    }
-
-    /// A page of the key table after `after`, in `state` if given (LIST_ASSETS). The ids
-    /// are canonical lower-case text, whose order is the UUIDs' byte order.
-    pub fn asset_page(
-        &self,
-        after: Uuid,
-        state: Option<AssetState>,
-        limit: usize,
-    ) -> Result<Vec<super::ListedRow>, StoreError> {
-        let mut stmt = self
-            .conn
-            .prepare_cached(
-                "SELECT asset_id, state, derivation_counter, updated_ms FROM custody_keys \
-                 WHERE asset_id > ?1 AND (?2 IS NULL OR state = ?2) ORDER BY asset_id LIMIT ?3",
-            )
-            .map_err(sql_err)?;
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let mut rows = stmt
-            .query(rusqlite::params![
-                after.to_string(),
-                state.map(AssetState::name),
-                limit
-            ])
-            .map_err(sql_err)?;
-        let mut out = Vec::new();
-        while let Some(row) = rows.next().map_err(sql_err)? {
-            let changed: i64 = row.get(3).map_err(sql_err)?;
-            out.push(super::ListedRow {
-                asset: stored_asset(row)?,
-                changed_unix_ms: u64::try_from(changed).unwrap_or(0),
-            });
-        }
-        Ok(out)
-    }
-
-    /// Every audit checkpoint in (shard, seq) order.
-    pub fn checkpoints(&self) -> Result<Vec<super::Checkpoint>, StoreError> {
-        let mut stmt = self
-            .conn
-            .prepare(
-                "SELECT shard, seq, hash, mac, ts_ms FROM custody_audit_checkpoints \
-                 ORDER BY shard, seq",
-            )
-            .map_err(sql_err)?;
-        let mut rows = stmt.query([]).map_err(sql_err)?;
-        let mut out = Vec::new();
-        while let Some(row) = rows.next().map_err(sql_err)? {
-            out.push(checkpoint_row(row)?);
-        }
-        Ok(out)
-    }
-
-    /// Every shard with a record or a checkpoint: a few seeks of the primary keys
-    /// ([`SHARDS_SQL`]), whatever the length of the log.
-    pub fn shards(&self) -> Result<Vec<u16>, StoreError> {
-        let mut stmt = self.conn.prepare(SHARDS_SQL).map_err(sql_err)?;
-        let rows = stmt
-            .query_map([], |r| r.get::<_, u16>(0))
-            .map_err(sql_err)?;
-        rows.collect::<Result<Vec<_>, _>>().map_err(sql_err)
-    }
-
-    /// At most `limit` records of `shard` from `from_seq` on (through the primary key).
-    pub fn records(
-        &self,
-        shard: u16,
-        from_seq: u64,
-        limit: usize,
-    ) -> Result<Vec<super::RowRead>, StoreError> {
-        let mut stmt = self
-            .conn
-            .prepare_cached(
-                "SELECT shard, seq, event, asset_id, counter, state_at_event, requester, \
-                 request_id, ts_ms, derivation_path, purpose, region, ttl_s, scheme_version, \
-                 rotation_id, prev_hash, hash FROM custody_audit_log \
-                 WHERE shard = ?1 AND seq >= ?2 AND seq < ?2 + ?3 ORDER BY seq",
-            )
-            .map_err(sql_err)?;
-        let from = i64::try_from(from_seq).unwrap_or(i64::MAX);
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let mut rows = stmt.query(params![shard, from, limit]).map_err(sql_err)?;
-        let mut out = Vec::new();
-        while let Some(row) = rows.next().map_err(sql_err)? {
-            // The sequence number is the primary key's (an integer); the rest may be
-            // anything someone wrote into the file.
-            let seq = row.get::<_, i64>(1).map_err(sql_err)?.max(0) as u64;
-            out.push(super::RowRead {
-                seq,
-                row: audit_row(row).map_err(|e| e.to_string()),
-            });
-        }
-        Ok(out)
-    }
-
-    /// The checkpoints of `shard` with `from_seq <= seq <= to_seq`.
-    pub fn checkpoints_between(
-        &self,
-        shard: u16,
-        from_seq: u64,
-        to_seq: u64,
-    ) -> Result<Vec<super::Checkpoint>, StoreError> {
-        let mut stmt = self
-            .conn
-            .prepare_cached(
-                "SELECT shard, seq, hash, mac, ts_ms FROM custody_audit_checkpoints \
-                 WHERE shard = ?1 AND seq >= ?2 AND seq <= ?3 ORDER BY seq",
-            )
-            .map_err(sql_err)?;
-        let from = i64::try_from(from_seq).unwrap_or(i64::MAX);
-        let to = i64::try_from(to_seq).unwrap_or(i64::MAX);
-        let mut rows = stmt.query(params![shard, from, to]).map_err(sql_err)?;
-        let mut out = Vec::new();
-        while let Some(row) = rows.next().map_err(sql_err)? {
-            out.push(checkpoint_row(row)?);
-        }
-        Ok(out)
-    }
-
-    /// Every audit row in (shard, seq) order.
-    pub fn audit_rows(&self) -> Result<Vec<AuditRow>, StoreError> {
-        let mut stmt = self
-            .conn
-            .prepare(
-                "SELECT shard, seq, event, asset_id, counter, state_at_event, requester, \
-                 request_id, ts_ms, derivation_path, purpose, region, ttl_s, scheme_version, \
-                 rotation_id, prev_hash, hash FROM custody_audit_log ORDER BY shard, seq",
-            )
-            .map_err(sql_err)?;
-        let mut rows = stmt.query([]).map_err(sql_err)?;
-        let mut out = Vec::new();
-        while let Some(row) = rows.next().map_err(sql_err)? {
-            out.push(audit_row(row).map_err(sql_err)?);
-        }
-        Ok(out)
-    }
-}
-
-fn checkpoint_row(row: &rusqlite::Row<'_>) -> Result<super::Checkpoint, StoreError> {
-    let shard: u16 = row.get(0).map_err(sql_err)?;
-    let seq = row.get::<_, i64>(1).map_err(sql_err)?.max(0) as u64;
-    Ok(super::Checkpoint {
-        shard,
-        seq,
-        hash: super::hash_of(Some(row.get(2).map_err(sql_err)?), shard, seq)?,
-        mac: super::hash_of(Some(row.get(3).map_err(sql_err)?), shard, seq)?,
-        ts_ms: row.get::<_, i64>(4).map_err(sql_err)?.max(0) as u64,
-    })
-}
-
-/// [`SqliteReader`] as the reconciler's source.
-impl crate::reconcile::AuditSource for std::rc::Rc<SqliteReader> {
-    fn begin(&self) -> super::LocalFuture<Result<(), StoreError>> {
-        // A deferred read transaction: its snapshot is taken by the first read and kept
-        // until the end (WAL mode: writers go on meanwhile).
-        let r = self.conn.execute_batch("BEGIN DEFERRED").map_err(sql_err);
-        Box::pin(async move { r })
-    }
-
-    fn end(&self) -> super::LocalFuture<Result<(), StoreError>> {
-        let r = self.conn.execute_batch("COMMIT").map_err(sql_err);
-        Box::pin(async move { r })
-    }
-
-    fn shards(&self) -> super::LocalFuture<Result<Vec<u16>, StoreError>> {
-        let r = SqliteReader::shards(self);
-        Box::pin(async move { r })
-    }
-
-    fn last_seq(&self, shard: u16) -> super::LocalFuture<Result<u64, StoreError>> {
-        let r = last_seq(&self.conn, shard);
-        Box::pin(async move { r })
-    }
-
-    fn records(
-        &self,
-        shard: u16,
-        from_seq: u64,
-        limit: usize,
-    ) -> super::LocalFuture<Result<Vec<super::RowRead>, StoreError>> {
-        let r = SqliteReader::records(self, shard, from_seq, limit);
-        Box::pin(async move { r })
-    }
-
-    fn checkpoints(
-        &self,
-        shard: u16,
-        from_seq: u64,
-        to_seq: u64,
-    ) -> super::LocalFuture<Result<Vec<super::Checkpoint>, StoreError>> {
-        let r = self.checkpoints_between(shard, from_seq, to_seq);
-        Box::pin(async move { r })
-    }
-
-    fn assets(&self) -> super::LocalFuture<Result<Vec<StoredAsset>, StoreError>> {
-        let r = SqliteReader::assets(self);
-        Box::pin(async move { r })
-    }
-
-    fn asset_page(
-        &self,
-        after: Uuid,
-        state: Option<AssetState>,
-        limit: usize,
-    ) -> super::LocalFuture<Result<Vec<super::ListedRow>, StoreError>> {
-        let r = SqliteReader::asset_page(self, after, state, limit);
-        Box::pin(async move { r })
-    }
-}
-
-fn audit_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<AuditRow> {
-    let bad = |i: usize, what: String| {
-        rusqlite::Error::FromSqlConversionFailure(
-            i,
-            rusqlite::types::Type::Text,
-            Box::<dyn std::error::Error + Send + Sync>::from(what),
-        )
-    };
-    let event: String = row.get(2)?;
-    let asset: String = row.get(3)?;
-    let state: String = row.get(5)?;
-    Ok(AuditRow {
-        shard: row.get(0)?,
-        seq: row.get::<_, i64>(1)? as u64,
-        event: AuditEvent::from_name(&event).ok_or_else(|| bad(2, event.clone()))?,
-        asset: Uuid::parse_str(&asset).map_err(|e| bad(3, e.to_string()))?,
-        counter: row.get::<_, i64>(4)? as u64,
-        state: AssetState::from_name(&state).ok_or_else(|| bad(5, state.clone()))?,
-        requester: row.get(6)?,
-        request_id: row.get::<_, i64>(7)? as u64,
-        ts_ms: row.get::<_, i64>(8)? as u64,
-        derivation_path: row.get(9)?,
-        purpose: row.get(10)?,
-        region: row.get(11)?,
-        ttl_s: row.get(12)?,
-        scheme_version: row.get(13)?,
-        rotation_id: match row.get::<_, Option<String>>(14)? {
-            Some(text) => Some(Uuid::parse_str(&text).map_err(|e| bad(14, e.to_string()))?),
-            None => None,
-        },
-        prev_hash: hash32(row, 15)?,
-        hash: hash32(row, 16)?,
-    })
-}
-
-fn hash32(row: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<Option<[u8; 32]>> {
-    match row.get::<_, Option<Vec<u8>>>(i)? {
-        None => Ok(None),
-        Some(b) => <[u8; 32]>::try_from(b.as_slice()).map(Some).map_err(|_| {
-            rusqlite::Error::FromSqlConversionFailure(
-                i,
-                rusqlite::types::Type::Blob,
-                Box::<dyn std::error::Error + Send + Sync>::from(format!(
-                    "{} bytes, not 32",
-                    b.len()
-                )),
-            )
-        }),
-    }
-}
+pub use reader::SqliteReader;
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::audit::AuditRecord;
+    use crate::store::AssetWrite;
     use futures_lite::future::block_on;
     use std::sync::Arc;
 
