@@ -652,6 +652,263 @@ mod tests {
         );
     }
 
+    /// What `c` holds for `key`, as the key would be written (`None`: `c` does not show
+    /// it, e.g. a PostgreSQL key while SQLite is the store).
+    fn applied(c: &Config, key: &str) -> Option<toml::Value> {
+        use crate::policy::{Need, Purpose};
+        use toml::Value::{Array, Boolean as B, Integer as I, String as S, Table};
+        let ms = |d: Duration| Some(I(d.as_millis() as i64));
+        let secs = |d: Duration| Some(I(d.as_secs() as i64));
+        let us = |d: Duration| Some(I(d.as_micros() as i64));
+        let text = |t: &str| Some(S(t.to_owned()));
+        let path = |p: &Path| Some(S(p.display().to_string()));
+        let in_state = |p: &Path| {
+            let rel = p.strip_prefix(&c.server.state_dir).ok()?;
+            Some(S(rel.display().to_string()))
+        };
+        let addr = |a: Option<SocketAddr>| Some(S(a.map_or(String::new(), |a| a.to_string())));
+        let online = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let pg = match &c.store.backend {
+            StoreBackend::Postgres(pg) => Some(pg),
+            StoreBackend::Sqlite { .. } => None,
+        };
+        let pkcs11 = match &c.seal {
+            SealConfig::Pkcs11 { pkcs11, .. } => Some(pkcs11),
+            _ => None,
+        };
+        let pin = |source: fn(&PinSource) -> Option<&str>| {
+            let p = pkcs11?;
+            Some(S(source(&p.pin).unwrap_or("").to_owned()))
+        };
+        let access = &c.policy.access;
+        let asset = uuid::Uuid::parse_str("0b9f3c5e-8d1a-4f6b-9c2d-3e4f5a6b7c8d").unwrap();
+        let derive = Need::Derive {
+            asset: &asset,
+            purpose: Purpose::Trading,
+            region: "APAC",
+        };
+        // The identities the role configs below give each role, and how each is asked.
+        let roles = [
+            ("deriver", "de", derive),
+            ("operator", "op", Need::Operator),
+            ("admin", "ad", Need::Admin),
+            ("auditor", "au", Need::Status),
+        ];
+        let limit = |identity: &str, need| {
+            let allowed = access.authorize(identity, need).ok()??;
+            Some(allowed.limit.to_string())
+        };
+        let t = &c.seal_timing;
+        let l = &c.limits;
+        let cl = &l.connection;
+        let st = &c.store;
+        match key {
+            "server.listen" => addr(Some(c.server.listen)),
+            "server.shard_listen" => addr(c.server.shard_listen),
+            "server.admin_listen" => addr(c.server.admin_listen),
+            "server.metrics_publish_ms" => ms(c.server.metrics_publish),
+            "server.shutdown_timeout_s" => secs(c.server.shutdown_timeout),
+            "server.cores" => Some(I(if c.server.cores == online {
+                0
+            } else {
+                c.server.cores as i64
+            })),
+            "server.state_dir" => path(&c.server.state_dir),
+            "server.log_level" => text(&c.server.log_level.to_string().to_lowercase()),
+            "server.log_format" => text(if c.server.log_json { "json" } else { "text" }),
+            "server.stats_log_interval_s" => Some(I(c
+                .server
+                .stats_log_interval
+                .map_or(0, |d| d.as_secs() as i64))),
+            "tls.key_credential" => match &c.tls.key {
+                KeySource::File(_) => text(""),
+                KeySource::Credential(name) => text(name),
+            },
+            "tls.require_client_cert" => Some(B(c.tls.require_client_cert)),
+            "tls.identity" => text(match c.tls.identity {
+                IdentitySource::CommonName => "cn",
+                IdentitySource::SubjectAltName => "san",
+            }),
+            "tls.handshake_timeout_ms" => ms(c.tls.handshake_timeout),
+            "store.backend" => text(if pg.is_some() { "postgres" } else { "sqlite" }),
+            "store.sqlite_path" => match &st.backend {
+                StoreBackend::Sqlite { path } => in_state(path),
+                StoreBackend::Postgres(_) => None,
+            },
+            "store.postgres_host" => text(&pg?.addr.ip().to_string()),
+            "store.postgres_port" => Some(I(i64::from(pg?.addr.port()))),
+            "store.postgres_dbname" => text(&pg?.dbname),
+            "store.postgres_user" => text(&pg?.user),
+            "store.postgres_password_file" | "store.postgres_password_env" => {
+                pg?.password.is_none().then(|| S(String::new()))
+            }
+            "store.postgres_allow_unsafe_durability" => Some(B(pg?.allow_unsafe_durability)),
+            "store.postgres_owner_lease_ms" => ms(pg?.owner_lease),
+            "store.postgres_partition_check_s" => secs(pg?.partition_check),
+            "store.postgres_sslmode" => text(pg?.tls.mode().as_str()),
+            "store.postgres_sslrootcert" => pg?.tls.roots().is_none().then(|| S(String::new())),
+            "store.commit_batch_records_max" => Some(I(st.commit_batch_records_max as i64)),
+            "store.commit_batch_delay_us" => us(st.commit_batch_delay),
+            "store.commit_batches_inflight_max" => Some(I(st.commit_batches_inflight_max as i64)),
+            "store.commit_linger_us" => us(st.commit_linger),
+            "store.commit_timeout_ms" => ms(st.commit_timeout),
+            "store.commit_queue_depth" => {
+                let all = c.server.cores * st.commit_batches_inflight_max;
+                Some(I(if st.commit_queue_depth == all {
+                    0
+                } else {
+                    st.commit_queue_depth as i64
+                }))
+            }
+            "seal.provider" => text(match &c.seal {
+                SealConfig::Dev { .. } => "dev",
+                SealConfig::Pkcs11 { .. } => "pkcs11",
+                SealConfig::Shamir { .. } => "shamir",
+            }),
+            "seal.cache_ttl_s" => secs(t.ttl),
+            "seal.max_stale_s" => secs(t.max_stale),
+            "seal.hsm_timeout_ms" => ms(t.hsm_timeout),
+            "seal.breaker_failures" => Some(I(i64::from(t.breaker_failures))),
+            "seal.breaker_open_ms" => ms(t.breaker_open),
+            "seal.sealed_seed_file" => match &c.seal {
+                SealConfig::Pkcs11 {
+                    sealed_seed_file, ..
+                } => in_state(sealed_seed_file),
+                _ => None,
+            },
+            "seal.pkcs11_module" => path(&pkcs11?.module),
+            "seal.pkcs11_token_label" => text(&pkcs11?.token_label),
+            "seal.pkcs11_key_label" => text(&pkcs11?.key_label),
+            "seal.pkcs11_pin_file" => pin(|p| match p {
+                PinSource::File(f) => f.to_str(),
+                _ => None,
+            }),
+            "seal.pkcs11_pin_env" => pin(|p| match p {
+                PinSource::Env(v) => Some(v.as_str()),
+                _ => None,
+            }),
+            "seal.pkcs11_pin_credential" => pin(|p| match p {
+                PinSource::Credential(n) => Some(n.as_str()),
+                _ => None,
+            }),
+            "seal.share_set_file" => match &c.seal {
+                SealConfig::Shamir { share_set_file } => in_state(share_set_file),
+                _ => None,
+            },
+            "seal.dev_seed_file" => match &c.seal {
+                SealConfig::Dev { seed_file } => in_state(seed_file),
+                _ => None,
+            },
+            "limits.max_frame_body_bytes" => Some(I(i64::from(l.max_frame_body_bytes))),
+            "limits.max_inflight_per_connection" => {
+                Some(I(i64::from(cl.max_inflight_per_connection)))
+            }
+            "limits.max_connections_per_core" => Some(I(i64::from(cl.max_connections_per_core))),
+            "limits.max_connections_per_identity" => {
+                Some(I(i64::from(cl.max_connections_per_identity)))
+            }
+            "limits.max_connections_per_roleless_identity" => {
+                Some(I(i64::from(cl.max_connections_per_roleless_identity)))
+            }
+            "limits.max_roleless_connections_per_core" => {
+                Some(I(i64::from(cl.max_roleless_connections_per_core)))
+            }
+            "limits.max_handshakes_per_core" => Some(I(i64::from(cl.max_handshakes_per_core))),
+            "limits.max_handshakes_per_source" => Some(I(i64::from(cl.max_handshakes_per_source))),
+            "limits.frame_timeout_ms" => ms(cl.frame_timeout),
+            "limits.idle_timeout_s" => secs(cl.idle_timeout),
+            "limits.write_timeout_ms" => ms(cl.write_timeout),
+            "limits.cross_core_queue_depth" => Some(I(i64::from(l.cross_core_queue_depth))),
+            "limits.max_pending_per_shard" => Some(I(i64::from(l.max_pending_per_shard))),
+            "limits.max_assets_per_shard" => Some(I(l.max_assets_per_shard as i64)),
+            "limits.rotation_id_retention_s" => secs(l.rotation_id_retention),
+            "limits.rotation_ids_max_per_shard" => Some(I(i64::from(l.rotation_ids_max_per_shard))),
+            "limits.rate_limit_buckets_per_shard" => {
+                Some(I(i64::from(l.rate_limit_buckets_per_shard)))
+            }
+            // Seen through the roles of the role configs: every role's limit is the default
+            // unless policy.rate_limits names the role.
+            "limits.rate_limit" => text(&limit("au", Need::Status)?),
+            "policy.rate_limits" => {
+                let default = limit("au", Need::Status)?;
+                let mut named = toml::Table::new();
+                for (role, identity, need) in roles {
+                    let l = limit(identity, need)?;
+                    if l != default {
+                        named.insert(role.into(), S(l));
+                    }
+                }
+                Some(Table(named))
+            }
+            "audit.reconcile_records_per_s" => {
+                Some(I(c.audit.reconcile_rate.map_or(0, |n| n as i64)))
+            }
+            "audit.reconcile_interval_s" => Some(I(c
+                .audit
+                .reconcile_interval
+                .map_or(0, |d| d.as_secs() as i64))),
+            "policy.regions" => Some(Array(
+                c.policy.regions.iter().map(|r| S(r.clone())).collect(),
+            )),
+            "policy.admins" | "policy.operators" | "policy.auditors" | "policy.derivers" => {
+                (access.identities() == 0).then(|| Array(Vec::new()))
+            }
+            "policy.asset_groups" => access
+                .asset_groups()
+                .is_empty()
+                .then(|| Table(toml::Table::new())),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn every_default_in_keys_is_the_value_resolve_applies() {
+        let roles = "[policy]\nadmins = [\"ad\"]\noperators = [\"op\"]\nauditors = [\"au\"]\nderivers = [{ identity = \"de\", purposes = [\"TRADING\"], regions = [\"APAC\"] }]\n";
+        let configs = [
+            MINIMAL.to_owned(),
+            format!("{MINIMAL}\n[store]\nbackend = \"postgres\"\n[seal]\nprovider = \"shamir\"\n"),
+            format!(
+                "{MINIMAL}\n[seal]\nprovider = \"pkcs11\"\npkcs11_pin_env = \"HSM_PIN\"\n{roles}"
+            ),
+            format!("{MINIMAL}\n[seal]\nprovider = \"pkcs11\"\npkcs11_pin_credential = \"pin\"\n"),
+        ];
+        let mut checked = std::collections::BTreeSet::new();
+        for text in &configs {
+            let table = parse(text, "test.toml").unwrap();
+            let c = resolve_text(text).unwrap();
+            for row in KEYS {
+                let Some(default) = row.default_value() else {
+                    assert!(
+                        row.default.starts_with("(required"),
+                        "{}: default {} is not a TOML value",
+                        row.key,
+                        row.default
+                    );
+                    continue;
+                };
+                let (section, name) = row.key.split_once('.').unwrap();
+                if table.get(section).and_then(|s| s.get(name)).is_some() {
+                    continue;
+                }
+                if let Some(value) = applied(&c, row.key) {
+                    assert_eq!(
+                        value, default,
+                        "{}: KEYS says {}, resolve applies {value}",
+                        row.key, row.default
+                    );
+                    checked.insert(row.key);
+                }
+            }
+        }
+        for row in KEYS.iter().filter(|k| k.default_value().is_some()) {
+            assert!(
+                checked.contains(row.key),
+                "{}: no config here shows its default",
+                row.key
+            );
+        }
+    }
+
     #[test]
     fn the_reference_config_is_valid_and_documents_every_key() {
         let text = include_str!("../../appliance/custody.toml");
