@@ -1,0 +1,85 @@
+//! The appliance: unseal, open the store, start one executor per core, serve.
+//!
+//! Each executor joins the channel mesh (its mesh position is its shard number), loads
+//! the assets its shard owns, starts the shard's committer and the mesh server, binds the
+//! shared listening port (SO_REUSEPORT) and accepts connections. The main thread waits
+//! until every core reports ready (or one fails) and then only joins them.
+//!
+//! The rooms: `start` (the process's start-up, in order: the host, the signals, the TLS
+//! files, the seal, the store, the auditor, the metrics, the cores), `stop` (the main
+//! thread's watch once the cores start: ready, serving, the drain), `signals` (SIGTERM and
+//! SIGINT, and their race with the start) and `executor` (one core's start and its tasks).
+
+mod executor;
+mod signals;
+mod start;
+mod stop;
+
+pub use start::{run, run_with_reload};
+
+use crate::store::StoreError;
+use std::net::SocketAddr;
+
+/// Why the appliance could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServerError {
+    #[error("state directory {path}: {reason}")]
+    StateDir { path: String, reason: String },
+    #[error("seal: {0}")]
+    Seal(#[from] crate::seal::SealError),
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    #[error("tls: {0}")]
+    Tls(#[from] crate::tls::TlsError),
+    #[error("this host cannot run the appliance as configured: {0}")]
+    Preflight(#[from] crate::preflight::PreflightError),
+    #[error("core {core}: {reason}")]
+    Core { core: usize, reason: String },
+    #[error("lost ownership of the store: {0}")]
+    Fenced(String),
+    #[error("forced stop: {0}")]
+    ForcedStop(String),
+    #[error("cannot open the admin listener (server.admin_listen) on {addr}: {reason} (is another process using the port? \"\" turns it off)")]
+    Admin { addr: SocketAddr, reason: String },
+}
+
+impl ServerError {
+    /// The process exit status for this failure: 2 when the configuration, its TLS files
+    /// or the host must be fixed first (as for a configuration that does not resolve), 3
+    /// when another appliance took the store over (restarting would only be refused), 1
+    /// otherwise. systemd restarts on 1 only (`RestartPreventExitStatus=2 3`).
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            ServerError::Tls(_) | ServerError::Preflight(_) => 2,
+            ServerError::Fenced(_) => 3,
+            _ => 1,
+        }
+    }
+}
+
+/// What the cores (and the signal thread, and the store's fence alarm) tell the main thread.
+enum CoreEvent {
+    Ready {
+        core: usize,
+        shard: u16,
+        assets: usize,
+    },
+    Failed {
+        core: usize,
+        reason: String,
+    },
+    /// The store belongs to another appliance now (I6).
+    Fenced {
+        reason: String,
+    },
+    /// SIGTERM or SIGINT (the `n`th since start): drain and stop; a second one forces.
+    Stop {
+        signal: &'static str,
+        n: u32,
+    },
+    /// The core closed its listeners and every connection answered what it had read.
+    Drained {
+        core: usize,
+    },
+}
