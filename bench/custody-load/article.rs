@@ -6,8 +6,8 @@
 //! without an audit row (the article audits derivations only: ERRATA, flaw 3).
 
 use crate::stats::Answer;
+use crate::target::{Done, Route, Target};
 use crate::workload::Op;
-use crate::{Done, Target};
 use custody::store::postgres::PgConfig;
 use hmac::{Hmac, Mac};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
@@ -28,7 +28,7 @@ pub struct ArticleTarget {
 }
 
 impl Target for ArticleTarget {
-    fn start(&self, conn: usize, i: u64, op: Op, asset: usize, _: crate::Route, done: Done) {
+    fn start(&self, conn: usize, i: u64, op: Op, asset: usize, _: Route, done: Done) {
         if let Err(e) = self.workers[conn].send(Job { i, op, asset, done }) {
             (e.0.done)(Answer::Error("CONNECTION_CLOSED".into()), None);
         }

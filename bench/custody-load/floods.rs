@@ -321,7 +321,7 @@ fn sample_rss(pid: Option<u32>, current: &Current) {
 
 /// custodyd's resident memory, KiB (the harness's own reader of /proc).
 fn rss_kib(pid: u32) -> Option<u64> {
-    super::rss_kib(&pid.to_string())
+    crate::live::rss_kib(&pid.to_string())
 }
 
 /// `custody_heap_bytes{kind="in_use"}` from the admin listener.
@@ -332,7 +332,7 @@ fn heap_in_use(o: &FloodOptions) -> Option<u64> {
 /// `custody_heap_bytes{kind=KIND}` from the admin listener.
 fn heap_bytes(o: &FloodOptions, kind: &str) -> Option<u64> {
     let sample = format!("custody_heap_bytes{{kind=\"{kind}\"}} ");
-    super::metrics_text(o.admin?)?
+    crate::observe::metrics_text(o.admin?)?
         .lines()
         .find_map(|l| l.strip_prefix(sample.as_str()))?
         .parse()

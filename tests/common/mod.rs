@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod openssl;
+pub mod pg;
 pub mod require;
 pub mod wait;
 
@@ -351,11 +352,9 @@ pub fn read_audit(db: &Path) -> Vec<custody::store::sqlite::AuditRow> {
 
 /// A fresh PostgreSQL database on the server of `CUSTODY_TEST_DATABASE_URL`, as the
 /// `[store]` section that points an appliance at it; dropped with the guard. `None` (with a
-/// notice) when the variable is unset, unless `CUSTODY_REQUIRE_SERVICES=1`.
-pub struct PgDatabase {
-    pub config: custody::store::postgres::PgConfig,
-    admin: custody::store::postgres::PgConfig,
-}
+/// notice) when the variable is unset, unless `CUSTODY_REQUIRE_SERVICES=1`. The database
+/// itself is [`pg::TempDatabase`], the one the load harness and the benchmarks use.
+pub use pg::TempDatabase as PgDatabase;
 
 impl PgDatabase {
     /// The server's own database from `CUSTODY_TEST_DATABASE_URL` (for admin statements).
@@ -375,30 +374,10 @@ impl PgDatabase {
             missing("PostgreSQL", &"CUSTODY_TEST_DATABASE_URL is not set");
             return None;
         };
-        let admin = Self::parse_url(&url);
         let name = format!("custody_it_{tag}_{}", std::process::id());
-        let config = custody::store::postgres::PgConfig {
-            dbname: name.clone(),
-            ..admin.clone()
-        };
-        let db = PgDatabase { config, admin };
-        db.admin_sql(vec![
-            format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
-            format!("CREATE DATABASE {name}"),
-        ]);
+        let db = PgDatabase::new(Self::parse_url(&url), &name)
+            .unwrap_or_else(|e| panic!("a fresh PostgreSQL database {name}: {e}"));
         Some(db)
-    }
-
-    fn admin_sql(&self, statements: Vec<String>) {
-        let admin = self.admin.clone();
-        on_executor(move || async move {
-            let c = custody::store::postgres::connect(&admin)
-                .await
-                .expect("PostgreSQL reachable");
-            for sql in statements {
-                c.batch_execute(&sql).await.expect("admin statement");
-            }
-        });
     }
 
     /// Runs statements on this database (tests that tamper with it).
@@ -436,20 +415,6 @@ impl PgDatabase {
             self.config.user,
             self.config.dbname
         )
-    }
-}
-
-impl Drop for PgDatabase {
-    fn drop(&mut self) {
-        let name = self.config.dbname.clone();
-        let admin = self.admin.clone();
-        on_executor(move || async move {
-            if let Ok(c) = custody::store::postgres::connect(&admin).await {
-                let _ = c
-                    .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                    .await;
-            }
-        });
     }
 }
 

@@ -1,0 +1,237 @@
+//! The open loop: a [`Session`] paces the schedule's requests at their own times against
+//! a [`Target`], each on a connection with room, records every answer against its
+//! scheduled time, waits for the last answers, and hands over the figures.
+
+use crate::cli::Options;
+use crate::live::{spawn_reporter, Memory};
+use crate::stats::{Answer, Recorder};
+use crate::target::{Done, Kept, Route, SharedRecorder, Target};
+use crate::workload::{AssetPicker, Op, Rng};
+use anyhow::bail;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// How long the target may answer nothing at all: with every connection full for this
+/// long the run stops, and after the schedule the requests still unanswered when no
+/// answer came for this long count as errors (TIMEOUT).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The mutex's value, even if a thread panicked holding it (the figures stay usable).
+pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// One measured run: its schedule's start, the window, the recorder and the live line.
+pub struct Session {
+    start: Instant,
+    pub measure_from: Instant,
+    pub measure_until: Instant,
+    seed: u64,
+    rec: SharedRecorder,
+    pub finished: Arc<AtomicBool>,
+    memory: Arc<Mutex<Memory>>,
+}
+
+/// A request as it was sent, against which its answer is recorded.
+struct Sent {
+    op: Op,
+    route: Route,
+    scheduled: Instant,
+    /// Its connection's count of requests in flight.
+    slot: Arc<AtomicUsize>,
+    /// The reconciler load's epoch, and its value at the scheduled time.
+    epoch: Option<(Arc<AtomicU64>, u64)>,
+}
+
+impl Sent {
+    /// The callback that records the answer: latency from the scheduled time, and
+    /// whether a reconciliation was in flight at any moment of the request's life.
+    fn on_answer(self, rec: SharedRecorder) -> Done {
+        Box::new(move |answer: Answer, receipt: Option<Kept>| {
+            let done = Instant::now();
+            self.slot.fetch_sub(1, Ordering::AcqRel);
+            let reconciling = self
+                .epoch
+                .map(|(e, at)| at % 2 == 1 || e.load(Ordering::Acquire) != at);
+            let mut r = lock(&rec);
+            if let Some(receipt) = receipt {
+                r.receipts.add(receipt);
+            }
+            r.answered(
+                self.op,
+                self.scheduled,
+                done,
+                answer,
+                reconciling,
+                Some(self.route as usize),
+            );
+        })
+    }
+}
+
+impl Session {
+    pub fn new(o: &Options, seed: u64) -> Session {
+        let start = Instant::now() + Duration::from_millis(20);
+        let measure_from = start + o.warmup;
+        let measure_until = measure_from + o.duration;
+        Session {
+            start,
+            measure_from,
+            measure_until,
+            seed,
+            rec: Arc::new(Mutex::new(Recorder::new(measure_from, measure_until, seed))),
+            finished: Arc::new(AtomicBool::new(false)),
+            memory: Arc::new(Mutex::new(Memory::default())),
+        }
+    }
+
+    /// Runs the schedule against `target` with the live line, to its last answer; then
+    /// `finished` is set (the switcher and the reconciler load stop on it).
+    pub fn run(
+        &self,
+        o: &Options,
+        target: &dyn Target,
+        assets: usize,
+        appliance_pid: Option<u32>,
+        epoch: Option<&Arc<AtomicU64>>,
+    ) -> anyhow::Result<()> {
+        let reporter = spawn_reporter(
+            self.rec.clone(),
+            self.finished.clone(),
+            self.memory.clone(),
+            self.start,
+            o.json,
+            appliance_pid,
+        )?;
+        let outcome = self.schedule(o, target, assets, epoch);
+        self.finished.store(true, Ordering::Relaxed);
+        let _ = reporter.join();
+        outcome
+    }
+
+    /// The open loop: each request at its scheduled time, on a connection with room
+    /// (waiting for one counts: latency runs from the scheduled time), then the last
+    /// answers. `epoch`: the reconciler load's (see [`crate::drive`]), to class each
+    /// derivation.
+    fn schedule(
+        &self,
+        o: &Options,
+        target: &dyn Target,
+        assets: usize,
+        epoch: Option<&Arc<AtomicU64>>,
+    ) -> anyhow::Result<()> {
+        let picker = AssetPicker::new(assets, o.distribution);
+        let total = (o.rate as f64 * (o.warmup + o.duration).as_secs_f64()).round() as u64;
+        let interval_ns = 1e9 / o.rate as f64;
+        let inflight: Vec<Arc<AtomicUsize>> = (0..o.connections).map(|_| Arc::default()).collect();
+        // SAFETY: prctl with PR_SET_TIMERSLACK only changes this thread's timer slack.
+        unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1u64, 0u64, 0u64, 0u64) };
+        let mut rng = Rng::new(self.seed);
+        for i in 0..total {
+            let scheduled = self.start + Duration::from_nanos((i as f64 * interval_ns) as u64);
+            let now = Instant::now();
+            if scheduled > now {
+                std::thread::sleep(scheduled - now);
+            }
+            // The reconciler load's epoch at the scheduled time: latency runs from there, so
+            // a wait for room below belongs to the class of that moment.
+            let epoch = epoch.map(|e| (e.clone(), e.load(Ordering::Acquire)));
+            let conn = self.room(o, &inflight, i)?;
+            let op = o.mix.pick(rng.next_u64());
+            let asset = picker.pick(rng.next_f64());
+            let route = o.clients.route(i);
+            inflight[conn].fetch_add(1, Ordering::AcqRel);
+            lock(&self.rec).sent(op);
+            let sent = Sent {
+                op,
+                route,
+                scheduled,
+                slot: inflight[conn].clone(),
+                epoch,
+            };
+            target.start(conn, i, op, asset, route, sent.on_answer(self.rec.clone()));
+        }
+        self.last_answers();
+        Ok(())
+    }
+
+    /// The connection request `i` goes on: the first with room from its turn round.
+    /// Waiting on a slow target is measured (the schedule falls behind and the latency
+    /// shows it); only a target that answers nothing for REQUEST_TIMEOUT ends the run.
+    fn room(&self, o: &Options, inflight: &[Arc<AtomicUsize>], i: u64) -> anyhow::Result<usize> {
+        let mut waiting_since = Instant::now();
+        let mut answered_before = None;
+        loop {
+            let first = (i as usize) % o.connections;
+            let found = (0..o.connections)
+                .map(|k| (first + k) % o.connections)
+                .find(|&c| inflight[c].load(Ordering::Acquire) < o.depth);
+            let answered = found.is_none().then(|| lock(&self.rec).answered);
+            if answered != answered_before {
+                waiting_since = Instant::now();
+                answered_before = answered;
+            }
+            match found {
+                Some(c) => return Ok(c),
+                None if waiting_since.elapsed() > REQUEST_TIMEOUT => {
+                    self.finished.store(true, Ordering::Relaxed);
+                    bail!(
+                        "every connection has had {} requests unanswered for {} s: the target stopped answering",
+                        o.depth,
+                        REQUEST_TIMEOUT.as_secs()
+                    );
+                }
+                None => std::thread::sleep(Duration::from_micros(20)),
+            }
+        }
+    }
+
+    /// Waits for the last answers while they keep coming; what has not answered after
+    /// REQUEST_TIMEOUT without any progress timed out.
+    fn last_answers(&self) {
+        let mut deadline = Instant::now() + REQUEST_TIMEOUT;
+        let mut answered_before = 0;
+        loop {
+            let (sent, answered) = {
+                let r = lock(&self.rec);
+                (r.sent_total(), r.answered)
+            };
+            if answered >= sent {
+                break;
+            }
+            if answered != answered_before {
+                answered_before = answered;
+                deadline = Instant::now() + REQUEST_TIMEOUT;
+            }
+            if Instant::now() > deadline {
+                lock(&self.rec).timed_out(sent - answered);
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// The figures (every reply callback is gone with its target, or they are taken
+    /// out anyway), the memory samples, and the window on the wall clock.
+    pub fn take(self, appliance_pid: Option<u32>) -> (Recorder<Kept>, Memory, (u64, u64)) {
+        let rec = std::mem::replace(
+            &mut *lock(&self.rec),
+            Recorder::new(self.measure_from, self.measure_until, self.seed),
+        );
+        let mut memory = *lock(&self.memory);
+        memory.sample(appliance_pid);
+        let window = window_unix_ms(self.measure_from, rec.summary().elapsed);
+        (rec, memory, window)
+    }
+}
+
+/// The measured window on the wall clock (Unix ms), to pick the appliance's log lines.
+fn window_unix_ms(measure_from: Instant, elapsed: Duration) -> (u64, u64) {
+    let from = custody::audit::now_ms().saturating_sub(
+        Instant::now()
+            .saturating_duration_since(measure_from)
+            .as_millis() as u64,
+    );
+    (from, from + elapsed.as_millis() as u64)
+}
