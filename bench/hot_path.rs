@@ -2,11 +2,15 @@
 //! field rules and the shard hash. Kept short for a 2-core machine:
 //! `cargo bench --bench hot_path`.
 
+#[path = "../tests/common/records.rs"]
+mod records;
+
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use custody::kdf::{DerivationKey, DerivationPath, RootSeed};
 use custody::op::{DeriveBody, Derived, Reply, Request};
 use custody::policy::FieldRules;
 use custody::wire::{self, Receipt};
+use records::Records;
 use std::time::Duration;
 use uuid::Uuid;
 
@@ -183,26 +187,13 @@ fn gate(c: &mut Criterion) {
 /// The audit chain: one record's canonical encoding and SHA-256 (per record, in the shard
 /// as it seals a batch) and one checkpoint MAC (per batch).
 fn audit(c: &mut Criterion) {
-    use custody::audit::{chain_hash, AuditEvent, AuditRecord, DeriveDetail, GENESIS};
+    use custody::audit::{chain_hash, AuditRecord, GENESIS};
+    let asset = uuid::Uuid::from_u128(0x0b9f_3c5e_8d1a_4f6b_9c2d_3e4f_5a6b_7c8d);
     let record = AuditRecord {
-        shard: 1,
-        seq: 1 << 30,
-        event: AuditEvent::Derive,
-        asset: uuid::Uuid::from_u128(0x0b9f_3c5e_8d1a_4f6b_9c2d_3e4f_5a6b_7c8d),
         counter: 3,
-        state: custody::lifecycle::AssetState::Active,
-        requester: std::sync::Arc::from("trading-svc"),
         request_id: 99,
         ts_ms: 1_795_000_000_000,
-        derive: Some(DeriveDetail {
-            path: custody::kdf::DerivationPath::parse("m/44'/0'/0'/0'/7").unwrap(),
-            purpose: custody::policy::Purpose::Trading,
-            region: std::sync::Arc::from("US-EAST"),
-            ttl_s: 300,
-            scheme_version: 1,
-        }),
-        rotation_id: None,
-        switched_region: None,
+        ..Records::new("trading-svc", "m/44'/0'/0'/0'/7").derive(1, 1 << 30, asset)
     };
     let mut scratch = Vec::with_capacity(256);
     c.bench_function("audit/chain_hash (a DERIVE record)", |b| {

@@ -12,13 +12,14 @@
 //! with `synchronous_commit = off` in the benchmark's own sessions only, which leaves
 //! the cost of the statements without the WAL flush. Prints medians and p99 per commit.
 
-use custody::audit::{AuditEvent, AuditRecord, DeriveDetail};
-use custody::kdf::DerivationPath;
-use custody::lifecycle::AssetState;
-use custody::policy::Purpose;
-use custody::store::postgres::{self, PgConfig, PgStore};
-use custody::store::{AssetWrite, CommitBatch, Store};
-use std::sync::Arc;
+#[path = "../tests/common/pg.rs"]
+mod pg;
+#[path = "../tests/common/records.rs"]
+mod records;
+
+use custody::store::postgres::{self, Ownership, PgConfig, PgStore};
+use custody::store::{CommitBatch, ShardStore, Store, StoreError};
+use records::Records;
 use std::time::{Duration, Instant};
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{ToSql, Type};
@@ -35,31 +36,10 @@ fn main() {
         return;
     };
     let admin = PgConfig::from_url(&url).expect("database URL");
-    let result = postgres::on_own_executor("pg-commit-bench", move || run(admin));
+    let database = pg::TempDatabase::new(admin, "custody_bench_commit").expect("fresh database");
+    let config = database.config.clone();
+    let result = postgres::on_own_executor("pg-commit-bench", move || run(config));
     result.expect("executor").expect("benchmark");
-}
-
-fn record(shard: u16, seq: u64, asset: Uuid, path: &DerivationPath) -> AuditRecord {
-    AuditRecord {
-        shard,
-        seq,
-        event: AuditEvent::Derive,
-        asset,
-        counter: 0,
-        state: AssetState::Active,
-        requester: Arc::from("bench-client"),
-        request_id: seq,
-        ts_ms: custody::audit::now_ms(),
-        derive: Some(DeriveDetail {
-            path: *path,
-            purpose: Purpose::Trading,
-            region: Arc::from("US-EAST"),
-            ttl_s: 300,
-            scheme_version: 1,
-        }),
-        rotation_id: None,
-        switched_region: None,
-    }
 }
 
 const COPY_COLUMNS: &str = "custody_audit_log (shard, seq, logged_at, event, asset_id, counter, \
@@ -142,80 +122,131 @@ fn summary(mut v: Vec<Duration>) -> (Duration, Duration) {
     (v[v.len() / 2], v[(v.len() * 99) / 100])
 }
 
-async fn run(admin: PgConfig) -> Result<(), custody::store::StoreError> {
-    let name = "custody_bench_commit";
-    let a = postgres::connect(&admin).await?;
-    for sql in [
-        format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
-        format!("CREATE DATABASE {name}"),
-    ] {
-        a.batch_execute(&sql)
-            .await
-            .map_err(|e| custody::store::StoreError::Unavailable(e.to_string()))?;
-    }
-    let config = PgConfig {
-        dbname: name.into(),
-        ..admin.clone()
-    };
-    let c = postgres::connect(&config).await?;
-    postgres::migrate(&c).await?;
-    let ownership =
-        postgres::acquire_ownership(&c, Uuid::new_v4(), Duration::from_secs(600)).await?;
-    let path = DerivationPath::parse("m/44'/0'/0'/0'/7").expect("path");
-    let asset = Uuid::from_u128(0x1234_5678_9abc_4def_8123_4567_89ab_cdef);
-    let store = PgStore::new(config.clone(), ownership);
-    // Shard 0 commits through the store (unnest); shard 1 by COPY.
-    let mut unnest = store.open_shard(0, 2);
-    unnest.load().await?;
-    let copy = postgres::connect(&config).await?;
-    copy.batch_execute("INSERT INTO custody_shard_seq VALUES (1, 0) ON CONFLICT DO NOTHING")
-        .await
-        .expect("shard 1");
-    unnest
-        .commit(CommitBatch {
-            region_writes: Vec::new(),
-            shard: 0,
-            records: vec![AuditRecord {
-                event: AuditEvent::Register,
-                derive: None,
-                ..record(0, 1, asset, &path)
-            }],
-            asset_writes: vec![AssetWrite {
-                asset,
-                state: AssetState::Active,
-                counter: 0,
-                insert: true,
-            }],
-            ..Default::default()
-        })
-        .await?;
-    let (mut seq0, mut seq1) = (1u64, 0u64);
+/// The two ways side by side on one database: shard 0 commits through the store
+/// (unnest), shard 1 by COPY, each with its own next sequence number.
+struct Bench {
+    config: PgConfig,
+    ownership: Ownership,
+    unnest: Box<dyn ShardStore>,
+    copy: tokio_postgres::Client,
+    /// The session that migrated and took ownership, kept open for the whole run.
+    _owner: tokio_postgres::Client,
+    records: Records,
+    asset: Uuid,
+    seq0: u64,
+    seq1: u64,
+}
 
+impl Bench {
+    /// Migrates the fresh database at `config`, takes ownership, and registers the asset
+    /// every batch derives (through the store, on shard 0).
+    async fn set_up(config: PgConfig) -> Result<Bench, StoreError> {
+        let owner = postgres::connect(&config).await?;
+        postgres::migrate(&owner).await?;
+        let ownership =
+            postgres::acquire_ownership(&owner, Uuid::new_v4(), Duration::from_secs(600)).await?;
+        let records = Records::new("bench-client", "m/44'/0'/0'/0'/7");
+        let asset = Uuid::from_u128(0x1234_5678_9abc_4def_8123_4567_89ab_cdef);
+        let store = PgStore::new(config.clone(), ownership);
+        let unnest = store.open_shard(0, 2);
+        unnest.load().await?;
+        let copy = postgres::connect(&config).await?;
+        copy.batch_execute("INSERT INTO custody_shard_seq VALUES (1, 0) ON CONFLICT DO NOTHING")
+            .await
+            .expect("shard 1");
+        unnest.commit(records.register_batch(0, 1, asset)).await?;
+        Ok(Bench {
+            config,
+            ownership,
+            unnest,
+            copy,
+            _owner: owner,
+            records,
+            asset,
+            seq0: 1,
+            seq1: 0,
+        })
+    }
+
+    /// `synchronous_commit = off` in the benchmark's sessions only: the store's
+    /// connection and the COPY one.
+    async fn without_durability(&mut self) -> Result<(), StoreError> {
+        let s = postgres::connect(&self.config).await?;
+        s.batch_execute(&format!(
+            "ALTER DATABASE {} SET synchronous_commit = off",
+            self.config.dbname
+        ))
+        .await
+        .expect("alter database");
+        drop(s);
+        // A new store session picks up the database's new default; the COPY session
+        // sets it itself.
+        self.unnest = PgStore::new(
+            PgConfig {
+                allow_unsafe_durability: true,
+                ..self.config.clone()
+            },
+            self.ownership,
+        )
+        .open_shard(0, 2);
+        self.unnest.load().await?;
+        self.copy
+            .batch_execute("SET synchronous_commit = off")
+            .await
+            .expect("set");
+        Ok(())
+    }
+
+    /// `ROUNDS` commits of `size` records each way, alternating: each commit's time.
+    async fn rounds(&mut self, size: usize) -> Result<(Vec<Duration>, Vec<Duration>), StoreError> {
+        let (mut t_unnest, mut t_copy) = (Vec::new(), Vec::new());
+        let n = size as u64;
+        for _ in 0..ROUNDS {
+            let b0 = self
+                .records
+                .derive_batch(0, self.seq0 + 1..=self.seq0 + n, self.asset);
+            let b1 = self
+                .records
+                .derive_batch(1, self.seq1 + 1..=self.seq1 + n, self.asset);
+            let t = Instant::now();
+            self.unnest.commit(b0).await?;
+            t_unnest.push(t.elapsed());
+            self.seq0 += n;
+            let t = Instant::now();
+            copy_commit(&self.copy, self.ownership.token, &b1)
+                .await
+                .expect("copy commit");
+            t_copy.push(t.elapsed());
+            self.seq1 += n;
+        }
+        Ok((t_unnest, t_copy))
+    }
+}
+
+/// One batch size's line: median and p99 per commit each way, and rows/s.
+fn print_size(size: usize, t_unnest: Vec<Duration>, t_copy: Vec<Duration>) {
+    let (u50, u99) = summary(t_unnest);
+    let (c50, c99) = summary(t_copy);
+    let rate = |d: Duration| size as f64 / d.as_secs_f64();
+    println!(
+        "  batch {size:>4}: unnest {:>7.3} / {:>7.3} ms ({:>9.0} rows/s)   copy {:>7.3} / {:>7.3} ms ({:>9.0} rows/s)   copy/unnest median {:.2}",
+        u50.as_secs_f64() * 1e3,
+        u99.as_secs_f64() * 1e3,
+        rate(u50),
+        c50.as_secs_f64() * 1e3,
+        c99.as_secs_f64() * 1e3,
+        rate(c50),
+        c50.as_secs_f64() / u50.as_secs_f64()
+    );
+}
+
+/// Both ways at every batch size, durable first, then without the WAL flush.
+async fn run(config: PgConfig) -> Result<(), StoreError> {
+    let mut bench = Bench::set_up(config).await?;
     println!("pg_commit: {ROUNDS} commits per method and batch size, alternating; per commit: median / p99; rows/s from the medians");
     for durable in [true, false] {
         if !durable {
-            // Only the benchmark's sessions: the store's connection and the COPY one.
-            let s = postgres::connect(&config).await?;
-            s.batch_execute(&format!(
-                "ALTER DATABASE {name} SET synchronous_commit = off"
-            ))
-            .await
-            .expect("alter database");
-            drop(s);
-            // A new store session picks up the database's new default; the COPY session
-            // sets it itself.
-            unnest = PgStore::new(
-                PgConfig {
-                    allow_unsafe_durability: true,
-                    ..config.clone()
-                },
-                ownership,
-            )
-            .open_shard(0, 2);
-            unnest.load().await?;
-            copy.batch_execute("SET synchronous_commit = off")
-                .await
-                .expect("set");
+            bench.without_durability().await?;
         }
         println!(
             "synchronous_commit = {}",
@@ -226,49 +257,9 @@ async fn run(admin: PgConfig) -> Result<(), custody::store::StoreError> {
             }
         );
         for size in BATCH_SIZES {
-            let (mut t_unnest, mut t_copy) = (Vec::new(), Vec::new());
-            for _ in 0..ROUNDS {
-                let batch = |shard: u16, after: u64| CommitBatch {
-                    region_writes: Vec::new(),
-                    shard,
-                    records: (1..=size as u64)
-                        .map(|i| record(shard, after + i, asset, &path))
-                        .collect(),
-                    asset_writes: vec![],
-                    ..Default::default()
-                };
-                let (b0, b1) = (batch(0, seq0), batch(1, seq1));
-                let t = Instant::now();
-                unnest.commit(b0).await?;
-                t_unnest.push(t.elapsed());
-                seq0 += size as u64;
-                let t = Instant::now();
-                copy_commit(&copy, ownership.token, &b1)
-                    .await
-                    .expect("copy commit");
-                t_copy.push(t.elapsed());
-                seq1 += size as u64;
-            }
-            let (u50, u99) = summary(t_unnest);
-            let (c50, c99) = summary(t_copy);
-            let rate = |d: Duration| size as f64 / d.as_secs_f64();
-            println!(
-                "  batch {size:>4}: unnest {:>7.3} / {:>7.3} ms ({:>9.0} rows/s)   copy {:>7.3} / {:>7.3} ms ({:>9.0} rows/s)   copy/unnest median {:.2}",
-                u50.as_secs_f64() * 1e3,
-                u99.as_secs_f64() * 1e3,
-                rate(u50),
-                c50.as_secs_f64() * 1e3,
-                c99.as_secs_f64() * 1e3,
-                rate(c50),
-                c50.as_secs_f64() / u50.as_secs_f64()
-            );
+            let (t_unnest, t_copy) = bench.rounds(size).await?;
+            print_size(size, t_unnest, t_copy);
         }
     }
-    drop(unnest);
-    drop(copy);
-    let a = postgres::connect(&admin).await?;
-    let _ = a
-        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-        .await;
     Ok(())
 }

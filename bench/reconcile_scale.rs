@@ -13,15 +13,18 @@
 //! (the appliance's commit statement, month partitions) and is read through the
 //! reconciler's PostgreSQL source.
 
-use custody::audit::{chain_hash, AuditEvent, AuditRecord, DeriveDetail, GENESIS};
-use custody::kdf::{DerivationKey, DerivationPath, RootSeed};
-use custody::lifecycle::AssetState;
-use custody::policy::Purpose;
-use custody::reconcile::{mac_eq, reconcile, Pace, Reconciler};
+#[path = "../tests/common/records.rs"]
+mod records;
+
+use custody::audit::{chain_hash, GENESIS};
+use custody::kdf::{DerivationKey, RootSeed};
+use custody::reconcile::{mac_eq, reconcile, AuditSource, Pace, Reconciler};
+use custody::store::postgres::{self, PgConfig};
 use custody::store::sqlite::{SqliteReader, SqliteStore};
-use custody::store::{AssetWrite, Checkpoint, CommitBatch, ShardStore, Store};
+use custody::store::{Checkpoint, CommitBatch, ShardStore, Store};
+use records::Records;
+use std::path::Path;
 use std::rc::Rc;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 use uuid::Uuid;
 
@@ -44,16 +47,49 @@ fn peak_rss_mib() -> f64 {
     u.ru_maxrss as f64 / 1024.0
 }
 
+/// Writes chained, checkpointed records to every shard as the shards would.
 struct Writer {
     shards: Vec<Box<dyn ShardStore>>,
     next: Vec<u64>,
     head: Vec<[u8; 32]>,
     key: DerivationKey,
     assets: Vec<Uuid>,
+    records: Records,
     scratch: Vec<u8>,
 }
 
 impl Writer {
+    /// Opens and loads every shard of `store`; the assets are `ASSETS` fixed ids.
+    async fn open(store: &dyn Store, seed: &RootSeed) -> Writer {
+        let shards: Vec<Box<dyn ShardStore>> =
+            (0..SHARDS).map(|s| store.open_shard(s, SHARDS)).collect();
+        for s in &shards {
+            s.load().await.expect("load");
+        }
+        Writer {
+            shards,
+            next: vec![1; SHARDS as usize],
+            head: vec![GENESIS; SHARDS as usize],
+            key: DerivationKey::new(seed).expect("key"),
+            assets: (0..ASSETS)
+                .map(|i| {
+                    let mut b = [0u8; 16];
+                    b[8..].copy_from_slice(&i.to_be_bytes());
+                    uuid::Builder::from_random_bytes(b).into_uuid()
+                })
+                .collect(),
+            records: Records::new("bench", "m/44'/0'/0'/0'/1"),
+            scratch: Vec::new(),
+        }
+    }
+
+    /// Commits `n` records spread evenly over the shards.
+    async fn write_all(&mut self, n: u64) {
+        for s in 0..SHARDS as usize {
+            self.write(s, n / SHARDS as u64).await;
+        }
+    }
+
     /// Commits `n` records to shard `s`: its share of the registrations first, then
     /// derivations round the assets.
     async fn write(&mut self, s: usize, n: u64) {
@@ -66,47 +102,7 @@ impl Writer {
                 ..Default::default()
             };
             for _ in 0..take {
-                let seq = self.next[s];
-                self.next[s] += 1;
-                let i = ((seq - 1) as usize * SHARDS as usize + s) % self.assets.len();
-                let registering = seq as usize <= self.assets.len() / SHARDS as usize;
-                let asset = self.assets[i];
-                let record = AuditRecord {
-                    shard: s as u16,
-                    seq,
-                    event: if registering {
-                        AuditEvent::Register
-                    } else {
-                        AuditEvent::Derive
-                    },
-                    asset,
-                    counter: 0,
-                    state: AssetState::Active,
-                    requester: Arc::from("bench"),
-                    request_id: seq,
-                    ts_ms: custody::audit::now_ms(),
-                    derive: (!registering).then(|| DeriveDetail {
-                        path: DerivationPath::parse("m/44'/0'/0'/0'/1").unwrap(),
-                        purpose: Purpose::Trading,
-                        region: Arc::from("US-EAST"),
-                        ttl_s: 300,
-                        scheme_version: 1,
-                    }),
-                    rotation_id: None,
-                    switched_region: None,
-                };
-                let h = chain_hash(&record, &self.head[s], &mut self.scratch);
-                self.head[s] = h;
-                batch.chain.push(h);
-                if registering {
-                    batch.asset_writes.push(AssetWrite {
-                        asset,
-                        state: AssetState::Active,
-                        counter: 0,
-                        insert: true,
-                    });
-                }
-                batch.records.push(record);
+                self.add_record(s, &mut batch);
             }
             let last = batch.records.last().map(|r| r.seq).unwrap_or(0);
             batch.checkpoint = Some(Checkpoint {
@@ -119,6 +115,73 @@ impl Writer {
             self.shards[s].commit(batch).await.expect("commit");
             left -= take;
         }
+    }
+
+    /// Shard `s`'s next record into `batch`, chained to the one before it (with its
+    /// asset row when it registers).
+    fn add_record(&mut self, s: usize, batch: &mut CommitBatch) {
+        let seq = self.next[s];
+        self.next[s] += 1;
+        let i = ((seq - 1) as usize * SHARDS as usize + s) % self.assets.len();
+        let registering = seq as usize <= self.assets.len() / SHARDS as usize;
+        let asset = self.assets[i];
+        let record = if registering {
+            self.records.register(s as u16, seq, asset)
+        } else {
+            self.records.derive(s as u16, seq, asset)
+        };
+        let h = chain_hash(&record, &self.head[s], &mut self.scratch);
+        self.head[s] = h;
+        batch.chain.push(h);
+        if registering {
+            batch.asset_writes.push(records::registration(asset));
+        }
+        batch.records.push(record);
+    }
+}
+
+/// The store the log goes into: SQLite at `path`, or (`CUSTODY_RECONCILE_POSTGRES`) a
+/// fresh database on that server, with its settings.
+async fn open_store(postgres: Option<&str>, path: &Path) -> (Box<dyn Store>, Option<PgConfig>) {
+    match postgres {
+        None => (
+            Box::new(SqliteStore::open(path, 8, Duration::ZERO).expect("store")),
+            None,
+        ),
+        Some(url) => {
+            let admin = PgConfig::from_url(url).expect("url");
+            let name = "custody_bench_reconcile";
+            let a = postgres::connect(&admin).await.expect("server");
+            a.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                .await
+                .expect("drop");
+            a.batch_execute(&format!("CREATE DATABASE {name}"))
+                .await
+                .expect("create");
+            let config = PgConfig {
+                dbname: name.into(),
+                ..admin
+            };
+            let c = postgres::connect(&config).await.expect("database");
+            postgres::migrate(&c).await.expect("migrate");
+            let owner = postgres::acquire_ownership(&c, Uuid::new_v4(), Duration::from_secs(3600))
+                .await
+                .expect("owner");
+            (
+                Box::new(postgres::PgStore::new(config.clone(), owner)),
+                Some(config),
+            )
+        }
+    }
+}
+
+/// The reconciler's source for the log just written.
+async fn audit_source(pg: Option<&PgConfig>, path: &Path) -> Box<dyn AuditSource> {
+    match pg {
+        None => Box::new(Rc::new(SqliteReader::open(path).expect("reader"))),
+        Some(config) => Box::new(postgres::PgAuditSource {
+            client: Rc::new(postgres::connect(config).await.expect("reader")),
+        }),
     }
 }
 
@@ -137,81 +200,18 @@ fn main() {
         .make()
         .expect("executor")
         .run(async move {
-            let (store, pg): (Box<dyn Store>, Option<custody::store::postgres::PgConfig>) =
-                match &postgres {
-                    None => (
-                        Box::new(SqliteStore::open(&path, 8, Duration::ZERO).expect("store")),
-                        None,
-                    ),
-                    Some(url) => {
-                        use custody::store::postgres;
-                        let admin = postgres::PgConfig::from_url(url).expect("url");
-                        let name = "custody_bench_reconcile";
-                        let a = postgres::connect(&admin).await.expect("server");
-                        a.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                            .await
-                            .expect("drop");
-                        a.batch_execute(&format!("CREATE DATABASE {name}"))
-                            .await
-                            .expect("create");
-                        let config = postgres::PgConfig {
-                            dbname: name.into(),
-                            ..admin
-                        };
-                        let c = postgres::connect(&config).await.expect("database");
-                        postgres::migrate(&c).await.expect("migrate");
-                        let owner = postgres::acquire_ownership(
-                            &c,
-                            Uuid::new_v4(),
-                            Duration::from_secs(3600),
-                        )
-                        .await
-                        .expect("owner");
-                        (
-                            Box::new(postgres::PgStore::new(config.clone(), owner)),
-                            Some(config),
-                        )
-                    }
-                };
-            let shards: Vec<Box<dyn ShardStore>> =
-                (0..SHARDS).map(|s| store.open_shard(s, SHARDS)).collect();
-            for s in &shards {
-                s.load().await.expect("load");
-            }
-            let mut w = Writer {
-                shards,
-                next: vec![1; SHARDS as usize],
-                head: vec![GENESIS; SHARDS as usize],
-                key: DerivationKey::new(&seed).expect("key"),
-                assets: (0..ASSETS)
-                    .map(|i| {
-                        let mut b = [0u8; 16];
-                        b[8..].copy_from_slice(&i.to_be_bytes());
-                        uuid::Builder::from_random_bytes(b).into_uuid()
-                    })
-                    .collect(),
-                scratch: Vec::new(),
-            };
+            let (store, pg) = open_store(postgres.as_deref(), &path).await;
+            let backend = if pg.is_some() { "PostgreSQL" } else { "SQLite" };
+            let mut w = Writer::open(&*store, &seed).await;
             let started = Instant::now();
-            for s in 0..SHARDS as usize {
-                w.write(s, n / SHARDS as u64).await;
-            }
+            w.write_all(n).await;
             eprintln!(
                 "wrote {n} records in {:.1} s ({} assets, batches of {BATCH}, each checkpointed)",
                 started.elapsed().as_secs_f64(),
                 ASSETS
             );
             let db_bytes = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-            let source: Box<dyn custody::reconcile::AuditSource> = match &pg {
-                None => Box::new(Rc::new(SqliteReader::open(&path).expect("reader"))),
-                Some(config) => Box::new(custody::store::postgres::PgAuditSource {
-                    client: Rc::new(
-                        custody::store::postgres::connect(config)
-                            .await
-                            .expect("reader"),
-                    ),
-                }),
-            };
+            let source = audit_source(pg.as_ref(), &path).await;
             let reader = &*source;
             let key = DerivationKey::new(&seed).expect("key");
             let check = |c: &Checkpoint| mac_eq(&key.checkpoint_mac(c.shard, c.seq, &c.hash), &c.mac);
@@ -222,8 +222,7 @@ fn main() {
             let full = t.elapsed();
             assert!(report.findings.is_empty(), "{:?}", &report.findings[..report.findings.len().min(5)]);
             println!(
-                "{}: full reconciliation: {} records, {} checkpoints, {} assets in {:.2} s ({:.0} records/s); peak RSS {:.0} MiB (before the run {:.0} MiB); SQLite file {:.2} GiB",
-                if pg.is_some() { "PostgreSQL" } else { "SQLite" },
+                "{backend}: full reconciliation: {} records, {} checkpoints, {} assets in {:.2} s ({:.0} records/s); peak RSS {:.0} MiB (before the run {:.0} MiB); SQLite file {:.2} GiB",
                 report.records_checked,
                 report.checkpoints_checked,
                 report.assets_checked,
@@ -233,9 +232,7 @@ fn main() {
                 rss_before,
                 db_bytes as f64 / (1u64 << 30) as f64
             );
-            for s in 0..SHARDS as usize {
-                w.write(s, m / SHARDS as u64).await;
-            }
+            w.write_all(m).await;
             let t = Instant::now();
             let report = reconcile(&mut r, reader, Some(&check), &Pace::FULL_SPEED)
                 .await
@@ -243,8 +240,7 @@ fn main() {
             let inc = t.elapsed();
             assert!(report.findings.is_empty());
             println!(
-                "{}: incremental reconciliation: {} new records, {} checkpoints, {} assets in {:.2} s; peak RSS {:.0} MiB",
-                if pg.is_some() { "PostgreSQL" } else { "SQLite" },
+                "{backend}: incremental reconciliation: {} new records, {} checkpoints, {} assets in {:.2} s; peak RSS {:.0} MiB",
                 report.records_checked,
                 report.checkpoints_checked,
                 report.assets_checked,

@@ -5,6 +5,7 @@
 
 pub mod openssl;
 pub mod pg;
+pub mod records;
 pub mod require;
 pub mod wait;
 
