@@ -55,6 +55,7 @@ fn main() {
     }
 }
 
+/// Runs the command the arguments name; its exit status (an error exits 1).
 fn real_main() -> anyhow::Result<i32> {
     let Some(args) = args::parse_args()? else {
         return Ok(0);

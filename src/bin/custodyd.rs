@@ -7,6 +7,9 @@
 //! custodyd version
 //! ```
 
+#[path = "custodyd/check_config.rs"]
+mod check_config;
+
 use anyhow::Context;
 use std::path::PathBuf;
 
@@ -67,6 +70,7 @@ fn load_config(
     }
 }
 
+/// Runs the command the arguments name; its exit status (an error exits 1).
 fn real_main() -> anyhow::Result<i32> {
     use lexopt::prelude::*;
     let mut parser = lexopt::Parser::from_env();
@@ -102,92 +106,13 @@ fn real_main() -> anyhow::Result<i32> {
                 .cloned()
                 .or(config)
                 .context("check-config needs a FILE")?;
-            match custody::config::load(&file) {
-                Ok(c) => {
-                    let store = match &c.store.backend {
-                        custody::config::StoreBackend::Sqlite { path } => {
-                            format!("sqlite {}", path.display())
-                        }
-                        custody::config::StoreBackend::Postgres(pg) => {
-                            format!("postgres {}@{}/{}", pg.user, pg.addr, pg.dbname)
-                        }
-                    };
-                    let seal = match &c.seal {
-                        custody::config::SealConfig::Dev { seed_file } => {
-                            format!("dev {} (NOT for production)", seed_file.display())
-                        }
-                        custody::config::SealConfig::Pkcs11 {
-                            pkcs11,
-                            sealed_seed_file,
-                        } => format!(
-                            "pkcs11 token {:?} key {:?} sealed seed {}",
-                            pkcs11.token_label,
-                            pkcs11.key_label,
-                            sealed_seed_file.display()
-                        ),
-                        custody::config::SealConfig::Shamir { share_set_file } => format!(
-                            "shamir share set {} (starts sealed: unseal with k shares)",
-                            share_set_file.display()
-                        ),
-                    };
-                    // The TLS files as the start will read them (skipped for a key held as
-                    // a systemd credential outside the unit, where it cannot be read).
-                    let credential_elsewhere =
-                        matches!(c.tls.key, custody::config::KeySource::Credential(_))
-                            && std::env::var_os("CREDENTIALS_DIRECTORY").is_none();
-                    let tls = if credential_elsewhere {
-                        format!("tls key {} not checked outside the unit", c.tls.key)
-                    } else {
-                        match custody::tls::server_config(&c.tls) {
-                            Ok(t) => format!(
-                                "certificate \"{}\" until {}",
-                                t.certificate.subject,
-                                custody::tls::format_unix(t.certificate.not_after)
-                            ),
-                            Err(e) => {
-                                eprintln!("{}: tls: {e}", file.display());
-                                return Ok(2);
-                            }
-                        }
-                    };
-                    println!(
-                        "{}: ok (listen {}, {} cores, store {store}, seal {seal}, {tls})",
-                        file.display(),
-                        c.server.listen,
-                        c.server.cores,
-                    );
-                    Ok(0)
-                }
-                Err(e) => {
-                    eprint!("{e}");
-                    Ok(2)
-                }
-            }
+            Ok(check_config::check_config(&file))
         }
         "migrate" => {
             let Some(config) = load_config(config, &positional, "migrate")? else {
                 return Ok(2);
             };
-            match config.store.backend {
-                custody::config::StoreBackend::Sqlite { path } => {
-                    println!(
-                        "{}: the embedded store migrates itself when custodyd starts",
-                        path.display()
-                    );
-                    Ok(0)
-                }
-                custody::config::StoreBackend::Postgres(pg) => {
-                    let version = custody::store::postgres::on_own_executor(
-                        "custody-migrate",
-                        move || async move {
-                            let client = custody::store::postgres::connect(&pg).await?;
-                            custody::store::postgres::migrate(&client).await
-                        },
-                    )??;
-                    println!("schema at version {version}; audit-log partitions ready");
-                    Ok(0)
-                }
-            }
+            migrate(config.store.backend)
         }
         "run" => {
             let file = config.clone().or_else(|| positional.first().cloned());
@@ -199,6 +124,31 @@ fn real_main() -> anyhow::Result<i32> {
         other => {
             eprintln!("unknown command {other:?}\n{USAGE}");
             Ok(2)
+        }
+    }
+}
+
+/// `custodyd migrate`: the PostgreSQL store's schema brought up to date (the embedded
+/// store needs nothing: it migrates itself when custodyd starts).
+fn migrate(backend: custody::config::StoreBackend) -> anyhow::Result<i32> {
+    match backend {
+        custody::config::StoreBackend::Sqlite { path } => {
+            println!(
+                "{}: the embedded store migrates itself when custodyd starts",
+                path.display()
+            );
+            Ok(0)
+        }
+        custody::config::StoreBackend::Postgres(pg) => {
+            let version = custody::store::postgres::on_own_executor(
+                "custody-migrate",
+                move || async move {
+                    let client = custody::store::postgres::connect(&pg).await?;
+                    custody::store::postgres::migrate(&client).await
+                },
+            )??;
+            println!("schema at version {version}; audit-log partitions ready");
+            Ok(0)
         }
     }
 }
