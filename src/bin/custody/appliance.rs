@@ -4,6 +4,7 @@
 
 use crate::args::Args;
 use crate::output::{asset_text, reconcile_text, regions_text, seal_text, unix_ms_text};
+use crate::register_file::register_file;
 use anyhow::{bail, Context};
 use custody::client::{Client, ClientConfig, ClientError};
 use custody::hex::encode as hex;
@@ -32,18 +33,13 @@ impl Answer {
 /// The answer, or the appliance's refusal (or a failure to ask).
 type Reply = Result<Answer, ClientError>;
 
-/// Connects as the CONNECTION flags say and runs `command` (one real_main dispatched here).
+/// Connects as the CONNECTION flags say and runs `command` (one that real_main sends here).
 pub(crate) async fn client_command(command: &str, args: &Args) -> anyhow::Result<i32> {
     let config = client_config(args)?;
     let client = Client::connect(&config).await?;
     if command == "register" {
         if let Some(file) = &args.file {
-            return crate::register_file::register_file(
-                std::sync::Arc::new(client),
-                file,
-                args.json,
-            )
-            .await;
+            return register_file(std::sync::Arc::new(client), file, args.json).await;
         }
     }
     if command == "assets" {
