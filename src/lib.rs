@@ -3,61 +3,69 @@
 //!
 //! # Layout
 //!
-//! The modules in the order a derive request meets them:
+//! ## The path of a DERIVE, in the order it meets the code (10 files)
 //!
-//! - [`server`]: starts one executor per core, each with its shard, listener and mesh.
-//! - [`net`]: accepts on the shared port, TLS handshake, reads frames, writes replies;
-//!   [`admission`] decides who holds a handshake or connection slot (per core, source
-//!   and identity), and every wait for a client has a timeout.
-//! - [`tls`]: rustls configuration; the requester is the client certificate's identity;
-//!   [`certs`] reads the PEM files; [`settings`] is what each new connection is
-//!   accepted with (TLS acceptor and limits), replaced whole by [`reload`];
-//!   [`tls::stream`] is the server side of a connection over rustls's unbuffered API
-//!   (an idle connection holds no TLS buffer).
-//! - [`wire`]: the sans-IO framing of protocol v3 and its tables of codes (an opcode's
-//!   number, name, metrics label and who may send it; statuses); [`op`]: one file per
-//!   operation (`op/derive.rs`) with its request and reply bodies, its field rules, what
-//!   it asks the shard and how its reply is made; `net` carries out what the handler
-//!   decided. [`context`] is what every connection on a core shares.
-//! - [`policy`]: the gate every request passes before it reaches a shard: the identity's
-//!   roles (deriver by purpose, region and asset group, operator, admin, auditor) and the
-//!   field rules, with [`regions`] (the compliance regions' on/off switch shared by every
-//!   core); the whole policy is replaced on a reload (SIGHUP or POLICY_RELOAD).
-//! - [`placement`]: asset → shard hash; [`router`]: the bounded mesh between cores.
-//! - [`shard`]: the owning core's registry, audit records and group commit; the
-//!   (requester, asset) rate limit of [`ratelimit`] is kept here.
-//! - [`lifecycle`]: asset states and their transitions (rotate, suspend, resume, retire
-//!   are applied by the owning shard and audited like derivations).
-//! - [`audit`]: the audit record of every acknowledged operation, its canonical encoding
-//!   and hash chain (computed by the shard as it seals a batch); [`checkpoint`]: a
-//!   shard's authenticated position in its chain, MACed with the seed's audit key.
-//! - [`store`]: the durable store trait, the shard→commit-thread hand-off, SQLite, and
-//!   PostgreSQL driven on each core (with TLS, single owner, partitions).
-//! - [`kdf`]: NIST SP 800-108 KBKDF with HMAC-SHA256, keyed once per seed; run on the
-//!   connection's core once the record is durable.
-//! - [`seal`]: where the root seed comes from: the `pkcs11` provider (sealed by a key in
-//!   an HSM, `custody init`), the sealed-seed file, the `shamir` provider (k-of-n shares
-//!   submitted with UNSEAL; every init also writes shares for `custody recover`), and the
-//!   `dev` provider.
+//! 1. `net.rs`: the connection on the core that accepted it: admission to a slot
+//!    ([`admission`]), the TLS handshake ([`tls`], [`tls::stream`]), frames read into
+//!    the core's buffer and cut by [`wire`]'s `decode_frame`, `dispatch`, and the outbox
+//!    its replies are written from.
+//! 2. `op/mod.rs`: `Request::decode`, the opcode's gate, `Request::handle`.
+//! 3. `op/derive.rs`: DERIVE's body, its field rules (`DeriveBody::check`), its handler
+//!    (who may derive, the seal) and, once durable, its reply.
+//! 4. `policy.rs`: the identity's roles, purposes, regions, asset groups and rate.
+//! 5. `router.rs`: to the shard that owns the asset ([`placement`]: jump hash), over the
+//!    bounded mesh when it is another core.
+//! 6. `shard/registry.rs`: the asset's state allows it; its audit record is queued at the
+//!    counter in force (the rate limit in `shard/mod.rs` first).
+//! 7. `shard/commit.rs`: the committer seals a batch, numbered and chained ([`audit`]),
+//!    with its MACed [`checkpoint`], and hands it to the store.
+//! 8. `store/sqlite/mod.rs` (or `store/postgres/shard.rs`): the commit thread folds the
+//!    shards' batches into one transaction (`store/sqlite/write.rs`), COMMIT, and wakes
+//!    the shard through [`store::handoff`]; only now is the answer released (I1).
+//! 9. `seal/cache.rs`: back on the connection's core, the core's key (`CoreKey`)...
+//! 10. `kdf.rs`: ...derives the key from the durable counter (SP 800-108, HMAC-SHA256);
+//!     `net.rs` encodes it into the outbox and wipes the bytes once written.
 //!
-//! Beside the request path: [`reconcile`] (the audit log checked against its chain,
-//! checkpoints and the counters; pure) run by [`auditor`] (a thread of its own, every
-//! `audit.reconcile_interval_s` and on RECONCILE).
+//! ## Where to make a change
 //!
-//! Around the request path: [`metrics`] (per-core figures merged at scrape time, and
-//! the admin listener: /metrics, /healthz, /readyz), [`systemd`] (READY, STATUS,
-//! STOPPING and watchdog pings gated on every core's health), [`config`] (two-stage TOML,
-//! plain settings: it imports no runtime module),
-//! [`dev`] (`custodyd dev`: a development appliance in one command), [`bounds`] (hard caps), [`preflight`] (the host checks before start: io_uring,
-//! RLIMIT_MEMLOCK, CPUs),
-//! [`hex`] (the one hex encoder and decoder),
-//! [`heap`] (custodyd's allocator, jemalloc, its figures and its decay of freed memory),
-//! [`locked`] (locked, undumpable, zeroizing memory for the keyed state),
-//! [`signal`] (lock-free wake-ups between tasks of one core),
-//! [`published`] (a value every core reads and a reload replaces whole: the policy, the
-//! TLS acceptor and the connection limits),
-//! [`client`] (the tokio client library the CLI and the load harness use; its
-//! `ShardedClient` sends each request to the port of the core that owns its asset).
+//! - **An operation**: a row in `wire/codes.rs` (`Opcode`: number, name and metrics
+//!   label, `Gate`), a file in `op/` (bodies, codec, handler: what it asks the shard or
+//!   the auditor and how its reply is made), its arms in `op/mod.rs` (`Request`, `Reply`,
+//!   `Request::handle`), a `ShardOp` in `shard/mod.rs` and its `accept_*` in
+//!   `shard/registry.rs` if the shard applies it, and its section in docs/protocol.md.
+//! - **A status**: a row in `wire/codes.rs` (`Status`: number, name, whether it closes
+//!   the connection) and docs/protocol.md.
+//! - **A config key**: a row in `config/keys.rs` (`KEYS`: its default and meaning, the
+//!   only place the default is written), the read in its section's file (`config/store.rs`,
+//!   `seal.rs`, `limits.rs`, `policy.rs`, or `resolve.rs` for `[server]`, `[tls]`,
+//!   `[audit]`), the field in `config/mod.rs`, and appliance/custody.toml.
+//! - **A metric**: what a core counts in `metrics/figures.rs`, its family in
+//!   `metrics/render.rs`.
+//!
+//! ## The modules
+//!
+//! - On the request path: [`net`] and [`context`] (what every connection on a core
+//!   shares), [`admission`], [`tls`] with [`certs`] (the PEM files) and [`settings`]
+//!   (the TLS acceptor and limits new connections get, replaced whole by [`reload`]),
+//!   [`wire`], [`op`], [`policy`] with [`regions`] (the compliance switch every core
+//!   reads), [`placement`], [`router`], [`shard`] with [`ratelimit`] and [`lifecycle`]
+//!   (asset states and their transitions), [`audit`], [`checkpoint`], [`store`], [`seal`]
+//!   (the seed's providers: `pkcs11`, the sealed-seed file, `shamir` shares, `dev`), [`kdf`].
+//! - Starting and stopping: [`server`] (`start.rs`: the start-up's steps; `executor.rs`:
+//!   one core's mesh, shard, committer and listeners; `stop.rs`: READY, the drain;
+//!   `signals.rs`), [`preflight`] (io_uring, RLIMIT_MEMLOCK, CPUs), [`systemd`] (READY,
+//!   STATUS, watchdog), [`config`] (two-stage TOML, plain settings: it imports no runtime
+//!   module), [`dev`] (`custodyd dev`).
+//! - Beside the request path: [`reconcile`] (the audit log against its chain, checkpoints
+//!   and counters; pure) run by [`auditor`] (its own thread: every
+//!   `audit.reconcile_interval_s`, RECONCILE, PROVE_RECEIPT, LIST_ASSETS), [`metrics`]
+//!   (per-core figures merged at scrape time; the admin listener: /metrics, /healthz,
+//!   /readyz).
+//! - Building blocks: [`bounds`] (hard caps), [`hex`], [`heap`] (jemalloc, its figures),
+//!   [`locked`] (locked, undumpable, zeroizing memory for keyed state), [`signal`]
+//!   (wake-ups between tasks of one core), [`published`] (a value every core reads and a
+//!   reload replaces whole), [`client`] (the tokio client the CLI and the load harness
+//!   use; `ShardedClient` sends each asset's requests to its shard's port).
 //!
 //! No module imports a module that imports it back, however far round: `tests/layout.rs`
 //! checks the whole graph.
