@@ -89,7 +89,7 @@ fn print_report(report: &Report) {
     for (shard, m) in &report.shards {
         println!(
             "  shard {shard}: checked to seq {}, last good checkpoint {}{}",
-            m.next_seq - 1,
+            m.next_seq.saturating_sub(1),
             m.checkpointed,
             if m.broken { ", chain BROKEN" } else { "" }
         );
