@@ -424,7 +424,7 @@ impl Shard {
             self.id
         );
         assert!(
-            st.inflight_batches < self.limits.commit_batches_inflight_max.max(1),
+            st.inflight_batches < self.limits.commit_batches_inflight_max,
             "shard {}: sealing with every in-flight slot taken",
             self.id
         );
