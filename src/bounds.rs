@@ -56,6 +56,10 @@ pub const IDENTITY_TEXT_BYTES_MAX: usize = 256;
 /// Longest error message carried in an error reply.
 pub const ERROR_MESSAGE_BYTES_MAX: usize = 512;
 
+/// Longest active address a NOT_ACTIVE reply carries (`host:port`: a DNS name of at most
+/// 253 bytes, the colon and five digits, with room for an IPv6 literal's brackets).
+pub const ACTIVE_ADDRESS_BYTES_MAX: usize = 264;
+
 /// Batches the store's commit thread folds into one transaction.
 pub const STORE_BATCHES_PER_TRANSACTION_MAX: usize = 64;
 

@@ -374,6 +374,9 @@ impl Reply {
             Reply::Refused(r) => {
                 out.extend_from_slice(&r.retry_after_ms.to_be_bytes());
                 put_text(out, &r.message);
+                if r.status == Status::NotActive {
+                    put_active(out, r.active.as_deref().unwrap_or(""));
+                }
             }
         }
         patch_body_len(out, start);
@@ -387,10 +390,17 @@ impl Reply {
         let reply = if status != Status::Ok {
             let retry_after_ms = r.u32("retry_after_ms")?;
             let message = r.message("message")?.to_owned();
+            let active = if status == Status::NotActive {
+                Some(r.text("active", crate::bounds::ACTIVE_ADDRESS_BYTES_MAX)?.to_owned())
+                    .filter(|a| !a.is_empty())
+            } else {
+                None
+            };
             Reply::Refused(Refusal {
                 status,
                 retry_after_ms,
                 message,
+                active,
             })
         } else {
             match request_opcode {
@@ -415,6 +425,19 @@ impl Reply {
         r.finish()?;
         Ok(reply)
     }
+}
+
+/// NOT_ACTIVE's active address: `u16` length and the text, or nothing (length 0) when it
+/// is unknown or longer than [`crate::bounds::ACTIVE_ADDRESS_BYTES_MAX`] (an address cut
+/// short would send clients elsewhere).
+fn put_active(out: &mut Vec<u8>, active: &str) {
+    let active = if active.len() <= crate::bounds::ACTIVE_ADDRESS_BYTES_MAX {
+        active
+    } else {
+        ""
+    };
+    out.extend_from_slice(&(active.len() as u16).to_be_bytes());
+    out.extend_from_slice(active.as_bytes());
 }
 
 /// Where a record sits, as DERIVE's and ROTATE's replies and PROVE_RECEIPT's request carry

@@ -462,6 +462,7 @@ fn replies_round_trip() {
                 status: Status::SeedMismatch,
                 retry_after_ms: 0,
                 message: "fingerprint".into(),
+                active: None,
             }),
         ),
         (
@@ -470,7 +471,19 @@ fn replies_round_trip() {
                 status: Status::Busy,
                 retry_after_ms: 5,
                 message: "shard queue full".into(),
+                active: None,
             }),
+        ),
+        (
+            Opcode::Derive,
+            Reply::Refused(Refusal::not_active(
+                "a standby",
+                Some("custody-a.example:7443".into()),
+            )),
+        ),
+        (
+            Opcode::Rotate,
+            Reply::Refused(Refusal::not_active("a standby; the active is unknown", None)),
         ),
     ];
     for (op, reply) in replies {

@@ -171,6 +171,11 @@ code_table! {
         /// A connection-level refusal (request id 0): the connection would exceed a bound of
         /// its core, identity or role; the connection closes.
         ConnectionLimit = 34 => "CONNECTION_LIMIT", true;
+        /// This appliance is a standby (or an active that could not renew its lease): it
+        /// acknowledges nothing. The reply names the active's client address when known;
+        /// the request was not run, so any request may be sent there (or to the next
+        /// endpoint) as it is.
+        NotActive = 35 => "NOT_ACTIVE", false;
         Forbidden = 40 => "FORBIDDEN", false;
         RateLimited = 41 => "RATE_LIMITED", false;
         Internal = 50 => "INTERNAL", false;

@@ -325,6 +325,9 @@ pub struct Refusal {
     pub status: Status,
     pub retry_after_ms: u32,
     pub message: String,
+    /// NOT_ACTIVE only: the active appliance's client address (`host:port`), when this
+    /// one knows it. Carried on the wire after the message, for that status alone.
+    pub active: Option<String>,
 }
 
 impl Refusal {
@@ -333,6 +336,15 @@ impl Refusal {
             status,
             retry_after_ms: 0,
             message: message.into(),
+            active: None,
+        }
+    }
+
+    /// NOT_ACTIVE: this appliance acknowledges nothing now; `active` is who does, if known.
+    pub fn not_active(message: impl Into<String>, active: Option<String>) -> Refusal {
+        Refusal {
+            active,
+            ..Refusal::new(Status::NotActive, message)
         }
     }
 }
@@ -340,6 +352,9 @@ impl Refusal {
 impl std::fmt::Display for Refusal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}: {}", self.status, self.message)?;
+        if let Some(active) = &self.active {
+            write!(f, " (active: {active})")?;
+        }
         if self.retry_after_ms > 0 {
             write!(f, " (retry after {} ms)", self.retry_after_ms)?;
         }
