@@ -51,4 +51,7 @@ pub struct CoreContext {
     /// Opened when the appliance stops (SIGTERM): the listeners close, each connection
     /// stops reading, answers what it already read, and closes.
     pub drain: crate::signal::LocalLatch,
+    /// Whether this appliance may acknowledge (active, lease fresh): every request but the
+    /// seal's asks first; shared by every core.
+    pub lease: Arc<crate::lease::Lease>,
 }

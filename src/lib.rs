@@ -83,6 +83,7 @@ pub mod dev;
 pub mod heap;
 pub mod hex;
 pub mod kdf;
+pub mod lease;
 pub mod lifecycle;
 pub mod locked;
 pub mod metrics;

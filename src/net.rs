@@ -816,6 +816,9 @@ fn dispatch(
             return outbox.refuse(opcode, request_id, Refusal::new(e.status(), e.to_string()))
         }
     };
+    if !ctx.lease.may_acknowledge() && !runs_on_a_standby(request.opcode()) {
+        return outbox.refuse(opcode, request_id, ctx.lease.refusal());
+    }
     let access = ctx.access.get();
     let allowance = match access.pass_gate(identity, request.opcode().gate()) {
         Ok(allowance) => allowance,
@@ -842,6 +845,16 @@ fn dispatch(
             to_shard(ctx, outbox, (opcode, request_id), (op, rate, then), started)
         }
     }
+}
+
+/// The requests a standby answers itself: the seal's (each appliance holds its own seed:
+/// a standby is unsealed before it can take over). Everything else reads or writes the
+/// store's state, which only the active may acknowledge.
+fn runs_on_a_standby(opcode: wire::Opcode) -> bool {
+    matches!(
+        opcode,
+        wire::Opcode::Seal | wire::Opcode::Unseal | wire::Opcode::SealStatus
+    )
 }
 
 /// Answers once work off this core resolves; counted in flight meanwhile, so the

@@ -19,6 +19,8 @@ pub struct Registry {
     tls: Option<Arc<crate::published::Published<crate::settings::ConnectionSettings>>>,
     /// Set when the appliance stops: /readyz fails, so a balancer sends no more.
     draining: std::sync::atomic::AtomicBool,
+    /// The store's lease: the role, read live (`None`: tests that build a bare registry).
+    lease: Option<Arc<crate::lease::Lease>>,
 }
 
 /// What /healthz and /readyz found.
@@ -45,7 +47,14 @@ impl Registry {
             auditor: None,
             tls: None,
             draining: std::sync::atomic::AtomicBool::new(false),
+            lease: None,
         }
+    }
+
+    /// The store's lease (read at scrape time): the role, and /readyz only on the active.
+    pub fn with_lease(mut self, lease: Arc<crate::lease::Lease>) -> Registry {
+        self.lease = Some(lease);
+        self
     }
 
     /// The reconciliation's figures (read at scrape time).
@@ -94,8 +103,8 @@ impl Registry {
         self.check(&self.snapshot(), false)
     }
 
-    /// Ready: alive, unsealed (or serving a stale seed), and the store took the last
-    /// batch of every shard.
+    /// Ready: alive, active (holding the store's lease, renewed in time), unsealed (or
+    /// serving a stale seed), and the store took the last batch of every shard.
     pub fn readiness(&self) -> Health {
         self.check(&self.snapshot(), true)
     }
@@ -117,6 +126,9 @@ impl Registry {
         if ready {
             if self.draining.load(std::sync::atomic::Ordering::Relaxed) {
                 problems.push("stopping: draining connections".into());
+            }
+            if let Some(lease) = self.lease.as_ref().filter(|l| !l.may_acknowledge()) {
+                problems.push(lease.refusal().to_string());
             }
             match self.seal.status().state {
                 SealState::Unsealed | SealState::ServingStale { .. } => {}
@@ -147,6 +159,9 @@ impl Registry {
                 tls.generation(),
                 tls.current().certificate.not_after,
             );
+        }
+        if let Some(lease) = &self.lease {
+            render::render_lease(&mut out, lease);
         }
         if let Some(heap) = crate::heap::figures() {
             render::render_heap(&mut out, heap);

@@ -34,6 +34,56 @@ pub(super) fn render_heap(out: &mut String, heap: crate::heap::HeapFigures) {
     );
 }
 
+/// The role and, on a shared store, the lease: its age, takeovers and step-downs.
+pub(super) fn render_lease(out: &mut String, lease: &crate::lease::Lease) {
+    use crate::lease::Role;
+    let mut f = Family { out };
+    f.head(
+        "custody_role",
+        "gauge",
+        "This appliance's role: 1 for the one it has (active holds the store's lease and acknowledges; standby answers NOT_ACTIVE; activating has taken the lease and is loading its shards).",
+    );
+    let role = lease.role();
+    for r in [Role::Active, Role::Activating, Role::Standby] {
+        let label = format!("role=\"{}\"", r.name());
+        f.sample("custody_role", &label, u64::from(r == role));
+    }
+    // The lease's families are exported on the single-node store too (acknowledging for
+    // good, no token, no takeovers), so that one dashboard and one set of alerts fit both.
+    f.head(
+        "custody_lease_acknowledging",
+        "gauge",
+        "1 while this appliance may acknowledge: active, and its last lease renewal recent enough (store.postgres_owner_lease_ms minus store.postgres_owner_lease_margin_ms).",
+    );
+    f.sample("custody_lease_acknowledging", "", u64::from(lease.may_acknowledge()));
+    f.head(
+        "custody_lease_age_ms",
+        "gauge",
+        "Milliseconds since the last lease renewal was sent (absent while no lease is held, and on the single-node store).",
+    );
+    if let Some(age) = lease.age_ms() {
+        f.sample("custody_lease_age_ms", "", age);
+    }
+    f.head(
+        "custody_lease_token",
+        "gauge",
+        "The fencing token this appliance holds (0: none).",
+    );
+    f.sample("custody_lease_token", "", lease.token().max(0) as u64);
+    f.head(
+        "custody_lease_takeovers_total",
+        "counter",
+        "Times this appliance took the store's lease (its start as the active included).",
+    );
+    f.sample("custody_lease_takeovers_total", "", lease.takeovers());
+    f.head(
+        "custody_lease_step_downs_total",
+        "counter",
+        "Times this appliance found another holding the lease and stepped down to standby.",
+    );
+    f.sample("custody_lease_step_downs_total", "", lease.step_downs());
+}
+
 /// The label value of a seal state.
 pub fn seal_state_name(state: &SealState) -> &'static str {
     match state {

@@ -44,6 +44,8 @@ pub(super) struct CoreSetup {
     pub(super) metrics: Arc<crate::metrics::Registry>,
     /// The reconciliation thread.
     pub(super) auditor: Option<Arc<crate::auditor::Auditor>>,
+    /// The store's lease: whether this appliance is active, and under which token.
+    pub(super) lease: Arc<crate::lease::Lease>,
 }
 
 /// One core's life on its executor: [`core_main`], with its failure reported to the main
@@ -74,8 +76,17 @@ async fn core_main(core: usize, setup: CoreSetup) -> Result<(), String> {
         receivers,
         shard_id,
     } = join_mesh(&setup).await?;
+    // The token the shard loads under (read before the load: a newer one makes the core
+    // load again).
+    let token = setup.lease.token();
     let (shard, key) = open_shard(&setup, shard_id, cores).await?;
     let assets = shard.asset_count();
+    if !setup.lease.is_single_node() {
+        if token != 0 {
+            setup.lease.core_ready(token);
+        }
+        glommio::spawn_local(follow_lease(shard.clone(), setup.lease.clone(), token)).detach();
+    }
     glommio::spawn_local(shard.clone().run_committer()).detach();
     if let Some(every) = config.server.stats_log_interval {
         glommio::spawn_local(log_commit_stats(shard.clone(), every)).detach();
@@ -221,8 +232,31 @@ fn core_context(
             crate::config::SealConfig::Shamir { .. } => ProviderCode::Shamir,
         },
         drain: Default::default(),
+        lease: setup.lease.clone(),
     })
 }
+
+/// Follows the store's lease: when this appliance takes it (a new token), the shard
+/// re-reads what the store holds before the core counts as ready under it; the role turns
+/// active once every core is. Losing the lease needs nothing here (every request is
+/// refused NOT_ACTIVE, every commit under the old token fenced).
+async fn follow_lease(shard: Rc<Shard>, lease: Arc<crate::lease::Lease>, mut loaded: i64) {
+    loop {
+        glommio::timer::sleep(LEASE_FOLLOW_POLL).await;
+        let token = lease.token();
+        if token == 0 || token == loaded {
+            continue;
+        }
+        shard.reread().await;
+        loaded = token;
+        if lease.core_ready(token) {
+            tracing::info!(token, "every shard is loaded under the new lease: this appliance is active");
+        }
+    }
+}
+
+/// How often a core looks for a new lease token (bounds what a takeover waits for it).
+const LEASE_FOLLOW_POLL: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// The drain: the main thread sets the flag on SIGTERM; this core sees it within
 /// DRAIN_POLL, closes its listeners and its connections' reading, and reports once every

@@ -36,8 +36,6 @@ pub enum ServerError {
     Preflight(#[from] crate::preflight::PreflightError),
     #[error("core {core}: {reason}")]
     Core { core: usize, reason: String },
-    #[error("lost ownership of the store: {0}")]
-    Fenced(String),
     #[error("forced stop: {0}")]
     ForcedStop(String),
     #[error("cannot open the admin listener (server.admin_listen) on {addr}: {reason} (is another process using the port? \"\" turns it off)")]
@@ -46,19 +44,19 @@ pub enum ServerError {
 
 impl ServerError {
     /// The process exit status for this failure: 2 when the configuration, its TLS files
-    /// or the host must be fixed first (as for a configuration that does not resolve), 3
-    /// when another appliance took the store over (restarting would only be refused), 1
-    /// otherwise. systemd restarts on 1 only (`RestartPreventExitStatus=2 3`).
+    /// or the host must be fixed first (as for a configuration that does not resolve), 1
+    /// otherwise. systemd restarts on 1 only (`RestartPreventExitStatus=2`). (Status 3,
+    /// once "another appliance took the store over", is retired: such an appliance now
+    /// serves on as a standby.)
     pub fn exit_code(&self) -> i32 {
         match self {
             ServerError::Tls(_) | ServerError::Preflight(_) => 2,
-            ServerError::Fenced(_) => 3,
             _ => 1,
         }
     }
 }
 
-/// What the cores (and the signal thread, and the store's fence alarm) tell the main thread.
+/// What the cores (and the signal thread) tell the main thread.
 enum CoreEvent {
     Ready {
         core: usize,
@@ -67,10 +65,6 @@ enum CoreEvent {
     },
     Failed {
         core: usize,
-        reason: String,
-    },
-    /// The store belongs to another appliance now (I6).
-    Fenced {
         reason: String,
     },
     /// SIGTERM or SIGINT (the `n`th since start): drain and stop; a second one forces.

@@ -5,13 +5,14 @@
 use super::executor::{self, CoreSetup};
 use super::signals::{self, PHASE_STARTING};
 use super::stop::Watch;
-use super::{CoreEvent, ServerError};
+use super::ServerError;
 use crate::config::{Config, StoreBackend};
 use crate::published::Published;
 use crate::reload::Reloader;
 use crate::seal::cache::SeedCache;
 use crate::settings::ConnectionSettings;
-use crate::store::postgres::PgStore;
+use crate::lease::{Lease, LeaseTiming};
+use crate::store::postgres::{spawn_lease_keeper, Claimant, FirstLook, PgStore};
 use crate::store::sqlite::SqliteStore;
 use crate::store::Store;
 use glommio::channels::channel_mesh::MeshBuilder;
@@ -73,9 +74,9 @@ pub fn run_with_reload(
     let key = unseal(&config)?;
     let cores = config.server.cores;
     let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let store = open_store(&config, &events)?;
+    let (store, lease) = open_store(&config)?;
     let auditor = start_auditor(&config, &key);
-    let metrics = start_metrics(&config, &key, &policy, &settings, auditor.as_ref())?;
+    let metrics = start_metrics(&config, &key, &policy, &settings, auditor.as_ref(), &lease)?;
     let mesh = (cores > 1)
         .then(|| MeshBuilder::full(cores, config.limits.cross_core_queue_depth as usize));
     let setup = CoreSetup {
@@ -91,6 +92,7 @@ pub fn run_with_reload(
         draining: draining.clone(),
         metrics: metrics.clone(),
         auditor,
+        lease: lease.clone(),
     };
     signals::claim_start(&phase);
     // Held until the appliance stops (as the executors run).
@@ -103,6 +105,7 @@ pub fn run_with_reload(
         events: ready,
         key,
         store,
+        lease,
     }
     .run()
 }
@@ -130,18 +133,21 @@ fn unseal(config: &Config) -> Result<Arc<SeedCache>, ServerError> {
     Ok(key)
 }
 
-/// Opens the configured store; PostgreSQL's is taken over first (its fence alarm tells
-/// the main thread when another appliance takes it back).
-fn open_store(
-    config: &Config,
-    events: &mpsc::Sender<CoreEvent>,
-) -> Result<Arc<dyn Store>, ServerError> {
-    let store: Arc<dyn Store> = match &config.store.backend {
-        StoreBackend::Sqlite { path } => Arc::new(SqliteStore::open(
-            path,
-            config.store.commit_queue_depth,
-            config.store.commit_linger,
-        )?),
+/// Opens the configured store with its lease: SQLite's appliance is active for good;
+/// PostgreSQL's starts the lease keeper and waits for its first look, so that the cores
+/// load their shards under the token when this appliance takes the lease at once (else it
+/// starts as a standby, and loads again when it takes over).
+fn open_store(config: &Config) -> Result<(Arc<dyn Store>, Arc<Lease>), ServerError> {
+    let cores = config.server.cores;
+    match &config.store.backend {
+        StoreBackend::Sqlite { path } => {
+            let store = SqliteStore::open(
+                path,
+                config.store.commit_queue_depth,
+                config.store.commit_linger,
+            )?;
+            Ok((Arc::new(store), Arc::new(Lease::sole(cores))))
+        }
         StoreBackend::Postgres(pg) => {
             if pg.tls.mode() == crate::config::PgSslMode::Disable && !pg.addr.ip().is_loopback() {
                 tracing::warn!(
@@ -149,18 +155,31 @@ fn open_store(
                     "PostgreSQL is reached without TLS over a non-loopback address: audit records and counters cross the network in clear; set store.postgres_sslmode = \"verify-full\""
                 );
             }
-            let ownership = crate::store::postgres::acquire_ownership_blocking(pg)?;
-            tracing::info!(instance = %ownership.instance, token = ownership.token, "this appliance owns the store");
-            let alarm = events.clone();
-            Arc::new(
-                PgStore::new(pg.clone(), ownership).with_fence_alarm(Arc::new(move |reason| {
-                    let _ = alarm.send(CoreEvent::Fenced { reason });
-                })),
-            )
+            crate::store::postgres::check_schema_blocking(pg)?;
+            let lease = Arc::new(Lease::shared(cores));
+            let claimant = Claimant {
+                instance: uuid::Uuid::new_v4(),
+                address: config.server.listen.to_string(), // H1: server.advertise
+                timing: LeaseTiming {
+                    lease: pg.owner_lease,
+                    margin: pg.owner_lease / 4, // H1: owner_lease_margin
+                },
+            };
+            let instance = claimant.instance;
+            let first = spawn_lease_keeper(pg.clone(), lease.clone(), claimant, FIRST_LOOK_WAIT)?;
+            match &first {
+                FirstLook::Active { token } => tracing::info!(%instance, token, "this appliance holds the store's lease: it starts active"),
+                FirstLook::Standby { active } => tracing::info!(%instance, active = active.as_deref().unwrap_or("unknown"), "another appliance holds the store's lease: this one starts as a standby"),
+                FirstLook::Unreachable(why) => tracing::warn!(%instance, %why, "the lease could not be looked at yet: starting as a standby"),
+            }
+            let store = PgStore::shared(pg.clone(), lease.clone(), instance);
+            Ok((Arc::new(store), lease))
         }
-    };
-    Ok(store)
+    }
 }
+
+/// How long start-up waits for the lease keeper's first look before the cores start.
+const FIRST_LOOK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The reconciliation thread; the appliance serves without it if it cannot start.
 fn start_auditor(config: &Config, key: &Arc<SeedCache>) -> Option<Arc<crate::auditor::Auditor>> {
@@ -186,6 +205,7 @@ fn start_metrics(
     policy: &Arc<crate::policy::PolicyCell>,
     settings: &Arc<Published<ConnectionSettings>>,
     auditor: Option<&Arc<crate::auditor::Auditor>>,
+    lease: &Arc<Lease>,
 ) -> Result<Arc<crate::metrics::Registry>, ServerError> {
     let metrics = Arc::new(
         crate::metrics::Registry::new(
@@ -195,7 +215,8 @@ fn start_metrics(
             config.server.metrics_publish,
         )
         .with_auditor(auditor.map(|a| a.status()))
-        .with_tls(settings.clone()),
+        .with_tls(settings.clone())
+        .with_lease(lease.clone()),
     );
     if let Some(addr) = config.server.admin_listen {
         let bound = crate::metrics::spawn_admin_listener(addr, metrics.clone()).map_err(|e| {

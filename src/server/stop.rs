@@ -1,6 +1,6 @@
 //! The main thread once the cores start: it waits for every core to report ready, serves
-//! (following the seal state for systemd's status line, pinging the watchdog), and stops
-//! on a signal (the drain), a core's failure or the loss of the store.
+//! (following the seal state and the role for systemd's status line, pinging the
+//! watchdog), and stops on a signal (the drain) or a core's failure.
 
 use super::{CoreEvent, ServerError};
 use crate::config::Config;
@@ -22,10 +22,11 @@ pub(super) struct Watch {
     /// Set on SIGTERM: every core drains.
     pub draining: Arc<AtomicBool>,
     pub metrics: Arc<crate::metrics::Registry>,
-    /// What the cores, the signal thread and the store's fence alarm report.
+    /// What the cores and the signal thread report.
     pub events: mpsc::Receiver<CoreEvent>,
     pub key: Arc<SeedCache>,
     pub store: Arc<dyn Store>,
+    pub lease: Arc<crate::lease::Lease>,
 }
 
 /// How the wait for the cores ended, when it did not fail.
@@ -67,7 +68,6 @@ impl Watch {
                 Ok(CoreEvent::Failed { core, reason }) => {
                     return Err(ServerError::Core { core, reason });
                 }
-                Ok(CoreEvent::Fenced { reason }) => return Err(ServerError::Fenced(reason)),
                 Ok(CoreEvent::Stop { signal, .. }) => {
                     // Cores already ready may be serving: drain them like any stop (the
                     // others drain once they start, or the bound forces the stop).
@@ -109,7 +109,7 @@ impl Watch {
             "serving on {} with {cores} shards, {total_assets} assets",
             config.server.listen
         );
-        let status = status_line(&serving, &self.key.status().state);
+        let status = status_line(&serving, &self.key.status().state, &self.lease);
         self.notifier.ready(&status);
         if let Some(every) = crate::systemd::watchdog_interval() {
             self.spawn_watchdog(every);
@@ -134,19 +134,18 @@ impl Watch {
         }
     }
 
-    /// Serves until the first stop signal (returned), a core's failure or the loss of
-    /// the store; `status` is the status line systemd last had.
+    /// Serves until the first stop signal (returned) or a core's failure; `status` is the
+    /// status line systemd last had.
     fn serve(&self, serving: &str, mut status: String) -> Result<&'static str, ServerError> {
-        // From here on the appliance stops on SIGTERM or SIGINT (drained), when a core's
-        // executor fails, or when another appliance took the store over; in the last two
-        // cases the process exits without acknowledging anything more (every commit is
-        // refused already).
+        // From here on the appliance stops on SIGTERM or SIGINT (drained) or when a core's
+        // executor fails. Losing the store's lease does not stop it: it serves on as a
+        // standby (NOT_ACTIVE) and takes the lease again when it lapses.
         loop {
             let event = match self.events.recv_timeout(STATUS_REFRESH) {
                 Ok(event) => Ok(event),
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     // The status line follows the seal state (`systemctl status`).
-                    let now = status_line(serving, &self.key.status().state);
+                    let now = status_line(serving, &self.key.status().state, &self.lease);
                     if now != status {
                         self.notifier.status(&now);
                         status = now;
@@ -158,10 +157,6 @@ impl Watch {
             match event {
                 Ok(CoreEvent::Failed { core, reason }) => {
                     return Err(ServerError::Core { core, reason })
-                }
-                Ok(CoreEvent::Fenced { reason }) => {
-                    tracing::error!(%reason, "this appliance lost ownership of the store; stopping");
-                    return Err(ServerError::Fenced(reason));
                 }
                 Ok(CoreEvent::Stop { signal, .. }) => return Ok(signal),
                 Ok(CoreEvent::Ready { .. }) | Ok(CoreEvent::Drained { .. }) => {}
@@ -245,10 +240,6 @@ impl Watch {
                     self.key.stop();
                     return Err(ServerError::Core { core, reason });
                 }
-                Ok(CoreEvent::Fenced { reason }) => {
-                    self.key.stop();
-                    return Err(ServerError::Fenced(reason));
-                }
                 Ok(_) => {}
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     break Some(format!(
@@ -277,9 +268,13 @@ impl Watch {
     }
 }
 
-/// systemd's status line while serving: where, and the seal state when it is not plain
-/// unsealed.
-fn status_line(serving: &str, state: &crate::seal::cache::SealState) -> String {
+/// systemd's status line while serving: where, the role when the store is shared, and the
+/// seal state when it is not plain unsealed.
+fn status_line(
+    serving: &str,
+    state: &crate::seal::cache::SealState,
+    lease: &crate::lease::Lease,
+) -> String {
     use crate::seal::cache::SealState;
     let seal = match state {
         SealState::Unsealed => "",
@@ -289,5 +284,13 @@ fn status_line(serving: &str, state: &crate::seal::cache::SealState) -> String {
         SealState::SealedByOperator { .. } => "; sealed by an operator",
         SealState::SealedByFailure { .. } => "; sealed: the HSM failed past the grace period",
     };
-    format!("{serving}{seal}")
+    let role = match (lease.is_single_node(), lease.role()) {
+        (true, _) => String::new(),
+        (false, crate::lease::Role::Standby) => match lease.active_address() {
+            Some(active) => format!("; standby (active: {active})"),
+            None => "; standby".into(),
+        },
+        (false, role) => format!("; {}", role.name()),
+    };
+    format!("{serving}{role}{seal}")
 }

@@ -17,6 +17,16 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
+/// What the callers of a batch the store did not commit hear: NOT_ACTIVE when the lease
+/// was lost (nothing was written: the request may go to the active as it is), else
+/// STORE_UNAVAILABLE.
+fn refusal_of(e: &StoreError, message: &str) -> Refusal {
+    match e {
+        StoreError::Fenced { .. } => Refusal::not_active(message, None),
+        _ => Refusal::new(Status::StoreUnavailable, message),
+    }
+}
+
 /// An operation whose record is in a sealed batch.
 struct Waiter {
     seq: u64,
@@ -176,6 +186,11 @@ impl Shard {
                 st.durable_head = snapshot.last_hash;
                 st.resync = false;
                 st.reload = false;
+                self.rereads.set(self.rereads.get() + 1);
+                // What the store holds now is what the shard holds: its last refusal
+                // (a batch fenced before a takeover, say) no longer says anything.
+                self.figures.borrow_mut().store_ok = true;
+                self.reread_done.notify();
                 tracing::warn!(
                     shard = self.id,
                     assets = st.assets.len(),
@@ -312,12 +327,27 @@ impl Shard {
             }
             st.durable_next = st.durable_next.max(expected);
         }
+        if let StoreError::LeaseLapsed { .. } = e {
+            // Durable, but not acknowledged: the registry no longer says what the store
+            // holds, so the shard re-reads it before it accepts anything more.
+            self.state.borrow_mut().reload = true;
+        }
         let message = format!("commit failed: {e}");
         tracing::warn!(shard = self.id, batch = waiters.len(), %message, "batch not committed");
         for w in waiters {
-            let _ = w
-                .reply
-                .send(Err(Refusal::new(Status::StoreUnavailable, message.clone())));
+            let _ = w.reply.send(Err(refusal_of(&e, &message)));
+        }
+    }
+
+    /// Re-reads the shard from the store once every batch in flight has been heard from,
+    /// and resolves when a re-read that began after this call has completed (a takeover:
+    /// the new active's shards load what the previous one left).
+    pub async fn reread(&self) {
+        let before = self.rereads.get();
+        self.state.borrow_mut().reload = true;
+        self.kick.notify();
+        while self.rereads.get() == before {
+            self.reread_done.wait().await;
         }
     }
 

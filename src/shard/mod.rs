@@ -230,6 +230,9 @@ pub struct Shard {
     /// The limiter's clock starts with the shard.
     started: Instant,
     rate_limited: std::cell::Cell<u64>,
+    /// Completed re-reads from the store, and their signal ([`Shard::reread`]).
+    rereads: std::cell::Cell<u64>,
+    reread_done: LocalSignal,
 }
 
 impl Shard {
@@ -280,6 +283,8 @@ impl Shard {
             regions,
             started: Instant::now(),
             rate_limited: std::cell::Cell::new(0),
+            rereads: std::cell::Cell::new(0),
+            reread_done: LocalSignal::new(),
         }
     }
 

@@ -23,7 +23,7 @@ use std::pin::Pin;
 use uuid::Uuid;
 
 /// Version of the schema this build writes. A store with a newer schema is refused.
-pub const SCHEMA_VERSION: u32 = 3;
+pub const SCHEMA_VERSION: u32 = 4;
 
 /// Errors of the store layer.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -43,6 +43,8 @@ pub enum StoreError {
     Locked(String),
     #[error("this appliance no longer owns the store (fencing token {token} is stale): another appliance took it over")]
     Fenced { token: i64 },
+    #[error("the batch is durable, but this appliance's lease (token {token}) could lapse before its answers left: not acknowledged, the outcome is unknown to the callers")]
+    LeaseLapsed { token: i64 },
     #[error("shard {shard}: batch starts at sequence {found}, the log continues at {expected}")]
     SequenceGap {
         shard: u16,

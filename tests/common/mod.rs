@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod failover;
 pub mod openssl;
 pub mod pg;
 pub mod records;
@@ -179,6 +180,22 @@ impl TestAppliance {
 
     /// Starts custodyd and waits until it answers HELLO over TLS.
     pub fn launch(&mut self) {
+        self.launch_until("serving", |hello| hello.is_ok());
+    }
+
+    /// Starts custodyd and waits until it answers as a standby (NOT_ACTIVE).
+    pub fn launch_standby(&mut self) {
+        self.launch_until("a standby", |hello| {
+            matches!(hello, Err(e) if e.status() == Some(custody::wire::Status::NotActive))
+        });
+    }
+
+    /// Starts custodyd and waits (at most 30 s) until its answer to HELLO passes `ready`.
+    pub fn launch_until(
+        &mut self,
+        what: &str,
+        ready: impl Fn(Result<custody::op::HelloInfo, custody::client::ClientError>) -> bool,
+    ) {
         self.spawn_only();
         let deadline = Instant::now() + Duration::from_secs(30);
         let rt = runtime();
@@ -190,18 +207,18 @@ impl TestAppliance {
             {
                 panic!("custodyd exited with {status}:\n{}", self.log());
             }
-            let ready = rt.block_on(async {
+            let answered = rt.block_on(async {
                 match Client::connect(&self.client_config()).await {
-                    Ok(c) => c.hello().await.is_ok(),
-                    Err(_) => false,
+                    Ok(c) => Some(c.hello().await),
+                    Err(_) => None,
                 }
             });
-            if ready {
+            if answered.is_some_and(&ready) {
                 return;
             }
             assert!(
                 Instant::now() < deadline,
-                "custodyd not ready:\n{}",
+                "custodyd not {what}:\n{}",
                 self.log()
             );
             std::thread::sleep(Duration::from_millis(25));
@@ -407,6 +424,23 @@ impl PgDatabase {
         })
     }
 
+    /// Every asset's stored counter.
+    pub fn counters(&self) -> std::collections::HashMap<uuid::Uuid, u64> {
+        let config = self.config.clone();
+        on_executor(move || async move {
+            let c = custody::store::postgres::connect(&config)
+                .await
+                .expect("connect");
+            let rows = c
+                .query("SELECT asset_id, derivation_counter FROM custody_keys", &[])
+                .await
+                .expect("counters");
+            rows.iter()
+                .map(|r| (r.get::<_, uuid::Uuid>(0), r.get::<_, i64>(1) as u64))
+                .collect()
+        })
+    }
+
     /// The `[store]` section for an appliance config.
     pub fn store_section(&self) -> String {
         format!(
@@ -498,9 +532,17 @@ impl BackgroundLoad {
                                     .await
                                 {
                                     Ok(d) => ack.lock().unwrap().push((a, d.counter, d.receipt)),
+                                    // The store is away: its commits fail, or (on
+                                    // PostgreSQL) the lease cannot be renewed and the
+                                    // appliance stops acknowledging until it can.
                                     Err(e)
-                                        if e.status()
-                                            == Some(custody::wire::Status::StoreUnavailable) =>
+                                        if matches!(
+                                            e.status(),
+                                            Some(
+                                                custody::wire::Status::StoreUnavailable
+                                                    | custody::wire::Status::NotActive
+                                            )
+                                        ) =>
                                     {
                                         unav.fetch_add(1, Ordering::Relaxed);
                                         let took = sent.elapsed();

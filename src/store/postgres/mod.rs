@@ -13,6 +13,7 @@ use super::{
     StoreError, StoredAsset, SCHEMA_VERSION,
 };
 use crate::config::{PgSslMode as SslMode, PgTls};
+use crate::lease::{Lease, WHOLE_ASSET_SPACE};
 use crate::lifecycle::AssetState;
 use crate::placement::shard_of;
 use std::cell::RefCell;
@@ -28,29 +29,27 @@ use uuid::Uuid;
 pub use crate::config::PgConfig;
 
 mod connect;
+mod lease;
 mod reader;
 mod schema;
 mod shard;
 
 pub use connect::*;
+pub use lease::*;
 pub use reader::*;
 pub use schema::*;
 use shard::*;
 
 /// The PostgreSQL store: each shard connects on first use from its own core, and every
-/// commit carries the fencing token this appliance took the store with.
+/// commit carries the fencing token its shard was loaded under ([`crate::lease`]).
 pub struct PgStore {
     config: PgConfig,
-    ownership: Ownership,
-    on_fenced: FenceAlarm,
+    lease: Arc<Lease>,
+    /// This appliance at the store (`None`: a tool or test holding a fixed token).
+    instance: Option<Uuid>,
 }
 
-/// Called (from any core) when this appliance finds it no longer owns the store: a
-/// successor took the database over. Commits are refused from then on whatever the alarm
-/// does; the server stops the process.
-pub type FenceAlarm = Arc<dyn Fn(String) + Send + Sync>;
-
-/// What an appliance holds once it owns the store.
+/// What a tool or test holds once it owns the store with [`acquire_ownership`].
 #[derive(Clone, Copy, Debug)]
 pub struct Ownership {
     pub instance: Uuid,
@@ -59,18 +58,24 @@ pub struct Ownership {
 }
 
 impl PgStore {
+    /// A store held with a token taken once ([`acquire_ownership`]) and never renewed:
+    /// tools, tests and benches.
     pub fn new(config: PgConfig, ownership: Ownership) -> PgStore {
         PgStore {
             config,
-            ownership,
-            on_fenced: Arc::new(|_| {}),
+            lease: Arc::new(Lease::held(ownership.token)),
+            instance: Some(ownership.instance),
         }
     }
 
-    /// Calls `alarm` once ownership is found lost (by the heartbeat or by a commit).
-    pub fn with_fence_alarm(mut self, alarm: FenceAlarm) -> PgStore {
-        self.on_fenced = alarm;
-        self
+    /// The appliance's store: the lease keeper ([`spawn_lease_keeper`]) moves `lease`;
+    /// shards load and commit under the token it holds.
+    pub fn shared(config: PgConfig, lease: Arc<Lease>, instance: Uuid) -> PgStore {
+        PgStore {
+            config,
+            lease,
+            instance: Some(instance),
+        }
     }
 }
 
@@ -130,48 +135,14 @@ pub async fn acquire_ownership(
     }
 }
 
-/// Keeps the lease alive while this appliance owns the store. Returns when ownership is
-/// lost (another appliance took over); from then on every commit is refused as fenced.
-async fn heartbeat(config: PgConfig, ownership: Ownership, on_fenced: FenceAlarm) {
-    let interval = ownership.lease / 3;
-    let mut client: Option<Client> = None;
-    loop {
-        glommio::timer::sleep(interval).await;
-        if client.as_ref().map_or(true, |c| c.is_closed()) {
-            client = connect(&config).await.ok();
-        }
-        let Some(c) = client.as_ref() else {
-            tracing::warn!("store heartbeat: PostgreSQL unreachable");
-            continue;
-        };
-        match c
-            .execute(
-                "UPDATE custody_owner SET heartbeat_at = now() WHERE id = 1 AND token = $1",
-                &[&ownership.token],
-            )
-            .await
-        {
-            Ok(1) => {}
-            Ok(_) => {
-                on_fenced(format!(
-                    "another appliance took the database over (this one held token {}); every commit is refused from now on",
-                    ownership.token
-                ));
-                return;
-            }
-            Err(e) => tracing::warn!(error = %e, "store heartbeat failed"),
-        }
-    }
-}
-
 impl Store for PgStore {
     fn open_shard(&self, shard: u16, shard_count: u16) -> Box<dyn ShardStore> {
         Box::new(PgShard {
             inner: Rc::new(PgShardInner {
                 config: self.config.clone(),
-                token: self.ownership.token,
-                ownership: self.ownership,
-                on_fenced: self.on_fenced.clone(),
+                // Until its first load: the token held now (a tool's fixed one).
+                token: std::cell::Cell::new(self.lease.token()),
+                lease: self.lease.clone(),
                 shard,
                 shard_count,
                 session: RefCell::new(None),
@@ -181,7 +152,14 @@ impl Store for PgStore {
     }
 
     fn release(&self, limit: Duration) -> Result<bool, StoreError> {
-        let (config, ownership) = (self.config.clone(), self.ownership);
+        self.lease.leave();
+        let (token, Some(instance)) = (self.lease.token(), self.instance) else {
+            return Ok(false);
+        };
+        if token == 0 {
+            return Ok(false);
+        }
+        let config = self.config.clone();
         let (done, outcome) = std::sync::mpsc::channel();
         // A thread of its own, waited for at most `limit`: a server that does not answer
         // must not hold the stop (the lease then lapses by itself).
@@ -193,8 +171,8 @@ impl Store for PgStore {
                     client
                         .execute(
                             "UPDATE custody_owner SET instance = NULL \
-                             WHERE id = 1 AND instance = $1 AND token = $2",
-                            &[&ownership.instance, &ownership.token],
+                             WHERE id = $3 AND instance = $1 AND token = $2",
+                            &[&instance, &token, &WHOLE_ASSET_SPACE],
                         )
                         .await
                         .map_err(|e| StoreError::Unavailable(format!("release: {e}")))
@@ -224,11 +202,11 @@ impl Store for PgStore {
     }
 }
 
-/// Takes the store for a new appliance instance, on an executor of its own thread (used
-/// at start-up, before the cores exist).
-pub fn acquire_ownership_blocking(config: &PgConfig) -> Result<Ownership, StoreError> {
+/// Checks, before the appliance starts, that the database is reachable and its schema is
+/// this build's (on an executor of its own thread: the cores do not exist yet).
+pub fn check_schema_blocking(config: &PgConfig) -> Result<(), StoreError> {
     let config = config.clone();
-    on_own_executor("custody-owner", move || async move {
+    on_own_executor("custody-schema", move || async move {
         let client = connect(&config).await?;
         let version = schema_version(&client).await?;
         if version != SCHEMA_VERSION {
@@ -236,6 +214,6 @@ pub fn acquire_ownership_blocking(config: &PgConfig) -> Result<Ownership, StoreE
                 "database schema is version {version}, this build needs {SCHEMA_VERSION}: run `custodyd migrate`"
             )));
         }
-        acquire_ownership(&client, Uuid::new_v4(), config.owner_lease).await
+        Ok(())
     })?
 }

@@ -4,10 +4,11 @@
 
 use super::*;
 
-pub(super) const MIGRATIONS: [&str; 3] = [
+pub(super) const MIGRATIONS: [&str; 4] = [
     include_str!("../../../appliance/sql/postgres/0001_init.sql"),
     include_str!("../../../appliance/sql/postgres/0002_lifecycle.sql"),
     include_str!("../../../appliance/sql/postgres/0003_audit_chain.sql"),
+    include_str!("../../../appliance/sql/postgres/0004_availability.sql"),
 ];
 
 /// Applies the embedded migrations (in one transaction each) and checks the version.
@@ -104,26 +105,4 @@ pub async fn check_durability(client: &Client, allow: bool) -> Result<(), StoreE
         "PostgreSQL has {what}: an acknowledged derivation could lose its audit record in a crash. \
          Fix the server, or set store.postgres_allow_unsafe_durability = true for a throwaway database"
     )))
-}
-
-/// Keeps the coming months' audit-log partitions made while the appliance runs (shard 0
-/// only), so a month never starts with its rows going to the default partition.
-pub(super) async fn maintain_partitions(config: PgConfig) {
-    let mut client: Option<Client> = None;
-    loop {
-        glommio::timer::sleep(config.partition_check).await;
-        if client.as_ref().map_or(true, |c| c.is_closed()) {
-            client = connect(&config).await.ok();
-        }
-        match client.as_ref() {
-            None => tracing::warn!(
-                "audit-log partitions: PostgreSQL unreachable; next try in {:?}",
-                config.partition_check
-            ),
-            Some(c) => match ensure_partitions(c).await {
-                Ok(()) => tracing::debug!("audit-log partitions ready"),
-                Err(e) => tracing::warn!(error = %e, "audit-log partitions not made"),
-            },
-        }
-    }
 }

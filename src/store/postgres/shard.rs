@@ -71,9 +71,9 @@ SELECT (SELECT count(*) FROM adv), (SELECT count(*) FROM audit), (SELECT count(*
 
 pub(super) struct PgShardInner {
     pub(super) config: PgConfig,
-    pub(super) token: i64,
-    pub(super) ownership: Ownership,
-    pub(super) on_fenced: FenceAlarm,
+    /// The fencing token the shard's state was loaded under: its commits carry it.
+    pub(super) token: std::cell::Cell<i64>,
+    pub(super) lease: Arc<Lease>,
     pub(super) shard: u16,
     pub(super) shard_count: u16,
     pub(super) session: RefCell<Option<Rc<Session>>>,
@@ -149,26 +149,21 @@ impl PgShardInner {
         }))
     }
 
+    /// The shard as the store holds it, read under the lease's token of now (which its
+    /// commits then carry; a standby reads under none, and commits nothing).
     async fn load(&self, window: RotationWindow) -> Result<ShardSnapshot, StoreError> {
+        let token = self.lease.token();
         let s = self.session().await?;
-        if self.shard == 0 {
-            ensure_partitions(&s.client).await?;
-            glommio::spawn_local(heartbeat(
-                self.config.clone(),
-                self.ownership,
-                self.on_fenced.clone(),
-            ))
-            .detach();
-            glommio::spawn_local(maintain_partitions(self.config.clone())).detach();
-        }
         let last = self.last_seq(&s.client).await?;
-        Ok(ShardSnapshot {
+        let snapshot = ShardSnapshot {
             assets: self.assets(&s.client).await?,
             last_seq: last.max(0) as u64,
             last_hash: self.hash_at(&s.client, last).await?,
             rotations: self.recent_rotations(&s.client, window).await?,
             regions: stored_regions(&s.client).await?,
-        })
+        };
+        self.token.set(token);
+        Ok(snapshot)
     }
 
     /// The shard's last committed sequence number (its row made from the log if the
@@ -276,15 +271,26 @@ impl PgShardInner {
         )
     }
 
+    /// Commits under the token the shard was loaded under, and calls the batch durable
+    /// only if this appliance may still acknowledge under it (else its answers could
+    /// leave after the lease lapsed: [`StoreError::LeaseLapsed`]).
     async fn commit(&self, batch: CommitBatch) -> Result<(), StoreError> {
+        let token = self.token.get();
+        if self.lease.token() != token {
+            return Err(StoreError::Fenced { token });
+        }
         let s = self.session().await?;
-        self.write(&s, &batch).await
+        self.write(&s, &batch, token).await?;
+        if !self.lease.may_acknowledge_for(token) {
+            return Err(StoreError::LeaseLapsed { token });
+        }
+        Ok(())
     }
 
     /// One batch in one statement (COMMIT_BATCH_SQL): the sequence advanced only if the
     /// batch continues it, the records, checkpoint, region switches and asset rows written,
     /// and the ownership token checked, all or nothing.
-    async fn write(&self, s: &Session, batch: &CommitBatch) -> Result<(), StoreError> {
+    async fn write(&self, s: &Session, batch: &CommitBatch, token: i64) -> Result<(), StoreError> {
         let (Some(first), Some(last)) = (batch.records.first(), batch.records.last()) else {
             return Ok(());
         };
@@ -329,7 +335,7 @@ impl PgShardInner {
                     &w.ids,
                     &w.states,
                     &w.counters,
-                    &self.token,
+                    &token,
                     &c.rotation,
                     &w.upd_ids,
                     &w.upd_states,
@@ -346,7 +352,7 @@ impl PgShardInner {
             )
             .await
             .map_err(pg_err)?;
-        self.check_commit(&row, batch, &w)
+        self.check_commit(&row, batch, &w, token)
     }
 
     /// What the statement says it did: fenced (another appliance owns the database), a
@@ -356,16 +362,20 @@ impl PgShardInner {
         row: &tokio_postgres::Row,
         batch: &CommitBatch,
         w: &RowWrites<'_>,
+        token: i64,
     ) -> Result<(), StoreError> {
         let (advanced, audited, registered): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
         let updated: i32 = row.get(5);
         let owner: i64 = row.get(4);
         if owner != 1 {
-            (self.on_fenced)(format!(
-                "shard {} found at commit that another appliance owns the database (this one held token {})",
-                batch.shard, self.token
-            ));
-            return Err(StoreError::Fenced { token: self.token });
+            if self.lease.step_down(token) {
+                tracing::warn!(
+                    shard = batch.shard,
+                    token,
+                    "a commit found another appliance holding the store's lease: this one is a standby now"
+                );
+            }
+            return Err(StoreError::Fenced { token });
         }
         if advanced != 1 {
             let committed: Option<i64> = row.get(3);

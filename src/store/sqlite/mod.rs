@@ -38,10 +38,11 @@ pub fn memory_used_bytes() -> u64 {
 const ACTIVE_SHARD_WINDOW: Duration = Duration::from_millis(5);
 use uuid::Uuid;
 
-const MIGRATIONS: [&str; 3] = [
+const MIGRATIONS: [&str; 4] = [
     include_str!("../../../appliance/sql/sqlite/0001_init.sql"),
     include_str!("../../../appliance/sql/sqlite/0002_lifecycle.sql"),
     include_str!("../../../appliance/sql/sqlite/0003_audit_chain.sql"),
+    include_str!("../../../appliance/sql/sqlite/0004_availability.sql"),
 ];
 
 enum Job {

@@ -1,0 +1,3 @@
+-- Availability (issue 19) changes the PostgreSQL store's lease row only: the embedded
+-- SQLite store is single-node (one appliance, always active), so this version adds
+-- nothing here. It exists so that both stores share one schema version.

@@ -1,0 +1,253 @@
+//! The owner lease at PostgreSQL: the I/O of [`crate::lease`].
+//!
+//! One thread of its own ("custody-lease", a glommio executor) keeps the lease, so that a
+//! busy core never delays a renewal into self-fencing. A standby looks at the lease row
+//! every [`LeaseTiming::watch_every`] and takes it once it has lapsed by PostgreSQL's
+//! clock (`now()` against the holder's last `heartbeat_at` plus the holder's `lease_ms`);
+//! taking it moves the fencing token forward. The active renews every
+//! [`LeaseTiming::renew_every`]; a renewal that matches no row means another appliance
+//! holds a newer token, and this one steps down. A renewal that fails or does not answer
+//! in time changes nothing: the cores stop acknowledging on their own once the last good
+//! renewal is older than the lease minus the margin, and acknowledge again if a later
+//! renewal of the same token succeeds (nobody else took it meanwhile).
+//!
+//! The active also keeps the audit log's coming partitions made (a task of its own on
+//! this thread, with its own connection, so slow DDL never holds a renewal up).
+
+use super::*;
+use crate::lease::{Lease, LeaseTiming, WHOLE_ASSET_SPACE};
+use std::time::Instant;
+
+/// Who this appliance is at the store, and where its clients reach it.
+#[derive(Clone, Debug)]
+pub struct Claimant {
+    pub instance: Uuid,
+    /// `server.advertise`: what standbys name in their NOT_ACTIVE replies.
+    pub address: String,
+    pub timing: LeaseTiming,
+}
+
+/// What the first look at the lease found (start-up waits for it, so that the cores
+/// load their shards under the token when this appliance is the one to take it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FirstLook {
+    Active { token: i64 },
+    Standby { active: Option<String> },
+    /// PostgreSQL did not answer; the keeper goes on trying.
+    Unreachable(String),
+}
+
+/// Starts the lease thread; returns what its first attempt found (within `wait`).
+pub fn spawn_lease_keeper(
+    config: PgConfig,
+    lease: Arc<Lease>,
+    claimant: Claimant,
+    wait: Duration,
+) -> Result<FirstLook, StoreError> {
+    let (tell, first) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("custody-lease".into())
+        .spawn(move || {
+            let ex = match glommio::LocalExecutorBuilder::default()
+                .io_memory(256 * 1024)
+                .make()
+            {
+                Ok(ex) => ex,
+                Err(e) => {
+                    let _ = tell.send(FirstLook::Unreachable(format!(
+                        "cannot start the lease executor: {e}"
+                    )));
+                    return;
+                }
+            };
+            ex.run(keep(config, lease, claimant, tell));
+        })
+        .map_err(|e| StoreError::Unavailable(format!("cannot start the lease thread: {e}")))?;
+    Ok(first.recv_timeout(wait).unwrap_or_else(|_| {
+        FirstLook::Unreachable(format!(
+            "no answer from PostgreSQL within {} ms",
+            wait.as_millis()
+        ))
+    }))
+}
+
+/// The keeper's life: watch or renew, forever (the process ends it).
+async fn keep(
+    config: PgConfig,
+    lease: Arc<Lease>,
+    claimant: Claimant,
+    first: std::sync::mpsc::Sender<FirstLook>,
+) {
+    glommio::spawn_local(keep_partitions(config.clone(), lease.clone())).detach();
+    let mut first = Some(first);
+    let mut client: Option<Client> = None;
+    loop {
+        let look = look_once(&config, &lease, &claimant, &mut client).await;
+        if let Some(tell) = first.take() {
+            let _ = tell.send(look);
+        }
+        let pause = match lease.token() {
+            0 => claimant.timing.watch_every(),
+            _ => claimant.timing.renew_every(),
+        };
+        glommio::timer::sleep(pause).await;
+    }
+}
+
+/// One round: (re)connect if needed, then take the lease (standby) or renew it (active),
+/// within a renewal interval.
+async fn look_once(
+    config: &PgConfig,
+    lease: &Lease,
+    claimant: &Claimant,
+    client: &mut Option<Client>,
+) -> FirstLook {
+    if lease.leaving() {
+        return FirstLook::Standby { active: None };
+    }
+    let limit = claimant.timing.renew_every().max(Duration::from_millis(100));
+    let round = async {
+        if client.as_ref().map_or(true, |c| c.is_closed()) {
+            *client = Some(connect(config).await?);
+        }
+        let c = client.as_ref().ok_or(StoreError::Closed)?;
+        match lease.token() {
+            0 => take_or_watch(c, lease, claimant).await,
+            token => renew(c, lease, claimant, token).await,
+        }
+    };
+    let outcome = futures_lite::future::or(async { Some(round.await) }, async {
+        glommio::timer::sleep(limit).await;
+        None
+    })
+    .await;
+    match outcome {
+        Some(Ok(look)) => look,
+        Some(Err(e)) => {
+            *client = None;
+            tracing::warn!(error = %e, role = lease.role().name(), "owner lease: PostgreSQL did not answer");
+            FirstLook::Unreachable(e.to_string())
+        }
+        None => {
+            *client = None;
+            let why = format!("no answer within {} ms", limit.as_millis());
+            tracing::warn!(role = lease.role().name(), "owner lease: {why}");
+            FirstLook::Unreachable(why)
+        }
+    }
+}
+
+/// A standby's round: take the lease if it has lapsed, else note who holds it.
+async fn take_or_watch(
+    client: &Client,
+    lease: &Lease,
+    claimant: &Claimant,
+) -> Result<FirstLook, StoreError> {
+    let sent = Instant::now();
+    if let Some(token) = try_take(client, claimant).await? {
+        lease.acquired(token, sent, &claimant.timing);
+        tracing::info!(token, instance = %claimant.instance, address = %claimant.address, "took the store's lease: active once every core has loaded its shard");
+        return Ok(FirstLook::Active { token });
+    }
+    let active = holder_address(client).await?;
+    lease.set_active_address(active.clone());
+    Ok(FirstLook::Standby { active })
+}
+
+/// Takes the lease when nobody holds it or its holder's lease has lapsed by PostgreSQL's
+/// clock; the new token, or `None` while another appliance's lease is live.
+pub(super) async fn try_take(
+    client: &Client,
+    claimant: &Claimant,
+) -> Result<Option<i64>, StoreError> {
+    let lease_ms = claimant.timing.lease.as_millis() as i64;
+    let row = client
+        .query_opt(
+            "UPDATE custody_owner SET instance = $1, token = token + 1, heartbeat_at = now(), \
+             lease_ms = $2, address = $3, acquired_at = now() \
+             WHERE id = $4 AND (instance IS NULL OR heartbeat_at IS NULL \
+               OR heartbeat_at < now() - make_interval(secs => lease_ms / 1000.0)) \
+             RETURNING token",
+            &[
+                &claimant.instance,
+                &lease_ms,
+                &claimant.address,
+                &WHOLE_ASSET_SPACE,
+            ],
+        )
+        .await
+        .map_err(pg_err)?;
+    Ok(row.map(|r| r.get(0)))
+}
+
+/// The client address of the lease's holder, when one holds it.
+async fn holder_address(client: &Client) -> Result<Option<String>, StoreError> {
+    let row = client
+        .query_opt(
+            "SELECT address FROM custody_owner WHERE id = $1 AND instance IS NOT NULL",
+            &[&WHOLE_ASSET_SPACE],
+        )
+        .await
+        .map_err(pg_err)?;
+    Ok(row.and_then(|r| r.get::<_, Option<String>>(0)))
+}
+
+/// The active's round: renew `token`; step down if another appliance holds a newer one.
+async fn renew(
+    client: &Client,
+    lease: &Lease,
+    claimant: &Claimant,
+    token: i64,
+) -> Result<FirstLook, StoreError> {
+    let sent = Instant::now();
+    let renewed = client
+        .execute(
+            "UPDATE custody_owner SET heartbeat_at = now() \
+             WHERE id = $1 AND token = $2 AND instance = $3",
+            &[&WHOLE_ASSET_SPACE, &token, &claimant.instance],
+        )
+        .await
+        .map_err(pg_err)?;
+    if renewed == 1 {
+        lease.renewed(token, sent, &claimant.timing);
+        return Ok(FirstLook::Active { token });
+    }
+    if lease.step_down(token) {
+        tracing::warn!(
+            token,
+            "another appliance took the store's lease over: this one is a standby now and acknowledges nothing"
+        );
+    }
+    let active = holder_address(client).await?;
+    lease.set_active_address(active.clone());
+    Ok(FirstLook::Standby { active })
+}
+
+/// While this appliance holds the lease, keeps the audit log's coming months'
+/// partitions made (at once on taking it, then every `partition_check`; after a failure,
+/// again in [`PARTITION_RETRY`]).
+async fn keep_partitions(config: PgConfig, lease: Arc<Lease>) {
+    let mut made_for = 0i64;
+    let mut last: Option<Instant> = None;
+    loop {
+        glommio::timer::sleep(Duration::from_millis(200)).await;
+        let token = lease.token();
+        let since = last.map_or(Duration::MAX, |t| t.elapsed());
+        let due = token != 0
+            && ((token != made_for && since >= PARTITION_RETRY) || since >= config.partition_check);
+        if !due {
+            continue;
+        }
+        last = Some(Instant::now());
+        match connect(&config).await {
+            Ok(c) => match ensure_partitions(&c).await {
+                Ok(()) => made_for = token,
+                Err(e) => tracing::warn!(error = %e, "audit-log partitions not made"),
+            },
+            Err(e) => tracing::warn!(error = %e, "audit-log partitions: PostgreSQL unreachable"),
+        }
+    }
+}
+
+/// How soon partitions are tried again after a failure.
+const PARTITION_RETRY: Duration = Duration::from_secs(5);
