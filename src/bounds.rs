@@ -89,3 +89,8 @@ pub const ASSET_GROUP_MEMBERS_MAX: usize = 1_000_000;
 /// a paced run never holds the store for long (`audit.reconcile_records_per_s` is at least
 /// one page a second).
 pub const RECONCILE_PAGE_RECORDS: usize = 5_000;
+
+/// Most PostgreSQL servers `store.postgres_host` may list (a primary and its standbys):
+/// a connection tries them in turn, each within its timeout, so the list bounds how long
+/// finding the writable one can take.
+pub const PG_HOSTS_MAX: usize = 8;

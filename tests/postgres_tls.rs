@@ -9,7 +9,7 @@ mod common;
 
 use common::{asset, derive_body, on_executor, runtime, PgDatabase, TestAppliance};
 use custody::client::Client;
-use custody::config::{PgSslMode as SslMode, PgTls};
+use custody::config::{PgHost, PgSslMode as SslMode, PgTls};
 use custody::store::postgres::{self, PgConfig};
 use std::path::PathBuf;
 
@@ -35,6 +35,22 @@ fn admin() -> Option<PgConfig> {
     Some(PgDatabase::admin_config())
 }
 
+/// `admin`'s servers under `name` (the name the certificate must carry), secured by `tls`.
+fn named(admin: &PgConfig, name: &str, tls: PgTls) -> PgConfig {
+    PgConfig {
+        hosts: admin
+            .hosts
+            .iter()
+            .map(|h| PgHost {
+                name: name.to_owned(),
+                addr: h.addr,
+            })
+            .collect(),
+        tls,
+        ..admin.clone()
+    }
+}
+
 /// Connects and asks the server whether this very session is encrypted.
 fn session_is_tls(config: PgConfig) -> Result<bool, String> {
     on_executor(move || async move {
@@ -56,9 +72,8 @@ fn session_is_tls(config: PgConfig) -> Result<bool, String> {
 fn disable_is_plain_and_require_is_encrypted() {
     let Some(admin) = admin() else { return };
     assert_eq!(session_is_tls(admin.clone()), Ok(false));
-    let host = admin.addr.ip().to_string();
     let require = PgConfig {
-        tls: PgTls::new(SslMode::Require, &host, None).unwrap(),
+        tls: PgTls::new(SslMode::Require, None).unwrap(),
         ..admin
     };
     assert_eq!(session_is_tls(require), Ok(true));
@@ -70,10 +85,8 @@ fn verify_full_accepts_the_servers_certificate_by_ip_and_by_name() {
         return;
     };
     for host in ["127.0.0.1", "localhost"] {
-        let config = PgConfig {
-            tls: PgTls::new(SslMode::VerifyFull, host, Some(&ca)).unwrap(),
-            ..admin.clone()
-        };
+        let tls = PgTls::new(SslMode::VerifyFull, Some(&ca)).unwrap();
+        let config = named(&admin, host, tls);
         assert_eq!(session_is_tls(config), Ok(true), "{host}");
     }
 }
@@ -90,10 +103,8 @@ fn verify_full_refuses_an_unknown_issuer() {
     let other_ca = params.self_signed(&key).unwrap();
     let path = dir.path().join("other-ca.pem");
     std::fs::write(&path, other_ca.pem()).unwrap();
-    let config = PgConfig {
-        tls: PgTls::new(SslMode::VerifyFull, "127.0.0.1", Some(&path)).unwrap(),
-        ..admin
-    };
+    let tls = PgTls::new(SslMode::VerifyFull, Some(&path)).unwrap();
+    let config = named(&admin, "127.0.0.1", tls);
     let err = session_is_tls(config).unwrap_err();
     assert!(err.contains("sslmode verify-full"), "{err}");
     assert!(err.contains("UnknownIssuer"), "{err}");
@@ -105,10 +116,8 @@ fn verify_full_refuses_a_certificate_for_another_name() {
         return;
     };
     // The right server and the right CA, but the config names another host.
-    let config = PgConfig {
-        tls: PgTls::new(SslMode::VerifyFull, "db.custody.invalid", Some(&ca)).unwrap(),
-        ..admin
-    };
+    let tls = PgTls::new(SslMode::VerifyFull, Some(&ca)).unwrap();
+    let config = named(&admin, "db.custody.invalid", tls);
     let err = session_is_tls(config).unwrap_err();
     assert!(err.contains("not valid for name"), "{err}");
 }
@@ -122,7 +131,7 @@ fn the_appliance_serves_over_verify_full() {
     let section = format!(
         "{}postgres_sslmode = \"verify-full\"\npostgres_sslrootcert = \"{}\"\n",
         db.store_section().replace(
-            &format!("postgres_host = \"{}\"", db.config.addr.ip()),
+            &format!("postgres_host = \"{}\"", db.config.hosts_text()),
             "postgres_host = \"localhost\""
         ),
         ca.display()

@@ -581,14 +581,18 @@ fn postgres_unreachable_fails_fast_and_backs_off() {
         // Nothing listens on port 1: every attempt is refused at once.
         let store = PgStore::new(
             PgConfig {
-                addr: "127.0.0.1:1".parse().unwrap(),
+                hosts: vec![custody::config::PgHost::from_addr(
+                    "127.0.0.1:1".parse().unwrap(),
+                )],
                 dbname: "custody".into(),
                 user: "custody".into(),
                 password: None,
                 allow_unsafe_durability: false,
                 owner_lease: Duration::from_secs(10),
+                owner_lease_margin: Duration::from_millis(500),
                 tls: custody::config::PgTls::disabled(),
                 partition_check: Duration::from_secs(3600),
+                preferred_host: Default::default(),
             },
             postgres::Ownership {
                 instance: Uuid::nil(),

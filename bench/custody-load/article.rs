@@ -8,6 +8,7 @@
 use crate::stats::Answer;
 use crate::target::{Done, Route, Target};
 use crate::workload::Op;
+use anyhow::Context as _;
 use custody::store::postgres::PgConfig;
 use hmac::{Hmac, Mac};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
@@ -37,7 +38,11 @@ impl Target for ArticleTarget {
 
 /// Connects over tokio (the harness's runtime), without TLS.
 async fn connect(config: &PgConfig) -> anyhow::Result<tokio_postgres::Client> {
-    let tcp = tokio::net::TcpStream::connect(config.addr).await?;
+    let host = config
+        .hosts
+        .first()
+        .context("the database config names no host")?;
+    let tcp = tokio::net::TcpStream::connect(host.addr).await?;
     tcp.set_nodelay(true)?;
     let (client, connection) = config
         .driver_config()

@@ -113,8 +113,8 @@ fn config_text(o: &Options, ports: &Ports, database: Option<&TempDatabase>, dir:
     let store_section = match database {
         Some(db) => format!(
             "[store]\nbackend = \"postgres\"\npostgres_host = \"{}\"\npostgres_port = {}\npostgres_user = \"{}\"\npostgres_dbname = \"{}\"\n",
-            db.config.addr.ip(),
-            db.config.addr.port(),
+            db.config.hosts_text(),
+            db.config.hosts.first().map_or(5432, |h| h.addr.port()),
             db.config.user,
             db.config.dbname
         ),

@@ -30,7 +30,7 @@ mod store;
 
 pub use keys::{KeyDoc, KEYS};
 pub use load::{load, parse};
-pub use postgres::{PgConfig, PgSslMode, PgTls, PgTlsError};
+pub use postgres::{PgConfig, PgHost, PgSslMode, PgTls, PgTlsError, PreferredHost};
 pub use resolve::resolve;
 
 use std::net::SocketAddr;
@@ -406,7 +406,11 @@ mod tests {
         let c = resolve(&parse(&text, "t.toml").unwrap(), dir.path(), "t.toml").unwrap();
         match &c.store.backend {
             StoreBackend::Postgres(pg) => {
-                assert_eq!(pg.addr, "127.0.0.1:5432".parse().unwrap());
+                assert_eq!(
+                    pg.hosts,
+                    [PgHost::from_addr("127.0.0.1:5432".parse().unwrap())]
+                );
+                assert_eq!(pg.hosts_text(), "127.0.0.1:5432");
                 assert_eq!((pg.user.as_str(), pg.dbname.as_str()), ("root", "custody"));
                 assert_eq!(pg.password.as_deref().map(String::as_str), Some("s3cret"));
                 assert!(
@@ -436,6 +440,82 @@ mod tests {
             let err = resolve(&parse(&bad, "t.toml").unwrap(), dir.path(), "t.toml").unwrap_err();
             assert_eq!(err.problems[0].key, key, "{mode}");
         }
+    }
+
+    #[test]
+    fn postgres_host_lists_several_servers() {
+        let pg = |hosts: &str| {
+            let text = format!(
+                "{MINIMAL}\n[store]\nbackend = \"postgres\"\npostgres_host = \"{hosts}\"\npostgres_port = 6000\n"
+            );
+            match resolve_text(&text).map(|c| c.store.backend) {
+                Ok(StoreBackend::Postgres(pg)) => Ok(pg),
+                Ok(other) => panic!("{other:?}"),
+                Err(e) => Err(e),
+            }
+        };
+        let c = pg("127.0.0.1, 127.0.0.2:5433,[::1]:5434,[::1]").unwrap();
+        assert_eq!(
+            c.hosts_text(),
+            "127.0.0.1:6000,127.0.0.2:5433,[::1]:5434,[::1]:6000"
+        );
+        assert_eq!(c.hosts[1].addr, "127.0.0.2:5433".parse().unwrap());
+        let e = pg("127.0.0.1,,db.custody.invalid,127.0.0.1:0").unwrap_err();
+        let problems: Vec<&ConfigProblem> = e.problems.iter().collect();
+        assert_eq!(problems.len(), 3, "{e}");
+        assert!(
+            problems.iter().all(|p| p.key == "store.postgres_host"),
+            "{e}"
+        );
+        assert!(
+            problems[1].message.contains("\"db.custody.invalid\""),
+            "{e}"
+        );
+        assert!(problems[2].message.contains("\"127.0.0.1:0\""), "{e}");
+        let many = vec!["127.0.0.1"; crate::bounds::PG_HOSTS_MAX + 1].join(",");
+        let e = pg(&many).unwrap_err();
+        assert_eq!(e.problems[0].key, "store.postgres_host");
+        assert!(e.problems[0].message.contains("at most 8"), "{e}");
+        let most = vec!["127.0.0.1"; crate::bounds::PG_HOSTS_MAX].join(",");
+        assert_eq!(pg(&most).unwrap().hosts.len(), crate::bounds::PG_HOSTS_MAX);
+    }
+
+    #[test]
+    fn each_postgres_host_must_be_a_tls_name_when_tls_is_on() {
+        let text = format!(
+            "{MINIMAL}\n[store]\nbackend = \"postgres\"\npostgres_host = \"127.0.0.1,bad_host!\"\npostgres_sslmode = \"require\"\n"
+        );
+        let e = resolve_text(&text).unwrap_err();
+        assert_eq!(e.problems.len(), 1, "{e}");
+        assert_eq!(e.problems[0].key, "store.postgres_host");
+        assert!(e.problems[0].message.contains("\"bad_host!\""), "{e}");
+    }
+
+    #[test]
+    fn the_lease_margin_is_less_than_half_the_lease() {
+        let lease = |lease: u32, margin: u32| {
+            let text = format!(
+                "{MINIMAL}\n[store]\nbackend = \"postgres\"\npostgres_owner_lease_ms = {lease}\npostgres_owner_lease_margin_ms = {margin}\n"
+            );
+            resolve_text(&text)
+        };
+        let c = lease(1000, 499).unwrap();
+        match &c.store.backend {
+            StoreBackend::Postgres(pg) => {
+                assert_eq!(pg.owner_lease, Duration::from_millis(1000));
+                assert_eq!(pg.owner_lease_margin, Duration::from_millis(499));
+            }
+            other => panic!("{other:?}"),
+        }
+        let e = lease(1000, 500).unwrap_err();
+        assert_eq!(e.problems.len(), 1, "{e}");
+        assert_eq!(e.problems[0].key, "store.postgres_owner_lease_margin_ms");
+        assert!(
+            e.problems[0].message.contains("500 ms") && e.problems[0].message.contains("1000 ms"),
+            "{e}"
+        );
+        let e = lease(1000, 10).unwrap_err();
+        assert_eq!(e.problems[0].key, "store.postgres_owner_lease_margin_ms");
     }
 
     #[test]
@@ -735,8 +815,10 @@ mod tests {
                 StoreBackend::Sqlite { path } => in_state(path),
                 StoreBackend::Postgres(_) => None,
             },
-            "store.postgres_host" => text(&pg?.addr.ip().to_string()),
-            "store.postgres_port" => Some(I(i64::from(pg?.addr.port()))),
+            // The port of the first host stands for postgres_port; another host's port
+            // is shown with it only where it differs.
+            "store.postgres_host" => text(&postgres_host(pg?)),
+            "store.postgres_port" => Some(I(i64::from(pg?.hosts.first()?.addr.port()))),
             "store.postgres_dbname" => text(&pg?.dbname),
             "store.postgres_user" => text(&pg?.user),
             "store.postgres_password_file" | "store.postgres_password_env" => {
@@ -744,6 +826,7 @@ mod tests {
             }
             "store.postgres_allow_unsafe_durability" => Some(B(pg?.allow_unsafe_durability)),
             "store.postgres_owner_lease_ms" => ms(pg?.owner_lease),
+            "store.postgres_owner_lease_margin_ms" => ms(pg?.owner_lease_margin),
             "store.postgres_partition_check_s" => secs(pg?.partition_check),
             "store.postgres_sslmode" => text(pg?.tls.mode().as_str()),
             "store.postgres_sslrootcert" => pg?.tls.roots().is_none().then(|| S(String::new())),
@@ -859,6 +942,20 @@ mod tests {
                 .then(|| Table(toml::Table::new())),
             _ => None,
         }
+    }
+
+    /// `store.postgres_host` as it would be written for `pg`'s hosts.
+    fn postgres_host(pg: &PgConfig) -> String {
+        let port = pg.hosts.first().map(|h| h.addr.port());
+        let items: Vec<String> = pg
+            .hosts
+            .iter()
+            .map(|h| match Some(h.addr.port()) == port {
+                true => h.name.clone(),
+                false => h.to_string(),
+            })
+            .collect();
+        items.join(",")
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! `[store]`: which store (SQLite or PostgreSQL, with where the server is, who connects
 //! and how the connection is secured) and the group commit's batching and timing.
 
+use super::postgres::server_name;
 use super::resolver::{absolute, Resolver};
-use super::{PgConfig, PgSslMode, PgTls, PgTlsError, StoreBackend, StoreConfig};
+use super::{PgConfig, PgHost, PgSslMode, PgTls, PreferredHost, StoreBackend, StoreConfig};
 use crate::bounds;
 use std::path::Path;
 use std::time::Duration;
@@ -115,6 +116,7 @@ struct PgKeys {
     partition_check: Option<Duration>,
     allow_unsafe: Option<bool>,
     lease: Option<Duration>,
+    lease_margin: Option<Duration>,
 }
 
 impl PgKeys {
@@ -135,64 +137,101 @@ impl PgKeys {
             lease: r
                 .int("store.postgres_owner_lease_ms", 500, 600_000)
                 .map(|ms| Duration::from_millis(ms as u64)),
+            lease_margin: r
+                .int("store.postgres_owner_lease_margin_ms", 50, 300_000)
+                .map(|ms| Duration::from_millis(ms as u64)),
         }
     }
 
-    /// The PostgreSQL store's settings: its TLS, its address (the host resolved now) and
-    /// its password (read now, from a file or the environment).
+    /// The PostgreSQL store's settings: its TLS, its hosts (each resolved now) and its
+    /// password (read now, from a file or the environment).
     fn resolve(self, r: &mut Resolver<'_>, base_dir: &Path) -> Option<PgConfig> {
-        let tls = self.tls(r, base_dir);
-        let addr = self.addr(r);
+        let mode = self.mode(r);
+        let tls = self.tls(r, mode, base_dir);
+        let hosts = self.hosts(r, mode);
         let password = self.password(r, base_dir);
+        let margin = self.lease_margin(r);
         Some(PgConfig {
-            addr: addr?,
+            hosts: hosts?,
             dbname: self.dbname?,
             user: self.user?,
             password: password?,
             allow_unsafe_durability: self.allow_unsafe?,
             owner_lease: self.lease?,
+            owner_lease_margin: margin?,
             tls: tls?,
             partition_check: self.partition_check?,
+            preferred_host: PreferredHost::default(),
         })
     }
 
-    fn tls(&self, r: &mut Resolver<'_>, base_dir: &Path) -> Option<PgTls> {
-        let (Some(mode), Some(host), Some(root)) = (
-            self.sslmode.as_deref(),
-            &self.host,
-            self.sslrootcert.as_deref(),
-        ) else {
-            return None;
-        };
-        let Some(mode) = PgSslMode::parse(mode) else {
+    /// `postgres_owner_lease_margin_ms`, below half the lease: the active stops
+    /// acknowledging a margin before its lease could lapse, and renews every quarter
+    /// lease, so a margin of half or more would leave it fencing itself on one late
+    /// renewal.
+    fn lease_margin(&self, r: &mut Resolver<'_>) -> Option<Duration> {
+        let (margin, lease) = (self.lease_margin?, self.lease?);
+        if margin * 2 >= lease {
             return r.problem(
+                "store.postgres_owner_lease_margin_ms",
+                format!(
+                    "{} ms must be less than half of store.postgres_owner_lease_ms ({} ms)",
+                    margin.as_millis(),
+                    lease.as_millis()
+                ),
+            );
+        }
+        Some(margin)
+    }
+
+    fn mode(&self, r: &mut Resolver<'_>) -> Option<PgSslMode> {
+        let mode = self.sslmode.as_deref()?;
+        match PgSslMode::parse(mode) {
+            Some(m) => Some(m),
+            None => r.problem(
                 "store.postgres_sslmode",
                 format!("{mode:?} is not \"disable\", \"require\" or \"verify-full\""),
-            );
+            ),
+        }
+    }
+
+    fn tls(&self, r: &mut Resolver<'_>, mode: Option<PgSslMode>, base_dir: &Path) -> Option<PgTls> {
+        let (Some(mode), Some(root)) = (mode, self.sslrootcert.as_deref()) else {
+            return None;
         };
         let root = (!root.is_empty()).then(|| absolute(base_dir, root));
-        match PgTls::new(mode, host, root.as_deref()) {
+        match PgTls::new(mode, root.as_deref()) {
             Ok(tls) => Some(tls),
-            Err(e @ PgTlsError::ServerName(_)) => r.problem("store.postgres_host", e.to_string()),
             Err(e) => r.problem("store.postgres_sslrootcert", e.to_string()),
         }
     }
 
-    fn addr(&self, r: &mut Resolver<'_>) -> Option<std::net::SocketAddr> {
-        use std::net::ToSocketAddrs;
-        let (Some(host), Some(port)) = (&self.host, self.port) else {
+    /// `postgres_host`, a comma-separated list as libpq's `host=a,b` (an item without a
+    /// port takes `postgres_port`): every item checked, each problem naming its item.
+    fn hosts(&self, r: &mut Resolver<'_>, mode: Option<PgSslMode>) -> Option<Vec<PgHost>> {
+        let (Some(list), Some(port)) = (&self.host, self.port) else {
             return None;
         };
-        match (host.as_str(), port as u16)
-            .to_socket_addrs()
-            .map(|mut a| a.next())
-        {
-            Ok(Some(addr)) => Some(addr),
-            Ok(None) | Err(_) => r.problem(
+        let items: Vec<&str> = list.split(',').map(str::trim).collect();
+        if items.len() > bounds::PG_HOSTS_MAX {
+            return r.problem(
                 "store.postgres_host",
-                format!("{host:?} does not resolve to an address"),
-            ),
+                format!(
+                    "{} hosts; at most {} may be listed",
+                    items.len(),
+                    bounds::PG_HOSTS_MAX
+                ),
+            );
         }
+        let tls = mode.is_some_and(|m| m != PgSslMode::Disable);
+        let mut hosts = Some(Vec::with_capacity(items.len()));
+        for item in items {
+            match resolve_host(item, port as u16, tls) {
+                Ok(host) => hosts.iter_mut().for_each(|h| h.push(host.clone())),
+                Err(message) => hosts = r.problem("store.postgres_host", message),
+            }
+        }
+        hosts
     }
 
     /// The password from `postgres_password_file` (trailing newline dropped), else from
@@ -225,5 +264,102 @@ impl PgKeys {
             },
             _ => None,
         }
+    }
+}
+
+/// One item of `postgres_host`: `name`, `name:port`, `[v6]`, `[v6]:port`, or a bare IPv6
+/// literal (which takes `default_port`), resolved; a TLS server name too if `tls`.
+fn resolve_host(item: &str, default_port: u16, tls: bool) -> Result<PgHost, String> {
+    use std::net::ToSocketAddrs;
+    let (name, port) = split_host(item).ok_or_else(|| format!("{item:?} is not host[:port]"))?;
+    let port = match port {
+        None => default_port,
+        Some(p) => match p.parse::<u16>() {
+            Ok(p) if p > 0 => p,
+            _ => return Err(format!("{item:?}: {p:?} is not a port (1-65535)")),
+        },
+    };
+    if tls {
+        server_name(name).map_err(|e| format!("{item:?}: {e}"))?;
+    }
+    match (name, port).to_socket_addrs().map(|mut a| a.next()) {
+        Ok(Some(addr)) => Ok(PgHost {
+            name: name.to_owned(),
+            addr,
+        }),
+        Ok(None) | Err(_) => Err(format!("{item:?} does not resolve to an address")),
+    }
+}
+
+/// `item` as (host, port if given); `None` when the host is empty or the brackets are
+/// unbalanced.
+fn split_host(item: &str) -> Option<(&str, Option<&str>)> {
+    let (name, port) = if let Some(rest) = item.strip_prefix('[') {
+        let (v6, after) = rest.split_once(']')?;
+        match after {
+            "" => (v6, None),
+            _ => (v6, Some(after.strip_prefix(':')?)),
+        }
+    } else if item.matches(':').count() > 1 {
+        (item, None)
+    } else {
+        match item.split_once(':') {
+            Some((name, port)) => (name, Some(port)),
+            None => (item, None),
+        }
+    };
+    (!name.is_empty()).then_some((name, port))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_items_split_as_libpq_reads_them() {
+        assert_eq!(split_host("db1"), Some(("db1", None)));
+        assert_eq!(
+            split_host("10.0.0.5:5433"),
+            Some(("10.0.0.5", Some("5433")))
+        );
+        assert_eq!(split_host("[::1]:5432"), Some(("::1", Some("5432"))));
+        assert_eq!(split_host("[::1]"), Some(("::1", None)));
+        assert_eq!(split_host("::1"), Some(("::1", None)));
+        assert_eq!(split_host(""), None);
+        assert_eq!(split_host(":5432"), None);
+        assert_eq!(split_host("[::1"), None);
+        assert_eq!(split_host("[::1]5432"), None);
+    }
+
+    #[test]
+    fn host_items_resolve_with_their_port_or_the_default() {
+        let h = resolve_host("127.0.0.1", 5432, false).unwrap();
+        assert_eq!(
+            (h.name.as_str(), h.addr),
+            ("127.0.0.1", "127.0.0.1:5432".parse().unwrap())
+        );
+        let h = resolve_host("127.0.0.1:5433", 5432, false).unwrap();
+        assert_eq!(h.addr, "127.0.0.1:5433".parse().unwrap());
+        let h = resolve_host("[::1]:6000", 5432, true).unwrap();
+        assert_eq!(
+            (h.name.as_str(), h.addr),
+            ("::1", "[::1]:6000".parse().unwrap())
+        );
+        assert_eq!(h.to_string(), "[::1]:6000");
+        for (bad, says) in [
+            ("127.0.0.1:0", "not a port"),
+            ("127.0.0.1:70000", "not a port"),
+            ("127.0.0.1:x", "not a port"),
+            ("", "not host[:port]"),
+            ("db.custody.invalid", "does not resolve"),
+        ] {
+            let e = resolve_host(bad, 5432, false).unwrap_err();
+            assert!(
+                e.contains(says) && e.contains(&format!("{bad:?}")),
+                "{bad}: {e}"
+            );
+        }
+        let e = resolve_host("bad_name!", 5432, true).unwrap_err();
+        assert!(e.contains("certificate can name"), "{e}");
     }
 }

@@ -149,9 +149,11 @@ fn open_store(config: &Config) -> Result<(Arc<dyn Store>, Arc<Lease>), ServerErr
             Ok((Arc::new(store), Arc::new(Lease::sole(cores))))
         }
         StoreBackend::Postgres(pg) => {
-            if pg.tls.mode() == crate::config::PgSslMode::Disable && !pg.addr.ip().is_loopback() {
+            if pg.tls.mode() == crate::config::PgSslMode::Disable
+                && pg.hosts.iter().any(|h| !h.addr.ip().is_loopback())
+            {
                 tracing::warn!(
-                    server = %pg.addr,
+                    server = %pg.hosts_text(),
                     "PostgreSQL is reached without TLS over a non-loopback address: audit records and counters cross the network in clear; set store.postgres_sslmode = \"verify-full\""
                 );
             }

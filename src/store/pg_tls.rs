@@ -24,10 +24,14 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use tokio_postgres::tls::{ChannelBinding, TlsConnect, TlsStream};
 
-/// The connector for one connection to a server secured as `tls` says (`None` when TLS
-/// is disabled). The trust anchors were read with the configuration; this builds the
-/// rustls client from them, with no file read.
-pub(crate) fn connector(tls: &PgTls) -> Result<Option<PgTlsConnect>, rustls::Error> {
+/// The connector for one connection to the server named `server_name` (its certificate
+/// must name it in `verify-full`; sent as SNI), secured as `tls` says (`None` when TLS is
+/// disabled). The trust anchors were read with the configuration; this builds the rustls
+/// client from them, with no file read.
+pub(crate) fn connector(
+    tls: &PgTls,
+    server_name: &ServerName<'static>,
+) -> Result<Option<PgTlsConnect>, rustls::Error> {
     let provider = crate::certs::provider();
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()?;
@@ -50,7 +54,7 @@ pub(crate) fn connector(tls: &PgTls) -> Result<Option<PgTlsConnect>, rustls::Err
     client.alpn_protocols = vec![b"postgresql".to_vec()];
     Ok(Some(PgTlsConnect {
         client: Arc::new(client),
-        server_name: tls.server_name().clone(),
+        server_name: server_name.clone(),
     }))
 }
 
@@ -213,9 +217,10 @@ mod tests {
 
     #[test]
     fn each_mode_gets_its_connector() {
-        assert!(connector(&PgTls::disabled()).unwrap().is_none());
-        let require = PgTls::new(SslMode::Require, "10.1.2.3", None).unwrap();
-        assert!(connector(&require).unwrap().is_some());
+        let name = ServerName::try_from("10.1.2.3").unwrap();
+        assert!(connector(&PgTls::disabled(), &name).unwrap().is_none());
+        let require = PgTls::new(SslMode::Require, None).unwrap();
+        assert!(connector(&require, &name).unwrap().is_some());
     }
 
     #[test]

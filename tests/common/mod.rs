@@ -444,9 +444,9 @@ impl PgDatabase {
     /// The `[store]` section for an appliance config.
     pub fn store_section(&self) -> String {
         format!(
-            "[store]\nbackend = \"postgres\"\npostgres_host = \"{}\"\npostgres_port = {}\npostgres_user = \"{}\"\npostgres_dbname = \"{}\"\npostgres_owner_lease_ms = 1000\n",
-            self.config.addr.ip(),
-            self.config.addr.port(),
+            "[store]\nbackend = \"postgres\"\npostgres_host = \"{}\"\npostgres_port = {}\npostgres_user = \"{}\"\npostgres_dbname = \"{}\"\npostgres_owner_lease_ms = 1000\npostgres_owner_lease_margin_ms = 200\n",
+            self.config.hosts_text(),
+            self.config.hosts.first().map_or(5432, |h| h.addr.port()),
             self.config.user,
             self.config.dbname
         )

@@ -35,7 +35,9 @@ pub(crate) fn check_config(file: &Path) -> i32 {
 fn store_text(backend: &StoreBackend) -> String {
     match backend {
         StoreBackend::Sqlite { path } => format!("sqlite {}", path.display()),
-        StoreBackend::Postgres(pg) => format!("postgres {}@{}/{}", pg.user, pg.addr, pg.dbname),
+        StoreBackend::Postgres(pg) => {
+            format!("postgres {}@{}/{}", pg.user, pg.hosts_text(), pg.dbname)
+        }
     }
 }
 

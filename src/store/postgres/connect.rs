@@ -3,6 +3,7 @@
 //! executor of its own for code outside the appliance's cores.
 
 use super::*;
+use crate::config::{PgHost, PreferredHost};
 
 /// A connection (and its first queries) slower than this counts as failed.
 pub(super) const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -33,21 +34,116 @@ pub(super) fn pg_err(e: tokio_postgres::Error) -> StoreError {
     StoreError::Unavailable(format!("postgres: {e}"))
 }
 
-/// Opens a connection from the current glommio executor and drives it there.
+/// Opens a connection to the writable server among the configured hosts, from the
+/// current glommio executor, and drives it there.
+///
+/// The connection is made with `connect_raw` over the executor's own TCP stream, so
+/// libpq's `target_session_attrs=read-write` is not available from the driver; this does
+/// what it does: the hosts are tried in order (the one that answered last first, see
+/// [`PgConfig::host_order`]), each within [`CONNECT_TIMEOUT`], and a server that says
+/// `transaction_read_only` is `on` (a hot standby, or a demoted primary) is passed over.
+/// When none will do, the error names each host and why.
 pub async fn connect(config: &PgConfig) -> Result<Client, StoreError> {
-    let tcp = glommio::net::TcpStream::connect(config.addr)
+    let mut skipped = Vec::with_capacity(config.hosts.len());
+    for i in config.host_order() {
+        let host = &config.hosts[i];
+        match connect_writable(config, host).await {
+            Ok(client) => {
+                config.preferred_host.set(i);
+                return Ok(client);
+            }
+            Err(why) => skipped.push(format!("{host}: {why}")),
+        }
+    }
+    if skipped.is_empty() {
+        return Err(StoreError::Unavailable(
+            "no PostgreSQL host is configured".into(),
+        ));
+    }
+    Err(StoreError::Unavailable(format!(
+        "no writable PostgreSQL server: {}",
+        skipped.join("; ")
+    )))
+}
+
+/// Why a host was passed over by [`connect`].
+#[derive(Debug, thiserror::Error)]
+enum Skipped {
+    #[error("{}", io_reason(.0))]
+    Connect(io::Error),
+    #[error("no answer within {} ms", CONNECT_TIMEOUT.as_millis())]
+    TimedOut,
+    #[error("read-only (a standby)")]
+    ReadOnly,
+    #[error("{0}")]
+    Postgres(String),
+}
+
+/// An I/O error as an operator reads it: "connection refused" without the OS's number.
+fn io_reason(e: &io::Error) -> String {
+    match e.kind() {
+        io::ErrorKind::ConnectionRefused => "connection refused".into(),
+        _ => e.to_string(),
+    }
+}
+
+/// A connection to `host`, if it answers within [`CONNECT_TIMEOUT`] and takes writes.
+async fn connect_writable(config: &PgConfig, host: &PgHost) -> Result<Client, Skipped> {
+    let attempt =
+        futures_lite::future::or(async { Some(open_and_check(config, host).await) }, async {
+            glommio::timer::sleep(CONNECT_TIMEOUT).await;
+            None
+        })
+        .await;
+    attempt.unwrap_or(Err(Skipped::TimedOut))
+}
+
+async fn open_and_check(config: &PgConfig, host: &PgHost) -> Result<Client, Skipped> {
+    let client = open(config, host).await?;
+    if read_only(&client).await? {
+        return Err(Skipped::ReadOnly);
+    }
+    Ok(client)
+}
+
+/// Whether the server refuses writes in this session: what libpq and tokio-postgres ask
+/// for `target_session_attrs=read-write`. A standby, or a primary demoted to one, says
+/// `on`.
+async fn read_only(client: &Client) -> Result<bool, Skipped> {
+    let messages = client
+        .simple_query("SHOW transaction_read_only")
         .await
-        .map_err(|e| StoreError::Unavailable(format!("connect to {}: {e}", config.addr)))?;
+        .map_err(|e| Skipped::Postgres(format!("postgres: {e}")))?;
+    let value = messages.iter().find_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0),
+        _ => None,
+    });
+    match value {
+        Some(v) => Ok(v == "on"),
+        None => Err(Skipped::Postgres(
+            "SHOW transaction_read_only returned no value".into(),
+        )),
+    }
+}
+
+/// TCP, then TLS as `sslmode` says (verifying `host`'s name), then the startup.
+async fn open(config: &PgConfig, host: &PgHost) -> Result<Client, Skipped> {
+    let tcp = glommio::net::TcpStream::connect(host.addr)
+        .await
+        .map_err(|e| Skipped::Connect(e.into()))?;
     let _ = tcp.set_nodelay(true);
     let driver = config.driver_config();
-    let connector = crate::store::pg_tls::connector(&config.tls)
-        .map_err(|e| StoreError::Unavailable(format!("postgres TLS client: {e}")))?;
+    let name = host
+        .server_name()
+        .map_err(|e| Skipped::Postgres(format!("postgres TLS client: {e}")))?;
+    let connector = crate::store::pg_tls::connector(&config.tls, &name)
+        .map_err(|e| Skipped::Postgres(format!("postgres TLS client: {e}")))?;
     match connector {
         None => {
             let (client, connection) = driver
                 .connect_raw(TokioIo(tcp), NoTls)
                 .await
-                .map_err(pg_err)?;
+                .map_err(|e| Skipped::Postgres(format!("postgres: {e}")))?;
             drive(connection);
             Ok(client)
         }
@@ -55,7 +151,7 @@ pub async fn connect(config: &PgConfig) -> Result<Client, StoreError> {
             let (client, connection) = driver
                 .connect_raw(TokioIo(tcp), tls)
                 .await
-                .map_err(|e| tls_err(config, e))?;
+                .map_err(|e| Skipped::Postgres(tls_reason(config, e)))?;
             drive(connection);
             Ok(client)
         }
@@ -78,7 +174,7 @@ where
 
 /// A failed TLS connection, saying which `sslmode` was asked for (a certificate that
 /// does not verify shows up here with rustls's reason).
-pub(super) fn tls_err(config: &PgConfig, e: tokio_postgres::Error) -> StoreError {
+fn tls_reason(config: &PgConfig, e: tokio_postgres::Error) -> String {
     use std::error::Error as _;
     let mut reason = e.to_string();
     let mut source = e.source();
@@ -87,11 +183,7 @@ pub(super) fn tls_err(config: &PgConfig, e: tokio_postgres::Error) -> StoreError
         reason.push_str(&s.to_string());
         source = s.source();
     }
-    StoreError::Unavailable(format!(
-        "postgres at {} with sslmode {}: {reason}",
-        config.addr,
-        config.tls.mode().as_str()
-    ))
+    format!("sslmode {}: {reason}", config.tls.mode().as_str())
 }
 
 /// glommio's streams speak the futures I/O traits; tokio-postgres speaks tokio's.
@@ -160,25 +252,16 @@ where
 }
 
 impl PgConfig {
-    /// Connection settings from a `postgresql://user[:password]@host[:port]/dbname` URL
-    /// (tests and the load harness; the appliance reads its config file).
+    /// Connection settings from a `postgresql://user[:password]@host[:port][,host[:port]…]/dbname`
+    /// URL or a `host=a,b port=5432,5433 …` string (tests and the load harness; the
+    /// appliance reads its config file). Each host resolves now, as the config's do.
     pub fn from_url(url: &str) -> Result<PgConfig, StoreError> {
-        use std::net::ToSocketAddrs;
         let parsed: tokio_postgres::Config = url
             .parse()
             .map_err(|e| StoreError::Unavailable(format!("database URL: {e}")))?;
-        let host = match parsed.get_hosts().first() {
-            Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
-            _ => "127.0.0.1".into(),
-        };
-        let port = parsed.get_ports().first().copied().unwrap_or(5432);
-        let addr = (host.as_str(), port)
-            .to_socket_addrs()
-            .ok()
-            .and_then(|mut a| a.next())
-            .ok_or_else(|| StoreError::Unavailable(format!("{host}:{port} does not resolve")))?;
+        let hosts = url_hosts(&parsed)?;
         Ok(PgConfig {
-            addr,
+            hosts,
             dbname: parsed.get_dbname().unwrap_or("postgres").to_owned(),
             user: parsed.get_user().unwrap_or("postgres").to_owned(),
             password: parsed
@@ -186,16 +269,63 @@ impl PgConfig {
                 .map(|p| zeroize::Zeroizing::new(String::from_utf8_lossy(p).into_owned())),
             allow_unsafe_durability: false,
             owner_lease: Duration::from_secs(10),
+            owner_lease_margin: Duration::from_millis(500),
             partition_check: Duration::from_secs(3600),
             tls: match parsed.get_ssl_mode() {
                 // `prefer` is the driver's default when the URL names none; custody does
                 // not fall back silently, so it means plain TCP here.
-                tokio_postgres::config::SslMode::Require => {
-                    PgTls::new(SslMode::Require, &host, None)
-                        .map_err(|e| StoreError::Unavailable(format!("database URL: {e}")))?
-                }
+                tokio_postgres::config::SslMode::Require => PgTls::new(SslMode::Require, None)
+                    .map_err(|e| StoreError::Unavailable(format!("database URL: {e}")))?,
                 _ => PgTls::disabled(),
             },
+            preferred_host: PreferredHost::default(),
         })
     }
+}
+
+/// The URL's hosts, each with its port as the driver pairs them (one port for all, or one
+/// each; none is 5432), resolved; 127.0.0.1 when the URL names none.
+fn url_hosts(parsed: &tokio_postgres::Config) -> Result<Vec<PgHost>, StoreError> {
+    use std::net::ToSocketAddrs;
+    let mut names: Vec<String> = Vec::new();
+    for h in parsed.get_hosts() {
+        match h {
+            tokio_postgres::config::Host::Tcp(h) => names.push(h.clone()),
+            #[allow(unreachable_patterns)]
+            _ => {
+                return Err(StoreError::Unavailable(
+                    "database URL: only TCP hosts are supported".into(),
+                ))
+            }
+        }
+    }
+    if names.is_empty() {
+        names.push("127.0.0.1".into());
+    }
+    let ports = parsed.get_ports();
+    names
+        .into_iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let port = match ports.len() {
+                0 => 5432,
+                1 => ports[0],
+                _ => ports.get(i).copied().ok_or_else(|| {
+                    StoreError::Unavailable("database URL: fewer ports than hosts".into())
+                })?,
+            };
+            let name = name
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned();
+            let addr = (name.as_str(), port)
+                .to_socket_addrs()
+                .ok()
+                .and_then(|mut a| a.next())
+                .ok_or_else(|| {
+                    StoreError::Unavailable(format!("{name}:{port} does not resolve"))
+                })?;
+            Ok(PgHost { name, addr })
+        })
+        .collect()
 }

@@ -197,7 +197,9 @@ impl Store for PgStore {
     fn describe(&self) -> String {
         format!(
             "postgres:{}@{}/{}",
-            self.config.user, self.config.addr, self.config.dbname
+            self.config.user,
+            self.config.hosts_text(),
+            self.config.dbname
         )
     }
 }

@@ -99,7 +99,7 @@ impl PgShardInner {
             if now < not_before {
                 return Err(StoreError::Unavailable(format!(
                     "postgres at {} is unreachable; next attempt in {} ms",
-                    self.config.addr,
+                    self.config.hosts_text(),
                     (not_before - now).as_millis()
                 )));
             }
@@ -112,7 +112,7 @@ impl PgShardInner {
         let result = attempt.unwrap_or_else(|| {
             Err(StoreError::Unavailable(format!(
                 "postgres at {} did not answer within {} ms",
-                self.config.addr,
+                self.config.hosts_text(),
                 CONNECT_TIMEOUT.as_millis()
             )))
         });
