@@ -15,6 +15,7 @@ pub struct KeyDoc {
 /// Every key, its default and its meaning: the reference config is checked against this.
 pub const KEYS: &[KeyDoc] = &[
     KeyDoc { key: "server.listen", default: "\"127.0.0.1:7443\"", doc: "address every core listens on (SO_REUSEPORT)" },
+    KeyDoc { key: "server.advertise", default: "\"\"", doc: "the client address (host:port or [v6]:port) other appliances sharing the store name in their NOT_ACTIVE replies to point clients at this one while it is active; \"\" = server.listen when its IP is given, else this machine's hostname and server.listen's port" },
     KeyDoc { key: "server.shard_listen", default: "\"\"", doc: "IP:port of the first per-shard port: shard i (core i) also listens on that IP at port + i, and HELLO announces the ports, so a shard-aware client (custody::client::ShardedClient) sends each asset's requests to the core that owns it and none crosses cores; plain clients keep using server.listen; \"\" = off" },
     KeyDoc { key: "server.admin_listen", default: "\"127.0.0.1:7480\"", doc: "address of the admin HTTP listener: GET /metrics (Prometheus), /healthz (alive: no core stuck), /readyz (unsealed, store taking commits); keep it on loopback or a management network; \"\" = off" },
     KeyDoc { key: "server.metrics_publish_ms", default: "1000", doc: "how often each core publishes its figures for /metrics and /healthz (a scrape sees figures at most this old; a core silent for 3 intervals, at least 2 s, fails /healthz); 50-60000" },

@@ -213,6 +213,10 @@ pub struct Server {
     /// The first of the per-shard ports: shard i also listens on this IP at port + i
     /// (HELLO announces them); `None` = only the shared port.
     pub shard_listen: Option<SocketAddr>,
+    /// The client address other appliances sharing the store name in their NOT_ACTIVE
+    /// replies while this one is active (`server.advertise`, else derived from `listen`):
+    /// never empty, `host:port` of at most [`crate::bounds::ACTIVE_ADDRESS_BYTES_MAX`] bytes.
+    pub advertise: String,
     /// How often each core publishes its figures for the metrics.
     pub metrics_publish: Duration,
     /// How long a graceful stop (SIGTERM) may take before the process exits anyway.
@@ -519,6 +523,32 @@ mod tests {
     }
 
     #[test]
+    fn server_advertise_is_given_or_derived() {
+        let advertise = |server: &str| {
+            resolve_text(&format!("{MINIMAL}\n[server]\n{server}\n")).map(|c| c.server.advertise)
+        };
+        assert_eq!(advertise("").unwrap(), "127.0.0.1:7443");
+        assert_eq!(
+            advertise("listen = \"10.0.0.5:7000\"").unwrap(),
+            "10.0.0.5:7000"
+        );
+        let any = advertise("listen = \"0.0.0.0:7000\"").unwrap();
+        assert!(any.ends_with(":7000"), "{any}");
+        assert_eq!(
+            advertise("advertise = \"custody-2.example:7443\"").unwrap(),
+            "custody-2.example:7443"
+        );
+        assert_eq!(
+            advertise("advertise = \"[fd00::2]:7443\"").unwrap(),
+            "[fd00::2]:7443"
+        );
+        for bad in ["custody-2", "custody-2:0", "fd00::2:7443", "a b:1"] {
+            let e = advertise(&format!("advertise = \"{bad}\"")).unwrap_err();
+            assert_eq!(e.problems[0].key, "server.advertise", "{bad}: {e}");
+        }
+    }
+
+    #[test]
     fn pkcs11_seal_settings_resolve_with_exactly_one_pin_source() {
         let dir = tempfile::tempdir().unwrap();
         let seal = |lines: &str| {
@@ -786,6 +816,9 @@ mod tests {
             "server.listen" => addr(Some(c.server.listen)),
             "server.shard_listen" => addr(c.server.shard_listen),
             "server.admin_listen" => addr(c.server.admin_listen),
+            "server.advertise" => (c.server.advertise
+                == resolve::derived_advertise(c.server.listen))
+            .then(|| S(String::new())),
             "server.metrics_publish_ms" => ms(c.server.metrics_publish),
             "server.shutdown_timeout_s" => secs(c.server.shutdown_timeout),
             "server.cores" => Some(I(if c.server.cores == online {

@@ -141,6 +141,7 @@ fn resolve_server(r: &mut Resolver<'_>, base_dir: &Path) -> ServerSection {
         .map(|s| (s > 0).then(|| Duration::from_secs(s as u64)));
     let admin_listen = admin_listen(r, listen);
     let shard_listen = shard_listen(r);
+    let advertise = advertise(r, listen);
     let metrics_publish = r
         .int("server.metrics_publish_ms", 50, 60_000)
         .map(|ms| Duration::from_millis(ms as u64));
@@ -157,6 +158,7 @@ fn resolve_server(r: &mut Resolver<'_>, base_dir: &Path) -> ServerSection {
             stats_log_interval: stats_log_interval?,
             admin_listen: admin_listen?,
             shard_listen: shard_listen?,
+            advertise: advertise?,
             metrics_publish: metrics_publish?,
             shutdown_timeout: shutdown_timeout?,
         })
@@ -235,6 +237,72 @@ fn shard_listen(r: &mut Resolver<'_>) -> Option<Option<SocketAddr>> {
     }
 }
 
+/// `server.advertise`: the client address other appliances point clients at while this
+/// one is active; `""` = [`derived_advertise`] of `server.listen`.
+fn advertise(r: &mut Resolver<'_>, listen: Option<SocketAddr>) -> Option<String> {
+    let s = r.string("server.advertise")?;
+    if s.is_empty() {
+        return listen.map(derived_advertise);
+    }
+    match check_advertise(&s) {
+        Ok(()) => Some(s),
+        Err(why) => r.problem("server.advertise", format!("{s:?} {why}")),
+    }
+}
+
+/// The address to advertise when none is given: `listen` itself when its IP is given
+/// (a client can reach that), else this machine's hostname (read from the kernel) with
+/// the listen port; `listen` when the hostname cannot be read.
+pub(super) fn derived_advertise(listen: SocketAddr) -> String {
+    if !listen.ip().is_unspecified() {
+        return listen.to_string();
+    }
+    let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let hostname = hostname.trim();
+    let derived = format!("{hostname}:{}", listen.port());
+    if hostname.is_empty() || check_advertise(&derived).is_err() {
+        return listen.to_string();
+    }
+    derived
+}
+
+/// Whether `s` is an address a NOT_ACTIVE reply can carry and a client can dial:
+/// `host:port` or `[v6]:port`, port 1-65535, at most
+/// [`bounds::ACTIVE_ADDRESS_BYTES_MAX`] bytes.
+fn check_advertise(s: &str) -> Result<(), String> {
+    if s.len() > bounds::ACTIVE_ADDRESS_BYTES_MAX {
+        return Err(format!(
+            "is {} bytes, longer than {}",
+            s.len(),
+            bounds::ACTIVE_ADDRESS_BYTES_MAX
+        ));
+    }
+    let (host, port) = match s.strip_prefix('[') {
+        Some(rest) => {
+            let (v6, port) = rest
+                .split_once("]:")
+                .ok_or("is not host:port or [IPv6]:port")?;
+            v6.parse::<std::net::Ipv6Addr>()
+                .map_err(|_| format!("names {v6:?}, not an IPv6 address"))?;
+            (v6, port)
+        }
+        None => s
+            .rsplit_once(':')
+            .ok_or("is not host:port or [IPv6]:port")?,
+    };
+    let name_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_' | ':');
+    if host.is_empty()
+        || !host.chars().all(name_char)
+        || (host.contains(':') && !s.starts_with('['))
+    {
+        return Err("is not host:port or [IPv6]:port (an IPv6 address goes in brackets)".into());
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(()),
+        _ => Err(format!("has port {port:?}, not 1-65535")),
+    }
+}
+
 /// `[audit]`.
 fn resolve_audit(r: &mut Resolver<'_>) -> Option<AuditConfig> {
     let reconcile_interval = r
@@ -309,5 +377,52 @@ fn tls_key(r: &mut Resolver<'_>, base_dir: &Path) -> Option<KeySource> {
             }
         }
         None => r.required_path("tls.key", base_dir).map(KeySource::File),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_advertised_address_is_host_port() {
+        for ok in [
+            "custody-1:7443",
+            "10.0.0.5:7443",
+            "[::1]:7443",
+            "db.example.com:1",
+            "a:65535",
+        ] {
+            assert_eq!(check_advertise(ok), Ok(()), "{ok}");
+        }
+        for bad in [
+            "custody-1",
+            "custody-1:",
+            ":7443",
+            "custody-1:0",
+            "custody-1:65536",
+            "::1:7443",
+            "[::1]7443",
+            "[nope]:7443",
+            "has space:7443",
+        ] {
+            assert!(check_advertise(bad).is_err(), "{bad}");
+        }
+        let long = format!("{}:7443", "a".repeat(bounds::ACTIVE_ADDRESS_BYTES_MAX));
+        assert!(check_advertise(&long).unwrap_err().contains("longer than"));
+    }
+
+    #[test]
+    fn the_advertised_address_is_derived_from_the_listen_address() {
+        let given: SocketAddr = "10.0.0.5:7443".parse().unwrap();
+        assert_eq!(derived_advertise(given), "10.0.0.5:7443");
+        let any: SocketAddr = "0.0.0.0:7443".parse().unwrap();
+        let derived = derived_advertise(any);
+        let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        match hostname.trim() {
+            "" => assert_eq!(derived, "0.0.0.0:7443"),
+            h => assert_eq!(derived, format!("{h}:7443")),
+        }
+        assert!(check_advertise(&derived).is_ok(), "{derived}");
     }
 }
