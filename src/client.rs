@@ -17,6 +17,9 @@ use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 use zeroize::Zeroize;
 
+mod failover;
+pub use failover::*;
+
 /// Largest reply body the client accepts.
 const CLIENT_MAX_BODY_BYTES: u32 = 64 * 1024;
 
@@ -44,6 +47,24 @@ pub enum ClientError {
     UnexpectedReply(Opcode),
     #[error("refused: {0}")]
     Refused(Refusal),
+    /// The connection to `endpoint` closed (or its answer did not come in time) while the
+    /// request was in flight: it may or may not have run. Not retried for the caller: a
+    /// DERIVE sent again is a new audited derivation; a ROTATE may be sent again with the
+    /// same rotation id ([`FailoverClient::rotate_retrying`]).
+    #[error("the outcome of {request:?} is unknown: the connection to {endpoint} closed while it was in flight")]
+    OutcomeUnknown {
+        endpoint: SocketAddr,
+        request: Opcode,
+    },
+    /// No endpoint of a [`FailoverClient`] answered as the active before the call's
+    /// deadline; `last` is the last failure seen (a NOT_ACTIVE refusal, a refused connection).
+    #[error("no active appliance among {endpoints} endpoints within {waited_ms} ms; last: {last}")]
+    NoActive {
+        endpoints: usize,
+        waited_ms: u64,
+        #[source]
+        last: Box<ClientError>,
+    },
 }
 
 impl ClientError {
@@ -255,6 +276,13 @@ impl Client {
                 w.deliver(Err(closed_error(&self.closed_by)));
             }
         }
+    }
+
+    /// Whether the connection is known to be gone (its reader saw the end): a request
+    /// started now fails at once without being sent, so a failover client sends it
+    /// elsewhere instead.
+    pub fn is_closed(&self) -> bool {
+        lock(&self.waiters).is_none()
     }
 
     /// Sends raw bytes as they are (tests of malformed input use this).
