@@ -58,7 +58,7 @@ pub enum ClientError {
     },
     /// No endpoint of a [`FailoverClient`] answered as the active before the call's
     /// deadline; `last` is the last failure seen (a NOT_ACTIVE refusal, a refused connection).
-    #[error("no active appliance among {endpoints} endpoints within {waited_ms} ms; last: {last}")]
+    #[error("no active appliance among {endpoints} endpoints within {waited_ms} ms")]
     NoActive {
         endpoints: usize,
         waited_ms: u64,

@@ -22,7 +22,9 @@
 //!                 [--asset ID --path PATH --counter N] [--write-seed FILE]
 //! ```
 //!
-//! CONNECTION: `--addr HOST:PORT` (default 127.0.0.1:7443), `--certs DIR` (a dev-certs
+//! CONNECTION: `--addr HOST:PORT` (default 127.0.0.1:7443; a comma-separated list for a
+//! highly available group: each command goes to the active, see
+//! `custody::client::FailoverClient`), `--certs DIR` (a dev-certs
 //! directory: ca.pem, client.pem, client.key) or `--ca`, `--cert`, `--key` one by one,
 //! `--server-name NAME` (default localhost). Every command takes `--json`.
 

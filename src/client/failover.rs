@@ -34,6 +34,8 @@ pub const FAILOVER_CALL_DEADLINE_DEFAULT: Duration = Duration::from_secs(10);
 /// How long one TCP connect and TLS handshake may take: a host that is down may drop SYNs
 /// instead of refusing them, and the next endpoint should not wait for the kernel's minutes.
 pub const FAILOVER_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Endpoints a [`FailoverClient`] takes at most (a group of appliances is a handful).
+pub const FAILOVER_ENDPOINTS_MAX: usize = 16;
 /// Times [`FailoverClient::rotate_retrying`] sends one ROTATE at most.
 pub const ROTATE_ATTEMPTS_MAX: u32 = 8;
 

@@ -391,8 +391,11 @@ impl Reply {
             let retry_after_ms = r.u32("retry_after_ms")?;
             let message = r.message("message")?.to_owned();
             let active = if status == Status::NotActive {
-                Some(r.text("active", crate::bounds::ACTIVE_ADDRESS_BYTES_MAX)?.to_owned())
-                    .filter(|a| !a.is_empty())
+                Some(
+                    r.text("active", crate::bounds::ACTIVE_ADDRESS_BYTES_MAX)?
+                        .to_owned(),
+                )
+                .filter(|a| !a.is_empty())
             } else {
                 None
             };

@@ -483,7 +483,10 @@ fn replies_round_trip() {
         ),
         (
             Opcode::Rotate,
-            Reply::Refused(Refusal::not_active("a standby; the active is unknown", None)),
+            Reply::Refused(Refusal::not_active(
+                "a standby; the active is unknown",
+                None,
+            )),
         ),
     ];
     for (op, reply) in replies {

@@ -6,7 +6,7 @@ use crate::args::Args;
 use crate::output::{asset_text, reconcile_text, regions_text, seal_text, unix_ms_text};
 use crate::register_file::register_file;
 use anyhow::{bail, Context};
-use custody::client::{Client, ClientConfig, ClientError};
+use custody::client::{ClientConfig, ClientError, FailoverClient, FailoverConfig};
 use custody::hex::encode as hex;
 use custody::op::DeriveBody;
 use custody::policy::Purpose;
@@ -34,9 +34,16 @@ impl Answer {
 type Reply = Result<Answer, ClientError>;
 
 /// Connects as the CONNECTION flags say and runs `command` (one that real_main sends here).
+/// With several `--addr` endpoints every command but the seal ones goes to whichever is
+/// active (FailoverClient); with one, a failure is reported at once, as it always was.
 pub(crate) async fn client_command(command: &str, args: &Args) -> anyhow::Result<i32> {
-    let config = client_config(args)?;
-    let client = Client::connect(&config).await?;
+    let config = failover_config(args)?;
+    if matches!(command, "seal" | "unseal" | "seal-status") && config.endpoints.len() > 1 {
+        bail!(
+            "{command} acts on one appliance (standbys hold their own seal state): give one --addr"
+        );
+    }
+    let client = FailoverClient::connect(config).await?;
     if command == "register" {
         if let Some(file) = &args.file {
             return register_file(std::sync::Arc::new(client), file, args.json).await;
@@ -52,10 +59,16 @@ pub(crate) async fn client_command(command: &str, args: &Args) -> anyhow::Result
         "status" => asset_answer(client.status(asset_arg(args)?).await, json, "status"),
         "derive" => derive(&client, args).await?,
         "seal-status" => client
+            .connected()
+            .await?
+            .1
             .seal_status()
             .await
             .map(|s| Answer::ok(seal_text(&s, json))),
-        "seal" => client.seal().await.map(|s| Answer::ok(seal_text(&s, json))),
+        "seal" => {
+            let (_, one) = client.connected().await?;
+            one.seal().await.map(|s| Answer::ok(seal_text(&s, json)))
+        }
         "regions" => client
             .regions()
             .await
@@ -68,7 +81,10 @@ pub(crate) async fn client_command(command: &str, args: &Args) -> anyhow::Result
         "resume" => asset_answer(client.resume(asset_arg(args)?).await, json, "resumed"),
         "retire" => asset_answer(client.retire(asset_arg(args)?).await, json, "retired"),
         "rotate" => rotate(&client, args).await?,
-        "unseal" => crate::unseal::unseal(&client, args).await?.map(Answer::ok),
+        "unseal" => {
+            let (_, one) = client.connected().await?;
+            crate::unseal::unseal(&one, args).await?.map(Answer::ok)
+        }
         _ => unreachable!("dispatched above"),
     };
     print_reply(reply, json)
@@ -102,16 +118,45 @@ fn print_reply(reply: Reply, json: bool) -> anyhow::Result<i32> {
     }
 }
 
-/// The connection the CONNECTION flags (or CUSTODY_ADDR, CUSTODY_CERTS) describe.
-fn client_config(args: &Args) -> anyhow::Result<ClientConfig> {
+/// The appliances the CONNECTION flags (or CUSTODY_ADDR, CUSTODY_CERTS) describe: one
+/// endpoint is tried once (call deadline zero), several with failover.
+fn failover_config(args: &Args) -> anyhow::Result<FailoverConfig> {
     let addr_text = args
         .addr
         .clone()
         .or_else(|| std::env::var("CUSTODY_ADDR").ok())
         .unwrap_or_else(|| "127.0.0.1:7443".into());
-    let addr: SocketAddr = addr_text
-        .parse()
-        .with_context(|| format!("--addr {addr_text:?} is not HOST:PORT"))?;
+    let endpoints = parse_endpoints(&addr_text)?;
+    let one = client_config(args, endpoints[0])?;
+    let mut config = FailoverConfig::new(endpoints, &one);
+    if config.endpoints.len() == 1 {
+        config.call_deadline = std::time::Duration::ZERO;
+    }
+    Ok(config)
+}
+
+/// `--addr HOST:PORT[,HOST:PORT…]`: the endpoints in the order they are tried.
+pub(crate) fn parse_endpoints(text: &str) -> anyhow::Result<Vec<SocketAddr>> {
+    let endpoints = text
+        .split(',')
+        .map(|one| {
+            one.trim()
+                .parse::<SocketAddr>()
+                .with_context(|| format!("--addr {one:?} is not HOST:PORT"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    if endpoints.len() > custody::client::FAILOVER_ENDPOINTS_MAX {
+        bail!(
+            "--addr: {} endpoints, more than {}",
+            endpoints.len(),
+            custody::client::FAILOVER_ENDPOINTS_MAX
+        );
+    }
+    Ok(endpoints)
+}
+
+/// The connection to one appliance at `addr`, as the CONNECTION flags describe it.
+fn client_config(args: &Args, addr: SocketAddr) -> anyhow::Result<ClientConfig> {
     let certs = args
         .certs
         .clone()
@@ -147,7 +192,7 @@ fn asset_answer(answer: Result<AssetInfo, ClientError>, json: bool, what: &str) 
 }
 
 /// `custody hello`: the protocol and the limits the appliance serves with.
-async fn hello(client: &Client, json: bool) -> Reply {
+async fn hello(client: &FailoverClient, json: bool) -> Reply {
     client.hello().await.map(|h| {
         Answer::ok(if json {
             serde_json::to_string_pretty(&h).unwrap_or_default()
@@ -161,7 +206,7 @@ async fn hello(client: &Client, json: bool) -> Reply {
 }
 
 /// `custody derive ASSET_ID --path PATH [--region R] [--purpose P] [--ttl S]`: the key.
-async fn derive(client: &Client, args: &Args) -> anyhow::Result<Reply> {
+async fn derive(client: &FailoverClient, args: &Args) -> anyhow::Result<Reply> {
     let asset = asset_arg(args)?;
     let purpose_text = args.purpose.as_deref().unwrap_or("TRADING");
     let purpose = Purpose::from_name(purpose_text).with_context(|| {
@@ -195,7 +240,7 @@ async fn derive(client: &Client, args: &Args) -> anyhow::Result<Reply> {
 }
 
 /// `custody region enable|disable REGION`: the regions as they are after.
-async fn set_region(client: &Client, args: &Args) -> anyhow::Result<Reply> {
+async fn set_region(client: &FailoverClient, args: &Args) -> anyhow::Result<Reply> {
     let (what, name) = match args.positional.as_slice() {
         [w, n] => (w.as_str(), n.as_str()),
         _ => bail!("usage: custody region enable|disable REGION"),
@@ -212,7 +257,7 @@ async fn set_region(client: &Client, args: &Args) -> anyhow::Result<Reply> {
 }
 
 /// `custody prove SHARD SEQ HASH`: the verdict on a receipt (exit status 1 unless PROVEN).
-async fn prove(client: &Client, args: &Args) -> anyhow::Result<Reply> {
+async fn prove(client: &FailoverClient, args: &Args) -> anyhow::Result<Reply> {
     let (shard, seq, hash) = match args.positional.as_slice() {
         [s, q, h] => (s, q, h),
         _ => bail!("usage: custody prove SHARD SEQ HASH (the receipt's three parts)"),
@@ -253,7 +298,7 @@ async fn prove(client: &Client, args: &Args) -> anyhow::Result<Reply> {
 }
 
 /// `custody reconcile [--full]`: the appliance's run now (exit status 1 on any finding).
-async fn reconcile(client: &Client, args: &Args) -> Reply {
+async fn reconcile(client: &FailoverClient, args: &Args) -> Reply {
     client.reconcile(args.full).await.map(|s| {
         let text = if args.json {
             serde_json::to_string_pretty(&s).unwrap_or_default()
@@ -268,7 +313,7 @@ async fn reconcile(client: &Client, args: &Args) -> Reply {
 }
 
 /// `custody policy reload`: the generation of the policy now in force, and its size.
-async fn policy(client: &Client, args: &Args) -> anyhow::Result<Reply> {
+async fn policy(client: &FailoverClient, args: &Args) -> anyhow::Result<Reply> {
     if args.positional.as_slice() != ["reload"] {
         bail!("usage: custody policy reload");
     }
@@ -285,7 +330,7 @@ async fn policy(client: &Client, args: &Args) -> anyhow::Result<Reply> {
 }
 
 /// `custody rotate ASSET_ID [--rotation-id UUID] [--expect-counter N]`.
-async fn rotate(client: &Client, args: &Args) -> anyhow::Result<Reply> {
+async fn rotate(client: &FailoverClient, args: &Args) -> anyhow::Result<Reply> {
     let asset = asset_arg(args)?;
     let rotation_id = match &args.rotation_id {
         Some(text) => Uuid::parse_str(text)
@@ -296,7 +341,9 @@ async fn rotate(client: &Client, args: &Args) -> anyhow::Result<Reply> {
         // Printed first, so a retry after a lost answer can reuse it.
         eprintln!("rotation id {rotation_id} (pass it as --rotation-id to retry safely)");
     }
-    let answer = client.rotate(asset, rotation_id, args.expect_counter).await;
+    let answer = client
+        .rotate_retrying(asset, rotation_id, args.expect_counter)
+        .await;
     Ok(answer.map(|r| {
         Answer::ok(if args.json {
             serde_json::to_string_pretty(&r).unwrap_or_default()
@@ -321,7 +368,7 @@ async fn rotate(client: &Client, args: &Args) -> anyhow::Result<Reply> {
 
 /// `custody assets [--state S] [--page-size N] [--json]`: every registered asset, page by
 /// page (LIST_ASSETS), as the store holds it.
-async fn list_assets(client: &Client, args: &Args) -> anyhow::Result<i32> {
+async fn list_assets(client: &FailoverClient, args: &Args) -> anyhow::Result<i32> {
     let state = match args.state.as_deref() {
         None => None,
         Some(name) => Some(

@@ -74,7 +74,13 @@ pub(crate) const USAGE: &str = "usage:
                          counter, or write the seed (mode 0600) for `init --import-seed`
 
 CONNECTION:
-  --addr HOST:PORT       appliance address (default 127.0.0.1:7443, env CUSTODY_ADDR)
+  --addr HOST:PORT[,HOST:PORT...]
+                         appliance address (default 127.0.0.1:7443, env CUSTODY_ADDR); several
+                         (a highly available group): each command goes to the active, past
+                         standbys' NOT_ACTIVE and closed connections, for up to 10 s; a
+                         request cut off in flight is reported, not sent again (ROTATE: run
+                         it again with the printed --rotation-id); seal, unseal and
+                         seal-status take one address
   --certs DIR            use DIR/ca.pem, DIR/client.pem, DIR/client.key (env CUSTODY_CERTS)
   --ca FILE --cert FILE --key FILE
   --server-name NAME     name on the server certificate (default localhost)

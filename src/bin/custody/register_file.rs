@@ -2,7 +2,7 @@
 //! line of the file with its own outcome.
 
 use anyhow::{bail, Context};
-use custody::client::{Client, ClientError};
+use custody::client::{ClientError, FailoverClient};
 use uuid::Uuid;
 
 /// The most lines `custody register --file` reads: a larger file is refused whole.
@@ -33,7 +33,7 @@ struct LineOutcome {
 /// since what was registered then reports `exists`). Exits 1 unless every line was
 /// registered or existed.
 pub(crate) async fn register_file(
-    client: std::sync::Arc<Client>,
+    client: std::sync::Arc<FailoverClient>,
     file: &std::path::Path,
     json: bool,
 ) -> anyhow::Result<i32> {
