@@ -14,9 +14,14 @@ pub const USAGE: &str = "usage:
       start custodyd (embedded SQLite store, dev seal, dev certificates in a fresh
       directory), drive it, verify the audit log, have it reconcile its whole audit
       log (exit 5 on any finding), stop it
-  custody-load run --addr HOST:PORT --certs DIR [OPTIONS] [--verify-db FILE]
+  custody-load run --addr HOST:PORT[,HOST:PORT...] --certs DIR [OPTIONS] [--verify-db FILE]
       drive a running appliance (client.pem/client.key/ca.pem in DIR; the client needs
-      the deriver, operator and auditor roles), then have it reconcile its audit log
+      the deriver, operator and auditor roles), then have it reconcile its audit log;
+      several addresses (a highly available group): each connection follows the active,
+      moving to the next endpoint on NOT_ACTIVE or a closed connection (20 ms doubling to
+      500 ms between rounds); the report counts requests acknowledged, refused
+      NOT_ACTIVE, of unknown outcome (in flight when a connection closed) and otherwise
+      refused, the longest gap between two acknowledgements and each endpoint switch
   custody-load article --postgres URL [OPTIONS]
       the same schedule against the article's design in a fresh database at URL: one
       transaction per request (advisory lock, row lock, audit INSERT, COMMIT), over
@@ -87,6 +92,9 @@ options:
   --article-connections N  (article, compare) PostgreSQL connections for the article's
                     design, each one transaction at a time (default 16: pgbench's best
                     on this hardware, bench/article/run.sh)
+  --ack-log FILE    write every acknowledged DERIVE and ROTATE to FILE as it comes, one
+                    tab-separated line each (ms since start, endpoint, op, asset,
+                    counter, receipt shard, seq, hash; bench/custody-load/acklog.rs)
   --json            print the report as JSON (and no live line)";
 
 /// The options of a run (`demo`, `run`, `article`, `compare`; `floods` reads a few).
@@ -107,7 +115,10 @@ pub struct Options {
     pub state_dir: Option<PathBuf>,
     pub postgres: Option<String>,
     pub seal_ttl: Option<u64>,
-    pub addr: Option<SocketAddr>,
+    /// `--addr`: the appliances, in the order connections try them (empty: not given).
+    pub endpoints: Vec<SocketAddr>,
+    /// `--ack-log`: where every acknowledged DERIVE and ROTATE is written.
+    pub ack_log: Option<PathBuf>,
     pub certs: Option<PathBuf>,
     pub verify_db: Option<PathBuf>,
     pub toggle_region_ms: Option<u64>,
@@ -140,7 +151,8 @@ impl Default for Options {
             state_dir: None,
             postgres: None,
             seal_ttl: None,
-            addr: None,
+            endpoints: Vec::new(),
+            ack_log: None,
             certs: None,
             verify_db: None,
             toggle_region_ms: None,
@@ -202,7 +214,8 @@ pub fn parse() -> anyhow::Result<Option<Args>> {
             Long("state-dir") => o.state_dir = Some(p.value()?.into()),
             Long("postgres") => o.postgres = Some(p.value()?.string()?),
             Long("seal-ttl") => o.seal_ttl = Some(p.value()?.parse()?),
-            Long("addr") => o.addr = Some(p.value()?.parse()?),
+            Long("addr") => o.endpoints = parse_endpoints(&p.value()?.string()?)?,
+            Long("ack-log") => o.ack_log = Some(p.value()?.into()),
             Long("certs") => o.certs = Some(p.value()?.into()),
             Long("verify-db") => o.verify_db = Some(p.value()?.into()),
             Long("toggle-region-ms") => o.toggle_region_ms = Some(p.value()?.parse()?),
@@ -236,6 +249,25 @@ pub fn parse() -> anyhow::Result<Option<Args>> {
         options: o,
         floods: floods_options,
     }))
+}
+
+/// `--addr HOST:PORT[,HOST:PORT...]`: the endpoints in order.
+fn parse_endpoints(text: &str) -> anyhow::Result<Vec<SocketAddr>> {
+    let endpoints = text
+        .split(',')
+        .map(|one| {
+            one.trim()
+                .parse::<SocketAddr>()
+                .map_err(|e| anyhow::anyhow!("--addr {one:?}: {e}"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    if endpoints.len() > custody::client::FAILOVER_ENDPOINTS_MAX {
+        bail!(
+            "--addr: more than {} endpoints",
+            custody::client::FAILOVER_ENDPOINTS_MAX
+        );
+    }
+    Ok(endpoints)
 }
 
 impl Options {

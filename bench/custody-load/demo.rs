@@ -241,7 +241,7 @@ fn measure(
     dir: &Path,
 ) -> anyhow::Result<Report> {
     let cross_before = metric_sum(ports.admin, "custody_cross_core_requests_total");
-    let mut report = drive(o, ports.addr, certs, 1, Some(appliance.child.id()))?;
+    let mut report = drive(o, &[ports.addr], certs, 1, Some(appliance.child.id()))?;
     // The cores publish their figures every second.
     std::thread::sleep(Duration::from_millis(1100));
     report.cross_core = cross_before
@@ -252,6 +252,6 @@ fn measure(
     report.commits = commit_figures(&dir.join("custodyd.stderr"), report.measured_unix_ms);
     report.seal_refreshes = seal_refreshes(&dir.join("custodyd.stderr"), report.measured_unix_ms);
     // The run ends with the appliance's full reconciliation of its audit log.
-    report.reconciliation = Some(closing_reconciliation(ports.addr, certs)?);
+    report.reconciliation = Some(closing_reconciliation(&[ports.addr], certs)?);
     Ok(report)
 }

@@ -6,8 +6,8 @@ use crate::cli::Options;
 use crate::report::Report;
 use crate::schedule::{lock, Session};
 use crate::stats;
-use crate::target::{client_config, CustodyTarget};
-use custody::client::{Client, ClientConfig, ClientError};
+use crate::target::{failover_config, CustodyTarget};
+use custody::client::{ClientError, FailoverClient, FailoverConfig};
 use hdrhistogram::Histogram;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -34,7 +34,7 @@ pub struct ReconcileLoad {
 /// and the socket.
 pub fn drive(
     o: &Options,
-    addr: SocketAddr,
+    endpoints: &[SocketAddr],
     certs: &Path,
     seed: u64,
     appliance_pid: Option<u32>,
@@ -44,9 +44,12 @@ pub fn drive(
         .thread_name("custody-load-io")
         .enable_all()
         .build()?;
-    let config = client_config(addr, certs);
+    let config = failover_config(endpoints, certs);
     let (target, shards) = rt.block_on(CustodyTarget::connect(o, &config, seed))?;
-    let session = Session::new(o, seed);
+    let mut session = Session::new(o, seed);
+    if let Some(path) = &o.ack_log {
+        session = session.with_ack_log(path, endpoints)?;
+    }
     // The region switcher: its own connection, EU-WEST off and on every N ms, each
     // answer's latency recorded.
     let switch_us = Arc::new(Mutex::new(stats::latency_histogram()));
@@ -84,13 +87,18 @@ pub fn drive(
         Some(r) => Some(rt.block_on(r)??),
         None => None,
     };
+    let reconnects = target.reconnects();
     drop(target);
     drop(rt);
+    let ack_log = session.finish_ack_log().transpose()?;
     let (rec, memory, measured_unix_ms) = session.take(appliance_pid);
     let switches = std::mem::replace(&mut *lock(&switch_us), stats::latency_histogram());
     Ok(Report {
         region_switch_us: (!switches.is_empty()).then_some(switches),
         reconcile_load,
+        endpoints: endpoints.to_vec(),
+        reconnects,
+        ack_log,
         ..Report::new(shards, rec, memory, measured_unix_ms)
     })
 }
@@ -98,12 +106,12 @@ pub fn drive(
 /// The region switcher's loop: EU-WEST off and on every `every` ms until `finished`,
 /// each answer's latency into `switch_us`; left on at the end.
 async fn toggle_region(
-    config: ClientConfig,
+    config: FailoverConfig,
     every: u64,
     finished: Arc<AtomicBool>,
     switch_us: Arc<Mutex<Histogram<u64>>>,
 ) -> anyhow::Result<()> {
-    let client = Client::connect(&config).await?;
+    let client = FailoverClient::connect(config).await?;
     let mut enabled = true;
     while !finished.load(Ordering::Relaxed) {
         tokio::time::sleep(Duration::from_millis(every)).await;
@@ -132,7 +140,10 @@ struct Phases {
 
 /// The reconciler load's loop: reconciliations back to back in the reconciling phases,
 /// asleep in the quiet ones, until the window ends or the run is `finished`.
-async fn reconcile_in_phases(config: ClientConfig, plan: Phases) -> anyhow::Result<ReconcileLoad> {
+async fn reconcile_in_phases(
+    config: FailoverConfig,
+    plan: Phases,
+) -> anyhow::Result<ReconcileLoad> {
     let Phases {
         phase,
         full,
@@ -141,7 +152,7 @@ async fn reconcile_in_phases(config: ClientConfig, plan: Phases) -> anyhow::Resu
         finished,
         epoch,
     } = plan;
-    let client = Client::connect(&config).await?;
+    let client = FailoverClient::connect(config).await?;
     let mut load = ReconcileLoad {
         runs: 0,
         records: 0,

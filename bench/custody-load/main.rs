@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! custody-load demo [OPTIONS]                   start custodyd on the embedded store, drive it, verify
-//! custody-load run --addr A --certs DIR [OPTIONS] [--verify-db FILE]   drive a running appliance
+//! custody-load run --addr A[,B…] --certs DIR [OPTIONS] [--verify-db FILE] [--ack-log FILE]
+//!                                                drive a running appliance (or a group)
 //! custody-load article --postgres URL [OPTIONS]   the same schedule against the article's design
 //! custody-load compare --postgres URL [OPTIONS]   custody on PostgreSQL, then the article's design
 //! ```
@@ -27,13 +28,17 @@
 //! go), [`live`] (the live line and memory), [`observe`] (what the appliance's metrics
 //! and log say), [`verify`] (the audit check), [`report`] (the report and the exit code),
 //! [`compare`] (`article` and `compare`), [`article`] (the article's design as a target),
-//! [`floods`], [`stats`] and [`workload`].
+//! [`failover`] (connections that follow the active among `--addr`'s endpoints),
+//! [`acklog`] (`--ack-log`: every acknowledged DERIVE and ROTATE), [`floods`], [`stats`]
+//! and [`workload`].
 
+mod acklog;
 mod article;
 mod cli;
 mod compare;
 mod demo;
 mod drive;
+mod failover;
 mod floods;
 mod live;
 mod observe;
@@ -84,11 +89,13 @@ fn real_main() -> anyhow::Result<i32> {
 /// `run`: drives a running appliance, has it reconcile its audit log (unless
 /// --no-reconcile), and checks the receipts against --verify-db if given.
 fn run(o: &Options) -> anyhow::Result<i32> {
-    let addr = o.addr.context("run needs --addr")?;
+    if o.endpoints.is_empty() {
+        anyhow::bail!("run needs --addr");
+    }
     let certs = o.certs.clone().context("run needs --certs DIR")?;
-    let mut report = drive::drive(o, addr, &certs, 0, None)?;
+    let mut report = drive::drive(o, &o.endpoints, &certs, 0, None)?;
     if o.reconcile_at_end {
-        report.reconciliation = Some(observe::closing_reconciliation(addr, &certs)?);
+        report.reconciliation = Some(observe::closing_reconciliation(&o.endpoints, &certs)?);
     }
     let audit = o.verify_db.clone().map(verify::AuditSource::Sqlite);
     Ok(report::finish(o, report, audit)?.0)
@@ -97,7 +104,7 @@ fn run(o: &Options) -> anyhow::Result<i32> {
 /// `floods`: connection-level abuse against a running appliance (floods.rs); exits 1 if
 /// the steady deriver was refused or failed at any moment.
 fn run_floods(o: &Options, a: FloodArgs) -> anyhow::Result<i32> {
-    let addr = o.addr.context("floods needs --addr")?;
+    let addr = *o.endpoints.first().context("floods needs --addr")?;
     let certs = o.certs.clone().context("floods needs --certs DIR")?;
     let options = floods::FloodOptions {
         addr,

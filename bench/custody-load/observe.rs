@@ -2,8 +2,8 @@
 //! closing reconciliation, and the `commit stats` and `seed cache: refreshed` lines of
 //! its log (demo).
 
-use crate::target::client_config;
-use custody::client::Client;
+use crate::target::failover_config;
+use custody::client::FailoverClient;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
@@ -34,14 +34,14 @@ pub fn metric_sum(admin: SocketAddr, name: &str) -> Option<f64> {
 
 /// The appliance's full reconciliation of its audit log, asked for after the run.
 pub fn closing_reconciliation(
-    addr: SocketAddr,
+    endpoints: &[SocketAddr],
     certs: &Path,
 ) -> anyhow::Result<custody::op::ReconcileSummary> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     rt.block_on(async {
-        let c = Client::connect(&client_config(addr, certs)).await?;
+        let c = FailoverClient::connect(failover_config(endpoints, certs)).await?;
         c.reconcile(true).await.map_err(|e| {
             anyhow::anyhow!(
                 "the closing reconciliation: {e} (the client needs the auditor role; --no-reconcile skips it)"

@@ -7,7 +7,7 @@ use crate::drive::ReconcileLoad;
 use crate::live::Memory;
 use crate::observe::CommitFigures;
 use crate::stats::{Percentiles, Recorder, Summary};
-use crate::target::{Clients, Kept};
+use crate::target::{Clients, Kept, NOT_SENT, OUTCOME_UNKNOWN};
 use crate::verify::{verify_audit, AuditCheck, AuditSource};
 use crate::workload::Op;
 use hdrhistogram::Histogram;
@@ -33,6 +33,12 @@ pub struct Report {
     pub article_audit_rows: Option<u64>,
     /// Operations the appliance handed from one core to another during the run (demo).
     pub cross_core: Option<u64>,
+    /// `--addr`'s endpoints (empty: the article's design).
+    pub endpoints: Vec<std::net::SocketAddr>,
+    /// Connections made again after a closed connection or NOT_ACTIVE.
+    pub reconnects: u64,
+    /// `--ack-log`: the file and the lines written to it.
+    pub ack_log: Option<(std::path::PathBuf, u64)>,
 }
 
 impl Report {
@@ -55,8 +61,44 @@ impl Report {
             memory,
             article_audit_rows: None,
             cross_core: None,
+            endpoints: Vec::new(),
+            reconnects: 0,
+            ack_log: None,
         }
     }
+}
+
+/// How the requests ended, as failover sees them (issue 19).
+struct Outcomes {
+    acknowledged: u64,
+    not_active: u64,
+    /// In flight when their connection closed: they may have run.
+    unknown: u64,
+    /// Found their connection gone as they were started: not sent.
+    not_sent: u64,
+    /// Every other refusal or failure.
+    other: u64,
+}
+
+impl Outcomes {
+    fn of(rec: &Recorder<Kept>) -> Outcomes {
+        let named = |name: &str| rec.errors.get(name).copied().unwrap_or(0);
+        let (not_active, unknown, not_sent) =
+            (named("NOT_ACTIVE"), named(OUTCOME_UNKNOWN), named(NOT_SENT));
+        Outcomes {
+            acknowledged: rec.ok.iter().sum(),
+            not_active,
+            unknown,
+            not_sent,
+            other: (rec.errors_total() + rec.rotations_busy)
+                .saturating_sub(not_active + unknown + not_sent),
+        }
+    }
+}
+
+/// Microseconds as milliseconds with three decimals (JSON numbers).
+fn us_ms(us: u64) -> f64 {
+    us as f64 / 1000.0
 }
 
 /// A run's main figures, for `compare`.
@@ -177,6 +219,7 @@ impl<'a> Figures<'a> {
             "rotations_busy": rec.rotations_busy,
             "region_switches": report.region_switch_us.as_ref().and_then(Percentiles::of).map(|p| p.json()),
             "errors": rec.errors,
+            "failover": self.failover_json(),
             "measured_ok": rec.measured_ok,
             "measured_errors": rec.measured_errors,
             "throughput_rps": summary.throughput,
@@ -224,9 +267,81 @@ impl<'a> Figures<'a> {
         })
     }
 
+    /// The outcomes and the acknowledgements' trail across endpoints (`failover` in JSON).
+    fn failover_json(&self) -> serde_json::Value {
+        let (report, rec) = (self.report, &self.report.rec);
+        let o = Outcomes::of(rec);
+        let t = &rec.trail;
+        let name = |i: u16| self.endpoint_name(i);
+        serde_json::json!({
+            "endpoints": report.endpoints.iter().map(|e| e.to_string()).collect::<Vec<_>>(),
+            "acknowledged": o.acknowledged,
+            "refused_not_active": o.not_active,
+            "outcome_unknown": o.unknown,
+            "not_sent": o.not_sent,
+            "other_refusals": o.other,
+            "reconnects": report.reconnects,
+            "longest_ack_gap_ms": us_ms(t.longest_gap_us),
+            "longest_ack_gap_end_ms": us_ms(t.longest_gap_end_us),
+            "switches_total": t.switches_total,
+            "switches": t.switches.iter().map(|s| serde_json::json!({
+                "from": name(s.from), "last_ack_before_ms": us_ms(s.last_before_us),
+                "to": name(s.to), "first_ack_after_ms": us_ms(s.first_after_us),
+            })).collect::<Vec<_>>(),
+            "ack_log": report.ack_log.as_ref().map(|(path, lines)| serde_json::json!({
+                "path": path, "lines": lines,
+            })),
+        })
+    }
+
+    /// Endpoint `i` of `--addr` as text.
+    fn endpoint_name(&self, i: u16) -> String {
+        self.report
+            .endpoints
+            .get(usize::from(i))
+            .map_or_else(|| format!("#{i}"), |e| e.to_string())
+    }
+
+    /// The failover figures: printed with several endpoints, or when anything failed over
+    /// (a single endpoint's run prints as it always did).
+    fn print_failover(&self) {
+        let (report, rec) = (self.report, &self.report.rec);
+        let o = Outcomes::of(rec);
+        let t = &rec.trail;
+        if report.endpoints.len() > 1 || report.reconnects > 0 || t.switches_total > 0 {
+            println!(
+                "  failover    {} acknowledged, {} refused NOT_ACTIVE, {} of unknown outcome (in flight when a connection closed), {} not sent, {} other refusals; {} reconnections",
+                o.acknowledged, o.not_active, o.unknown, o.not_sent, o.other, report.reconnects
+            );
+            println!(
+                "              longest gap between two acknowledgements {:.3} ms (ending at {:.3} ms); {} endpoint switches",
+                us_ms(t.longest_gap_us),
+                us_ms(t.longest_gap_end_us),
+                t.switches_total
+            );
+            for s in &t.switches {
+                println!(
+                    "              last ack from {} at {:.3} ms, first from {} at {:.3} ms ({:.3} ms between)",
+                    self.endpoint_name(s.from),
+                    us_ms(s.last_before_us),
+                    self.endpoint_name(s.to),
+                    us_ms(s.first_after_us),
+                    us_ms(s.first_after_us.saturating_sub(s.last_before_us))
+                );
+            }
+        }
+        if let Some((path, lines)) = &report.ack_log {
+            println!(
+                "  ack log     {lines} acknowledged DERIVE and ROTATE lines in {}",
+                path.display()
+            );
+        }
+    }
+
     /// The report as text, a section after another.
     fn print(&self) {
         self.print_requests();
+        self.print_failover();
         self.print_latency();
         self.print_objective();
         self.print_reconcile_load();

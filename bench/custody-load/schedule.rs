@@ -2,10 +2,11 @@
 //! a [`Target`], each on a connection with room, records every answer against its
 //! scheduled time, waits for the last answers, and hands over the figures.
 
+use crate::acklog::AckLog;
 use crate::cli::Options;
 use crate::live::{spawn_reporter, Memory};
 use crate::stats::{Answer, Recorder};
-use crate::target::{Done, Kept, Route, SharedRecorder, Target};
+use crate::target::{Ack, Done, Kept, Route, SharedRecorder, Target};
 use crate::workload::{AssetPicker, Op, Rng};
 use anyhow::bail;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -31,6 +32,8 @@ pub struct Session {
     rec: SharedRecorder,
     pub finished: Arc<AtomicBool>,
     memory: Arc<Mutex<Memory>>,
+    /// `--ack-log`: every acknowledged DERIVE and ROTATE, written as they come.
+    acks: Option<Arc<Mutex<AckLog>>>,
 }
 
 /// A request as it was sent, against which its answer is recorded.
@@ -47,16 +50,29 @@ struct Sent {
 impl Sent {
     /// The callback that records the answer: latency from the scheduled time, and
     /// whether a reconciliation was in flight at any moment of the request's life.
-    fn on_answer(self, rec: SharedRecorder) -> Done {
-        Box::new(move |answer: Answer, receipt: Option<Kept>| {
+    fn on_answer(self, rec: SharedRecorder, acks: Option<Arc<Mutex<AckLog>>>) -> Done {
+        Box::new(move |answer: Answer, ack: Option<Ack>| {
             let done = Instant::now();
             self.slot.fetch_sub(1, Ordering::AcqRel);
             let reconciling = self
                 .epoch
                 .map(|(e, at)| at % 2 == 1 || e.load(Ordering::Acquire) != at);
+            if let (
+                Some(acks),
+                Some(Ack {
+                    endpoint,
+                    record: Some(record),
+                }),
+            ) = (&acks, &ack)
+            {
+                lock(acks).write(done, *endpoint, record);
+            }
             let mut r = lock(&rec);
-            if let Some(receipt) = receipt {
-                r.receipts.add(receipt);
+            if let Some(ack) = ack {
+                r.acked(done, ack.endpoint);
+                if let Some(a) = ack.record.filter(|a| a.op == Op::Derive) {
+                    r.receipts.add((a.receipt, a.asset, a.counter) as Kept);
+                }
             }
             r.answered(
                 self.op,
@@ -80,10 +96,27 @@ impl Session {
             measure_from,
             measure_until,
             seed,
-            rec: Arc::new(Mutex::new(Recorder::new(measure_from, measure_until, seed))),
+            rec: Arc::new(Mutex::new(
+                Recorder::new(measure_from, measure_until, seed).started_at(start),
+            )),
             finished: Arc::new(AtomicBool::new(false)),
             memory: Arc::new(Mutex::new(Memory::default())),
+            acks: None,
         }
+    }
+
+    /// The session writing every acknowledged DERIVE and ROTATE to `path` (`--ack-log`),
+    /// endpoints named as in `endpoints`.
+    pub fn with_ack_log(
+        self,
+        path: &std::path::Path,
+        endpoints: &[std::net::SocketAddr],
+    ) -> anyhow::Result<Session> {
+        let log = AckLog::create(path, self.start, endpoints)?;
+        Ok(Session {
+            acks: Some(Arc::new(Mutex::new(log))),
+            ..self
+        })
     }
 
     /// Runs the schedule against `target` with the live line, to its last answer; then
@@ -137,7 +170,7 @@ impl Session {
             // The reconciler load's epoch at the scheduled time: latency runs from there, so
             // a wait for room below belongs to the class of that moment.
             let epoch = epoch.map(|e| (e.clone(), e.load(Ordering::Acquire)));
-            let conn = self.room(o, &inflight, i)?;
+            let conn = self.room(o, target, &inflight, i)?;
             let op = o.mix.pick(rng.next_u64());
             let asset = picker.pick(rng.next_f64());
             let route = o.clients.route(i);
@@ -150,23 +183,31 @@ impl Session {
                 slot: inflight[conn].clone(),
                 epoch,
             };
-            target.start(conn, i, op, asset, route, sent.on_answer(self.rec.clone()));
+            let done = sent.on_answer(self.rec.clone(), self.acks.clone());
+            target.start(conn, i, op, asset, route, done);
         }
         self.last_answers();
         Ok(())
     }
 
-    /// The connection request `i` goes on: the first with room from its turn round.
+    /// The connection request `i` goes on: the first with room (and a connection: one
+    /// between two endpoints has none) from its turn round.
     /// Waiting on a slow target is measured (the schedule falls behind and the latency
     /// shows it); only a target that answers nothing for REQUEST_TIMEOUT ends the run.
-    fn room(&self, o: &Options, inflight: &[Arc<AtomicUsize>], i: u64) -> anyhow::Result<usize> {
+    fn room(
+        &self,
+        o: &Options,
+        target: &dyn Target,
+        inflight: &[Arc<AtomicUsize>],
+        i: u64,
+    ) -> anyhow::Result<usize> {
         let mut waiting_since = Instant::now();
         let mut answered_before = None;
         loop {
             let first = (i as usize) % o.connections;
             let found = (0..o.connections)
                 .map(|k| (first + k) % o.connections)
-                .find(|&c| inflight[c].load(Ordering::Acquire) < o.depth);
+                .find(|&c| inflight[c].load(Ordering::Acquire) < o.depth && target.ready(c));
             let answered = found.is_none().then(|| lock(&self.rec).answered);
             if answered != answered_before {
                 waiting_since = Instant::now();
@@ -212,6 +253,21 @@ impl Session {
         }
     }
 
+    /// Flushes the ack log (`--ack-log`): its path and lines, or the error that left it
+    /// incomplete. Call it once every reply callback is gone (the target dropped): a
+    /// callback still holding the log keeps it from closing.
+    pub fn finish_ack_log(&mut self) -> Option<anyhow::Result<(std::path::PathBuf, u64)>> {
+        let acks = self.acks.take()?;
+        Some(match Arc::try_unwrap(acks) {
+            Ok(log) => log.into_inner().unwrap_or_else(|p| p.into_inner()).finish(),
+            // A callback outlived its target: flush what the log has, through the lock.
+            Err(shared) => {
+                let mut log = lock(&shared);
+                log.flush().map(|lines| (log.path().to_owned(), lines))
+            }
+        })
+    }
+
     /// The figures (every reply callback is gone with its target, or they are taken
     /// out anyway), the memory samples, and the window on the wall clock.
     pub fn take(self, appliance_pid: Option<u32>) -> (Recorder<Kept>, Memory, (u64, u64)) {
@@ -219,6 +275,7 @@ impl Session {
             &mut *lock(&self.rec),
             Recorder::new(self.measure_from, self.measure_until, self.seed),
         );
+
         let mut memory = *lock(&self.memory);
         memory.sample(appliance_pid);
         let window = window_unix_ms(self.measure_from, rec.summary().elapsed);

@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 
 /// Receipts kept for the audit check at the end (a uniform sample past this many).
 pub const RECEIPTS_KEPT: usize = 1_000_000;
+/// Endpoint switches of the acknowledgements kept for the report; more are only counted.
+pub const SWITCHES_KEPT: usize = 256;
 /// Distinct error names counted; more are counted as OTHER.
 const ERROR_NAMES_MAX: usize = 64;
 
@@ -110,6 +112,58 @@ impl Percentiles {
     }
 }
 
+/// The acknowledgements' trail across endpoints (issue 19): the longest silence between
+/// two acknowledgements as the client saw it, and each change of the endpoint that
+/// acknowledged. Times are microseconds since the run's start.
+#[derive(Clone, Debug, Default)]
+pub struct AckTrail {
+    /// The last acknowledgement: when, and from which endpoint.
+    last: Option<(u64, u16)>,
+    /// The longest gap between two acknowledgements, and when it ended.
+    pub longest_gap_us: u64,
+    pub longest_gap_end_us: u64,
+    /// The first [`SWITCHES_KEPT`] switches, in order.
+    pub switches: Vec<Switch>,
+    pub switches_total: u64,
+}
+
+/// The endpoint that acknowledges changed: the last acknowledgement from `from` and the
+/// first from `to` (µs since the run's start; endpoints as indices of `--addr`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Switch {
+    pub from: u16,
+    pub last_before_us: u64,
+    pub to: u16,
+    pub first_after_us: u64,
+}
+
+impl AckTrail {
+    /// One acknowledgement from `endpoint` at `at_us`.
+    pub fn ack(&mut self, at_us: u64, endpoint: u16) {
+        if let Some((last_us, last_endpoint)) = self.last {
+            let gap = at_us.saturating_sub(last_us);
+            if gap > self.longest_gap_us {
+                self.longest_gap_us = gap;
+                self.longest_gap_end_us = at_us;
+            }
+            if last_endpoint != endpoint {
+                self.switches_total += 1;
+                if self.switches.len() < SWITCHES_KEPT {
+                    self.switches.push(Switch {
+                        from: last_endpoint,
+                        last_before_us: last_us,
+                        to: endpoint,
+                        first_after_us: at_us,
+                    });
+                }
+            }
+        }
+        // Answers may be recorded a hair out of order: the trail keeps the latest time.
+        let at_us = self.last.map_or(at_us, |(t, _)| t.max(at_us));
+        self.last = Some((at_us, endpoint));
+    }
+}
+
 /// What the live line shows for the last second.
 pub struct Live {
     pub ok: u64,
@@ -144,6 +198,9 @@ pub struct Recorder<R> {
     live_errors: u64,
     live_latency: Histogram<u64>,
     pub receipts: Reservoir<R>,
+    /// Every acknowledgement's time and endpoint, from the run's start.
+    pub trail: AckTrail,
+    start: Instant,
 }
 
 /// The measured figures.
@@ -183,6 +240,22 @@ impl<R> Recorder<R> {
             live_errors: 0,
             live_latency: latency_histogram(),
             receipts: Reservoir::new(RECEIPTS_KEPT, seed),
+            trail: AckTrail::default(),
+            start: from,
+        }
+    }
+
+    /// The recorder with its acknowledgement times counted from `start` (the run's start,
+    /// before the warm-up) instead of the measured window's.
+    pub fn started_at(self, start: Instant) -> Recorder<R> {
+        Recorder { start, ..self }
+    }
+
+    /// An acknowledgement at `at` from `endpoint`, into the trail (unless the drain gave up).
+    pub fn acked(&mut self, at: Instant, endpoint: u16) {
+        if !self.closed {
+            let at_us = at.saturating_duration_since(self.start).as_micros() as u64;
+            self.trail.ack(at_us, endpoint);
         }
     }
 
@@ -505,6 +578,53 @@ mod tests {
             Some(&(200 - ERROR_NAMES_MAX as u64))
         );
         assert_eq!(rec.errors_total(), 200);
+    }
+
+    /// The longest silence and each change of endpoint, across a failover and back.
+    #[test]
+    fn the_trail_finds_the_gap_and_the_switches() {
+        let mut t = AckTrail::default();
+        for at in [1_000, 2_000, 3_000] {
+            t.ack(at, 0);
+        }
+        // The active dies at 3 ms; the standby acknowledges from 2.5 s on.
+        t.ack(2_503_000, 1);
+        t.ack(2_503_100, 1);
+        // One late answer recorded out of order changes nothing.
+        t.ack(2_503_050, 1);
+        t.ack(2_600_000, 0);
+        assert_eq!(
+            (t.longest_gap_us, t.longest_gap_end_us),
+            (2_500_000, 2_503_000)
+        );
+        assert_eq!(t.switches_total, 2);
+        assert_eq!(
+            t.switches,
+            [
+                Switch {
+                    from: 0,
+                    last_before_us: 3_000,
+                    to: 1,
+                    first_after_us: 2_503_000
+                },
+                Switch {
+                    from: 1,
+                    last_before_us: 2_503_100,
+                    to: 0,
+                    first_after_us: 2_600_000
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn switches_kept_are_bounded() {
+        let mut t = AckTrail::default();
+        for i in 0..(SWITCHES_KEPT as u64 * 3) {
+            t.ack(i, (i % 2) as u16);
+        }
+        assert_eq!(t.switches.len(), SWITCHES_KEPT);
+        assert_eq!(t.switches_total, SWITCHES_KEPT as u64 * 3 - 1);
     }
 
     #[test]

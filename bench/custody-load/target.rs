@@ -1,12 +1,14 @@
 //! Where the schedule's requests go: the [`Target`] trait, and custody over its wire
-//! protocol ([`CustodyTarget`]: a plain or a shard-aware client per connection slot, the
-//! assets it registered), with how the harness connects to an appliance.
+//! protocol ([`CustodyTarget`]: per connection slot a connection that follows the active
+//! among `--addr`'s endpoints, or a shard-aware client; the assets it registered), with how
+//! the harness connects to an appliance.
 
 use crate::cli::Options;
+use crate::failover::{tls_of, FollowingConn, Via};
 use crate::stats::{Answer, Recorder};
 use crate::workload::Op;
 use anyhow::bail;
-use custody::client::{Client, ClientConfig, ClientError, ShardedClient};
+use custody::client::{ClientConfig, ClientError, FailoverClient, FailoverConfig, ShardedClient};
 use custody::op::{DeriveBody, Reply, Request};
 use custody::wire::{Receipt, Status};
 use std::net::SocketAddr;
@@ -19,14 +21,38 @@ pub type Kept = (Receipt, Uuid, u64);
 /// The recorder the reply callbacks share.
 pub type SharedRecorder = Arc<Mutex<Recorder<Kept>>>;
 
-/// What a target calls once per request with its answer (and a derivation's receipt).
-pub type Done = Box<dyn FnOnce(Answer, Option<Kept>) + Send>;
+/// What a target calls once per request with its answer (and, acknowledged, where from and
+/// what the audit log must show).
+pub type Done = Box<dyn FnOnce(Answer, Option<Ack>) + Send>;
+
+/// An acknowledged request: the endpoint (index in `--addr`) that acknowledged it, and for
+/// a DERIVE or a ROTATE the record the audit log must hold.
+#[derive(Clone, Copy, Debug)]
+pub struct Ack {
+    pub endpoint: u16,
+    pub record: Option<AckedRecord>,
+}
+
+/// An acknowledged DERIVE's or ROTATE's record: asset, counter (a ROTATE's new one), receipt.
+#[derive(Clone, Copy, Debug)]
+pub struct AckedRecord {
+    pub op: Op,
+    pub asset: Uuid,
+    pub counter: u64,
+    pub receipt: Receipt,
+}
 
 /// Where the schedule's requests go: custody over its wire protocol, or the article's
 /// design on PostgreSQL (`custody-load article`).
 pub trait Target {
     /// Starts request `i` (`op` on asset number `asset`) on connection `conn`.
     fn start(&self, conn: usize, i: u64, op: Op, asset: usize, route: Route, done: Done);
+
+    /// Whether connection `conn` can take a request now (a following connection between
+    /// two endpoints cannot).
+    fn ready(&self, _conn: usize) -> bool {
+        true
+    }
 }
 
 /// Which kind of client a request goes through (`--clients`).
@@ -86,10 +112,16 @@ pub fn client_config(addr: SocketAddr, certs: &Path) -> ClientConfig {
     }
 }
 
-/// custody over TLS: the registered assets, and per connection slot a plain client
-/// and (`--clients shard-aware|both`) a shard-aware one.
+/// The harness's settings for the appliances at `endpoints` (`--addr`), certificates in
+/// `certs`.
+pub fn failover_config(endpoints: &[SocketAddr], certs: &Path) -> FailoverConfig {
+    FailoverConfig::new(endpoints.to_vec(), &client_config(endpoints[0], certs))
+}
+
+/// custody over TLS: the registered assets, and per connection slot a connection that
+/// follows the active and (`--clients shard-aware|both`, one endpoint) a shard-aware one.
 pub struct CustodyTarget {
-    clients: Vec<Arc<Client>>,
+    conns: Vec<Arc<FollowingConn>>,
     sharded: Vec<Arc<ShardedClient>>,
     pub assets: Vec<Uuid>,
     seed: u64,
@@ -100,32 +132,49 @@ impl CustodyTarget {
     /// assets; with the appliance's shard count (from HELLO).
     pub async fn connect(
         o: &Options,
-        config: &ClientConfig,
+        config: &FailoverConfig,
         seed: u64,
     ) -> anyhow::Result<(CustodyTarget, u16)> {
-        let mut clients = Vec::with_capacity(o.connections);
+        let tls = tls_of(config)?;
+        let mut conns = Vec::with_capacity(o.connections);
         for _ in 0..o.connections {
-            clients.push(Arc::new(Client::connect(config).await?));
+            conns.push(FollowingConn::connect(config, tls.clone()).await?);
         }
         let mut sharded = Vec::new();
         if o.clients != Clients::Plain {
+            if config.endpoints.len() > 1 {
+                bail!(
+                    "--clients {} takes one --addr (shard-aware clients do not follow the active)",
+                    o.clients.name()
+                );
+            }
+            let one = config.client_config(config.endpoints[0]);
             for _ in 0..o.connections {
-                let c = ShardedClient::connect(config).await?;
+                let c = ShardedClient::connect(&one).await?;
                 if !c.is_shard_aware() {
                     bail!("--clients {}: the appliance announces no per-shard ports (server.shard_listen)", o.clients.name());
                 }
                 sharded.push(Arc::new(c));
             }
         }
-        let hello = clients[0].hello().await?;
-        let assets = register_assets(&clients, o.assets, seed).await?;
+        let registrar = Arc::new(FailoverClient::new(config.clone())?);
+        let hello = registrar.hello().await?;
+        let assets = register_assets(&registrar, o.assets, seed).await?;
         let target = CustodyTarget {
-            clients,
+            conns,
             sharded,
             assets,
             seed,
         };
         Ok((target, hello.shard_count))
+    }
+
+    /// Endpoint switches of the connections (connections made after each one's first).
+    pub fn reconnects(&self) -> u64 {
+        self.conns
+            .iter()
+            .map(|c| c.reconnects.load(std::sync::atomic::Ordering::Relaxed))
+            .sum()
     }
 
     /// Request `i`: `op` on `asset`.
@@ -153,14 +202,49 @@ impl CustodyTarget {
     }
 }
 
-/// How the reply to `op` on `asset` counts (and a derivation's receipt, to look up).
-fn answer_of(op: Op, asset: Uuid, result: Result<Reply, ClientError>) -> (Answer, Option<Kept>) {
+/// How the reply to `op` on `asset` counts, and (acknowledged) the endpoint and record.
+fn answer_of(
+    op: Op,
+    asset: Uuid,
+    result: Result<Reply, ClientError>,
+    via: Via,
+) -> (Answer, Option<Ack>) {
+    let record = |counter, receipt| AckedRecord {
+        op,
+        asset,
+        counter,
+        receipt,
+    };
     let answer = match result {
         Ok(Reply::Derived(d)) if op == Op::Derive => {
-            return (Answer::Ok, Some((d.receipt, asset, d.counter)));
+            let record = Some(record(d.counter, d.receipt));
+            return (
+                Answer::Ok,
+                Some(Ack {
+                    endpoint: via.endpoint,
+                    record,
+                }),
+            );
         }
-        Ok(Reply::Rotated(_)) if op == Op::Rotate => Answer::Ok,
-        Ok(Reply::Asset(_)) if op == Op::Status => Answer::Ok,
+        Ok(Reply::Rotated(r)) if op == Op::Rotate => {
+            let record = Some(record(r.counter, r.receipt));
+            return (
+                Answer::Ok,
+                Some(Ack {
+                    endpoint: via.endpoint,
+                    record,
+                }),
+            );
+        }
+        Ok(Reply::Asset(_)) if op == Op::Status => {
+            return (
+                Answer::Ok,
+                Some(Ack {
+                    endpoint: via.endpoint,
+                    record: None,
+                }),
+            );
+        }
         // Another rotation of the asset is being committed: the documented
         // answer (retry), not a failure.
         Ok(Reply::Refused(r)) if op == Op::Rotate && r.status == Status::Busy => {
@@ -168,39 +252,64 @@ fn answer_of(op: Op, asset: Uuid, result: Result<Reply, ClientError>) -> (Answer
         }
         Ok(Reply::Refused(r)) => Answer::Error(r.status.name().to_owned()),
         Ok(_) => Answer::Error("UNEXPECTED_REPLY".to_owned()),
-        Err(ClientError::Closed) => Answer::Error("CONNECTION_CLOSED".to_owned()),
+        // In flight when the connection closed: it may have run.
+        Err(ClientError::Closed) => Answer::Error(OUTCOME_UNKNOWN.to_owned()),
         Err(e) => Answer::Error(format!("CLIENT: {e}")),
     };
     (answer, None)
 }
 
+/// The error name of a request in flight when its connection closed.
+pub const OUTCOME_UNKNOWN: &str = "OUTCOME_UNKNOWN";
+/// The error name of a request whose connection was found gone as it was started (not sent).
+pub const NOT_SENT: &str = "NOT_SENT";
+
 impl Target for CustodyTarget {
     fn start(&self, conn: usize, i: u64, op: Op, asset: usize, route: Route, done: Done) {
         let asset = self.assets[asset];
         let request = self.request(i, op, asset);
-        let on_reply: custody::client::ReplyCallback = Box::new(move |result| {
-            let (answer, receipt) = answer_of(op, asset, result);
-            done(answer, receipt);
-        });
-        match (route, self.sharded.get(conn)) {
-            (Route::ShardAware, Some(c)) => c.start(&request, on_reply),
-            _ => self.clients[conn].start(&request, on_reply),
+        if let (Route::ShardAware, Some(c)) = (route, self.sharded.get(conn)) {
+            let via = Via::FIRST;
+            return c.start(
+                &request,
+                Box::new(move |result| {
+                    let (answer, ack) = answer_of(op, asset, result, via);
+                    done(answer, ack);
+                }),
+            );
         }
+        let conn = &self.conns[conn];
+        let Some((client, via)) = conn.lease() else {
+            return done(Answer::Error(NOT_SENT.to_owned()), None);
+        };
+        let conn = conn.clone();
+        client.start(
+            &request,
+            Box::new(move |result| {
+                conn.heard(&result, via);
+                let (answer, ack) = answer_of(op, asset, result, via);
+                done(answer, ack);
+            }),
+        );
+    }
+
+    fn ready(&self, conn: usize) -> bool {
+        self.conns[conn].is_live()
     }
 }
 
 /// Registers `n` assets over `clients` (an asset that exists already counts as
 /// registered: a run again against the same appliance).
 async fn register_assets(
-    clients: &[Arc<Client>],
+    client: &Arc<FailoverClient>,
     n: usize,
     seed: u64,
 ) -> anyhow::Result<Vec<Uuid>> {
     // Bounded concurrency: the appliance answers BUSY past its per-connection limit.
-    let limit = Arc::new(tokio::sync::Semaphore::new(256 * clients.len()));
+    let limit = Arc::new(tokio::sync::Semaphore::new(256));
     let mut tasks = Vec::with_capacity(n);
     for i in 0..n {
-        let client = clients[i % clients.len()].clone();
+        let client = client.clone();
         // Deterministic version-4 style ids, different per run seed.
         let mut bytes = [0u8; 16];
         bytes[..8].copy_from_slice(&(i as u64).to_be_bytes());
