@@ -14,8 +14,9 @@ VERSION = 3
 HEADER_LEN = 20
 _HEADER = struct.Struct(">4sBBHQI")
 
-#: The largest reply body the appliance sends is 585 bytes (protocol.md §4.4); a reply
-#: announcing more than this is not from a custody appliance.
+#: The largest reply body the appliance sends is 8,965 bytes (a LIST_ASSETS page; any
+#: other reply is at most 786, protocol.md §4.4); a reply announcing more than this is not
+#: from a custody appliance.
 MAX_REPLY_BODY = 64 * 1024
 
 #: Fixed field limits (protocol.md §6).
@@ -23,6 +24,13 @@ PATH_MAX = 64
 REGION_MAX = 32
 SHARE_MAX = 160
 LIST_ASSETS_PAGE_MAX = 256
+#: An error reply's message (text16), and NOT_ACTIVE's active address (protocol.md §4.4).
+MESSAGE_MAX = 512
+ACTIVE_ADDRESS_MAX = 264
+
+#: The status of a standby (protocol.md §5): its error reply names the active after the
+#: message.
+NOT_ACTIVE = 35
 
 
 class Op(enum.IntEnum):
@@ -77,6 +85,7 @@ STATUSES: Dict[int, str] = {
     32: "SEALED",
     33: "SHUTTING_DOWN",
     34: "CONNECTION_LIMIT",
+    35: "NOT_ACTIVE",
     40: "FORBIDDEN",
     41: "RATE_LIMITED",
     50: "INTERNAL",
@@ -230,8 +239,14 @@ class _Body:
     def str8(self) -> str:
         return self.take(self.u8()).decode("ascii")
 
-    def text16(self) -> str:
-        return self.take(self.u16()).decode("utf-8")
+    def text16(self, limit: Optional[int] = None, what: str = "text") -> str:
+        n = self.u16()
+        if limit is not None and n > limit:
+            raise ProtocolError("%s of %d bytes (at most %d)" % (what, n, limit))
+        try:
+            return self.take(n).decode("utf-8")
+        except UnicodeDecodeError:
+            raise ProtocolError("%s is not UTF-8" % what) from None
 
     def end(self) -> None:
         if self.at != len(self.b):
@@ -398,6 +413,9 @@ class ErrorReply:
     status: int
     retry_after_ms: int
     message: str
+    #: NOT_ACTIVE only: the active appliance's client address (``host:port``), when the
+    #: standby knows it; None otherwise.
+    active: Optional[str] = None
 
 
 def status_of(body: bytes) -> int:
@@ -407,12 +425,29 @@ def status_of(body: bytes) -> int:
 
 
 def decode_error(body: bytes) -> ErrorReply:
+    """An error reply (protocol.md §4.4): status, retry_after_ms, message; NOT_ACTIVE adds
+    the active's address (length 0: unknown)."""
     r = _Body(body)
     status = r.u16()
+    if status == 0:
+        raise ProtocolError("an OK reply is not an error reply")
     retry = r.u32()
-    message = r.text16()
+    message = r.text16(MESSAGE_MAX, "error message")
+    active = None
+    if status == NOT_ACTIVE:
+        active = r.text16(ACTIVE_ADDRESS_MAX, "active address") or None
     r.end()
-    return ErrorReply(status, retry, message)
+    return ErrorReply(status, retry, message, active)
+
+
+def error_body(status: int, message: str, retry_after_ms: int = 0, active: Optional[str] = None) -> bytes:
+    """An error reply body as the appliance writes it (for tests and fake servers)."""
+    raw = message.encode("utf-8")
+    out = struct.pack(">HIH", status, retry_after_ms, len(raw)) + raw
+    if status == NOT_ACTIVE:
+        addr = (active or "").encode("utf-8")
+        out += struct.pack(">H", len(addr)) + addr
+    return out
 
 
 def _ok(body: bytes) -> _Body:

@@ -110,3 +110,61 @@ def test_bodies_are_checked_before_they_are_sent():
         wire.asset_bytes("not a uuid")
     with pytest.raises(wire.ProtocolError):
         wire.decode_asset(b"\x00\x00" + bytes(10))
+
+
+def not_active_body(message: bytes, active: bytes, retry_after_ms: int = 0) -> bytes:
+    """A NOT_ACTIVE error reply body written by hand from docs/protocol.md §4.4: u16 status,
+    u32 retry_after_ms, u16 message_len + message, u16 active_len + active."""
+    return (
+        (35).to_bytes(2, "big")
+        + retry_after_ms.to_bytes(4, "big")
+        + len(message).to_bytes(2, "big")
+        + message
+        + len(active).to_bytes(2, "big")
+        + active
+    )
+
+
+def test_a_not_active_reply_names_the_active():
+    body = not_active_body(b"this appliance is a standby", b"custody-b.example:7443", 5)
+    e = wire.decode_error(body)
+    assert (e.status, e.retry_after_ms, e.message, e.active) == (35, 5, "this appliance is a standby", "custody-b.example:7443")
+    assert wire.error_body(35, "this appliance is a standby", 5, "custody-b.example:7443") == body
+    # Length 0: the standby does not know the active.
+    unknown = wire.decode_error(not_active_body(b"standby", b""))
+    assert unknown.active is None
+    # The longest of both fields decode.
+    longest = wire.decode_error(not_active_body("é".encode() * 256, b"h" * 258 + b":65535"))
+    assert len(longest.message.encode()) == 512 and len(longest.active) == 264
+    # Every other status has no address field: its bytes would be trailing.
+    assert wire.decode_error(wire.error_body(41, "slow down", 250)).active is None
+    with pytest.raises(wire.ProtocolError):
+        wire.decode_error(wire.error_body(41, "slow down") + b"\x00\x00")
+
+
+def test_a_not_active_reply_out_of_its_bounds_is_refused():
+    ok = not_active_body(b"standby", b"a:1")
+    for bad in [
+        not_active_body(b"standby", b"h" * 265),  # active over 264 bytes
+        not_active_body(b"m" * 513, b"a:1"),  # message over 512 bytes
+        not_active_body(b"standby", b"\xff\xfe"),  # active not UTF-8
+        ok[:-1],  # active cut short
+        ok[: 8 + 7],  # no active_len at all
+        ok + b"x",  # trailing byte
+        (35).to_bytes(2, "big") + bytes(4) + b"\x00\x07standby" + b"\xff\xff",  # 65535 announced
+    ]:
+        with pytest.raises(wire.ProtocolError):
+            wire.decode_error(bad)
+
+
+def test_not_active_is_a_retryable_refusal_that_carries_the_active():
+    assert errors.BY_STATUS[35] is errors.NotActive
+    assert issubclass(errors.NotActive, errors.Retryable) and issubclass(errors.NotActive, errors.Refused)
+    e = errors.refusal(35, "standby", 0, wire.Op.DERIVE, "b:7443")
+    assert isinstance(e, errors.NotActive)
+    assert (e.status, e.status_name, e.active, e.opcode) == (35, "NOT_ACTIVE", "b:7443", wire.Op.DERIVE)
+    assert "b:7443" in str(e)
+    assert errors.refusal(35, "standby").active is None
+    u = errors.OutcomeUnknown("a:7443", wire.Op.DERIVE)
+    assert isinstance(u, errors.ConnectionClosed) and (u.endpoint, u.opcode) == ("a:7443", wire.Op.DERIVE)
+    assert "DERIVE" in str(u) and "a:7443" in str(u)
