@@ -1,6 +1,7 @@
-"""asyncio clients: one connection (:class:`AsyncClient`), shard-aware routing over the
-per-shard ports HELLO announces (:class:`ShardedClient`), and a small synchronous wrapper
-(:class:`Client`)."""
+"""asyncio clients: one connection to the active appliance (:class:`AsyncClient`, which
+finds it among several endpoints and follows it when it moves), shard-aware routing over
+the per-shard ports HELLO announces (:class:`ShardedClient`), and a small synchronous
+wrapper (:class:`Client`)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,28 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from . import wire
-from .errors import ConnectionClosed, CustodyError, ProtocolError, Refused, Unreachable, refusal
+from .errors import (
+    ConnectionClosed,
+    CustodyError,
+    NotActive,
+    OutcomeUnknown,
+    ProtocolError,
+    Refused,
+    Unreachable,
+    refusal,
+)
+from .failover import (
+    FAILOVER_BACKOFF_FIRST_S,
+    FAILOVER_BACKOFF_MAX_S,
+    FAILOVER_DEADLINE_S,
+    RECONNECT_ROUNDS,
+    Address,
+    Endpoint,
+    Endpoints,
+    format_endpoint,
+    parse_endpoints,
+    split_address,
+)
 from .wire import AssetId, Op, Purpose
 
 #: DERIVE's defaults, as the CLI's (`custody derive`).
@@ -21,15 +43,27 @@ DEFAULT_REGION = "US-EAST"
 DEFAULT_PURPOSE = Purpose.TRADING
 DEFAULT_TTL_S = 300
 
-#: How long connecting (TCP and the TLS handshake) may take.
+#: How long connecting (TCP and the TLS handshake) and the HELLO after it may take, with
+#: one endpoint; with several, an endpoint that does not answer within the shorter
+#: bound is passed over for the next.
 CONNECT_TIMEOUT_S = 10.0
+FAILOVER_CONNECT_TIMEOUT_S = 2.0
 
 #: Bytes of requests buffered before a pipelining caller waits for the socket.
 WRITE_HIGH_WATER = 256 * 1024
 
-#: Reconnect attempts after a closed connection, and the first and longest backoff.
-RECONNECT_ATTEMPTS = 5
-RECONNECT_BACKOFF_S = (0.05, 2.0)
+#: Reconnect attempts (rounds over the endpoints) after a closed connection, and the
+#: first and longest backoff between them (custody.failover).
+RECONNECT_ATTEMPTS = RECONNECT_ROUNDS
+RECONNECT_BACKOFF_S = (FAILOVER_BACKOFF_FIRST_S, FAILOVER_BACKOFF_MAX_S)
+
+#: The requests a standby answers itself (protocol.md §5, NOT_ACTIVE): a client with a
+#: single endpoint sends them to it even when it is a standby.
+STANDBY_OPCODES = frozenset({Op.SEAL, Op.UNSEAL, Op.SEAL_STATUS})
+
+#: Anything an AsyncClient.connect accepts as its address: "host:port", "a:7443,b:7443",
+#: (host, port), or a sequence of these.
+Addresses = Union[Address, Sequence[Address]]
 
 
 @dataclass(frozen=True)
@@ -70,27 +104,39 @@ def _tls(
     return TlsFiles(ca, cert, key, server_name)
 
 
-def _split(address: Union[str, Tuple[str, int]]) -> Tuple[str, int]:
-    if isinstance(address, tuple):
-        return address
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        raise ValueError("an address is HOST:PORT, not %r" % address)
-    return host.strip("[]"), int(port)
+_split = split_address
+
+
+class _NotSent(Exception):
+    """The connection had closed before the request was written: it was not sent."""
 
 
 class _Protocol(asyncio.Protocol):
     """One TLS connection: frames out, replies matched to their callers by request id."""
 
-    def __init__(self, on_lost: Callable[["_Protocol"], None]) -> None:
+    def __init__(self, endpoint: Endpoint, on_lost: Callable[["_Protocol"], None]) -> None:
+        self.endpoint = endpoint
         self.transport: Optional[asyncio.Transport] = None
         self.reader = wire.FrameReader()
         #: request id -> (the caller's future, what to call once the request is settled:
-        #: its in-flight slot, given back even if the caller gave up).
-        self.pending: Dict[int, Tuple[asyncio.Future, Optional[Callable[[], None]]]] = {}
+        #: its in-flight slot, given back even if the caller gave up; its opcode).
+        self.pending: Dict[int, Tuple[asyncio.Future, Optional[Callable[[], None]], int]] = {}
         self.closed: Optional[CustodyError] = None
+        #: No new request goes on a retired connection (its appliance answered NOT_ACTIVE);
+        #: it closes once the requests still on it are answered.
+        self.retired = False
+        #: HELLO was answered NOT_ACTIVE: only STANDBY_OPCODES go on it.
+        self.standby = False
         self._on_lost = on_lost
         self._writable: Optional[asyncio.Future] = None
+
+    def usable(self, opcode: int) -> bool:
+        return self.closed is None and not self.retired and (not self.standby or opcode in STANDBY_OPCODES)
+
+    def retire(self) -> None:
+        self.retired = True
+        if not self.pending and self.transport is not None:
+            self.transport.close()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -113,29 +159,35 @@ class _Protocol(asyncio.Protocol):
                 # the appliance could not name (MALFORMED_FRAME, …): it closes the
                 # connection, and every request in flight fails with it.
                 e = wire.decode_error(body)
-                self._fail(refusal(e.status, e.message, e.retry_after_ms, opcode))
+                self._fail(refusal(e.status, e.message, e.retry_after_ms, opcode, e.active))
                 return
             raise ProtocolError("a reply to request %d, which is not pending" % request_id)
-        future, settled = entry
+        future, settled, _ = entry
         if not future.done():
             future.set_result(body)
         if settled is not None:
             settled()
+        if self.retired and not self.pending and self.transport is not None:
+            self.transport.close()
 
     def _fail(self, error: CustodyError) -> None:
         if self.closed is None:
             self.closed = error
         pending, self.pending = self.pending, {}
-        for future, settled in pending.values():
+        for future, settled, opcode in pending.values():
             if not future.done():
-                future.set_exception(self.closed)
+                if isinstance(self.closed, ConnectionClosed):
+                    # Sent, not answered: it may or may not have run.
+                    future.set_exception(OutcomeUnknown(format_endpoint(self.endpoint), opcode, str(self.closed)))
+                else:
+                    future.set_exception(self.closed)
             if settled is not None:
                 settled()
         if self._writable is not None and not self._writable.done():
             self._writable.set_result(None)
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
-        self._fail(ConnectionClosed("the connection closed%s; the outcome of the requests in flight is unknown" % (": %s" % exc if exc else "")))
+        self._fail(ConnectionClosed("the connection closed%s" % (": %s" % exc if exc else "")))
         self._on_lost(self)
 
     def pause_writing(self) -> None:
@@ -150,31 +202,78 @@ class _Protocol(asyncio.Protocol):
         if self._writable is not None:
             await self._writable
 
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
 
 class AsyncClient:
-    """One connection to an appliance. Calls may run concurrently (pipelined): each gets
-    its own request id and is answered by id, in whatever order replies come. After the
-    connection closes, the requests in flight fail with ConnectionClosed and the next call
-    connects again (with backoff)."""
+    """One connection to the active appliance. Calls may run concurrently (pipelined):
+    each gets its own request id and is answered by id, in whatever order replies come.
 
-    def __init__(self, host: str, port: int, tls: TlsFiles, reconnect: bool = True) -> None:
-        self.host, self.port, self.tls = host, port, tls
+    With several endpoints (one active appliance, the others standbys answering
+    NOT_ACTIVE), the client finds the active: it tries the endpoints in order, moving on
+    after NOT_ACTIVE (to the active it names first, when that is one of the endpoints) or
+    a connection that fails, with backoff between rounds (custody.failover), within
+    ``deadline_s`` per call. A request refused NOT_ACTIVE was not run: it is sent again to
+    the active, transparently. A request in flight when its connection closed raises
+    OutcomeUnknown (never sent again by itself: ``rotate(..., retry_unknown=True)`` does
+    for a ROTATE). After the connection closes, the next call connects again."""
+
+    def __init__(
+        self,
+        host: Optional[str],
+        port: Optional[int],
+        tls: TlsFiles,
+        reconnect: bool = True,
+        *,
+        endpoints: Optional[Addresses] = None,
+        deadline_s: float = FAILOVER_DEADLINE_S,
+    ) -> None:
+        if endpoints is None:
+            if host is None or port is None:
+                raise ValueError("give host and port, or endpoints")
+            endpoints = [(host, port)]
+        self._endpoints = Endpoints(parse_endpoints(endpoints))
+        self.tls = tls
         self.reconnect = reconnect
+        self.deadline_s = deadline_s
         self._ctx = tls.context()
         self._proto: Optional[_Protocol] = None
         self._connecting: Optional[asyncio.Future] = None
         self._next_id = 1
         self._closed = False
+        #: Connections made (a HELLO answered OK); the ShardedClient follows it.
+        self.generation = 0
         #: The appliance's HELLO, asked on every (re)connect.
         self.hello_info: Optional[wire.Hello] = None
         # Requests in flight stay within the appliance's max_inflight_per_connection
         # (HELLO's), so that a pipelining caller is never refused BUSY for it.
         self._window: Optional[asyncio.Semaphore] = None
 
+    @property
+    def endpoints(self) -> List[Endpoint]:
+        """Every endpoint, in the order given."""
+        return list(self._endpoints.endpoints)
+
+    @property
+    def endpoint(self) -> Endpoint:
+        """The endpoint in use (or tried next): the active, once found."""
+        proto = self._proto
+        return proto.endpoint if proto is not None and proto.closed is None else self._endpoints.endpoint
+
+    @property
+    def host(self) -> str:
+        return self.endpoint[0]
+
+    @property
+    def port(self) -> int:
+        return self.endpoint[1]
+
     @classmethod
     async def connect(
         cls,
-        address: Union[str, Tuple[str, int]],
+        address: Addresses,
         *,
         certs: Optional[str] = None,
         ca: Optional[str] = None,
@@ -182,54 +281,67 @@ class AsyncClient:
         key: Optional[str] = None,
         server_name: str = "localhost",
         reconnect: bool = True,
+        deadline_s: float = FAILOVER_DEADLINE_S,
     ) -> "AsyncClient":
-        host, port = _split(address)
-        client = cls(host, port, _tls(certs, ca, cert, key, server_name), reconnect)
-        await client._connection()
+        """Connects to the active among the endpoints: ``"host:port"``, ``"a:7443,b:7443"``,
+        ``(host, port)`` or a list of these. Every appliance's certificate must carry
+        ``server_name``."""
+        client = cls(
+            None, None, _tls(certs, ca, cert, key, server_name), reconnect, endpoints=address, deadline_s=deadline_s
+        )
+        await client._connection(Op.HELLO, asyncio.get_running_loop().time() + deadline_s, first=True)
         return client
 
-    async def _open(self) -> _Protocol:
+    def _sibling(self, endpoint: Endpoint, deadline_s: float) -> "AsyncClient":
+        """Another client with the same TLS files, to one endpoint (a shard's port)."""
+        return AsyncClient(None, None, self.tls, self.reconnect, endpoints=[endpoint], deadline_s=deadline_s)
+
+    async def _open(self, endpoint: Endpoint) -> _Protocol:
         loop = asyncio.get_running_loop()
 
         def lost(p: _Protocol) -> None:
             if self._proto is p:
                 self._proto = None
 
+        timeout = CONNECT_TIMEOUT_S if len(self._endpoints) == 1 else FAILOVER_CONNECT_TIMEOUT_S
         _, proto = await asyncio.wait_for(
             loop.create_connection(
-                lambda: _Protocol(lost),
-                self.host,
-                self.port,
+                lambda: _Protocol(endpoint, lost),
+                endpoint[0],
+                endpoint[1],
                 ssl=self._ctx,
                 server_hostname=self.tls.server_name,
             ),
-            CONNECT_TIMEOUT_S,
+            timeout,
         )
         return proto
 
-    async def _connection(self) -> _Protocol:
-        proto = self._proto
-        if proto is not None and proto.closed is None:
-            return proto
-        if self._closed:
-            raise ConnectionClosed("this client was closed")
-        if self._connecting is not None:
-            return await asyncio.shield(self._connecting)
+    async def _connection(self, opcode: int, deadline: float, first: bool = False) -> _Protocol:
+        """A connection a request with this opcode may go on: the one in use, or a new
+        one to the active (a standby, for STANDBY_OPCODES with a single endpoint)."""
+        while True:
+            proto = self._proto
+            if proto is not None and proto.usable(opcode):
+                return proto
+            if self._closed:
+                raise ConnectionClosed("this client was closed")
+            if self._connecting is None:
+                break
+            # Another caller is connecting: its connection serves this one too.
+            await asyncio.shield(self._connecting)
+        if proto is not None and proto.closed is None and not proto.retired:
+            proto.retire()  # a standby's connection, and this request needs the active
         self._connecting = asyncio.get_running_loop().create_future()
         try:
-            proto = await self._open_with_backoff(first=self._proto is None and self._next_id == 1)
-            try:
-                hello_body = await asyncio.wait_for(self._send(proto, Op.HELLO, b""), CONNECT_TIMEOUT_S)
-                hello = wire.decode_hello(hello_body)
-            except BaseException:
-                if proto.transport is not None:
-                    proto.transport.close()
-                raise
-            if self._window is None:
-                # One window for the client's life (a reconnect to an appliance with
-                # another bound keeps the first: a smaller bound then answers BUSY).
-                self._window = asyncio.Semaphore(max(1, hello.max_inflight_per_connection))
-            self.hello_info = hello
+            accept_standby = len(self._endpoints) == 1 and opcode in STANDBY_OPCODES
+            proto, hello = await self._find(deadline, accept_standby, first)
+            if hello is not None:
+                if self._window is None:
+                    # One window for the client's life (a reconnect to an appliance with
+                    # another bound keeps the first: a smaller bound then answers BUSY).
+                    self._window = asyncio.Semaphore(max(1, hello.max_inflight_per_connection))
+                self.hello_info = hello
+                self.generation += 1
             self._proto = proto
             self._connecting.set_result(proto)
             return proto
@@ -247,24 +359,54 @@ class AsyncClient:
         finally:
             self._connecting = None
 
-    async def _open_with_backoff(self, first: bool) -> _Protocol:
-        attempts = 1 if first or not self.reconnect else RECONNECT_ATTEMPTS
-        delay, longest = RECONNECT_BACKOFF_S
-        for attempt in range(attempts):
+    async def _find(self, deadline: float, accept_standby: bool, first: bool) -> Tuple[_Protocol, Optional[wire.Hello]]:
+        """Tries the endpoints (custody.failover.Endpoints says which, and how long to
+        wait) until one answers HELLO: the active. Gives up with the last failure past the
+        deadline, or after rounds in a row that found no appliance at all (one for the
+        first connection, RECONNECT_ATTEMPTS after)."""
+        loop = asyncio.get_running_loop()
+        rounds = 1 if first or not self.reconnect else RECONNECT_ATTEMPTS
+        while True:
+            endpoint = self._endpoints.endpoint
+            active: Optional[str] = None
+            unreachable = False
+            last: CustodyError
             try:
-                return await self._open()
+                proto = await self._open(endpoint)
             except (OSError, asyncio.TimeoutError) as e:
-                if attempt + 1 == attempts:
-                    raise Unreachable("cannot connect to %s:%d: %s" % (self.host, self.port, e)) from e
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, longest)
-        raise AssertionError("unreachable")
+                last = Unreachable("cannot connect to %s: %s" % (format_endpoint(endpoint), e or type(e).__name__))
+                last.__cause__ = e
+                unreachable = True
+            else:
+                try:
+                    hello_body = await asyncio.wait_for(self._send(proto, Op.HELLO, b""), CONNECT_TIMEOUT_S)
+                    hello = wire.decode_hello(hello_body)
+                except NotActive as e:
+                    if accept_standby:
+                        proto.standby = True
+                        return proto, None
+                    proto.close()
+                    last, active = e, e.active
+                except (ConnectionClosed, _NotSent, asyncio.TimeoutError) as e:
+                    proto.close()
+                    last = Unreachable("%s did not answer HELLO: %s" % (format_endpoint(endpoint), e or type(e).__name__))
+                    unreachable = True
+                except BaseException:
+                    proto.close()
+                    raise
+                else:
+                    self._endpoints.succeeded(endpoint)
+                    return proto, hello
+            delay = self._endpoints.failed(endpoint, active=active, unreachable=unreachable)
+            if self._endpoints.gave_up(rounds) or loop.time() + delay > deadline:
+                raise last
+            await asyncio.sleep(delay)
 
     async def close(self) -> None:
         self._closed = True
         proto = self._proto
-        if proto is not None and proto.transport is not None:
-            proto.transport.close()
+        if proto is not None:
+            proto.close()
 
     async def __aenter__(self) -> "AsyncClient":
         return self
@@ -274,26 +416,43 @@ class AsyncClient:
 
     # ------------------------------------------------------------------ the call
 
-    async def call(self, opcode: int, body: bytes = b"") -> bytes:
-        """Sends one request and returns its OK reply body; raises the refusal."""
-        proto = self._proto
-        if proto is None or proto.closed is not None:
-            proto = await self._connection()
-        if opcode == Op.HELLO:
-            # Never counted in flight by the appliance, so not by the window either.
-            return await self._send(proto, opcode, body)
-        window = self._window
-        assert window is not None
-        await window.acquire()
-        try:
-            if proto.closed is not None:
-                proto = await self._connection()
-        except BaseException:
-            window.release()
-            raise
-        # The slot is the appliance's in-flight count: it is given back when the reply
-        # (or the connection's end) settles the request, even if this caller gave up.
-        return await self._send(proto, opcode, body, on_settled=window.release)
+    async def call(self, opcode: int, body: bytes = b"", *, retry_unknown: bool = False) -> bytes:
+        """Sends one request to the active and returns its OK reply body; raises the
+        refusal. NOT_ACTIVE (not run) sends it again to the next endpoint, within the
+        deadline; OutcomeUnknown (in flight when the connection closed) is raised, or,
+        with retry_unknown (for requests safe to repeat), sent again."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.deadline_s
+        while True:
+            proto = self._proto
+            if proto is None or not proto.usable(opcode):
+                proto = await self._connection(opcode, deadline)
+            # HELLO is never counted in flight by the appliance, so not by the window
+            # either; a standby's connection (no HELLO) has none yet.
+            window = self._window if opcode != Op.HELLO else None
+            if window is not None:
+                await window.acquire()
+                if not proto.usable(opcode):
+                    window.release()
+                    continue
+            try:
+                # The slot is the appliance's in-flight count: it is given back when the
+                # reply (or the connection's end) settles the request, even if this
+                # caller gave up.
+                return await self._send(proto, opcode, body, on_settled=window.release if window else None)
+            except _NotSent:
+                if loop.time() > deadline:
+                    raise ConnectionClosed("the connection closed before the request was sent") from None
+            except NotActive as e:
+                # Not run: this appliance is not (or no longer) the active.
+                proto.retire()
+                delay = self._endpoints.failed(proto.endpoint, active=e.active)
+                if loop.time() + delay > deadline:
+                    raise
+                await asyncio.sleep(delay)
+            except OutcomeUnknown:
+                if not retry_unknown or loop.time() > deadline:
+                    raise
 
     async def _send(
         self, proto: _Protocol, opcode: int, body: bytes, on_settled: Optional[Callable[[], None]] = None
@@ -301,13 +460,13 @@ class AsyncClient:
         if proto.closed is not None:
             if on_settled is not None:
                 on_settled()
-            raise proto.closed
+            raise _NotSent()
         request_id = self._next_id
         self._next_id = request_id + 1 if request_id < 0xFFFFFFFFFFFFFFFF else 1
         future = asyncio.get_running_loop().create_future()
         # A caller that gives up cancels only its future: the entry stays until the
         # reply (or the connection's end) settles the request and gives its slot back.
-        proto.pending[request_id] = (future, on_settled)
+        proto.pending[request_id] = (future, on_settled, opcode)
         assert proto.transport is not None
         proto.transport.write(wire.frame(opcode, request_id, body))
         if proto._writable is not None:
@@ -316,7 +475,7 @@ class AsyncClient:
         if reply[:2] == b"\x00\x00":
             return reply
         e = wire.decode_error(reply)
-        raise refusal(e.status, e.message, e.retry_after_ms, opcode)
+        raise refusal(e.status, e.message, e.retry_after_ms, opcode, e.active)
 
     # ----------------------------------------------------------- the operations
 
@@ -348,12 +507,16 @@ class AsyncClient:
         rotation_id: Optional[AssetId] = None,
         *,
         expected_counter: Optional[int] = None,
+        retry_unknown: bool = False,
     ) -> wire.Rotated:
         """Moves the counter forward by one. Pass the same rotation_id to retry safely (a
-        new one is made when none is given; it is in the reply)."""
+        new one is made when none is given; it is in the reply). With retry_unknown, a
+        ROTATE whose connection closed while it was in flight (OutcomeUnknown) is sent
+        again with the same rotation id, within the deadline: if the first had run, the
+        appliance answers its result again (``replayed``)."""
         rotation = rotation_id if rotation_id is not None else uuid.uuid4()
         body = wire.rotate_body(asset, rotation, expected_counter)
-        return wire.decode_rotated(await self.call(Op.ROTATE, body))
+        return wire.decode_rotated(await self.call(Op.ROTATE, body, retry_unknown=retry_unknown))
 
     async def suspend(self, asset: AssetId) -> wire.AssetInfo:
         return wire.decode_asset(await self.call(Op.SUSPEND, wire.asset_bytes(asset)))
@@ -416,33 +579,53 @@ class ShardedClient:
     """Sends each request about an asset to the port of the shard that owns it (HELLO's
     shard ports, protocol.md §4.1 and §9), so that the appliance never hands it to
     another core; the rest go to the shared port. Without shard ports it is one
-    connection."""
+    connection.
+
+    With several endpoints, the shared port's client (``main``) finds the active and
+    follows it; the shard ports are the active's. A request a shard's port could not
+    take (NOT_ACTIVE, or no connection: not run) goes through ``main``, and once ``main``
+    is connected to another appliance the shard ports are opened again on it."""
 
     def __init__(self, main: AsyncClient, hello: wire.Hello, shards: List[AsyncClient]) -> None:
         self.main = main
         self.hello_info = hello
         self.shards = shards
+        #: Several endpoints: the shard clients fail fast and hand over to main.
+        self.failover = len(main.endpoints) > 1
+        self._shards_generation = main.generation
+        self._shards_endpoint = main.endpoint
+        self._reopening: Optional[asyncio.Future] = None
 
     @classmethod
-    async def connect(cls, address: Union[str, Tuple[str, int]], **kw: Any) -> "ShardedClient":
+    async def connect(cls, address: Addresses, **kw: Any) -> "ShardedClient":
         main = await AsyncClient.connect(address, **kw)
         hello = main.hello_info
         assert hello is not None
-        shards: List[AsyncClient] = []
-        if hello.shard_ports:
-            opened = await asyncio.gather(
-                *(AsyncClient.connect((main.host, port), **kw) for port in hello.shard_ports),
-                return_exceptions=True,
-            )
-            failures = [o for o in opened if isinstance(o, BaseException)]
-            if failures:
-                for o in opened:
-                    if isinstance(o, AsyncClient):
-                        await o.close()
-                await main.close()
-                raise failures[0]
-            shards = list(opened)  # type: ignore[arg-type]
+        try:
+            shards = await cls._open_shards(main, hello)
+        except BaseException:
+            await main.close()
+            raise
         return cls(main, hello, shards)
+
+    @staticmethod
+    async def _open_shards(main: AsyncClient, hello: wire.Hello) -> List[AsyncClient]:
+        if not hello.shard_ports:
+            return []
+        # With several endpoints a shard's client makes one attempt (deadline 0): main
+        # does the failing over.
+        deadline_s = 0.0 if len(main.endpoints) > 1 else main.deadline_s
+        clients = [main._sibling((main.host, port), deadline_s) for port in hello.shard_ports]
+        deadline = asyncio.get_running_loop().time() + deadline_s
+        opened = await asyncio.gather(
+            *(c._connection(Op.HELLO, deadline, first=True) for c in clients), return_exceptions=True
+        )
+        failures = [o for o in opened if isinstance(o, BaseException)]
+        if failures:
+            for c in clients:
+                await c.close()
+            raise failures[0]
+        return clients
 
     def is_shard_aware(self) -> bool:
         return bool(self.shards)
@@ -451,6 +634,47 @@ class ShardedClient:
         if not self.shards:
             return self.main
         return self.shards[wire.shard_of(asset, self.hello_info.shard_count)]
+
+    async def _follow_main(self) -> None:
+        """After main connected again to another appliance: that one's shard ports, once
+        per main connection (a failure leaves the requests on main until its next)."""
+        if self.main.generation == self._shards_generation:
+            return
+        if self._reopening is not None:
+            await asyncio.shield(self._reopening)
+            return
+        self._reopening = asyncio.get_running_loop().create_future()
+        try:
+            generation, endpoint, hello = self.main.generation, self.main.endpoint, self.main.hello_info
+            if endpoint != self._shards_endpoint or not self.shards:
+                old, self.shards = self.shards, []
+                for c in old:
+                    await c.close()
+                if hello is not None:
+                    try:
+                        self.shards = await self._open_shards(self.main, hello)
+                    except (CustodyError, ProtocolError):
+                        self.shards = []
+                    self.hello_info = hello
+            self._shards_generation, self._shards_endpoint = generation, endpoint
+        finally:
+            self._reopening.set_result(None)
+            self._reopening = None
+
+    async def _routed(self, name: str, asset: AssetId, *args: Any, **kw: Any) -> Any:
+        if not self.failover:
+            return await getattr(self.for_asset(asset), name)(asset, *args, **kw)
+        await self._follow_main()
+        target = self.for_asset(asset)
+        if target is not self.main:
+            try:
+                return await getattr(target, name)(asset, *args, **kw)
+            except (NotActive, Unreachable):
+                pass  # not run: main finds the active
+            except OutcomeUnknown:
+                if not kw.get("retry_unknown"):
+                    raise
+        return await getattr(self.main, name)(asset, *args, **kw)
 
     async def close(self) -> None:
         for c in [self.main, *self.shards]:
@@ -469,7 +693,7 @@ class ShardedClient:
         # Asset operations go to the owner's port; the others to the shared port.
         if name in _ASSET_OPERATIONS:
             def routed(asset: AssetId, *args: Any, **kw: Any) -> Any:
-                return getattr(self.for_asset(asset), name)(asset, *args, **kw)
+                return self._routed(name, asset, *args, **kw)
 
             return routed
         if name in _APPLIANCE_OPERATIONS:
@@ -503,7 +727,7 @@ class Client:
         self._loop = loop
 
     @classmethod
-    def connect(cls, address: Union[str, Tuple[str, int]], *, sharded: bool = False, **kw: Any) -> "Client":
+    def connect(cls, address: Addresses, *, sharded: bool = False, **kw: Any) -> "Client":
         loop = asyncio.new_event_loop()
         try:
             opener = ShardedClient.connect if sharded else AsyncClient.connect
@@ -571,14 +795,16 @@ class Client:
         raise AttributeError(name)
 
 
-def connect(address: Union[str, Tuple[str, int]] = "127.0.0.1:7443", **kw: Any) -> Client:
-    """A synchronous client: ``custody.connect("127.0.0.1:7443", certs="./dev/certs")``.
+def connect(address: Addresses = "127.0.0.1:7443", **kw: Any) -> Client:
+    """A synchronous client: ``custody.connect("127.0.0.1:7443", certs="./dev/certs")``;
+    several endpoints (``"a:7443,b:7443"`` or a list) to find the active among them.
     Keyword arguments: certs (a `custody --certs` directory) or ca, cert and key (PEM
-    files); server_name (default localhost); sharded (route by HELLO's shard ports)."""
+    files); server_name (default localhost); sharded (route by HELLO's shard ports);
+    deadline_s (per call, to find the active; default 10); reconnect."""
     return Client.connect(address, **kw)
 
 
-async def connect_async(address: Union[str, Tuple[str, int]] = "127.0.0.1:7443", *, sharded: bool = False, **kw: Any):
+async def connect_async(address: Addresses = "127.0.0.1:7443", *, sharded: bool = False, **kw: Any):
     """An AsyncClient (or, with sharded=True, a ShardedClient)."""
     if sharded:
         return await ShardedClient.connect(address, **kw)
