@@ -289,7 +289,11 @@ class AsyncClient:
         client = cls(
             None, None, _tls(certs, ca, cert, key, server_name), reconnect, endpoints=address, deadline_s=deadline_s
         )
-        await client._connection(Op.HELLO, asyncio.get_running_loop().time() + deadline_s, first=True)
+        # A single endpoint may be a standby: connected all the same (SEAL, UNSEAL and
+        # SEAL_STATUS are its to answer; other calls wait for it to take over, within the
+        # deadline). Among several, the active is found.
+        deadline = asyncio.get_running_loop().time() + deadline_s
+        await client._connection(Op.HELLO, deadline, first=True, standby_ok=len(client._endpoints) == 1)
         return client
 
     def _sibling(self, endpoint: Endpoint, deadline_s: float) -> "AsyncClient":
@@ -316,7 +320,7 @@ class AsyncClient:
         )
         return proto
 
-    async def _connection(self, opcode: int, deadline: float, first: bool = False) -> _Protocol:
+    async def _connection(self, opcode: int, deadline: float, first: bool = False, standby_ok: bool = False) -> _Protocol:
         """A connection a request with this opcode may go on: the one in use, or a new
         one to the active (a standby, for STANDBY_OPCODES with a single endpoint)."""
         while True:
@@ -333,7 +337,7 @@ class AsyncClient:
             proto.retire()  # a standby's connection, and this request needs the active
         self._connecting = asyncio.get_running_loop().create_future()
         try:
-            accept_standby = len(self._endpoints) == 1 and opcode in STANDBY_OPCODES
+            accept_standby = len(self._endpoints) == 1 and (standby_ok or opcode in STANDBY_OPCODES)
             proto, hello = await self._find(deadline, accept_standby, first)
             if hello is not None:
                 if self._window is None:
@@ -362,10 +366,13 @@ class AsyncClient:
     async def _find(self, deadline: float, accept_standby: bool, first: bool) -> Tuple[_Protocol, Optional[wire.Hello]]:
         """Tries the endpoints (custody.failover.Endpoints says which, and how long to
         wait) until one answers HELLO: the active. Gives up with the last failure past the
-        deadline, or after rounds in a row that found no appliance at all (one for the
-        first connection, RECONNECT_ATTEMPTS after)."""
+        deadline (a standby's NotActive, when one answered), or after rounds in a row that
+        found no appliance at all (one for the first connection, RECONNECT_ATTEMPTS
+        after: Unreachable)."""
         loop = asyncio.get_running_loop()
         rounds = 1 if first or not self.reconnect else RECONNECT_ATTEMPTS
+        # Past the deadline, a standby's NOT_ACTIVE says more than a dead endpoint does.
+        not_active: Optional[NotActive] = None
         while True:
             endpoint = self._endpoints.endpoint
             active: Optional[str] = None
@@ -386,7 +393,8 @@ class AsyncClient:
                         proto.standby = True
                         return proto, None
                     proto.close()
-                    last, active = e, e.active
+                    last = not_active = e
+                    active = e.active
                 except (ConnectionClosed, _NotSent, asyncio.TimeoutError) as e:
                     proto.close()
                     last = Unreachable("%s did not answer HELLO: %s" % (format_endpoint(endpoint), e or type(e).__name__))
@@ -398,8 +406,10 @@ class AsyncClient:
                     self._endpoints.succeeded(endpoint)
                     return proto, hello
             delay = self._endpoints.failed(endpoint, active=active, unreachable=unreachable)
-            if self._endpoints.gave_up(rounds) or loop.time() + delay > deadline:
+            if self._endpoints.gave_up(rounds):
                 raise last
+            if loop.time() + delay > deadline:
+                raise not_active or last
             await asyncio.sleep(delay)
 
     async def close(self) -> None:
@@ -599,9 +609,8 @@ class ShardedClient:
     @classmethod
     async def connect(cls, address: Addresses, **kw: Any) -> "ShardedClient":
         main = await AsyncClient.connect(address, **kw)
-        hello = main.hello_info
-        assert hello is not None
         try:
+            hello = main.hello_info if main.hello_info is not None else await main.hello()
             shards = await cls._open_shards(main, hello)
         except BaseException:
             await main.close()
