@@ -7,9 +7,14 @@ docs/protocol.md), standard library only.
 
 asyncio: ``await custody.connect_async(...)`` gives an AsyncClient (``sharded=True``: a
 ShardedClient); concurrent calls are pipelined on the connection.
+
+Several appliances (one active, standbys answering NOT_ACTIVE): give every endpoint,
+``custody.connect("a:7443,b:7443", ...)`` or a list; the client finds the active and
+follows it (custody.failover), raising NotActive past its deadline and OutcomeUnknown for
+a request in flight when its connection closed.
 """
 
-from . import errors, kdf, wire
+from . import errors, failover, kdf, wire
 from .client import AsyncClient, Client, ShardedClient, TlsFiles, connect, connect_async
 from .errors import (
     ConnectionClosed,
@@ -87,6 +92,7 @@ __all__ = [
     "connect",
     "connect_async",
     "errors",
+    "failover",
     "kdf",
     "shard_of",
     "wire",

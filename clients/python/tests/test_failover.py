@@ -5,6 +5,7 @@ certificates conftest.py makes) placed before the real one."""
 import asyncio
 import ssl
 import struct
+import threading
 import time
 import uuid
 
@@ -197,8 +198,6 @@ def test_the_synchronous_and_sharded_clients_take_a_comma_separated_list(applian
 
     loop = asyncio.new_event_loop()
     fake = loop.run_until_complete(start())
-    import threading
-
     t = threading.Thread(target=loop.run_forever, daemon=True)
     t.start()
     try:
@@ -210,6 +209,7 @@ def test_the_synchronous_and_sharded_clients_take_a_comma_separated_list(applian
         asyncio.run_coroutine_threadsafe(fake.stop(), loop).result(10)
         loop.call_soon_threadsafe(loop.stop)
         t.join(10)
+        loop.close()
 
 
 def test_a_request_refused_not_active_is_sent_again_to_the_active(appliance):
