@@ -330,3 +330,30 @@ def test_a_single_standby_endpoint_still_answers_the_seal_requests(appliance):
             await fake.stop()
 
     asyncio.run(run())
+
+
+def test_the_sharded_client_opens_the_new_actives_shard_ports_after_a_failover(appliance):
+    a = registered(appliance)
+
+    def lost_its_lease(opcode, body):
+        if opcode == wire.Op.HELLO:
+            return hello_body()  # no shard ports
+        return wire.error_body(wire.NOT_ACTIVE, "the lease was lost", 0, appliance.addr)
+
+    async def run():
+        fake = await FakeAppliance(appliance.certs, lost_its_lease).start()
+        try:
+            c = await custody.connect_async([fake.addr, appliance.addr], certs=appliance.certs, sharded=True)
+            async with c:
+                assert not c.is_shard_aware()
+                first = await c.derive(a, PATH)  # refused NOT_ACTIVE, sent again through main
+                assert c.main.endpoint == custody.failover.split_address(appliance.addr)
+                second = await c.derive(a, PATH)  # main moved: the active's shard ports
+                assert c.is_shard_aware()
+                shard = custody.shard_of(a, 2)
+                assert c.for_asset(a).port == appliance.shard_base + shard
+                assert first.key == second.key == kdf.derive(appliance.seed(), a, 0, PATH)
+        finally:
+            await fake.stop()
+
+    asyncio.run(run())
