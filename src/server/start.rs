@@ -161,10 +161,10 @@ fn open_store(config: &Config) -> Result<(Arc<dyn Store>, Arc<Lease>), ServerErr
             let lease = Arc::new(Lease::shared(cores));
             let claimant = Claimant {
                 instance: uuid::Uuid::new_v4(),
-                address: config.server.listen.to_string(), // H1: server.advertise
+                address: config.server.advertise.clone(),
                 timing: LeaseTiming {
                     lease: pg.owner_lease,
-                    margin: pg.owner_lease / 4, // H1: owner_lease_margin
+                    margin: pg.owner_lease_margin,
                 },
             };
             let instance = claimant.instance;

@@ -94,8 +94,8 @@ async fn keep(
     }
 }
 
-/// One round: (re)connect if needed, then take the lease (standby) or renew it (active),
-/// within a renewal interval.
+/// One round: (re)connect if needed (each host within the connect timeout), then take
+/// the lease (standby) or renew it (active) within a renewal interval.
 async fn look_once(
     config: &PgConfig,
     lease: &Lease,
@@ -105,12 +105,17 @@ async fn look_once(
     if lease.leaving() {
         return FirstLook::Standby { active: None };
     }
+    if client.as_ref().map_or(true, |c| c.is_closed()) {
+        match connect(config).await {
+            Ok(c) => *client = Some(c),
+            Err(e) => return unreachable(lease, client, e.to_string()),
+        }
+    }
+    let Some(c) = client.as_ref() else {
+        return unreachable(lease, client, "no connection".into());
+    };
     let limit = claimant.timing.renew_every().max(Duration::from_millis(100));
     let round = async {
-        if client.as_ref().map_or(true, |c| c.is_closed()) {
-            *client = Some(connect(config).await?);
-        }
-        let c = client.as_ref().ok_or(StoreError::Closed)?;
         match lease.token() {
             0 => take_or_watch(c, lease, claimant).await,
             token => renew(c, lease, claimant, token).await,
@@ -123,18 +128,17 @@ async fn look_once(
     .await;
     match outcome {
         Some(Ok(look)) => look,
-        Some(Err(e)) => {
-            *client = None;
-            tracing::warn!(error = %e, role = lease.role().name(), "owner lease: PostgreSQL did not answer");
-            FirstLook::Unreachable(e.to_string())
-        }
-        None => {
-            *client = None;
-            let why = format!("no answer within {} ms", limit.as_millis());
-            tracing::warn!(role = lease.role().name(), "owner lease: {why}");
-            FirstLook::Unreachable(why)
-        }
+        Some(Err(e)) => unreachable(lease, client, e.to_string()),
+        None => unreachable(lease, client, format!("no answer within {} ms", limit.as_millis())),
     }
+}
+
+/// A round that did not reach PostgreSQL: the connection is dropped (the next round
+/// makes a new one, finding the writable server again).
+fn unreachable(lease: &Lease, client: &mut Option<Client>, why: String) -> FirstLook {
+    *client = None;
+    tracing::warn!(role = lease.role().name(), %why, "owner lease: PostgreSQL did not answer");
+    FirstLook::Unreachable(why)
 }
 
 /// A standby's round: take the lease if it has lapsed, else note who holds it.

@@ -104,8 +104,11 @@ impl PgShardInner {
                 )));
             }
         }
+        // `connect` gives each host the connect timeout; the session (its first queries
+        // too) gets as many.
+        let limit = CONNECT_TIMEOUT * self.config.hosts.len().max(1) as u32;
         let attempt = futures_lite::future::or(async { Some(self.open_session().await) }, async {
-            glommio::timer::sleep(CONNECT_TIMEOUT).await;
+            glommio::timer::sleep(limit).await;
             None
         })
         .await;
@@ -113,7 +116,7 @@ impl PgShardInner {
             Err(StoreError::Unavailable(format!(
                 "postgres at {} did not answer within {} ms",
                 self.config.hosts_text(),
-                CONNECT_TIMEOUT.as_millis()
+                limit.as_millis()
             )))
         });
         match &result {
