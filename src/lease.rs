@@ -19,11 +19,13 @@
 //! ([`WHOLE_ASSET_SPACE`]). Holding one lease per partition (several actives on disjoint
 //! partitions) would keep one [`Lease`] per scope and route each shard to its scope's.
 //!
+//! The state is written by the lease thread and read by every core: a hand-off between
+//! threads, written against [`crate::sync`] so that `loom-tests/` checks it under loom.
+//!
 //! The embedded SQLite store is single-node: its appliance is active for good
 //! ([`Lease::sole`]).
 
-use std::sync::atomic::{AtomicI64, AtomicU64, AtomicU8, Ordering};
-use std::sync::Mutex;
+use crate::sync::{AtomicBool, AtomicI64, AtomicU64, AtomicU8, Mutex, Ordering};
 use std::time::{Duration, Instant};
 
 /// The lease scope of the whole asset space: the one row of `custody_owner` today.
@@ -108,7 +110,7 @@ pub struct Lease {
     /// The active's client address as the store names it (a standby's NOT_ACTIVE).
     active: Mutex<Option<String>>,
     /// Set once the appliance drains: it neither renews nor takes the lease again.
-    leaving: std::sync::atomic::AtomicBool,
+    leaving: AtomicBool,
     single_node: bool,
     _scope: i16,
 }
@@ -151,7 +153,7 @@ impl Lease {
             takeovers: AtomicU64::new(0),
             step_downs: AtomicU64::new(0),
             active: Mutex::new(None),
-            leaving: std::sync::atomic::AtomicBool::new(false),
+            leaving: AtomicBool::new(false),
             single_node,
             _scope: WHOLE_ASSET_SPACE,
         }
@@ -292,17 +294,17 @@ impl Lease {
         self.step_downs.load(Ordering::Relaxed)
     }
 
-    /// The refusal a request gets while this appliance may not acknowledge.
-    pub fn refusal(&self) -> crate::wire::Refusal {
-        let message = match self.role() {
+    /// Why this appliance does not acknowledge now, for the NOT_ACTIVE a request gets
+    /// (with [`Lease::active_address`]) and for /readyz.
+    pub fn why_not_acknowledging(&self) -> String {
+        match self.role() {
             Role::Standby => "this appliance is a standby".to_owned(),
             Role::Activating => "this appliance is taking over; its shards are loading".into(),
             Role::Active => format!(
                 "this appliance could not renew its lease in time (last renewal sent {} ms ago)",
                 self.age_ms().unwrap_or(0)
             ),
-        };
-        crate::wire::Refusal::not_active(message, self.active_address())
+        }
     }
 }
 
@@ -349,7 +351,7 @@ mod tests {
         std::thread::sleep(Duration::from_millis(160));
         assert_eq!(l.role(), Role::Active);
         assert!(!l.may_acknowledge());
-        assert!(l.refusal().message.contains("could not renew"));
+        assert!(l.why_not_acknowledging().contains("could not renew"));
         l.renewed(3, Instant::now(), &short);
         assert!(l.may_acknowledge());
         // A late answer to an older renewal does not shorten the lease.
@@ -375,9 +377,8 @@ mod tests {
         assert!(!l.step_down(4), "once");
         assert_eq!(l.step_downs(), 1);
         l.set_active_address(Some("b.example:7443".into()));
-        let r = l.refusal();
-        assert_eq!(r.status, crate::wire::Status::NotActive);
-        assert_eq!(r.active.as_deref(), Some("b.example:7443"));
+        assert_eq!(l.why_not_acknowledging(), "this appliance is a standby");
+        assert_eq!(l.active_address().as_deref(), Some("b.example:7443"));
     }
 
     #[test]

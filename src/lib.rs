@@ -9,7 +9,9 @@
 //!    ([`admission`]), the TLS handshake ([`tls`], [`tls::stream`]), frames read into
 //!    the core's buffer and cut by [`wire`]'s `decode_frame`, `dispatch`, and the outbox
 //!    its replies are written from.
-//! 2. `op/mod.rs`: `Request::decode`, the opcode's gate, `Request::handle`.
+//! 2. `op/mod.rs`: `Request::decode`, the opcode's gate, `Request::handle` (after
+//!    `net.rs` asked [`lease`] whether this appliance may acknowledge: a standby answers
+//!    NOT_ACTIVE).
 //! 3. `op/derive.rs`: DERIVE's body, its field rules (`DeriveBody::check`), its handler
 //!    (who may derive, the seal) and, once durable, its reply.
 //! 4. `policy.rs`: the identity's roles, purposes, regions, asset groups and rate.
@@ -56,6 +58,10 @@
 //!   `signals.rs`), [`preflight`] (io_uring, RLIMIT_MEMLOCK, CPUs), [`systemd`] (READY,
 //!   STATUS, watchdog), [`config`] (two-stage TOML, plain settings: it imports no runtime
 //!   module), [`dev`] (`custodyd dev`).
+//! - Availability: [`lease`] (who may acknowledge: the role, the fencing token, the
+//!   self-fencing deadline; pure, read by every core per request) kept at PostgreSQL by
+//!   `store/postgres/lease.rs` (a thread of its own: take, renew, step down); a takeover
+//!   re-reads each shard (`Shard::reread`, followed by `server/executor.rs`).
 //! - Beside the request path: [`reconcile`] (the audit log against its chain, checkpoints
 //!   and counters; pure) run by [`auditor`] (its own thread: every
 //!   `audit.reconcile_interval_s`, RECONCILE, PROVE_RECEIPT, LIST_ASSETS), [`metrics`]
@@ -65,7 +71,8 @@
 //!   [`locked`] (locked, undumpable, zeroizing memory for keyed state), [`signal`]
 //!   (wake-ups between tasks of one core), [`published`] (a value every core reads and a
 //!   reload replaces whole), [`client`] (the tokio client the CLI and the load harness
-//!   use; `ShardedClient` sends each asset's requests to its shard's port).
+//!   use; `ShardedClient` sends each asset's requests to its shard's port;
+//!   `FailoverClient` follows the active across several appliances).
 //!
 //! No module imports a module that imports it back, however far round: `tests/layout.rs`
 //! checks the whole graph.
@@ -113,9 +120,10 @@ pub mod wire;
 #[global_allocator]
 static TEST_ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-/// The synchronisation primitives [`regions`] is written against (loom swaps these).
+/// The synchronisation primitives [`regions`] and [`lease`] are written against (loom
+/// swaps these).
 pub(crate) mod sync {
-    pub use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    pub use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicU8, Ordering};
     pub use std::sync::{Arc, Mutex, MutexGuard};
 }
 

@@ -817,7 +817,9 @@ fn dispatch(
         }
     };
     if !ctx.lease.may_acknowledge() && !runs_on_a_standby(request.opcode()) {
-        return outbox.refuse(opcode, request_id, ctx.lease.refusal());
+        let why = ctx.lease.why_not_acknowledging();
+        let refusal = Refusal::not_active(why, ctx.lease.active_address());
+        return outbox.refuse(opcode, request_id, refusal);
     }
     let access = ctx.access.get();
     let allowance = match access.pass_gate(identity, request.opcode().gate()) {

@@ -6,7 +6,7 @@
 
 /// The synchronisation primitives `handoff` is written against: loom's here.
 pub(crate) mod sync {
-    pub use loom::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    pub use loom::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicU8, Ordering};
     pub use loom::sync::{Arc, Condvar, Mutex, MutexGuard};
 }
 
@@ -21,3 +21,6 @@ pub mod regions;
 
 #[path = "../../src/published.rs"]
 pub mod published;
+
+#[path = "../../src/lease.rs"]
+pub mod lease;

@@ -128,7 +128,7 @@ impl Registry {
                 problems.push("stopping: draining connections".into());
             }
             if let Some(lease) = self.lease.as_ref().filter(|l| !l.may_acknowledge()) {
-                problems.push(lease.refusal().to_string());
+                problems.push(format!("NOT_ACTIVE: {}", lease.why_not_acknowledging()));
             }
             match self.seal.status().state {
                 SealState::Unsealed | SealState::ServingStale { .. } => {}
