@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::failover::{check_against_store, FailoverLoad};
+use common::failover::{assert_reconciles, check_against_store, FailoverLoad};
 use common::{asset, http_get, register_all, runtime, PgDatabase, TestAppliance};
 use custody::client::Client;
 use custody::wire::Status;
@@ -19,7 +19,15 @@ fn pair(tag: &str) -> Option<(PgDatabase, TestAppliance, TestAppliance)> {
     assert!(a.custodyd(&["migrate"]).status.success());
     a.launch();
     let b = TestAppliance::prepare_with(&db.store_section());
+    same_seed(&a, &b);
     Some((db, a, b))
+}
+
+/// Standbys hold the active's root seed (the same keys, the same audit key): `b` gets `a`'s
+/// dev seed.
+fn same_seed(a: &TestAppliance, b: &TestAppliance) {
+    let seed = |app: &TestAppliance| app.dir.path().join("dev-seed.bin");
+    std::fs::copy(seed(a), seed(b)).expect("copy the dev seed");
 }
 
 fn assets(first: u64) -> Vec<uuid::Uuid> {
@@ -75,6 +83,7 @@ fn a_standby_answers_not_active_naming_the_active_and_changes_nothing_for_client
     assert_eq!(outcome.unavailable, 0);
     assert!(outcome.longest_gap() < Duration::from_millis(500), "{:?}", outcome.longest_gap());
     check_against_store(&db, &outcome.acks);
+    assert_reconciles(&a);
 }
 
 #[test]
@@ -99,6 +108,7 @@ fn sigkill_of_the_active_a_standby_serves_and_nothing_acknowledged_is_lost() {
     assert!(metric(&b, "custody_role{role=\"active\"}").as_deref() == Some("1"));
     assert_eq!(metric(&b, "custody_lease_takeovers_total").as_deref(), Some("1"));
     check_against_store(&db, &outcome.acks);
+    assert_reconciles(&b);
     eprintln!(
         "takeover: {} acknowledged, gap {:?}, {} not active, {} unknown, {} unavailable",
         outcome.acks.len(),
@@ -145,6 +155,7 @@ fn a_paused_active_acknowledges_nothing_after_its_lease_could_lapse_and_steps_do
         .collect();
     assert!(late.is_empty(), "acknowledged after it resumed: {late:?}");
     check_against_store(&db, &outcome.acks);
+    assert_reconciles(&b);
 }
 
 #[test]
@@ -176,11 +187,31 @@ fn repeated_takeovers_back_and_forth_lose_nothing() {
     let takeovers = metric(&apps[active], "custody_lease_takeovers_total");
     assert_eq!(takeovers.as_deref(), Some("1"), "a restarted appliance counts its own");
     check_against_store(&db, &outcome.acks);
+    assert_reconciles(&apps[active]);
     eprintln!(
         "6 takeovers: {} acknowledged, longest gap {:?}, {} not active, {} unknown",
         outcome.acks.len(),
         outcome.longest_gap(),
         outcome.not_active,
         outcome.unknown
+    );
+}
+
+#[test]
+fn a_standby_unsealed_with_another_seed_never_takes_over() {
+    let Some((_db, mut a, _)) = pair("seed") else {
+        return;
+    };
+    // Not `same_seed`: this one has a root seed of its own (other keys, another audit key).
+    let mut stranger = TestAppliance::prepare_with(&_db.store_section());
+    stranger.launch_standby();
+    a.kill9();
+    std::thread::sleep(LEASE * 4);
+    let (status, _) = hello(&stranger).unwrap_err();
+    assert_eq!(status, Some(Status::NotActive), "it stays a standby");
+    assert!(
+        stranger.log().contains("another root seed"),
+        "it says why:\n{}",
+        stranger.log()
     );
 }

@@ -74,7 +74,7 @@ pub fn run_with_reload(
     let key = unseal(&config)?;
     let cores = config.server.cores;
     let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let (store, lease) = open_store(&config)?;
+    let (store, lease) = open_store(&config, &key)?;
     let auditor = start_auditor(&config, &key);
     let metrics = start_metrics(&config, &key, &policy, &settings, auditor.as_ref(), &lease)?;
     let mesh = (cores > 1)
@@ -137,7 +137,10 @@ fn unseal(config: &Config) -> Result<Arc<SeedCache>, ServerError> {
 /// PostgreSQL's starts the lease keeper and waits for its first look, so that the cores
 /// load their shards under the token when this appliance takes the lease at once (else it
 /// starts as a standby, and loads again when it takes over).
-fn open_store(config: &Config) -> Result<(Arc<dyn Store>, Arc<Lease>), ServerError> {
+fn open_store(
+    config: &Config,
+    key: &Arc<SeedCache>,
+) -> Result<(Arc<dyn Store>, Arc<Lease>), ServerError> {
     let cores = config.server.cores;
     match &config.store.backend {
         StoreBackend::Sqlite { path } => {
@@ -166,6 +169,7 @@ fn open_store(config: &Config) -> Result<(Arc<dyn Store>, Arc<Lease>), ServerErr
                     lease: pg.owner_lease,
                     margin: pg.owner_lease_margin,
                 },
+                serving_seed: serving_seed(key.clone()),
             };
             let instance = claimant.instance;
             let first = spawn_lease_keeper(pg.clone(), lease.clone(), claimant, FIRST_LOOK_WAIT)?;
@@ -178,6 +182,18 @@ fn open_store(config: &Config) -> Result<(Arc<dyn Store>, Arc<Lease>), ServerErr
             Ok((Arc::new(store), lease))
         }
     }
+}
+
+/// The fingerprint of the seed `key` serves with, while it can derive.
+fn serving_seed(key: Arc<SeedCache>) -> Arc<dyn Fn() -> Option<String> + Send + Sync> {
+    use crate::seal::cache::SealState;
+    Arc::new(move || {
+        let status = key.status();
+        match status.state {
+            SealState::Unsealed | SealState::ServingStale { .. } => status.fingerprint,
+            _ => None,
+        }
+    })
 }
 
 /// How long start-up waits for the lease keeper's first look before the cores start.

@@ -19,12 +19,27 @@ use crate::lease::{Lease, LeaseTiming, WHOLE_ASSET_SPACE};
 use std::time::Instant;
 
 /// Who this appliance is at the store, and where its clients reach it.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Claimant {
     pub instance: Uuid,
     /// `server.advertise`: what standbys name in their NOT_ACTIVE replies.
     pub address: String,
     pub timing: LeaseTiming,
+    /// The fingerprint of the root seed this appliance serves with, while it can derive
+    /// (unsealed, or serving a stale seed); `None` while sealed. An appliance takes the
+    /// lease only while it can serve, and only for a store written under its seed; an
+    /// active that can no longer serve gives the lease up for a standby that can.
+    pub serving_seed: Arc<dyn Fn() -> Option<String> + Send + Sync>,
+}
+
+impl std::fmt::Debug for Claimant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Claimant")
+            .field("instance", &self.instance)
+            .field("address", &self.address)
+            .field("timing", &self.timing)
+            .finish()
+    }
 }
 
 /// What the first look at the lease found (start-up waits for it, so that the cores
@@ -147,8 +162,14 @@ async fn take_or_watch(
     lease: &Lease,
     claimant: &Claimant,
 ) -> Result<FirstLook, StoreError> {
+    let Some(seed) = (claimant.serving_seed)() else {
+        // Sealed: it could not derive; let an unsealed appliance take the lease.
+        let active = holder_address(client).await?;
+        lease.set_active_address(active.clone());
+        return Ok(FirstLook::Standby { active });
+    };
     let sent = Instant::now();
-    if let Some(token) = try_take(client, claimant).await? {
+    if let Some(token) = try_take(client, claimant, &seed).await? {
         lease.acquired(token, sent, &claimant.timing);
         tracing::info!(token, instance = %claimant.instance, address = %claimant.address, "took the store's lease: active once every core has loaded its shard");
         return Ok(FirstLook::Active { token });
@@ -163,25 +184,58 @@ async fn take_or_watch(
 pub(super) async fn try_take(
     client: &Client,
     claimant: &Claimant,
+    seed: &str,
 ) -> Result<Option<i64>, StoreError> {
     let lease_ms = claimant.timing.lease.as_millis() as i64;
     let row = client
         .query_opt(
             "UPDATE custody_owner SET instance = $1, token = token + 1, heartbeat_at = now(), \
-             lease_ms = $2, address = $3, acquired_at = now() \
+             lease_ms = $2, address = $3, acquired_at = now(), \
+             seed_fingerprint = COALESCE(seed_fingerprint, $5) \
              WHERE id = $4 AND (instance IS NULL OR heartbeat_at IS NULL \
                OR heartbeat_at < now() - make_interval(secs => lease_ms / 1000.0)) \
+             AND (seed_fingerprint IS NULL OR seed_fingerprint = $5) \
              RETURNING token",
             &[
                 &claimant.instance,
                 &lease_ms,
                 &claimant.address,
                 &WHOLE_ASSET_SPACE,
+                &seed,
             ],
         )
         .await
         .map_err(pg_err)?;
+    if row.is_none() {
+        warn_if_other_seed(client, seed).await?;
+    }
     Ok(row.map(|r| r.get(0)))
+}
+
+static OTHER_SEED_LOGGED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Says so (an error, once) when the store was written under another root seed than this
+/// appliance's: it will never take the lease (its keys and audit key would not be the
+/// store's).
+async fn warn_if_other_seed(client: &Client, seed: &str) -> Result<(), StoreError> {
+    let row = client
+        .query_opt(
+            "SELECT seed_fingerprint FROM custody_owner WHERE id = $1",
+            &[&WHOLE_ASSET_SPACE],
+        )
+        .await
+        .map_err(pg_err)?;
+    if let Some(stored) = row.and_then(|r| r.get::<_, Option<String>>(0)) {
+        // Once per process: the keeper asks every watch interval.
+        if stored != seed && !OTHER_SEED_LOGGED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            tracing::error!(
+                store_seed = %stored,
+                this_seed = %seed,
+                "this appliance is unsealed with another root seed than the store was written under: it stays a standby and never takes the lease"
+            );
+        }
+    }
+    Ok(())
 }
 
 /// The client address of the lease's holder, when one holds it.
@@ -203,6 +257,9 @@ async fn renew(
     claimant: &Claimant,
     token: i64,
 ) -> Result<FirstLook, StoreError> {
+    if (claimant.serving_seed)().is_none() {
+        return give_up(client, lease, claimant, token).await;
+    }
     let sent = Instant::now();
     let renewed = client
         .execute(
@@ -225,6 +282,28 @@ async fn renew(
     let active = holder_address(client).await?;
     lease.set_active_address(active.clone());
     Ok(FirstLook::Standby { active })
+}
+
+/// The active can no longer derive (sealed by an operator, or the HSM failed past its
+/// grace): it steps down and hands the lease on at once, so that an unsealed standby
+/// serves instead of this one answering SEALED.
+async fn give_up(
+    client: &Client,
+    lease: &Lease,
+    claimant: &Claimant,
+    token: i64,
+) -> Result<FirstLook, StoreError> {
+    if lease.step_down(token) {
+        tracing::warn!(token, "sealed: this appliance gives the store's lease up for an unsealed standby");
+    }
+    client
+        .execute(
+            "UPDATE custody_owner SET instance = NULL WHERE id = $1 AND token = $2 AND instance = $3",
+            &[&WHOLE_ASSET_SPACE, &token, &claimant.instance],
+        )
+        .await
+        .map_err(pg_err)?;
+    Ok(FirstLook::Standby { active: None })
 }
 
 /// While this appliance holds the lease, keeps the audit log's coming months'
