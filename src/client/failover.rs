@@ -34,6 +34,10 @@ pub const FAILOVER_CALL_DEADLINE_DEFAULT: Duration = Duration::from_secs(10);
 /// How long one TCP connect and TLS handshake may take: a host that is down may drop SYNs
 /// instead of refusing them, and the next endpoint should not wait for the kernel's minutes.
 pub const FAILOVER_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Default [`FailoverConfig::reply_timeout`]: well past a commit's own bound
+/// (`store.commit_timeout_ms`) and a reconciliation's usual run, well short of a stuck
+/// client.
+pub const FAILOVER_REPLY_TIMEOUT_DEFAULT: Duration = Duration::from_secs(30);
 /// Endpoints a [`FailoverClient`] takes at most (a group of appliances is a handful).
 pub const FAILOVER_ENDPOINTS_MAX: usize = 16;
 /// Times [`FailoverClient::rotate_retrying`] sends one ROTATE at most.
@@ -176,6 +180,11 @@ pub struct FailoverConfig {
     /// How long one call may look for the active before it fails: no new wait or attempt
     /// starts past it. Zero: one attempt at the first endpoint, no failover.
     pub call_deadline: Duration,
+    /// How long a request sent waits for its reply: an appliance that is paused, or a
+    /// host gone without closing its connections, never answers. Past it the outcome is
+    /// unknown ([`ClientError::OutcomeUnknown`]) and the connection is dropped, so the
+    /// next call finds the active anew. Zero: wait for ever.
+    pub reply_timeout: Duration,
 }
 
 impl FailoverConfig {
@@ -189,6 +198,7 @@ impl FailoverConfig {
             cert: config.cert.clone(),
             key: config.key.clone(),
             call_deadline: FAILOVER_CALL_DEADLINE_DEFAULT,
+            reply_timeout: FAILOVER_REPLY_TIMEOUT_DEFAULT,
         }
     }
 
@@ -277,7 +287,7 @@ impl FailoverClient {
         let deadline = Instant::now() + self.config.call_deadline;
         loop {
             let lease = self.lease(deadline).await?;
-            let result = lease.client.call(request).await;
+            let result = self.answer(&lease, request).await;
             match classify(&result) {
                 CallClass::Answered => {
                     self.slot.lock().await.cursor.answered();
@@ -308,6 +318,21 @@ impl FailoverClient {
 }
 
 impl FailoverClient {
+    /// `request`'s reply on `lease`'s connection, or `OutcomeUnknown` past the reply
+    /// timeout.
+    async fn answer(&self, lease: &Lease, request: &Request) -> Result<Reply, ClientError> {
+        let call = lease.client.call(request);
+        if self.config.reply_timeout.is_zero() {
+            return call.await;
+        }
+        tokio::time::timeout(self.config.reply_timeout, call)
+            .await
+            .unwrap_or(Err(ClientError::OutcomeUnknown {
+                endpoint: lease.endpoint,
+                request: request.opcode(),
+            }))
+    }
+
     /// The current connection, connecting (after the cursor's wait) until an endpoint
     /// takes it or the deadline passes. A connection found closed counts as a failure of
     /// its endpoint; nothing was sent on it.

@@ -120,7 +120,7 @@ async fn look_once(
     if lease.leaving() {
         return FirstLook::Standby { active: None };
     }
-    if client.as_ref().map_or(true, |c| c.is_closed()) {
+    if client.as_ref().is_none_or(|c| c.is_closed()) {
         match connect(config).await {
             Ok(c) => *client = Some(c),
             Err(e) => return unreachable(lease, client, e.to_string()),
