@@ -17,6 +17,18 @@
 //! - `op`: DERIVE or ROTATE; `asset`: the asset id; `counter`: the counter derived at, or
 //!   a ROTATE's new counter;
 //! - `shard`, `seq`, `hash`: the receipt (the audit record's place and its hash, hex).
+//!
+//! `--failure-log FILE` ([`FailureLog`]) is its counterpart for the requests that were not
+//! acknowledged (refused, of unknown outcome, not sent), so that a fault test can count
+//! them around each fault: a `#` header line, then one line per failure as it came:
+//!
+//! ```text
+//! # ms    op    outcome          (tab-separated)
+//! 2345.678    DERIVE    NOT_ACTIVE
+//! ```
+//!
+//! `ms` is on the same clock as the ack log's; `outcome` is the status name, or
+//! OUTCOME_UNKNOWN, NOT_SENT, or CLIENT: and the client's error.
 
 use crate::target::AckedRecord;
 use crate::workload::Op;
@@ -64,11 +76,7 @@ impl AckLog {
             return;
         }
         let us = at.saturating_duration_since(self.start).as_micros() as u64;
-        let op = match record.op {
-            Op::Derive => "DERIVE",
-            Op::Rotate => "ROTATE",
-            Op::Status => "STATUS",
-        };
+        let op = op_name(record.op);
         let mut hash = [0u8; 64];
         hex_into(&record.receipt.hash, &mut hash);
         let hash = std::str::from_utf8(&hash).unwrap_or("");
@@ -119,6 +127,72 @@ impl AckLog {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+}
+
+/// The failure log being written (`--failure-log`). Only failures reach it: a run where
+/// nothing fails writes its header alone, and the successful requests' cost is unchanged.
+pub struct FailureLog {
+    path: PathBuf,
+    out: std::io::BufWriter<std::fs::File>,
+    start: Instant,
+    pub lines: u64,
+    /// The first write error, reported at the end.
+    error: Option<std::io::Error>,
+}
+
+impl FailureLog {
+    /// Creates (truncates) `path` and writes the header; times count from `start`.
+    pub fn create(path: &Path, start: Instant) -> anyhow::Result<FailureLog> {
+        let file = std::fs::File::create(path)
+            .with_context(|| format!("--failure-log {}", path.display()))?;
+        let mut out = std::io::BufWriter::with_capacity(ACK_LOG_BUFFER_BYTES, file);
+        writeln!(out, "# ms\top\toutcome")?;
+        Ok(FailureLog {
+            path: path.to_owned(),
+            out,
+            start,
+            lines: 0,
+            error: None,
+        })
+    }
+
+    /// One request of `op` that ended at `at` with `outcome` (not acknowledged).
+    pub fn write(&mut self, at: Instant, op: Op, outcome: &str) {
+        if self.error.is_some() {
+            return;
+        }
+        let us = at.saturating_duration_since(self.start).as_micros() as u64;
+        match writeln!(
+            self.out,
+            "{}.{:03}\t{}\t{outcome}",
+            us / 1000,
+            us % 1000,
+            op_name(op)
+        ) {
+            Ok(()) => self.lines += 1,
+            Err(e) => self.error = Some(e),
+        }
+    }
+
+    /// Flushes the log: its path and lines, or the first error of any write.
+    pub fn finish(&mut self) -> anyhow::Result<(PathBuf, u64)> {
+        if let Some(e) = self.error.take() {
+            return Err(e).with_context(|| format!("--failure-log {}", self.path.display()));
+        }
+        self.out
+            .flush()
+            .with_context(|| format!("--failure-log {}", self.path.display()))?;
+        Ok((self.path.clone(), self.lines))
+    }
+}
+
+/// The operation as the logs name it (the wire's names).
+fn op_name(op: Op) -> &'static str {
+    match op {
+        Op::Derive => "DERIVE",
+        Op::Rotate => "ROTATE",
+        Op::Status => "STATUS",
     }
 }
 
@@ -173,5 +247,30 @@ mod tests {
             format!("1234.567\t127.0.0.1:7443\tROTATE\t00000000-0000-0000-0000-000000000007\t3\t2\t99\t{hex}")
         );
         assert!(lines[2].starts_with("0.005\t#1\tROTATE\t"), "{}", lines[2]);
+    }
+
+    #[test]
+    fn failures_are_one_line_each_with_their_outcome() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("failures.tsv");
+        let start = Instant::now();
+        let mut log = FailureLog::create(&path, start).unwrap();
+        log.write(
+            start + Duration::from_micros(2_345_678),
+            Op::Derive,
+            "NOT_ACTIVE",
+        );
+        log.write(
+            start + Duration::from_micros(2_400_000),
+            Op::Rotate,
+            "OUTCOME_UNKNOWN",
+        );
+        let (_, lines) = log.finish().unwrap();
+        assert_eq!(lines, 2);
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(
+            text,
+            "# ms\top\toutcome\n2345.678\tDERIVE\tNOT_ACTIVE\n2400.000\tROTATE\tOUTCOME_UNKNOWN\n"
+        );
     }
 }

@@ -95,6 +95,10 @@ options:
   --ack-log FILE    write every acknowledged DERIVE and ROTATE to FILE as it comes, one
                     tab-separated line each (ms since start, endpoint, op, asset,
                     counter, receipt shard, seq, hash; bench/custody-load/acklog.rs)
+  --failure-log FILE  write every request not acknowledged to FILE as it comes (ms
+                    since start, op, outcome: the status, OUTCOME_UNKNOWN, NOT_SENT);
+                    the JSON's run_start gives time 0 on the wall clock and on
+                    CLOCK_MONOTONIC, to place a fault on the logs' clock
   --json            print the report as JSON (and no live line)";
 
 /// The options of a run (`demo`, `run`, `article`, `compare`; `floods` reads a few).
@@ -119,6 +123,8 @@ pub struct Options {
     pub endpoints: Vec<SocketAddr>,
     /// `--ack-log`: where every acknowledged DERIVE and ROTATE is written.
     pub ack_log: Option<PathBuf>,
+    /// `--failure-log`: where every request not acknowledged is written.
+    pub failure_log: Option<PathBuf>,
     pub certs: Option<PathBuf>,
     pub verify_db: Option<PathBuf>,
     pub toggle_region_ms: Option<u64>,
@@ -153,6 +159,7 @@ impl Default for Options {
             seal_ttl: None,
             endpoints: Vec::new(),
             ack_log: None,
+            failure_log: None,
             certs: None,
             verify_db: None,
             toggle_region_ms: None,
@@ -216,6 +223,7 @@ pub fn parse() -> anyhow::Result<Option<Args>> {
             Long("seal-ttl") => o.seal_ttl = Some(p.value()?.parse()?),
             Long("addr") => o.endpoints = parse_endpoints(&p.value()?.string()?)?,
             Long("ack-log") => o.ack_log = Some(p.value()?.into()),
+            Long("failure-log") => o.failure_log = Some(p.value()?.into()),
             Long("certs") => o.certs = Some(p.value()?.into()),
             Long("verify-db") => o.verify_db = Some(p.value()?.into()),
             Long("toggle-region-ms") => o.toggle_region_ms = Some(p.value()?.parse()?),

@@ -50,6 +50,9 @@ pub fn drive(
     if let Some(path) = &o.ack_log {
         session = session.with_ack_log(path, endpoints)?;
     }
+    if let Some(path) = &o.failure_log {
+        session = session.with_failure_log(path)?;
+    }
     // The region switcher: its own connection, EU-WEST off and on every N ms, each
     // answer's latency recorded.
     let switch_us = Arc::new(Mutex::new(stats::latency_histogram()));
@@ -91,6 +94,8 @@ pub fn drive(
     drop(target);
     drop(rt);
     let ack_log = session.finish_ack_log().transpose()?;
+    let failure_log = session.finish_failure_log().transpose()?;
+    let start_clock = session.start_clock;
     let (rec, memory, measured_unix_ms) = session.take(appliance_pid);
     let switches = std::mem::replace(&mut *lock(&switch_us), stats::latency_histogram());
     Ok(Report {
@@ -99,6 +104,8 @@ pub fn drive(
         endpoints: endpoints.to_vec(),
         reconnects,
         ack_log,
+        failure_log,
+        start_clock: Some(start_clock),
         ..Report::new(shards, rec, memory, measured_unix_ms)
     })
 }

@@ -39,6 +39,11 @@ pub struct Report {
     pub reconnects: u64,
     /// `--ack-log`: the file and the lines written to it.
     pub ack_log: Option<(std::path::PathBuf, u64)>,
+    /// `--failure-log`: the file and the lines written to it.
+    pub failure_log: Option<(std::path::PathBuf, u64)>,
+    /// The schedule's start (time 0 of the ack and failure logs) on the wall clock and
+    /// CLOCK_MONOTONIC (`run_start` in JSON; none for the article's design).
+    pub start_clock: Option<crate::schedule::StartClock>,
 }
 
 impl Report {
@@ -64,6 +69,8 @@ impl Report {
             endpoints: Vec::new(),
             reconnects: 0,
             ack_log: None,
+            failure_log: None,
+            start_clock: None,
         }
     }
 }
@@ -220,6 +227,9 @@ impl<'a> Figures<'a> {
             "region_switches": report.region_switch_us.as_ref().and_then(Percentiles::of).map(|p| p.json()),
             "errors": rec.errors,
             "failover": self.failover_json(),
+            "run_start": report.start_clock.map(|c| serde_json::json!({
+                "unix_ms": c.unix_ms, "monotonic_ms": c.monotonic_ms,
+            })),
             "measured_ok": rec.measured_ok,
             "measured_errors": rec.measured_errors,
             "throughput_rps": summary.throughput,
@@ -291,6 +301,9 @@ impl<'a> Figures<'a> {
             "ack_log": report.ack_log.as_ref().map(|(path, lines)| serde_json::json!({
                 "path": path, "lines": lines,
             })),
+            "failure_log": report.failure_log.as_ref().map(|(path, lines)| serde_json::json!({
+                "path": path, "lines": lines,
+            })),
         })
     }
 
@@ -333,6 +346,12 @@ impl<'a> Figures<'a> {
         if let Some((path, lines)) = &report.ack_log {
             println!(
                 "  ack log     {lines} acknowledged DERIVE and ROTATE lines in {}",
+                path.display()
+            );
+        }
+        if let Some((path, lines)) = &report.failure_log {
+            println!(
+                "  failure log {lines} requests not acknowledged in {}",
                 path.display()
             );
         }

@@ -2,7 +2,7 @@
 //! a [`Target`], each on a connection with room, records every answer against its
 //! scheduled time, waits for the last answers, and hands over the figures.
 
-use crate::acklog::AckLog;
+use crate::acklog::{AckLog, FailureLog};
 use crate::cli::Options;
 use crate::live::{spawn_reporter, Memory};
 use crate::stats::{Answer, Recorder};
@@ -26,6 +26,8 @@ pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// One measured run: its schedule's start, the window, the recorder and the live line.
 pub struct Session {
     start: Instant,
+    /// The schedule's start on other clocks, for a driver that acts during the run.
+    pub start_clock: StartClock,
     pub measure_from: Instant,
     pub measure_until: Instant,
     seed: u64,
@@ -34,6 +36,38 @@ pub struct Session {
     memory: Arc<Mutex<Memory>>,
     /// `--ack-log`: every acknowledged DERIVE and ROTATE, written as they come.
     acks: Option<Arc<Mutex<AckLog>>>,
+    /// `--failure-log`: every request not acknowledged, written as they come.
+    failures: Option<Arc<Mutex<FailureLog>>>,
+}
+
+/// The run's start (time 0 of the ack and failure logs) on the wall clock and on
+/// CLOCK_MONOTONIC, in milliseconds: a driver that kills an appliance during the run reads
+/// its own CLOCK_MONOTONIC (Python's `time.monotonic()`) and places the kill on the logs'
+/// clock to the microsecond, wall-clock steps aside.
+#[derive(Clone, Copy, Debug)]
+pub struct StartClock {
+    pub unix_ms: f64,
+    pub monotonic_ms: f64,
+}
+
+impl StartClock {
+    /// The clocks' readings at `now` (just read), moved on by `ahead`.
+    fn at(ahead: Duration) -> StartClock {
+        let unix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime writes the timespec it is given.
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+        let ahead_ms = ahead.as_secs_f64() * 1000.0;
+        StartClock {
+            unix_ms: unix.as_secs_f64() * 1000.0 + ahead_ms,
+            monotonic_ms: ts.tv_sec as f64 * 1000.0 + ts.tv_nsec as f64 / 1e6 + ahead_ms,
+        }
+    }
 }
 
 /// A request as it was sent, against which its answer is recorded.
@@ -50,7 +84,12 @@ struct Sent {
 impl Sent {
     /// The callback that records the answer: latency from the scheduled time, and
     /// whether a reconciliation was in flight at any moment of the request's life.
-    fn on_answer(self, rec: SharedRecorder, acks: Option<Arc<Mutex<AckLog>>>) -> Done {
+    fn on_answer(
+        self,
+        rec: SharedRecorder,
+        acks: Option<Arc<Mutex<AckLog>>>,
+        failures: Option<Arc<Mutex<FailureLog>>>,
+    ) -> Done {
         Box::new(move |answer: Answer, ack: Option<Ack>| {
             let done = Instant::now();
             self.slot.fetch_sub(1, Ordering::AcqRel);
@@ -66,6 +105,9 @@ impl Sent {
             ) = (&acks, &ack)
             {
                 lock(acks).write(done, *endpoint, record);
+            }
+            if let (Some(failures), Answer::Error(outcome)) = (&failures, &answer) {
+                lock(failures).write(done, self.op, outcome);
             }
             let mut r = lock(&rec);
             if let Some(ack) = ack {
@@ -88,11 +130,14 @@ impl Sent {
 
 impl Session {
     pub fn new(o: &Options, seed: u64) -> Session {
-        let start = Instant::now() + Duration::from_millis(20);
+        let ahead = Duration::from_millis(20);
+        let start = Instant::now() + ahead;
+        let start_clock = StartClock::at(ahead);
         let measure_from = start + o.warmup;
         let measure_until = measure_from + o.duration;
         Session {
             start,
+            start_clock,
             measure_from,
             measure_until,
             seed,
@@ -102,7 +147,17 @@ impl Session {
             finished: Arc::new(AtomicBool::new(false)),
             memory: Arc::new(Mutex::new(Memory::default())),
             acks: None,
+            failures: None,
         }
+    }
+
+    /// The session writing every request not acknowledged to `path` (`--failure-log`).
+    pub fn with_failure_log(self, path: &std::path::Path) -> anyhow::Result<Session> {
+        let log = FailureLog::create(path, self.start)?;
+        Ok(Session {
+            failures: Some(Arc::new(Mutex::new(log))),
+            ..self
+        })
     }
 
     /// The session writing every acknowledged DERIVE and ROTATE to `path` (`--ack-log`),
@@ -183,7 +238,7 @@ impl Session {
                 slot: inflight[conn].clone(),
                 epoch,
             };
-            let done = sent.on_answer(self.rec.clone(), self.acks.clone());
+            let done = sent.on_answer(self.rec.clone(), self.acks.clone(), self.failures.clone());
             target.start(conn, i, op, asset, route, done);
         }
         self.last_answers();
@@ -266,6 +321,14 @@ impl Session {
                 log.flush().map(|lines| (log.path().to_owned(), lines))
             }
         })
+    }
+
+    /// Flushes the failure log (`--failure-log`): its path and lines, or the error that
+    /// left it incomplete (call it when the callbacks are gone, as for the ack log).
+    pub fn finish_failure_log(&mut self) -> Option<anyhow::Result<(std::path::PathBuf, u64)>> {
+        let failures = self.failures.take()?;
+        let mut log = lock(&failures);
+        Some(log.finish())
     }
 
     /// The figures (every reply callback is gone with its target, or they are taken
