@@ -288,6 +288,7 @@ def takeover(args, work, certs, db, a, b):
             sys.exit("custody-load ended early: see %s/load.stderr" % work)
         time.sleep(0.01)
     base = time.monotonic()
+    idle0 = idle_total()
     rounds = []
     for k in range(args.rounds):
         victim, heir = apps[k % 2], apps[1 - k % 2]
@@ -301,8 +302,10 @@ def takeover(args, work, certs, db, a, b):
         victim.wait_role("standby")
         rounds.append({"victim": victim, "heir": heir, "kill_mono_ms": killed, "heir_start": heir.starts})
         print("round %d: killed %s, %s active" % (k + 1, victim.name, heir.name), file=sys.stderr)
+    idle1 = idle_total()
     load.wait()
     out.close()
+    idle_pct = 100.0 * (idle1[0] - idle0[0]) / max(1, idle1[1] - idle0[1])
     report = json.load(open(os.path.join(work, "load.json")))
     start = report["run_start"]
     addr_of = {a.addr: "A", b.addr: "B"}
@@ -352,6 +355,7 @@ def takeover(args, work, certs, db, a, b):
     before_first = sum(1 for t, _ in fails if t < first_kill - 1000)
     check = check_store(db, acks, work)
     print_takeover(rows, report, check, before_first)
+    print("machine idle share over the rounds (/proc/stat): %.0f %%" % idle_pct)
     json.dump({"rounds": rows, "store_check": check, "failover": report["failover"],
                "failures_before_first_kill": before_first},
               open(os.path.join(work, "takeover.json"), "w"), indent=1)
