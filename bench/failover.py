@@ -282,30 +282,13 @@ def takeover(args, work, certs, db, a, b):
     print("$ " + " ".join(cmd), file=sys.stderr)
     out = open(os.path.join(work, "load.json"), "w")
     load = subprocess.Popen(cmd, stdout=out, stderr=open(os.path.join(work, "load.stderr"), "w"))
-    # The schedule has started once the ack log grows past its header (a buffer's worth).
-    while not (os.path.exists(acks) and os.path.getsize(acks) > 100):
-        if load.poll() is not None:
-            sys.exit("custody-load ended early: see %s/load.stderr" % work)
-        time.sleep(0.01)
-    base = time.monotonic()
-    idle0 = idle_total()
-    rounds = []
-    for k in range(args.rounds):
-        victim, heir = apps[k % 2], apps[1 - k % 2]
-        time.sleep(max(0.0, base + lead_s + k * args.period_s - time.monotonic()))
-        if victim.role() != "active" or heir.role() != "standby":
-            sys.exit("round %d: %s is %s and %s is %s before the kill" %
-                     (k + 1, victim.name, victim.role(), heir.name, heir.role()))
-        killed = victim.kill9()
-        heir.wait_role("active", limit_s=args.period_s)
-        victim.start()
-        victim.wait_role("standby")
-        rounds.append({"victim": victim, "heir": heir, "kill_mono_ms": killed, "heir_start": heir.starts})
-        print("round %d: killed %s, %s active" % (k + 1, victim.name, heir.name), file=sys.stderr)
-    idle1 = idle_total()
-    load.wait()
+    try:
+        rounds, idle_pct = kill_rounds(args, apps, load, acks, work)
+    finally:
+        if load.poll() is None:
+            load.kill()
+            load.wait()
     out.close()
-    idle_pct = 100.0 * (idle1[0] - idle0[0]) / max(1, idle1[1] - idle0[1])
     report = json.load(open(os.path.join(work, "load.json")))
     start = report["run_start"]
     addr_of = {a.addr: "A", b.addr: "B"}
@@ -360,6 +343,37 @@ def takeover(args, work, certs, db, a, b):
                "failures_before_first_kill": before_first},
               open(os.path.join(work, "takeover.json"), "w"), indent=1)
     return check["missing"] == 0 and check["mismatched"] == 0
+
+
+
+def kill_rounds(args, apps, load, acks, work):
+    """The kills, alternating, during the harness's run: each round's victim, heir and
+    kill time (CLOCK_MONOTONIC ms); and the machine's idle share over them."""
+    lead_s = 3.0
+    # The schedule has started once the ack log grows past its header (a buffer's worth).
+    while not (os.path.exists(acks) and os.path.getsize(acks) > 100):
+        if load.poll() is not None:
+            sys.exit("custody-load ended early: see %s/load.stderr" % work)
+        time.sleep(0.01)
+    base = time.monotonic()
+    idle0 = idle_total()
+    rounds = []
+    for k in range(args.rounds):
+        victim, heir = apps[k % 2], apps[1 - k % 2]
+        time.sleep(max(0.0, base + lead_s + k * args.period_s - time.monotonic()))
+        if victim.role() != "active" or heir.role() != "standby":
+            sys.exit("round %d: %s is %s and %s is %s before the kill" %
+                     (k + 1, victim.name, victim.role(), heir.name, heir.role()))
+        killed = victim.kill9()
+        heir.wait_role("active", limit_s=args.period_s)
+        victim.start()
+        victim.wait_role("standby")
+        rounds.append({"victim": victim, "heir": heir, "kill_mono_ms": killed, "heir_start": heir.starts})
+        print("round %d: killed %s, %s active" % (k + 1, victim.name, heir.name), file=sys.stderr)
+    idle1 = idle_total()
+    load.wait()
+    idle_pct = 100.0 * (idle1[0] - idle0[0]) / max(1, idle1[1] - idle0[1])
+    return rounds, idle_pct
 
 
 def check_store(db, acks, work):
