@@ -65,6 +65,14 @@ impl FailoverOutcome {
             .unwrap_or_default()
     }
 
+    /// The first acknowledgement (from any endpoint) of a request sent at or after `after`.
+    pub fn first_sent_after(&self, after: Duration) -> Option<&Ack> {
+        self.acks
+            .iter()
+            .filter(|a| a.sent >= after)
+            .min_by_key(|a| a.at)
+    }
+
     /// The first acknowledgement from `endpoint` after `after`.
     pub fn first_ack_from(&self, endpoint: usize, after: Duration) -> Option<Duration> {
         self.acks
@@ -126,6 +134,21 @@ impl FailoverLoad {
                 Instant::now() < deadline,
                 "endpoint {endpoint} acknowledged {} of {n} within {limit:?}",
                 self.acknowledged_by(endpoint) - before
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits (at most `limit`) until `n` more acknowledgements than now came, from any
+    /// endpoint (which one takes over is not the test's to say).
+    pub fn wait_for_more(&self, n: usize, limit: Duration) {
+        let count = || self.tally.acks.lock().unwrap().len();
+        let (before, deadline) = (count(), Instant::now() + limit);
+        while count() < before + n {
+            assert!(
+                Instant::now() < deadline,
+                "{} of {n} acknowledged within {limit:?}",
+                count() - before
             );
             std::thread::sleep(Duration::from_millis(20));
         }

@@ -6,6 +6,7 @@
 pub mod failover;
 pub mod openssl;
 pub mod pg;
+pub mod pg_pair;
 pub mod records;
 pub mod require;
 pub mod wait;
