@@ -963,10 +963,11 @@ pub fn free_loopback_ports(n: u16) -> io::Result<u16> {
     let (low, high) = loopback_port_pool()?;
     let span = u32::from(high - low);
     // Start where the process id says, so that two processes on one host (two
-    // checkouts' tests) seldom walk the same ports.
+    // checkouts' tests) seldom walk the same ports. Hashed (Knuth's multiplier): the
+    // pids of processes started together are a few apart, and so were their walks.
     let _ = NEXT.compare_exchange(
         0,
-        1 + std::process::id() % span,
+        1 + std::process::id().wrapping_mul(2_654_435_761) % span,
         Ordering::Relaxed,
         Ordering::Relaxed,
     );
