@@ -61,6 +61,9 @@ impl Role {
     }
 }
 
+/// [`Lease::role_name`] of an active that could not renew its lease in time.
+pub const LAPSED: &str = "lapsed";
+
 /// The lease's timing, from `store.postgres_owner_lease_ms` and
 /// `store.postgres_owner_lease_margin_ms`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -179,6 +182,15 @@ impl Lease {
 
     pub fn role(&self) -> Role {
         Role::from_u8(self.role.load(Ordering::Acquire))
+    }
+
+    /// The role as operators see it (metrics, status line): `lapsed` for an active that
+    /// holds the lease but could not renew it in time, and so acknowledges nothing.
+    pub fn role_name(&self) -> &'static str {
+        match self.role() {
+            Role::Active if !self.may_acknowledge() => LAPSED,
+            role => role.name(),
+        }
     }
 
     /// The token held (0 when none): what a shard loads and commits under.
@@ -379,6 +391,21 @@ mod tests {
         l.set_active_address(Some("b.example:7443".into()));
         assert_eq!(l.why_not_acknowledging(), "this appliance is a standby");
         assert_eq!(l.active_address().as_deref(), Some("b.example:7443"));
+    }
+
+    #[test]
+    fn an_active_past_its_deadline_is_reported_lapsed() {
+        let short = LeaseTiming {
+            lease: Duration::from_millis(100),
+            margin: Duration::from_millis(40),
+        };
+        let l = Lease::shared(1);
+        l.acquired(2, Instant::now(), &short);
+        l.core_ready(2);
+        assert_eq!(l.role_name(), "active");
+        std::thread::sleep(Duration::from_millis(70));
+        assert_eq!(l.role_name(), LAPSED);
+        assert_eq!(l.role(), Role::Active, "it still holds the lease");
     }
 
     #[test]

@@ -41,12 +41,17 @@ pub(super) fn render_lease(out: &mut String, lease: &crate::lease::Lease) {
     f.head(
         "custody_role",
         "gauge",
-        "This appliance's role: 1 for the one it has (active holds the store's lease and acknowledges; standby answers NOT_ACTIVE; activating has taken the lease and is loading its shards).",
+        "This appliance's role: 1 for the one it has (active holds the store's lease and acknowledges; lapsed holds it but could not renew it in time and acknowledges nothing; activating has taken the lease and is loading its shards; standby answers NOT_ACTIVE).",
     );
-    let role = lease.role();
-    for r in [Role::Active, Role::Activating, Role::Standby] {
-        let label = format!("role=\"{}\"", r.name());
-        f.sample("custody_role", &label, u64::from(r == role));
+    let role = lease.role_name();
+    for name in [
+        Role::Active.name(),
+        crate::lease::LAPSED,
+        Role::Activating.name(),
+        Role::Standby.name(),
+    ] {
+        let label = format!("role=\"{name}\"");
+        f.sample("custody_role", &label, u64::from(name == role));
     }
     // The lease's families are exported on the single-node store too (acknowledging for
     // good, no token, no takeovers), so that one dashboard and one set of alerts fit both.

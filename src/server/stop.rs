@@ -290,7 +290,7 @@ fn status_line(
             Some(active) => format!("; standby (active: {active})"),
             None => "; standby".into(),
         },
-        (false, role) => format!("; {}", role.name()),
+        (false, _) => format!("; {}", lease.role_name()),
     };
     format!("{serving}{role}{seal}")
 }
