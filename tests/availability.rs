@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::failover::{assert_reconciles, check_against_store, FailoverLoad};
+use common::failover::{assert_reconciles, check_against_store, same_seed, FailoverLoad};
 use common::{asset, http_get, register_all, runtime, PgDatabase, TestAppliance};
 use custody::client::Client;
 use custody::wire::Status;
@@ -23,12 +23,6 @@ fn pair(tag: &str) -> Option<(PgDatabase, TestAppliance, TestAppliance)> {
     Some((db, a, b))
 }
 
-/// Standbys hold the active's root seed (the same keys, the same audit key): `b` gets `a`'s
-/// dev seed.
-fn same_seed(a: &TestAppliance, b: &TestAppliance) {
-    let seed = |app: &TestAppliance| app.dir.path().join("dev-seed.bin");
-    std::fs::copy(seed(a), seed(b)).expect("copy the dev seed");
-}
 
 fn assets(first: u64) -> Vec<uuid::Uuid> {
     (first..first + 32).map(asset).collect()

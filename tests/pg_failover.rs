@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::failover::{check_against_store, FailoverLoad, FailoverOutcome};
+use common::failover::{assert_reconciles, check_against_store, same_seed, FailoverLoad, FailoverOutcome};
 use common::pg_pair::{PgPair, REPLICA};
 use common::{asset, http_get, register_all, runtime, PgDatabase, TestAppliance};
 use custody::client::Client;
@@ -29,6 +29,7 @@ fn appliances(pair: &PgPair, name: &str, replica_first: bool) -> (PgDatabase, Te
     a.launch();
     let mut b = TestAppliance::prepare_with(&db.store_section());
     b.set_log("info", "text");
+    same_seed(&a, &b);
     (db, a, b)
 }
 
@@ -85,6 +86,7 @@ fn crash_and_promote(tag: &str, first_asset: u64, promote_after: Duration) {
     let roles = settled_roles(&pair, &a, &b, &outcome, promoted);
     let writable = pair.psql(REPLICA, "SHOW transaction_read_only");
     assert_eq!(writable, [["off"]], "the promoted server takes writes");
+    assert_reconciles(if roles[0] == "active" { &a } else { &b });
     report(tag, &outcome, crashed, promoted, promotion, roles);
 }
 
@@ -188,6 +190,7 @@ fn a_standby_started_later_passes_over_a_read_only_replica_listed_first() {
     let outcome = load.finish();
     assert_eq!(role(&b), "active");
     check_against_store(&db, &outcome.acks);
+    assert_reconciles(&b);
     eprintln!(
         "replica listed first: {} acknowledged, longest gap {:?}, {} not active, {} unknown",
         outcome.acks.len(),

@@ -373,6 +373,14 @@ pub fn check_against_store(db: &PgDatabase, acks: &[Ack]) {
     check_rotations_hold(acks);
 }
 
+/// Standbys hold the active's root seed (the same keys, the same audit key): `b` gets `a`'s
+/// dev seed. (Without it `b` would never take the lease: the store keeps the seed's
+/// fingerprint.)
+pub fn same_seed(a: &super::TestAppliance, b: &super::TestAppliance) {
+    let seed = |app: &super::TestAppliance| app.dir.path().join("dev-seed.bin");
+    std::fs::copy(seed(a), seed(b)).expect("copy the dev seed");
+}
+
 /// A full reconciliation on `active` (the appliance serving now) finds nothing: the chain
 /// of every shard verifies across the takeovers, every checkpoint's MAC, and every
 /// asset's counter matches its audit records.
