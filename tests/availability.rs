@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::failover::{assert_reconciles, check_against_store, same_seed, FailoverLoad};
+use common::failover::{assert_reconciles, hello, check_against_store, same_seed, FailoverLoad};
 use common::{asset, http_get, register_all, runtime, PgDatabase, TestAppliance};
 use custody::client::Client;
 use custody::wire::Status;
@@ -26,18 +26,6 @@ fn pair(tag: &str) -> Option<(PgDatabase, TestAppliance, TestAppliance)> {
 
 fn assets(first: u64) -> Vec<uuid::Uuid> {
     (first..first + 32).map(asset).collect()
-}
-
-/// The HELLO answer of `app`: Ok, or the refusal's status and named active.
-fn hello(app: &TestAppliance) -> Result<(), (Option<Status>, Option<String>)> {
-    runtime().block_on(async {
-        let c = Client::connect(&app.client_config()).await.map_err(|_| (None, None))?;
-        match c.hello().await {
-            Ok(_) => Ok(()),
-            Err(custody::client::ClientError::Refused(r)) => Err((Some(r.status), r.active)),
-            Err(_) => Err((None, None)),
-        }
-    })
 }
 
 fn metric(app: &TestAppliance, line_start: &str) -> Option<String> {

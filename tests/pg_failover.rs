@@ -8,10 +8,9 @@
 
 mod common;
 
-use common::failover::{assert_reconciles, check_against_store, same_seed, FailoverLoad, FailoverOutcome};
+use common::failover::{assert_reconciles, hello, check_against_store, same_seed, FailoverLoad, FailoverOutcome};
 use common::pg_pair::{PgPair, REPLICA};
-use common::{asset, http_get, register_all, runtime, PgDatabase, TestAppliance};
-use custody::client::Client;
+use common::{asset, http_get, register_all, PgDatabase, TestAppliance};
 use custody::wire::Status;
 use std::time::{Duration, Instant};
 
@@ -44,18 +43,6 @@ fn role(app: &TestAppliance) -> &'static str {
         .into_iter()
         .find(|r| body.lines().any(|l| l == format!("custody_role{{role=\"{r}\"}} 1")))
         .unwrap_or("neither")
-}
-
-/// The HELLO answer of `app`: Ok, or the refusal's status and named active.
-fn hello(app: &TestAppliance) -> Result<(), (Option<Status>, Option<String>)> {
-    runtime().block_on(async {
-        let c = Client::connect(&app.client_config()).await.map_err(|_| (None, None))?;
-        match c.hello().await {
-            Ok(_) => Ok(()),
-            Err(custody::client::ClientError::Refused(r)) => Err((Some(r.status), r.active)),
-            Err(_) => Err((None, None)),
-        }
-    })
 }
 
 /// Crashes the primary under load, promotes the replica `promote_after` later, waits for

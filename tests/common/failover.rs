@@ -373,6 +373,18 @@ pub fn check_against_store(db: &PgDatabase, acks: &[Ack]) {
     check_rotations_hold(acks);
 }
 
+/// The HELLO answer of `app`: Ok, or the refusal's status and the active it names.
+pub fn hello(app: &super::TestAppliance) -> Result<(), (Option<Status>, Option<String>)> {
+    runtime().block_on(async {
+        let c = Client::connect(&app.client_config()).await.map_err(|_| (None, None))?;
+        match c.hello().await {
+            Ok(_) => Ok(()),
+            Err(ClientError::Refused(r)) => Err((Some(r.status), r.active)),
+            Err(_) => Err((None, None)),
+        }
+    })
+}
+
 /// Standbys hold the active's root seed (the same keys, the same audit key): `b` gets `a`'s
 /// dev seed. (Without it `b` would never take the lease: the store keeps the seed's
 /// fingerprint.)
