@@ -99,6 +99,9 @@ options:
                     since start, op, outcome: the status, OUTCOME_UNKNOWN, NOT_SENT);
                     the JSON's run_start gives time 0 on the wall clock and on
                     CLOCK_MONOTONIC, to place a fault on the logs' clock
+  --server-pid PID  (run) the appliance's process on this host: the report gives its
+                    CPU per request (user, system) and context switches per request over
+                    the window (demo reads its own custodyd's)
   --json            print the report as JSON (and no live line)";
 
 /// The options of a run (`demo`, `run`, `article`, `compare`; `floods` reads a few).
@@ -125,6 +128,9 @@ pub struct Options {
     pub ack_log: Option<PathBuf>,
     /// `--failure-log`: where every request not acknowledged is written.
     pub failure_log: Option<PathBuf>,
+    /// `--server-pid`: the appliance's process (`run`), whose CPU time and context
+    /// switches over the window the report gives (`demo` knows its own).
+    pub server_pid: Option<u32>,
     pub certs: Option<PathBuf>,
     pub verify_db: Option<PathBuf>,
     pub toggle_region_ms: Option<u64>,
@@ -160,6 +166,7 @@ impl Default for Options {
             endpoints: Vec::new(),
             ack_log: None,
             failure_log: None,
+            server_pid: None,
             certs: None,
             verify_db: None,
             toggle_region_ms: None,
@@ -224,6 +231,7 @@ pub fn parse() -> anyhow::Result<Option<Args>> {
             Long("addr") => o.endpoints = parse_endpoints(&p.value()?.string()?)?,
             Long("ack-log") => o.ack_log = Some(p.value()?.into()),
             Long("failure-log") => o.failure_log = Some(p.value()?.into()),
+            Long("server-pid") => o.server_pid = Some(p.value()?.parse()?),
             Long("certs") => o.certs = Some(p.value()?.into()),
             Long("verify-db") => o.verify_db = Some(p.value()?.into()),
             Long("toggle-region-ms") => o.toggle_region_ms = Some(p.value()?.parse()?),

@@ -36,9 +36,10 @@ pub fn article(o: &Options) -> anyhow::Result<(i32, Headline)> {
     let rows = rt.block_on(article::audit_rows(&database.config))?;
     drop(target);
     drop(rt);
-    let (rec, memory, measured_unix_ms) = session.take(None);
+    let (rec, memory, measured_unix_ms, cost) = session.take(None);
     let report = Report {
         article_audit_rows: Some(rows),
+        cost,
         ..Report::new(0, rec, memory, measured_unix_ms)
     };
     let outcome = finish(&o, report, None)?;

@@ -96,7 +96,7 @@ pub fn drive(
     let ack_log = session.finish_ack_log().transpose()?;
     let failure_log = session.finish_failure_log().transpose()?;
     let start_clock = session.start_clock;
-    let (rec, memory, measured_unix_ms) = session.take(appliance_pid);
+    let (rec, memory, measured_unix_ms, cost) = session.take(appliance_pid);
     let switches = std::mem::replace(&mut *lock(&switch_us), stats::latency_histogram());
     Ok(Report {
         region_switch_us: (!switches.is_empty()).then_some(switches),
@@ -106,6 +106,7 @@ pub fn drive(
         ack_log,
         failure_log,
         start_clock: Some(start_clock),
+        cost,
         ..Report::new(shards, rec, memory, measured_unix_ms)
     })
 }

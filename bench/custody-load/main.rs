@@ -36,6 +36,7 @@ mod acklog;
 mod article;
 mod cli;
 mod compare;
+mod cost;
 mod demo;
 mod drive;
 mod failover;
@@ -93,7 +94,7 @@ fn run(o: &Options) -> anyhow::Result<i32> {
         anyhow::bail!("run needs --addr");
     }
     let certs = o.certs.clone().context("run needs --certs DIR")?;
-    let mut report = drive::drive(o, &o.endpoints, &certs, 0, None)?;
+    let mut report = drive::drive(o, &o.endpoints, &certs, 0, o.server_pid)?;
     if o.reconcile_at_end {
         report.reconciliation = Some(observe::closing_reconciliation(&o.endpoints, &certs)?);
     }

@@ -38,6 +38,8 @@ pub struct Session {
     acks: Option<Arc<Mutex<AckLog>>>,
     /// `--failure-log`: every request not acknowledged, written as they come.
     failures: Option<Arc<Mutex<FailureLog>>>,
+    /// The window's CPU time and context switches ([`crate::cost`]), once read.
+    cost: Mutex<Option<crate::cost::Cost>>,
 }
 
 /// The run's start (time 0 of the ack and failure logs) on the wall clock and on
@@ -148,6 +150,7 @@ impl Session {
             memory: Arc::new(Mutex::new(Memory::default())),
             acks: None,
             failures: None,
+            cost: Mutex::new(None),
         }
     }
 
@@ -192,9 +195,16 @@ impl Session {
             o.json,
             appliance_pid,
         )?;
+        let sampler = crate::cost::spawn_sampler(
+            self.measure_from,
+            self.measure_until,
+            appliance_pid,
+            self.finished.clone(),
+        )?;
         let outcome = self.schedule(o, target, assets, epoch);
         self.finished.store(true, Ordering::Relaxed);
         let _ = reporter.join();
+        *lock(&self.cost) = sampler.join().ok().flatten();
         outcome
     }
 
@@ -333,7 +343,12 @@ impl Session {
 
     /// The figures (every reply callback is gone with its target, or they are taken
     /// out anyway), the memory samples, and the window on the wall clock.
-    pub fn take(self, appliance_pid: Option<u32>) -> (Recorder<Kept>, Memory, (u64, u64)) {
+    /// And the window's cost (CPU, context switches, idle share).
+    pub fn take(
+        self,
+        appliance_pid: Option<u32>,
+    ) -> (Recorder<Kept>, Memory, (u64, u64), Option<crate::cost::Cost>) {
+        let cost = *lock(&self.cost);
         let rec = std::mem::replace(
             &mut *lock(&self.rec),
             Recorder::new(self.measure_from, self.measure_until, self.seed),
@@ -342,7 +357,7 @@ impl Session {
         let mut memory = *lock(&self.memory);
         memory.sample(appliance_pid);
         let window = window_unix_ms(self.measure_from, rec.summary().elapsed);
-        (rec, memory, window)
+        (rec, memory, window, cost)
     }
 }
 
