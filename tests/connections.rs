@@ -188,7 +188,9 @@ fn memory_a_flood_of_idle_connections_takes_comes_back() {
         f(memory, &["heap_in_use_peak"]),
         f(memory, &["heap_in_use_after"]),
     );
-    assert!(peak > before + 5e6, "{memory:#}");
+    // The flood did take memory (about 5 KB a connection in this build; 2 MB for 1000
+    // leaves room for when the peak is sampled), so that its coming back means something.
+    assert!(peak > before + 2e6, "{memory:#}");
     assert!(
         after < before + (peak - before) / 4.0,
         "the heap did not come back: {memory:#}"
