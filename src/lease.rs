@@ -251,7 +251,10 @@ impl Lease {
     /// The lease is lost (another appliance took it, or it lapsed): acknowledge nothing
     /// from now on. Returns false if `token` was not the one held (already stepped down).
     pub fn step_down(&self, token: i64) -> bool {
-        assert!(!self.single_node, "the single-node store has no lease to lose");
+        assert!(
+            !self.single_node,
+            "the single-node store has no lease to lose"
+        );
         let mut ready = self.ready.lock().unwrap_or_else(|p| p.into_inner());
         if self.token() != token || token == 0 {
             return false;
@@ -338,7 +341,10 @@ mod tests {
         l.acquired(7, Instant::now(), &timing());
         assert_eq!(l.role(), Role::Activating);
         assert!(!l.may_acknowledge());
-        assert!(!l.core_ready(6), "a core loaded under another token does not count");
+        assert!(
+            !l.core_ready(6),
+            "a core loaded under another token does not count"
+        );
         assert!(!l.core_ready(7));
         assert!(!l.may_acknowledge());
         assert!(l.core_ready(7));

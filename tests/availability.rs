@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::failover::{assert_reconciles, hello, check_against_store, same_seed, FailoverLoad};
+use common::failover::{assert_reconciles, check_against_store, hello, same_seed, FailoverLoad};
 use common::{asset, http_get, register_all, runtime, PgDatabase, TestAppliance};
 use custody::client::Client;
 use custody::wire::Status;
@@ -22,7 +22,6 @@ fn pair(tag: &str) -> Option<(PgDatabase, TestAppliance, TestAppliance)> {
     same_seed(&a, &b);
     Some((db, a, b))
 }
-
 
 fn assets(first: u64) -> Vec<uuid::Uuid> {
     (first..first + 32).map(asset).collect()
@@ -49,21 +48,42 @@ fn a_standby_answers_not_active_naming_the_active_and_changes_nothing_for_client
     load.wait_for_more_from(0, 500, Duration::from_secs(20));
     let (status, active) = hello(&b).unwrap_err();
     assert_eq!(status, Some(Status::NotActive));
-    assert_eq!(active, Some(a.addr.to_string()), "the standby names the active");
-    assert_eq!(http_get(b.admin, "/readyz").0, 503, "a standby is not ready");
+    assert_eq!(
+        active,
+        Some(a.addr.to_string()),
+        "the standby names the active"
+    );
+    assert_eq!(
+        http_get(b.admin, "/readyz").0,
+        503,
+        "a standby is not ready"
+    );
     assert_eq!(http_get(a.admin, "/readyz").0, 200);
-    assert_eq!(metric(&b, "custody_role{role=\"standby\"}").as_deref(), Some("1"));
-    assert_eq!(metric(&a, "custody_role{role=\"active\"}").as_deref(), Some("1"));
+    assert_eq!(
+        metric(&b, "custody_role{role=\"standby\"}").as_deref(),
+        Some("1")
+    );
+    assert_eq!(
+        metric(&a, "custody_role{role=\"active\"}").as_deref(),
+        Some("1")
+    );
     // The seal's requests are the standby's own: it is unsealed to take over.
     runtime().block_on(async {
         let c = Client::connect(&b.client_config()).await.unwrap();
         c.seal_status().await.expect("SEAL_STATUS on a standby");
     });
     let outcome = load.finish();
-    assert_eq!(outcome.not_active, 0, "the active never stopped acknowledging");
+    assert_eq!(
+        outcome.not_active, 0,
+        "the active never stopped acknowledging"
+    );
     assert_eq!(outcome.unknown, 0);
     assert_eq!(outcome.unavailable, 0);
-    assert!(outcome.longest_gap() < Duration::from_millis(500), "{:?}", outcome.longest_gap());
+    assert!(
+        outcome.longest_gap() < Duration::from_millis(500),
+        "{:?}",
+        outcome.longest_gap()
+    );
     check_against_store(&db, &outcome.acks);
     assert_reconciles(&a);
 }
@@ -88,7 +108,10 @@ fn sigkill_of_the_active_a_standby_serves_and_nothing_acknowledged_is_lost() {
         "the standby served {took:?} after the kill (lease {LEASE:?})"
     );
     assert!(metric(&b, "custody_role{role=\"active\"}").as_deref() == Some("1"));
-    assert_eq!(metric(&b, "custody_lease_takeovers_total").as_deref(), Some("1"));
+    assert_eq!(
+        metric(&b, "custody_lease_takeovers_total").as_deref(),
+        Some("1")
+    );
     check_against_store(&db, &outcome.acks);
     assert_reconciles(&b);
     eprintln!(
@@ -127,7 +150,10 @@ fn a_paused_active_acknowledges_nothing_after_its_lease_could_lapse_and_steps_do
     load.wait_for_more_from(1, 500, Duration::from_secs(20));
     let outcome = load.finish();
     assert!(a.is_running(), "it serves on as a standby:\n{}", a.log());
-    assert_eq!(metric(&a, "custody_lease_step_downs_total").as_deref(), Some("1"));
+    assert_eq!(
+        metric(&a, "custody_lease_step_downs_total").as_deref(),
+        Some("1")
+    );
     // Whatever the paused appliance answered once it resumed came after its lease had
     // lapsed: none of it may be an acknowledgement.
     let late: Vec<_> = outcome
@@ -167,7 +193,11 @@ fn repeated_takeovers_back_and_forth_lose_nothing() {
     }
     let outcome = load.finish();
     let takeovers = metric(&apps[active], "custody_lease_takeovers_total");
-    assert_eq!(takeovers.as_deref(), Some("1"), "a restarted appliance counts its own");
+    assert_eq!(
+        takeovers.as_deref(),
+        Some("1"),
+        "a restarted appliance counts its own"
+    );
     check_against_store(&db, &outcome.acks);
     assert_reconciles(&apps[active]);
     eprintln!(

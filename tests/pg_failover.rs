@@ -8,7 +8,9 @@
 
 mod common;
 
-use common::failover::{assert_reconciles, hello, check_against_store, same_seed, FailoverLoad, FailoverOutcome};
+use common::failover::{
+    assert_reconciles, check_against_store, hello, same_seed, FailoverLoad, FailoverOutcome,
+};
 use common::pg_pair::{PgPair, REPLICA};
 use common::{asset, http_get, register_all, PgDatabase, TestAppliance};
 use custody::wire::Status;
@@ -18,13 +20,21 @@ use std::time::{Duration, Instant};
 const LEASE: Duration = Duration::from_millis(1000);
 
 /// An active appliance and a standby on a fresh database of `pair`.
-fn appliances(pair: &PgPair, name: &str, replica_first: bool) -> (PgDatabase, TestAppliance, TestAppliance) {
+fn appliances(
+    pair: &PgPair,
+    name: &str,
+    replica_first: bool,
+) -> (PgDatabase, TestAppliance, TestAppliance) {
     let db = pair.database(name, replica_first);
     let mut a = TestAppliance::prepare_with(&db.store_section());
     // The lease's steps (taken, renewed again, stepped down) are at info.
     a.set_log("info", "text");
     let migrated = a.custodyd(&["migrate"]);
-    assert!(migrated.status.success(), "{}", String::from_utf8_lossy(&migrated.stderr));
+    assert!(
+        migrated.status.success(),
+        "{}",
+        String::from_utf8_lossy(&migrated.stderr)
+    );
     a.launch();
     let mut b = TestAppliance::prepare_with(&db.store_section());
     b.set_log("info", "text");
@@ -41,7 +51,10 @@ fn role(app: &TestAppliance) -> &'static str {
     let (_, body) = http_get(app.admin, "/metrics");
     ["active", "standby"]
         .into_iter()
-        .find(|r| body.lines().any(|l| l == format!("custody_role{{role=\"{r}\"}} 1")))
+        .find(|r| {
+            body.lines()
+                .any(|l| l == format!("custody_role{{role=\"{r}\"}} 1"))
+        })
         .unwrap_or("neither")
 }
 
@@ -67,7 +80,11 @@ fn crash_and_promote(tag: &str, first_asset: u64, promote_after: Duration) {
     let promoted = load.now();
     load.wait_for_more(500, Duration::from_secs(30));
     let outcome = load.finish();
-    assert!(a.is_running(), "the first active kept running:\n{}", a.log());
+    assert!(
+        a.is_running(),
+        "the first active kept running:\n{}",
+        a.log()
+    );
     assert!(b.is_running(), "the standby kept running:\n{}", b.log());
     check_against_store(&db, &outcome.acks);
     let roles = settled_roles(&pair, &a, &b, &outcome, promoted);
@@ -171,7 +188,11 @@ fn a_standby_started_later_passes_over_a_read_only_replica_listed_first() {
     b.launch_standby();
     let (status, active) = hello(&b).unwrap_err();
     assert_eq!(status, Some(Status::NotActive));
-    assert_eq!(active, Some(a.addr.to_string()), "the standby sees the active's lease");
+    assert_eq!(
+        active,
+        Some(a.addr.to_string()),
+        "the standby sees the active's lease"
+    );
     a.kill9();
     load.wait_for_more_from(1, 300, Duration::from_secs(20));
     let outcome = load.finish();

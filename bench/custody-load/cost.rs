@@ -143,7 +143,9 @@ fn difference(a: &Reading, b: &Reading) -> Option<Cost> {
             user_s: s(y.user_ticks.saturating_sub(x.user_ticks)),
             system_s: s(y.system_ticks.saturating_sub(x.system_ticks)),
             voluntary_switches: y.voluntary_switches.saturating_sub(x.voluntary_switches),
-            involuntary_switches: y.involuntary_switches.saturating_sub(x.involuntary_switches),
+            involuntary_switches: y
+                .involuntary_switches
+                .saturating_sub(x.involuntary_switches),
         }),
         _ => None,
     };
@@ -182,7 +184,10 @@ pub fn proc_times(pid: &str) -> Option<ProcTimes> {
         system_ticks,
         ..ProcTimes::default()
     };
-    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()?.flatten() {
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .ok()?
+        .flatten()
+    {
         if let Ok(status) = std::fs::read_to_string(task.path().join("status")) {
             let (v, n) = switches(&status);
             t.voluntary_switches += v;

@@ -347,7 +347,12 @@ impl Session {
     pub fn take(
         self,
         appliance_pid: Option<u32>,
-    ) -> (Recorder<Kept>, Memory, (u64, u64), Option<crate::cost::Cost>) {
+    ) -> (
+        Recorder<Kept>,
+        Memory,
+        (u64, u64),
+        Option<crate::cost::Cost>,
+    ) {
         let cost = *lock(&self.cost);
         let rec = std::mem::replace(
             &mut *lock(&self.rec),

@@ -58,8 +58,14 @@ fn a_step_down_during_the_activation_leaves_nothing_acknowledging() {
             thread::spawn(move || lease.step_down(9))
         };
         let _ = core.join().unwrap();
-        assert!(keeper.join().unwrap(), "the token held is stepped down once");
-        assert!(!lease.may_acknowledge(), "after the step-down nothing is acknowledged");
+        assert!(
+            keeper.join().unwrap(),
+            "the token held is stepped down once"
+        );
+        assert!(
+            !lease.may_acknowledge(),
+            "after the step-down nothing is acknowledged"
+        );
         assert_eq!(lease.role(), Role::Standby);
         assert_eq!(lease.token(), 0);
     });

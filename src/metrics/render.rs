@@ -60,7 +60,11 @@ pub(super) fn render_lease(out: &mut String, lease: &crate::lease::Lease) {
         "gauge",
         "1 while this appliance may acknowledge: active, and its last lease renewal recent enough (store.postgres_owner_lease_ms minus store.postgres_owner_lease_margin_ms).",
     );
-    f.sample("custody_lease_acknowledging", "", u64::from(lease.may_acknowledge()));
+    f.sample(
+        "custody_lease_acknowledging",
+        "",
+        u64::from(lease.may_acknowledge()),
+    );
     f.head(
         "custody_lease_age_ms",
         "gauge",

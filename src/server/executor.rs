@@ -250,7 +250,10 @@ async fn follow_lease(shard: Rc<Shard>, lease: Arc<crate::lease::Lease>, mut loa
         shard.reread().await;
         loaded = token;
         if lease.core_ready(token) {
-            tracing::info!(token, "every shard is loaded under the new lease: this appliance is active");
+            tracing::info!(
+                token,
+                "every shard is loaded under the new lease: this appliance is active"
+            );
         }
     }
 }

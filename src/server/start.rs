@@ -7,11 +7,11 @@ use super::signals::{self, PHASE_STARTING};
 use super::stop::Watch;
 use super::ServerError;
 use crate::config::{Config, StoreBackend};
+use crate::lease::{Lease, LeaseTiming};
 use crate::published::Published;
 use crate::reload::Reloader;
 use crate::seal::cache::SeedCache;
 use crate::settings::ConnectionSettings;
-use crate::lease::{Lease, LeaseTiming};
 use crate::store::postgres::{spawn_lease_keeper, Claimant, FirstLook, PgStore};
 use crate::store::sqlite::SqliteStore;
 use crate::store::Store;
@@ -174,9 +174,15 @@ fn open_store(
             let instance = claimant.instance;
             let first = spawn_lease_keeper(pg.clone(), lease.clone(), claimant, FIRST_LOOK_WAIT)?;
             match &first {
-                FirstLook::Active { token } => tracing::info!(%instance, token, "this appliance holds the store's lease: it starts active"),
-                FirstLook::Standby { active } => tracing::info!(%instance, active = active.as_deref().unwrap_or("unknown"), "another appliance holds the store's lease: this one starts as a standby"),
-                FirstLook::Unreachable(why) => tracing::warn!(%instance, %why, "the lease could not be looked at yet: starting as a standby"),
+                FirstLook::Active { token } => {
+                    tracing::info!(%instance, token, "this appliance holds the store's lease: it starts active")
+                }
+                FirstLook::Standby { active } => {
+                    tracing::info!(%instance, active = active.as_deref().unwrap_or("unknown"), "another appliance holds the store's lease: this one starts as a standby")
+                }
+                FirstLook::Unreachable(why) => {
+                    tracing::warn!(%instance, %why, "the lease could not be looked at yet: starting as a standby")
+                }
             }
             let store = PgStore::shared(pg.clone(), lease.clone(), instance);
             Ok((Arc::new(store), lease))

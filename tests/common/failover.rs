@@ -59,10 +59,7 @@ impl FailoverOutcome {
     pub fn longest_gap(&self) -> Duration {
         let mut at: Vec<Duration> = self.acks.iter().map(|a| a.at).collect();
         at.sort();
-        at.windows(2)
-            .map(|w| w[1] - w[0])
-            .max()
-            .unwrap_or_default()
+        at.windows(2).map(|w| w[1] - w[0]).max().unwrap_or_default()
     }
 
     /// The first acknowledgement (from any endpoint) of a request sent at or after `after`.
@@ -215,7 +212,9 @@ async fn drive(
 const REQUEST_TIMEOUT: Duration = Duration::from_millis(1500);
 
 /// `call`'s answer, or [`ClientError::Closed`] (outcome unknown) past [`REQUEST_TIMEOUT`].
-async fn answered<T>(call: impl std::future::Future<Output = Result<T, ClientError>>) -> Result<T, ClientError> {
+async fn answered<T>(
+    call: impl std::future::Future<Output = Result<T, ClientError>>,
+) -> Result<T, ClientError> {
     tokio::time::timeout(REQUEST_TIMEOUT, call)
         .await
         .unwrap_or(Err(ClientError::Closed))
@@ -271,7 +270,15 @@ impl Lane {
         }
     }
 
-    fn ack(&self, asset: Uuid, counter: u64, receipt: Receipt, endpoint: usize, sent: Duration, rotation: bool) {
+    fn ack(
+        &self,
+        asset: Uuid,
+        counter: u64,
+        receipt: Receipt,
+        endpoint: usize,
+        sent: Duration,
+        rotation: bool,
+    ) {
         self.tally.acks.lock().unwrap().push(Ack {
             asset,
             counter,
@@ -353,12 +360,21 @@ pub fn check_against_store(db: &PgDatabase, acks: &[Ack]) {
             .get(&(a.receipt.shard, a.receipt.seq))
             .unwrap_or_else(|| panic!("acknowledged {a:?} has no audit record"));
         let event = if a.rotation { "ROTATE" } else { "DERIVE" };
-        assert_eq!((row.3, row.4, row.2.as_str()), (a.asset, a.counter, event), "{a:?}");
+        assert_eq!(
+            (row.3, row.4, row.2.as_str()),
+            (a.asset, a.counter, event),
+            "{a:?}"
+        );
     }
     let stored = db.counters();
     for a in acks {
         let counter = stored.get(&a.asset).copied().unwrap_or(0);
-        assert!(counter >= a.counter, "asset {} stored at {counter}, acknowledged at {}", a.asset, a.counter);
+        assert!(
+            counter >= a.counter,
+            "asset {} stored at {counter}, acknowledged at {}",
+            a.asset,
+            a.counter
+        );
     }
     let mut by_shard: HashMap<u16, Vec<u64>> = HashMap::new();
     for r in &rows {
@@ -367,7 +383,11 @@ pub fn check_against_store(db: &PgDatabase, acks: &[Ack]) {
     for (shard, mut seqs) in by_shard {
         seqs.sort_unstable();
         for (i, s) in seqs.iter().enumerate() {
-            assert_eq!(*s, i as u64 + 1, "shard {shard}: the log has a gap or a repeat");
+            assert_eq!(
+                *s,
+                i as u64 + 1,
+                "shard {shard}: the log has a gap or a repeat"
+            );
         }
     }
     check_rotations_hold(acks);
@@ -376,7 +396,9 @@ pub fn check_against_store(db: &PgDatabase, acks: &[Ack]) {
 /// The HELLO answer of `app`: Ok, or the refusal's status and the active it names.
 pub fn hello(app: &super::TestAppliance) -> Result<(), (Option<Status>, Option<String>)> {
     runtime().block_on(async {
-        let c = Client::connect(&app.client_config()).await.map_err(|_| (None, None))?;
+        let c = Client::connect(&app.client_config())
+            .await
+            .map_err(|_| (None, None))?;
         match c.hello().await {
             Ok(_) => Ok(()),
             Err(ClientError::Refused(r)) => Err((Some(r.status), r.active)),
@@ -398,7 +420,9 @@ pub fn same_seed(a: &super::TestAppliance, b: &super::TestAppliance) {
 /// asset's counter matches its audit records.
 pub fn assert_reconciles(active: &super::TestAppliance) {
     let summary = runtime().block_on(async {
-        let c = Client::connect(&active.client_config()).await.expect("connect");
+        let c = Client::connect(&active.client_config())
+            .await
+            .expect("connect");
         c.reconcile(true).await.expect("RECONCILE on the active")
     });
     assert!(summary.records_checked > 0, "{summary:?}");
@@ -413,7 +437,10 @@ fn check_rotations_hold(acks: &[Ack]) {
     let mut rotations: Vec<&Ack> = acks.iter().filter(|a| a.rotation).collect();
     rotations.sort_by_key(|a| a.at);
     for d in acks.iter().filter(|a| !a.rotation) {
-        for r in rotations.iter().filter(|r| r.asset == d.asset && r.at < d.sent) {
+        for r in rotations
+            .iter()
+            .filter(|r| r.asset == d.asset && r.at < d.sent)
+        {
             assert!(
                 d.counter >= r.counter,
                 "derivation {d:?} sent after rotation {r:?} was acknowledged uses an older counter"

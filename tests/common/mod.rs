@@ -186,9 +186,10 @@ impl TestAppliance {
 
     /// Starts custodyd and waits until it answers as a standby (NOT_ACTIVE).
     pub fn launch_standby(&mut self) {
-        self.launch_until("a standby", |hello| {
-            matches!(hello, Err(e) if e.status() == Some(custody::wire::Status::NotActive))
-        });
+        self.launch_until(
+            "a standby",
+            |hello| matches!(hello, Err(e) if e.status() == Some(custody::wire::Status::NotActive)),
+        );
     }
 
     /// Starts custodyd and waits (at most 30 s) until its answer to HELLO passes `ready`.

@@ -107,7 +107,16 @@ impl PgPair {
         let port = self.ports[which].to_string();
         let psql = self.bin.join("psql");
         let out = Command::new(psql)
-            .args(["-h", "127.0.0.1", "-p", &port, "-U", SUPERUSER, "-d", "postgres"])
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-U",
+                SUPERUSER,
+                "-d",
+                "postgres",
+            ])
             .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c", sql])
             .output()
             .expect("run psql");
@@ -137,7 +146,16 @@ impl PgPair {
         let data = self.data(PRIMARY);
         self.tool(
             "initdb",
-            &["-D", &data, "-U", SUPERUSER, "--auth=trust", "-E", "UTF8", "--no-sync"],
+            &[
+                "-D",
+                &data,
+                "-U",
+                SUPERUSER,
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            ],
         );
         // initdb's pg_hba.conf already trusts loopback replication connections.
         self.append_config(PRIMARY, &self.server_settings(PRIMARY));
@@ -151,8 +169,22 @@ impl PgPair {
         self.tool(
             "pg_basebackup",
             &[
-                "-h", "127.0.0.1", "-p", &port, "-U", SUPERUSER, "-d", &conninfo, "-D", &data,
-                "-R", "-X", "stream", "-c", "fast", "--no-sync",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-U",
+                SUPERUSER,
+                "-d",
+                &conninfo,
+                "-D",
+                &data,
+                "-R",
+                "-X",
+                "stream",
+                "-c",
+                "fast",
+                "--no-sync",
             ],
         );
         self.append_config(REPLICA, &self.server_settings(REPLICA));
@@ -162,7 +194,8 @@ impl PgPair {
     /// Commits on the primary wait for the replica's flush (set only now, so the base
     /// backup did not copy it: the promoted replica must not wait for a standby of its own).
     fn make_synchronous(&self) {
-        let names = format!("ALTER SYSTEM SET synchronous_standby_names = 'FIRST 1 ({REPLICA_NAME})'");
+        let names =
+            format!("ALTER SYSTEM SET synchronous_standby_names = 'FIRST 1 ({REPLICA_NAME})'");
         self.psql(PRIMARY, &names);
         self.psql(PRIMARY, "SELECT pg_reload_conf()");
         let ask = format!(
@@ -220,7 +253,10 @@ impl PgPair {
 
     /// Runs one of the server's tools (as `postgres` when root), which must succeed.
     fn tool(&self, name: &str, args: &[&str]) {
-        let out = self.command(name, args).output().expect("run a PostgreSQL tool");
+        let out = self
+            .command(name, args)
+            .output()
+            .expect("run a PostgreSQL tool");
         assert!(
             out.status.success(),
             "{name} {args:?}: {}{}\n{}",
@@ -263,7 +299,10 @@ fn server_bin() -> Result<PathBuf, String> {
         let dir = PathBuf::from(dir);
         return match dir.join("initdb").exists() {
             true => Ok(dir),
-            false => Err(format!("CUSTODY_TEST_PG_BIN={} has no initdb", dir.display())),
+            false => Err(format!(
+                "CUSTODY_TEST_PG_BIN={} has no initdb",
+                dir.display()
+            )),
         };
     }
     let mut versions: Vec<u32> = std::fs::read_dir("/usr/lib/postgresql")

@@ -46,8 +46,12 @@ impl std::fmt::Debug for Claimant {
 /// load their shards under the token when this appliance is the one to take it).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum FirstLook {
-    Active { token: i64 },
-    Standby { active: Option<String> },
+    Active {
+        token: i64,
+    },
+    Standby {
+        active: Option<String>,
+    },
     /// PostgreSQL did not answer; the keeper goes on trying.
     Unreachable(String),
 }
@@ -129,7 +133,10 @@ async fn look_once(
     let Some(c) = client.as_ref() else {
         return unreachable(lease, client, "no connection".into());
     };
-    let limit = claimant.timing.renew_every().max(Duration::from_millis(100));
+    let limit = claimant
+        .timing
+        .renew_every()
+        .max(Duration::from_millis(100));
     let round = async {
         match lease.token() {
             0 => take_or_watch(c, lease, claimant).await,
@@ -144,7 +151,11 @@ async fn look_once(
     match outcome {
         Some(Ok(look)) => look,
         Some(Err(e)) => unreachable(lease, client, e.to_string()),
-        None => unreachable(lease, client, format!("no answer within {} ms", limit.as_millis())),
+        None => unreachable(
+            lease,
+            client,
+            format!("no answer within {} ms", limit.as_millis()),
+        ),
     }
 }
 
@@ -294,7 +305,10 @@ async fn give_up(
     token: i64,
 ) -> Result<FirstLook, StoreError> {
     if lease.step_down(token) {
-        tracing::warn!(token, "sealed: this appliance gives the store's lease up for an unsealed standby");
+        tracing::warn!(
+            token,
+            "sealed: this appliance gives the store's lease up for an unsealed standby"
+        );
     }
     client
         .execute(
