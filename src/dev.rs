@@ -27,7 +27,7 @@ pub struct DevOptions {
     /// The first per-shard port (`server.shard_listen`); shard i listens on port + i.
     pub shard_listen: Option<SocketAddr>,
     pub admin_listen: SocketAddr,
-    /// Executors; 0 = every online core.
+    /// Executors; 0 = the configuration's default (one per online core but one).
     pub cores: u32,
     /// `limits.rate_limit`: each requester's requests on each asset.
     pub rate_limit: String,

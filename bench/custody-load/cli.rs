@@ -67,7 +67,7 @@ options:
                     (each request on its shard's own port, HELLO's shard_ports) or
                     both (every other request each way: both measured in one run)
   --no-reconcile    (run) skip the closing reconciliation (it needs the auditor role)
-  --cores N         (demo) appliance cores (default: all)
+  --cores N         (demo) appliance cores (default: the appliance's, one per core but one)
   --state-dir DIR   (demo) where to put the appliance's files (default: a new temp dir)
   --postgres URL    (demo) use PostgreSQL at URL (e.g. postgresql://root@127.0.0.1/test)
                     instead of the embedded store: a fresh database is made, migrated,

@@ -47,6 +47,7 @@ impl Ports {
     fn pick(o: &Options) -> anyhow::Result<Ports> {
         let port = free_loopback_ports(1)?;
         let admin_port = free_loopback_ports(1)?;
+        // As many ports as the appliance could run shards (its default runs one fewer).
         let shards = o
             .cores
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));

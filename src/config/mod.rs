@@ -200,7 +200,8 @@ pub struct AuditConfig {
 #[derive(Clone, Debug)]
 pub struct Server {
     pub listen: SocketAddr,
-    /// Executors to run, one per core; resolved from 0 ("all") to the online core count.
+    /// Executors to run, one per core; resolved from 0 to one per online core but one
+    /// ([`resolve::default_cores`]).
     pub cores: usize,
     pub state_dir: PathBuf,
     pub log_level: tracing::Level,
@@ -821,7 +822,7 @@ mod tests {
             .then(|| S(String::new())),
             "server.metrics_publish_ms" => ms(c.server.metrics_publish),
             "server.shutdown_timeout_s" => secs(c.server.shutdown_timeout),
-            "server.cores" => Some(I(if c.server.cores == online {
+            "server.cores" => Some(I(if c.server.cores == resolve::default_cores(online) {
                 0
             } else {
                 c.server.cores as i64

@@ -120,6 +120,19 @@ impl Sections {
     }
 }
 
+/// The executors `server.cores = 0` runs on a host that lets the process use `online`
+/// CPUs: one per CPU but one, which is left to the threads beside the executors (the
+/// store's commit thread, the lease keeper, the admin listener) and to the kernel's
+/// network and disk work; one executor on a host of one or two CPUs. On two CPUs a
+/// second executor costs more than it serves: it shares its CPU with the commit thread,
+/// half the plain clients' requests cross between the two executors, and each executor
+/// going to sleep interrupts the other CPU (docs/benchmarks.md, "What a request
+/// costs": CPU per request 1.6x lower at 15,000 req/s with one executor, and lower at
+/// every rate measured).
+pub fn default_cores(online: usize) -> usize {
+    online.saturating_sub(1).max(1)
+}
+
 /// `[server]`.
 fn resolve_server(r: &mut Resolver<'_>, base_dir: &Path) -> ServerSection {
     let listen = socket_addr(r, "server.listen");
@@ -128,7 +141,7 @@ fn resolve_server(r: &mut Resolver<'_>, base_dir: &Path) -> ServerSection {
         .unwrap_or(1);
     let cores = r.int("server.cores", 0, bounds::CORES_CAP as i64).map(|n| {
         if n == 0 {
-            online
+            default_cores(online)
         } else {
             n as usize
         }
@@ -383,6 +396,14 @@ fn tls_key(r: &mut Resolver<'_>, base_dir: &Path) -> Option<KeySource> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_default_executors_leave_one_core_spare() {
+        assert_eq!(default_cores(1), 1);
+        assert_eq!(default_cores(2), 1);
+        assert_eq!(default_cores(3), 2);
+        assert_eq!(default_cores(16), 15);
+    }
 
     #[test]
     fn an_advertised_address_is_host_port() {

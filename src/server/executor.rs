@@ -38,8 +38,8 @@ pub(super) struct CoreSetup {
     pub(super) policy: Arc<crate::policy::PolicyCell>,
     /// Re-reads the configuration file (`None` when the appliance was given no file).
     pub(super) reloader: Option<Arc<Reloader>>,
-    /// Set on SIGTERM: every core drains (see [`DRAIN_POLL`]).
-    pub(super) draining: Arc<std::sync::atomic::AtomicBool>,
+    /// Raised on SIGTERM: every core drains.
+    pub(super) draining: Arc<super::DrainBell>,
     /// Where each core publishes its figures for /metrics and /healthz.
     pub(super) metrics: Arc<crate::metrics::Registry>,
     /// The reconciliation thread.
@@ -261,17 +261,16 @@ async fn follow_lease(shard: Rc<Shard>, lease: Arc<crate::lease::Lease>, mut loa
 /// How often a core looks for a new lease token (bounds what a takeover waits for it).
 const LEASE_FOLLOW_POLL: std::time::Duration = std::time::Duration::from_millis(10);
 
-/// The drain: the main thread sets the flag on SIGTERM; this core sees it within
-/// DRAIN_POLL, closes its listeners and its connections' reading, and reports once every
-/// connection has answered what it read and closed.
+/// The drain: the main thread rings the bell on SIGTERM; this core wakes, closes its
+/// listeners and its connections' reading, and reports once every connection has
+/// answered what it read and closed (checked every DRAIN_POLL while it drains).
 fn spawn_drain(core: usize, ctx: &Rc<CoreContext>, setup: &CoreSetup) {
     let ctx = ctx.clone();
-    let draining = setup.draining.clone();
+    let bell = setup.draining.wait();
     let events = setup.events.clone();
     glommio::spawn_local(async move {
-        while !draining.load(std::sync::atomic::Ordering::Acquire) {
-            glommio::timer::sleep(DRAIN_POLL).await;
-        }
+        // Rung, or dropped with the process: either way this core drains.
+        let _ = bell.await;
         ctx.drain.open();
         while ctx.connections.get() > 0 {
             glommio::timer::sleep(DRAIN_POLL).await;

@@ -73,7 +73,7 @@ pub fn run_with_reload(
     })?;
     let key = unseal(&config)?;
     let cores = config.server.cores;
-    let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let draining = Arc::new(super::DrainBell::default());
     let (store, lease) = open_store(&config, &key)?;
     let auditor = start_auditor(&config, &key);
     let metrics = start_metrics(&config, &key, &policy, &settings, auditor.as_ref(), &lease)?;

@@ -6,7 +6,6 @@ use super::{CoreEvent, ServerError};
 use crate::config::Config;
 use crate::seal::cache::SeedCache;
 use crate::store::Store;
-use std::sync::atomic::AtomicBool;
 use std::sync::{mpsc, Arc};
 
 /// How often the main thread checks the seal state for systemd's status line.
@@ -19,8 +18,8 @@ const STORE_RELEASE_LIMIT: std::time::Duration = std::time::Duration::from_secs(
 pub(super) struct Watch {
     pub config: Config,
     pub notifier: Arc<crate::systemd::Notifier>,
-    /// Set on SIGTERM: every core drains.
-    pub draining: Arc<AtomicBool>,
+    /// Rung on SIGTERM: every core drains.
+    pub draining: Arc<super::DrainBell>,
     pub metrics: Arc<crate::metrics::Registry>,
     /// What the cores and the signal thread report.
     pub events: mpsc::Receiver<CoreEvent>,
@@ -185,8 +184,7 @@ impl Watch {
         );
         self.notifier.stopping("stopping: draining connections");
         self.metrics.set_draining();
-        self.draining
-            .store(true, std::sync::atomic::Ordering::Release);
+        self.draining.raise();
         let (forced, drained) = self.wait_drained(started)?;
         // The keyed state goes first, whatever happens next.
         self.key.stop();
