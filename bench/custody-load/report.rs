@@ -514,10 +514,11 @@ impl<'a> Figures<'a> {
     fn cost_json(&self) -> Option<serde_json::Value> {
         let rec = &self.report.rec;
         let cost = self.report.cost?;
-        let p = cost.per_request(rec.measured_ok + rec.measured_errors);
+        let p = cost.per_request(rec.answered_in_window);
         Some(serde_json::json!({
             "window_s": cost.seconds,
-            "requests": rec.measured_ok + rec.measured_errors,
+            // The answers that arrived in the window: what the figures are per.
+            "requests": rec.answered_in_window,
             "idle_share": cost.idle_share,
             "harness_cpu_us_per_request": p.harness_us,
             "harness_user_us_per_request": p.harness_user_us,
@@ -541,7 +542,7 @@ impl<'a> Figures<'a> {
         let Some(cost) = self.report.cost else {
             return;
         };
-        let p = cost.per_request(rec.measured_ok + rec.measured_errors);
+        let p = cost.per_request(rec.answered_in_window);
         let appliance = p
             .appliance
             .map(|a| {

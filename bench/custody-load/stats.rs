@@ -183,6 +183,10 @@ pub struct Recorder<R> {
     pub errors: BTreeMap<String, u64>,
     pub measured_ok: u64,
     pub measured_errors: u64,
+    /// Answers (of any request, ok or not) that arrived inside the measured window: the
+    /// work the appliance did while its CPU was sampled (`cost`), which at overload is
+    /// less than the requests scheduled in the window.
+    pub answered_in_window: u64,
     last_measured_done: Option<Instant>,
     /// Measured latency per operation.
     latency: [Histogram<u64>; 3],
@@ -226,6 +230,7 @@ impl<R> Recorder<R> {
             errors: BTreeMap::new(),
             measured_ok: 0,
             measured_errors: 0,
+            answered_in_window: 0,
             last_measured_done: None,
             latency: [
                 latency_histogram(),
@@ -283,6 +288,9 @@ impl<R> Recorder<R> {
             return;
         }
         self.answered += 1;
+        if done >= self.from && done < self.until {
+            self.answered_in_window += 1;
+        }
         let latency_us = (done.saturating_duration_since(scheduled).as_micros() as u64).max(1);
         let measured = scheduled >= self.from && scheduled < self.until;
         match answer {

@@ -419,5 +419,5 @@ impl Drop for ReportOnDrop {
     }
 }
 
-/// How often a core looks for the drain flag, and then for its last connection to close.
+/// How often a draining core looks for its last connection to close.
 const DRAIN_POLL: std::time::Duration = std::time::Duration::from_millis(20);
