@@ -35,8 +35,8 @@ const USAGE: &str = "usage:
                                  it stops) unless --state-dir names one to keep (reused:
                                  certificates, seed and store). Defaults: listen
                                  127.0.0.1:7443, shard ports from 127.0.0.1:7444, admin
-                                 127.0.0.1:7480, every core, rate limit 1000/1s per
-                                 requester and asset
+                                 127.0.0.1:7480, an executor per CPU but one (one on
+                                 two CPUs), rate limit 1000/1s per requester and asset
   custodyd check-config FILE     check a configuration file and report every problem
   custodyd migrate --config FILE apply the store's schema migrations (PostgreSQL)
   custodyd version               print the version";
