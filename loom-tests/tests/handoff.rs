@@ -6,7 +6,9 @@
 //! A lost wake-up shows up as loom's "deadlock" failure: every thread is blocked, the
 //! shard in `block_on` waiting for a wake that never comes.
 
-use custody_loom_tests::handoff::{completion, Abandoned, CommitQueue, Completer, SubmitError};
+use custody_loom_tests::handoff::{
+    completion, Abandoned, Bell, CommitQueue, Completer, SubmitError,
+};
 use loom::future::block_on;
 use loom::sync::atomic::{AtomicBool, Ordering};
 use loom::sync::{Arc, Mutex};
@@ -385,5 +387,37 @@ fn linger_respects_max_and_close() {
         queue.linger(8, &mut more, 5, LINGER_NEVER_EXPIRES);
         closer.join().unwrap();
         assert_eq!(more, vec![3]);
+    });
+}
+
+/// The drain's bell: two cores wait on it while main rings it, in any order (a core may
+/// start waiting before the ring, during it or after it). Neither core may be left
+/// waiting: a lost wake-up is loom's deadlock.
+#[test]
+fn bell_wakes_every_waiter_whenever_it_started_waiting() {
+    model(|| {
+        let bell = Arc::new(Bell::new());
+        let cores: Vec<_> = (0..2)
+            .map(|_| {
+                let bell = bell.clone();
+                thread::spawn(move || block_on(bell.wait()))
+            })
+            .collect();
+        bell.raise();
+        for core in cores {
+            assert_eq!(core.join().unwrap(), Ok(()));
+        }
+    });
+}
+
+/// A bell dropped unrung (the process going away) releases its waiters with `Abandoned`.
+#[test]
+fn bell_dropped_unrung_releases_its_waiters() {
+    model(|| {
+        let bell = Bell::new();
+        let wait = bell.wait();
+        let core = thread::spawn(move || block_on(wait));
+        drop(bell);
+        assert_eq!(core.join().unwrap(), Err(Abandoned));
     });
 }

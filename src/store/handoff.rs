@@ -1,6 +1,6 @@
-//! The hand-off between the shards (executor threads) and a store's commit thread.
+//! The hand-offs between the shards (executor threads) and the threads beside them.
 //!
-//! Two pieces, both bounded and both free of executor blocking:
+//! Three pieces, all bounded and all free of executor blocking:
 //! - [`CommitQueue`]: shards `submit` jobs without ever blocking (a full queue is refused,
 //!   and the shard answers BUSY); the commit thread `take`s them in FIFO order, blocking
 //!   only itself. A job is taken exactly once.
@@ -8,6 +8,9 @@
 //!   shard awaits it as a future. The waker is registered under the same lock the result
 //!   is written under, so a wake-up cannot be lost. A completer dropped without a result
 //!   (the commit thread died) resolves the future with [`Abandoned`], never hangs it.
+//! - [`Bell`]: a signal raised once by one thread (main, on SIGTERM: the drain) that every
+//!   executor waiting on it hears, through a [`completion`] each; an executor that starts
+//!   waiting after the ring hears it at once. Nothing polls for it.
 //!
 //! This file is compiled twice: into the appliance with `std::sync`, and into
 //! `loom-tests/` with loom's `sync`, where every interleaving of these paths is checked.
@@ -171,6 +174,56 @@ impl<J> Drop for CloseOnDrop<J> {
         self.queue.shared.ready.notify_all();
         // Dropped outside the queue lock: each completer publishes under its own slot lock.
         drop(orphans);
+    }
+}
+
+/// A signal raised once, heard by every waiter: [`Bell::wait`] is a future that resolves
+/// once [`Bell::raise`] has run, whichever comes first. Bounded by its waiters (one per
+/// executor).
+pub struct Bell {
+    /// Rung yet, and the completions of those waiting. Marked under the same lock a
+    /// waiter registers under, so a waiter is either completed by the ring or sees it.
+    state: Mutex<(bool, Vec<Completer<()>>)>,
+}
+
+impl Bell {
+    pub fn new() -> Bell {
+        Bell {
+            state: Mutex::new((false, Vec::new())),
+        }
+    }
+
+    /// A wait for the ring: resolves `Ok` once the bell is raised (at once if it already
+    /// was), `Err(Abandoned)` if the bell is dropped first.
+    pub fn wait(&self) -> Pending<()> {
+        let (done, pending) = completion();
+        let mut state = lock(&self.state);
+        if state.0 {
+            drop(state);
+            done.complete(());
+        } else {
+            state.1.push(done);
+        }
+        pending
+    }
+
+    /// Rings the bell: every waiter is completed (outside the lock: each completion
+    /// wakes its executor), and later waits resolve at once.
+    pub fn raise(&self) {
+        let waiting = {
+            let mut state = lock(&self.state);
+            state.0 = true;
+            std::mem::take(&mut state.1)
+        };
+        for done in waiting {
+            done.complete(());
+        }
+    }
+}
+
+impl Default for Bell {
+    fn default() -> Bell {
+        Bell::new()
     }
 }
 
