@@ -181,15 +181,16 @@ impl<J> Drop for CloseOnDrop<J> {
 /// once [`Bell::raise`] has run, whichever comes first. Bounded by its waiters (one per
 /// executor).
 pub struct Bell {
-    /// Rung yet, and the completions of those waiting. Marked under the same lock a
-    /// waiter registers under, so a waiter is either completed by the ring or sees it.
-    state: Mutex<(bool, Vec<Completer<()>>)>,
+    /// The completions of those waiting, until the ring (`None` once rung). Taken under
+    /// the lock a waiter registers under, so a waiter is either completed by the ring or
+    /// finds it rung.
+    waiting: Mutex<Option<Vec<Completer<()>>>>,
 }
 
 impl Bell {
     pub fn new() -> Bell {
         Bell {
-            state: Mutex::new((false, Vec::new())),
+            waiting: Mutex::new(Some(Vec::new())),
         }
     }
 
@@ -197,12 +198,9 @@ impl Bell {
     /// was), `Err(Abandoned)` if the bell is dropped first.
     pub fn wait(&self) -> Pending<()> {
         let (done, pending) = completion();
-        let mut state = lock(&self.state);
-        if state.0 {
-            drop(state);
-            done.complete(());
-        } else {
-            state.1.push(done);
+        match lock(&self.waiting).as_mut() {
+            Some(waiting) => waiting.push(done),
+            None => done.complete(()),
         }
         pending
     }
@@ -210,11 +208,7 @@ impl Bell {
     /// Rings the bell: every waiter is completed (outside the lock: each completion
     /// wakes its executor), and later waits resolve at once.
     pub fn raise(&self) {
-        let waiting = {
-            let mut state = lock(&self.state);
-            state.0 = true;
-            std::mem::take(&mut state.1)
-        };
+        let waiting = lock(&self.waiting).take().unwrap_or_default();
         for done in waiting {
             done.complete(());
         }
